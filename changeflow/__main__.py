@@ -1,0 +1,3 @@
+from changeflow.cli import app
+
+app()

@@ -1,0 +1,271 @@
+"""The `changeflow` command line: the one place that loads settings and wires the parts together."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from changeflow.settings import Settings
+
+app = typer.Typer(help="changeflow: change data capture from PostgreSQL and MongoDB into Redis, search and ClickHouse.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+stack_app = typer.Typer(help="The native local stack (no Docker).", no_args_is_help=True)
+connectors_app = typer.Typer(help="Debezium connectors through the Kafka Connect REST API.", no_args_is_help=True)
+report_app = typer.Typer(help="Reports.", no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+app.add_typer(connectors_app, name="connectors")
+app.add_typer(report_app, name="report")
+
+console = Console()
+err = Console(stderr=True)
+
+
+class Format(str, Enum):
+    table = "table"
+    json = "json"
+
+
+def settings() -> Settings:
+    return Settings()
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+# --- stack ------------------------------------------------------------------------------------------
+@stack_app.command("up")
+def stack_up(services: Annotated[list[str] | None, typer.Argument(help="Only these services.")] = None) -> None:
+    """Install (first time) and start every service, waiting for each to be healthy."""
+    from deploy import stack
+    from deploy.service import ServiceError
+
+    s = settings()
+    try:
+        stack.up(s, services, say=lambda m: console.print(m, highlight=False))
+    except ServiceError as exc:
+        raise fail(str(exc)) from None
+    _print_status(s)
+
+
+@stack_app.command("down")
+def stack_down(services: Annotated[list[str] | None, typer.Argument(help="Only these services.")] = None) -> None:
+    """Stop what `stack up` (and the demo's worker) started; data stays under the state directory."""
+    from deploy import stack
+    from deploy.worker import WorkerService
+
+    s = settings()
+    if not services and WorkerService(s).stop():
+        console.print("stopped worker")
+    stack.down(s, services, say=lambda m: console.print(m, highlight=False))
+
+
+@stack_app.command("status")
+def stack_status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False) -> None:
+    """Each service's URL, pid and health."""
+    s = settings()
+    if as_json:
+        from deploy import stack
+
+        print(json.dumps(stack.status_dicts(s), indent=2))
+        return
+    _print_status(s)
+
+
+def _print_status(s: Settings) -> None:
+    from deploy import stack
+
+    table = Table(title=f"changeflow stack ({s.state})")
+    for col in ("service", "url", "health", "pid", "log"):
+        table.add_column(col)
+    for st in stack.status(s):
+        health = "[green]healthy[/]" if st.healthy else ("[yellow]starting[/]" if st.running else "[red]down[/]")
+        table.add_row(st.name, st.url, health, str(st.pid or "-"), st.log)
+    console.print(table)
+
+
+# --- connectors -------------------------------------------------------------------------------------
+@connectors_app.command("apply")
+def connectors_apply(
+    files: Annotated[list[Path] | None, typer.Argument(help="Connector files (default: connectors/*.json for this stack).")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for RUNNING.")] = 180.0,
+) -> None:
+    """Validate with Connect, create or update (idempotent), wait until RUNNING."""
+    from connectors.client import (
+        ConnectorConfigError,
+        ConnectorDefinition,
+        ConnectorFailedError,
+        ConnectUnavailableError,
+        KafkaConnectClient,
+        default_files,
+    )
+
+    s = settings()
+    client = KafkaConnectClient(s.connect_url)
+    try:
+        definitions = [ConnectorDefinition.load(p) for p in (files or default_files())]
+        for definition in definitions:
+            action = client.apply(definition)
+            console.print(f"connector [bold]{definition.name}[/]: {action}")
+            state = client.wait_running(definition.name, timeout=timeout)
+            _print_connector(state)
+    except ConnectorConfigError as exc:
+        raise fail(str(exc)) from None
+    except (ConnectorFailedError, ConnectUnavailableError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    finally:
+        client.close()
+
+
+@connectors_app.command("status")
+def connectors_status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """State of every registered connector and its tasks."""
+    from connectors.client import ConnectUnavailableError, KafkaConnectClient
+
+    s = settings()
+    client = KafkaConnectClient(s.connect_url)
+    try:
+        states = [client.status(name) for name in client.list()]
+    except ConnectUnavailableError as exc:
+        raise fail(str(exc)) from None
+    finally:
+        client.close()
+    if as_json:
+        print(json.dumps(states, indent=2))
+        return
+    if not states:
+        console.print("no connectors registered")
+    for state in states:
+        if state:
+            _print_connector(state)
+
+
+def _print_connector(state: dict[str, Any]) -> None:
+    table = Table(title=f"connector {state.get('name')}")
+    for col in ("part", "state", "worker"):
+        table.add_column(col)
+    connector = state.get("connector", {})
+    table.add_row("connector", connector.get("state", "?"), connector.get("worker_id", ""))
+    for task in state.get("tasks", []):
+        table.add_row(f"task {task.get('id')}", task.get("state", "?"), task.get("worker_id", ""))
+    console.print(table)
+
+
+# --- worker -----------------------------------------------------------------------------------------
+@app.command("worker")
+def worker(
+    sinks: Annotated[str | None, typer.Option(help="Comma-separated sinks to run (default: all).")] = None,
+    loglevel: Annotated[str, typer.Option(help="Log level.")] = "info",
+) -> None:
+    """Run the stream processor (Faust) and the sink runners in the foreground."""
+    from changeflow import worker as worker_mod
+
+    worker_mod.run(settings(), sinks.split(",") if sinks else None, loglevel=loglevel)
+
+
+# --- reports ----------------------------------------------------------------------------------------
+@report_app.command("drift")
+def report_drift(
+    format: Annotated[Format, typer.Option("--format", help="table or json")] = Format.table,
+    entity: Annotated[list[str] | None, typer.Option(help="Only these entities.")] = None,
+) -> None:
+    """Per entity: rows in PostgreSQL against ClickHouse (FINAL), Redis and the search index."""
+    from reports.drift import drift
+
+    rows = drift(settings(), entity)
+    _print_drift(rows, format)
+    if any(r.drift != 0 for r in rows):
+        raise typer.Exit(1)
+
+
+def _print_drift(rows: list[Any], format: Format) -> None:
+    if format is Format.json:
+        print(json.dumps([r.as_dict() for r in rows], indent=2))
+        return
+    table = Table(title="drift: source rows vs derived stores")
+    for col in ("entity", "postgres", "clickhouse", "redis", "search", "drift"):
+        table.add_column(col, justify="right" if col != "entity" else "left")
+
+    def cell(v: int | None) -> str:
+        return "unreachable" if v is None else str(v)
+
+    for r in rows:
+        d = r.drift
+        table.add_row(r.entity, str(r.source), cell(r.clickhouse), cell(r.redis), cell(r.search),
+                      "[red]?[/]" if d is None else (f"[green]{d}[/]" if d == 0 else f"[red]{d}[/]"))
+    console.print(table)
+
+
+# --- demo -------------------------------------------------------------------------------------------
+@app.command("demo")
+def demo(
+    products: Annotated[int, typer.Option(help="Products to insert.")] = 200,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the stores to catch up.")] = 180.0,
+) -> None:
+    """Everything end to end: stack, connector, worker, a workload, stores catching up, drift report."""
+    from deploy.service import ServiceError
+    from deploy.worker import WorkerService
+    from deploy.workload import run_products
+    from reports.drift import drift
+
+    s = settings()
+    stack_up(None)
+    connectors_apply(None)
+    worker_service = WorkerService(s)
+    if not worker_service.running():
+        console.print(f"starting worker (log {worker_service.log_file})")
+        worker_service.start()
+    try:
+        worker_service.wait_healthy(120)
+    except ServiceError as exc:
+        raise fail(str(exc)) from None
+    console.print(f"worker running at {worker_service.url}")
+
+    updates, deletes = max(1, products * 2 // 5), max(1, products // 8)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console) as progress:
+        tasks = {
+            "insert": progress.add_task("insert products", total=products),
+            "update": progress.add_task("update prices", total=updates),
+            "delete": progress.add_task("delete products", total=deletes),
+        }
+        result = run_products(s.pg_dsn, products, updates, deletes,
+                              progress=lambda step, n: progress.advance(tasks[step], n))
+    console.print(f"workload: {result.inserted} inserted, {result.updated} updated, {result.deleted} deleted")
+
+    deadline = time.monotonic() + timeout
+    rows = drift(s)
+    with Progress(TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True) as progress:
+        waiting = progress.add_task("waiting for the derived stores")
+        while time.monotonic() < deadline:
+            rows = drift(s)
+            summary = ", ".join(
+                f"{r.entity}: pg={r.source} ch={r.clickhouse} redis={r.redis} search={r.search}" for r in rows
+            )
+            progress.update(waiting, description=f"stores catching up: {summary}")
+            if all(r.drift == 0 for r in rows):
+                break
+            time.sleep(1)
+    _print_drift(rows, Format.table)
+    if any(r.drift != 0 for r in rows):
+        raise fail(f"stores did not converge within {timeout:.0f}s; see {worker_service.log_file}")
+    console.print("[green]zero drift[/]: every derived store matches PostgreSQL. "
+                  "Stop everything with `changeflow stack down`.")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

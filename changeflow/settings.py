@@ -1,0 +1,89 @@
+"""The one typed settings object.
+
+Loaded once by the CLI (``Settings()`` reads ``CHANGEFLOW_*`` environment variables and ``.env``) and
+passed down; no other module reads the environment, so every knob is visible here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CHANGEFLOW_", env_file=".env", extra="ignore")
+
+    # Where the native local stack keeps binaries, data, logs and pid files.
+    state_dir: Path = Path(".changeflow")
+
+    # PostgreSQL (the source of truth for commerce entities).
+    pg_host: str = "127.0.0.1"
+    pg_port: int = 5432
+    pg_database: str = "commerce"
+    pg_superuser: str = "postgres"
+    # Debezium's replication role; its password is passed to Kafka Connect through the
+    # environment (EnvVarConfigProvider), never written into a committed file.
+    pg_replication_user: str = "debezium"
+    pg_replication_password: SecretStr = SecretStr("debezium-local")
+    pg_publication: str = "changeflow_pub"
+    pg_slot: str = "changeflow_commerce"
+
+    # Kafka and Kafka Connect.
+    kafka_host: str = "127.0.0.1"
+    kafka_port: int = 9092
+    kafka_controller_port: int = 9093
+    connect_port: int = 8083
+    connect_host: str = "127.0.0.1"
+
+    # Derived stores.
+    redis_host: str = "127.0.0.1"
+    redis_port: int = 6379
+    search_host: str = "127.0.0.1"
+    search_port: int = 9200
+    search_transport_port: int = 9300
+    clickhouse_host: str = "127.0.0.1"
+    clickhouse_port: int = 8123
+    clickhouse_user: str = "default"
+    clickhouse_password: SecretStr = SecretStr("")
+    clickhouse_database: str = "changeflow"
+
+    # Worker.
+    worker_web_port: int = 6066
+    topic_prefix: str = "commerce"
+    canonical_topic_prefix: str = "changeflow"
+    dlq_topic: str = "changeflow.dlq"
+    sink_batch_size: int = 5000
+    sink_batch_timeout_s: float = 0.2
+
+    # How long `stack up` waits for one service to become healthy.
+    start_timeout_s: float = 180.0
+
+    @property
+    def state(self) -> Path:
+        return self.state_dir.resolve()
+
+    @property
+    def pg_dsn(self) -> str:
+        return f"postgresql://{self.pg_superuser}@{self.pg_host}:{self.pg_port}/{self.pg_database}"
+
+    @property
+    def kafka_bootstrap(self) -> str:
+        return f"{self.kafka_host}:{self.kafka_port}"
+
+    @property
+    def connect_url(self) -> str:
+        return f"http://{self.connect_host}:{self.connect_port}"
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://{self.redis_host}:{self.redis_port}/0"
+
+    @property
+    def search_url(self) -> str:
+        return f"http://{self.search_host}:{self.search_port}"
+
+    @property
+    def clickhouse_url(self) -> str:
+        return f"http://{self.clickhouse_host}:{self.clickhouse_port}"

@@ -1,0 +1,62 @@
+"""`changeflow worker`: the Faust app (decode/route) plus one runner thread per sink.
+
+Topics are created up front with the partition counts we rely on (ordering per key needs the canonical
+topics to exist before the first record), then the sink runners start, then Faust takes the main thread
+(it owns signal handling); when Faust stops, the runners finish their current batch and stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from changeflow.settings import Settings
+from sinks import base as sink_base
+from sinks.runner import SinkRunner
+from streams.app import CANONICAL_PARTITIONS, canonical_topic_name, create_app, raw_topic_names
+from streams.entities import ENTITIES
+
+log = logging.getLogger("changeflow.worker")
+
+
+def ensure_topics(settings: Settings) -> None:
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    wanted = {name: CANONICAL_PARTITIONS for name in raw_topic_names(settings)}
+    wanted.update({canonical_topic_name(settings, e): CANONICAL_PARTITIONS for e in ENTITIES})
+    wanted[settings.dlq_topic] = 1
+    existing = set(admin.list_topics(timeout=15).topics)
+    missing = [NewTopic(n, num_partitions=p, replication_factor=1) for n, p in wanted.items() if n not in existing]
+    if not missing:
+        return
+    for name, future in admin.create_topics(missing, operation_timeout=15).items():
+        try:
+            future.result()
+        except Exception as exc:  # TOPIC_ALREADY_EXISTS from a concurrent worker is fine
+            if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                raise
+        log.info("event=topic_created topic=%s", name)
+
+
+def run(settings: Settings, sink_names: list[str] | None = None, loglevel: str = "info") -> None:
+    from faust.worker import Worker
+
+    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    ensure_topics(settings)
+    stop = threading.Event()
+    names = sink_names if sink_names is not None else list(sink_base.registry())
+    runners = [SinkRunner(sink_base.create(name, settings), settings, stop) for name in names]
+    threads = [threading.Thread(target=r.run, name=f"sink-{r.sink.name}", daemon=True) for r in runners]
+    for thread in threads:
+        thread.start()
+    app = create_app(settings)
+    worker = Worker(app, loglevel=loglevel, quiet=True)
+    sys.argv = sys.argv[:1]
+    try:
+        worker.execute_from_commandline()
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)

@@ -1,0 +1,118 @@
+"""ClickHouse warehouse: current state per entity plus a changelog of every change.
+
+``changeflow.<entity>`` is a ``ReplacingMergeTree(_version, _is_deleted)``: the row with the highest
+version wins and a delete is a row with ``_is_deleted = 1``, so reads with ``FINAL`` see exactly the
+source's current rows and a replayed or late record changes nothing. ``changeflow.changelog`` keeps
+every change once per (entity, key, version), so a replay does not double it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import clickhouse_connect
+from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
+
+from sinks.base import FatalSinkError, RetriableSinkError
+from streams import json
+from streams.entities import ENTITIES, EntitySpec
+from streams.records import ChangeRecord
+
+if TYPE_CHECKING:
+    from changeflow.settings import Settings
+
+META_COLUMNS = {"_version": "UInt64", "_is_deleted": "UInt8", "_ts_ms": "Int64", "_ingested_at": "DateTime64(3, 'UTC')"}
+CHANGELOG_COLUMNS = ["entity", "key", "op", "version", "ts_ms", "before", "after", "ingested_at"]
+
+
+def client_for(settings: Settings) -> Any:
+    return clickhouse_connect.get_client(
+        host=settings.clickhouse_host,
+        port=settings.clickhouse_port,
+        username=settings.clickhouse_user,
+        password=settings.clickhouse_password.get_secret_value(),
+        connect_timeout=10,
+        send_receive_timeout=60,
+    )
+
+
+def table_ddl(database: str, spec: EntitySpec) -> str:
+    columns = ",\n  ".join(f"`{n}` {t}" for n, t in {**spec.clickhouse_columns, **META_COLUMNS}.items())
+    return (
+        f"CREATE TABLE IF NOT EXISTS {database}.{spec.name} (\n  {columns}\n)\n"
+        f"ENGINE = ReplacingMergeTree(_version, _is_deleted)\nORDER BY {spec.clickhouse_order_by}"
+    )
+
+
+def changelog_ddl(database: str) -> str:
+    return (
+        f"CREATE TABLE IF NOT EXISTS {database}.changelog (\n"
+        "  entity LowCardinality(String), key String, op LowCardinality(String), version UInt64,\n"
+        "  ts_ms Int64, before Nullable(String), after Nullable(String), ingested_at DateTime64(3, 'UTC')\n"
+        ")\nENGINE = ReplacingMergeTree\nORDER BY (entity, key, version)"
+    )
+
+
+class ClickHouseSink:
+    name = "clickhouse"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.database = settings.clickhouse_database
+        self._client: Any = None
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            try:
+                self._client = client_for(self.settings)
+            except (OperationalError, OSError) as exc:
+                raise RetriableSinkError(f"clickhouse unavailable: {exc}") from exc
+        return self._client
+
+    def setup(self) -> None:
+        try:
+            self.client.command(f"CREATE DATABASE IF NOT EXISTS {self.database}")
+            for spec in ENTITIES.values():
+                self.client.command(table_ddl(self.database, spec))
+            self.client.command(changelog_ddl(self.database))
+        except OperationalError as exc:
+            raise RetriableSinkError(f"clickhouse: {exc}") from exc
+
+    def write_batch(self, records: Sequence[ChangeRecord]) -> None:
+        now = datetime.now(UTC)
+        by_entity: dict[str, list[list[Any]]] = {}
+        changelog: list[list[Any]] = []
+        for record in records:
+            spec = ENTITIES[record.entity]
+            image = record.after if record.after is not None else (record.before or {})
+            row = [image.get(col) for col in spec.clickhouse_columns]
+            if row[0] is None:
+                row[0] = record.key
+            row += [record.version, 1 if record.is_delete else 0, record.ts_ms, now]
+            by_entity.setdefault(record.entity, []).append(row)
+            changelog.append([
+                record.entity, record.key, record.op, record.version, record.ts_ms,
+                None if record.before is None else json.dumps(record.before).decode(),
+                None if record.after is None else json.dumps(record.after).decode(),
+                now,
+            ])
+        try:
+            for entity, rows in by_entity.items():
+                spec = ENTITIES[entity]
+                self.client.insert(
+                    f"{self.database}.{entity}", rows, column_names=[*spec.clickhouse_columns, *META_COLUMNS]
+                )
+            if changelog:
+                self.client.insert(f"{self.database}.changelog", changelog, column_names=CHANGELOG_COLUMNS)
+        except OperationalError as exc:
+            self._client = None
+            raise RetriableSinkError(f"clickhouse: {exc}") from exc
+        except DatabaseError as exc:
+            raise FatalSinkError(f"clickhouse rejected the batch: {exc}") from exc
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()

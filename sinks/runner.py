@@ -1,0 +1,154 @@
+"""Feed one sink from the canonical topics: consume a batch, write it, then commit its offsets.
+
+Each sink is its own consumer group (``changeflow-sink-<name>``), so a slow or failing store never holds
+back the others. A retriable store failure retries the same batch with capped exponential backoff and
+holds the stream (nothing is committed, nothing dropped) until the store is back; a fatal one stops
+the runner loudly.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
+from tenacity import Retrying, retry_if_exception_type, wait_exponential
+
+import schemas
+from sinks.base import RetriableSinkError, Sink
+from streams.records import ChangeRecord
+
+if TYPE_CHECKING:
+    from changeflow.settings import Settings
+
+log = logging.getLogger("changeflow.sinks")
+
+
+def group_id(sink_name: str) -> str:
+    return f"changeflow-sink-{sink_name}"
+
+
+def canonical_topics(settings: Settings) -> list[str]:
+    from streams.entities import ENTITIES
+
+    return [f"{settings.canonical_topic_prefix}.{entity}" for entity in ENTITIES]
+
+
+def record_from_message(msg: Message) -> ChangeRecord:
+    _, data = schemas.decode(msg.value())  # type: ignore[arg-type]
+    return ChangeRecord(
+        source=data["source"],
+        entity=data["entity"],
+        key=data["key"],
+        op=data["op"],
+        version=data["version"],
+        ts_ms=data["ts_ms"],
+        before=data["before"],
+        after=data["after"],
+        origin=(msg.topic(), msg.partition(), msg.offset()),  # type: ignore[arg-type]
+    )
+
+
+class SinkRunner:
+    def __init__(self, sink: Sink, settings: Settings, stop: threading.Event | None = None) -> None:
+        self.sink = sink
+        self.settings = settings
+        self.stop = stop or threading.Event()
+        self.applied = 0
+        self.last_error: str | None = None
+        self.consumer = Consumer(
+            {
+                "bootstrap.servers": settings.kafka_bootstrap,
+                "group.id": group_id(sink.name),
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "partition.assignment.strategy": "cooperative-sticky",
+                "fetch.min.bytes": 1,
+                "queued.max.messages.kbytes": 65536,
+            }
+        )
+        self.dlq = Producer({"bootstrap.servers": settings.kafka_bootstrap, "acks": "all"})
+
+    def _write_with_retry(self, records: Sequence[ChangeRecord]) -> None:
+        def before_sleep(state: object) -> None:
+            attempt = getattr(state, "attempt_number", 0)
+            outcome = getattr(state, "outcome", None)
+            err = outcome.exception() if outcome is not None else None
+            self.last_error = str(err)
+            log.warning("sink=%s event=retry attempt=%s batch=%d error=%r", self.sink.name, attempt, len(records), str(err))
+
+        for attempt in Retrying(
+            retry=retry_if_exception_type(RetriableSinkError),
+            wait=wait_exponential(multiplier=0.2, max=10),
+            before_sleep=before_sleep,
+            reraise=True,
+        ):
+            if self.stop.is_set() and attempt.retry_state.attempt_number > 1:
+                raise InterruptedError("stopping while the store is down; batch left uncommitted")
+            with attempt:
+                self.sink.write_batch(records)
+        self.last_error = None
+
+    def _to_dlq(self, msg: Message, reason: str) -> None:
+        headers = [
+            ("changeflow.source_topic", msg.topic().encode()),  # type: ignore[union-attr]
+            ("changeflow.partition", str(msg.partition()).encode()),
+            ("changeflow.offset", str(msg.offset()).encode()),
+            ("changeflow.error", reason.encode()),
+        ]
+        self.dlq.produce(self.settings.dlq_topic, key=msg.key(), value=msg.value(), headers=headers)
+        self.dlq.flush(10)
+
+    def run(self) -> None:
+        for attempt in Retrying(retry=retry_if_exception_type(RetriableSinkError), wait=wait_exponential(max=10)):
+            with attempt:
+                if self.stop.is_set():
+                    return
+                self.sink.setup()
+        self.consumer.subscribe(canonical_topics(self.settings))
+        log.info("sink=%s event=started group=%s", self.sink.name, group_id(self.sink.name))
+        try:
+            while not self.stop.is_set():
+                msgs = self.consumer.consume(self.settings.sink_batch_size, self.settings.sink_batch_timeout_s)
+                if not msgs:
+                    continue
+                records: list[ChangeRecord] = []
+                for msg in msgs:
+                    err = msg.error()
+                    if err is not None:
+                        if err.code() != KafkaError._PARTITION_EOF:
+                            log.warning("sink=%s event=consume_error error=%s", self.sink.name, err)
+                        continue
+                    if msg.value() is None:
+                        continue
+                    try:
+                        records.append(record_from_message(msg))
+                    except (schemas.UnknownSchemaError, ValueError, KeyError, EOFError) as exc:
+                        log.error(
+                            "sink=%s event=dead_letter topic=%s partition=%s offset=%s reason=%r",
+                            self.sink.name, msg.topic(), msg.partition(), msg.offset(), str(exc),
+                        )
+                        self._to_dlq(msg, f"undecodable canonical record: {exc}")
+                started = time.perf_counter()
+                try:
+                    self._write_with_retry(records)
+                except InterruptedError:
+                    log.info("sink=%s event=stopped_uncommitted batch=%d", self.sink.name, len(records))
+                    return
+                try:
+                    self.consumer.commit(asynchronous=False)
+                except KafkaException as exc:
+                    # e.g. a rebalance while the store was down: the batch is redelivered and the
+                    # version guards make the second application a no-op.
+                    log.warning("sink=%s event=commit_failed error=%s", self.sink.name, exc)
+                self.applied += len(records)
+                log.debug(
+                    "sink=%s event=batch size=%d ms=%.1f", self.sink.name, len(records),
+                    (time.perf_counter() - started) * 1000,
+                )
+        finally:
+            self.consumer.close()
+            self.sink.close()

@@ -1,0 +1,149 @@
+"""Search index projection, for Elasticsearch (docker-compose) and OpenSearch (the native stack).
+
+Both engines speak the same REST API for what we use, but each official client refuses or mistreats
+the other engine (elasticsearch-py's product check), so the engine is detected once from ``GET /`` and
+the matching official client and its bulk helper are used.
+
+Writes use external versioning with the canonical ``version``: the engine itself rejects a record that
+is not newer (409, counted as already applied). Deletes are versioned too and kept for
+``index.gc_deletes``, so a late, older update cannot resurrect a deleted document.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from sinks.base import FatalSinkError, RetriableSinkError
+from streams import json
+from streams.entities import ENTITIES, EntitySpec
+from streams.records import ChangeRecord
+
+if TYPE_CHECKING:
+    from changeflow.settings import Settings
+
+GC_DELETES = "7d"
+RETRIABLE_STATUS = {429, 502, 503, 504}
+
+
+def detect_engine(url: str) -> str:
+    """'opensearch' or 'elasticsearch', from the root endpoint's version block."""
+    try:
+        info = httpx.get(url, timeout=5).json()
+    except (httpx.HTTPError, ValueError) as exc:
+        raise RetriableSinkError(f"search engine at {url} unavailable: {exc}") from exc
+    return "opensearch" if info.get("version", {}).get("distribution") == "opensearch" else "elasticsearch"
+
+
+def make_client(url: str, engine: str) -> Any:
+    if engine == "opensearch":
+        from opensearchpy import OpenSearch
+
+        return OpenSearch(hosts=[url], timeout=30)
+    from elasticsearch import Elasticsearch
+
+    return Elasticsearch(url, request_timeout=30)
+
+
+def document(record: ChangeRecord) -> dict[str, Any]:
+    return json.loads(json.dumps(record.after))  # type: ignore[no-any-return]
+
+
+class SearchSink:
+    name = "search"
+
+    def __init__(self, settings: Settings) -> None:
+        self.url = settings.search_url
+        self._engine: str | None = None
+        self._client: Any = None
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._engine = detect_engine(self.url)
+            self._client = make_client(self.url, self._engine)
+        return self._client
+
+    def _create_index(self, spec: EntitySpec) -> None:
+        settings = {"index": {"gc_deletes": GC_DELETES, "number_of_replicas": 0, "refresh_interval": "1s"}}
+        client = self.client
+        if client.indices.exists(index=spec.search_index):
+            return
+        if self._engine == "opensearch":
+            client.indices.create(index=spec.search_index, body={"settings": settings, "mappings": spec.search_mappings})
+        else:
+            client.indices.create(index=spec.search_index, settings=settings, mappings=spec.search_mappings)
+
+    def setup(self) -> None:
+        try:
+            for spec in ENTITIES.values():
+                self._create_index(spec)
+        except Exception as exc:
+            if _status(exc) == 400 and "resource_already_exists" in str(exc):
+                return
+            raise _classify(exc) from exc
+
+    def _actions(self, records: Sequence[ChangeRecord]) -> Iterator[dict[str, Any]]:
+        for record in records:
+            spec = ENTITIES[record.entity]
+            action: dict[str, Any] = {
+                "_index": spec.search_index,
+                "_id": record.key,
+                "version": record.version,
+                "version_type": "external",
+            }
+            if record.after is None:
+                action["_op_type"] = "delete"
+            else:
+                action["_op_type"] = "index"
+                action["_source"] = document(record)
+            yield action
+
+    def write_batch(self, records: Sequence[ChangeRecord]) -> None:
+        if not records:
+            return
+        client = self.client
+        if self._engine == "opensearch":
+            from opensearchpy import helpers
+        else:
+            from elasticsearch import helpers  # type: ignore[no-redef]
+        try:
+            _, errors = helpers.bulk(
+                client, self._actions(records), raise_on_error=False, raise_on_exception=True, chunk_size=2000
+            )
+        except Exception as exc:
+            raise _classify(exc) from exc
+        failures = []
+        for item in errors:
+            result = next(iter(item.values()))
+            status = result.get("status")
+            if status == 409:
+                continue  # the index already holds this or a newer version: idempotent no-op
+            if status == 404 and next(iter(item)) == "delete":
+                continue  # deleting what was never indexed: the versioned tombstone is still written
+            failures.append((status, result.get("_id"), result.get("error")))
+        if failures:
+            if all(status in RETRIABLE_STATUS for status, _, _ in failures):
+                raise RetriableSinkError(f"search: {len(failures)} documents throttled: {failures[:3]}")
+            raise FatalSinkError(f"search rejected {len(failures)} documents: {failures[:3]}")
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+
+def _status(exc: Exception) -> int | None:
+    status = getattr(exc, "status_code", None) or getattr(exc, "status", None)
+    meta = getattr(exc, "meta", None)
+    if status is None and meta is not None:
+        status = getattr(meta, "status", None)
+    return status if isinstance(status, int) else None
+
+
+def _classify(exc: Exception) -> Exception:
+    status = _status(exc)
+    if status is None or status in RETRIABLE_STATUS:
+        return RetriableSinkError(f"search: {exc}")
+    return FatalSinkError(f"search: {exc}")

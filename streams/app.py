@@ -1,0 +1,113 @@
+"""The Faust app: the thin I/O edge around the pure decoders.
+
+The ``decode`` agent reads Debezium's raw topics, turns each message into a canonical record (Avro,
+single-object encoding) on ``changeflow.<entity>`` keyed ``entity:key`` (so one row's changes stay in
+order in one partition), or into a dead letter on ``changeflow.dlq`` with the original bytes and the
+reason; the stream goes on either way. Faust commits a raw offset only after the agent has processed
+the event and the producer has delivered what it sent.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import faust
+
+import schemas
+from streams.debezium import decode_postgres
+from streams.entities import ENTITIES, POSTGRES_ENTITIES
+from streams.records import ChangeRecord, DeadLetter
+
+if TYPE_CHECKING:
+    from changeflow.settings import Settings
+
+log = logging.getLogger("changeflow.streams")
+
+CANONICAL_PARTITIONS = 3
+
+
+def raw_topic_names(settings: Settings) -> list[str]:
+    return [f"{settings.topic_prefix}.public.{table}" for table in POSTGRES_ENTITIES]
+
+
+def canonical_topic_name(settings: Settings, entity: str) -> str:
+    return f"{settings.canonical_topic_prefix}.{entity}"
+
+
+def to_avro(record: ChangeRecord) -> bytes:
+    return schemas.encode(
+        record.entity,
+        {
+            "source": record.source,
+            "entity": record.entity,
+            "key": record.key,
+            "op": record.op,
+            "version": record.version,
+            "ts_ms": record.ts_ms,
+            "before": record.before,
+            "after": record.after,
+        },
+    )
+
+
+def dead_letter_headers(letter: DeadLetter) -> dict[str, bytes]:
+    return {
+        "changeflow.source_topic": letter.topic.encode(),
+        "changeflow.partition": str(letter.partition).encode(),
+        "changeflow.offset": str(letter.offset).encode(),
+        "changeflow.error": letter.reason.encode(),
+    }
+
+
+def create_app(settings: Settings) -> faust.App:
+    app = faust.App(
+        "changeflow",
+        broker=f"kafka://{settings.kafka_bootstrap}",
+        key_serializer="raw",
+        value_serializer="raw",
+        web_port=settings.worker_web_port,
+        web_host="127.0.0.1",
+        topic_partitions=CANONICAL_PARTITIONS,
+        topic_replication_factor=1,
+        producer_acks=-1,
+        broker_commit_every=1000,
+        broker_commit_interval=1.0,
+        stream_buffer_maxsize=8192,
+        consumer_auto_offset_reset="earliest",
+    )
+    raw = app.topic(
+        *raw_topic_names(settings), key_type=bytes, value_type=bytes, allow_empty=True
+    )
+    canonical = {
+        entity: app.topic(
+            canonical_topic_name(settings, entity), key_type=bytes, value_type=bytes,
+            partitions=CANONICAL_PARTITIONS,
+        )
+        for entity in ENTITIES
+    }
+    dlq = app.topic(settings.dlq_topic, key_type=bytes, value_type=bytes, partitions=1)
+
+    @app.agent(raw)
+    async def decode(stream: Any) -> None:
+        async for event in stream.events():
+            msg = event.message
+            result = decode_postgres(
+                event.value,
+                topic=msg.topic,
+                partition=msg.partition,
+                offset=msg.offset,
+                raw_key=event.key,
+                entities=POSTGRES_ENTITIES,
+            )
+            if isinstance(result, ChangeRecord):
+                await canonical[result.entity].send(key=result.kafka_key.encode(), value=to_avro(result))
+            elif isinstance(result, DeadLetter):
+                log.warning(
+                    "event=dead_letter topic=%s partition=%s offset=%s reason=%r",
+                    result.topic, result.partition, result.offset, result.reason,
+                )
+                await dlq.send(key=result.raw_key, value=result.raw_value, headers=dead_letter_headers(result))
+
+    app.changeflow_settings = settings  # type: ignore[attr-defined]
+    return app

@@ -1,0 +1,55 @@
+"""The values that flow between decode, transform and the sinks.
+
+Bad data is a value, not an exception: decoding returns a ``ChangeRecord``, a ``DeadLetter`` (kept with
+its original bytes and position, so nothing is lost) or a ``Skip`` (a message that is understood and
+deliberately not forwarded: heartbeats, tombstones).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Op = Literal["c", "u", "d", "r"]
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeRecord:
+    """One row change in the canonical shape of DESIGN.md, whatever the source."""
+
+    source: str
+    entity: str
+    key: str
+    op: Op
+    version: int
+    ts_ms: int
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+    # Kafka position of the raw message this record came from (for logs and dead letters).
+    origin: tuple[str, int, int] | None = field(default=None, compare=False)
+
+    @property
+    def kafka_key(self) -> str:
+        return f"{self.entity}:{self.key}"
+
+    @property
+    def is_delete(self) -> bool:
+        return self.op == "d"
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    raw_key: bytes | None
+    raw_value: bytes | None
+    topic: str
+    partition: int
+    offset: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Skip:
+    reason: str
+
+
+Decoded = ChangeRecord | DeadLetter | Skip
