@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -26,10 +25,10 @@ app.add_typer(connectors_app, name="connectors")
 app.add_typer(report_app, name="report")
 
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
-class Format(str, Enum):
+class Format(StrEnum):
     table = "table"
     json = "json"
 
@@ -97,7 +96,9 @@ def _print_status(s: Settings) -> None:
 # --- connectors -------------------------------------------------------------------------------------
 @connectors_app.command("apply")
 def connectors_apply(
-    files: Annotated[list[Path] | None, typer.Argument(help="Connector files (default: connectors/*.json for this stack).")] = None,
+    files: Annotated[
+        list[Path] | None, typer.Argument(help="Connector files (default: the PostgreSQL connector of this stack).")
+    ] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for RUNNING.")] = 180.0,
 ) -> None:
     """Validate with Connect, create or update (idempotent), wait until RUNNING."""
@@ -268,4 +269,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

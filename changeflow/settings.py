@@ -50,6 +50,7 @@ class Settings(BaseSettings):
     clickhouse_database: str = "changeflow"
 
     # Worker.
+    worker_web_host: str = "127.0.0.1"
     worker_web_port: int = 6066
     topic_prefix: str = "commerce"
     canonical_topic_prefix: str = "changeflow"

@@ -141,7 +141,7 @@ class KafkaConnectClient:
         if response.status_code == 404:
             return None
         response.raise_for_status()
-        return response.json()  # type: ignore[no-any-return]
+        return response.json()  # type: ignore[no-any-return,unused-ignore]
 
     def list(self) -> list[str]:
         response = self._request("GET", "/connectors")

@@ -155,7 +155,7 @@ class PostgresService(Service):
             if not exists:
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(s.pg_database)))
         with psycopg.connect(self._admin_dsn(s.pg_database), autocommit=True) as conn:
-            conn.execute(SCHEMA_SQL.read_text())  # type: ignore[arg-type]
+            conn.execute(SCHEMA_SQL.read_text())  # type: ignore[arg-type,unused-ignore]
             conn.execute(
                 sql.SQL("ALTER ROLE {} WITH LOGIN REPLICATION PASSWORD {}").format(
                     sql.Identifier(s.pg_replication_user),

@@ -90,10 +90,10 @@ class Service(ABC):
     def healthy(self) -> bool:
         """True only when the service answers its protocol on its port."""
 
-    def prepare(self) -> None:
+    def prepare(self) -> None:  # noqa: B027 - optional hook
         """One-time initialisation of the data directory before the first start."""
 
-    def after_start(self) -> None:
+    def after_start(self) -> None:  # noqa: B027 - optional hook
         """Work that needs the running service (create roles, topics, databases...)."""
 
     def env(self) -> dict[str, str]:

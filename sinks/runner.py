@@ -78,7 +78,9 @@ class SinkRunner:
             outcome = getattr(state, "outcome", None)
             err = outcome.exception() if outcome is not None else None
             self.last_error = str(err)
-            log.warning("sink=%s event=retry attempt=%s batch=%d error=%r", self.sink.name, attempt, len(records), str(err))
+            log.warning(
+                "sink=%s event=retry attempt=%s batch=%d error=%r", self.sink.name, attempt, len(records), str(err)
+            )
 
         for attempt in Retrying(
             retry=retry_if_exception_type(RetriableSinkError),

@@ -48,7 +48,7 @@ def make_client(url: str, engine: str) -> Any:
 
 
 def document(record: ChangeRecord) -> dict[str, Any]:
-    return json.loads(json.dumps(record.after))  # type: ignore[no-any-return]
+    return json.loads(json.dumps(record.after))  # type: ignore[no-any-return,unused-ignore]
 
 
 class SearchSink:
@@ -72,7 +72,8 @@ class SearchSink:
         if client.indices.exists(index=spec.search_index):
             return
         if self._engine == "opensearch":
-            client.indices.create(index=spec.search_index, body={"settings": settings, "mappings": spec.search_mappings})
+            body = {"settings": settings, "mappings": spec.search_mappings}
+            client.indices.create(index=spec.search_index, body=body)
         else:
             client.indices.create(index=spec.search_index, settings=settings, mappings=spec.search_mappings)
 

@@ -67,7 +67,7 @@ def create_app(settings: Settings) -> faust.App:
         key_serializer="raw",
         value_serializer="raw",
         web_port=settings.worker_web_port,
-        web_host="127.0.0.1",
+        web_host=settings.worker_web_host,
         topic_partitions=CANONICAL_PARTITIONS,
         topic_replication_factor=1,
         producer_acks=-1,

@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from streams.records import ChangeRecord, Decoded, DeadLetter, Skip
+from streams.records import ChangeRecord, DeadLetter, Decoded, Skip
 
 UNAVAILABLE = "__debezium_unavailable_value"
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

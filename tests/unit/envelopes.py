@@ -25,7 +25,9 @@ PRODUCT_FIELDS: list[dict[str, Any]] = [
 ]
 
 
-def row_schema(field: str, fields: list[dict[str, Any]], name: str = "commerce.public.products.Value") -> dict[str, Any]:
+def row_schema(
+    field: str, fields: list[dict[str, Any]], name: str = "commerce.public.products.Value"
+) -> dict[str, Any]:
     return {"type": "struct", "fields": fields, "optional": True, "name": name, "field": field}
 
 

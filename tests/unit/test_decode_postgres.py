@@ -140,7 +140,8 @@ def test_micro_timestamp_and_date_and_zoned_timestamp() -> None:
         datetime(2023, 11, 14, 22, 13, 20, 123456, tzinfo=UTC)
     )
     assert convert_value(19_000, {"type": "int32", "name": "io.debezium.time.Date"}) == date(2022, 1, 8)
-    assert convert_value("2026-11-24T12:00:00+02:00", {"type": "string", "name": "io.debezium.time.ZonedTimestamp"}) == (
+    zoned = {"type": "string", "name": "io.debezium.time.ZonedTimestamp"}
+    assert convert_value("2026-11-24T12:00:00+02:00", zoned) == (
         datetime(2026, 11, 24, 10, 0, tzinfo=UTC)
     )
 

@@ -1,0 +1,23 @@
+# The two commands of README.md. Both install what they need (apt, pip, Maven) themselves.
+.PHONY: demo test unit lint bootstrap down
+
+bootstrap:
+	@bash deploy/bootstrap.sh
+
+## Everything end to end: native stack, connector, worker, demo workload, zero-drift report.
+demo: bootstrap
+	.venv/bin/changeflow demo
+
+## The whole test suite: unit tests, then integration tests against the live local stack.
+test: bootstrap
+	.venv/bin/changeflow stack up
+	.venv/bin/python -m pytest -p no:cacheprovider -ra tests
+
+unit: bootstrap
+	.venv/bin/python -m pytest -p no:cacheprovider -q tests/unit
+
+lint: bootstrap
+	.venv/bin/ruff check . && .venv/bin/mypy changeflow connectors streams sinks schemas reports deploy
+
+down:
+	.venv/bin/changeflow stack down

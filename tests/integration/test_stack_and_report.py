@@ -1,0 +1,73 @@
+"""The stack's own commands and the drift report, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import psycopg
+import pytest
+
+from changeflow.settings import Settings
+from deploy import stack
+from deploy.workload import run_products
+from reports.drift import drift
+from tests.integration.conftest import eventually
+
+pytestmark = pytest.mark.integration
+
+
+def changeflow(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "changeflow", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_stack_up_is_idempotent_and_status_json_reports_every_service(live_stack: Settings) -> None:
+    pids = {s.name: s.pid for s in stack.status(live_stack)}
+    result = changeflow("stack", "up")
+    assert result.returncode == 0, result.stderr
+    assert {s.name: s.pid for s in stack.status(live_stack)} == pids  # nothing restarted
+
+    status = json.loads(changeflow("stack", "status", "--json").stdout)
+    by_name = {s["name"]: s for s in status}
+    assert set(by_name) == {"postgres", "redis", "clickhouse", "search", "kafka", "connect"}
+    assert all(s["healthy"] for s in status), status
+    assert by_name["search"]["url"] == live_stack.search_url
+    assert by_name["clickhouse"]["url"].endswith(f":{live_stack.clickhouse_port}")
+
+
+def test_superuser_connects_without_password_on_loopback(live_stack: Settings) -> None:
+    result = subprocess.run(
+        ["psql", f"postgresql://postgres@127.0.0.1:{live_stack.pg_port}/commerce", "-tAc", "SHOW wal_level"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "logical"
+
+
+def test_replication_role_needs_its_password(live_stack: Settings) -> None:
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(
+            f"postgresql://debezium:wrong@127.0.0.1:{live_stack.pg_port}/commerce", connect_timeout=5
+        ).close()
+
+
+def test_workload_ends_with_zero_drift_in_the_report(pipeline: Settings, sku_prefix: str) -> None:
+    result = run_products(pipeline.pg_dsn, inserts=60, updates=25, deletes=10, sku_prefix=sku_prefix)
+    assert (result.inserted, result.updated, result.deleted) == (60, 25, 10)
+    rows = eventually(lambda: (r := drift(pipeline)) and all(x.drift == 0 for x in r) and r, timeout=120,
+                      what="zero drift")
+    with psycopg.connect(pipeline.pg_dsn) as conn:
+        count = conn.execute("SELECT count(*) FROM products").fetchone()
+    assert count is not None
+    products = next(r for r in rows if r.entity == "products")
+    assert products.source == count[0]
+    assert (products.clickhouse, products.redis, products.search) == (count[0], count[0], count[0])
+
+    report = changeflow("report", "drift", "--format", "json")
+    assert report.returncode == 0, report.stderr
+    parsed = json.loads(report.stdout)
+    assert parsed == [{"entity": "products", "source": count[0], "clickhouse": count[0], "redis": count[0],
+                       "search": count[0], "drift": 0}]
+    with psycopg.connect(pipeline.pg_dsn, autocommit=True) as conn:
+        conn.execute("DELETE FROM products WHERE sku LIKE %s", (f"{sku_prefix}-%",))
