@@ -352,6 +352,9 @@ def test_worker_is_built_here_and_configured_through_settings(model: dict) -> No
     for key, host in env.items():
         if not (key.startswith("CHANGEFLOW_") and key.endswith("_HOST")):
             continue
+        if key == "CHANGEFLOW_WORKER_WEB_HOST":
+            assert host == "0.0.0.0", "the worker's web port must listen beyond loopback inside its container"
+            continue
         assert host in model["services"], f"{key}={host} is not a service"
         port = env[key.removesuffix("_HOST") + "_PORT"]
         target = model["services"][host]
