@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from enum import StrEnum
 from pathlib import Path
@@ -24,7 +25,8 @@ app.add_typer(stack_app, name="stack")
 app.add_typer(connectors_app, name="connectors")
 app.add_typer(report_app, name="report")
 
-console = Console()
+# Piped output (CI logs, tests) must not be cut at 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, soft_wrap=True)
 
 

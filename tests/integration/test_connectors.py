@@ -54,7 +54,8 @@ def test_bad_setting_is_rejected_with_connects_message_and_nothing_registered(
         connect.apply(ConnectorDefinition.load(bad))
     assert "snapshot.mode" in caught.value.errors
     message = " ".join(caught.value.errors["snapshot.mode"])
-    assert "sometimes" in message
+    assert message.startswith("The 'snapshot.mode' value is invalid: Value must be one of")
+    assert "initial" in message
     assert "bad-snapshot-mode-test" not in connect.list()
 
     result = subprocess.run(
@@ -63,5 +64,5 @@ def test_bad_setting_is_rejected_with_connects_message_and_nothing_registered(
     )
     assert result.returncode == 1
     assert "rejected by Kafka Connect validation" in result.stderr
-    assert "snapshot.mode" in result.stderr
+    assert "The 'snapshot.mode' value is invalid" in result.stderr
     assert "bad-snapshot-mode-test" not in connect.list()

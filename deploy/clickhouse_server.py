@@ -1,0 +1,914 @@
+"""ClickHouse's HTTP interface in front of chdb, the ClickHouse engine embedded in a Python process.
+
+No ClickHouse server installs on these machines, but PyPI's ``chdb`` is the real engine, and only
+one process may open its data directory. This server owns that directory and speaks enough of
+ClickHouse's HTTP protocol that ``clickhouse-connect`` (and curl) work unchanged, exactly as they do
+against a real server, so the sinks and reports never know the difference:
+
+* ``GET|POST /`` with the query in the ``query`` URL parameter and/or the body (joined by a newline,
+  as ClickHouse does); ``GET`` is read-only, as on a real server. ``/ping`` answers ``Ok.``.
+* ``database``, ``default_format``, ``session_id``, ``query_id``, credentials (URL, ``X-ClickHouse-*``
+  headers or Basic auth), ``param_<name>`` bindings (chdb binds ``{name:Type}`` natively, with the
+  same escaped-text parsing as the server) and any other URL parameter as a query setting.
+* Inserts ``INSERT INTO t [(cols)] FORMAT <fmt>\\n<data>`` (Native from clickhouse-connect, any other
+  input format from curl) and ``INSERT ... VALUES`` stream the data into chdb's ``send_insert``,
+  which parses it with the engine's own input formats: no temp files, no re-encoding.
+* Request bodies in lz4 (clickhouse-connect's default), zstd, gzip, deflate or br; responses
+  compressed with the first ``Accept-Encoding`` we support unless ``enable_http_compression=0``
+  (its default is 1 in this engine version, as on a current server).
+* Errors as ``Code: N. DB::Exception: ... (NAME) (version ...)`` with the HTTP status ClickHouse uses
+  and the ``X-ClickHouse-Exception-Code`` header, so clients raise their usual exceptions.
+
+One chdb connection serves every request; engine calls are serialised by a lock (one connection is
+not safe for concurrent statements), while HTTP parsing, decompression and compression run in the
+request threads outside it. chdb releases the GIL while it executes, so the server stays responsive.
+The connection's current database and settings are re-established for every request inside the same
+locked call, so nothing leaks from one client to another. Sessions keep their ``USE`` database and
+``SET`` settings for ``session_timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import gzip
+import hmac
+import importlib
+import json
+import os
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+# The engine takes its time zone from the process; the warehouse keeps UTC whatever the host says.
+os.environ["TZ"] = "UTC"
+with contextlib.suppress(AttributeError):
+    time.tzset()
+
+
+def _optional(module: str) -> Any:
+    """Optional codecs: clickhouse-connect offers what it has installed, we accept what we have."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:  # pragma: no cover - depends on the environment
+        return None
+
+
+lz4_frame: Any = _optional("lz4.frame")
+zstd: Any = _optional("compression.zstd" if sys.version_info >= (3, 14) else "backports.zstd")
+brotli: Any = _optional("brotli")
+
+DISPLAY_NAME = socket.gethostname() or "changeflow-chdb"
+PASSWORD_ENV = "CLICKHOUSE_PASSWORD"
+
+# URL parameters the HTTP layer consumes itself; they never reach the engine as settings.
+TRANSPORT_PARAMS = frozenset(
+    {
+        "query",
+        "database",
+        "default_format",
+        "session_id",
+        "session_timeout",
+        "session_check",
+        "query_id",
+        "user",
+        "password",
+        "quota_key",
+        "role",
+        "compress",
+        "decompress",
+        "buffer_size",
+        "wait_end_of_query",
+        "client_protocol_version",
+        "send_progress_in_http_headers",
+        "enable_http_compression",
+        "cancel_http_readonly_queries_on_client_close",
+        "add_http_cors_header",
+        # The engine would accept it, but a connection switched to readonly could never be reset.
+        "readonly",
+    }
+)
+
+# Statements that produce a result set (ClickHouse sends X-ClickHouse-Format only for these).
+RESULT_KINDS = frozenset({"SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXISTS", "EXPLAIN", "CHECK", "VALUES"})
+# What a GET request may run: the server treats GET as readonly=2 (reads, SET and USE).
+READONLY_KINDS = RESULT_KINDS | {"SET", "USE"}
+
+# exceptionCodeToHTTPStatus in ClickHouse's src/Server/HTTP, by error name.
+_STATUS_BY_ERROR = {
+    401: {"REQUIRED_PASSWORD"},
+    403: {"UNKNOWN_USER", "WRONG_PASSWORD", "AUTHENTICATION_FAILED", "SET_NON_GRANTED_ROLE", "ACCESS_DENIED"},
+    400: {
+        "BAD_ARGUMENTS",
+        "CANNOT_COMPILE_REGEXP",
+        "CANNOT_PARSE_TEXT",
+        "CANNOT_PARSE_ESCAPE_SEQUENCE",
+        "CANNOT_PARSE_QUOTED_STRING",
+        "CANNOT_PARSE_DATE",
+        "CANNOT_PARSE_DATETIME",
+        "CANNOT_PARSE_NUMBER",
+        "CANNOT_PARSE_DOMAIN_VALUE_FROM_STRING",
+        "CANNOT_PARSE_IPV4",
+        "CANNOT_PARSE_IPV6",
+        "CANNOT_PARSE_INPUT_ASSERTION_FAILED",
+        "CANNOT_PARSE_UUID",
+        "DUPLICATE_COLUMN",
+        "ILLEGAL_COLUMN",
+        "UNKNOWN_ELEMENT_IN_AST",
+        "UNKNOWN_TYPE_OF_AST_NODE",
+        "THERE_IS_NO_COLUMN",
+        "TOO_DEEP_AST",
+        "TOO_BIG_AST",
+        "UNEXPECTED_AST_STRUCTURE",
+        "SYNTAX_ERROR",
+        "INCORRECT_DATA",
+        "TYPE_MISMATCH",
+        "VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE",
+    },
+    404: {
+        "UNKNOWN_TABLE",
+        "UNKNOWN_FUNCTION",
+        "UNKNOWN_IDENTIFIER",
+        "UNKNOWN_TYPE",
+        "UNKNOWN_STORAGE",
+        "UNKNOWN_DATABASE",
+        "UNKNOWN_SETTING",
+        "UNKNOWN_DIRECTION_OF_SORTING",
+        "UNKNOWN_AGGREGATE_FUNCTION",
+        "UNKNOWN_FORMAT",
+        "UNKNOWN_DATABASE_ENGINE",
+        "UNKNOWN_TYPE_OF_QUERY",
+        "UNKNOWN_ROLE",
+    },
+    413: {"QUERY_IS_TOO_LARGE"},
+    501: {"NOT_IMPLEMENTED"},
+    503: {"SOCKET_TIMEOUT", "CANNOT_OPEN_FILE", "CANNOT_SCHEDULE_TASK"},
+    411: {"HTTP_LENGTH_REQUIRED"},
+    408: {"TIMEOUT_EXCEEDED"},
+    415: {"UNSUPPORTED_MEDIA_TYPE"},
+}
+HTTP_STATUS = {name: status for status, names in _STATUS_BY_ERROR.items() for name in names}
+
+_CODE_RE = re.compile(r"Code: (\d+)\.")
+_NAME_RE = re.compile(r"\(([A-Z][A-Z0-9_]+)\)(?:\s*\(version [^)]*\))?\s*$")
+
+
+class ClickHouseError(Exception):
+    """An error reported to the client the way ClickHouse reports it (code, name, message)."""
+
+    def __init__(self, code: int, name: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.name = name
+        self.message = message
+
+    @classmethod
+    def from_engine(cls, exc: BaseException) -> ClickHouseError:
+        """chdb's exceptions carry the server's own text; keep it from ``Code:`` on."""
+        text = str(exc)
+        at = text.find("Code: ")
+        text = text[at:] if at >= 0 else text
+        code_match = _CODE_RE.match(text)
+        name_match = _NAME_RE.search(text)
+        code = int(code_match.group(1)) if code_match else 1001
+        name = name_match.group(1) if name_match else "STD_EXCEPTION"
+        if code_match:
+            return cls(code, name, text.strip())
+        return cls(code, name, f"Code: {code}. DB::Exception: {text.strip()}. ({name})")
+
+    def body(self, version: str) -> bytes:
+        text = self.message if "(version " in self.message else f"{self.message} (version {version})"
+        return (text.rstrip() + "\n").encode()
+
+    @property
+    def http_status(self) -> int:
+        return HTTP_STATUS.get(self.name, 500)
+
+
+def ch_error(code: int, name: str, message: str) -> ClickHouseError:
+    return ClickHouseError(code, name, f"Code: {code}. DB::Exception: {message}. ({name})")
+
+
+# -- a small SQL scanner ---------------------------------------------------------------------------
+# Only enough of the lexer to find statement kind, a trailing FORMAT clause, the point where an
+# INSERT's inline data starts, and SET assignments, without being fooled by strings or comments.
+
+
+@dataclass(frozen=True)
+class Token:
+    kind: str  # word, string, ident (quoted identifier), number, punct
+    start: int
+    end: int
+    depth: int  # bracket depth at the token
+
+
+_WORD = re.compile(rb"[A-Za-z_][A-Za-z0-9_$]*")
+_NUMBER = re.compile(rb"[0-9][0-9A-Za-z_.]*")
+_SPACE = b" \t\r\n\f\v"
+
+
+def tokens(buf: bytes, start: int = 0) -> Iterator[Token]:
+    """Lazily, so an INSERT's binary data after its FORMAT clause is never scanned."""
+    i, n, depth = start, len(buf), 0
+    while i < n:
+        c = buf[i : i + 1]
+        if c in (b" ", b"\t", b"\r", b"\n", b"\f", b"\v"):
+            i += 1
+        elif buf.startswith(b"--", i) or buf.startswith(b"# ", i) or buf.startswith(b"#!", i):
+            j = buf.find(b"\n", i)
+            i = n if j < 0 else j + 1
+        elif buf.startswith(b"/*", i):
+            j = buf.find(b"*/", i + 2)
+            i = n if j < 0 else j + 2
+        elif c in (b"'", b'"', b"`"):
+            j = i + 1
+            while j < n:
+                d = buf[j : j + 1]
+                if d == b"\\":
+                    j += 2
+                    continue
+                if d == c:
+                    if buf[j + 1 : j + 2] == c:  # doubled quote
+                        j += 2
+                        continue
+                    break
+                j += 1
+            yield Token("string" if c == b"'" else "ident", i, min(j + 1, n), depth)
+            i = j + 1
+        elif c in (b"(", b"["):
+            yield Token("punct", i, i + 1, depth)
+            depth += 1
+            i += 1
+        elif c in (b")", b"]"):
+            depth = max(0, depth - 1)
+            yield Token("punct", i, i + 1, depth)
+            i += 1
+        elif (m := _WORD.match(buf, i)) is not None:
+            yield Token("word", i, m.end(), depth)
+            i = m.end()
+        elif (m := _NUMBER.match(buf, i)) is not None:
+            yield Token("number", i, m.end(), depth)
+            i = m.end()
+        else:
+            yield Token("punct", i, i + 1, depth)
+            i += 1
+
+
+def _word(buf: bytes, tok: Token | None) -> str:
+    return buf[tok.start : tok.end].decode("ascii").upper() if tok is not None and tok.kind == "word" else ""
+
+
+@dataclass
+class Statement:
+    """What the HTTP layer needs to know about one statement before the engine sees it."""
+
+    kind: str = ""
+    output_format: str | None = None  # from a trailing FORMAT clause (non-INSERT)
+    insert_head: bytes | None = None  # INSERT with inline data: the SQL before FORMAT/VALUES
+    insert_format: str | None = None
+    data_offset: int = 0
+    assignments: list[tuple[str, str]] = field(default_factory=list)  # SET name = value
+    use_database: str | None = None
+
+
+def _data_start(buf: bytes, pos: int) -> int:
+    """ClickHouse: data starts after the newline, if there is one, or after all whitespace otherwise."""
+    n = len(buf)
+    while pos < n and buf[pos] in _SPACE:
+        if buf[pos] == 0x0A:
+            return pos + 1
+        pos += 1
+    return pos
+
+
+def analyze(buf: bytes) -> Statement:
+    stream = tokens(buf)
+    first = next(stream, None)
+    if first is None:
+        return Statement()
+    # "(SELECT ...) UNION ALL ..." starts with a bracket
+    opens_bracket = first.kind == "punct" and buf[first.start : first.end] == b"("
+    stmt = Statement(kind="SELECT" if opens_bracket else _word(buf, first))
+    kind = stmt.kind
+    if kind == "INSERT":
+        prev: Token | None = None
+        for tok in stream:
+            word = _word(buf, tok) if tok.depth == 0 else ""
+            if word in ("SELECT", "WITH"):
+                return stmt
+            if word == "VALUES" and _word(buf, prev) != "FORMAT":
+                stmt.insert_head, stmt.insert_format, stmt.data_offset = buf[: tok.start], "Values", tok.end
+                return stmt
+            if word == "FORMAT":
+                name = next(stream, None)
+                if name is not None and name.kind == "word":
+                    stmt.insert_head = buf[: tok.start]
+                    stmt.insert_format = buf[name.start : name.end].decode("ascii")
+                    stmt.data_offset = _data_start(buf, name.end)
+                    return stmt
+            prev = tok
+        return stmt
+    rest = [t for t in stream if t.depth == 0]
+    if kind == "SET":
+        stmt.assignments = _assignments(buf, rest)
+    elif kind == "USE" and rest:
+        stmt.use_database = buf[rest[0].start : rest[-1].end].decode().rstrip(";").strip()
+    for i, tok in enumerate(rest[:-1]):
+        if _word(buf, tok) != "FORMAT" or rest[i + 1].kind != "word":
+            continue
+        after = rest[i + 2] if i + 2 < len(rest) else None
+        if after is None or buf[after.start : after.end] == b";" or _word(buf, after) == "SETTINGS":
+            stmt.output_format = buf[rest[i + 1].start : rest[i + 1].end].decode("ascii")
+    return stmt
+
+
+def _assignments(buf: bytes, toks: list[Token]) -> list[tuple[str, str]]:
+    """``SET a = 1, b = 'x'`` -> [(a, "1"), (b, "'x'")], values kept as SQL literals."""
+    out: list[tuple[str, str]] = []
+    groups: list[list[Token]] = [[]]
+    for tok in toks:
+        text = buf[tok.start : tok.end]
+        if tok.kind == "punct" and text == b",":
+            groups.append([])
+        elif not (tok.kind == "punct" and text == b";"):
+            groups[-1].append(tok)
+    for group in groups:
+        if len(group) >= 3 and buf[group[1].start : group[1].end] == b"=":
+            name = buf[group[0].start : group[0].end].decode()
+            value = buf[group[2].start : group[-1].end].decode()
+            out.append((name, value))
+    return out
+
+
+def quote_literal(value: str) -> str:
+    """Setting values from URLs are text; quoting always is safe (ClickHouse converts them)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+_IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def quote_identifier(name: str) -> str:
+    return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"
+
+
+# -- the engine --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    data: bytes
+    read_rows: int = 0
+    read_bytes: int = 0
+    written_rows: int = 0
+    written_bytes: int = 0
+    result_rows: int = 0
+    result_bytes: int = 0
+    elapsed_ns: int = 0
+
+
+class Engine:
+    """The process's only chdb connection, used under one lock.
+
+    Per request, inside the lock: ``USE`` the request's database and bring the connection's
+    settings to exactly the request's (setting what differs, resetting what the previous request
+    changed to DEFAULT). clickhouse-connect sends the same few settings on every call, so in the
+    steady state this costs one ``USE`` (~0.1 ms).
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        from chdb.state import sqlitelike
+
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self._conn: Any = sqlitelike.connect(str(data_dir))
+        self._lock = threading.Lock()
+        self._applied: dict[str, str] = {}
+        self.closed = False
+        head = self._query_text("SELECT version(), timezone()").split("\t")
+        self.version, self.timezone = head[0], head[1] if len(head) > 1 else "UTC"
+        self.setting_names = set(self._query_text("SELECT name FROM system.settings").split("\n"))
+
+    def _query_text(self, sql: str) -> str:
+        return bytes(self._conn.query(sql, "TabSeparated").bytes()).decode().strip()
+
+    def _prepare(self, database: str, settings: dict[str, str]) -> None:
+        """Runs under the lock: the connection's state becomes this request's."""
+        try:
+            self._conn.query(f"USE {quote_identifier(database)}", "TabSeparated")
+        except Exception as exc:
+            raise ClickHouseError.from_engine(exc) from None
+        for name in [n for n in self._applied if n not in settings]:
+            with contextlib.suppress(Exception):
+                self._conn.query(f"SET {name} = DEFAULT", "TabSeparated")
+            del self._applied[name]
+        for name, literal in settings.items():
+            if self._applied.get(name) == literal:
+                continue
+            self._applied.pop(name, None)
+            try:
+                self._conn.query(f"SET {name} = {literal}", "TabSeparated")
+            except Exception as exc:
+                raise ClickHouseError.from_engine(exc) from None
+            self._applied[name] = literal
+
+    def check_settings(self, names: list[str]) -> None:
+        for name in names:
+            if not _IDENT_RE.match(name) or name not in self.setting_names:
+                raise ch_error(115, "UNKNOWN_SETTING", f"Unknown setting '{name}'")
+
+    def _guard(self) -> None:
+        if self.closed:
+            raise ch_error(210, "NETWORK_ERROR", "Server is shutting down")
+
+    def query(self, sql: str, fmt: str, database: str, settings: dict[str, str], params: dict[str, str]) -> Outcome:
+        with self._lock:
+            self._guard()
+            self._prepare(database, settings)
+            try:
+                res = self._conn.query(sql, fmt, params=params)
+            except Exception as exc:
+                raise ClickHouseError.from_engine(exc) from None
+        data = bytes(res.bytes()) if res.size() else b""
+        return Outcome(
+            data=data,
+            read_rows=res.storage_rows_read(),
+            read_bytes=res.storage_bytes_read(),
+            written_rows=res.rows_written(),
+            written_bytes=res.bytes_written(),
+            result_rows=res.rows_read(),
+            result_bytes=len(data),
+            elapsed_ns=int(res.elapsed() * 1e9),
+        )
+
+    def insert(self, head: str, fmt: str, data: bytes, database: str, settings: dict[str, str]) -> Outcome:
+        """Stream inline INSERT data into the engine's own input-format parser."""
+        with self._lock:
+            self._guard()
+            self._prepare(database, settings)
+            try:
+                inserter = self._conn.send_insert(head, fmt)
+            except Exception as exc:
+                raise ClickHouseError.from_engine(exc) from None
+            try:
+                if data:
+                    inserter.append(data)
+                res = inserter.finish()
+            except Exception as exc:
+                with contextlib.suppress(Exception):
+                    inserter.cancel()
+                raise ClickHouseError.from_engine(exc) from None
+        return Outcome(
+            data=b"",
+            written_rows=res.rows_written,
+            written_bytes=res.bytes_written,
+            result_rows=res.rows_written,
+            result_bytes=res.bytes_written,
+            elapsed_ns=int(res.elapsed * 1e9),
+        )
+
+    def use(self, database: str, statement: str) -> str:
+        """Validate ``USE x`` and return the database it names, for the session to remember."""
+        with self._lock:
+            self._guard()
+            try:
+                self._conn.query(statement, "TabSeparated")
+                return self._query_text("SELECT currentDatabase()")
+            except Exception as exc:
+                raise ClickHouseError.from_engine(exc) from None
+
+    def set(self, assignments: list[tuple[str, str]], database: str, settings: dict[str, str]) -> None:
+        """Validate ``SET`` values by applying them (the state is reconciled on the next request)."""
+        self.check_settings([name for name, _ in assignments])
+        merged = dict(settings)
+        merged.update(assignments)
+        with self._lock:
+            self._guard()
+            self._prepare(database, merged)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Wait for the running statement, then release the data directory for the next start."""
+        got = self._lock.acquire(timeout=timeout)
+        try:
+            if not self.closed:
+                self.closed = True
+                self._conn.close()
+        finally:
+            if got:
+                self._lock.release()
+
+
+# -- sessions ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Session:
+    database: str | None = None
+    settings: dict[str, str] = field(default_factory=dict)
+    timeout: float = 60.0
+    last_used: float = field(default_factory=time.monotonic)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Sessions:
+    """``session_id`` state: the database chosen by USE and settings chosen by SET.
+
+    Temporary tables are not per-session (one engine connection serves everyone).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: dict[str, Session] = {}
+
+    def acquire(self, session_id: str, timeout: float, check: bool) -> Session:
+        now = time.monotonic()
+        with self._lock:
+            for key in [k for k, s in self._items.items() if now - s.last_used > s.timeout]:
+                if not self._items[key].lock.locked():
+                    del self._items[key]
+            session = self._items.get(session_id)
+            if session is None:
+                if check:
+                    raise ch_error(372, "SESSION_NOT_FOUND", f"Session {session_id} not found")
+                session = self._items[session_id] = Session(timeout=timeout)
+            session.timeout, session.last_used = timeout, now
+        if not session.lock.acquire(blocking=False):
+            raise ch_error(373, "SESSION_IS_LOCKED", f"Session {session_id} is locked by a concurrent client")
+        return session
+
+    @staticmethod
+    def release(session: Session) -> None:
+        session.last_used = time.monotonic()
+        session.lock.release()
+
+
+# -- HTTP -------------------------------------------------------------------------------------------
+
+
+def decompress_body(data: bytes, encoding: str) -> bytes:
+    """Request ``Content-Encoding``: clickhouse-connect sends one lz4/zstd frame per block."""
+    encoding = encoding.strip().lower()
+    if not encoding or encoding == "identity" or not data:
+        return data
+    try:
+        if encoding == "lz4" and lz4_frame is not None:
+            parts = []
+            while data:
+                dec = lz4_frame.LZ4FrameDecompressor()
+                parts.append(dec.decompress(data))
+                data = dec.unused_data if dec.eof else b""
+            return b"".join(parts)
+        if encoding == "zstd" and zstd is not None:
+            return bytes(zstd.decompress(data))
+        if encoding in ("gzip", "x-gzip"):
+            return gzip.decompress(data)
+        if encoding == "deflate":
+            return zlib.decompress(data)
+        if encoding == "br" and brotli is not None:
+            return bytes(brotli.decompress(data))
+    except Exception as exc:
+        raise ch_error(432, "UNKNOWN_CODEC", f"Cannot decompress {encoding} request body: {exc}") from None
+    raise ch_error(432, "UNKNOWN_CODEC", f"Unknown HTTP content encoding '{encoding}'")
+
+
+def compress_body(data: bytes, accept: str) -> tuple[bytes, str | None]:
+    """Pick the client's first offered encoding that we have, in its order of preference."""
+    for raw in accept.split(","):
+        enc = raw.split(";")[0].strip().lower()
+        if enc == "lz4" and lz4_frame is not None:
+            return lz4_frame.compress(data), enc
+        if enc == "zstd" and zstd is not None:
+            return bytes(zstd.compress(data)), enc
+        if enc == "gzip":
+            return gzip.compress(data, compresslevel=3), enc
+        if enc == "deflate":
+            return zlib.compress(data, 3), enc
+        if enc == "br" and brotli is not None:
+            return bytes(brotli.compress(data, quality=3)), enc
+    return data, None
+
+
+def content_type(fmt: str) -> str:
+    upper = fmt.upper()
+    if upper.startswith(("TABSEPARATED", "TSV")):
+        return "text/tab-separated-values; charset=UTF-8"
+    if upper.startswith("CSV"):
+        return "text/csv; charset=UTF-8; header=absent"
+    if upper.startswith("JSON"):
+        return "application/json; charset=UTF-8"
+    if upper.startswith(("NATIVE", "ROWBINARY", "PARQUET", "ARROW", "ORC", "AVRO", "MSGPACK", "PROTOBUF")):
+        return "application/octet-stream"
+    return "text/plain; charset=UTF-8"
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes")
+
+
+class ClickHouseHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], engine: Engine, user: str, password: str) -> None:
+        super().__init__(address, Handler)
+        self.engine = engine
+        self.user = user
+        self.password = password
+        self.sessions = Sessions()
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: clickhouse-connect pools its connections
+    timeout = 300  # an idle keep-alive connection is closed after this (urllib3 notices and reconnects)
+    server: ClickHouseHTTPServer
+    wbufsize = 1 << 16  # headers and a small body leave in one segment
+    server_version = "ClickHouse"
+    sys_version = ""
+
+    def setup(self) -> None:
+        super().setup()
+        # Without it, Nagle's algorithm meets the client's delayed ACK: +40 ms on every small response.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Our own one-line request log replaces http.server's."""
+
+    def handle_expect_100(self) -> bool:
+        """curl sends ``Expect: 100-continue`` for big uploads; our buffered writer must flush it."""
+        ok = super().handle_expect_100()
+        self.wfile.flush()
+        return ok
+
+    def do_GET(self) -> None:
+        self._handle()
+
+    def do_POST(self) -> None:
+        self._handle()
+
+    def do_HEAD(self) -> None:
+        self._send(200, b"", {"Content-Type": "text/html; charset=UTF-8"}, head_only=True)
+
+    # -- plumbing --------------------------------------------------------------------------------
+    def _read_body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            parts = []
+            while True:
+                size_line = self.rfile.readline(65537)
+                size = int(size_line.split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    break
+                parts.append(self.rfile.read(size))
+                self.rfile.readline(3)
+            return b"".join(parts)
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length > 0 else b""
+
+    def _send(self, status: int, body: bytes, headers: dict[str, str], head_only: bool = False) -> None:
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("X-ClickHouse-Server-Display-Name", DISPLAY_NAME)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Keep-Alive", f"timeout={self.timeout}")
+        self.end_headers()
+        if body and not head_only:
+            self.wfile.write(body)
+        self.wfile.flush()
+
+    def _log(self, status: int, started: float, query: bytes, outcome: Outcome | None, err: str = "") -> None:
+        stmt = analyze(query[:4096])
+        if stmt.insert_head is not None:  # never the inline data, which may be binary
+            tail = "VALUES ..." if stmt.insert_format == "Values" else f"FORMAT {stmt.insert_format}"
+            query = stmt.insert_head + tail.encode()
+        text = query[:160].decode("utf-8", "replace")
+        text = " ".join(text.split()).replace('"', "'")
+        rows = (outcome.written_rows or outcome.result_rows) if outcome else 0
+        line = (
+            f"ts={time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} method={self.command} "
+            f"path={urlsplit(self.path).path} status={status} rows={rows} "
+            f'ms={(time.perf_counter() - started) * 1000:.1f} query="{text}"'
+        )
+        if err:
+            line += f' error="{err}"'
+        print(line, flush=True)
+
+    # -- one request -----------------------------------------------------------------------------
+    def _handle(self) -> None:
+        started = time.perf_counter()
+        url = urlsplit(self.path)
+        if url.path in ("/ping", "/replicas_status"):
+            self._read_body()
+            self._send(200, b"Ok.\n", {"Content-Type": "text/html; charset=UTF-8"})
+            return
+        if url.path != "/":
+            self._read_body()
+            self._send(404, f"There is no handle {url.path}\n".encode(), {"Content-Type": "text/plain"})
+            return
+        params = dict(parse_qsl(url.query, keep_blank_values=True))
+        query_id = params.get("query_id") or str(uuid.uuid4())
+        base_headers = {"X-ClickHouse-Query-Id": query_id, "X-ClickHouse-Timezone": self.server.engine.timezone}
+        sql = b""
+        session: Session | None = None
+        try:
+            body = self._read_body()
+            if self.command == "GET" and "query" not in params and not body:
+                self._send(200, b"Ok.\n", {"Content-Type": "text/html; charset=UTF-8"})
+                return
+            self._authenticate(params)
+            if _truthy(params.get("decompress")):
+                raise ch_error(48, "NOT_IMPLEMENTED", "ClickHouse-compressed request bodies (decompress=1)")
+            body = decompress_body(body, self.headers.get("Content-Encoding", ""))
+            head = params.get("query", "").encode()
+            sql = head + b"\n" + body if head and body else head or body
+            if session_id := params.get("session_id"):
+                session = self.server.sessions.acquire(
+                    session_id, float(params.get("session_timeout") or 60), _truthy(params.get("session_check"))
+                )
+            outcome, headers = self._execute(sql, params, session)
+        except (ClickHouseError, ValueError, OSError) as caught:
+            # ValueError/OSError: a malformed request body (bad chunk size, truncated upload...).
+            exc = caught if isinstance(caught, ClickHouseError) else ClickHouseError.from_engine(caught)
+            status = exc.http_status
+            headers = {
+                **base_headers,
+                "Content-Type": "text/plain; charset=UTF-8",
+                "X-ClickHouse-Exception-Code": str(exc.code),
+            }
+            if not isinstance(caught, ClickHouseError):
+                self.close_connection = True  # the request stream is out of step: do not reuse it
+                headers["Connection"] = "close"
+            with contextlib.suppress(OSError):
+                self._send(status, exc.body(self.server.engine.version), headers)
+            self._log(status, started, sql, None, exc.name)
+            return
+        finally:
+            if session is not None:
+                Sessions.release(session)
+        data = outcome.data
+        summary = {
+            "read_rows": str(outcome.read_rows),
+            "read_bytes": str(outcome.read_bytes),
+            "written_rows": str(outcome.written_rows),
+            "written_bytes": str(outcome.written_bytes),
+            "total_rows_to_read": str(outcome.read_rows),
+            "result_rows": str(outcome.result_rows),
+            "result_bytes": str(outcome.result_bytes),
+            "elapsed_ns": str(outcome.elapsed_ns),
+        }
+        headers.update(base_headers)
+        headers["X-ClickHouse-Summary"] = json.dumps(summary, separators=(",", ":"))
+        # enable_http_compression defaults to 1 in this engine version, as on a current server.
+        if data and _truthy(params.get("enable_http_compression", "1")):
+            data, encoding = compress_body(data, self.headers.get("Accept-Encoding", ""))
+            if encoding:
+                headers["Content-Encoding"] = encoding
+        self._send(200, data, headers)
+        self._log(200, started, sql, outcome)
+
+    def _authenticate(self, params: dict[str, str]) -> None:
+        user = params.get("user") or self.headers.get("X-ClickHouse-User")
+        password = params.get("password") or self.headers.get("X-ClickHouse-Key") or ""
+        auth = self.headers.get("Authorization", "")
+        if auth.lower().startswith("basic "):
+            with contextlib.suppress(ValueError):
+                decoded = base64.b64decode(auth[6:].strip()).decode()
+                basic_user, _, basic_password = decoded.partition(":")
+                user, password = user or basic_user, password or basic_password
+        user = user or "default"
+        if user != self.server.user or not hmac.compare_digest(password, self.server.password):
+            raise ch_error(
+                516,
+                "AUTHENTICATION_FAILED",
+                f"{user}: Authentication failed: password is incorrect, or there is no user with such name",
+            )
+
+    def _execute(self, sql: bytes, params: dict[str, str], session: Session | None) -> tuple[Outcome, dict]:
+        engine = self.server.engine
+        stmt = analyze(sql)
+        if not stmt.kind:
+            raise ch_error(62, "SYNTAX_ERROR", "Empty query")
+        if self.command == "GET" and stmt.kind not in READONLY_KINDS:
+            raise ch_error(
+                164,
+                "READONLY",
+                f"{self.server.user}: Cannot execute query in readonly mode. For queries over HTTP, "
+                "method GET implies readonly. You should use method POST for modifying queries",
+            )
+        database = (
+            params.get("database")
+            or self.headers.get("X-ClickHouse-Database")
+            or (session.database if session else None)
+            or "default"
+        )
+        url_settings = {
+            k: v for k, v in params.items() if k not in TRANSPORT_PARAMS and not k.startswith(("param_", "http_"))
+        }
+        engine.check_settings(list(url_settings))
+        settings = dict(session.settings) if session else {}
+        settings.update({k: quote_literal(v) for k, v in url_settings.items()})
+        headers: dict[str, str] = {}
+
+        if stmt.kind == "USE" and stmt.use_database is not None:
+            chosen = engine.use(database, sql.decode())
+            if session is not None:
+                session.database = chosen
+            return Outcome(data=b""), headers
+        if stmt.kind == "SET" and stmt.assignments:
+            engine.set(stmt.assignments, database, settings)
+            if session is not None:
+                session.settings.update(stmt.assignments)
+            return Outcome(data=b""), headers
+        query_params = {k[6:]: v for k, v in params.items() if k.startswith("param_")}
+        # VALUES with {name:Type} placeholders needs the parameters: only query() takes them.
+        inline_values_with_params = stmt.insert_format == "Values" and bool(query_params)
+        if stmt.insert_head is not None and stmt.insert_format is not None and not inline_values_with_params:
+            try:
+                head_sql = stmt.insert_head.decode()
+            except UnicodeDecodeError:
+                raise ch_error(62, "SYNTAX_ERROR", "INSERT statement is not valid UTF-8") from None
+            outcome = engine.insert(head_sql, stmt.insert_format, sql[stmt.data_offset :], database, settings)
+            return outcome, headers
+
+        fmt = stmt.output_format or params.get("default_format") or self.headers.get("X-ClickHouse-Format")
+        fmt = fmt or "TabSeparated"
+        try:
+            text = sql.decode()
+        except UnicodeDecodeError:
+            raise ch_error(62, "SYNTAX_ERROR", "Query is not valid UTF-8") from None
+        outcome = engine.query(text, fmt, database, settings, query_params)
+        if stmt.kind in RESULT_KINDS:
+            headers["X-ClickHouse-Format"] = fmt
+            headers["Content-Type"] = content_type(fmt)
+        else:
+            headers["Content-Type"] = "text/plain; charset=UTF-8"
+        return outcome, headers
+
+
+# -- entry point ------------------------------------------------------------------------------------
+
+
+def serve(host: str, port: int, data_dir: Path, user: str, password: str) -> None:
+    """Run until SIGTERM/SIGINT, then close chdb so the next start can open the directory."""
+    try:
+        engine = Engine(data_dir.resolve())
+    except RuntimeError as exc:
+        # chdb's only word for "another process has this directory open" is this generic error.
+        print(
+            f"event=failed data_dir={data_dir} error={str(exc)!r} hint='only one process may open a chdb "
+            "data directory: is another clickhouse_server (or chdb user) running on it?'",
+            flush=True,
+        )
+        raise SystemExit(1) from None
+    try:
+        server = ClickHouseHTTPServer((host, port), engine, user, password)
+    except OSError:
+        engine.close()  # port taken: leave the data directory clean for the next attempt
+        raise
+
+    def stop(signum: int, _frame: Any) -> None:
+        print(f"event=stopping signal={signal.Signals(signum).name}", flush=True)
+        # shutdown() waits for serve_forever, which runs in this (main) thread: call it from another.
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    print(
+        f"event=listening host={host} port={port} data_dir={data_dir} engine={engine.version} "
+        f"timezone={engine.timezone} pid={os.getpid()}",
+        flush=True,
+    )
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
+        engine.close()
+        print("event=stopped", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8123)
+    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--user", default="default")
+    args = parser.parse_args(argv)
+    # The password comes from the environment, never the command line (visible in ps).
+    serve(args.host, args.port, args.data_dir, args.user, os.environ.get(PASSWORD_ENV, ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
