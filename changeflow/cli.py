@@ -192,6 +192,7 @@ def report_drift(
 
 
 def _print_drift(rows: list[Any], format: Format) -> None:
+    from reports.drift import NOT_MAPPED
     if format is Format.json:
         print(json.dumps([r.as_dict() for r in rows], indent=2))
         return
@@ -200,11 +201,11 @@ def _print_drift(rows: list[Any], format: Format) -> None:
         table.add_column(col, justify="right" if col != "entity" else "left")
 
     def cell(v: int | None) -> str:
-        return "unreachable" if v is None else str(v)
+        return "unreachable" if v is None else ("n/a" if v == NOT_MAPPED else str(v))
 
     for r in rows:
         d = r.drift
-        table.add_row(r.entity, str(r.source), cell(r.clickhouse), cell(r.redis), cell(r.search),
+        table.add_row(r.entity, cell(r.source), cell(r.clickhouse), cell(r.redis), cell(r.search),
                       "[red]?[/]" if d is None else (f"[green]{d}[/]" if d == 0 else f"[red]{d}[/]"))
     console.print(table)
 
@@ -252,9 +253,7 @@ def demo(
         waiting = progress.add_task("waiting for the derived stores")
         while time.monotonic() < deadline:
             rows = drift(s)
-            summary = ", ".join(
-                f"{r.entity}: pg={r.source} ch={r.clickhouse} redis={r.redis} search={r.search}" for r in rows
-            )
+            summary = ", ".join(f"{r.entity} drift={r.drift}" for r in rows)
             progress.update(waiting, description=f"stores catching up: {summary}")
             if all(r.drift == 0 for r in rows):
                 break

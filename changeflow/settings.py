@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     worker_web_host: str = "127.0.0.1"
     worker_web_port: int = 6066
     topic_prefix: str = "commerce"
+    # Debezium MongoDB topic prefix: changes of users.users arrive on `<prefix>.users.users`.
+    mongodb_topic_prefix: str = "users"
     canonical_topic_prefix: str = "changeflow"
     dlq_topic: str = "changeflow.dlq"
     sink_batch_size: int = 5000

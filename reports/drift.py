@@ -21,28 +21,32 @@ if TYPE_CHECKING:
     from changeflow.settings import Settings
 
 STORES = ("clickhouse", "redis", "search")
+NOT_MAPPED = -1  # the entity has no mapping to that store
 
 
 @dataclass(frozen=True)
 class DriftRow:
     entity: str
-    source: int
+    source: int | None
     clickhouse: int | None
     redis: int | None
     search: int | None
 
     @property
     def drift(self) -> int | None:
-        """The largest count difference between the source and any store; None if a store is unreachable."""
-        counts = (self.clickhouse, self.redis, self.search)
-        if any(c is None for c in counts):
+        """The largest count difference between the source and a store; None if one is unreachable."""
+        counts = [c for c in (self.clickhouse, self.redis, self.search) if c != NOT_MAPPED]
+        if self.source is None or any(c is None for c in counts):
             return None
-        return max(abs(c - self.source) for c in counts if c is not None)
+        return max((abs(c - self.source) for c in counts if c is not None), default=0)
 
     def as_dict(self) -> dict[str, int | str | None]:
+        def shown(count: int | None) -> int | str | None:
+            return "n/a" if count == NOT_MAPPED else count
+
         return {
-            "entity": self.entity, "source": self.source, "clickhouse": self.clickhouse,
-            "redis": self.redis, "search": self.search, "drift": self.drift,
+            "entity": self.entity, "source": self.source, "clickhouse": shown(self.clickhouse),
+            "redis": shown(self.redis), "search": shown(self.search), "drift": self.drift,
         }
 
 
@@ -87,17 +91,20 @@ def search_count(settings: Settings, index: str) -> int | None:
 
 
 def drift(settings: Settings, entities: list[str] | None = None) -> list[DriftRow]:
+    """Entities whose source runs here (PostgreSQL; MongoDB only where configured)."""
     rows = []
     for name, spec in ENTITIES.items():
         if entities and name not in entities:
             continue
+        if spec.source != "postgres" and not entities:
+            continue
         rows.append(
             DriftRow(
                 entity=name,
-                source=source_count(settings, spec.source_table),
+                source=source_count(settings, spec.source_table) if spec.source == "postgres" else None,
                 clickhouse=clickhouse_count(settings, name),
-                redis=redis_count(settings, spec.redis_prefix),
-                search=search_count(settings, spec.search_index),
+                redis=NOT_MAPPED if spec.redis_prefix is None else redis_count(settings, spec.redis_prefix),
+                search=NOT_MAPPED if spec.search_index is None else search_count(settings, spec.search_index),
             )
         )
     return rows

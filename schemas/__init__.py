@@ -33,13 +33,30 @@ class SchemaVersion:
     path: Path
     parsed: Any
     fingerprint: bytes
+    # Row fields typed `{"type": "string", "logicalType": "json"}`: free-form JSON (jsonb, sub-documents)
+    # carried as JSON text on the wire and as Python values everywhere else.
+    json_fields: frozenset[str] = frozenset()
+
+
+def _json_fields(raw: dict[str, Any]) -> frozenset[str]:
+    names: set[str] = set()
+    for f in raw.get("fields", []):
+        if f["name"] != "before":
+            continue
+        for branch in f["type"] if isinstance(f["type"], list) else [f["type"]]:
+            if isinstance(branch, dict) and branch.get("type") == "record":
+                for col in branch["fields"]:
+                    types = col["type"] if isinstance(col["type"], list) else [col["type"]]
+                    if any(isinstance(t, dict) and t.get("logicalType") == "json" for t in types):
+                        names.add(col["name"])
+    return frozenset(names)
 
 
 def _load(path: Path) -> SchemaVersion:
     raw = json.loads(path.read_text())
     parsed = parse_schema(raw)
     fp = bytes.fromhex(fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO"))
-    return SchemaVersion(path.parent.name, int(path.stem.lstrip("v")), path, parsed, fp)
+    return SchemaVersion(path.parent.name, int(path.stem.lstrip("v")), path, parsed, fp, _json_fields(raw))
 
 
 @cache
@@ -66,8 +83,20 @@ def latest(entity: str) -> SchemaVersion:
         raise UnknownSchemaError(f"no schema for entity {entity!r} under {SCHEMA_DIR}") from None
 
 
+def _map_json(row: dict[str, Any] | None, fields: frozenset[str], fn: Any) -> dict[str, Any] | None:
+    if row is None or not fields:
+        return row
+    return {k: (fn(v) if k in fields and v is not None else v) for k, v in row.items()}
+
+
 def encode(entity: str, record: dict[str, Any]) -> bytes:
     sv = latest(entity)
+    if sv.json_fields:
+        record = {
+            **record,
+            "before": _map_json(record.get("before"), sv.json_fields, _dump_json),
+            "after": _map_json(record.get("after"), sv.json_fields, _dump_json),
+        }
     buf = io.BytesIO()
     buf.write(MAGIC)
     buf.write(sv.fingerprint)
@@ -83,5 +112,16 @@ def decode(data: bytes) -> tuple[SchemaVersion, dict[str, Any]]:
     if sv is None:
         raise UnknownSchemaError(f"unknown schema fingerprint {data[2:10].hex()}")
     reader = latest(sv.entity)
-    record = fastavro.schemaless_reader(io.BytesIO(data[10:]), sv.parsed, reader.parsed)
-    return sv, record  # type: ignore[return-value]
+    record: dict[str, Any] = fastavro.schemaless_reader(  # type: ignore[assignment]
+        io.BytesIO(data[10:]), sv.parsed, reader.parsed
+    )
+    if reader.json_fields:
+        record["before"] = _map_json(record.get("before"), reader.json_fields, json.loads)
+        record["after"] = _map_json(record.get("after"), reader.json_fields, json.loads)
+    return sv, record
+
+
+def _dump_json(value: Any) -> str:
+    from streams.json import dumps
+
+    return dumps(value).decode()

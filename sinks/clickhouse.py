@@ -55,6 +55,13 @@ def changelog_ddl(database: str) -> str:
     )
 
 
+def _column_value(value: Any) -> Any:
+    """Free-form JSON (jsonb, sub-documents) is stored as JSON text; everything else as typed."""
+    if isinstance(value, dict | list):
+        return json.dumps(value).decode()
+    return value
+
+
 class ClickHouseSink:
     name = "clickhouse"
 
@@ -88,7 +95,7 @@ class ClickHouseSink:
         for record in records:
             spec = ENTITIES[record.entity]
             image = record.after if record.after is not None else (record.before or {})
-            row = [image.get(col) for col in spec.clickhouse_columns]
+            row = [_column_value(image.get(col)) for col in spec.clickhouse_columns]
             if row[0] is None:
                 row[0] = record.key
             row += [record.version, 1 if record.is_delete else 0, record.ts_ms, now]

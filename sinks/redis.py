@@ -73,7 +73,8 @@ class RedisSink:
     def write_batch(self, records: Sequence[ChangeRecord]) -> None:
         by_entity: dict[str, list[ChangeRecord]] = {}
         for record in records:
-            by_entity.setdefault(record.entity, []).append(record)
+            if ENTITIES[record.entity].redis_prefix is not None:
+                by_entity.setdefault(record.entity, []).append(record)
         try:
             pipe = self.client.pipeline(transaction=False)
             for entity, group in by_entity.items():

@@ -67,6 +67,7 @@ class SearchSink:
         return self._client
 
     def _create_index(self, spec: EntitySpec) -> None:
+        assert spec.search_index is not None
         settings = {"index": {"gc_deletes": GC_DELETES, "number_of_replicas": 0, "refresh_interval": "1s"}}
         client = self.client
         if client.indices.exists(index=spec.search_index):
@@ -80,7 +81,8 @@ class SearchSink:
     def setup(self) -> None:
         try:
             for spec in ENTITIES.values():
-                self._create_index(spec)
+                if spec.search_index is not None:
+                    self._create_index(spec)
         except Exception as exc:
             if _status(exc) == 400 and "resource_already_exists" in str(exc):
                 return
@@ -89,6 +91,8 @@ class SearchSink:
     def _actions(self, records: Sequence[ChangeRecord]) -> Iterator[dict[str, Any]]:
         for record in records:
             spec = ENTITIES[record.entity]
+            if spec.search_index is None:
+                continue
             action: dict[str, Any] = {
                 "_index": spec.search_index,
                 "_id": record.key,

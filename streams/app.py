@@ -16,7 +16,8 @@ import faust
 
 import schemas
 from streams.debezium import decode_postgres
-from streams.entities import ENTITIES, POSTGRES_ENTITIES
+from streams.entities import ENTITIES, MONGODB_ENTITIES, POSTGRES_ENTITIES
+from streams.mongodb import decode_mongodb
 from streams.records import ChangeRecord, DeadLetter
 
 if TYPE_CHECKING:
@@ -27,8 +28,15 @@ log = logging.getLogger("changeflow.streams")
 CANONICAL_PARTITIONS = 3
 
 
+def raw_topics(settings: Settings) -> dict[str, str]:
+    """Debezium's raw topic → the source flavour whose envelope it carries."""
+    topics = {f"{settings.topic_prefix}.public.{table}": "postgres" for table in POSTGRES_ENTITIES}
+    topics.update({f"{settings.mongodb_topic_prefix}.users.{c}": "mongodb" for c in MONGODB_ENTITIES})
+    return topics
+
+
 def raw_topic_names(settings: Settings) -> list[str]:
-    return [f"{settings.topic_prefix}.public.{table}" for table in POSTGRES_ENTITIES]
+    return list(raw_topics(settings))
 
 
 def canonical_topic_name(settings: Settings, entity: str) -> str:
@@ -88,18 +96,22 @@ def create_app(settings: Settings) -> faust.App:
     }
     dlq = app.topic(settings.dlq_topic, key_type=bytes, value_type=bytes, partitions=1)
 
+    flavours = raw_topics(settings)
+
     @app.agent(raw)
     async def decode(stream: Any) -> None:
         async for event in stream.events():
             msg = event.message
-            result = decode_postgres(
-                event.value,
-                topic=msg.topic,
-                partition=msg.partition,
-                offset=msg.offset,
-                raw_key=event.key,
-                entities=POSTGRES_ENTITIES,
-            )
+            if flavours.get(msg.topic) == "mongodb":
+                result = decode_mongodb(
+                    event.value, topic=msg.topic, partition=msg.partition, offset=msg.offset,
+                    raw_key=event.key, entities=MONGODB_ENTITIES,
+                )
+            else:
+                result = decode_postgres(
+                    event.value, topic=msg.topic, partition=msg.partition, offset=msg.offset,
+                    raw_key=event.key, entities=POSTGRES_ENTITIES,
+                )
             if isinstance(result, ChangeRecord):
                 await canonical[result.entity].send(key=result.kafka_key.encode(), value=to_avro(result))
             elif isinstance(result, DeadLetter):

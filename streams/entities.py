@@ -20,15 +20,18 @@ Row = dict[str, Any]
 
 @dataclass(frozen=True)
 class EntitySpec:
+    """An entity's canonical shape and where it lands; a store it has no mapping for is left alone."""
+
     name: str
     source: str
     source_table: str
     transform: Callable[[Row], Row]
-    # Fields that never leave the stream (secrets, internal notes).
+    # Fields that never leave the stream (secrets, internal notes): the one declared filtering policy.
     dropped_fields: frozenset[str]
-    redis_prefix: str
-    search_index: str
-    search_text_fields: tuple[str, ...]
+    # Redis key prefix (`<prefix>:<key>`), or None when the entity is not cached.
+    redis_prefix: str | None
+    # Search index name, or None when the entity is not searchable.
+    search_index: str | None
     search_mappings: dict[str, Any]
     # ClickHouse columns of `changeflow.<entity>` (name → type), in order; the key column first.
     clickhouse_columns: dict[str, str] = field(default_factory=dict)
@@ -36,6 +39,17 @@ class EntitySpec:
 
     def redis_key(self, key: str) -> str:
         return f"{self.redis_prefix}:{key}"
+
+    @property
+    def key_column(self) -> str:
+        return next(iter(self.clickhouse_columns))
+
+
+def drop_fields(dropped: frozenset[str]) -> Callable[[Row], Row]:
+    def transform(row: Row) -> Row:
+        return {k: v for k, v in row.items() if k not in dropped}
+
+    return transform
 
 
 PRODUCT_DROPPED = frozenset({"internal_notes"})
@@ -60,7 +74,6 @@ PRODUCTS = EntitySpec(
     dropped_fields=PRODUCT_DROPPED,
     redis_prefix="product",
     search_index="products",
-    search_text_fields=("name", "description", "sku"),
     search_mappings={
         "properties": {
             "id": {"type": "long"},
@@ -85,5 +98,102 @@ PRODUCTS = EntitySpec(
     },
 )
 
-ENTITIES: dict[str, EntitySpec] = {spec.name: spec for spec in (PRODUCTS,)}
+ORDERS = EntitySpec(
+    name="orders",
+    source="postgres",
+    source_table="orders",
+    transform=drop_fields(frozenset()),
+    dropped_fields=frozenset(),
+    redis_prefix="order",
+    search_index="orders",
+    search_mappings={
+        "properties": {
+            "id": {"type": "keyword"},
+            "user_id": {"type": "keyword"},
+            "status": {"type": "keyword"},
+            "total_amount": {"type": "scaled_float", "scaling_factor": 100},
+            "items": {"type": "object", "enabled": False},
+            "created_at": {"type": "date"},
+            "updated_at": {"type": "date"},
+        }
+    },
+    clickhouse_columns={
+        "id": "String",
+        "user_id": "Nullable(String)",
+        "status": "Nullable(String)",
+        "total_amount": "Nullable(Decimal(12, 2))",
+        "items": "Nullable(String)",
+        "created_at": "Nullable(DateTime64(6, 'UTC'))",
+        "updated_at": "Nullable(DateTime64(6, 'UTC'))",
+    },
+)
+
+PAYMENTS = EntitySpec(
+    name="payments",
+    source="postgres",
+    source_table="payments",
+    transform=drop_fields(frozenset()),
+    dropped_fields=frozenset(),
+    redis_prefix=None,
+    search_index=None,
+    search_mappings={},
+    clickhouse_columns={
+        "id": "String",
+        "order_id": "Nullable(String)",
+        "amount": "Nullable(Decimal(12, 2))",
+        "status": "Nullable(String)",
+        "provider_ref": "Nullable(String)",
+        "created_at": "Nullable(DateTime64(6, 'UTC'))",
+    },
+)
+
+REFUNDS = EntitySpec(
+    name="refunds",
+    source="postgres",
+    source_table="refunds",
+    transform=drop_fields(frozenset()),
+    dropped_fields=frozenset(),
+    redis_prefix=None,
+    search_index=None,
+    search_mappings={},
+    clickhouse_columns={
+        "id": "String",
+        "payment_id": "Nullable(String)",
+        "order_id": "Nullable(String)",
+        "amount": "Nullable(Decimal(12, 2))",
+        "reason": "Nullable(String)",
+        "created_at": "Nullable(DateTime64(6, 'UTC'))",
+    },
+)
+
+USERS_DROPPED = frozenset({"hashed_password"})
+
+USERS = EntitySpec(
+    name="users",
+    source="mongodb",
+    source_table="users",
+    transform=drop_fields(USERS_DROPPED),
+    dropped_fields=USERS_DROPPED,
+    redis_prefix="user",
+    search_index="users",
+    search_mappings={
+        "properties": {
+            "id": {"type": "keyword"},
+            "email": {"type": "keyword", "fields": {"text": {"type": "text"}}},
+            "name": {"type": "text", "fields": {"raw": {"type": "keyword"}}},
+            "status": {"type": "keyword"},
+            "profile": {"type": "object", "enabled": False},
+        }
+    },
+    clickhouse_columns={
+        "id": "String",
+        "email": "Nullable(String)",
+        "name": "Nullable(String)",
+        "status": "Nullable(String)",
+        "profile": "Nullable(String)",
+    },
+)
+
+ENTITIES: dict[str, EntitySpec] = {spec.name: spec for spec in (PRODUCTS, ORDERS, PAYMENTS, REFUNDS, USERS)}
 POSTGRES_ENTITIES = {spec.source_table: spec.transform for spec in ENTITIES.values() if spec.source == "postgres"}
+MONGODB_ENTITIES = {spec.source_table: spec.transform for spec in ENTITIES.values() if spec.source == "mongodb"}

@@ -27,6 +27,10 @@ class ChangeRecord:
     after: dict[str, Any] | None
     # Kafka position of the raw message this record came from (for logs and dead letters).
     origin: tuple[str, int, int] | None = field(default=None, compare=False)
+    # True when `after` holds only the fields this change touched (a MongoDB update that carries only
+    # updateDescription, or an update whose TOASTed columns were left out); the stream fills the rest
+    # from the last known state before any store sees it.
+    partial: bool = False
 
     @property
     def kafka_key(self) -> str:

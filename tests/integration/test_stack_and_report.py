@@ -66,8 +66,11 @@ def test_workload_ends_with_zero_drift_in_the_report(pipeline: Settings, sku_pre
 
     report = changeflow("report", "drift", "--format", "json")
     assert report.returncode == 0, report.stderr
-    parsed = json.loads(report.stdout)
-    assert parsed == [{"entity": "products", "source": count[0], "clickhouse": count[0], "redis": count[0],
-                       "search": count[0], "drift": 0}]
+    parsed = {row["entity"]: row for row in json.loads(report.stdout)}
+    assert set(parsed) == {"products", "orders", "payments", "refunds"}
+    assert parsed["products"] == {"entity": "products", "source": count[0], "clickhouse": count[0],
+                                  "redis": count[0], "search": count[0], "drift": 0}
+    assert parsed["payments"]["redis"] == "n/a" and parsed["payments"]["search"] == "n/a"
+    assert all(row["drift"] == 0 for row in parsed.values())
     with psycopg.connect(pipeline.pg_dsn, autocommit=True) as conn:
         conn.execute("DELETE FROM products WHERE sku LIKE %s", (f"{sku_prefix}-%",))
