@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from changeflow.commands import dlq as dlq_commands
 from changeflow.settings import Settings
 
 app = typer.Typer(help="changeflow: change data capture from PostgreSQL and MongoDB into Redis, search and ClickHouse.",
@@ -24,6 +25,7 @@ report_app = typer.Typer(help="Reports.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 app.add_typer(connectors_app, name="connectors")
 app.add_typer(report_app, name="report")
+app.add_typer(dlq_commands.app, name="dlq")
 
 # Piped output (CI logs, tests) must not be cut at 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 200)

@@ -16,7 +16,13 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from changeflow.settings import Settings
 from sinks import base as sink_base
 from sinks.runner import SinkRunner
-from streams.app import CANONICAL_PARTITIONS, canonical_topic_name, create_app, raw_topic_names
+from streams.app import (
+    CANONICAL_PARTITIONS,
+    canonical_topic_name,
+    create_app,
+    price_changed_topic_name,
+    raw_topic_names,
+)
 from streams.entities import ENTITIES
 
 log = logging.getLogger("changeflow.worker")
@@ -26,6 +32,7 @@ def ensure_topics(settings: Settings) -> None:
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
     wanted = {name: CANONICAL_PARTITIONS for name in raw_topic_names(settings)}
     wanted.update({canonical_topic_name(settings, e): CANONICAL_PARTITIONS for e in ENTITIES})
+    wanted[price_changed_topic_name(settings)] = CANONICAL_PARTITIONS
     wanted[settings.dlq_topic] = 1
     existing = set(admin.list_topics(timeout=15).topics)
     missing = [NewTopic(n, num_partitions=p, replication_factor=1) for n, p in wanted.items() if n not in existing]

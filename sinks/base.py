@@ -7,13 +7,67 @@ Kafka offsets only after ``write_batch`` returns.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from streams.records import ChangeRecord
 
 if TYPE_CHECKING:
     from changeflow.settings import Settings
+
+
+log = logging.getLogger("changeflow.sinks")
+
+# entity, keys → {key: the row the store holds now} (absent when the store has no such row)
+FetchCurrent = Callable[[str, list[str]], dict[str, dict[str, Any]]]
+
+
+def merge_image(record: ChangeRecord, base: dict[str, Any]) -> dict[str, Any]:
+    """The full row after a partial change: the fields it carries over the last known row."""
+    assert record.after is not None
+    if record.source == "mongodb":
+        from streams.mongodb import merge_partial
+
+        return merge_partial(base, record.after)
+    return {**base, **record.after}
+
+
+def fill_partials(records: Sequence[ChangeRecord], fetch: FetchCurrent) -> list[ChangeRecord]:
+    """Complete partial records (TOAST placeholders left out, MongoDB updateDescription) from the store.
+
+    Earlier records of the same batch win over the store, so a batch holding an insert and then a
+    partial update of one row needs no round trip for it. A partial record whose row the store has
+    never seen is written with the fields it has; the placeholder itself never reaches a store.
+    """
+    if not any(r.partial for r in records):
+        return list(records)
+    wanted: dict[str, list[str]] = {}
+    for r in records:
+        if r.partial:
+            wanted.setdefault(r.entity, []).append(r.key)
+    known: dict[tuple[str, str], dict[str, Any] | None] = {}
+    for entity, keys in wanted.items():
+        for key, row in fetch(entity, sorted(set(keys))).items():
+            known[(entity, key)] = row
+    out: list[ChangeRecord] = []
+    for r in records:
+        k = (r.entity, r.key)
+        if r.after is None:
+            known[k] = None
+        elif r.partial:
+            base = known.get(k)
+            if base is None:
+                log.warning("event=partial_without_base entity=%s key=%s version=%s", r.entity, r.key, r.version)
+                r = dataclasses.replace(r, partial=False)
+            else:
+                r = dataclasses.replace(r, after=merge_image(r, base), partial=False)
+            known[k] = r.after
+        else:
+            known[k] = r.after
+        out.append(r)
+    return out
 
 
 class RetriableSinkError(RuntimeError):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import clickhouse_connect
 from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 
-from sinks.base import FatalSinkError, RetriableSinkError
+from sinks.base import FatalSinkError, RetriableSinkError, fill_partials
 from streams import json
 from streams.entities import ENTITIES, EntitySpec
 from streams.records import ChangeRecord
@@ -62,6 +62,15 @@ def _column_value(value: Any) -> Any:
     return value
 
 
+def _from_column(spec: EntitySpec, name: str, value: Any) -> Any:
+    """Undo `_column_value` for free-form JSON columns (declared `json` in the entity's Avro schema)."""
+    import schemas
+
+    if isinstance(value, str) and name in schemas.latest(spec.name).json_fields:
+        return json.loads(value)
+    return value
+
+
 class ClickHouseSink:
     name = "clickhouse"
 
@@ -88,7 +97,26 @@ class ClickHouseSink:
         except OperationalError as exc:
             raise RetriableSinkError(f"clickhouse: {exc}") from exc
 
+    def fetch_current(self, entity: str, keys: list[str]) -> dict[str, dict[str, Any]]:
+        spec = ENTITIES[entity]
+        key_type = spec.clickhouse_columns[spec.key_column].replace("Nullable(", "").rstrip(")")
+        columns = ", ".join(f"`{c}`" for c in spec.clickhouse_columns)
+        try:
+            result = self.client.query(
+                f"SELECT {columns} FROM {self.database}.{entity} FINAL "
+                f"WHERE `{spec.key_column}` IN {{keys:Array({key_type})}} AND _is_deleted = 0",
+                parameters={"keys": [int(k) if key_type.startswith(("Int", "UInt")) else k for k in keys]},
+            )
+        except OperationalError as exc:
+            self._client = None
+            raise RetriableSinkError(f"clickhouse: {exc}") from exc
+        rows = {}
+        for row in result.named_results():
+            rows[str(row[spec.key_column])] = {k: _from_column(spec, k, v) for k, v in row.items()}
+        return rows
+
     def write_batch(self, records: Sequence[ChangeRecord]) -> None:
+        records = fill_partials(records, self.fetch_current)
         now = datetime.now(UTC)
         by_entity: dict[str, list[list[Any]]] = {}
         changelog: list[list[Any]] = []

@@ -10,11 +10,11 @@ MongoDB cluster-time version exceeds 2^53.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import redis
 
-from sinks.base import RetriableSinkError
+from sinks.base import RetriableSinkError, fill_partials
 from streams import json
 from streams.entities import ENTITIES
 from streams.records import ChangeRecord
@@ -70,7 +70,18 @@ class RedisSink:
         except redis.RedisError as exc:
             raise RetriableSinkError(f"redis unavailable: {exc}") from exc
 
+    def fetch_current(self, entity: str, keys: list[str]) -> dict[str, dict[str, Any]]:
+        spec = ENTITIES[entity]
+        if spec.redis_prefix is None or not keys:
+            return {}
+        try:
+            values = self.client.mget([spec.redis_key(k) for k in keys])
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise RetriableSinkError(f"redis: {exc}") from exc
+        return {k: json.loads(v) for k, v in zip(keys, values, strict=True) if v is not None}
+
     def write_batch(self, records: Sequence[ChangeRecord]) -> None:
+        records = fill_partials(records, self.fetch_current)
         by_entity: dict[str, list[ChangeRecord]] = {}
         for record in records:
             if ENTITIES[record.entity].redis_prefix is not None:

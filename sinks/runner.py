@@ -39,6 +39,10 @@ def canonical_topics(settings: Settings) -> list[str]:
 
 def record_from_message(msg: Message) -> ChangeRecord:
     _, data = schemas.decode(msg.value())  # type: ignore[arg-type]
+    present = data.get("present")
+    after = data["after"]
+    if present is not None and after is not None:
+        after = {k: v for k, v in after.items() if k in present}
     return ChangeRecord(
         source=data["source"],
         entity=data["entity"],
@@ -47,8 +51,9 @@ def record_from_message(msg: Message) -> ChangeRecord:
         version=data["version"],
         ts_ms=data["ts_ms"],
         before=data["before"],
-        after=data["after"],
+        after=after,
         origin=(msg.topic(), msg.partition(), msg.offset()),  # type: ignore[arg-type]
+        partial=present is not None,
     )
 
 

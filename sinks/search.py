@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from sinks.base import FatalSinkError, RetriableSinkError
+from sinks.base import FatalSinkError, RetriableSinkError, fill_partials
 from streams import json
 from streams.entities import ENTITIES, EntitySpec
 from streams.records import ChangeRecord
@@ -106,10 +106,26 @@ class SearchSink:
                 action["_source"] = document(record)
             yield action
 
+    def fetch_current(self, entity: str, keys: list[str]) -> dict[str, dict[str, Any]]:
+        spec = ENTITIES[entity]
+        if spec.search_index is None or not keys:
+            return {}
+        try:
+            if self._engine == "opensearch":
+                found = self.client.mget(index=spec.search_index, body={"ids": keys})
+            else:
+                found = self.client.mget(index=spec.search_index, ids=keys)
+        except Exception as exc:
+            if _status(exc) == 404:
+                return {}
+            raise _classify(exc) from exc
+        return {d["_id"]: d["_source"] for d in found["docs"] if d.get("found")}
+
     def write_batch(self, records: Sequence[ChangeRecord]) -> None:
         if not records:
             return
         client = self.client
+        records = fill_partials(records, self.fetch_current)
         if self._engine == "opensearch":
             from opensearchpy import helpers
         else:

@@ -13,9 +13,11 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import faust
+import orjson
 
 import schemas
 from streams.debezium import decode_postgres
+from streams.derived import price_changed
 from streams.entities import ENTITIES, MONGODB_ENTITIES, POSTGRES_ENTITIES
 from streams.mongodb import decode_mongodb
 from streams.records import ChangeRecord, DeadLetter
@@ -39,6 +41,10 @@ def raw_topic_names(settings: Settings) -> list[str]:
     return list(raw_topics(settings))
 
 
+def price_changed_topic_name(settings: Settings) -> str:
+    return f"{settings.canonical_topic_prefix}.products.price_changed"
+
+
 def canonical_topic_name(settings: Settings, entity: str) -> str:
     return f"{settings.canonical_topic_prefix}.{entity}"
 
@@ -55,6 +61,7 @@ def to_avro(record: ChangeRecord) -> bytes:
             "ts_ms": record.ts_ms,
             "before": record.before,
             "after": record.after,
+            "present": sorted(record.after) if record.partial and record.after is not None else None,
         },
     )
 
@@ -95,6 +102,9 @@ def create_app(settings: Settings) -> faust.App:
         for entity in ENTITIES
     }
     dlq = app.topic(settings.dlq_topic, key_type=bytes, value_type=bytes, partitions=1)
+    price_events = app.topic(
+        price_changed_topic_name(settings), key_type=bytes, value_type=bytes, partitions=CANONICAL_PARTITIONS
+    )
 
     flavours = raw_topics(settings)
 
@@ -114,6 +124,9 @@ def create_app(settings: Settings) -> faust.App:
                 )
             if isinstance(result, ChangeRecord):
                 await canonical[result.entity].send(key=result.kafka_key.encode(), value=to_avro(result))
+                event = price_changed(result)
+                if event is not None:
+                    await price_events.send(key=result.kafka_key.encode(), value=orjson.dumps(event))
             elif isinstance(result, DeadLetter):
                 log.warning(
                     "event=dead_letter topic=%s partition=%s offset=%s reason=%r",

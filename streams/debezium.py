@@ -72,6 +72,13 @@ def convert_row(row: Mapping[str, Any] | None, schema: Mapping[str, Any] | None)
     return {name: convert_value(value, fields.get(name, {})) for name, value in row.items()}
 
 
+def without_unavailable(row: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Drop TOAST placeholders: an unchanged TOASTed column is *unknown* here, never a value to store."""
+    if row is None or UNAVAILABLE not in row.values():
+        return row
+    return {k: v for k, v in row.items() if v != UNAVAILABLE}
+
+
 def _row_schema(envelope_schema: Mapping[str, Any], which: str) -> Mapping[str, Any] | None:
     for f in envelope_schema.get("fields", []):
         if f.get("field") == which:
@@ -134,8 +141,10 @@ def decode_postgres(
         return Skip(f"table {table} not mapped")
     try:
         version = parse_lsn(source)
-        before = convert_row(payload.get("before"), _row_schema(schema, "before"))
+        before = without_unavailable(convert_row(payload.get("before"), _row_schema(schema, "before")))
         after = convert_row(payload.get("after"), _row_schema(schema, "after"))
+        partial = after is not None and UNAVAILABLE in after.values()
+        after = without_unavailable(after)
         if transform is not None:
             before = transform(before) if before is not None else None
             after = transform(after) if after is not None else None
@@ -155,4 +164,5 @@ def decode_postgres(
         before=before,
         after=None if op == "d" else after,
         origin=(topic, partition, offset),
+        partial=partial,
     )

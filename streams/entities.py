@@ -11,8 +11,6 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from streams.debezium import UNAVAILABLE
-
 CENTS = Decimal("0.01")
 
 Row = dict[str, Any]
@@ -58,11 +56,10 @@ PRODUCT_DROPPED = frozenset({"internal_notes"})
 def product(row: Row) -> Row:
     """price_cents → exact dollars; internal_notes dropped."""
     out = {k: v for k, v in row.items() if k not in PRODUCT_DROPPED}
-    cents = out.pop("price_cents", None)
-    if cents is None or cents == UNAVAILABLE:
-        out["price"] = None
-    else:
-        out["price"] = (Decimal(int(cents)) * CENTS).quantize(CENTS)
+    if "price_cents" not in out:  # a partial image (TOAST): price unknown here, keep the stored one
+        return out
+    cents = out.pop("price_cents")
+    out["price"] = None if cents is None else (Decimal(int(cents)) * CENTS).quantize(CENTS)
     return out
 
 

@@ -63,3 +63,8 @@ BEGIN
     END IF;
 END
 $$;
+
+-- Products carry full before-images (old price for product.price_changed). The other tables keep
+-- the default identity, so an update that leaves a TOASTed column unchanged arrives with Debezium's
+-- `__debezium_unavailable_value` placeholder, which the stream fills from each store's last state.
+ALTER TABLE public.products REPLICA IDENTITY FULL;

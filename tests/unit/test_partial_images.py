@@ -1,0 +1,111 @@
+"""TOAST placeholders never reach a store: the decoder marks the image partial, sinks fill it."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+from sinks.base import fill_partials
+from streams.debezium import UNAVAILABLE, decode_postgres
+from streams.entities import POSTGRES_ENTITIES
+from streams.records import ChangeRecord
+from tests.unit.envelopes import encoded, envelope, product_row
+
+ORDER_FIELDS: list[dict[str, Any]] = [
+    {"type": "string", "optional": False, "name": "io.debezium.data.Uuid", "version": 1, "field": "id"},
+    {"type": "string", "optional": False, "field": "user_id"},
+    {"type": "string", "optional": False, "field": "status"},
+    {"type": "bytes", "optional": False, "name": "org.apache.kafka.connect.data.Decimal", "version": 1,
+     "parameters": {"scale": "2", "connect.decimal.precision": "12"}, "field": "total_amount"},
+    {"type": "string", "optional": False, "name": "io.debezium.data.Json", "version": 1, "field": "items"},
+]
+OID = "8d3c5a0e-4a43-4b0e-9d59-0c8e3f1a2b3c"
+
+
+def toasted_update() -> bytes:
+    after = {"id": OID, "user_id": "u-1", "status": "shipped", "total_amount": "BNI=", "items": UNAVAILABLE}
+    return encoded(envelope("u", None, after, table="orders", fields=ORDER_FIELDS, lsn=900))
+
+
+def test_placeholder_is_dropped_and_the_record_marked_partial() -> None:
+    result = decode_postgres(toasted_update(), topic="t", partition=0, offset=1, entities=POSTGRES_ENTITIES)
+    assert isinstance(result, ChangeRecord)
+    assert result.partial is True
+    assert result.after == {"id": OID, "user_id": "u-1", "status": "shipped", "total_amount": Decimal("12.34")}
+    assert UNAVAILABLE not in str(result)
+
+
+def test_complete_image_is_not_partial() -> None:
+    result = decode_postgres(
+        encoded(envelope("c", None, product_row(1))), topic="t", partition=0, offset=1, entities=POSTGRES_ENTITIES
+    )
+    assert isinstance(result, ChangeRecord) and result.partial is False
+
+
+def test_product_with_toasted_description_keeps_price_and_omits_description() -> None:
+    row = product_row(4, description=UNAVAILABLE, price_cents=500)
+    result = decode_postgres(encoded(envelope("u", None, row)), topic="t", partition=0, offset=1,
+                             entities=POSTGRES_ENTITIES)
+    assert isinstance(result, ChangeRecord) and result.after is not None
+    assert "description" not in result.after
+    assert result.after["price"] == Decimal("5.00")
+
+
+def rec(key: str, version: int, after: dict[str, Any] | None, partial: bool = False, op: str = "u") -> ChangeRecord:
+    return ChangeRecord("postgres", "orders", key, op, version, 0, None, after, partial=partial)  # type: ignore[arg-type]
+
+
+def test_fill_partials_takes_the_missing_columns_from_the_store() -> None:
+    calls: list[tuple[str, list[str]]] = []
+
+    def fetch(entity: str, keys: list[str]) -> dict[str, dict[str, Any]]:
+        calls.append((entity, keys))
+        return {"a": {"id": "a", "status": "paid", "items": [{"sku": "X"}]}}
+
+    out = fill_partials([rec("a", 2, {"id": "a", "status": "shipped"}, partial=True)], fetch)
+    assert out == [rec("a", 2, {"id": "a", "status": "shipped", "items": [{"sku": "X"}]})]
+    assert calls == [("orders", ["a"])]
+
+
+def test_fill_partials_prefers_an_earlier_record_of_the_same_batch() -> None:
+    def fetch(entity: str, keys: list[str]) -> dict[str, dict[str, Any]]:
+        return {"a": {"id": "a", "status": "stale", "items": ["old"]}}
+
+    batch = [rec("a", 1, {"id": "a", "status": "new", "items": ["fresh"]}, op="c"),
+             rec("a", 2, {"id": "a", "status": "shipped"}, partial=True)]
+    assert fill_partials(batch, fetch)[1].after == {"id": "a", "status": "shipped", "items": ["fresh"]}
+
+
+def test_fill_partials_after_a_delete_in_the_batch_has_no_base() -> None:
+    def fetch(entity: str, keys: list[str]) -> dict[str, dict[str, Any]]:
+        return {"a": {"id": "a", "status": "old", "items": ["old"]}}
+
+    batch = [rec("a", 1, None, op="d"), rec("a", 2, {"id": "a", "status": "x"}, partial=True)]
+    out = fill_partials(batch, fetch)
+    assert out[1].after == {"id": "a", "status": "x"}
+    assert out[1].partial is False
+
+
+def test_batches_without_partials_do_not_touch_the_store() -> None:
+    def fetch(entity: str, keys: list[str]) -> dict[str, dict[str, Any]]:
+        raise AssertionError("no fetch expected")
+
+    batch = [rec("a", 1, {"id": "a"})]
+    assert fill_partials(batch, fetch) == batch
+
+
+def test_price_changed_event_from_full_before_image() -> None:
+    from streams.derived import price_changed
+
+    before, after = product_row(5, price_cents=1000), product_row(5, price_cents=1250)
+    result = decode_postgres(encoded(envelope("u", before, after, lsn=77)), topic="t", partition=0, offset=1,
+                             entities=POSTGRES_ENTITIES)
+    assert isinstance(result, ChangeRecord)
+    assert price_changed(result) == {"type": "product.price_changed", "id": "5", "old_price": "10.00",
+                                     "new_price": "12.50", "version": 77, "ts_ms": 1_795_000_000_000}
+    same = decode_postgres(encoded(envelope("u", before, product_row(5, price_cents=1000, stock=1))), topic="t",
+                           partition=0, offset=2, entities=POSTGRES_ENTITIES)
+    assert isinstance(same, ChangeRecord) and price_changed(same) is None
+    no_before = decode_postgres(encoded(envelope("u", None, after)), topic="t", partition=0, offset=3,
+                                entities=POSTGRES_ENTITIES)
+    assert isinstance(no_before, ChangeRecord) and price_changed(no_before) is None
