@@ -249,17 +249,18 @@ def demo(
                               progress=lambda step, n: progress.advance(tasks[step], n))
     console.print(f"workload: {result.inserted} inserted, {result.updated} updated, {result.deleted} deleted")
 
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = started + timeout
+    console.print("derived stores catching up (products: PostgreSQL / ClickHouse / Redis / search):")
+    while True:
+        rows = drift(s, ["products"])
+        p = rows[0]
+        console.print(f"  +{time.monotonic() - started:4.1f}s  {p.source} / {p.clickhouse} / {p.redis} / {p.search}",
+                      highlight=False)
+        if p.drift == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     rows = drift(s)
-    with Progress(TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True) as progress:
-        waiting = progress.add_task("waiting for the derived stores")
-        while time.monotonic() < deadline:
-            rows = drift(s)
-            summary = ", ".join(f"{r.entity} drift={r.drift}" for r in rows)
-            progress.update(waiting, description=f"stores catching up: {summary}")
-            if all(r.drift == 0 for r in rows):
-                break
-            time.sleep(1)
     _print_drift(rows, Format.table)
     if any(r.drift != 0 for r in rows):
         raise fail(f"stores did not converge within {timeout:.0f}s; see {worker_service.log_file}")
