@@ -87,10 +87,25 @@ def _row_schema(envelope_schema: Mapping[str, Any], which: str) -> Mapping[str, 
 
 
 def parse_lsn(source: Mapping[str, Any]) -> int:
+    """The change's position in commit order.
+
+    Incremental-snapshot reads (rebuild, repair) carry no ``lsn``: Debezium emits them when the snapshot
+    window closes, and ``source.sequence`` (``["lastCommitLsn", "lsn"]``) holds the stream position at
+    that moment. Every change of the row before it is older and every later one newer, so that
+    position orders the read correctly against the stream.
+    """
     lsn = source.get("lsn")
-    if lsn is None:
-        raise DecodeError("source.lsn missing: cannot order this change")
-    return int(lsn)
+    if lsn is not None:
+        return int(lsn)
+    sequence = source.get("sequence")
+    if isinstance(sequence, str):
+        try:
+            positions = [int(p) for p in orjson.loads(sequence) if p is not None]
+        except (orjson.JSONDecodeError, TypeError, ValueError):
+            positions = []
+        if positions:
+            return max(positions)
+    raise DecodeError("source.lsn missing: cannot order this change")
 
 
 def decode_postgres(

@@ -42,7 +42,20 @@ CREATE TABLE IF NOT EXISTS public.refunds (
     created_at timestamptz NOT NULL DEFAULT now()
 );
 
--- Debezium's role: REPLICATION and SELECT on the captured tables, nothing more.
+-- Debezium's own tables. Signals (incremental snapshots for rebuild and repair) are rows in
+-- debezium_signal; Debezium writes its snapshot watermarks there too. The heartbeat action query
+-- writes debezium_heartbeat so the replication slot advances even while the captured tables are quiet.
+CREATE TABLE IF NOT EXISTS public.debezium_signal (
+    id   varchar(64) PRIMARY KEY,
+    type varchar(32) NOT NULL,
+    data varchar(4096)
+);
+CREATE TABLE IF NOT EXISTS public.debezium_heartbeat (
+    id integer PRIMARY KEY,
+    ts timestamptz NOT NULL
+);
+
+-- Debezium's role: REPLICATION and SELECT on the captured tables, writes only on its own two tables.
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'debezium') THEN
@@ -53,6 +66,7 @@ $$;
 GRANT CONNECT ON DATABASE commerce TO debezium;
 GRANT USAGE ON SCHEMA public TO debezium;
 GRANT SELECT ON public.products, public.orders, public.payments, public.refunds TO debezium;
+GRANT SELECT, INSERT, UPDATE, DELETE ON public.debezium_signal, public.debezium_heartbeat TO debezium;
 
 -- The publication is created in advance (Debezium runs with publication.autocreate.mode=disabled),
 -- so the replication role needs no ownership of the tables.
@@ -60,6 +74,12 @@ DO $$
 BEGIN
     IF NOT EXISTS (SELECT FROM pg_publication WHERE pubname = 'changeflow_pub') THEN
         CREATE PUBLICATION changeflow_pub FOR TABLE public.products, public.orders, public.payments, public.refunds;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_publication_tables WHERE pubname = 'changeflow_pub' AND tablename = 'debezium_signal') THEN
+        ALTER PUBLICATION changeflow_pub ADD TABLE public.debezium_signal;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_publication_tables WHERE pubname = 'changeflow_pub' AND tablename = 'debezium_heartbeat') THEN
+        ALTER PUBLICATION changeflow_pub ADD TABLE public.debezium_heartbeat;
     END IF;
 END
 $$;

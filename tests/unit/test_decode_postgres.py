@@ -154,3 +154,23 @@ def test_json_column_is_parsed() -> None:
 
 def test_unavailable_placeholder_is_kept_as_marker_for_the_entity_transform() -> None:
     assert convert_value(UNAVAILABLE, {"type": "string"}) == UNAVAILABLE
+
+
+def test_incremental_snapshot_read_is_ordered_by_the_stream_position_in_sequence() -> None:
+    message = envelope("r", None, product_row(5), snapshot="incremental")
+    source = message["payload"]["source"]
+    source["lsn"] = None
+    source["txId"] = None
+    source["sequence"] = '["27565136","27565200"]'
+    result = decode(encoded(message))
+    assert isinstance(result, ChangeRecord)
+    assert (result.op, result.version) == ("r", 27_565_200)
+
+
+def test_incremental_snapshot_read_without_any_position_is_a_dead_letter() -> None:
+    message = envelope("r", None, product_row(5), snapshot="incremental")
+    message["payload"]["source"]["lsn"] = None
+    message["payload"]["source"]["sequence"] = "[null,null]"
+    result = decode(encoded(message))
+    assert isinstance(result, DeadLetter)
+    assert "source.lsn missing" in result.reason
