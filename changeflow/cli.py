@@ -15,6 +15,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from changeflow.commands import dlq as dlq_commands
+from changeflow.commands.finance import report_finance
 from changeflow.settings import Settings
 
 app = typer.Typer(help="changeflow: change data capture from PostgreSQL and MongoDB into Redis, search and ClickHouse.",
@@ -26,6 +27,7 @@ app.add_typer(stack_app, name="stack")
 app.add_typer(connectors_app, name="connectors")
 app.add_typer(report_app, name="report")
 app.add_typer(dlq_commands.app, name="dlq")
+report_app.command("finance")(report_finance)
 
 # Piped output (CI logs, tests) must not be cut at 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -176,6 +178,40 @@ def worker(
     from changeflow import worker as worker_mod
 
     worker_mod.run(settings(), sinks.split(",") if sinks else None, loglevel=loglevel)
+
+
+# --- status -----------------------------------------------------------------------------------------
+@app.command("status")
+def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False) -> None:
+    """Connectors and tasks, replication slot WAL, lag and health per sink, dead letters, applied-through."""
+    from reports.status import collect
+
+    st = collect(settings())
+    if as_json:
+        print(json.dumps(st.as_dict(), indent=2))
+    else:
+        for c in st.connectors:
+            _print_connector(c)
+        table = Table(title="replication slots")
+        for col in ("slot", "active", "retained WAL (bytes)", "unconfirmed (bytes)"):
+            table.add_column(col)
+        for sl in st.slots:
+            table.add_row(sl.name, str(sl.active), f"{sl.retained_wal_bytes:,}", f"{sl.confirmed_lag_bytes or 0:,}")
+        console.print(table)
+        table = Table(title=f"sinks (decode lag {st.stream_lag}, dead letters {st.dead_letters})")
+        for col in ("sink", "state", "lag", "applied through", "last error"):
+            table.add_column(col)
+        for sk in st.sinks:
+            state = "[yellow]worker down[/]" if sk.healthy is None else (
+                "[green]ok[/]" if sk.healthy else "[red]failing[/]"
+            )
+            through = ", ".join(f"{e}={v}" for e, v in sorted(sk.applied_through.items()))
+            table.add_row(sk.name, state, str(sk.lag), through, (sk.last_error or "")[:80])
+        console.print(table)
+        for e in st.errors:
+            err.print(f"[red]{e}[/]")
+    if not st.healthy:
+        raise typer.Exit(1)
 
 
 # --- reports ----------------------------------------------------------------------------------------

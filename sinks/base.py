@@ -70,6 +70,15 @@ def fill_partials(records: Sequence[ChangeRecord], fetch: FetchCurrent) -> list[
     return out
 
 
+def applied_through(records: Sequence[ChangeRecord]) -> dict[str, tuple[int, int]]:
+    """entity → (highest version, its source commit time) among the records of a batch."""
+    out: dict[str, tuple[int, int]] = {}
+    for r in records:
+        if r.entity not in out or r.version > out[r.entity][0]:
+            out[r.entity] = (r.version, r.ts_ms)
+    return out
+
+
 class RetriableSinkError(RuntimeError):
     """The store is unavailable or overloaded (connection lost, timeout, 429/503): retry the batch."""
 

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 import clickhouse_connect
 from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 
-from sinks.base import FatalSinkError, RetriableSinkError, fill_partials
+from reports.finance import ensure_views as ensure_finance_views
+from sinks.base import FatalSinkError, RetriableSinkError, applied_through, fill_partials
 from streams import json
 from streams.entities import ENTITIES, EntitySpec
 from streams.records import ChangeRecord
@@ -43,6 +44,15 @@ def table_ddl(database: str, spec: EntitySpec) -> str:
     return (
         f"CREATE TABLE IF NOT EXISTS {database}.{spec.name} (\n  {columns}\n)\n"
         f"ENGINE = ReplacingMergeTree(_version, _is_deleted)\nORDER BY {spec.clickhouse_order_by}"
+    )
+
+
+def applied_ddl(database: str) -> str:
+    """The highest source position applied per entity ("as of LSN X"); the highest version wins."""
+    return (
+        f"CREATE TABLE IF NOT EXISTS {database}.applied_through (\n"
+        "  entity LowCardinality(String), version UInt64, ts_ms Int64, updated_at DateTime64(3, 'UTC')\n"
+        ")\nENGINE = ReplacingMergeTree(version)\nORDER BY entity"
     )
 
 
@@ -94,6 +104,8 @@ class ClickHouseSink:
             for spec in ENTITIES.values():
                 self.client.command(table_ddl(self.database, spec))
             self.client.command(changelog_ddl(self.database))
+            self.client.command(applied_ddl(self.database))
+            ensure_finance_views(self.client, self.database)
         except OperationalError as exc:
             raise RetriableSinkError(f"clickhouse: {exc}") from exc
 
@@ -142,6 +154,11 @@ class ClickHouseSink:
                 )
             if changelog:
                 self.client.insert(f"{self.database}.changelog", changelog, column_names=CHANGELOG_COLUMNS)
+                self.client.insert(
+                    f"{self.database}.applied_through",
+                    [[e, v, t, now] for e, (v, t) in applied_through(records).items()],
+                    column_names=["entity", "version", "ts_ms", "updated_at"],
+                )
         except OperationalError as exc:
             self._client = None
             raise RetriableSinkError(f"clickhouse: {exc}") from exc

@@ -64,6 +64,8 @@ class SinkRunner:
         self.stop = stop or threading.Event()
         self.applied = 0
         self.last_error: str | None = None
+        self.failing_since: float | None = None
+        self.last_batch_at: float | None = None
         self.consumer = Consumer(
             {
                 "bootstrap.servers": settings.kafka_bootstrap,
@@ -83,6 +85,8 @@ class SinkRunner:
             outcome = getattr(state, "outcome", None)
             err = outcome.exception() if outcome is not None else None
             self.last_error = str(err)
+            if self.failing_since is None:
+                self.failing_since = time.time()
             log.warning(
                 "sink=%s event=retry attempt=%s batch=%d error=%r", self.sink.name, attempt, len(records), str(err)
             )
@@ -98,6 +102,20 @@ class SinkRunner:
             with attempt:
                 self.sink.write_batch(records)
         self.last_error = None
+        self.failing_since = None
+        self.last_batch_at = time.time()
+
+    def state(self) -> dict[str, object]:
+        """What `changeflow status` shows for this sink (served by the worker's web port)."""
+        return {
+            "sink": self.sink.name,
+            "group": group_id(self.sink.name),
+            "healthy": self.last_error is None,
+            "applied": self.applied,
+            "last_error": self.last_error,
+            "failing_since": self.failing_since,
+            "last_batch_at": self.last_batch_at,
+        }
 
     def _to_dlq(self, msg: Message, reason: str) -> None:
         headers = [

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from sinks.base import FatalSinkError, RetriableSinkError, fill_partials
+from sinks.base import FatalSinkError, RetriableSinkError, applied_through, fill_partials
 from streams import json
 from streams.entities import ENTITIES, EntitySpec
 from streams.records import ChangeRecord
@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from changeflow.settings import Settings
 
 GC_DELETES = "7d"
+# One document per entity holding the highest version applied, written with that version as its
+# external version, so the marker itself only ever moves forward.
+APPLIED_INDEX = "changeflow-applied"
 RETRIABLE_STATUS = {429, 502, 503, 504}
 
 
@@ -89,6 +92,12 @@ class SearchSink:
             raise _classify(exc) from exc
 
     def _actions(self, records: Sequence[ChangeRecord]) -> Iterator[dict[str, Any]]:
+        searchable = [r for r in records if ENTITIES[r.entity].search_index is not None]
+        for entity, (version, ts_ms) in applied_through(searchable).items():
+            yield {
+                "_op_type": "index", "_index": APPLIED_INDEX, "_id": entity, "version": version,
+                "version_type": "external", "_source": {"entity": entity, "version": version, "ts_ms": ts_ms},
+            }
         for record in records:
             spec = ENTITIES[record.entity]
             if spec.search_index is None:

@@ -62,17 +62,11 @@ def preview(data: bytes | None, limit: int = PREVIEW_BYTES) -> str:
     more = "…" if len(data) > limit else ""
     try:
         text = head.decode("utf-8")
-    except UnicodeDecodeError:
-        # A cut may split a multi-byte character: retry without the last (up to 3) bytes before hex.
-        for cut in (1, 2, 3):
-            try:
-                text = head[:-cut].decode("utf-8")
-                more = "…"
-                break
-            except UnicodeDecodeError:
-                continue
-        else:
+    except UnicodeDecodeError as exc:
+        # The cut may split one multi-byte character at the very end: that is still text.
+        if not (more and exc.start >= len(head) - 3 and exc.reason == "unexpected end of data"):
             return "0x" + head.hex() + more
+        text = head[: exc.start].decode("utf-8")
     if any(not ch.isprintable() for ch in text):
         return text.encode("unicode_escape").decode("ascii") + more
     return text + more

@@ -66,6 +66,9 @@ def list_(
             })
         print(json.dumps(rows, indent=2))
         return
+    if not entries:
+        console.print(f"no dead letters on {settings.dlq_topic}")
+        return
     table = Table(title=f"dead letters on {settings.dlq_topic}: {len(entries)} of {total}")
     for col in ("id", "error", "dead at", "key", "value", "copies", "replayed"):
         table.add_column(col, overflow="fold")
