@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+from typing import Any
 
 from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -59,6 +60,11 @@ def run(settings: Settings, sink_names: list[str] | None = None, loglevel: str =
     for thread in threads:
         thread.start()
     app = create_app(settings)
+
+    @app.page("/changeflow/sinks/")
+    async def sink_states(web: Any, request: Any) -> Any:
+        return web.json({r.sink.name: r.state() for r in runners})
+
     worker = Worker(app, loglevel=loglevel, quiet=True)
     sys.argv = sys.argv[:1]
     try:
