@@ -15,6 +15,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from changeflow.commands import dlq as dlq_commands
+from changeflow.commands import sinks as sinks_commands
 from changeflow.commands.finance import report_finance
 from changeflow.settings import Settings
 
@@ -27,6 +28,7 @@ app.add_typer(stack_app, name="stack")
 app.add_typer(connectors_app, name="connectors")
 app.add_typer(report_app, name="report")
 app.add_typer(dlq_commands.app, name="dlq")
+app.add_typer(sinks_commands.app, name="sinks")
 report_app.command("finance")(report_finance)
 
 # Piped output (CI logs, tests) must not be cut at 80 columns.
@@ -70,9 +72,12 @@ def stack_down(services: Annotated[list[str] | None, typer.Argument(help="Only t
     from deploy.worker import WorkerService
 
     s = settings()
-    if not services and WorkerService(s).stop():
+    if (not services or "worker" in services) and WorkerService(s).stop():
         console.print("stopped worker")
-    stack.down(s, services, say=lambda m: console.print(m, highlight=False))
+    rest = [name for name in services or [] if name != "worker"]
+    if services and not rest:
+        return
+    stack.down(s, rest or None, say=lambda m: console.print(m, highlight=False))
 
 
 @stack_app.command("status")

@@ -1,0 +1,174 @@
+"""Derived stores converge and stay converged: stale records, store outages, full replays."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+import redis
+
+from changeflow.settings import Settings
+from deploy.clickhouse import ClickHouseService
+from deploy.redis import RedisService
+from deploy.search_engine import SearchEngineService
+from deploy.service import Service
+from deploy.worker import WorkerService
+from reports.drift import drift
+from reports.status import collect
+from sinks.clickhouse import ClickHouseSink, client_for
+from sinks.search import SearchSink
+from streams.records import ChangeRecord
+from tests.integration.conftest import eventually
+
+pytestmark = pytest.mark.integration
+
+
+def changeflow(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "changeflow", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def pg(pipeline: Settings) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(pipeline.pg_dsn, autocommit=True) as conn:
+        yield conn
+
+
+def product(key: str, version: int, name: str, op: str = "u") -> ChangeRecord:
+    after = None if op == "d" else {"id": int(key), "sku": f"STALE-{key}", "name": name, "price": Decimal("1.00")}
+    return ChangeRecord("postgres", "products", key, op, version, 0, {"id": int(key)}, after)  # type: ignore[arg-type]
+
+
+def test_stale_records_change_nothing_in_search_and_clickhouse(pipeline: Settings) -> None:
+    key = str(8_000_000_000 + int(time.time() * 1000) % 1_000_000)
+    search, ch = SearchSink(pipeline), ClickHouseSink(pipeline)
+    client = client_for(pipeline)
+    try:
+        for sink in (search, ch):
+            sink.write_batch([product(key, 200, "new")])
+            sink.write_batch([product(key, 100, "old")])  # an older record arrives late
+        doc = httpx.get(f"{pipeline.search_url}/products/_doc/{key}", timeout=5).json()
+        assert doc["_source"]["name"] == "new" and doc["_version"] == 200
+        rows = client.query("SELECT name, _version FROM changeflow.products FINAL WHERE id = {k:Int64}",
+                            parameters={"k": int(key)}).result_rows
+        assert rows == [("new", 200)]
+        for sink in (search, ch):
+            sink.write_batch([product(key, 300, "", op="d")])
+            sink.write_batch([product(key, 250, "resurrected")])  # older than the delete
+        assert httpx.get(f"{pipeline.search_url}/products/_doc/{key}", timeout=5).status_code == 404
+        assert client.query("SELECT count() FROM changeflow.products FINAL WHERE id = {k:Int64}",
+                            parameters={"k": int(key)}).result_rows == [(0,)]
+    finally:
+        client.command("ALTER TABLE changeflow.products DELETE WHERE id = {k:Int64}", parameters={"k": int(key)})
+        client.command("ALTER TABLE changeflow.changelog DELETE WHERE key = {k:String}", parameters={"k": key})
+        client.close()
+        search.close()
+        ch.close()
+
+
+def sink_status(settings: Settings, name: str) -> Any:
+    return next(s for s in collect(settings).sinks if s.name == name)
+
+
+@pytest.mark.parametrize(
+    ("sink", "service_cls"),
+    [("redis", RedisService), ("search", SearchEngineService), ("clickhouse", ClickHouseService)],
+)
+def test_a_stopped_store_holds_its_sink_and_catches_up_without_loss(
+    pipeline: Settings, pg: psycopg.Connection[Any], sku_prefix: str, sink: str, service_cls: type[Service]
+) -> None:
+    service = service_cls(pipeline)
+    service.stop()
+    try:
+        pg.execute(
+            "INSERT INTO products (sku, name, price_cents, stock) "
+            "SELECT %s || '-' || g, 'outage ' || g, 100 * g, g FROM generate_series(1, 50) g",
+            (sku_prefix,),
+        )
+        pg.execute("UPDATE products SET price_cents = price_cents + 1 WHERE sku LIKE %s", (f"{sku_prefix}-%",))
+        pg.execute("DELETE FROM products WHERE sku IN (%s, %s)", (f"{sku_prefix}-1", f"{sku_prefix}-2"))
+        # While the store is down: that sink fails and lags; the others are not held back.
+        failing = eventually(
+            lambda: (s := sink_status(pipeline, sink)) and s.healthy is False and (s.lag or 0) > 0 and s,
+            timeout=60, what=f"{sink} reported failing with lag",
+        )
+        assert failing.last_error
+        others = [s for s in ("redis", "search", "clickhouse") if s != sink]
+        eventually(lambda: all(sink_status(pipeline, o).lag == 0 for o in others), timeout=60,
+                   what="other sinks caught up")
+        result = changeflow("status", "--json")
+        assert result.returncode == 1
+        reported = {s["name"]: s for s in json.loads(result.stdout)["sinks"]}
+        assert reported[sink]["healthy"] is False and reported[sink]["lag"] > 0
+    finally:
+        service.start()
+        service.wait_healthy(120)
+    eventually(lambda: sink_status(pipeline, sink).healthy and sink_status(pipeline, sink).lag == 0,
+               timeout=120, what=f"{sink} caught up")
+    rows = eventually(lambda: (r := drift(pipeline)) and all(x.drift == 0 for x in r) and r, timeout=60,
+                      what="zero drift")
+    assert all(r.drift == 0 for r in rows)
+    ids = [r[0] for r in pg.execute("SELECT id FROM products WHERE sku LIKE %s", (f"{sku_prefix}-%",)).fetchall()]
+    assert len(ids) == 48
+    if sink == "redis":
+        rds = redis.Redis.from_url(pipeline.redis_url, decode_responses=True)
+        values = rds.mget([f"product:{i}" for i in ids])
+        assert all(v is not None and json.loads(v)["name"].startswith("outage ") for v in values)
+    pg.execute("DELETE FROM products WHERE sku LIKE %s", (f"{sku_prefix}-%",))
+
+
+def store_state(settings: Settings) -> dict[str, Any]:
+    rds = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    keys = sorted(rds.scan_iter(match="product:*", count=1000)) + sorted(rds.scan_iter(match="order:*", count=1000))
+    client = client_for(settings)
+    try:
+        ch_rows = client.query(
+            "SELECT id, sku, name, description, category, price, stock, _version FROM changeflow.products FINAL "
+            "ORDER BY id"
+        ).result_rows
+        ch_orders = client.query("SELECT id, status, total_amount, _version FROM changeflow.orders FINAL ORDER BY id"
+                                 ).result_rows
+    finally:
+        client.close()
+    httpx.post(f"{settings.search_url}/products,orders/_refresh", timeout=10)
+    hits = httpx.post(f"{settings.search_url}/products,orders/_search",
+                      json={"size": 10000, "version": True, "sort": ["_doc"]}, timeout=30).json()["hits"]["hits"]
+    return {
+        "redis": {k: rds.get(k) for k in keys},
+        "redis_versions": rds.hgetall("changeflow:versions"),
+        "clickhouse": ch_rows + ch_orders,
+        "search": sorted((h["_index"], h["_id"], h["_version"], json.dumps(h["_source"], sort_keys=True))
+                         for h in hits),
+    }
+
+
+def test_full_replay_from_earliest_leaves_every_store_exactly_as_it_was(pipeline: Settings) -> None:
+    worker = WorkerService(pipeline)
+    eventually(lambda: all(s.lag == 0 for s in collect(pipeline).sinks), timeout=60, what="sinks idle")
+    worker.stop()
+    try:
+        before = store_state(pipeline)
+        assert before["redis"] and before["clickhouse"] and before["search"]
+        result = changeflow("sinks", "reset", "all", "--to-earliest")
+        assert result.returncode == 0, result.stderr
+        assert "records will be replayed" in result.stdout
+        lags = {s.name: s.lag for s in collect(pipeline).sinks}
+        assert all((lag or 0) > 0 for lag in lags.values()), lags
+    finally:
+        worker.start()
+        worker.wait_healthy(120)
+    eventually(lambda: all(s.lag == 0 for s in collect(pipeline).sinks), timeout=180, what="replay finished")
+    assert store_state(pipeline) == before
+
+
+def test_reset_refuses_while_the_worker_runs(pipeline: Settings) -> None:
+    result = changeflow("sinks", "reset", "redis", "--to-earliest")
+    assert result.returncode == 1
+    assert "active member(s): stop the worker" in result.stderr
