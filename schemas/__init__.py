@@ -36,6 +36,17 @@ class SchemaVersion:
     # Row fields typed `{"type": "string", "logicalType": "json"}`: free-form JSON (jsonb, sub-documents)
     # carried as JSON text on the wire and as Python values everywhere else.
     json_fields: frozenset[str] = frozenset()
+    # The row record's declared fields; anything else travels in its `extra` map (when it has one).
+    row_fields: frozenset[str] = frozenset()
+
+
+def _row_fields(raw: dict[str, Any]) -> frozenset[str]:
+    for f in raw.get("fields", []):
+        if f["name"] == "before":
+            for branch in f["type"] if isinstance(f["type"], list) else [f["type"]]:
+                if isinstance(branch, dict) and branch.get("type") == "record":
+                    return frozenset(col["name"] for col in branch["fields"])
+    return frozenset()
 
 
 def _json_fields(raw: dict[str, Any]) -> frozenset[str]:
@@ -56,7 +67,9 @@ def _load(path: Path) -> SchemaVersion:
     raw = json.loads(path.read_text())
     parsed = parse_schema(raw)
     fp = bytes.fromhex(fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO"))
-    return SchemaVersion(path.parent.name, int(path.stem.lstrip("v")), path, parsed, fp, _json_fields(raw))
+    return SchemaVersion(
+        path.parent.name, int(path.stem.lstrip("v")), path, parsed, fp, _json_fields(raw), _row_fields(raw)
+    )
 
 
 @cache
@@ -89,14 +102,33 @@ def _map_json(row: dict[str, Any] | None, fields: frozenset[str], fn: Any) -> di
     return {k: (fn(v) if k in fields and v is not None else v) for k, v in row.items()}
 
 
+def _split_extra(row: dict[str, Any] | None, sv: SchemaVersion) -> dict[str, Any] | None:
+    """Columns the schema does not declare move into `extra` (JSON text) instead of being dropped."""
+    if row is None or "extra" not in sv.row_fields:
+        return row
+    undeclared = {k: v for k, v in row.items() if k not in sv.row_fields}
+    if not undeclared:
+        return row
+    kept = {k: v for k, v in row.items() if k in sv.row_fields}
+    kept["extra"] = {k: _dump_json(v) for k, v in undeclared.items()}
+    return kept
+
+
+def _merge_extra(row: dict[str, Any] | None) -> dict[str, Any] | None:
+    if row is None or "extra" not in row:
+        return row
+    extra = row.pop("extra") or {}
+    row.update({k: json.loads(v) for k, v in extra.items() if k not in row})
+    return row
+
+
 def encode(entity: str, record: dict[str, Any]) -> bytes:
     sv = latest(entity)
-    if sv.json_fields:
-        record = {
-            **record,
-            "before": _map_json(record.get("before"), sv.json_fields, _dump_json),
-            "after": _map_json(record.get("after"), sv.json_fields, _dump_json),
-        }
+    record = {
+        **record,
+        "before": _split_extra(_map_json(record.get("before"), sv.json_fields, _dump_json), sv),
+        "after": _split_extra(_map_json(record.get("after"), sv.json_fields, _dump_json), sv),
+    }
     buf = io.BytesIO()
     buf.write(MAGIC)
     buf.write(sv.fingerprint)
@@ -115,9 +147,8 @@ def decode(data: bytes) -> tuple[SchemaVersion, dict[str, Any]]:
     record: dict[str, Any] = fastavro.schemaless_reader(  # type: ignore[assignment]
         io.BytesIO(data[10:]), sv.parsed, reader.parsed
     )
-    if reader.json_fields:
-        record["before"] = _map_json(record.get("before"), reader.json_fields, json.loads)
-        record["after"] = _map_json(record.get("after"), reader.json_fields, json.loads)
+    record["before"] = _merge_extra(_map_json(record.get("before"), reader.json_fields, json.loads))
+    record["after"] = _merge_extra(_map_json(record.get("after"), reader.json_fields, json.loads))
     return sv, record
 
 

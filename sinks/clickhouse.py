@@ -8,6 +8,7 @@ every change once per (entity, key, version), so a replay does not double it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,8 @@ from streams.records import ChangeRecord
 
 if TYPE_CHECKING:
     from changeflow.settings import Settings
+
+log = logging.getLogger("changeflow.sinks")
 
 META_COLUMNS = {"_version": "UInt64", "_is_deleted": "UInt8", "_ts_ms": "Int64", "_ingested_at": "DateTime64(3, 'UTC')"}
 CHANGELOG_COLUMNS = ["entity", "key", "op", "version", "ts_ms", "before", "after", "ingested_at"]
@@ -81,6 +84,12 @@ def _from_column(spec: EntitySpec, name: str, value: Any) -> Any:
     return value
 
 
+def _added_value(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value).decode()
+
+
 class ClickHouseSink:
     name = "clickhouse"
 
@@ -88,6 +97,7 @@ class ClickHouseSink:
         self.settings = settings
         self.database = settings.clickhouse_database
         self._client: Any = None
+        self._known_columns: dict[str, set[str]] = {}
 
     @property
     def client(self) -> Any:
@@ -112,7 +122,8 @@ class ClickHouseSink:
     def fetch_current(self, entity: str, keys: list[str]) -> dict[str, dict[str, Any]]:
         spec = ENTITIES[entity]
         key_type = spec.clickhouse_columns[spec.key_column].replace("Nullable(", "").rstrip(")")
-        columns = ", ".join(f"`{c}`" for c in spec.clickhouse_columns)
+        # Every column but the bookkeeping ones: columns added by schema evolution must survive a merge too.
+        columns = "* EXCEPT (" + ", ".join(META_COLUMNS) + ")"
         try:
             result = self.client.query(
                 f"SELECT {columns} FROM {self.database}.{entity} FINAL "
@@ -132,6 +143,7 @@ class ClickHouseSink:
         now = datetime.now(UTC)
         by_entity: dict[str, list[list[Any]]] = {}
         changelog: list[list[Any]] = []
+        added = self._added_columns(records)
         for record in records:
             spec = ENTITIES[record.entity]
             image = record.after if record.after is not None else (record.before or {})
@@ -139,6 +151,7 @@ class ClickHouseSink:
             if row[0] is None:
                 row[0] = record.key
             row += [record.version, 1 if record.is_delete else 0, record.ts_ms, now]
+            row += [_added_value(image.get(col)) for col in added.get(record.entity, [])]
             by_entity.setdefault(record.entity, []).append(row)
             changelog.append([
                 record.entity, record.key, record.op, record.version, record.ts_ms,
@@ -147,10 +160,14 @@ class ClickHouseSink:
                 now,
             ])
         try:
+            for entity, columns in added.items():
+                self._ensure_columns(entity, columns)
             for entity, rows in by_entity.items():
                 spec = ENTITIES[entity]
                 self.client.insert(
-                    f"{self.database}.{entity}", rows, column_names=[*spec.clickhouse_columns, *META_COLUMNS]
+                    f"{self.database}.{entity}",
+                    rows,
+                    column_names=[*spec.clickhouse_columns, *META_COLUMNS, *added.get(entity, [])],
                 )
             if changelog:
                 self.client.insert(f"{self.database}.changelog", changelog, column_names=CHANGELOG_COLUMNS)
@@ -164,6 +181,38 @@ class ClickHouseSink:
             raise RetriableSinkError(f"clickhouse: {exc}") from exc
         except DatabaseError as exc:
             raise FatalSinkError(f"clickhouse rejected the batch: {exc}") from exc
+
+    @staticmethod
+    def _added_columns(records: Sequence[ChangeRecord]) -> dict[str, list[str]]:
+        """Source columns an entity's mapping does not declare (added while the pipeline runs)."""
+        out: dict[str, list[str]] = {}
+        for record in records:
+            declared = ENTITIES[record.entity].clickhouse_columns
+            for name in record.after or {}:
+                if name not in declared and name not in META_COLUMNS and name not in out.get(record.entity, []):
+                    out.setdefault(record.entity, []).append(name)
+        return out
+
+    def _ensure_columns(self, entity: str, columns: list[str]) -> None:
+        """Schema evolution: a new source column becomes a Nullable(String) column (JSON text for
+        non-strings) of the warehouse table, added once, without a restart. Declaring it in the entity's
+        mapping (and a new schema version) later gives it a proper type."""
+        known = self._known_columns.get(entity)
+        if known is None or not set(columns) <= known:
+            rows = self.client.query(
+                "SELECT name FROM system.columns WHERE database = {db:String} AND table = {t:String}",
+                parameters={"db": self.database, "t": entity},
+            ).result_rows
+            known = {name for (name,) in rows}
+            self._known_columns[entity] = known
+        for name in columns:
+            if name not in known:
+                quoted = name.replace("`", "``")
+                self.client.command(
+                    f"ALTER TABLE {self.database}.{entity} ADD COLUMN IF NOT EXISTS `{quoted}` Nullable(String)"
+                )
+                known.add(name)
+                log.info("event=column_added table=%s.%s column=%s", self.database, entity, name)
 
     def close(self) -> None:
         if self._client is not None:

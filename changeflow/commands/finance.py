@@ -64,7 +64,7 @@ def report_finance(
         raise _fail(f"clickhouse unreachable at {settings.clickhouse_host}:{settings.clickhouse_port}: {exc}") from None
     except DatabaseError as exc:
         hint = ""
-        if "UNKNOWN_TABLE" in str(exc):
+        if "UNKNOWN_TABLE" in str(exc) or "UNKNOWN_DATABASE" in str(exc):
             hint = " (the ClickHouse sink has not created its tables yet: start the worker first)"
         raise _fail(f"clickhouse: {exc}{hint}") from None
 

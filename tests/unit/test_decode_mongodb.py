@@ -378,10 +378,16 @@ def test_partial_update_crosses_the_canonical_topic_and_fills_from_the_store() -
 
     [filled] = fill_partials([partial], fetch)
     assert filled.partial is False
-    assert filled.after == {
+    assert filled.after is not None
+    declared = {k: filled.after[k] for k in ("id", "email", "name", "status", "profile")}
+    assert declared == {
         "id": OID, "email": "ada@example.com", "name": "Ada Lovelace", "status": "active",
         "profile": {"city": "Lyon", "zip": None, "geo": {"lat": 45.764, "lon": 2.3522}},
     }
+    # Fields the schema does not declare travel in `extra` (JSON-typed) instead of being dropped...
+    assert filled.after["age"] == 36 and filled.after["balance"] == "99.95"
+    # ...but a dropped secret never does.
+    assert "hashed_password" not in filled.after
 
 
 def test_a_document_field_called_id_never_replaces_the_key() -> None:
