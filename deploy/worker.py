@@ -6,11 +6,21 @@ import sys
 
 import httpx
 
+from changeflow.settings import Settings
 from deploy.service import Service
 
 
 class WorkerService(Service):
+    """``instance`` > 1 runs another worker of the same consumer groups (scale-out), with its own pid,
+    log and web port (the configured port + instance - 1)."""
+
     name = "worker"
+
+    def __init__(self, settings: Settings, instance: int = 1) -> None:
+        if instance > 1:
+            settings = settings.model_copy(update={"worker_web_port": settings.worker_web_port + instance - 1})
+            self.name = f"worker-{instance}"
+        super().__init__(settings)
 
     @property
     def url(self) -> str:
@@ -28,6 +38,7 @@ class WorkerService(Service):
     def env(self) -> dict[str, str]:
         env = super().env()
         env["CHANGEFLOW_STATE_DIR"] = str(self.settings.state)
+        env["CHANGEFLOW_WORKER_WEB_PORT"] = str(self.settings.worker_web_port)
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 
