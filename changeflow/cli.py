@@ -16,7 +16,11 @@ from rich.table import Table
 
 from changeflow.commands import dlq as dlq_commands
 from changeflow.commands import sinks as sinks_commands
+from changeflow.commands.bench import bench as bench_command
 from changeflow.commands.finance import report_finance
+from changeflow.commands.rebuild import rebuild as rebuild_command
+from changeflow.commands.reconcile import reconcile as reconcile_command
+from changeflow.commands.watch import watch as watch_command
 from changeflow.settings import Settings
 
 app = typer.Typer(help="changeflow: change data capture from PostgreSQL and MongoDB into Redis, search and ClickHouse.",
@@ -29,7 +33,11 @@ app.add_typer(connectors_app, name="connectors")
 app.add_typer(report_app, name="report")
 app.add_typer(dlq_commands.app, name="dlq")
 app.add_typer(sinks_commands.app, name="sinks")
+app.command("rebuild")(rebuild_command)
 report_app.command("finance")(report_finance)
+app.command("reconcile")(reconcile_command)
+app.command("bench")(bench_command)
+app.command("watch")(watch_command)
 
 # Piped output (CI logs, tests) must not be cut at 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 200)

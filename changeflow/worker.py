@@ -8,12 +8,15 @@ topics to exist before the first record), then the sink runners start, then Faus
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
 import threading
 from typing import Any
 
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from changeflow import metrics
 from changeflow.settings import Settings
 from sinks import base as sink_base
 from sinks.runner import SinkRunner
@@ -56,7 +59,16 @@ def run(settings: Settings, sink_names: list[str] | None = None, loglevel: str =
     stop = threading.Event()
     names = sink_names if sink_names is not None else list(sink_base.registry())
     runners = [SinkRunner(sink_base.create(name, settings), settings, stop) for name in names]
-    threads = [threading.Thread(target=r.run, name=f"sink-{r.sink.name}", daemon=True) for r in runners]
+    def guarded(runner: SinkRunner) -> None:
+        """A fatal sink error stops the whole worker loudly (offsets stay uncommitted) instead of one
+        thread dying quietly while the others go on."""
+        try:
+            runner.run()
+        except Exception:
+            log.critical("sink=%s event=fatal stopping the worker", runner.sink.name, exc_info=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    threads = [threading.Thread(target=guarded, args=(r,), name=f"sink-{r.sink.name}", daemon=True) for r in runners]
     for thread in threads:
         thread.start()
     app = create_app(settings)
@@ -64,6 +76,10 @@ def run(settings: Settings, sink_names: list[str] | None = None, loglevel: str =
     @app.page("/changeflow/sinks/")
     async def sink_states(web: Any, request: Any) -> Any:
         return web.json({r.sink.name: r.state() for r in runners})
+
+    @app.page("/metrics")
+    async def prometheus_metrics(web: Any, request: Any) -> Any:
+        return web.bytes(metrics.exposition(), headers={"Content-Type": metrics.CONTENT_TYPE})
 
     worker = Worker(app, loglevel=loglevel, quiet=True)
     sys.argv = sys.argv[:1]

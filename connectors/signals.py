@@ -41,3 +41,48 @@ def key_filter(column: str, keys: Sequence[str], numeric: bool) -> str:
     else:
         values = ", ".join("'" + k.replace("'", "''") + "'" for k in keys)
     return f"{column} IN ({values})"
+
+
+NOTIFICATIONS_TOPIC = "changeflow.debezium.notifications"
+
+
+class SnapshotFailedError(RuntimeError):
+    pass
+
+
+def snapshot_state(bootstrap: str, signal_id: str) -> str | None:
+    """The latest notification type Debezium sent for this signal (STARTED, IN_PROGRESS, COMPLETED,
+    ABORTED...), read from the connector's notification topic (`notification.enabled.channels=sink`)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "changeflow-notifications",
+                         "enable.auto.commit": False})
+    try:
+        metadata = consumer.list_topics(NOTIFICATIONS_TOPIC, timeout=10).topics.get(NOTIFICATIONS_TOPIC)
+        if metadata is None or metadata.error is not None:
+            return None
+        ends = {}
+        parts = []
+        for p in metadata.partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(NOTIFICATIONS_TOPIC, p), timeout=10)
+            if high > low:
+                ends[p] = high
+                parts.append(TopicPartition(NOTIFICATIONS_TOPIC, p, low))
+        consumer.assign(parts)
+        state = None
+        while ends:
+            msg = consumer.poll(5)
+            if msg is None:
+                break
+            if msg.error() is not None:
+                continue
+            if (msg.offset() or 0) + 1 >= ends.get(msg.partition() or 0, 0):
+                ends.pop(msg.partition(), None)
+            raw = msg.value()
+            value = orjson.loads(raw) if raw else None
+            payload = value.get("payload", value) if isinstance(value, dict) else None
+            if isinstance(payload, dict) and payload.get("id") == signal_id:
+                state = str(payload.get("type"))
+        return state
+    finally:
+        consumer.close()

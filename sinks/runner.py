@@ -18,7 +18,8 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from tenacity import Retrying, retry_if_exception_type, wait_exponential
 
 import schemas
-from sinks.base import RetriableSinkError, Sink
+from changeflow import metrics
+from sinks.base import FatalSinkError, RetriableSinkError, Sink
 from streams.records import ChangeRecord
 
 if TYPE_CHECKING:
@@ -73,8 +74,13 @@ class SinkRunner:
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
                 "partition.assignment.strategy": "cooperative-sticky",
+                # A killed worker's partitions move to the survivors within seconds, not 45 s.
+                "session.timeout.ms": 10000,
+                "heartbeat.interval.ms": 2000,
                 "fetch.min.bytes": 1,
                 "queued.max.messages.kbytes": 65536,
+                "statistics.interval.ms": 5000,
+                "stats_cb": lambda stats: metrics.observe_consumer_stats(sink.name, stats),
             }
         )
         self.dlq = Producer({"bootstrap.servers": settings.kafka_bootstrap, "acks": "all"})
@@ -87,6 +93,7 @@ class SinkRunner:
             self.last_error = str(err)
             if self.failing_since is None:
                 self.failing_since = time.time()
+            metrics.count_error(self.sink.name, "retry")
             log.warning(
                 "sink=%s event=retry attempt=%s batch=%d error=%r", self.sink.name, attempt, len(records), str(err)
             )
@@ -146,6 +153,7 @@ class SinkRunner:
                     if err is not None:
                         if err.code() != KafkaError._PARTITION_EOF:
                             log.warning("sink=%s event=consume_error error=%s", self.sink.name, err)
+                            metrics.count_error(self.sink.name, "consume")
                         continue
                     if msg.value() is None:
                         continue
@@ -157,18 +165,25 @@ class SinkRunner:
                             self.sink.name, msg.topic(), msg.partition(), msg.offset(), str(exc),
                         )
                         self._to_dlq(msg, f"undecodable canonical record: {exc}")
+                        metrics.count_dead_letter(self.sink.name)
+                metrics.observe_consumed(self.sink.name, records)
                 started = time.perf_counter()
                 try:
                     self._write_with_retry(records)
+                except FatalSinkError:
+                    metrics.count_error(self.sink.name, "fatal")
+                    raise
                 except InterruptedError:
                     log.info("sink=%s event=stopped_uncommitted batch=%d", self.sink.name, len(records))
                     return
+                metrics.observe_written(self.sink.name, records, time.perf_counter() - started)
                 try:
                     self.consumer.commit(asynchronous=False)
                 except KafkaException as exc:
                     # e.g. a rebalance while the store was down: the batch is redelivered and the
                     # version guards make the second application a no-op.
                     log.warning("sink=%s event=commit_failed error=%s", self.sink.name, exc)
+                    metrics.count_error(self.sink.name, "commit")
                 self.applied += len(records)
                 log.debug(
                     "sink=%s event=batch size=%d ms=%.1f", self.sink.name, len(records),

@@ -11,6 +11,7 @@ is not newer (409, counted as already applied). Deletes are versioned too and ke
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,9 @@ GC_DELETES = "7d"
 # One document per entity holding the highest version applied, written with that version as its
 # external version, so the marker itself only ever moves forward.
 APPLIED_INDEX = "changeflow-applied"
+# entity → target index of a rebuild in progress; while a document is here every write of that entity
+# also goes to the target, under the same external version.
+REBUILDS_INDEX = "changeflow-rebuilds"
 RETRIABLE_STATUS = {429, 502, 503, 504}
 
 
@@ -61,6 +65,8 @@ class SearchSink:
         self.url = settings.search_url
         self._engine: str | None = None
         self._client: Any = None
+        self._targets: dict[str, str] = {}
+        self._targets_read_at = 0.0
 
     @property
     def client(self) -> Any:
@@ -69,17 +75,38 @@ class SearchSink:
             self._client = make_client(self.url, self._engine)
         return self._client
 
-    def _create_index(self, spec: EntitySpec) -> None:
-        assert spec.search_index is not None
+    def create_index(self, spec: EntitySpec, name: str, alias: str | None = None) -> None:
         settings = {"index": {"gc_deletes": GC_DELETES, "number_of_replicas": 0, "refresh_interval": "1s"}}
-        client = self.client
-        if client.indices.exists(index=spec.search_index):
-            return
+        aliases = {alias: {"is_write_index": True}} if alias else {}
         if self._engine == "opensearch":
-            body = {"settings": settings, "mappings": spec.search_mappings}
-            client.indices.create(index=spec.search_index, body=body)
+            body = {"settings": settings, "mappings": spec.search_mappings, "aliases": aliases}
+            self.client.indices.create(index=name, body=body)
         else:
-            client.indices.create(index=spec.search_index, settings=settings, mappings=spec.search_mappings)
+            self.client.indices.create(index=name, settings=settings, mappings=spec.search_mappings, aliases=aliases)
+
+    def _create_index(self, spec: EntitySpec) -> None:
+        """Stores write to the alias ``<index>``; the physical index behind it can be rebuilt and swapped."""
+        assert spec.search_index is not None
+        if self.client.indices.exists(index=spec.search_index):  # true for an alias too
+            return
+        self.create_index(spec, f"{spec.search_index}-000001", alias=spec.search_index)
+
+    def rebuild_targets(self) -> dict[str, str]:
+        """entity → the new physical index a running rebuild fills (`changeflow rebuild search`)."""
+        now = time.monotonic()
+        if now - self._targets_read_at > 1.0:
+            self._targets_read_at = now
+            try:
+                if self._engine == "opensearch":
+                    found = self.client.search(index=REBUILDS_INDEX, body={"size": 100})
+                else:
+                    found = self.client.search(index=REBUILDS_INDEX, size=100)
+                self._targets = {h["_id"]: h["_source"]["target"] for h in found["hits"]["hits"]}
+            except Exception as exc:
+                if _status(exc) != 404:
+                    raise _classify(exc) from exc
+                self._targets = {}
+        return self._targets
 
     def setup(self) -> None:
         try:
@@ -98,22 +125,25 @@ class SearchSink:
                 "_op_type": "index", "_index": APPLIED_INDEX, "_id": entity, "version": version,
                 "version_type": "external", "_source": {"entity": entity, "version": version, "ts_ms": ts_ms},
             }
+        targets = self.rebuild_targets()
         for record in records:
             spec = ENTITIES[record.entity]
             if spec.search_index is None:
                 continue
-            action: dict[str, Any] = {
-                "_index": spec.search_index,
-                "_id": record.key,
-                "version": record.version,
-                "version_type": "external",
-            }
-            if record.after is None:
-                action["_op_type"] = "delete"
-            else:
-                action["_op_type"] = "index"
-                action["_source"] = document(record)
-            yield action
+            if record.entity in targets:
+                yield from self._record_actions(record, targets[record.entity])
+            yield from self._record_actions(record, spec.search_index)
+
+    @staticmethod
+    def _record_actions(record: ChangeRecord, index: str) -> Iterator[dict[str, Any]]:
+        action: dict[str, Any] = {"_index": index, "_id": record.key, "version": record.version,
+                                  "version_type": "external"}
+        if record.after is None:
+            action["_op_type"] = "delete"
+        else:
+            action["_op_type"] = "index"
+            action["_source"] = document(record)
+        yield action
 
     def fetch_current(self, entity: str, keys: list[str]) -> dict[str, dict[str, Any]]:
         spec = ENTITIES[entity]

@@ -16,6 +16,7 @@ import faust
 import orjson
 
 import schemas
+from changeflow import metrics
 from streams.debezium import decode_postgres
 from streams.derived import price_changed
 from streams.entities import ENTITIES, MONGODB_ENTITIES, POSTGRES_ENTITIES
@@ -90,6 +91,8 @@ def create_app(settings: Settings) -> faust.App:
         broker_commit_interval=1.0,
         stream_buffer_maxsize=8192,
         consumer_auto_offset_reset="earliest",
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=2.0,
     )
     raw = app.topic(
         *raw_topic_names(settings), key_type=bytes, value_type=bytes, allow_empty=True
@@ -122,6 +125,7 @@ def create_app(settings: Settings) -> faust.App:
                     event.value, topic=msg.topic, partition=msg.partition, offset=msg.offset,
                     raw_key=event.key, entities=POSTGRES_ENTITIES,
                 )
+            metrics.observe_decode(msg.topic, result)
             if isinstance(result, ChangeRecord):
                 await canonical[result.entity].send(key=result.kafka_key.encode(), value=to_avro(result))
                 event = price_changed(result)

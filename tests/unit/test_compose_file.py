@@ -32,6 +32,7 @@ SECRETS = {
     "CHANGEFLOW_PG_SUPERUSER_PASSWORD": "sentinel-pg-superuser",
     "CHANGEFLOW_PG_REPLICATION_PASSWORD": "sentinel-pg-replication",
     "CHANGEFLOW_CLICKHOUSE_PASSWORD": "sentinel-clickhouse",
+    "CHANGEFLOW_GRAFANA_ADMIN_PASSWORD": "sentinel-grafana-admin",
 }
 
 # DESIGN.md, "Default local ports": service -> (Settings field, port).
@@ -172,6 +173,7 @@ def test_secrets_reach_only_the_services_that_need_them(model: dict) -> None:
         "CHANGEFLOW_PG_SUPERUSER_PASSWORD": ["postgres", "worker"],
         "CHANGEFLOW_PG_REPLICATION_PASSWORD": ["connect", "postgres", "worker"],
         "CHANGEFLOW_CLICKHOUSE_PASSWORD": ["clickhouse", "worker"],
+        "CHANGEFLOW_GRAFANA_ADMIN_PASSWORD": ["grafana"],
     }
 
 
@@ -211,6 +213,7 @@ def test_every_dependency_waits_for_health(model: dict) -> None:
     deps = {n: set(s.get("depends_on") or {}) for n, s in model["services"].items()}
     assert deps["connect"] >= {"kafka", "postgres", "mongodb"}
     assert deps["worker"] >= {"kafka", "connect", "redis", "elasticsearch", "clickhouse"}
+    assert deps["prometheus"] >= {"worker"} and deps["grafana"] >= {"prometheus"}
 
 
 # --- ports -----------------------------------------------------------------------------------------
@@ -365,6 +368,41 @@ def test_worker_is_built_here_and_configured_through_settings(model: dict) -> No
     assert env["CHANGEFLOW_SEARCH_HOST"] == "elasticsearch"
     assert env["CHANGEFLOW_CLICKHOUSE_DATABASE"] == _env(model["services"]["clickhouse"])["CLICKHOUSE_DB"]
     assert env["CHANGEFLOW_PG_DATABASE"] == _env(model["services"]["postgres"])["POSTGRES_DB"]
+
+
+def test_prometheus_scrapes_the_worker_and_grafana_shows_the_provisioned_dashboard(model: dict) -> None:
+    prometheus, grafana = _service(model, "prometheus"), _service(model, "grafana")
+    assert prometheus["image"].startswith("prom/prometheus:v3.")
+    assert grafana["image"].startswith("grafana/grafana:")
+    assert _published(prometheus)[9090] == ("127.0.0.1", 9090)
+    assert _published(grafana)[3000] == ("127.0.0.1", 3000)
+
+    def binds(service: dict) -> dict[str, Path]:
+        return {v["target"]: Path(v["source"]) for v in service["volumes"] if v["type"] == "bind"}
+
+    # The scrape config the container reads is the repo's, and it targets the worker's web port by its
+    # service name, at the path the worker serves.
+    flag = next(a for a in prometheus["command"] if a.startswith("--config.file="))
+    config = binds(prometheus)[flag.split("=", 1)[1]]
+    assert config == REPO / "deploy" / "docker" / "prometheus" / "prometheus.yml"
+    worker_port = _env(model["services"]["worker"])["CHANGEFLOW_WORKER_WEB_PORT"]
+    text = config.read_text()
+    assert f'targets: ["worker:{worker_port}"]' in text and "metrics_path: /metrics" in text
+
+    # Grafana: provisioning and dashboards from the repo; the datasource is this compose's Prometheus,
+    # and the dashboard provider reads the directory the dashboards are mounted at.
+    mounts = binds(grafana)
+    provisioning = mounts["/etc/grafana/provisioning"]
+    assert provisioning == REPO / "deploy" / "docker" / "grafana" / "provisioning"
+    assert "url: http://prometheus:9090" in (provisioning / "datasources" / "prometheus.yml").read_text()
+    provider = (provisioning / "dashboards" / "changeflow.yml").read_text()
+    dashboards_target = re.search(r"path:\s*(\S+)", provider)
+    assert dashboards_target is not None
+    assert mounts[dashboards_target.group(1)] == REPO / "deploy" / "docker" / "grafana" / "dashboards"
+    assert json.loads((mounts[dashboards_target.group(1)] / "changeflow.json").read_text())["panels"]
+    env = _env(grafana)
+    assert env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"  # anonymous visitors read, never edit
+    assert env["GF_SECURITY_ADMIN_PASSWORD"] == SECRETS["CHANGEFLOW_GRAFANA_ADMIN_PASSWORD"]
 
 
 def test_images_are_pinned(model: dict) -> None:

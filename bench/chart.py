@@ -1,0 +1,100 @@
+"""The run as one PNG: throughput side by side, freshness per store and load, snapshot per store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+STORE_COLOURS = {"redis": "#d62728", "search": "#1f77b4", "clickhouse": "#ff7f0e"}
+
+
+def _label(ax: Any, bars: Any, fmt: str = "{:,.0f}") -> None:
+    for bar in bars:
+        h = bar.get_height()
+        if h:
+            ax.annotate(fmt.format(h), (bar.get_x() + bar.get_width() / 2, h), ha="center", va="bottom", fontsize=8,
+                        xytext=(0, 2), textcoords="offset points")
+
+
+def write(result: dict[str, Any], path: Path) -> Path:
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.8), gridspec_kw={"width_ratios": [1.25, 1.2, 0.9]})
+    m = result.get("machine", {})
+    fig.suptitle(
+        f"changeflow bench ({result.get('mode')}, run {result.get('run_id')}) · {m.get('date', '')} · "
+        f"{m.get('cpus')} CPUs {m.get('cpu_model', '')} shared with the whole stack",
+        fontsize=11,
+    )
+
+    ax = axes[0]
+    b = result.get("backlog", {})
+    names = ["changeflow\n(Faust worker)", "changeflow\n(batch decode)", "naive\nconsumer", "ceiling\nconsume+decode"]
+    batch = b.get("batch_decode") or {}
+    values = [b.get("throughput_changes_per_s") or 0, batch.get("throughput_changes_per_s") or 0,
+              b.get("naive_changes_per_s") or 0, b.get("ceiling_changes_per_s") or 0]
+    bars = ax.bar(names, values, color=["#2ca02c", "#98df8a", "#7f7f7f", "#c7c7c7"])
+    _label(ax, bars)
+    naive, ceiling = values[2], values[3]
+    for bar, v in zip(bars[:2], values[:2], strict=True):
+        if v and naive and ceiling:
+            ax.annotate(f"{v / naive:.2f}x naive\n{v / ceiling:.2f}x ceiling", (bar.get_x() + bar.get_width() / 2, v),
+                        ha="center", va="bottom", fontsize=8, xytext=(0, 14), textcoords="offset points")
+    ax.axhline(20_000, color="black", linestyle="--", linewidth=1)
+    ax.text(3.45, 20_000, "target 20k", va="bottom", ha="right", fontsize=8)
+    ax.set_ylim(0, max([20_000, *values]) * 1.12)
+    ax.set_ylabel("changes/s")
+    ax.set_title(f"Backlog: {b.get('changes', 0):,} changes through decode + 3 sinks", fontsize=10)
+    ax.tick_params(axis="x", labelsize=8)
+
+    ax = axes[1]
+    fresh = result.get("freshness_ms", {})
+    unseen = {load: v for load, v in result.get("freshness", {}).items()}
+    loads = list(fresh)
+    width = 0.8 / 3
+    for i, store in enumerate(STORE_COLOURS):
+        xs = [j + (i - 1) * width for j in range(len(loads))]
+        p99 = [fresh[load][store]["p99"] or 0 for load in loads]
+        p50 = [fresh[load][store]["p50"] or 0 for load in loads]
+        bars = ax.bar(xs, p99, width, color=STORE_COLOURS[store], alpha=0.45, label=f"{store} p99")
+        ax.bar(xs, p50, width, color=STORE_COLOURS[store], label=f"{store} p50")
+        for bar, load in zip(bars, loads, strict=True):
+            censored = unseen.get(load, {}).get(store, {}).get("unseen", 0)
+            prefix = "≥" if censored else ""
+            ax.annotate(f"{prefix}{bar.get_height():,.0f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
+    ax.set_xticks(range(len(loads)), [load.replace("_per_s", "/s") for load in loads])
+    for target, colour in ((250, "#444"), (1000, "#888")):
+        ax.axhline(target, color=colour, linestyle="--", linewidth=1)
+        ax.text(len(loads) - 0.55, target, f"{target} ms", va="bottom", ha="right", fontsize=8)
+    ax.set_yscale("log")
+    top = max([1000.0, *(fresh[load][s]["p99"] or 0 for load in loads for s in STORE_COLOURS)])
+    ax.set_ylim(10, top * 8)
+    ax.set_ylabel("ms from PostgreSQL commit to visible (log)")
+    ax.set_title("Freshness, live pipeline (p50 solid, p99 light; ≥ = rows still unseen)", fontsize=10)
+    ax.legend(fontsize=7, ncol=3, loc="upper left")
+
+    ax = axes[2]
+    snap = result.get("snapshot", {})
+    per = snap.get("per_store_rows_per_s") or {}
+    bars = ax.bar(list(per), [v or 0 for v in per.values()], color=[STORE_COLOURS[s] for s in per])
+    _label(ax, bars)
+    if snap.get("debezium_rows_per_s"):
+        ax.axhline(snap["debezium_rows_per_s"], color="#9467bd", linestyle=":", linewidth=1.2)
+        ax.text(2.45, snap["debezium_rows_per_s"], "Debezium into Kafka", va="bottom", ha="right", fontsize=8,
+                color="#9467bd")
+    ax.axhline(50_000, color="black", linestyle="--", linewidth=1)
+    ax.text(2.45, 50_000, "target 50k (ClickHouse)", va="bottom", ha="right", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylim(10, 50_000 * 3)
+    ax.set_ylabel("rows/s (log)")
+    ax.set_title(f"Initial snapshot of {snap.get('rows', 0):,} rows", fontsize=10)
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,157 @@
+"""`changeflow bench`: changeflow against the consumers a user would otherwise write, on this machine, in one run."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from changeflow.settings import Settings
+
+console = Console(width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, soft_wrap=True)
+
+
+class Format(StrEnum):
+    table = "table"
+    json = "json"
+
+
+def _n(v: Any, unit: str = "") -> str:
+    if v is None:
+        return "-"
+    return f"{v:,.0f}{unit}" if isinstance(v, int | float) and abs(v) >= 10 else f"{v}{unit}"
+
+
+def _print(result: dict[str, Any]) -> None:
+    b = result.get("backlog", {})
+    if b:
+        t = Table(title=f"Backlog: {b['changes']:,} Debezium changes already in Kafka → decode → redis + search + "
+                        "clickhouse (one worker)")
+        for col in ("consumer", "changes/s", "x naive", "x ceiling", "how"):
+            t.add_column(col, justify="left" if col in ("consumer", "how") else "right")
+        batch = b.get("batch_decode", {})
+        t.add_row("changeflow worker", _n(result["throughput_changes_per_s"]), _n(result["ratio_vs_naive"]),
+                  _n(result["ratio_vs_ceiling"]), "production path: Faust decode agent + 3 sink runner threads")
+        t.add_row("changeflow, batch decode", _n(result["throughput_batch_decode_changes_per_s"]),
+                  _n(result["batch_decode_ratio_vs_naive"]), _n(result["batch_decode_ratio_vs_ceiling"]),
+                  "same functions, decode as a confluent-kafka batch loop (not shipped)")
+        t.add_row("naive consumer", _n(b["naive_changes_per_s"]), "1", _n(_div(b["naive_changes_per_s"],
+                  b["ceiling_changes_per_s"])), f"one at a time → Redis SET, sync commit ({b['naive_seconds']}s)")
+        t.add_row("ceiling", _n(b["ceiling_changes_per_s"]), _n(_div(b["ceiling_changes_per_s"],
+                  b["naive_changes_per_s"])), "1", "bare confluent-kafka consume + decode, no writes")
+        console.print(t)
+        s = Table(title="Backlog stages (changes/s)")
+        for col in ("pass", "decode stage", "redis", "search", "clickhouse"):
+            s.add_column(col, justify="right")
+        for name, v in (("Faust worker", b), ("batch decode", batch)):
+            per = v.get("per_sink_changes_per_s", {})
+            s.add_row(name, _n(v.get("decode_stage_changes_per_s")), _n(per.get("redis")), _n(per.get("search")),
+                      _n(per.get("clickhouse")))
+        console.print(s)
+    fresh = result.get("freshness", {})
+    if fresh:
+        t = Table(title="Freshness: ms from PostgreSQL commit to visible (live pipeline)")
+        for col in ("load", "store", "p50", "p95", "p99", "unseen"):
+            t.add_column(col, justify="right")
+        for v in fresh.values():
+            for store in ("redis", "search", "clickhouse"):
+                q = v[store]
+                t.add_row(f"{v['achieved_per_s']:,}/s", store, _n(q["p50"]), _n(q["p95"]), _n(q["p99"]),
+                          str(q["unseen"]))
+            st = v.get("stages", {})
+            t.add_row("", "[dim]→ raw topic[/]", _n(st.get("commit_to_raw_topic", {}).get("p50")), "",
+                      _n(st.get("commit_to_raw_topic", {}).get("p99")), "")
+            t.add_row("", "[dim]→ canonical[/]", _n(st.get("commit_to_canonical_topic", {}).get("p50")), "",
+                      _n(st.get("commit_to_canonical_topic", {}).get("p99")), "")
+        console.print(t)
+    snap = result.get("snapshot", {})
+    if snap:
+        t = Table(title=f"Snapshot of a {snap['rows']:,}-row table (new Debezium connector)")
+        for col in ("store", "rows/s", "rows/s from first record"):
+            t.add_column(col, justify="right")
+        for store, v in (snap.get("per_store_rows_per_s") or {}).items():
+            t.add_row(store, _n(v), _n((snap.get("per_store_rows_per_s_from_first_record") or {}).get(store)))
+        t.add_row("[dim]Debezium → Kafka[/]", _n(snap.get("debezium_rows_per_s")), "")
+        console.print(t)
+    t = Table(title="Targets")
+    for col in ("target", "goal", "measured", ""):
+        t.add_column(col)
+    for name, v in result["targets"].items():
+        mark = "-" if v["met"] is None else ("[green]met[/]" if v["met"] else "[red]missed[/]")
+        t.add_row(name, str(v["target"]), _n(v["measured"]), mark)
+    console.print(t)
+    m = result["machine"]
+    console.print(f"machine: {m['cpus']} x {m['cpu_model']}, {m['memory_gb']} GB, Python {m['python']}, "
+                  f"{m['date']}; run {result['run_id']} took {result['seconds']}s", highlight=False)
+
+
+def _div(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a and b else None
+
+
+def bench(
+    quick: Annotated[bool, typer.Option("--quick", help="Small sizes, under 3 minutes.")] = False,
+    full: Annotated[bool, typer.Option("--full", help="1M changes and a 1M-row snapshot.")] = False,
+    format: Annotated[Format, typer.Option("--format", help="table or json")] = Format.table,
+    chart: Annotated[Path | None, typer.Option(help="PNG path (default bench-<date>.png here).")] = None,
+    profile: Annotated[Path | None, typer.Option(help="Write pyinstrument profiles of every worker thread here.")]
+    = None,
+    changes: Annotated[int | None, typer.Option(help="Backlog size (overrides the mode).")] = None,
+    snapshot_rows: Annotated[int | None, typer.Option(help="Snapshot table size (overrides the mode).")] = None,
+    freshness_seconds: Annotated[float | None, typer.Option(help="Seconds of each steady load.")] = None,
+    rates: Annotated[str | None, typer.Option(help="Freshness loads, changes/s, comma-separated.")] = None,
+    naive_seconds: Annotated[float | None, typer.Option(help="Time budget of the naive consumer.")] = None,
+    stages: Annotated[str | None, typer.Option(help="Only these: backlog,snapshot,freshness.")] = None,
+    clean_up: Annotated[str | None, typer.Option("--clean-up", help="Only remove what run RUN_ID left behind.")]
+    = None,
+) -> None:
+    """Backlog throughput, freshness and snapshot speed, beside a naive consumer and the bare-loop ceiling."""
+    from bench import chart as chart_mod
+    from bench import run as run_mod
+    from bench.common import BenchSettings
+    from bench.pipeline import BenchWorkerError
+
+    settings = Settings()
+    if clean_up:
+        from bench.cleanup import cleanup
+
+        print(json.dumps(cleanup(BenchSettings(**settings.model_dump()), clean_up), indent=2))
+        return
+    if quick and full:
+        err.print("[bold red]error:[/] choose --quick or --full")
+        raise typer.Exit(2)
+    plan = run_mod.plan_for(
+        "quick" if quick else "full" if full else "default", changes=changes, snapshot_rows=snapshot_rows,
+        freshness_s=freshness_seconds, naive_budget_s=naive_seconds,
+        freshness_rates=tuple(int(r) for r in rates.split(",")) if rates else None,
+        stages=tuple(s.strip() for s in stages.split(",")) if stages else None,
+    )
+    unknown = set(plan.stages) - set(run_mod.STAGES)
+    if unknown:
+        err.print(f"[bold red]error:[/] unknown stages {sorted(unknown)}; known: {', '.join(run_mod.STAGES)}")
+        raise typer.Exit(2)
+    log_dir = Path(tempfile.mkdtemp(prefix="changeflow-bench-"))
+    try:
+        result = run_mod.run(settings, plan, log_dir, profile, lambda m: err.print(m, highlight=False))
+    except (BenchWorkerError, RuntimeError) as exc:
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(1) from None
+    path = chart or Path(f"bench-{datetime.now(UTC):%Y%m%d-%H%M%S}.png")
+    result["chart"] = str(chart_mod.write(result, path).resolve())
+    if profile is not None:
+        result["profile_dir"] = str(profile.resolve())
+    if format is Format.json:
+        print(json.dumps(result, indent=2, default=str))
+        return
+    _print(result)
+    console.print(f"chart: {result['chart']}", highlight=False)

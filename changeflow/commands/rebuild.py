@@ -1,0 +1,42 @@
+"""`changeflow rebuild <sink> [--entity E]`: rebuild a derived store from PostgreSQL while changes flow."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+from changeflow.settings import Settings
+
+console = Console()
+err = Console(stderr=True, soft_wrap=True)
+
+
+def rebuild(
+    sink: Annotated[str, typer.Argument(help="redis, search or clickhouse")],
+    entity: Annotated[str | None, typer.Option(help="Only this entity (default: all it stores).")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait per entity.")] = 1800.0,
+) -> None:
+    """Re-read the source through a Debezium incremental snapshot; search builds a new index and swaps its alias."""
+    from sinks.rebuild import RebuildError
+    from sinks.rebuild import rebuild as run
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as progress:
+        tasks: dict[str, TaskID] = {}
+
+        def show(name: str, done: int, total: int) -> None:
+            if name not in tasks:
+                tasks[name] = progress.add_task(f"rebuild {sink} {name}", total=total)
+            progress.update(tasks[name], completed=done, total=total)
+
+        try:
+            results = run(Settings(), sink, entity, timeout=timeout, progress=show)
+        except RebuildError as exc:
+            err.print(f"[bold red]error:[/] {exc}")
+            raise typer.Exit(1) from None
+    for r in results:
+        where = f" into index {r.index} (alias swapped)" if r.index else ""
+        console.print(f"rebuilt {sink} {r.entity}: {r.rows} rows{where} in {r.seconds:.1f}s")

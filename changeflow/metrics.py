@@ -1,0 +1,227 @@
+"""The worker's Prometheus metrics: one registry, served at ``/metrics`` on the worker's web port.
+
+Everything an on-call engineer needs to tell "slow", "stuck" and "losing data" apart, per sink (each
+sink is its own consumer group and can fall behind alone) and, where it matters, per entity:
+
+``changeflow_sink_events_in_total{sink, entity}``
+    Canonical records a sink consumed for its store. Counted before the write, so ``in - out`` is what
+    a sink holds while its store is down (it retries the same batch and commits nothing). Entities a
+    store has no mapping for (payments in the search index, ...) are left alone by the sink and are not
+    counted here, nor in ``out`` and freshness.
+``changeflow_sink_events_out_total{sink, entity}``
+    Records in batches the store accepted (offsets are committed right after). A replayed record the
+    version guard turns into a no-op still counts: it was delivered, the store decided.
+``changeflow_sink_batch_size{sink}`` (histogram)
+    Records per written batch (every consumed record, mapped or not). Batches near ``sink_batch_size``
+    mean the sink is catching up.
+``changeflow_sink_batch_duration_seconds{sink}`` (histogram)
+    Wall time to write one batch, retries included (a down store shows up as very long batches).
+``changeflow_sink_errors_total{sink, kind}``
+    ``kind`` is one of :data:`ERROR_KINDS`: ``retry`` (a retriable store failure; the batch is retried),
+    ``consume`` (Kafka consume error), ``commit`` (offset commit failed; the batch will be redelivered
+    and the version guard makes it a no-op), ``fatal`` (the store rejected a batch; the sink stops).
+``changeflow_sink_dead_letters_total{sink}``
+    Canonical messages a sink could not decode and sent to the dead-letter topic.
+``changeflow_sink_consumer_lag{sink, topic}``
+    Messages in a canonical topic not yet committed by the sink's group (librdkafka's own statistics,
+    refreshed every few seconds while the sink consumes).
+``changeflow_sink_applied_source_timestamp_seconds{sink, entity}``
+    Source commit time (``ts_ms``) of the newest record this worker has written per entity. It only
+    moves forward: a replay of old records (``sinks reset``, a redelivered batch) is not "newer".
+``changeflow_sink_applied_timestamp_seconds{sink, entity}``
+    When that newest record was written. With the gauge above: how old the newest applied change was
+    when it landed, and how long ago it did.
+``changeflow_freshness_seconds{sink, entity}`` (histogram)
+    For every written record: seconds from its source commit time to the moment its batch was written,
+    i.e. how stale a reader of that store could have been. Replays and snapshots show up as old.
+``changeflow_decode_total{topic, result}``
+    Raw Debezium messages the stream processor decoded, per source topic; ``result`` is one of
+    :data:`DECODE_RESULTS` (``record``: a canonical record was sent, ``skip``: understood and not
+    forwarded, e.g. heartbeats and tombstones, ``dead_letter``: sent to the dead-letter topic).
+
+The helpers below are what the sink runner and the stream call; they take plain values, so the metric
+logic is tested without Kafka.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import orjson
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+if TYPE_CHECKING:
+    from streams.records import ChangeRecord, Decoded
+
+# No `*_created` series: nothing reads them, and they would double the series per label set. (A process-
+# wide switch of prometheus_client; the worker has no other registry.)
+disable_created_metrics()
+REGISTRY = CollectorRegistry(auto_describe=True)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+ERROR_KINDS = ("retry", "consume", "commit", "fatal")
+DECODE_RESULTS = ("record", "skip", "dead_letter")
+
+# From "instant" to "a replay of old data": the interesting range for a CDC pipeline is 10 ms - 1 min.
+FRESHNESS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+BATCH_SIZE_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+BATCH_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+SINK_EVENTS_IN = Counter(
+    "changeflow_sink_events_in", "Canonical records a sink consumed.", ["sink", "entity"], registry=REGISTRY
+)
+SINK_EVENTS_OUT = Counter(
+    "changeflow_sink_events_out", "Records in batches the store accepted.", ["sink", "entity"], registry=REGISTRY
+)
+SINK_BATCH_SIZE = Histogram(
+    "changeflow_sink_batch_size", "Records per written batch.", ["sink"], buckets=BATCH_SIZE_BUCKETS,
+    registry=REGISTRY,
+)
+SINK_BATCH_SECONDS = Histogram(
+    "changeflow_sink_batch_duration_seconds", "Seconds to write one batch, retries included.", ["sink"],
+    buckets=BATCH_SECONDS_BUCKETS, registry=REGISTRY,
+)
+SINK_ERRORS = Counter(
+    "changeflow_sink_errors", "Sink errors by kind (retry, consume, commit, fatal).", ["sink", "kind"],
+    registry=REGISTRY,
+)
+SINK_DEAD_LETTERS = Counter(
+    "changeflow_sink_dead_letters", "Undecodable canonical messages a sink sent to the DLQ.", ["sink"],
+    registry=REGISTRY,
+)
+SINK_CONSUMER_LAG = Gauge(
+    "changeflow_sink_consumer_lag", "Messages not yet committed by the sink's consumer group.", ["sink", "topic"],
+    registry=REGISTRY,
+)
+SINK_APPLIED_SOURCE_TS = Gauge(
+    "changeflow_sink_applied_source_timestamp_seconds",
+    "Source commit time of the newest record in the last written batch.", ["sink", "entity"], registry=REGISTRY,
+)
+SINK_APPLIED_AT = Gauge(
+    "changeflow_sink_applied_timestamp_seconds", "When the sink last wrote a batch holding the entity.",
+    ["sink", "entity"], registry=REGISTRY,
+)
+FRESHNESS = Histogram(
+    "changeflow_freshness_seconds", "Seconds from source commit to the batch write, per written record.",
+    ["sink", "entity"], buckets=FRESHNESS_BUCKETS, registry=REGISTRY,
+)
+DECODE = Counter(
+    "changeflow_decode", "Raw Debezium messages decoded, by outcome.", ["topic", "result"], registry=REGISTRY
+)
+
+
+# (sink, entity) → newest source time written so far, so the applied gauges never move backwards.
+_newest: dict[tuple[str, str], float] = {}
+_newest_lock = threading.Lock()
+
+
+def exposition() -> bytes:
+    """The registry in the Prometheus text format (what ``/metrics`` returns)."""
+    return generate_latest(REGISTRY)
+
+
+def count_error(sink: str, kind: str) -> None:
+    if kind not in ERROR_KINDS:
+        raise ValueError(f"unknown error kind {kind!r}; known: {', '.join(ERROR_KINDS)}")
+    SINK_ERRORS.labels(sink=sink, kind=kind).inc()
+
+
+def count_dead_letter(sink: str) -> None:
+    SINK_DEAD_LETTERS.labels(sink=sink).inc()
+
+
+def stores(sink: str, entity: str) -> bool:
+    """Whether ``sink`` writes ``entity`` at all (an EntitySpec without a mapping leaves the store alone)."""
+    from streams.entities import ENTITIES
+
+    spec = ENTITIES.get(entity)
+    if spec is None:
+        return False
+    mapped = {
+        "redis": spec.redis_prefix is not None,
+        "search": spec.search_index is not None,
+        "clickhouse": bool(spec.clickhouse_columns),
+    }
+    return mapped.get(sink, True)
+
+
+def _per_entity(sink: str, records: Sequence[ChangeRecord]) -> dict[str, list[ChangeRecord]]:
+    out: dict[str, list[ChangeRecord]] = defaultdict(list)
+    for r in records:
+        out[r.entity].append(r)
+    return {entity: rs for entity, rs in out.items() if stores(sink, entity)}
+
+
+def observe_consumed(sink: str, records: Sequence[ChangeRecord]) -> None:
+    for entity, rs in _per_entity(sink, records).items():
+        SINK_EVENTS_IN.labels(sink=sink, entity=entity).inc(len(rs))
+
+
+def observe_written(
+    sink: str, records: Sequence[ChangeRecord], duration_s: float, written_at: float | None = None
+) -> None:
+    """After the store accepted a batch: counts, batch size and duration, freshness per record."""
+    if not records:
+        return
+    now = time.time() if written_at is None else written_at
+    SINK_BATCH_SIZE.labels(sink=sink).observe(len(records))
+    SINK_BATCH_SECONDS.labels(sink=sink).observe(duration_s)
+    for entity, rs in _per_entity(sink, records).items():
+        SINK_EVENTS_OUT.labels(sink=sink, entity=entity).inc(len(rs))
+        histogram = FRESHNESS.labels(sink=sink, entity=entity)
+        newest = 0
+        for r in rs:
+            newest = max(newest, r.ts_ms)
+            # A source clock slightly ahead of ours is not negative staleness.
+            histogram.observe(max(0.0, now - r.ts_ms / 1000))
+        with _newest_lock:
+            if newest / 1000 <= _newest.get((sink, entity), float("-inf")):
+                continue
+            _newest[(sink, entity)] = newest / 1000
+        SINK_APPLIED_SOURCE_TS.labels(sink=sink, entity=entity).set(newest / 1000)
+        SINK_APPLIED_AT.labels(sink=sink, entity=entity).set(now)
+
+
+def observe_decode(topic: str, result: Decoded) -> None:
+    from streams.records import ChangeRecord, DeadLetter
+
+    if isinstance(result, ChangeRecord):
+        outcome = "record"
+    else:
+        outcome = "dead_letter" if isinstance(result, DeadLetter) else "skip"
+    DECODE.labels(topic=topic, result=outcome).inc()
+
+
+def consumer_lag_from_stats(stats_json: str | bytes) -> dict[str, int]:
+    """topic → messages not yet committed, from librdkafka's statistics JSON (``stats_cb``).
+
+    librdkafka reports ``consumer_lag`` per assigned partition (-1 while unknown, e.g. before the first
+    fetch); the internal ``-1`` partition is its unassigned-messages queue, not a real partition.
+    """
+    stats = orjson.loads(stats_json)
+    out: dict[str, int] = {}
+    for topic, t in (stats.get("topics") or {}).items():
+        lags = [
+            int(p["consumer_lag"]) for pid, p in (t.get("partitions") or {}).items()
+            if pid != "-1" and int(p.get("consumer_lag", -1)) >= 0
+        ]
+        if lags:
+            out[topic] = sum(lags)
+    return out
+
+
+def observe_consumer_stats(sink: str, stats_json: str | bytes) -> None:
+    for topic, lag in consumer_lag_from_stats(stats_json).items():
+        SINK_CONSUMER_LAG.labels(sink=sink, topic=topic).set(lag)
