@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,39 @@ class SchemaVersion:
     json_fields: frozenset[str] = frozenset()
     # The row record's declared fields; anything else travels in its `extra` map (when it has one).
     row_fields: frozenset[str] = frozenset()
+    # Row fields with Avro's decimal logical type → their scale.
+    decimal_fields: dict[str, int] = field(default_factory=dict)
+
+
+def _decimal_fields(raw: dict[str, Any]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for f in raw.get("fields", []):
+        if f["name"] != "before":
+            continue
+        for branch in f["type"] if isinstance(f["type"], list) else [f["type"]]:
+            if isinstance(branch, dict) and branch.get("type") == "record":
+                for col in branch["fields"]:
+                    for t in col["type"] if isinstance(col["type"], list) else [col["type"]]:
+                        if isinstance(t, dict) and t.get("logicalType") == "decimal":
+                            out[col["name"]] = int(t.get("scale", 0))
+    return out
+
+
+def _coerce_decimals(row: dict[str, Any] | None, sv: SchemaVersion) -> dict[str, Any] | None:
+    """NUMERIC decoded in `decimal.handling.mode=string` or `double` arrives as text or float: make it the
+    exact Decimal the schema declares (a value that is not a number is an error for the caller)."""
+    if row is None or not sv.decimal_fields:
+        return row
+    out = dict(row)
+    for name, scale in sv.decimal_fields.items():
+        value = out.get(name)
+        if value is None or isinstance(value, Decimal):
+            continue
+        try:
+            out[name] = Decimal(str(value)).quantize(Decimal(1).scaleb(-scale))
+        except InvalidOperation:
+            raise ValueError(f"{sv.entity}.{name}: {value!r} is not a decimal number") from None
+    return out
 
 
 def _row_fields(raw: dict[str, Any]) -> frozenset[str]:
@@ -68,7 +102,8 @@ def _load(path: Path) -> SchemaVersion:
     parsed = parse_schema(raw)
     fp = bytes.fromhex(fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO"))
     return SchemaVersion(
-        path.parent.name, int(path.stem.lstrip("v")), path, parsed, fp, _json_fields(raw), _row_fields(raw)
+        path.parent.name, int(path.stem.lstrip("v")), path, parsed, fp, _json_fields(raw), _row_fields(raw),
+        _decimal_fields(raw),
     )
 
 
@@ -126,8 +161,8 @@ def encode(entity: str, record: dict[str, Any]) -> bytes:
     sv = latest(entity)
     record = {
         **record,
-        "before": _split_extra(_map_json(record.get("before"), sv.json_fields, _dump_json), sv),
-        "after": _split_extra(_map_json(record.get("after"), sv.json_fields, _dump_json), sv),
+        "before": _split_extra(_map_json(_coerce_decimals(record.get("before"), sv), sv.json_fields, _dump_json), sv),
+        "after": _split_extra(_map_json(_coerce_decimals(record.get("after"), sv), sv.json_fields, _dump_json), sv),
     }
     buf = io.BytesIO()
     buf.write(MAGIC)

@@ -127,7 +127,14 @@ def create_app(settings: Settings) -> faust.App:
                 )
             metrics.observe_decode(msg.topic, result)
             if isinstance(result, ChangeRecord):
-                await canonical[result.entity].send(key=result.kafka_key.encode(), value=to_avro(result))
+                try:
+                    encoded = to_avro(result)
+                except (ValueError, TypeError, ArithmeticError, schemas.UnknownSchemaError) as exc:
+                    # A row that violates its entity's schema (validation) is a dead letter, not a crash.
+                    result = DeadLetter(event.key, event.value, msg.topic, msg.partition, msg.offset,
+                                        f"fails the {result.entity} schema: {type(exc).__name__}: {exc}")
+            if isinstance(result, ChangeRecord):
+                await canonical[result.entity].send(key=result.kafka_key.encode(), value=encoded)
                 event = price_changed(result)
                 if event is not None:
                     await price_events.send(key=result.kafka_key.encode(), value=orjson.dumps(event))

@@ -138,6 +138,8 @@ def decode_postgres(
     schema = message.get("schema") or {}
     if not isinstance(payload, dict):
         return dead("payload is not an object")
+    if payload.get("status") in ("BEGIN", "END") and "op" not in payload:
+        return Skip("transaction metadata")
     if schema.get("name", "").endswith(".Heartbeat") or (
         "ts_ms" in payload and "op" not in payload and "source" not in payload
     ):

@@ -119,3 +119,41 @@ def test_price_change_emits_product_price_changed(
     finally:
         consumer.close()
         pg.execute("DELETE FROM products WHERE sku LIKE %s", (f"{sku_prefix}-%",))
+
+
+def test_primary_key_change_moves_the_row_in_every_store(
+    pipeline: Settings, pg: psycopg.Connection[Any], sku_prefix: str
+) -> None:
+    """Debezium turns it into a delete of the old key (plus tombstone) and a create of the new one."""
+    import httpx
+
+    row = pg.execute(
+        "INSERT INTO products (sku, name, price_cents, stock) VALUES (%s, 'rekeyed', 700, 1) RETURNING id",
+        (f"{sku_prefix}-K",),
+    ).fetchone()
+    assert row is not None
+    old = int(row[0])
+    new = old + 900_000_000
+    rds = redis.Redis.from_url(pipeline.redis_url, decode_responses=True)
+    ch = client_for(pipeline)
+    try:
+        eventually(lambda: rds.get(f"product:{old}"), what="old key in redis")
+        pg.execute("UPDATE products SET id = %s WHERE id = %s", (new, old))
+        moved = eventually(lambda: rds.get(f"product:{new}"), what="new key in redis")
+        assert json.loads(moved)["sku"] == f"{sku_prefix}-K"
+        eventually(lambda: rds.get(f"product:{old}") is None, what="old key gone from redis")
+
+        def doc(key: int) -> int:
+            return httpx.get(f"{pipeline.search_url}/products/_doc/{key}", timeout=5).status_code
+
+        eventually(lambda: doc(new) == 200 and doc(old) == 404, what="search moved")
+
+        def ch_ids() -> list[int]:
+            rows = ch.query("SELECT id FROM changeflow.products FINAL WHERE sku = {s:String}",
+                            parameters={"s": f"{sku_prefix}-K"}).result_rows
+            return [r[0] for r in rows]
+
+        eventually(lambda: ch_ids() == [new], what="clickhouse moved")
+    finally:
+        pg.execute("DELETE FROM products WHERE sku LIKE %s", (f"{sku_prefix}-%",))
+        ch.close()

@@ -1,0 +1,74 @@
+"""NUMERIC in every decimal.handling.mode ends as the exact Decimal the canonical schema declares."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+import schemas
+from streams.app import to_avro
+from streams.debezium import convert_value, decode_postgres
+from streams.entities import POSTGRES_ENTITIES
+from streams.records import ChangeRecord, Skip
+from tests.unit.envelopes import decimal_bytes, encoded, envelope
+
+UUID = "0b6f2c9e-3d1a-4c55-9a7e-2f1d0c3b4a59"
+
+
+def payment_fields(amount_schema: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        {"type": "string", "optional": False, "name": "io.debezium.data.Uuid", "version": 1, "field": "id"},
+        {"type": "string", "optional": False, "name": "io.debezium.data.Uuid", "version": 1, "field": "order_id"},
+        {**amount_schema, "field": "amount"},
+        {"type": "string", "optional": False, "field": "status"},
+        {"type": "string", "optional": True, "field": "provider_ref"},
+        {"type": "int64", "optional": False, "name": "io.debezium.time.MicroTimestamp", "version": 1,
+         "field": "created_at"},
+    ]
+
+
+MODES = {
+    "precise": ({"type": "bytes", "name": "org.apache.kafka.connect.data.Decimal", "version": 1,
+                 "parameters": {"scale": "2", "connect.decimal.precision": "12"}}, decimal_bytes(-123456)),
+    "string": ({"type": "string", "optional": False}, "-1234.56"),
+    "double": ({"type": "double", "optional": False}, -1234.56),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_amount_is_exact_through_the_canonical_topic(mode: str) -> None:
+    schema, raw = MODES[mode]
+    row = {"id": UUID, "order_id": UUID, "amount": raw, "status": "captured", "provider_ref": None,
+           "created_at": 1_700_000_000_000_000}
+    result = decode_postgres(encoded(envelope("c", None, row, table="payments", fields=payment_fields(schema))),
+                             topic="commerce.public.payments", partition=0, offset=1, entities=POSTGRES_ENTITIES)
+    assert isinstance(result, ChangeRecord)
+    _, decoded = schemas.decode(to_avro(result))
+    assert decoded["after"]["amount"] == Decimal("-1234.56")
+    assert str(decoded["after"]["amount"]) == "-1234.56"
+
+
+def test_an_amount_that_is_not_a_number_fails_validation_with_a_clear_reason() -> None:
+    row = {"id": UUID, "order_id": UUID, "amount": "twelve", "status": "captured", "provider_ref": None,
+           "created_at": 1_700_000_000_000_000}
+    result = decode_postgres(encoded(envelope("c", None, row, table="payments",
+                                              fields=payment_fields(MODES["string"][0]))),
+                             topic="t", partition=0, offset=1, entities=POSTGRES_ENTITIES)
+    assert isinstance(result, ChangeRecord)
+    with pytest.raises(ValueError, match=r"payments.amount: 'twelve' is not a decimal number"):
+        to_avro(result)
+
+
+def test_text_arrays_and_enums_pass_as_python_values() -> None:
+    assert convert_value(["a", "b"], {"type": "array", "items": {"type": "string"}}) == ["a", "b"]
+    assert convert_value("shipped", {"type": "string", "name": "io.debezium.data.Enum",
+                                     "parameters": {"allowed": "pending,shipped"}}) == "shipped"
+
+
+def test_transaction_metadata_is_skipped() -> None:
+    message = {"schema": {}, "payload": {"status": "BEGIN", "id": "571:53195829", "event_count": None,
+                                         "data_collections": None, "ts_ms": 1_700_000_000_000}}
+    assert decode_postgres(encoded(message), topic="commerce.transaction", partition=0, offset=0,
+                           entities=POSTGRES_ENTITIES) == Skip("transaction metadata")
