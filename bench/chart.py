@@ -66,7 +66,9 @@ def write(result: dict[str, Any], path: Path) -> Path:
             prefix = "≥" if censored else ""
             ax.annotate(f"{prefix}{bar.get_height():,.0f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
-    ax.set_xticks(range(len(loads)), [load.replace("_per_s", "/s") for load in loads])
+    ticks = [f"{load.replace('_per_s', '/s')} target\n{unseen.get(load, {}).get('achieved_per_s', 0):,}/s achieved"
+             for load in loads]
+    ax.set_xticks(range(len(loads)), ticks)
     for target, colour in ((250, "#444"), (1000, "#888")):
         ax.axhline(target, color=colour, linestyle="--", linewidth=1)
         ax.text(len(loads) - 0.55, target, f"{target} ms", va="bottom", ha="right", fontsize=8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
@@ -10,7 +11,8 @@ from rich.console import Console
 from changeflow.settings import Settings
 
 app = typer.Typer(help="Operate the sinks (each is its own consumer group).", no_args_is_help=True)
-console = Console()
+# Piped output (CI logs, scripts) must not be cut at 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, soft_wrap=True)
 
 

@@ -151,7 +151,15 @@ def store_state(settings: Settings) -> dict[str, Any]:
 
 def test_full_replay_from_earliest_leaves_every_store_exactly_as_it_was(pipeline: Settings) -> None:
     worker = WorkerService(pipeline)
-    eventually(lambda: all(s.lag == 0 for s in collect(pipeline).sinks), timeout=60, what="sinks idle")
+
+    def quiet() -> bool:
+        status = collect(pipeline)
+        return status.stream_lag == 0 and all(s.lag == 0 for s in status.sinks)
+
+    eventually(quiet, timeout=60, what="stream and sinks idle")
+    # Changes of earlier tests may still be on their way from the WAL: wait until the stores stop moving.
+    eventually(lambda: (a := store_state(pipeline)) == (time.sleep(2) or store_state(pipeline)) and quiet() and a,
+               timeout=90, interval=0, what="stores stable")
     worker.stop()
     try:
         before = store_state(pipeline)
