@@ -3,17 +3,22 @@
 The ``decode`` agent reads Debezium's raw topics, turns each message into a canonical record (Avro,
 single-object encoding) on ``changeflow.<entity>`` keyed ``entity:key`` (so one row's changes stay in
 order in one partition), or into a dead letter on ``changeflow.dlq`` with the original bytes and the
-reason; the stream goes on either way. Faust commits a raw offset only after the agent has processed
-the event and the producer has delivered what it sent.
+reason; the stream goes on either way. The agent works in batches (Faust's ``take_events``), produces
+with the C client and waits for every delivery before Faust may ack and commit the batch's raw offsets:
+at least once, at a fraction of the per-message cost of ``topic.send``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import signal
 from typing import TYPE_CHECKING, Any
 
 import faust
 import orjson
+from confluent_kafka import Producer
 
 import schemas
 from changeflow import metrics
@@ -110,40 +115,78 @@ def create_app(settings: Settings) -> faust.App:
     )
 
     flavours = raw_topics(settings)
+    canonical_names = {entity: topic.get_topic_name() for entity, topic in canonical.items()}
+    price_topic = price_events.get_topic_name()
+    dlq_topic = dlq.get_topic_name()
+    producer = Producer({
+        "bootstrap.servers": settings.kafka_bootstrap,
+        "acks": "all",
+        "enable.idempotence": True,
+        "linger.ms": 5,
+        "compression.type": "lz4",
+        "queue.buffering.max.messages": 1_000_000,
+    })
+    failures: list[str] = []
+
+    def on_delivery(err: Any, _msg: Any) -> None:
+        if err is not None:
+            failures.append(str(err))
+
+    def produce(topic: str, key: bytes | None, value: bytes | None, headers: Any = None) -> None:
+        while True:
+            try:
+                producer.produce(topic, key=key, value=value, headers=headers, on_delivery=on_delivery)
+                return
+            except BufferError:  # local queue full: let deliveries drain
+                producer.poll(0.05)
+
+    def decode_one(event: Any) -> None:
+        msg = event.message
+        if flavours.get(msg.topic) == "mongodb":
+            result = decode_mongodb(
+                event.value, topic=msg.topic, partition=msg.partition, offset=msg.offset,
+                raw_key=event.key, entities=MONGODB_ENTITIES,
+            )
+        else:
+            result = decode_postgres(
+                event.value, topic=msg.topic, partition=msg.partition, offset=msg.offset,
+                raw_key=event.key, entities=POSTGRES_ENTITIES,
+            )
+        metrics.observe_decode(msg.topic, result)
+        if isinstance(result, ChangeRecord):
+            try:
+                encoded = to_avro(result)
+            except (ValueError, TypeError, ArithmeticError, schemas.UnknownSchemaError) as exc:
+                # A row that violates its entity's schema (validation) is a dead letter, not a crash.
+                result = DeadLetter(event.key, event.value, msg.topic, msg.partition, msg.offset,
+                                    f"fails the {result.entity} schema: {type(exc).__name__}: {exc}")
+        if isinstance(result, ChangeRecord):
+            key = result.kafka_key.encode()
+            produce(canonical_names[result.entity], key, encoded)
+            derived = price_changed(result)
+            if derived is not None:
+                produce(price_topic, key, orjson.dumps(derived))
+        elif isinstance(result, DeadLetter):
+            log.warning(
+                "event=dead_letter topic=%s partition=%s offset=%s reason=%r",
+                result.topic, result.partition, result.offset, result.reason,
+            )
+            produce(dlq_topic, result.raw_key, result.raw_value, list(dead_letter_headers(result).items()))
 
     @app.agent(raw)
     async def decode(stream: Any) -> None:
-        async for event in stream.events():
-            msg = event.message
-            if flavours.get(msg.topic) == "mongodb":
-                result = decode_mongodb(
-                    event.value, topic=msg.topic, partition=msg.partition, offset=msg.offset,
-                    raw_key=event.key, entities=MONGODB_ENTITIES,
-                )
-            else:
-                result = decode_postgres(
-                    event.value, topic=msg.topic, partition=msg.partition, offset=msg.offset,
-                    raw_key=event.key, entities=POSTGRES_ENTITIES,
-                )
-            metrics.observe_decode(msg.topic, result)
-            if isinstance(result, ChangeRecord):
-                try:
-                    encoded = to_avro(result)
-                except (ValueError, TypeError, ArithmeticError, schemas.UnknownSchemaError) as exc:
-                    # A row that violates its entity's schema (validation) is a dead letter, not a crash.
-                    result = DeadLetter(event.key, event.value, msg.topic, msg.partition, msg.offset,
-                                        f"fails the {result.entity} schema: {type(exc).__name__}: {exc}")
-            if isinstance(result, ChangeRecord):
-                await canonical[result.entity].send(key=result.kafka_key.encode(), value=encoded)
-                event = price_changed(result)
-                if event is not None:
-                    await price_events.send(key=result.kafka_key.encode(), value=orjson.dumps(event))
-            elif isinstance(result, DeadLetter):
-                log.warning(
-                    "event=dead_letter topic=%s partition=%s offset=%s reason=%r",
-                    result.topic, result.partition, result.offset, result.reason,
-                )
-                await dlq.send(key=result.raw_key, value=result.raw_value, headers=dead_letter_headers(result))
+        """Batches: decode, produce with the C client, wait for every delivery, and only then let Faust
+        ack (and later commit) the batch's raw offsets. A delivery that fails stops the process hard, so
+        no offset past an undelivered record is ever committed."""
+        loop = asyncio.get_running_loop()
+        async for events in stream.take_events(5000, within=0.05):
+            for event in events:
+                decode_one(event)
+            remaining = await loop.run_in_executor(None, producer.flush, 60)
+            if remaining or failures:
+                log.critical("event=delivery_failed undelivered=%s errors=%r; stopping without commit",
+                             remaining, failures[:3])
+                os.kill(os.getpid(), signal.SIGKILL)
 
     app.changeflow_settings = settings  # type: ignore[attr-defined]
     return app

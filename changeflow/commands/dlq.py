@@ -70,7 +70,8 @@ def list_(
         console.print(f"no dead letters on {settings.dlq_topic}")
         return
     table = Table(title=f"dead letters on {settings.dlq_topic}: {len(entries)} of {total}")
-    for col in ("id", "error", "dead at", "key", "value", "copies", "replayed"):
+    table.add_column("id", no_wrap=True)  # ids are copied into `dlq replay --id`: never split them
+    for col in ("error", "dead at", "key", "value", "copies", "replayed"):
         table.add_column(col, overflow="fold")
     for e in entries:
         done = replays.get(e.id)
