@@ -149,8 +149,18 @@ def store_state(settings: Settings) -> dict[str, Any]:
     }
 
 
-def test_full_replay_from_earliest_leaves_every_store_exactly_as_it_was(pipeline: Settings) -> None:
+def test_full_replay_from_earliest_leaves_every_store_exactly_as_it_was(pipeline: Settings, sku_prefix: str) -> None:
     worker = WorkerService(pipeline)
+    # History of our own to replay: inserts, updates and deletes (older records the guards must refuse).
+    with psycopg.connect(pipeline.pg_dsn, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO products (sku, name, price_cents, stock) "
+            "SELECT %s || '-' || g, 'replay ' || g, 100 * g, g FROM generate_series(1, 30) g",
+            (sku_prefix,),
+        )
+        conn.execute("UPDATE products SET price_cents = price_cents + 5 WHERE sku LIKE %s", (f"{sku_prefix}-%",))
+        conn.execute("DELETE FROM products WHERE sku IN (%s, %s, %s)",
+                     (f"{sku_prefix}-1", f"{sku_prefix}-2", f"{sku_prefix}-3"))
 
     def quiet() -> bool:
         status = collect(pipeline)
@@ -172,8 +182,12 @@ def test_full_replay_from_earliest_leaves_every_store_exactly_as_it_was(pipeline
     finally:
         worker.start()
         worker.wait_healthy(120)
-    eventually(lambda: all(s.lag == 0 for s in collect(pipeline).sinks), timeout=180, what="replay finished")
-    assert store_state(pipeline) == before
+    eventually(lambda: all(s.lag == 0 for s in collect(pipeline).sinks), timeout=300, what="replay finished")
+    after = store_state(pipeline)
+    assert len([k for k in after["redis"] if k.startswith("product:")]) >= 27
+    assert after == before
+    with psycopg.connect(pipeline.pg_dsn, autocommit=True) as conn:
+        conn.execute("DELETE FROM products WHERE sku LIKE %s", (f"{sku_prefix}-%",))
 
 
 def test_reset_refuses_while_the_worker_runs(pipeline: Settings) -> None:
