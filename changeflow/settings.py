@@ -24,9 +24,10 @@ class Settings(BaseSettings):
     pg_database: str = "commerce"
     pg_superuser: str = "postgres"
     # Debezium's replication role; its password is passed to Kafka Connect through the
-    # environment (EnvVarConfigProvider), never written into a committed file.
+    # environment (EnvVarConfigProvider), never written into a committed file. Unset: the native stack
+    # generates one under <state_dir>/secrets/ (deploy/secrets.py).
     pg_replication_user: str = "debezium"
-    pg_replication_password: SecretStr = SecretStr("debezium-local")
+    pg_replication_password: SecretStr | None = None
     pg_publication: str = "changeflow_pub"
     pg_slot: str = "changeflow_commerce"
 

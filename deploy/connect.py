@@ -19,7 +19,7 @@ Why this shape:
   without a schema registry, which this project's registries do not offer (Confluent's is not served).
 - Secrets by reference: ``config.providers`` ``env`` (EnvVarConfigProvider) and ``file``
   (FileConfigProvider), so a connector file says ``${env:CHANGEFLOW_PG_REPLICATION_PASSWORD}``; the
-  worker gets that variable from ``Settings.pg_replication_password`` (``env()``).
+  worker gets that variable from ``deploy.secrets.replication_password`` (``env()``).
 - ``plugin.discovery=service_load``: Debezium 3 and Kafka's own plugins ship ServiceLoader manifests, so
   the worker skips scanning every class of every jar at start (seconds on 2 cores).
 
@@ -47,6 +47,7 @@ from deploy.jvm import (
     write_if_changed,
 )
 from deploy.kafka import KAFKA_VERSION, LOG4J2
+from deploy.secrets import replication_password
 from deploy.service import Service
 
 DEBEZIUM_VERSION = "3.5.0.Final"
@@ -167,7 +168,7 @@ class ConnectService(Service):
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env[PG_PASSWORD_ENV] = self.settings.pg_replication_password.get_secret_value()
+        env[PG_PASSWORD_ENV] = replication_password(self.settings)
         # Where the connector files' ${env:...} references point on this stack.
         env["CHANGEFLOW_PG_HOST"] = self.settings.pg_host
         env["CHANGEFLOW_PG_PORT"] = str(self.settings.pg_port)

@@ -16,6 +16,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
+from deploy.secrets import replication_password
 from deploy.service import Service, ServiceError
 
 PG_MAJOR = "15"
@@ -159,6 +160,6 @@ class PostgresService(Service):
             conn.execute(
                 sql.SQL("ALTER ROLE {} WITH LOGIN REPLICATION PASSWORD {}").format(
                     sql.Identifier(s.pg_replication_user),
-                    sql.Literal(s.pg_replication_password.get_secret_value()),
+                    sql.Literal(replication_password(s)),
                 )
             )

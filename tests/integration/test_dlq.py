@@ -235,9 +235,12 @@ def test_fixed_dead_letter_replays_into_the_stores_once(
         assert unknown.returncode == 1
         assert f"unknown dead-letter id: {SOURCE}:{partition}:1{origin_offset}" in unknown.stderr
     finally:
-        # Only this test's own id. The replay record stays, so `replay --all` never brings this row back.
-        rds.delete(redis_key)
-        rds.hdel(VERSIONS_KEY, redis_key)
-        ch.command(f"ALTER TABLE changeflow.products DELETE WHERE id = {pid:d}")
-        ch.command(f"ALTER TABLE changeflow.changelog DELETE WHERE entity = 'products' AND key = '{pid:d}'")
-        httpx.delete(f"{pipeline.search_url}/products/_doc/{pid}", params={"refresh": "true"}, timeout=10)
+        # The row never existed in PostgreSQL: retract it the way the source would, with a newer delete
+        # through the pipeline, so every store (and any later full replay) ends without it.
+        delete = encoded(envelope("d", product_row(pid, sku=sku), None, lsn=lsn + 1, ts_ms=int(time.time() * 1000)))
+        produce(pipeline, SOURCE, key, delete, partition)
+        eventually(lambda: rds.get(redis_key) is None, timeout=90, what="retracted from redis")
+        eventually(lambda: not ch.query("SELECT 1 FROM changeflow.products FINAL WHERE id = {id:Int64}",
+                                        parameters={"id": pid}).result_rows, timeout=90, what="retracted from ch")
+        eventually(lambda: httpx.get(f"{pipeline.search_url}/products/_doc/{pid}", timeout=10).status_code == 404,
+                   timeout=90, what="retracted from search")
