@@ -39,6 +39,7 @@ def client_for(settings: Settings) -> Any:
         password=settings.clickhouse_password.get_secret_value(),
         connect_timeout=10,
         send_receive_timeout=60,
+        compress=settings.clickhouse_compress,
     )
 
 
@@ -141,36 +142,55 @@ class ClickHouseSink:
     def write_batch(self, records: Sequence[ChangeRecord]) -> None:
         records = fill_partials(records, self.fetch_current)
         now = datetime.now(UTC)
-        by_entity: dict[str, list[list[Any]]] = {}
-        changelog: list[list[Any]] = []
         added = self._added_columns(records)
+        by_entity: dict[str, list[ChangeRecord]] = {}
         for record in records:
-            spec = ENTITIES[record.entity]
-            image = record.after if record.after is not None else (record.before or {})
-            row = [_column_value(image.get(col)) for col in spec.clickhouse_columns]
-            if row[0] is None:
-                row[0] = record.key
-            row += [record.version, 1 if record.is_delete else 0, record.ts_ms, now]
-            row += [_added_value(image.get(col)) for col in added.get(record.entity, [])]
-            by_entity.setdefault(record.entity, []).append(row)
-            changelog.append([
-                record.entity, record.key, record.op, record.version, record.ts_ms,
-                None if record.before is None else json.dumps(record.before).decode(),
-                None if record.after is None else json.dumps(record.after).decode(),
-                now,
-            ])
+            by_entity.setdefault(record.entity, []).append(record)
+        # Column-oriented: the Native format is columnar, so building columns here spares the client a
+        # row-to-column pivot of every batch.
+        tables: dict[str, list[list[Any]]] = {}
+        for entity, group in by_entity.items():
+            spec = ENTITIES[entity]
+            images = [r.after if r.after is not None else (r.before or {}) for r in group]
+            columns: list[list[Any]] = [
+                [_column_value(image.get(col)) for image in images] for col in spec.clickhouse_columns
+            ]
+            keys = columns[0]
+            for i, value in enumerate(keys):
+                if value is None:
+                    keys[i] = group[i].key
+            columns += [
+                [r.version for r in group],
+                [1 if r.is_delete else 0 for r in group],
+                [r.ts_ms for r in group],
+                [now] * len(group),
+            ]
+            columns += [[_added_value(image.get(col)) for image in images] for col in added.get(entity, [])]
+            tables[entity] = columns
+        changelog = [
+            [r.entity for r in records],
+            [r.key for r in records],
+            [r.op for r in records],
+            [r.version for r in records],
+            [r.ts_ms for r in records],
+            [None if r.before is None else json.dumps(r.before).decode() for r in records],
+            [None if r.after is None else json.dumps(r.after).decode() for r in records],
+            [now] * len(records),
+        ]
         try:
-            for entity, columns in added.items():
-                self._ensure_columns(entity, columns)
-            for entity, rows in by_entity.items():
+            for entity, names in added.items():
+                self._ensure_columns(entity, names)
+            for entity, data in tables.items():
                 spec = ENTITIES[entity]
                 self.client.insert(
                     f"{self.database}.{entity}",
-                    rows,
+                    data,
                     column_names=[*spec.clickhouse_columns, *META_COLUMNS, *added.get(entity, [])],
+                    column_oriented=True,
                 )
-            if changelog:
-                self.client.insert(f"{self.database}.changelog", changelog, column_names=CHANGELOG_COLUMNS)
+            if records:
+                self.client.insert(f"{self.database}.changelog", changelog, column_names=CHANGELOG_COLUMNS,
+                                   column_oriented=True)
                 self.client.insert(
                     f"{self.database}.applied_through",
                     [[e, v, t, now] for e, (v, t) in applied_through(records).items()],
