@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import signal
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import faust
@@ -169,7 +170,7 @@ def create_app(settings: Settings) -> faust.App:
             except BufferError:  # local queue full: let deliveries drain
                 producer.poll(0.05)
 
-    def decode_one(event: Any) -> None:
+    def decode_one(event: Any, counts: Counter[tuple[str, str]]) -> None:
         msg = event.message
         if flavours.get(msg.topic) == "mongodb":
             result = decode_mongodb(
@@ -181,7 +182,7 @@ def create_app(settings: Settings) -> faust.App:
                 event.value, topic=msg.topic, partition=msg.partition, offset=msg.offset,
                 raw_key=event.key, entities=POSTGRES_ENTITIES,
             )
-        metrics.observe_decode(msg.topic, result)
+        counts[(msg.topic, metrics.decode_outcome(result))] += 1
         if isinstance(result, ChangeRecord):
             try:
                 encoded = to_avro(result)
@@ -209,8 +210,10 @@ def create_app(settings: Settings) -> faust.App:
         no offset past an undelivered record is ever committed."""
         loop = asyncio.get_running_loop()
         async for events in stream.take_events(5000, within=0.05):
+            counts: Counter[tuple[str, str]] = Counter()
             for event in events:
-                decode_one(event)
+                decode_one(event, counts)
+            metrics.count_decoded(counts)
             remaining = await loop.run_in_executor(None, producer.flush, 60)
             if remaining or failures:
                 log.critical("event=delivery_failed undelivered=%s errors=%r; stopping without commit",
