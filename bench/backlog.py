@@ -1,8 +1,8 @@
 """Backlog throughput: N Debezium-shaped changes already in Kafka, through decode, transform and all three sinks.
 
-One backlog topic per run; four readers of it, one after the other so none competes with another for the CPU:
+One backlog topic per run; three readers of it, one after the other so none competes with another for the CPU:
 the bare consume-and-decode ceiling, the naive consumer (time-boxed), then changeflow's own worker code
-(``bench.worker``: the Faust decode agent and the three sink runners in one process, like ``changeflow worker``).
+(``bench.worker``: the decode stage and the three sink runners in one process, like ``changeflow worker``).
 changeflow's throughput is N over the time from its first decoded record to the moment the slowest sink had
 committed all N (sinks commit only after writing, so committed means visible in the store).
 """
@@ -17,7 +17,7 @@ from typing import Any
 from confluent_kafka import Producer
 
 from bench import naive as naive_mod
-from bench.common import BENCH_REDIS_DB_SECOND_PASS, BenchSettings, Isolation, message_time_span, partitions
+from bench.common import BenchSettings, Isolation, message_time_span, partitions
 from bench.envelopes import backlog
 from bench.pipeline import SINKS, BenchWorker
 from sinks.runner import canonical_topics
@@ -64,19 +64,14 @@ def run(base: BenchSettings, run_id: str, n: int, naive_budget_s: float, log_dir
     naive, _keys = naive_mod.naive(settings, topic, f"{iso.tag}-naive", f"{iso.tag}-naive:", naive_budget_s,
                                         messages)
 
-    say("backlog: changeflow worker, production code path (Faust decode agent + 3 sink runner threads)")
-    faust = _worker_pass(base, iso, n, "faust", log_dir, profile_dir, timeout)
-    say("backlog: changeflow with the decode stage as a confluent-kafka batch loop (same functions, no Faust)")
-    batch_iso = Isolation(run_id, "batch", raw_stage="backlog", redis_db=BENCH_REDIS_DB_SECOND_PASS)
-    batch = _worker_pass(base, batch_iso, n, "batch", log_dir, profile_dir / "batch" if profile_dir else None,
-                         timeout)
+    say("backlog: changeflow worker, production code path (decode stage + 3 sink runner threads)")
+    worker = _worker_pass(base, iso, n, log_dir, profile_dir, timeout)
     return {
         "changes": n,
         "kafka_messages": messages,
         "produce_s": round(produce_s, 2),
-        **faust,
-        "decode_stage": "Faust agent streams.app.decode (the production worker's code path)",
-        "batch_decode": batch,
+        **worker,
+        "decode_stage": "Faust decode agent fed by a confluent-kafka batch consumer (streams.app)",
         "ceiling_changes_per_s": _r(ceiling.per_s),
         "ceiling_changes": ceiling.changes,
         "naive_changes_per_s": _r(naive.per_s),
@@ -85,11 +80,11 @@ def run(base: BenchSettings, run_id: str, n: int, naive_budget_s: float, log_dir
     }
 
 
-def _worker_pass(base: BenchSettings, iso: Isolation, n: int, decode: str, log_dir: Path,
-                 profile_dir: Path | None, timeout: float) -> dict[str, Any]:
+def _worker_pass(base: BenchSettings, iso: Isolation, n: int, log_dir: Path, profile_dir: Path | None,
+                 timeout: float) -> dict[str, Any]:
     """One bench worker over the backlog: N over first decoded record → last sink committed."""
     settings = iso.settings(base)
-    worker = BenchWorker(settings, iso, log_dir, profile_dir, decode=decode)
+    worker = BenchWorker(settings, iso, log_dir, profile_dir)
     worker.start()
     try:
         ready_s = worker.wait_ready()

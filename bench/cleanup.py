@@ -15,7 +15,7 @@ from bench.common import BENCH_REDIS_DBS, BenchSettings, Isolation, delete_group
 from sinks.clickhouse import client_for
 from sinks.redis import APPLIED_KEY, VERSIONS_KEY
 
-STAGES = ("backlog", "batch", "snapshot")
+STAGES = ("backlog", "snapshot")
 
 
 def snapshot_names(run_id: str) -> dict[str, str]:

@@ -20,12 +20,10 @@ from changeflow.settings import Settings
 
 # Redis databases the benchmark writes to: the sinks address keys as `<prefix>:<id>` and keep their version
 # hashes under fixed names, so a separate database is what keeps bench rows out of the live cache (and out of
-# the drift report). Ids are offset per run (`Isolation.id_base`) so two concurrent runs never collide; the
-# second pass over the same backlog (batch decode) needs a database of its own or its writes would be no-ops.
+# the drift report). Ids are offset per run (`Isolation.id_base`) so two concurrent runs never collide.
 BENCH_REDIS_DB = 11
-BENCH_REDIS_DB_SECOND_PASS = 12
 BENCH_REDIS_DB_SNAPSHOT = 13
-BENCH_REDIS_DBS = (BENCH_REDIS_DB, BENCH_REDIS_DB_SECOND_PASS, BENCH_REDIS_DB_SNAPSHOT)
+BENCH_REDIS_DBS = (BENCH_REDIS_DB, BENCH_REDIS_DB_SNAPSHOT)
 
 
 class BenchSettings(Settings):
@@ -54,8 +52,6 @@ class Isolation:
 
     run_id: str
     stage: str
-    # Read the raw topics of another stage (the same backlog, decoded a second way); default: its own.
-    raw_stage: str | None = None
     redis_db: int = BENCH_REDIS_DB
 
     @property
@@ -64,7 +60,7 @@ class Isolation:
 
     @property
     def raw_prefix(self) -> str:
-        return f"bench-{self.run_id}-{self.raw_stage or self.stage}-raw"
+        return f"{self.tag}-raw"
 
     @property
     def canonical_prefix(self) -> str:
@@ -88,8 +84,8 @@ class Isolation:
     @property
     def id_base(self) -> int:
         """First primary key of this stage: distinct per run and stage, inside 2^53 (search `long`, JSON)."""
-        stage = self.raw_stage or self.stage
-        return (int(self.run_id, 16) % 900_000 + 1) * 10_000_000_000 + (0 if stage == "backlog" else 5_000_000_000)
+        offset = 0 if self.stage == "backlog" else 5_000_000_000
+        return (int(self.run_id, 16) % 900_000 + 1) * 10_000_000_000 + offset
 
     def settings(self, base: Settings) -> BenchSettings:
         data = base.model_dump()

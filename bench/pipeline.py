@@ -25,10 +25,8 @@ class BenchWorkerError(RuntimeError):
 class BenchWorker:
     """``python -m bench.worker`` for one stage: started, waited for, watched, stopped."""
 
-    def __init__(self, base: BenchSettings, iso: Isolation, log_dir: Path, profile_dir: Path | None = None,
-                 decode: str = "faust") -> None:
+    def __init__(self, base: BenchSettings, iso: Isolation, log_dir: Path, profile_dir: Path | None = None) -> None:
         self.settings = base
-        self.decode = decode
         self.iso = iso
         self.port = free_port()
         self.log_path = log_dir / f"{iso.tag}-worker.log"
@@ -38,7 +36,6 @@ class BenchWorker:
 
     def start(self) -> None:
         env = self.iso.env(self.settings, self.port)
-        env["CHANGEFLOW_BENCH_DECODE"] = self.decode
         if self.profile_dir is not None:
             self.profile_dir.mkdir(parents=True, exist_ok=True)
             env["CHANGEFLOW_BENCH_PROFILE"] = str(self.profile_dir.resolve())
@@ -52,18 +49,16 @@ class BenchWorker:
             raise BenchWorkerError(f"bench worker exited (log {self.log_path}):\n{tail}")
 
     def wait_ready(self, timeout: float = 90.0) -> float:
-        """Until Faust serves its web port (Faust decode only) and every consumer group is Stable; seconds taken."""
+        """Until Faust serves its web port and every consumer group is Stable; seconds taken."""
         started = time.monotonic()
         groups = [self.iso.decode_group, *(self.iso.sink_group(s) for s in SINKS)]
         admin = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap})
         while time.monotonic() - started < timeout:
             self._alive()
-            web = self.decode != "faust"
-            if not web:
-                try:
-                    web = httpx.get(f"http://127.0.0.1:{self.port}/", timeout=2).status_code < 500
-                except httpx.HTTPError:
-                    web = False
+            try:
+                web = httpx.get(f"http://127.0.0.1:{self.port}/", timeout=2).status_code < 500
+            except httpx.HTTPError:
+                web = False
             if web:
                 futures = admin.describe_consumer_groups(groups, request_timeout=10)
                 states = []

@@ -84,17 +84,11 @@ def run(settings: Settings, plan: Plan, log_dir: Path, profile_dir: Path | None,
 def headline(out: dict[str, Any]) -> None:
     """The flat keys of the issue, and each target with its measured figure."""
     b = out.get("backlog", {})
-    batch = b.get("batch_decode", {})
     out["throughput_changes_per_s"] = b.get("throughput_changes_per_s")
-    out["throughput_batch_decode_changes_per_s"] = batch.get("throughput_changes_per_s")
     out["naive_changes_per_s"] = b.get("naive_changes_per_s")
     out["ceiling_changes_per_s"] = b.get("ceiling_changes_per_s")
     out["ratio_vs_naive"] = _ratio(out["throughput_changes_per_s"], out["naive_changes_per_s"])
     out["ratio_vs_ceiling"] = _ratio(out["throughput_changes_per_s"], out["ceiling_changes_per_s"])
-    out["batch_decode_ratio_vs_naive"] = _ratio(out["throughput_batch_decode_changes_per_s"],
-                                                out["naive_changes_per_s"])
-    out["batch_decode_ratio_vs_ceiling"] = _ratio(out["throughput_batch_decode_changes_per_s"],
-                                                  out["ceiling_changes_per_s"])
     fresh = out.get("freshness", {})
     out["freshness_ms"] = {
         load: {s: {q: v[s][q] for q in ("p50", "p95", "p99")} for s in freshness.STORES}

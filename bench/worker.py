@@ -1,15 +1,10 @@
-"""The bench worker: `changeflow worker` (Faust decode agent + one runner thread per sink, in one process), isolated.
+"""The bench worker: `changeflow worker` (decode stage + one runner thread per sink, in one process), isolated.
 
 Run as ``python -m bench.worker`` with the ``CHANGEFLOW_*`` environment built by ``Isolation.env``. It is the
 production worker's code path, ``changeflow.worker.run``, with only the names changed so it cannot meet the
-live worker: the Faust app id (its consumer group) and data directory, the sink consumer groups, the Redis
-database, the search index names and the ClickHouse database. Those names are hard-coded in streams/ and sinks/
-today, so they are swapped here at construction time (see the notes on each).
-
-With ``CHANGEFLOW_BENCH_DECODE=batch`` the Faust agent is replaced by ``batch_decode``: the same decoder, transform,
-Avro encoding, canonical topics and keys, in a confluent-kafka batch loop (consume a batch, produce its records,
-flush, commit). It is not the production path; the benchmark reports it beside the Faust figure to show what
-the decode stage costs under Faust.
+live worker: the decode stage's consumer group (``create_app(decode_group=...)``), the Faust app id and data
+directory, the sink consumer groups, the Redis database, the search index names and the ClickHouse database. The
+names streams/ and sinks/ hard-code are swapped here at construction time (see the notes on each).
 
 With ``CHANGEFLOW_BENCH_PROFILE=<dir>`` every thread (Faust's event loop and each sink runner) runs under its own
 pyinstrument profiler and writes ``<dir>/<thread>.txt`` when the worker stops.
@@ -20,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import signal
 import sys
 import tempfile
 import threading
@@ -84,57 +78,6 @@ def _profiled(target: Callable[[], None], name: str, out: Path | None) -> Callab
     return run
 
 
-def batch_decode(settings: BenchSettings, group: str, stop: threading.Event) -> None:
-    """Raw topics → canonical topics with the production pure functions, in batches; offsets after delivery."""
-    from confluent_kafka import Consumer, Producer
-
-    from streams.app import canonical_topic_name, dead_letter_headers, raw_topics, to_avro
-    from streams.debezium import decode_postgres
-    from streams.entities import MONGODB_ENTITIES, POSTGRES_ENTITIES
-    from streams.mongodb import decode_mongodb
-    from streams.records import DeadLetter
-
-    flavours = raw_topics(settings)
-    canonical = {entity: canonical_topic_name(settings, entity) for entity in ENTITIES}
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group,
-                         "enable.auto.commit": False, "auto.offset.reset": "earliest"})
-    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "acks": "all", "linger.ms": 5,
-                         "batch.size": 1_000_000})
-    consumer.subscribe(list(flavours))
-    try:
-        while not stop.is_set():
-            msgs = consumer.consume(5000, 0.2)
-            if not msgs:
-                continue
-            for msg in msgs:
-                if msg.error() is not None:
-                    continue
-                topic, partition, offset = msg.topic() or "", msg.partition() or 0, msg.offset() or 0
-                if flavours.get(topic) == "mongodb":
-                    result = decode_mongodb(msg.value(), topic=topic, partition=partition, offset=offset,
-                                            raw_key=msg.key(), entities=MONGODB_ENTITIES)
-                else:
-                    result = decode_postgres(msg.value(), topic=topic, partition=partition, offset=offset,
-                                             raw_key=msg.key(), entities=POSTGRES_ENTITIES)
-                while True:
-                    try:
-                        if isinstance(result, ChangeRecord):
-                            producer.produce(canonical[result.entity], key=result.kafka_key.encode(),
-                                             value=to_avro(result))
-                        elif isinstance(result, DeadLetter):
-                            headers: dict[str, str | bytes | None] = dict(dead_letter_headers(result))
-                            producer.produce(settings.dlq_topic, key=result.raw_key, value=result.raw_value,
-                                             headers=headers)
-                        break
-                    except BufferError:
-                        producer.poll(0.05)
-            if producer.flush(60) != 0:
-                raise RuntimeError("canonical records not delivered")
-            consumer.commit(asynchronous=False)
-    finally:
-        consumer.close()
-
-
 def main() -> None:
     from faust.worker import Worker
 
@@ -143,7 +86,7 @@ def main() -> None:
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = BenchSettings()
-    iso = Isolation(settings.bench_run_id, os.environ["CHANGEFLOW_BENCH_STAGE"])  # names only: raw_stage unused
+    iso = Isolation(settings.bench_run_id, os.environ["CHANGEFLOW_BENCH_STAGE"])  # names only
     profile_dir = Path(os.environ["CHANGEFLOW_BENCH_PROFILE"]) if os.environ.get("CHANGEFLOW_BENCH_PROFILE") else None
     ensure_topics(settings)
     # clickhouse-connect imports pandas (about 4 s of CPU holding the GIL, stalling every thread) on the first
@@ -162,25 +105,12 @@ def main() -> None:
     ]
     for thread in threads:
         thread.start()
-    if os.environ.get("CHANGEFLOW_BENCH_DECODE") == "batch":
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        try:
-            _profiled(lambda: batch_decode(settings, iso.decode_group, stop), "batch-decode", profile_dir)()
-        finally:
-            stop.set()
-            for thread in threads:
-                thread.join(timeout=30)
-        return
-    app = create_app(settings)
-    # streams.app.create_app names the Faust app (and so its consumer group) "changeflow": renamed before start.
+    app = create_app(settings, decode_group=iso.decode_group)
+    # The Faust app id follows the decode group; its data directory is made private to this run too.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        app.conf.id = iso.decode_group
         datadir = tempfile.mkdtemp(prefix=f"{iso.tag}-faust-")
         app.conf.datadir = Path(datadir)
-        # Experiment only (`changeflow bench --faust-linger-ms`): the production worker does not set it.
-        if os.environ.get("CHANGEFLOW_BENCH_FAUST_LINGER_MS"):
-            app.conf.producer_linger_ms = int(os.environ["CHANGEFLOW_BENCH_FAUST_LINGER_MS"])
     worker = Worker(app, loglevel="info", quiet=True)  # as changeflow.worker.run (see notes on loglevel)
     sys.argv = sys.argv[:1]
     try:

@@ -17,7 +17,7 @@ import redis
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from sinks.runner import canonical_topics, group_id
-from streams.app import raw_topic_names
+from streams.app import DECODE_GROUP, raw_topic_names
 
 if TYPE_CHECKING:
     from changeflow.settings import Settings
@@ -191,7 +191,7 @@ def collect(settings: Settings) -> Status:
     return Status(
         connectors=connectors,
         slots=slot_list,
-        stream_lag=group_lag(settings, "changeflow", raw_topic_names(settings)),
+        stream_lag=group_lag(settings, DECODE_GROUP, raw_topic_names(settings)),
         sinks=sinks,
         dead_letters=topic_size(settings, settings.dlq_topic),
         worker=states is not None,

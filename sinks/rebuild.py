@@ -78,10 +78,10 @@ def snapshot_reads_since(settings: Settings, entity: str, since: datetime) -> in
 def _sink_idle(settings: Settings, sink: str) -> bool:
     from reports.status import group_lag
     from sinks.runner import canonical_topics, group_id
-    from streams.app import raw_topic_names
+    from streams.app import DECODE_GROUP, raw_topic_names
 
     return (
-        group_lag(settings, "changeflow", raw_topic_names(settings)) == 0
+        group_lag(settings, DECODE_GROUP, raw_topic_names(settings)) == 0
         and group_lag(settings, group_id(sink), canonical_topics(settings)) == 0
     )
 

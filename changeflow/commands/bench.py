@@ -39,12 +39,8 @@ def _print(result: dict[str, Any]) -> None:
                         "clickhouse (one worker)")
         for col in ("consumer", "changes/s", "x naive", "x ceiling", "how"):
             t.add_column(col, justify="left" if col in ("consumer", "how") else "right")
-        batch = b.get("batch_decode", {})
         t.add_row("changeflow worker", _n(result["throughput_changes_per_s"]), _n(result["ratio_vs_naive"]),
-                  _n(result["ratio_vs_ceiling"]), "production path: Faust decode agent + 3 sink runner threads")
-        t.add_row("changeflow, batch decode", _n(result["throughput_batch_decode_changes_per_s"]),
-                  _n(result["batch_decode_ratio_vs_naive"]), _n(result["batch_decode_ratio_vs_ceiling"]),
-                  "same functions, decode as a confluent-kafka batch loop (not shipped)")
+                  _n(result["ratio_vs_ceiling"]), "Faust decode agent fed by a C consumer + 3 sink runner threads")
         t.add_row("naive consumer", _n(b["naive_changes_per_s"]), "1", _n(_div(b["naive_changes_per_s"],
                   b["ceiling_changes_per_s"])), f"one at a time → Redis SET, sync commit ({b['naive_seconds']}s)")
         t.add_row("ceiling", _n(b["ceiling_changes_per_s"]), _n(_div(b["ceiling_changes_per_s"],
@@ -53,10 +49,9 @@ def _print(result: dict[str, Any]) -> None:
         s = Table(title="Backlog stages (changes/s)")
         for col in ("pass", "decode stage", "redis", "search", "clickhouse"):
             s.add_column(col, justify="right")
-        for name, v in (("Faust worker", b), ("batch decode", batch)):
-            per = v.get("per_sink_changes_per_s", {})
-            s.add_row(name, _n(v.get("decode_stage_changes_per_s")), _n(per.get("redis")), _n(per.get("search")),
-                      _n(per.get("clickhouse")))
+        per = b.get("per_sink_changes_per_s", {})
+        s.add_row("worker", _n(b.get("decode_stage_changes_per_s")), _n(per.get("redis")), _n(per.get("search")),
+                  _n(per.get("clickhouse")))
         console.print(s)
     fresh = result.get("freshness", {})
     if fresh:

@@ -43,7 +43,7 @@ def test_bench_quick_small(pipeline: Settings, tmp_path: Path) -> None:
     backlog = result["backlog"]
     assert backlog["changes"] == CHANGES
     assert backlog["ceiling_changes"] == CHANGES
-    assert backlog["complete"] and backlog["batch_decode"]["complete"]
+    assert backlog["complete"]
     assert backlog["applied"] == {"redis": CHANGES, "search": CHANGES, "clickhouse": CHANGES}
     # End to end cannot be faster than its slowest stage.
     slowest = min(backlog["decode_stage_changes_per_s"], *backlog["per_sink_changes_per_s"].values())
