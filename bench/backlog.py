@@ -64,7 +64,7 @@ def run(base: BenchSettings, run_id: str, n: int, naive_budget_s: float, log_dir
     naive, _keys = naive_mod.naive(settings, topic, f"{iso.tag}-naive", f"{iso.tag}-naive:", naive_budget_s,
                                         messages)
 
-    say("backlog: changeflow worker, production code path (decode stage + 3 sink runner threads)")
+    say("backlog: changeflow worker, production code path (decode stage + 3 sink processes)")
     worker = _worker_pass(base, iso, n, log_dir, profile_dir, timeout)
     return {
         "changes": n,

@@ -1,13 +1,12 @@
-"""The bench worker: `changeflow worker` (decode stage + one runner thread per sink, in one process), isolated.
+"""The bench worker: `changeflow worker` (decode stage + one process per sink), isolated.
 
 Run as ``python -m bench.worker`` with the ``CHANGEFLOW_*`` environment built by ``Isolation.env``. It is the
 production worker's code path, ``changeflow.worker.run``, with only the names changed so it cannot meet the
 live worker: the decode stage's consumer group (``create_app(decode_group=...)``), the Faust app id and data
-directory, the sink consumer groups, the Redis database, the search index names and the ClickHouse database. The
-names streams/ and sinks/ hard-code are swapped here at construction time (see the notes on each).
+directory, the sink consumer groups, the Redis database, the search index names and the ClickHouse database.
 
-With ``CHANGEFLOW_BENCH_PROFILE=<dir>`` every thread (Faust's event loop and each sink runner) runs under its own
-pyinstrument profiler and writes ``<dir>/<thread>.txt`` when the worker stops.
+With ``CHANGEFLOW_BENCH_PROFILE=<dir>`` the decode process's main thread (Faust's event loop and the decode agent)
+runs under pyinstrument and writes ``<dir>/faust-decode.txt`` when the worker stops.
 """
 
 from __future__ import annotations
@@ -17,17 +16,14 @@ import logging
 import os
 import sys
 import tempfile
-import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 from bench.common import BenchSettings, Isolation
-from sinks import runner as runner_mod
-from sinks.base import Sink
 from sinks.clickhouse import ClickHouseSink
+from sinks.process import SinkJob, SinkProcesses
 from sinks.redis import RedisSink
 from sinks.search import SearchSink
 from streams.entities import ENTITIES
@@ -54,9 +50,17 @@ class BenchSearchSink(SearchSink):
             yield action
 
 
-def make_sinks(settings: BenchSettings) -> list[Sink]:
-    # RedisSink reads settings.redis_url (the bench database); ClickHouseSink settings.clickhouse_database.
-    return [RedisSink(settings), BenchSearchSink(settings), ClickHouseSink(settings)]
+def sink_jobs(iso: Isolation) -> list[SinkJob]:
+    """The production sinks under the bench's names: RedisSink reads settings.redis_url (the bench database),
+    ClickHouseSink settings.clickhouse_database, and the search sink writes prefixed indexes."""
+    # Imported by module name so a spawned sink process can find the class (this file runs as __main__).
+    from bench.worker import BenchSearchSink as search_factory
+
+    return [
+        SinkJob("redis", RedisSink, iso.sink_group("redis")),
+        SinkJob("search", search_factory, iso.sink_group("search")),  # type: ignore[arg-type]
+        SinkJob("clickhouse", ClickHouseSink, iso.sink_group("clickhouse")),
+    ]
 
 
 def _profiled(target: Callable[[], None], name: str, out: Path | None) -> Callable[[], None]:
@@ -89,22 +93,8 @@ def main() -> None:
     iso = Isolation(settings.bench_run_id, os.environ["CHANGEFLOW_BENCH_STAGE"])  # names only
     profile_dir = Path(os.environ["CHANGEFLOW_BENCH_PROFILE"]) if os.environ.get("CHANGEFLOW_BENCH_PROFILE") else None
     ensure_topics(settings)
-    # clickhouse-connect imports pandas (about 4 s of CPU holding the GIL, stalling every thread) on the first
-    # insert of a process; a long-running worker paid it long ago, so the benchmark pays it before timing starts.
-    from clickhouse_connect.driver import options
-
-    _ = options.pd
-    stop = threading.Event()
-    # sinks.runner.group_id is `changeflow-sink-<name>` for every worker: swapped while the runners are built.
-    with mock.patch.object(runner_mod, "group_id", iso.sink_group):
-        runners = [runner_mod.SinkRunner(sink, settings, stop) for sink in make_sinks(settings)]
-    threads = [
-        threading.Thread(target=_profiled(r.run, f"sink-{r.sink.name}", profile_dir), name=f"sink-{r.sink.name}",
-                         daemon=True)
-        for r in runners
-    ]
-    for thread in threads:
-        thread.start()
+    sinks = SinkProcesses(settings, sink_jobs(iso))
+    sinks.start()
     app = create_app(settings, decode_group=iso.decode_group)
     # The Faust app id follows the decode group; its data directory is made private to this run too.
     with warnings.catch_warnings():
@@ -116,9 +106,7 @@ def main() -> None:
     try:
         _profiled(worker.execute_from_commandline, "faust-decode", profile_dir)()
     finally:
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=30)
+        sinks.stop()
         import shutil
 
         shutil.rmtree(datadir, ignore_errors=True)

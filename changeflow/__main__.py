@@ -1,3 +1,4 @@
 from changeflow.cli import app
 
-app()
+if __name__ == "__main__":  # not when a spawned sink process imports the parent's main module
+    app()

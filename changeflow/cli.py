@@ -187,7 +187,7 @@ def worker(
     sinks: Annotated[str | None, typer.Option(help="Comma-separated sinks to run (default: all).")] = None,
     loglevel: Annotated[str, typer.Option(help="Log level.")] = "info",
 ) -> None:
-    """Run the stream processor (Faust) and the sink runners in the foreground."""
+    """Run the stream processor (Faust) and one process per sink runner, in the foreground."""
     from changeflow import worker as worker_mod
 
     worker_mod.run(settings(), sinks.split(",") if sinks else None, loglevel=loglevel)

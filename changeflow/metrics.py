@@ -61,6 +61,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.metrics_core import Metric
 
 if TYPE_CHECKING:
     from streams.records import ChangeRecord, Decoded
@@ -127,9 +128,38 @@ _newest: dict[tuple[str, str], float] = {}
 _newest_lock = threading.Lock()
 
 
+# source (a sink process) → the metric families it reported last.
+_absorbed: dict[str, list[Metric]] = {}
+_absorbed_lock = threading.Lock()
+
+
+def absorb(source: str, families: list[Metric]) -> None:
+    """Keep the latest families another process of this worker reported (each sink runs in its own)."""
+    with _absorbed_lock:
+        _absorbed[source] = families
+
+
+class _Families:
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+
 def exposition() -> bytes:
-    """The registry in the Prometheus text format (what ``/metrics`` returns)."""
-    return generate_latest(REGISTRY)
+    """This process's registry and every absorbed one, merged per metric family, in the Prometheus text
+    format (what ``/metrics`` returns). Label sets never collide: each sink's series live in one process."""
+    merged: dict[str, Metric] = {}
+    with _absorbed_lock:
+        sources = [list(REGISTRY.collect()), *_absorbed.values()]
+    for families in sources:
+        for family in families:
+            into = merged.get(family.name)
+            if into is None:
+                into = merged[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+            into.samples.extend(family.samples)
+    return generate_latest(_Families(list(merged.values())))
 
 
 def count_error(sink: str, kind: str) -> None:

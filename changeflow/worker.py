@@ -1,8 +1,8 @@
-"""`changeflow worker`: the Faust app (decode/route) plus one runner thread per sink.
+"""`changeflow worker`: the Faust app (decode/route) plus one process per sink (``sinks.process``).
 
 Topics are created up front with the partition counts we rely on (ordering per key needs the canonical
-topics to exist before the first record), then the sink runners start, then Faust takes the main thread
-(it owns signal handling); when Faust stops, the runners finish their current batch and stop.
+topics to exist before the first record), then the sink processes start, then Faust takes the main thread
+(it owns signal handling); when Faust stops, the sink processes finish their current batch and stop.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 from typing import Any
 
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -19,7 +18,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from changeflow import metrics
 from changeflow.settings import Settings
 from sinks import base as sink_base
-from sinks.runner import SinkRunner
+from sinks.process import SinkProcesses, default_jobs
 from streams.app import (
     CANONICAL_PARTITIONS,
     canonical_topic_name,
@@ -56,36 +55,28 @@ def run(settings: Settings, sink_names: list[str] | None = None, loglevel: str =
 
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     ensure_topics(settings)
-    stop = threading.Event()
     names = sink_names if sink_names is not None else list(sink_base.registry())
-    runners = [SinkRunner(sink_base.create(name, settings), settings, stop) for name in names]
-    def guarded(runner: SinkRunner) -> None:
+
+    def on_fatal(_sink: str, _detail: str) -> None:
         """A fatal sink error stops the whole worker loudly (offsets stay uncommitted) instead of one
-        thread dying quietly while the others go on."""
-        try:
-            runner.run()
-        except Exception:
-            log.critical("sink=%s event=fatal stopping the worker", runner.sink.name, exc_info=True)
-            os.kill(os.getpid(), signal.SIGTERM)
+        store silently falling behind while the others go on."""
+        os.kill(os.getpid(), signal.SIGTERM)
 
-    threads = [threading.Thread(target=guarded, args=(r,), name=f"sink-{r.sink.name}", daemon=True) for r in runners]
-    for thread in threads:
-        thread.start()
-    app = create_app(settings)
-
-    @app.page("/changeflow/sinks/")
-    async def sink_states(web: Any, request: Any) -> Any:
-        return web.json({r.sink.name: r.state() for r in runners})
-
-    @app.page("/metrics")
-    async def prometheus_metrics(web: Any, request: Any) -> Any:
-        return web.bytes(metrics.exposition(), headers={"Content-Type": metrics.CONTENT_TYPE})
-
-    worker = Worker(app, loglevel=loglevel, quiet=True)
-    sys.argv = sys.argv[:1]
+    sinks = SinkProcesses(settings, default_jobs(settings, names), loglevel=loglevel, on_fatal=on_fatal)
+    sinks.start()
     try:
+        app = create_app(settings)
+
+        @app.page("/changeflow/sinks/")
+        async def sink_states(web: Any, request: Any) -> Any:
+            return web.json(sinks.states())
+
+        @app.page("/metrics")
+        async def prometheus_metrics(web: Any, request: Any) -> Any:
+            return web.bytes(metrics.exposition(), headers={"Content-Type": metrics.CONTENT_TYPE})
+
+        worker = Worker(app, loglevel=loglevel, quiet=True)
+        sys.argv = sys.argv[:1]
         worker.execute_from_commandline()
     finally:
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=30)
+        sinks.stop()

@@ -110,6 +110,11 @@ class ClickHouseSink:
         return self._client
 
     def setup(self) -> None:
+        # clickhouse-connect imports pandas on a process's first insert (seconds of CPU): paid here, before
+        # the first batch, so a starting sink does not stall with records in hand.
+        from clickhouse_connect.driver import options
+
+        _ = options.pd
         try:
             self.client.command(f"CREATE DATABASE IF NOT EXISTS {self.database}")
             for spec in ENTITIES.values():

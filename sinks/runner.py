@@ -59,8 +59,10 @@ def record_from_message(msg: Message) -> ChangeRecord:
 
 
 class SinkRunner:
-    def __init__(self, sink: Sink, settings: Settings, stop: threading.Event | None = None) -> None:
+    def __init__(self, sink: Sink, settings: Settings, stop: threading.Event | None = None,
+                 group: str | None = None) -> None:
         self.sink = sink
+        self.group = group or group_id(sink.name)
         self.settings = settings
         self.stop = stop or threading.Event()
         self.applied = 0
@@ -70,7 +72,7 @@ class SinkRunner:
         self.consumer = Consumer(
             {
                 "bootstrap.servers": settings.kafka_bootstrap,
-                "group.id": group_id(sink.name),
+                "group.id": self.group,
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
                 "partition.assignment.strategy": "cooperative-sticky",
@@ -116,7 +118,7 @@ class SinkRunner:
         """What `changeflow status` shows for this sink (served by the worker's web port)."""
         return {
             "sink": self.sink.name,
-            "group": group_id(self.sink.name),
+            "group": self.group,
             "healthy": self.last_error is None,
             "applied": self.applied,
             "last_error": self.last_error,
@@ -141,7 +143,7 @@ class SinkRunner:
                     return
                 self.sink.setup()
         self.consumer.subscribe(canonical_topics(self.settings))
-        log.info("sink=%s event=started group=%s", self.sink.name, group_id(self.sink.name))
+        log.info("sink=%s event=started group=%s", self.sink.name, self.group)
         try:
             while not self.stop.is_set():
                 msgs = self.consumer.consume(self.settings.sink_batch_size, self.settings.sink_batch_timeout_s)

@@ -40,7 +40,7 @@ def _print(result: dict[str, Any]) -> None:
         for col in ("consumer", "changes/s", "x naive", "x ceiling", "how"):
             t.add_column(col, justify="left" if col in ("consumer", "how") else "right")
         t.add_row("changeflow worker", _n(result["throughput_changes_per_s"]), _n(result["ratio_vs_naive"]),
-                  _n(result["ratio_vs_ceiling"]), "Faust decode agent fed by a C consumer + 3 sink runner threads")
+                  _n(result["ratio_vs_ceiling"]), "Faust decode agent fed by a C consumer + 3 sink processes")
         t.add_row("naive consumer", _n(b["naive_changes_per_s"]), "1", _n(_div(b["naive_changes_per_s"],
                   b["ceiling_changes_per_s"])), f"one at a time → Redis SET, sync commit ({b['naive_seconds']}s)")
         t.add_row("ceiling", _n(b["ceiling_changes_per_s"]), _n(_div(b["ceiling_changes_per_s"],
@@ -99,7 +99,7 @@ def bench(
     full: Annotated[bool, typer.Option("--full", help="1M changes and a 1M-row snapshot.")] = False,
     format: Annotated[Format, typer.Option("--format", help="table or json")] = Format.table,
     chart: Annotated[Path | None, typer.Option(help="PNG path (default bench-<date>.png here).")] = None,
-    profile: Annotated[Path | None, typer.Option(help="Write pyinstrument profiles of every worker thread here.")]
+    profile: Annotated[Path | None, typer.Option(help="Write a pyinstrument profile of the decode process here.")]
     = None,
     changes: Annotated[int | None, typer.Option(help="Backlog size (overrides the mode).")] = None,
     snapshot_rows: Annotated[int | None, typer.Option(help="Snapshot table size (overrides the mode).")] = None,

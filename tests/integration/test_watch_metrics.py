@@ -122,7 +122,21 @@ def test_worker_metrics_count_every_sinks_writes_and_their_freshness(pipeline: S
             assert row is not None
             eventually(lambda: all(landed(pipeline, int(row[0])).values()), timeout=120,
                        what="the products in every store")
-            after = scrape(urls)
+
+            def reported() -> Samples | None:
+                """Sink processes report their metrics to the worker every 0.5 s: a scrape may trail the
+                stores by that much, never more than a few reports."""
+                now = scrape(urls)
+                grown = all(
+                    sample(now, name, sink=sink, entity="products") - sample(before, name, sink=sink,
+                                                                             entity="products") >= WRITTEN
+                    for sink in SINKS
+                    for name in ("changeflow_sink_events_in_total", "changeflow_sink_events_out_total")
+                )
+                return now if grown else None
+
+            after = eventually(reported, timeout=5, what="the sink processes' reports in the worker's /metrics")
+            assert after is not None
         finally:
             pg.execute("DELETE FROM products WHERE sku LIKE %s", (f"{sku_prefix}-%",))
 

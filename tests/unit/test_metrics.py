@@ -212,3 +212,34 @@ def test_dashboard_covers_throughput_lag_errors_and_freshness_quantiles() -> Non
     assert "changeflow_sink_errors_total" in exprs
     for q in ("0.5", "0.95", "0.99"):
         assert f"histogram_quantile({q}, sum by (le, sink) (rate(changeflow_freshness_seconds_bucket" in exprs
+
+
+def test_families_reported_by_a_sink_process_merge_into_one_exposition(sink: str) -> None:
+    """Each sink runs in its own process and reports its families; /metrics shows them beside the decode
+    process's own, one family each (a repeated HELP/TYPE would make Prometheus reject the scrape)."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+
+    child = CollectorRegistry()
+    Counter("changeflow_sink_events_out", "doc", ["sink", "entity"], registry=child).labels(
+        sink=sink, entity="products").inc(7)
+    Histogram("changeflow_sink_batch_size", "doc", ["sink"], buckets=metrics.BATCH_SIZE_BUCKETS,
+              registry=child).labels(sink=sink).observe(3)
+    metrics.count_decoded({(f"{sink}.raw", "record"): 2})
+    metrics.absorb(f"sink-{sink}", list(child.collect()))
+
+    text = metrics.exposition().decode()
+    families = [f for f in text_string_to_metric_families(text)]
+    names = [f.name for f in families]
+    assert len(names) == len(set(names))
+    assert text.count("# TYPE changeflow_sink_events_out") == 1
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families for s in f.samples}
+    assert samples[("changeflow_sink_events_out_total", (("entity", "products"), ("sink", sink)))] == 7
+    assert samples[("changeflow_sink_batch_size_count", (("sink", sink),))] == 1
+    assert samples[("changeflow_decode_total", (("result", "record"), ("topic", f"{sink}.raw")))] == 2
+
+    # A later report replaces the earlier one (counters are cumulative in the child).
+    Counter("changeflow_sink_dead_letters", "doc", ["sink"], registry=child).labels(sink=sink).inc()
+    metrics.absorb(f"sink-{sink}", list(child.collect()))
+    assert f'changeflow_sink_dead_letters_total{{sink="{sink}"}} 1.0' in metrics.exposition().decode()
+    series = f'changeflow_sink_events_out_total{{entity="products",sink="{sink}"}}'
+    assert metrics.exposition().decode().count(series) == 1
