@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ DECODE_GROUP = "changeflow"
 # The feed hands the agent whatever is queued, up to this many messages, as soon as one is there.
 FEED_BATCH = 5000
 FEED_WAIT_S = 0.5
+FEED_STOP_GRACE_S = 30.0
 
 
 def raw_topics(settings: Settings) -> dict[str, str]:
@@ -151,6 +153,20 @@ class RawFeed(mode.Service):
                 log.warning("event=consume_error group=%s error=%s", self._config["group.id"], err)
         return batch
 
+    def _wait(self, batch: RawBatch) -> None:
+        """Until the agent is done with the batch; on shutdown, give up after ``FEED_STOP_GRACE_S`` (the
+        batch stays uncommitted and is read again) rather than hold the worker's exit."""
+        halted_at: float | None = None
+        while True:
+            try:
+                batch.done.result(timeout=0.5)
+                return
+            except concurrent.futures.TimeoutError:
+                if self._halt.is_set():
+                    halted_at = halted_at or time.monotonic()
+                    if time.monotonic() - halted_at > FEED_STOP_GRACE_S:
+                        raise TimeoutError("worker stopping; batch left uncommitted") from None
+
     def _run(self, loop: asyncio.AbstractEventLoop) -> None:
         consumer = Consumer(self._config)
         consumer.subscribe(self._topics)
@@ -163,8 +179,11 @@ class RawFeed(mode.Service):
                 batch = RawBatch(messages)
                 asyncio.run_coroutine_threadsafe(self._deliver(batch), loop).result()
                 try:
-                    batch.done.result()
-                except Exception as exc:
+                    self._wait(batch)
+                except BaseException as exc:
+                    if self._halt.is_set():
+                        log.info("event=stopped_uncommitted batch=%d reason=%r", len(messages), str(exc))
+                        return
                     first = messages[0]
                     log.critical(
                         "event=decode_failed topic=%s partition=%s offset=%s batch=%d error=%r; "
