@@ -9,6 +9,7 @@ every change once per (entity, key, version), so a replay does not double it.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,30 @@ log = logging.getLogger("changeflow.sinks")
 
 META_COLUMNS = {"_version": "UInt64", "_is_deleted": "UInt8", "_ts_ms": "Int64", "_ingested_at": "DateTime64(3, 'UTC')"}
 CHANGELOG_COLUMNS = ["entity", "key", "op", "version", "ts_ms", "before", "after", "ingested_at"]
+
+
+# Server error codes that say "not now" rather than "never": the server is shutting down or overloaded, a
+# timeout, too many parts to merge, a replica gone read-only. The batch is retried; anything else (a type
+# mismatch, an unknown column) is the batch's fault and stops the worker.
+RETRIABLE_CODES = frozenset({
+    159,  # TIMEOUT_EXCEEDED
+    164,  # READONLY
+    202,  # TOO_MANY_SIMULTANEOUS_QUERIES
+    209,  # SOCKET_TIMEOUT
+    210,  # NETWORK_ERROR (also "Server is shutting down")
+    241,  # MEMORY_LIMIT_EXCEEDED
+    242,  # TABLE_IS_READ_ONLY
+    252,  # TOO_MANY_PARTS
+    394,  # QUERY_WAS_CANCELLED
+    999,  # KEEPER_EXCEPTION
+})
+_CODE = re.compile(r"Code: (\d+)\.")
+
+
+def is_retriable(exc: Exception) -> bool:
+    """Whether a ClickHouse server error is worth retrying (by its error code in the message)."""
+    match = _CODE.search(str(exc))
+    return match is not None and int(match.group(1)) in RETRIABLE_CODES
 
 
 def client_for(settings: Settings) -> Any:
@@ -205,6 +230,9 @@ class ClickHouseSink:
             self._client = None
             raise RetriableSinkError(f"clickhouse: {exc}") from exc
         except DatabaseError as exc:
+            if is_retriable(exc):
+                self._client = None
+                raise RetriableSinkError(f"clickhouse: {exc}") from exc
             raise FatalSinkError(f"clickhouse rejected the batch: {exc}") from exc
 
     @staticmethod
