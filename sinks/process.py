@@ -58,11 +58,12 @@ def _die_with_parent() -> None:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _child_main(job: SinkJob, settings: Settings, reports: Any, loglevel: str) -> None:
+def _child_main(job: SinkJob, settings: Settings, reports: Any, loglevel: str, parent: int) -> None:
     from sinks.runner import SinkRunner
 
     _die_with_parent()
-    parent = os.getppid()
+    if os.getppid() != parent:  # the worker died before the line above could take effect
+        return
     # Reports go to a pipe the worker drains; a dead worker drains nothing, and a process waiting at exit
     # for its reports to be written would never exit.
     reports.cancel_join_thread()
@@ -113,7 +114,8 @@ class SinkProcesses:
 
     def start(self) -> None:
         for job in self.jobs:
-            proc = self._ctx.Process(target=_child_main, args=(job, self.settings, self._reports, self.loglevel),
+            proc = self._ctx.Process(target=_child_main,
+                                     args=(job, self.settings, self._reports, self.loglevel, os.getpid()),
                                      name=f"sink-{job.name}", daemon=False)
             proc.start()
             self._procs[job.name] = proc
