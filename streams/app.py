@@ -106,6 +106,11 @@ class RawBatch:
     done: concurrent.futures.Future[int] = field(default_factory=concurrent.futures.Future)
 
 
+def _stop_this_process() -> None:
+    """The worker stops (Faust's SIGTERM handling, sink processes told to finish) with the batch uncommitted."""
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 class RawFeed(mode.Service):
     """Feeds the decode agent from the raw topics, a batch at a time, with the C client (librdkafka).
 
@@ -121,8 +126,10 @@ class RawFeed(mode.Service):
     """
 
     def __init__(self, *, config: dict[str, Any], topics: list[str],
-                 deliver: Callable[[RawBatch], Coroutine[Any, Any, None]], **kwargs: Any) -> None:
+                 deliver: Callable[[RawBatch], Coroutine[Any, Any, None]],
+                 on_fatal: Callable[[], None] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self._on_fatal = on_fatal or _stop_this_process
         self._config = config
         self._topics = topics
         self._deliver = deliver
@@ -190,7 +197,7 @@ class RawFeed(mode.Service):
                         "stopping the worker without committing the batch",
                         first.topic(), first.partition(), first.offset(), len(messages), str(exc),
                     )
-                    os.kill(os.getpid(), signal.SIGTERM)
+                    self._on_fatal()
                     return
                 try:
                     consumer.commit(asynchronous=False)
