@@ -8,8 +8,6 @@ topics to exist before the first record), then the sink processes start, then Fa
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import sys
 from typing import Any
 
@@ -56,13 +54,7 @@ def run(settings: Settings, sink_names: list[str] | None = None, loglevel: str =
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     ensure_topics(settings)
     names = sink_names if sink_names is not None else list(sink_base.registry())
-
-    def on_fatal(_sink: str, _detail: str) -> None:
-        """A fatal sink error stops the whole worker loudly (offsets stay uncommitted) instead of one
-        store silently falling behind while the others go on."""
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    sinks = SinkProcesses(settings, default_jobs(settings, names), loglevel=loglevel, on_fatal=on_fatal)
+    sinks = SinkProcesses(settings, default_jobs(settings, names), loglevel=loglevel)
     sinks.start()
     try:
         app = create_app(settings)

@@ -95,6 +95,12 @@ def _child_main(job: SinkJob, settings: Settings, reports: Any, loglevel: str, p
             report()
 
 
+def _stop_this_process(_sink: str, _detail: str) -> None:
+    """A fatal sink error stops the whole worker loudly (Faust's SIGTERM handling; the other sinks finish
+    their batch), its offsets uncommitted, instead of one store silently falling behind."""
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 class SinkProcesses:
     """The worker's side: start the children, keep their latest state and metrics, stop them."""
 
@@ -103,7 +109,7 @@ class SinkProcesses:
         self.settings = settings
         self.jobs = jobs
         self.loglevel = loglevel
-        self.on_fatal = on_fatal
+        self.on_fatal = on_fatal or _stop_this_process
         self._ctx = multiprocessing.get_context("spawn")
         self._reports: Any = self._ctx.Queue()
         self._procs: dict[str, SpawnProcess] = {}
@@ -131,8 +137,7 @@ class SinkProcesses:
 
     def _fatal(self, name: str, detail: str) -> None:
         log.critical("sink=%s event=fatal stopping the worker\n%s", name, detail)
-        if self.on_fatal is not None:
-            self.on_fatal(name, detail)
+        self.on_fatal(name, detail)
 
     def _listen(self) -> None:
         while True:
