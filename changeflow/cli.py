@@ -21,13 +21,25 @@ from changeflow.commands.finance import report_finance
 from changeflow.commands.rebuild import rebuild as rebuild_command
 from changeflow.commands.reconcile import reconcile as reconcile_command
 from changeflow.commands.watch import watch as watch_command
+from changeflow import context
 from changeflow.settings import Settings
+from pipelines.load import PipelineError
 
 app = typer.Typer(help="changeflow: change data capture from PostgreSQL and MongoDB into Redis, search and ClickHouse.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 stack_app = typer.Typer(help="The native local stack (no Docker).", no_args_is_help=True)
 connectors_app = typer.Typer(help="Debezium connectors through the Kafka Connect REST API.", no_args_is_help=True)
 report_app = typer.Typer(help="Reports.", no_args_is_help=True)
+@app.callback()
+def main_options(
+    pipeline_file: Annotated[Path | None, typer.Option(
+        "--pipeline", envvar="CHANGEFLOW_PIPELINE",
+        help="The pipeline file (default: the commerce example, examples/commerce/pipeline.yml).")] = None,
+) -> None:
+    """Every command works on one pipeline: `--pipeline FILE` or CHANGEFLOW_PIPELINE."""
+    context.use_pipeline(pipeline_file)
+
+
 app.add_typer(stack_app, name="stack")
 app.add_typer(connectors_app, name="connectors")
 app.add_typer(report_app, name="report")
@@ -50,7 +62,15 @@ class Format(StrEnum):
 
 
 def settings() -> Settings:
-    return Settings()
+    return context.settings()
+
+
+def pipeline() -> Any:
+    """The pipeline; an invalid file ends the command with its one-line error (exit 2)."""
+    try:
+        return context.pipeline()
+    except PipelineError as exc:
+        raise fail(str(exc), code=2) from None
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
@@ -189,8 +209,15 @@ def worker(
 ) -> None:
     """Run the stream processor (Faust) and one process per sink runner, in the foreground."""
     from changeflow import worker as worker_mod
+    from sinks.base import names
 
-    worker_mod.run(settings(), sinks.split(",") if sinks else None, loglevel=loglevel)
+    chosen = None
+    if sinks is not None:
+        chosen = [n.strip() for n in sinks.split(",") if n.strip()]
+        unknown = [n for n in chosen if n not in names()]
+        if not chosen or unknown:
+            raise fail(f"--sinks {sinks!r}: unknown or empty; choose from {', '.join(names())}", code=2)
+    worker_mod.run(settings(), pipeline(), chosen, loglevel=loglevel)
 
 
 # --- status -----------------------------------------------------------------------------------------
@@ -199,7 +226,7 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
     """Connectors and tasks, replication slot WAL, lag and health per sink, dead letters, applied-through."""
     from reports.status import collect
 
-    st = collect(settings())
+    st = collect(settings(), pipeline())
     if as_json:
         print(json.dumps(st.as_dict(), indent=2))
     else:
@@ -236,7 +263,7 @@ def report_drift(
     """Per entity: rows in PostgreSQL against ClickHouse (FINAL), Redis and the search index."""
     from reports.drift import drift
 
-    rows = drift(settings(), entity)
+    rows = drift(settings(), pipeline(), entity)
     _print_drift(rows, format)
     if any(r.drift != 0 for r in rows):
         raise typer.Exit(1)
@@ -302,14 +329,14 @@ def demo(
     deadline = started + timeout
     console.print("derived stores catching up (products: PostgreSQL / ClickHouse / Redis / search):")
     while True:
-        rows = drift(s, ["products"])
+        rows = drift(s, pipeline(), ["products"])
         p = rows[0]
         console.print(f"  +{time.monotonic() - started:4.1f}s  {p.source} / {p.clickhouse} / {p.redis} / {p.search}",
                       highlight=False)
         if p.drift == 0 or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    rows = drift(s)
+    rows = drift(s, pipeline())
     _print_drift(rows, Format.table)
     if any(r.drift != 0 for r in rows):
         raise fail(f"stores did not converge within {timeout:.0f}s; see {worker_service.log_file}")

@@ -38,6 +38,9 @@ sink is its own consumer group and can fall behind alone) and, where it matters,
     Raw Debezium messages the stream processor decoded, per source topic; ``result`` is one of
     :data:`DECODE_RESULTS` (``record``: a canonical record was sent, ``skip``: understood and not
     forwarded, e.g. heartbeats and tombstones, ``dead_letter``: sent to the dead-letter topic).
+``changeflow_unmapped_changes_total{table}``
+    Changes of a captured source table (``schema.table``, ``database.collection``) that no entity of the
+    pipeline maps: skipped, and counted so a table captured by mistake or left out of the file shows.
 
 The helpers below are what the sink runner and the stream call; they take plain values, so the metric
 logic is tested without Kafka.
@@ -64,6 +67,7 @@ from prometheus_client import (
 from prometheus_client.metrics_core import Metric
 
 if TYPE_CHECKING:
+    from pipelines.spec import Pipeline
     from streams.records import ChangeRecord, Decoded
 
 # No `*_created` series: nothing reads them, and they would double the series per label set. (A process-
@@ -121,6 +125,19 @@ FRESHNESS = Histogram(
 DECODE = Counter(
     "changeflow_decode", "Raw Debezium messages decoded, by outcome.", ["topic", "result"], registry=REGISTRY
 )
+UNMAPPED = Counter(
+    "changeflow_unmapped_changes", "Changes of a source table no entity of the pipeline maps (skipped).",
+    ["table"], registry=REGISTRY,
+)
+
+# The pipeline whose entities the sinks write, given once at process start (``use_pipeline``).
+_pipeline: Pipeline | None = None
+
+
+def use_pipeline(pipeline: Pipeline | None) -> None:
+    """Which entities each store holds: set once by the worker and each sink process at start."""
+    global _pipeline
+    _pipeline = pipeline
 
 
 # (sink, entity) → newest source time written so far, so the applied gauges never move backwards.
@@ -172,19 +189,17 @@ def count_dead_letter(sink: str) -> None:
     SINK_DEAD_LETTERS.labels(sink=sink).inc()
 
 
-def stores(sink: str, entity: str) -> bool:
-    """Whether ``sink`` writes ``entity`` at all (an EntitySpec without a mapping leaves the store alone)."""
-    from streams.entities import ENTITIES
+def stores(sink: str, entity: str, pipeline: Pipeline | None = None) -> bool:
+    """Whether ``sink`` writes ``entity`` at all (an entity with the store off leaves it alone).
 
-    spec = ENTITIES.get(entity)
-    if spec is None:
-        return False
-    mapped = {
-        "redis": spec.redis_prefix is not None,
-        "search": spec.search_index is not None,
-        "clickhouse": bool(spec.clickhouse_columns),
-    }
-    return mapped.get(sink, True)
+    ``pipeline``: the one to ask; without it the one given to ``use_pipeline``; without either every
+    entity counts (nothing to tell them apart by).
+    """
+    p = pipeline if pipeline is not None else _pipeline
+    if p is None:
+        return True
+    spec = p.entities.get(entity)
+    return spec is not None and spec.stored_in(sink)
 
 
 def _per_entity(sink: str, records: Sequence[ChangeRecord]) -> dict[str, list[ChangeRecord]]:
@@ -234,6 +249,11 @@ def decode_outcome(result: Decoded) -> str:
 
 def observe_decode(topic: str, result: Decoded) -> None:
     count_decoded({(topic, decode_outcome(result)): 1})
+
+
+def count_unmapped(table: str) -> None:
+    """A change of ``table`` (``schema.table`` or ``database.collection``) that no entity maps."""
+    UNMAPPED.labels(table=table).inc()
 
 
 def count_decoded(counts: Mapping[tuple[str, str], int]) -> None:

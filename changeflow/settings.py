@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import SecretStr
+from pydantic import SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -17,6 +17,8 @@ class Settings(BaseSettings):
 
     # Where the native local stack keeps binaries, data, logs and pid files.
     state_dir: Path = Path(".changeflow")
+    # The pipeline file every command uses (`changeflow --pipeline FILE` wins); unset: the commerce example.
+    pipeline: Path | None = None
 
     # PostgreSQL (the source of truth for commerce entities).
     pg_host: str = "127.0.0.1"
@@ -28,8 +30,6 @@ class Settings(BaseSettings):
     # generates one under <state_dir>/secrets/ (deploy/secrets.py).
     pg_replication_user: str = "debezium"
     pg_replication_password: SecretStr | None = None
-    pg_publication: str = "changeflow_pub"
-    pg_slot: str = "changeflow_commerce"
 
     # Kafka and Kafka Connect.
     kafka_host: str = "127.0.0.1"
@@ -50,7 +50,21 @@ class Settings(BaseSettings):
     clickhouse_host: str = "127.0.0.1"
     clickhouse_port: int = 8123
     clickhouse_user: str = "default"
+    # Unset (or empty): read from <state_dir>/secrets/clickhouse_password, which the native stack's
+    # ClickHouse service generates before its first start (deploy/secrets.py: clickhouse_password).
     clickhouse_password: SecretStr = SecretStr("")
+
+    @model_validator(mode="after")
+    def _clickhouse_password_from_state(self) -> Settings:
+        if not self.clickhouse_password.get_secret_value():
+            try:
+                stored = (self.state / "secrets" / "clickhouse_password").read_text().strip()
+            except OSError:
+                stored = ""
+            if stored:
+                self.clickhouse_password = SecretStr(stored)
+        return self
+
     clickhouse_database: str = "changeflow"
     # lz4 on inserts and results costs CPU at both ends and saves nothing over loopback (measured: a sixth
     # of the ClickHouse sink's time); turn it on when ClickHouse is across a network.
@@ -59,11 +73,6 @@ class Settings(BaseSettings):
     # Worker.
     worker_web_host: str = "127.0.0.1"
     worker_web_port: int = 6066
-    topic_prefix: str = "commerce"
-    # Debezium MongoDB topic prefix: changes of users.users arrive on `<prefix>.users.users`.
-    mongodb_topic_prefix: str = "users"
-    canonical_topic_prefix: str = "changeflow"
-    dlq_topic: str = "changeflow.dlq"
     sink_batch_size: int = 5000
     # The longest a sink waits to fill a batch: it bounds the latency a quiet stream adds. A backlog
     # fills batches at once, so throughput does not depend on it.

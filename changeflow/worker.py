@@ -15,26 +15,20 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from changeflow import metrics
 from changeflow.settings import Settings
+from pipelines.spec import Pipeline
 from sinks import base as sink_base
 from sinks.process import SinkProcesses, default_jobs
-from streams.app import (
-    CANONICAL_PARTITIONS,
-    canonical_topic_name,
-    create_app,
-    price_changed_topic_name,
-    raw_topic_names,
-)
-from streams.entities import ENTITIES
+from streams.app import CANONICAL_PARTITIONS, create_app, price_changed_topic_name
 
 log = logging.getLogger("changeflow.worker")
 
 
-def ensure_topics(settings: Settings) -> None:
+def ensure_topics(settings: Settings, pipeline: Pipeline) -> None:
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
-    wanted = {name: CANONICAL_PARTITIONS for name in raw_topic_names(settings)}
-    wanted.update({canonical_topic_name(settings, e): CANONICAL_PARTITIONS for e in ENTITIES})
-    wanted[price_changed_topic_name(settings)] = CANONICAL_PARTITIONS
-    wanted[settings.dlq_topic] = 1
+    wanted = {name: CANONICAL_PARTITIONS for name in pipeline.raw_topics()}
+    wanted.update({topic: CANONICAL_PARTITIONS for topic in pipeline.canonical_topics()})
+    wanted[price_changed_topic_name(pipeline)] = CANONICAL_PARTITIONS
+    wanted[pipeline.dlq_topic] = 1
     existing = set(admin.list_topics(timeout=15).topics)
     missing = [NewTopic(n, num_partitions=p, replication_factor=1) for n, p in wanted.items() if n not in existing]
     if not missing:
@@ -48,16 +42,16 @@ def ensure_topics(settings: Settings) -> None:
         log.info("event=topic_created topic=%s", name)
 
 
-def run(settings: Settings, sink_names: list[str] | None = None, loglevel: str = "info") -> None:
+def run(settings: Settings, pipeline: Pipeline, sink_names: list[str] | None = None, loglevel: str = "info") -> None:
     from faust.worker import Worker
 
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    ensure_topics(settings)
+    ensure_topics(settings, pipeline)
     names = sink_names if sink_names is not None else list(sink_base.registry())
-    sinks = SinkProcesses(settings, default_jobs(settings, names), loglevel=loglevel)
+    sinks = SinkProcesses(settings, default_jobs(pipeline, names), loglevel=loglevel)
     sinks.start()
     try:
-        app = create_app(settings)
+        app = create_app(settings, pipeline)
 
         @app.page("/changeflow/sinks/")
         async def sink_states(web: Any, request: Any) -> Any:

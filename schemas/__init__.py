@@ -1,193 +1,303 @@
-"""Avro schemas of the canonical records, and their wire format.
+"""Avro schemas of the canonical records: generated from the source's types, versioned as the source evolves.
 
-Canonical topics carry Avro in the specification's single-object encoding: the marker ``C3 01``, the
-schema's 8-byte CRC-64-AVRO fingerprint (little-endian), then the binary body. Any consumer holding
-this folder can decode a message without a schema registry. Each entity keeps every version as
-``schemas/<entity>/v<N>.avsc``; the newest is used for writing, all are accepted for reading.
+Nobody writes these by hand. The decode stage derives each entity's row schema from the column types the
+source reports (the Connect schema Debezium sends, the pipeline's declared types, a MongoDB value's type)
+and, when a change carries a column the newest version lacks, makes the next version: every earlier
+field kept, the new one nullable with a null default, so each version is backward and forward compatible
+with the one before (checked in ``next_version`` and by the tests). A column whose type changes in a way
+the stores cannot widen is a dead letter, not a new version.
+
+Wire format: Avro single-object encoding (``C3 01``, the schema's CRC-64-AVRO fingerprint, the body).
+Every version is published to the pipeline's compacted schema topic (``<namespace>.schemas``, key
+``<entity>:<fingerprint hex>``, value the version as JSON) before the first record written with it, so
+any consumer decodes a canonical message by looking its fingerprint up there (README "Reading the
+canonical topics").
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import json
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, time
 from decimal import Decimal, InvalidOperation
-from functools import cache
-from pathlib import Path
 from typing import Any
 
 import fastavro
 from fastavro.schema import fingerprint, parse_schema, to_parsing_canonical_form
 
-SCHEMA_DIR = Path(__file__).parent
+from pipelines.types import ColumnType, parse_type, widens
+
 MAGIC = b"\xc3\x01"
+TYPE_PROP = "changeflow.type"
 
 
 class UnknownSchemaError(ValueError):
     pass
 
 
+class IncompatibleChangeError(ValueError):
+    pass
+
+
+def avro_type(t: ColumnType) -> Any:
+    """How a column type travels in Avro (the `changeflow.type` annotation keeps the exact source type)."""
+    k = t.kind
+    if k in ("int16", "int32"):
+        return "int"
+    if k == "int64":
+        return "long"
+    if k == "float32":
+        return "float"
+    if k == "float64":
+        return "double"
+    if k == "bool":
+        return "boolean"
+    if k == "bytes":
+        return "bytes"
+    if k == "decimal" and t.precision is not None:
+        return {"type": "bytes", "logicalType": "decimal", "precision": t.precision, "scale": t.scale}
+    if k == "date":
+        return {"type": "int", "logicalType": "date"}
+    if k == "time":
+        return {"type": "long", "logicalType": "time-micros"}
+    if k in ("timestamp", "timestamptz"):
+        return {"type": "long", "logicalType": "timestamp-micros"}
+    if k == "interval":
+        return "long"  # microseconds
+    if k == "array":
+        assert t.item is not None
+        return {"type": "array", "items": ["null", avro_type(t.item)]}
+    # string, uuid, enum, timetz (ISO text), json (JSON text), unconstrained decimal (exact text)
+    return "string"
+
+
 @dataclass(frozen=True)
 class SchemaVersion:
     entity: str
     version: int
-    path: Path
+    columns: dict[str, ColumnType]
+    key_columns: tuple[str, ...]
+    raw: dict[str, Any]
     parsed: Any
     fingerprint: bytes
-    # Row fields typed `{"type": "string", "logicalType": "json"}`: free-form JSON (jsonb, sub-documents)
-    # carried as JSON text on the wire and as Python values everywhere else.
-    json_fields: frozenset[str] = frozenset()
-    # The row record's declared fields; anything else travels in its `extra` map (when it has one).
-    row_fields: frozenset[str] = frozenset()
-    # Row fields with Avro's decimal logical type → their scale.
-    decimal_fields: dict[str, int] = field(default_factory=dict)
+
+    def as_json(self) -> bytes:
+        return json.dumps({
+            "entity": self.entity, "version": self.version, "fingerprint": self.fingerprint.hex(),
+            "key": list(self.key_columns), "columns": {n: str(t) for n, t in self.columns.items()},
+            "avro": self.raw,
+        }, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> SchemaVersion:
+        doc = json.loads(data)
+        return make_version(doc["entity"], int(doc["version"]),
+                            {n: parse_type(t) for n, t in doc["columns"].items()}, tuple(doc["key"]))
+
+    @property
+    def registry_key(self) -> bytes:
+        return f"{self.entity}:{self.fingerprint.hex()}".encode()
 
 
-def _decimal_fields(raw: dict[str, Any]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for f in raw.get("fields", []):
-        if f["name"] != "before":
-            continue
-        for branch in f["type"] if isinstance(f["type"], list) else [f["type"]]:
-            if isinstance(branch, dict) and branch.get("type") == "record":
-                for col in branch["fields"]:
-                    for t in col["type"] if isinstance(col["type"], list) else [col["type"]]:
-                        if isinstance(t, dict) and t.get("logicalType") == "decimal":
-                            out[col["name"]] = int(t.get("scale", 0))
-    return out
+def _row_record(entity: str, columns: Mapping[str, ColumnType]) -> dict[str, Any]:
+    fields = []
+    for i, (name, t) in enumerate(columns.items()):
+        # Avro field names are restricted; the column's real name travels as an attribute, so any source
+        # identifier (quotes, spaces, backslashes) survives.
+        fields.append({"name": f"c{i}", "type": ["null", avro_type(t)], "default": None,
+                       "changeflow.column": name, TYPE_PROP: str(t)})
+    return {"type": "record", "name": "Row", "fields": fields}
 
 
-def _coerce_decimals(row: dict[str, Any] | None, sv: SchemaVersion) -> dict[str, Any] | None:
-    """NUMERIC decoded in `decimal.handling.mode=string` or `double` arrives as text or float: make it the
-    exact Decimal the schema declares (a value that is not a number is an error for the caller)."""
-    if row is None or not sv.decimal_fields:
-        return row
-    out = dict(row)
-    for name, scale in sv.decimal_fields.items():
-        value = out.get(name)
-        if value is None or isinstance(value, Decimal):
-            continue
-        try:
-            out[name] = Decimal(str(value)).quantize(Decimal(1).scaleb(-scale))
-        except InvalidOperation:
-            raise ValueError(f"{sv.entity}.{name}: {value!r} is not a decimal number") from None
-    return out
-
-
-def _row_fields(raw: dict[str, Any]) -> frozenset[str]:
-    for f in raw.get("fields", []):
-        if f["name"] == "before":
-            for branch in f["type"] if isinstance(f["type"], list) else [f["type"]]:
-                if isinstance(branch, dict) and branch.get("type") == "record":
-                    return frozenset(col["name"] for col in branch["fields"])
-    return frozenset()
-
-
-def _json_fields(raw: dict[str, Any]) -> frozenset[str]:
-    names: set[str] = set()
-    for f in raw.get("fields", []):
-        if f["name"] != "before":
-            continue
-        for branch in f["type"] if isinstance(f["type"], list) else [f["type"]]:
-            if isinstance(branch, dict) and branch.get("type") == "record":
-                for col in branch["fields"]:
-                    types = col["type"] if isinstance(col["type"], list) else [col["type"]]
-                    if any(isinstance(t, dict) and t.get("logicalType") == "json" for t in types):
-                        names.add(col["name"])
-    return frozenset(names)
-
-
-def _load(path: Path) -> SchemaVersion:
-    raw = json.loads(path.read_text())
+def make_version(entity: str, version: int, columns: Mapping[str, ColumnType],
+                 key_columns: Sequence[str]) -> SchemaVersion:
+    raw = {
+        "type": "record",
+        "name": "Change",
+        "namespace": "changeflow.canonical",
+        "doc": f"canonical change of entity {entity}, version {version}",
+        "changeflow.entity": entity,
+        "changeflow.key": list(key_columns),
+        "fields": [
+            {"name": "source", "type": "string"},
+            {"name": "entity", "type": "string"},
+            {"name": "key", "type": "string"},
+            {"name": "op", "type": "string"},
+            {"name": "version", "type": "long"},
+            {"name": "ts_ms", "type": "long"},
+            {"name": "before", "type": ["null", _row_record(entity, columns)], "default": None},
+            {"name": "after", "type": ["null", "changeflow.canonical.Row"], "default": None},
+            {"name": "present", "type": ["null", {"type": "array", "items": "string"}], "default": None},
+        ],
+    }
     parsed = parse_schema(raw)
     fp = bytes.fromhex(fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO"))
-    return SchemaVersion(
-        path.parent.name, int(path.stem.lstrip("v")), path, parsed, fp, _json_fields(raw), _row_fields(raw),
-        _decimal_fields(raw),
-    )
+    return SchemaVersion(entity, version, dict(columns), tuple(key_columns), raw, parsed, fp)
 
 
-@cache
-def registry() -> dict[str, list[SchemaVersion]]:
-    """entity → its schema versions, oldest first."""
-    out: dict[str, list[SchemaVersion]] = {}
-    for path in sorted(SCHEMA_DIR.glob("*/v*.avsc")):
-        sv = _load(path)
-        out.setdefault(sv.entity, []).append(sv)
-    for versions in out.values():
-        versions.sort(key=lambda v: v.version)
-    return out
+def next_version(current: SchemaVersion | None, entity: str, wanted: Mapping[str, ColumnType],
+                 key_columns: Sequence[str]) -> SchemaVersion | None:
+    """The version that can carry ``wanted`` columns: None when ``current`` already can.
+
+    Raises IncompatibleChangeError for a column whose type changed beyond a widening the stores can hold.
+    """
+    if current is None:
+        return make_version(entity, 1, wanted, key_columns)
+    columns = dict(current.columns)
+    changed = False
+    for name, t in wanted.items():
+        old = columns.get(name)
+        if old is None:
+            columns[name] = t
+            changed = True
+        elif old != t:
+            if not widens(old, t):
+                if widens(t, old):
+                    continue  # a narrower value fits the wider column already declared
+                raise IncompatibleChangeError(
+                    f"column {name!r} of {entity} changed type from {old} to {t}; the stores cannot widen "
+                    "it in place: add a new column (expand/contract) or rebuild the entity"
+                )
+            columns[name] = t
+            changed = True
+    if tuple(key_columns) != current.key_columns:
+        changed = True
+    return make_version(entity, current.version + 1, columns, key_columns) if changed else None
 
 
-@cache
-def by_fingerprint() -> dict[bytes, SchemaVersion]:
-    return {sv.fingerprint: sv for versions in registry().values() for sv in versions}
-
-
-def latest(entity: str) -> SchemaVersion:
-    try:
-        return registry()[entity][-1]
-    except KeyError:
-        raise UnknownSchemaError(f"no schema for entity {entity!r} under {SCHEMA_DIR}") from None
-
-
-def _map_json(row: dict[str, Any] | None, fields: frozenset[str], fn: Any) -> dict[str, Any] | None:
-    if row is None or not fields:
-        return row
-    return {k: (fn(v) if k in fields and v is not None else v) for k, v in row.items()}
-
-
-def _split_extra(row: dict[str, Any] | None, sv: SchemaVersion) -> dict[str, Any] | None:
-    """Columns the schema does not declare move into `extra` (JSON text) instead of being dropped."""
-    if row is None or "extra" not in sv.row_fields:
-        return row
-    undeclared = {k: v for k, v in row.items() if k not in sv.row_fields}
-    if not undeclared:
-        return row
-    kept = {k: v for k, v in row.items() if k in sv.row_fields}
-    kept["extra"] = {k: _dump_json(v) for k, v in undeclared.items()}
-    return kept
-
-
-def _merge_extra(row: dict[str, Any] | None) -> dict[str, Any] | None:
-    if row is None or "extra" not in row:
-        return row
-    extra = row.pop("extra") or {}
-    row.update({k: json.loads(v) for k, v in extra.items() if k not in row})
-    return row
-
-
-def encode(entity: str, record: dict[str, Any]) -> bytes:
-    sv = latest(entity)
-    record = {
-        **record,
-        "before": _split_extra(_map_json(_coerce_decimals(record.get("before"), sv), sv.json_fields, _dump_json), sv),
-        "after": _split_extra(_map_json(_coerce_decimals(record.get("after"), sv), sv.json_fields, _dump_json), sv),
-    }
-    buf = io.BytesIO()
-    buf.write(MAGIC)
-    buf.write(sv.fingerprint)
-    fastavro.schemaless_writer(buf, sv.parsed, record)
-    return buf.getvalue()
-
-
-def decode(data: bytes) -> tuple[SchemaVersion, dict[str, Any]]:
-    """Decode with the writer's schema, resolved into the newest schema of its entity."""
-    if data[:2] != MAGIC or len(data) < 10:
-        raise UnknownSchemaError("not Avro single-object encoding (missing C3 01 marker)")
-    sv = by_fingerprint().get(data[2:10])
-    if sv is None:
-        raise UnknownSchemaError(f"unknown schema fingerprint {data[2:10].hex()}")
-    reader = latest(sv.entity)
-    record: dict[str, Any] = fastavro.schemaless_reader(  # type: ignore[assignment]
-        io.BytesIO(data[10:]), sv.parsed, reader.parsed
-    )
-    record["before"] = _merge_extra(_map_json(record.get("before"), reader.json_fields, json.loads))
-    record["after"] = _merge_extra(_map_json(record.get("after"), reader.json_fields, json.loads))
-    return sv, record
+# --- values ----------------------------------------------------------------------------------------
 
 
 def _dump_json(value: Any) -> str:
     from streams.json import dumps
 
     return dumps(value).decode()
+
+
+def _to_wire(value: Any, t: ColumnType) -> Any:
+    if value is None:
+        return None
+    k = t.kind
+    if k == "json":
+        return _dump_json(value)
+    if k == "decimal":
+        if not isinstance(value, Decimal):
+            try:
+                value = Decimal(str(value))
+            except InvalidOperation:
+                raise ValueError(f"{value!r} is not a decimal number") from None
+        if t.precision is None:
+            return str(value)
+        return value.quantize(Decimal(1).scaleb(-(t.scale or 0)))
+    if k == "timetz":
+        return value.isoformat() if isinstance(value, time) else str(value)
+    if k in ("string", "uuid", "enum"):
+        return value if isinstance(value, str) else str(value)
+    if k == "bytes" and isinstance(value, str):
+        return base64.b64decode(value, validate=True)
+    if k in ("timestamp", "timestamptz") and isinstance(value, datetime) and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    if k == "array" and isinstance(value, list):
+        assert t.item is not None
+        return [_to_wire(v, t.item) for v in value]
+    return value
+
+
+def _from_wire(value: Any, t: ColumnType) -> Any:
+    if value is None:
+        return None
+    k = t.kind
+    if k == "json":
+        import orjson
+
+        return orjson.loads(value)
+    if k == "decimal" and t.precision is None:
+        return Decimal(value)
+    if k == "array" and t.item is not None:
+        return [_from_wire(v, t.item) for v in value]
+    return value
+
+
+def _row_out(row: Mapping[str, Any] | None, sv: SchemaVersion, names: list[str]) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    out: dict[str, Any] = {}
+    for i, (name, t) in enumerate(sv.columns.items()):
+        if name in row:
+            out[names[i]] = _to_wire(row[name], t)
+    return out
+
+
+def encode(sv: SchemaVersion, record: Mapping[str, Any]) -> bytes:
+    names = [f"c{i}" for i in range(len(sv.columns))]
+    body = {
+        **record,
+        "before": _row_out(record.get("before"), sv, names),
+        "after": _row_out(record.get("after"), sv, names),
+    }
+    buf = io.BytesIO()
+    buf.write(MAGIC)
+    buf.write(sv.fingerprint)
+    fastavro.schemaless_writer(buf, sv.parsed, body)
+    return buf.getvalue()
+
+
+def decode(data: bytes, lookup: Callable[[bytes], SchemaVersion | None]) -> tuple[SchemaVersion, dict[str, Any]]:
+    """Decode with the writer's schema (looked up by fingerprint); rows come back keyed by column name."""
+    if not isinstance(data, bytes | bytearray) or data[:2] != MAGIC or len(data) < 10:
+        raise UnknownSchemaError("not Avro single-object encoding (missing C3 01 marker)")
+    sv = lookup(bytes(data[2:10]))
+    if sv is None:
+        raise UnknownSchemaError(f"unknown schema fingerprint {bytes(data[2:10]).hex()}")
+    record: dict[str, Any] = fastavro.schemaless_reader(io.BytesIO(data[10:]), sv.parsed, None)  # type: ignore[assignment]
+    columns = list(sv.columns.items())
+    for side in ("before", "after"):
+        row = record.get(side)
+        if row is not None:
+            record[side] = {name: _from_wire(row.get(f"c{i}"), t) for i, (name, t) in enumerate(columns)}
+    return sv, record
+
+
+class SchemaBook:
+    """One process's view of the schema topic: every version by fingerprint, the newest per entity.
+
+    ``fetch`` re-reads the topic (a reader meeting a fingerprint it does not know: a version made after
+    it started); ``publish`` stores a new version before the first record that uses it (the decode stage).
+    """
+
+    def __init__(self, fetch: Callable[[], list[SchemaVersion]] | None = None,
+                 publish: Callable[[SchemaVersion], None] | None = None) -> None:
+        self._fetch = fetch
+        self._publish = publish
+        self.by_fingerprint: dict[bytes, SchemaVersion] = {}
+        self.latest: dict[str, SchemaVersion] = {}
+        if fetch is not None:
+            self.add(fetch())
+
+    def add(self, versions: list[SchemaVersion]) -> None:
+        for sv in versions:
+            self.by_fingerprint[sv.fingerprint] = sv
+            cur = self.latest.get(sv.entity)
+            if cur is None or sv.version >= cur.version:
+                self.latest[sv.entity] = sv
+
+    def lookup(self, fp: bytes) -> SchemaVersion | None:
+        sv = self.by_fingerprint.get(fp)
+        if sv is None and self._fetch is not None:
+            self.add(self._fetch())
+            sv = self.by_fingerprint.get(fp)
+        return sv
+
+    def for_columns(self, entity: str, wanted: Mapping[str, ColumnType], key_columns: Sequence[str]) -> SchemaVersion:
+        current = self.latest.get(entity)
+        new = next_version(current, entity, wanted, key_columns)
+        if new is None:
+            assert current is not None
+            return current
+        if self._publish is not None:
+            self._publish(new)
+        self.add([new])
+        return new

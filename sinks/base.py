@@ -1,4 +1,4 @@
-"""The one sink protocol and the registry of sinks by name.
+"""The one store protocol and the registry of stores by name.
 
 A sink receives a batch of canonical records in Kafka order and must apply each only if it is newer
 than what the store holds (``version``), so replays and duplicates change nothing. The runner commits
@@ -8,10 +8,15 @@ Kafka offsets only after ``write_batch`` returns.
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.metadata
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
 from typing import TYPE_CHECKING, Any, Protocol
 
+from pipelines.spec import EntitySpec, Pipeline
 from streams.records import ChangeRecord
 
 if TYPE_CHECKING:
@@ -87,31 +92,81 @@ class FatalSinkError(RuntimeError):
     """The store rejected the batch for a reason retrying cannot fix (bad mapping, bad config)."""
 
 
-class Sink(Protocol):
+@dataclass(frozen=True)
+class Versioned:
+    """A row as a store holds it, with the version it was written under (None where the store keeps none)."""
+
+    row: dict[str, Any]
+    version: int | None
+
+
+class Store(Protocol):
+    """One derived store: every operation on it, for the stream and for the tools.
+
+    A store is found by name in the registry (``changeflow.stores`` entry points); drift, status, watch,
+    metrics, rebuild and reconcile loop over the registered stores and never name one.
+    """
+
     name: str
 
-    def setup(self) -> None:
-        """Create what the store needs (tables, indexes, scripts); idempotent."""
+    # --- the stream ---------------------------------------------------------------------------------
+    def setup(self, known: Mapping[str, Any] | None = None) -> None:
+        """Create what the store needs for the pipeline's entities (tables, indexes, scripts); idempotent.
+        ``known``: entity → the newest canonical schema version already published."""
 
     def write_batch(self, records: Sequence[ChangeRecord]) -> None:
         """Apply the records, version-guarded; raise RetriableSinkError or FatalSinkError."""
 
+    def fetch_current(self, entity: str, keys: list[str]) -> dict[str, dict[str, Any]]:
+        """The rows the store holds now for ``keys`` (to complete partial records)."""
+
+    # --- the tools (drift, reconcile, repair, status) -----------------------------------------------
+    def count(self, spec: EntitySpec) -> int:
+        """Live rows of the entity (deletes applied)."""
+
+    def scan(self, spec: EntitySpec) -> Iterator[tuple[str, dict[str, Any], int | None]]:
+        """Every live row: (key, row, version)."""
+
+    def fetch(self, spec: EntitySpec, keys: list[str]) -> dict[str, Versioned]: ...
+
+    def delete(self, spec: EntitySpec, keys: list[str]) -> None:
+        """Remove rows outright (repair of strays, erasure)."""
+
+    def drop_versions_above(self, spec: EntitySpec, keys: list[str], position: int) -> list[str]:
+        """Forget version guards above a source position, so a re-read at that position applies."""
+
+    def applied_through(self) -> dict[str, int]:
+        """entity → the highest source version applied."""
+
     def close(self) -> None: ...
 
 
-SinkFactory = Callable[["Settings"], Sink]
+StoreFactory = Callable[["Settings", Pipeline], Store]
+ENTRY_POINTS = "changeflow.stores"
+# The stores that ship with changeflow, for a checkout run without being installed (entry points missing).
+BUILTIN = {"redis": "sinks.redis:RedisStore", "search": "sinks.search:SearchStore",
+           "clickhouse": "sinks.clickhouse:ClickHouseStore"}
 
 
-def registry() -> dict[str, SinkFactory]:
-    from sinks.clickhouse import ClickHouseSink
-    from sinks.redis import RedisSink
-    from sinks.search import SearchSink
-
-    return {"redis": RedisSink, "search": SearchSink, "clickhouse": ClickHouseSink}
+def _load(ref: str) -> StoreFactory:
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
 
 
-def create(name: str, settings: Settings) -> Sink:
+@cache
+def registry() -> dict[str, StoreFactory]:
+    """Store name → its class, from the ``changeflow.stores`` entry points (a new store is one module and
+    one line in its package's entry points)."""
+    found = {ep.name: ep.value for ep in importlib.metadata.entry_points(group=ENTRY_POINTS)}
+    return {name: _load(ref) for name, ref in (found or BUILTIN).items()}
+
+
+def names() -> list[str]:
+    return list(registry())
+
+
+def create(name: str, settings: Settings, pipeline: Pipeline) -> Store:
     factories = registry()
     if name not in factories:
-        raise KeyError(f"unknown sink {name!r}; known: {', '.join(sorted(factories))}")
-    return factories[name](settings)
+        raise KeyError(f"unknown store {name!r}; known: {', '.join(sorted(factories))}")
+    return factories[name](settings, pipeline)

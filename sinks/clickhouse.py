@@ -1,26 +1,33 @@
 """ClickHouse warehouse: current state per entity plus a changelog of every change.
 
-``changeflow.<entity>`` is a ``ReplacingMergeTree(_version, _is_deleted)``: the row with the highest
+``<database>.<table>`` (default ``<namespace>.<entity>``) is a ``ReplacingMergeTree(_version, _is_deleted)``: the row with the highest
 version wins and a delete is a row with ``_is_deleted = 1``, so reads with ``FINAL`` see exactly the
-source's current rows and a replayed or late record changes nothing. ``changeflow.changelog`` keeps
+source's current rows and a replayed or late record changes nothing. ``<namespace>.changelog`` keeps
 every change once per (entity, key, version), so a replay does not double it.
+
+Columns and their types come from the canonical schema version the records carry (the source's types):
+a table is created for an entity on its first batch (or at setup, when a version is already known) and a
+column the source adds gets its real type by ``ALTER TABLE ... ADD COLUMN``. Identifiers are quoted with
+clickhouse-connect's own quoting, never by hand.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
-from datetime import UTC, datetime
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import UTC, datetime, time
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import clickhouse_connect
+from clickhouse_connect.driver.binding import quote_identifier
 from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 
-from reports.finance import ensure_views as ensure_finance_views
-from sinks.base import FatalSinkError, RetriableSinkError, applied_through, fill_partials
+from pipelines.spec import EntitySpec, Pipeline
+from pipelines.types import ColumnType
+from sinks.base import FatalSinkError, RetriableSinkError, Versioned, applied_through, fill_partials
 from streams import json
-from streams.entities import ENTITIES, EntitySpec
 from streams.records import ChangeRecord
 
 if TYPE_CHECKING:
@@ -28,7 +35,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("changeflow.sinks")
 
-META_COLUMNS = {"_version": "UInt64", "_is_deleted": "UInt8", "_ts_ms": "Int64", "_ingested_at": "DateTime64(3, 'UTC')"}
+# `_key` is the canonical key text (composite keys included), so every lookup by key is one String
+# comparison whatever the key's columns and types; the key columns themselves are typed and the ORDER BY.
+META_COLUMNS = {"_key": "String", "_version": "UInt64", "_is_deleted": "UInt8", "_ts_ms": "Int64",
+                "_ingested_at": "DateTime64(3, 'UTC')"}
+CHUNK = 2000
 CHANGELOG_COLUMNS = ["entity", "key", "op", "version", "ts_ms", "before", "after", "ingested_at"]
 
 
@@ -61,25 +72,54 @@ def client_for(settings: Settings) -> Any:
         host=settings.clickhouse_host,
         port=settings.clickhouse_port,
         username=settings.clickhouse_user,
-        password=settings.clickhouse_password.get_secret_value(),
+        password=settings.clickhouse_password.get_secret_value() if settings.clickhouse_password else "",
         connect_timeout=10,
         send_receive_timeout=60,
         compress=settings.clickhouse_compress,
     )
 
 
-def table_ddl(database: str, spec: EntitySpec) -> str:
-    columns = ",\n  ".join(f"`{n}` {t}" for n, t in {**spec.clickhouse_columns, **META_COLUMNS}.items())
+def q(name: str) -> str:
+    return quote_identifier(name)  # type: ignore[no-any-return]
+
+
+def column_type(t: ColumnType, nullable: bool = True) -> str:
+    """The ClickHouse type of a column type (README "Types")."""
+    k = t.kind
+    if k == "array":
+        assert t.item is not None
+        return f"Array({column_type(t.item)})"  # arrays cannot be Nullable: a null array is []
+    base = {
+        "int16": "Int16", "int32": "Int32", "int64": "Int64", "float32": "Float32", "float64": "Float64",
+        "bool": "Bool", "date": "Date32", "timestamp": "DateTime64(6, 'UTC')", "timestamptz": "DateTime64(6, 'UTC')",
+        "interval": "Int64",
+    }.get(k)
+    if k == "decimal" and t.precision is not None:
+        base = f"Decimal({t.precision}, {t.scale})"
+    if base is None:
+        base = "String"  # string, uuid, enum, json (JSON text), bytes, time/timetz (ISO text), exact decimals
+    return f"Nullable({base})" if nullable else base
+
+
+def table_columns(spec: EntitySpec, columns: Mapping[str, ColumnType], key_columns: Sequence[str]) -> dict[str, str]:
+    overrides = spec.clickhouse.types if spec.clickhouse is not None else {}
+    return {name: overrides.get(name) or column_type(t, nullable=name not in key_columns)
+            for name, t in columns.items()}
+
+
+def table_ddl(spec: EntitySpec, columns: Mapping[str, str], key_columns: Sequence[str]) -> str:
+    cols = ",\n  ".join(f"{q(n)} {t}" for n, t in {**columns, **META_COLUMNS}.items())
+    order = (spec.clickhouse.order_by if spec.clickhouse is not None else None) or list(key_columns) or ["_key"]
     return (
-        f"CREATE TABLE IF NOT EXISTS {database}.{spec.name} (\n  {columns}\n)\n"
-        f"ENGINE = ReplacingMergeTree(_version, _is_deleted)\nORDER BY {spec.clickhouse_order_by}"
+        f"CREATE TABLE IF NOT EXISTS {q(spec.clickhouse_database)}.{q(spec.clickhouse_table)} (\n  {cols}\n)\n"
+        f"ENGINE = ReplacingMergeTree(_version, _is_deleted)\nORDER BY ({', '.join(q(c) for c in order)})"
     )
 
 
 def applied_ddl(database: str) -> str:
     """The highest source position applied per entity ("as of LSN X"); the highest version wins."""
     return (
-        f"CREATE TABLE IF NOT EXISTS {database}.applied_through (\n"
+        f"CREATE TABLE IF NOT EXISTS {q(database)}.applied_through (\n"
         "  entity LowCardinality(String), version UInt64, ts_ms Int64, updated_at DateTime64(3, 'UTC')\n"
         ")\nENGINE = ReplacingMergeTree(version)\nORDER BY entity"
     )
@@ -87,43 +127,57 @@ def applied_ddl(database: str) -> str:
 
 def changelog_ddl(database: str) -> str:
     return (
-        f"CREATE TABLE IF NOT EXISTS {database}.changelog (\n"
+        f"CREATE TABLE IF NOT EXISTS {q(database)}.changelog (\n"
         "  entity LowCardinality(String), key String, op LowCardinality(String), version UInt64,\n"
         "  ts_ms Int64, before Nullable(String), after Nullable(String), ingested_at DateTime64(3, 'UTC')\n"
         ")\nENGINE = ReplacingMergeTree\nORDER BY (entity, key, version)"
     )
 
 
-def _column_value(value: Any) -> Any:
-    """Free-form JSON (jsonb, sub-documents) is stored as JSON text; everything else as typed."""
-    if isinstance(value, dict | list):
+def to_column(value: Any, t: ColumnType | None) -> Any:
+    """A canonical value as its ClickHouse column takes it."""
+    if value is None:
+        return [] if t is not None and t.kind == "array" else None
+    if t is None:
+        return value if isinstance(value, str) else json.dumps(value).decode()
+    k = t.kind
+    if k == "json":
         return json.dumps(value).decode()
+    if k == "array":
+        return [to_column(v, t.item) for v in value]
+    if k in ("time", "timetz") and isinstance(value, time):
+        return value.isoformat()
+    if k == "decimal" and t.precision is None:
+        return str(value)
+    if k in ("string", "uuid", "enum") and not isinstance(value, str):
+        return str(value)
+    if k == "bytes" and isinstance(value, str):
+        return value.encode()
     return value
 
 
-def _from_column(spec: EntitySpec, name: str, value: Any) -> Any:
-    """Undo `_column_value` for free-form JSON columns (declared `json` in the entity's Avro schema)."""
-    import schemas
-
-    if isinstance(value, str) and name in schemas.latest(spec.name).json_fields:
-        return json.loads(value)
-    return value
-
-
-def _added_value(value: Any) -> str | None:
-    if value is None or isinstance(value, str):
+def from_column(value: Any, t: ColumnType | None) -> Any:
+    """Undo ``to_column`` where the stored form differs (JSON text, exact decimal text)."""
+    if value is None or t is None:
         return value
-    return json.dumps(value).decode()
+    if t.kind == "json" and isinstance(value, str):
+        return json.loads(value)
+    if t.kind == "decimal" and t.precision is None and isinstance(value, str):
+        return Decimal(value)
+    return value
 
 
-class ClickHouseSink:
+class ClickHouseStore:
     name = "clickhouse"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, pipeline: Pipeline) -> None:
         self.settings = settings
-        self.database = settings.clickhouse_database
+        self.pipeline = pipeline
+        self.database = pipeline.clickhouse_database
         self._client: Any = None
-        self._known_columns: dict[str, set[str]] = {}
+        # entity → {column: ClickHouse type} as the table has it (read once, kept up to date by ALTERs)
+        self._tables: dict[str, dict[str, str]] = {}
+        self._types: dict[str, dict[str, ColumnType]] = {}
 
     @property
     def client(self) -> Any:
@@ -134,69 +188,109 @@ class ClickHouseSink:
                 raise RetriableSinkError(f"clickhouse unavailable: {exc}") from exc
         return self._client
 
-    def setup(self) -> None:
+    def table(self, spec: EntitySpec) -> str:
+        return f"{q(spec.clickhouse_database)}.{q(spec.clickhouse_table)}"
+
+    def setup(self, known: Mapping[str, Any] | None = None) -> None:
         # clickhouse-connect imports pandas on a process's first insert (seconds of CPU): paid here, before
         # the first batch, so a starting sink does not stall with records in hand.
         from clickhouse_connect.driver import options
 
         _ = options.pd
         try:
-            self.client.command(f"CREATE DATABASE IF NOT EXISTS {self.database}")
-            for spec in ENTITIES.values():
-                self.client.command(table_ddl(self.database, spec))
+            databases = {self.database} | {s.clickhouse_database for s in self.pipeline.stored_in(self.name)}
+            for db in sorted(databases):
+                self.client.command(f"CREATE DATABASE IF NOT EXISTS {q(db)}")
             self.client.command(changelog_ddl(self.database))
             self.client.command(applied_ddl(self.database))
-            ensure_finance_views(self.client, self.database)
+            for entity, sv in (known or {}).items():
+                spec = self.pipeline.entities.get(entity)
+                if spec is not None and spec.clickhouse is not None:
+                    self._ensure_table(spec, sv.columns, sv.key_columns)
         except OperationalError as exc:
             raise RetriableSinkError(f"clickhouse: {exc}") from exc
 
+    def _existing_columns(self, spec: EntitySpec) -> dict[str, str]:
+        rows = self.client.query(
+            "SELECT name, type FROM system.columns WHERE database = {db:String} AND table = {t:String} "
+            "ORDER BY position",
+            parameters={"db": spec.clickhouse_database, "t": spec.clickhouse_table},
+        ).result_rows
+        return {name: t for name, t in rows}
+
+    def _ensure_table(self, spec: EntitySpec, columns: Mapping[str, ColumnType], key_columns: Sequence[str]) -> None:
+        """The entity's table holds every column of this schema version, with its type."""
+        types = self._types.setdefault(spec.name, {})
+        if all(n in types for n in columns) and spec.name in self._tables:
+            return
+        existing = self._tables.get(spec.name)
+        if existing is None:
+            existing = self._existing_columns(spec)
+        wanted = table_columns(spec, columns, key_columns)
+        if not existing:
+            self.client.command(table_ddl(spec, wanted, key_columns))
+            existing = self._existing_columns(spec)
+            log.info("event=table_created table=%s columns=%d", self.table(spec), len(wanted))
+        for name, ch_type in wanted.items():
+            if name not in existing:
+                self.client.command(
+                    f"ALTER TABLE {self.table(spec)} ADD COLUMN IF NOT EXISTS {q(name)} {ch_type}"
+                )
+                existing[name] = ch_type
+                log.info("event=column_added table=%s column=%r type=%s", self.table(spec), name, ch_type)
+        self._tables[spec.name] = existing
+        types.update(columns)
+
+    def column_types(self, spec: EntitySpec) -> dict[str, ColumnType]:
+        return self._types.get(spec.name, {})
+
     def fetch_current(self, entity: str, keys: list[str]) -> dict[str, dict[str, Any]]:
-        spec = ENTITIES[entity]
-        key_type = spec.clickhouse_columns[spec.key_column].replace("Nullable(", "").rstrip(")")
-        # Every column but the bookkeeping ones: columns added by schema evolution must survive a merge too.
-        columns = "* EXCEPT (" + ", ".join(META_COLUMNS) + ")"
+        spec = self.pipeline.entities[entity]
+        if spec.clickhouse is None or spec.name not in self._tables:
+            return {}
         try:
-            result = self.client.query(
-                f"SELECT {columns} FROM {self.database}.{entity} FINAL "
-                f"WHERE `{spec.key_column}` IN {{keys:Array({key_type})}} AND _is_deleted = 0",
-                parameters={"keys": [int(k) if key_type.startswith(("Int", "UInt")) else k for k in keys]},
-            )
+            return {k: v.row for k, v in self.fetch(spec, keys).items()}
         except OperationalError as exc:
             self._client = None
             raise RetriableSinkError(f"clickhouse: {exc}") from exc
-        rows = {}
-        for row in result.named_results():
-            rows[str(row[spec.key_column])] = {k: _from_column(spec, k, v) for k, v in row.items()}
-        return rows
 
     def write_batch(self, records: Sequence[ChangeRecord]) -> None:
+        records = [r for r in records if self.pipeline.entities[r.entity].clickhouse is not None]
+        if not records:
+            return
+        try:
+            for r in records:
+                if r.schema is not None and not all(n in self._types.get(r.entity, {}) for n in r.schema.columns):
+                    self._ensure_table(self.pipeline.entities[r.entity], r.schema.columns, r.schema.key_columns)
+        except OperationalError as exc:
+            self._client = None
+            raise RetriableSinkError(f"clickhouse: {exc}") from exc
+        except DatabaseError as exc:
+            if is_retriable(exc):
+                self._client = None
+                raise RetriableSinkError(f"clickhouse: {exc}") from exc
+            raise FatalSinkError(f"clickhouse rejected a schema change: {exc}") from exc
         records = fill_partials(records, self.fetch_current)
         now = datetime.now(UTC)
-        added = self._added_columns(records)
         by_entity: dict[str, list[ChangeRecord]] = {}
         for record in records:
             by_entity.setdefault(record.entity, []).append(record)
         # Column-oriented: the Native format is columnar, so building columns here spares the client a
         # row-to-column pivot of every batch.
-        tables: dict[str, list[list[Any]]] = {}
+        tables: dict[str, tuple[list[str], list[list[Any]]]] = {}
         for entity, group in by_entity.items():
-            spec = ENTITIES[entity]
+            types = self._types.get(entity, {})
+            names = list(types)
             images = [r.after if r.after is not None else (r.before or {}) for r in group]
-            columns: list[list[Any]] = [
-                [_column_value(image.get(col)) for image in images] for col in spec.clickhouse_columns
-            ]
-            keys = columns[0]
-            for i, value in enumerate(keys):
-                if value is None:
-                    keys[i] = group[i].key
+            columns: list[list[Any]] = [[to_column(image.get(col), types[col]) for image in images] for col in names]
             columns += [
+                [r.key for r in group],
                 [r.version for r in group],
                 [1 if r.is_delete else 0 for r in group],
                 [r.ts_ms for r in group],
                 [now] * len(group),
             ]
-            columns += [[_added_value(image.get(col)) for image in images] for col in added.get(entity, [])]
-            tables[entity] = columns
+            tables[entity] = ([*names, *META_COLUMNS], columns)
         changelog = [
             [r.entity for r in records],
             [r.key for r in records],
@@ -208,24 +302,17 @@ class ClickHouseSink:
             [now] * len(records),
         ]
         try:
-            for entity, names in added.items():
-                self._ensure_columns(entity, names)
-            for entity, data in tables.items():
-                spec = ENTITIES[entity]
-                self.client.insert(
-                    f"{self.database}.{entity}",
-                    data,
-                    column_names=[*spec.clickhouse_columns, *META_COLUMNS, *added.get(entity, [])],
-                    column_oriented=True,
-                )
-            if records:
-                self.client.insert(f"{self.database}.changelog", changelog, column_names=CHANGELOG_COLUMNS,
-                                   column_oriented=True)
-                self.client.insert(
-                    f"{self.database}.applied_through",
-                    [[e, v, t, now] for e, (v, t) in applied_through(records).items()],
-                    column_names=["entity", "version", "ts_ms", "updated_at"],
-                )
+            for entity, (names, data) in tables.items():
+                spec = self.pipeline.entities[entity]
+                self.client.insert(f"{spec.clickhouse_database}.{spec.clickhouse_table}", data,
+                                   column_names=names, column_oriented=True)
+            self.client.insert(f"{self.database}.changelog", changelog, column_names=CHANGELOG_COLUMNS,
+                               column_oriented=True)
+            self.client.insert(
+                f"{self.database}.applied_through",
+                [[e, v, t, now] for e, (v, t) in applied_through(records).items()],
+                column_names=["entity", "version", "ts_ms", "updated_at"],
+            )
         except OperationalError as exc:
             self._client = None
             raise RetriableSinkError(f"clickhouse: {exc}") from exc
@@ -235,37 +322,100 @@ class ClickHouseSink:
                 raise RetriableSinkError(f"clickhouse: {exc}") from exc
             raise FatalSinkError(f"clickhouse rejected the batch: {exc}") from exc
 
+    # --- the tools ----------------------------------------------------------------------------------
+    def _known(self, spec: EntitySpec) -> bool:
+        if spec.name not in self._tables:
+            existing = self._existing_columns(spec)
+            if not existing:
+                return False
+            self._tables[spec.name] = existing
+        return True
+
+    def _select(self, spec: EntitySpec, where: str = "", parameters: dict[str, Any] | None = None) -> Any:
+        return self.client.query(
+            f"SELECT * EXCEPT (_is_deleted, _ts_ms, _ingested_at), _version AS `__v` "
+            f"FROM {self.table(spec)} FINAL WHERE _is_deleted = 0 {where}",
+            parameters=parameters,
+        )
+
+    def _rows(self, spec: EntitySpec, result: Any) -> Iterator[tuple[str, dict[str, Any], int | None]]:
+        names = list(result.column_names)
+        types = self._types.get(spec.name, {})
+        for values in result.result_rows:
+            row = dict(zip(names, values, strict=True))
+            version = row.pop("__v")
+            key = row.pop("_key")
+            yield key, {k: from_column(v, types.get(k)) for k, v in row.items()}, int(version)
+
+    def scan(self, spec: EntitySpec) -> Iterator[tuple[str, dict[str, Any], int | None]]:
+        if self._known(spec):
+            yield from self._rows(spec, self._select(spec))
+
     @staticmethod
-    def _added_columns(records: Sequence[ChangeRecord]) -> dict[str, list[str]]:
-        """Source columns an entity's mapping does not declare (added while the pipeline runs)."""
-        out: dict[str, list[str]] = {}
-        for record in records:
-            declared = ENTITIES[record.entity].clickhouse_columns
-            for name in record.after or {}:
-                if name not in declared and name not in META_COLUMNS and name not in out.get(record.entity, []):
-                    out.setdefault(record.entity, []).append(name)
+    def _chunks(keys: list[str]) -> Iterator[list[str]]:
+        for i in range(0, len(keys), CHUNK):
+            yield keys[i : i + CHUNK]
+
+    def _key_cond(self, keys: list[str], column: str = "_key") -> str:
+        """``col IN (...)`` with quoted literals: a long bound array is too long for a URL parameter."""
+        from clickhouse_connect.driver.binding import format_query_value
+
+        return f"{q(column)} IN ({', '.join(format_query_value(k) for k in keys)})"
+
+    def fetch(self, spec: EntitySpec, keys: list[str]) -> dict[str, Versioned]:
+        out: dict[str, Versioned] = {}
+        if not keys or not self._known(spec):
+            return out
+        for chunk in self._chunks(keys):
+            for k, row, v in self._rows(spec, self._select(spec, f"AND {self._key_cond(chunk)}")):
+                out[k] = Versioned(row, v)
         return out
 
-    def _ensure_columns(self, entity: str, columns: list[str]) -> None:
-        """Schema evolution: a new source column becomes a Nullable(String) column (JSON text for
-        non-strings) of the warehouse table, added once, without a restart. Declaring it in the entity's
-        mapping (and a new schema version) later gives it a proper type."""
-        known = self._known_columns.get(entity)
-        if known is None or not set(columns) <= known:
-            rows = self.client.query(
-                "SELECT name FROM system.columns WHERE database = {db:String} AND table = {t:String}",
-                parameters={"db": self.database, "t": entity},
-            ).result_rows
-            known = {name for (name,) in rows}
-            self._known_columns[entity] = known
-        for name in columns:
-            if name not in known:
-                quoted = name.replace("`", "``")
-                self.client.command(
-                    f"ALTER TABLE {self.database}.{entity} ADD COLUMN IF NOT EXISTS `{quoted}` Nullable(String)"
-                )
-                known.add(name)
-                log.info("event=column_added table=%s.%s column=%s", self.database, entity, name)
+    def count(self, spec: EntitySpec) -> int:
+        if not self._known(spec):
+            return 0
+        return int(self.client.command(f"SELECT count() FROM {self.table(spec)} FINAL WHERE _is_deleted = 0"))
+
+    def delete(self, spec: EntitySpec, keys: list[str]) -> None:
+        if not self._known(spec):
+            return
+        for chunk in self._chunks(keys):
+            self.client.command(
+                f"ALTER TABLE {self.table(spec)} DELETE WHERE {self._key_cond(chunk)} SETTINGS mutations_sync = 2"
+            )
+
+    def drop_versions_above(self, spec: EntitySpec, keys: list[str], position: int) -> list[str]:
+        ahead: list[str] = []
+        if not self._known(spec):
+            return ahead
+        for chunk in self._chunks(keys):
+            where = f"{self._key_cond(chunk)} AND _version > {int(position)}"
+            found = [str(k) for (k,) in self.client.query(
+                f"SELECT DISTINCT _key FROM {self.table(spec)} WHERE {where}"
+            ).result_rows]
+            if found:
+                self.client.command(f"ALTER TABLE {self.table(spec)} DELETE WHERE {where} SETTINGS mutations_sync = 2")
+            ahead += found
+        return ahead
+
+    def changelog(self, spec: EntitySpec, keys: list[str]) -> dict[str, dict[int, dict[str, Any]]]:
+        """The pipeline's own images of these keys, by version (what each store should hold at it)."""
+        out: dict[str, dict[int, dict[str, Any]]] = {}
+        for chunk in self._chunks(keys):
+            result = self.client.query(
+                f"SELECT key, version, after FROM {q(self.database)}.changelog "
+                f"WHERE entity = {{e:String}} AND {self._key_cond(chunk, 'key')} AND after IS NOT NULL",
+                parameters={"e": spec.name},
+            )
+            for key, version, after in result.result_rows:
+                out.setdefault(key, {})[int(version)] = json.loads(after)
+        return out
+
+    def applied_through(self) -> dict[str, int]:
+        rows = self.client.query(
+            f"SELECT entity, max(version) FROM {q(self.database)}.applied_through GROUP BY entity"
+        ).result_rows
+        return {e: int(v) for e, v in rows}
 
     def close(self) -> None:
         if self._client is not None:

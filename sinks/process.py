@@ -34,7 +34,8 @@ if TYPE_CHECKING:
     from multiprocessing.context import SpawnProcess
 
     from changeflow.settings import Settings
-    from sinks.base import Sink
+    from pipelines.spec import Pipeline
+    from sinks.base import Store
 
 log = logging.getLogger("changeflow.sinks")
 
@@ -44,12 +45,13 @@ _PR_SET_PDEATHSIG = 1
 
 @dataclass(frozen=True)
 class SinkJob:
-    """What a child builds: ``factory(settings)`` is the sink, ``group`` its consumer group.
+    """What a child builds: ``factory(settings, pipeline)`` is the store, ``group`` its consumer group.
     ``factory`` must be importable by name (a class or a module-level function): children are spawned."""
 
     name: str
-    factory: Callable[[Settings], Sink]
+    factory: Callable[[Settings, Pipeline], Store]
     group: str
+    pipeline: Pipeline
 
 
 def _die_with_parent() -> None:
@@ -71,7 +73,7 @@ def _child_main(job: SinkJob, settings: Settings, reports: Any, loglevel: str, p
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    runner = SinkRunner(job.factory(settings), settings, stop, group=job.group)
+    runner = SinkRunner(job.factory(settings, job.pipeline), settings, job.pipeline, stop, group=job.group)
 
     def report() -> None:
         reports.put(("report", job.name, runner.state(), list(metrics.REGISTRY.collect())))
@@ -178,12 +180,11 @@ class SinkProcesses:
             self._listener.join(5)
 
 
-def default_jobs(settings: Settings, names: list[str]) -> list[SinkJob]:
+def default_jobs(pipeline: Pipeline, names: list[str]) -> list[SinkJob]:
     from sinks import base
-    from sinks.runner import group_id
 
     factories = base.registry()
     unknown = [n for n in names if n not in factories]
     if unknown:
         raise KeyError(f"unknown sink(s) {', '.join(unknown)}; known: {', '.join(sorted(factories))}")
-    return [SinkJob(name, factories[name], group_id(name)) for name in names]
+    return [SinkJob(name, factories[name], pipeline.sink_group(name), pipeline) for name in names]

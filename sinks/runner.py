@@ -19,7 +19,8 @@ from tenacity import Retrying, retry_if_exception_type, wait_exponential
 
 import schemas
 from changeflow import metrics
-from sinks.base import FatalSinkError, RetriableSinkError, Sink
+from pipelines.spec import Pipeline
+from sinks.base import FatalSinkError, RetriableSinkError, Store
 from streams.records import ChangeRecord
 
 if TYPE_CHECKING:
@@ -28,18 +29,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("changeflow.sinks")
 
 
-def group_id(sink_name: str) -> str:
-    return f"changeflow-sink-{sink_name}"
+def canonical_topics(pipeline: Pipeline, store: str | None = None) -> list[str]:
+    """The canonical topics a store reads: those of the entities it holds (all of them without a store)."""
+    specs = pipeline.stored_in(store) if store else list(pipeline.entities.values())
+    return [spec.canonical_topic for spec in specs]
 
 
-def canonical_topics(settings: Settings) -> list[str]:
-    from streams.entities import ENTITIES
-
-    return [f"{settings.canonical_topic_prefix}.{entity}" for entity in ENTITIES]
-
-
-def record_from_message(msg: Message) -> ChangeRecord:
-    _, data = schemas.decode(msg.value())  # type: ignore[arg-type]
+def record_from_message(msg: Message, book: schemas.SchemaBook) -> ChangeRecord:
+    sv, data = schemas.decode(msg.value(), book.lookup)  # type: ignore[arg-type]
     present = data.get("present")
     after = data["after"]
     if present is not None and after is not None:
@@ -55,15 +52,22 @@ def record_from_message(msg: Message) -> ChangeRecord:
         after=after,
         origin=(msg.topic(), msg.partition(), msg.offset()),  # type: ignore[arg-type]
         partial=present is not None,
+        key_columns=sv.key_columns,
+        types=sv.columns,
+        schema=sv,
     )
 
 
 class SinkRunner:
-    def __init__(self, sink: Sink, settings: Settings, stop: threading.Event | None = None,
-                 group: str | None = None) -> None:
+    def __init__(self, sink: Store, settings: Settings, pipeline: Pipeline, stop: threading.Event | None = None,
+                 group: str | None = None, book: schemas.SchemaBook | None = None) -> None:
+        from streams.app import schema_book
+
         self.sink = sink
-        self.group = group or group_id(sink.name)
+        self.pipeline = pipeline
+        self.group = group or pipeline.sink_group(sink.name)
         self.settings = settings
+        self.book = book or schema_book(settings, pipeline, writer=False)
         self.stop = stop or threading.Event()
         self.applied = 0
         self.last_error: str | None = None
@@ -133,16 +137,20 @@ class SinkRunner:
             ("changeflow.offset", str(msg.offset()).encode()),
             ("changeflow.error", reason.encode()),
         ]
-        self.dlq.produce(self.settings.dlq_topic, key=msg.key(), value=msg.value(), headers=headers)
-        self.dlq.flush(10)
+        errors: list[str] = []
+        self.dlq.produce(self.pipeline.dlq_topic, key=msg.key(), value=msg.value(), headers=headers,
+                         on_delivery=lambda err, _m: errors.append(str(err)) if err else None)
+        if self.dlq.flush(30) or errors:
+            # Never commit past a record that is neither in the store nor in the dead-letter topic.
+            raise RetriableSinkError(f"dead letter not delivered to {self.pipeline.dlq_topic}: {errors or 'timeout'}")
 
     def run(self) -> None:
         for attempt in Retrying(retry=retry_if_exception_type(RetriableSinkError), wait=wait_exponential(max=10)):
             with attempt:
                 if self.stop.is_set():
                     return
-                self.sink.setup()
-        self.consumer.subscribe(canonical_topics(self.settings))
+                self.sink.setup(self.book.latest)
+        self.consumer.subscribe(canonical_topics(self.pipeline, self.sink.name))
         log.info("sink=%s event=started group=%s", self.sink.name, self.group)
         try:
             while not self.stop.is_set():
@@ -160,13 +168,13 @@ class SinkRunner:
                     if msg.value() is None:
                         continue
                     try:
-                        records.append(record_from_message(msg))
-                    except (schemas.UnknownSchemaError, ValueError, KeyError, EOFError) as exc:
+                        records.append(record_from_message(msg, self.book))
+                    except Exception as exc:  # any undecodable record is a dead letter, never a stopped sink
                         log.error(
                             "sink=%s event=dead_letter topic=%s partition=%s offset=%s reason=%r",
                             self.sink.name, msg.topic(), msg.partition(), msg.offset(), str(exc),
                         )
-                        self._to_dlq(msg, f"undecodable canonical record: {exc}")
+                        self._to_dlq(msg, f"undecodable canonical record: {type(exc).__name__}: {str(exc)[:300]}")
                         metrics.count_dead_letter(self.sink.name)
                 metrics.observe_consumed(self.sink.name, records)
                 started = time.perf_counter()

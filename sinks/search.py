@@ -12,27 +12,59 @@ is not newer (409, counted as already applied). Deletes are versioned too and ke
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+import urllib.parse
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from sinks.base import FatalSinkError, RetriableSinkError, applied_through, fill_partials
+from pipelines.spec import EntitySpec, Pipeline
+from pipelines.types import ColumnType
+from sinks.base import FatalSinkError, RetriableSinkError, Versioned, applied_through, fill_partials
 from streams import json
-from streams.entities import ENTITIES, EntitySpec
 from streams.records import ChangeRecord
 
 if TYPE_CHECKING:
     from changeflow.settings import Settings
 
 GC_DELETES = "7d"
-# One document per entity holding the highest version applied, written with that version as its
-# external version, so the marker itself only ever moves forward.
-APPLIED_INDEX = "changeflow-applied"
-# entity → target index of a rebuild in progress; while a document is here every write of that entity
-# also goes to the target, under the same external version.
-REBUILDS_INDEX = "changeflow-rebuilds"
 RETRIABLE_STATUS = {429, 502, 503, 504}
+BATCH = 1000
+
+
+def field_mapping(t: ColumnType) -> dict[str, Any]:
+    """The search mapping of a column type; a pipeline's `mappings` override it per field."""
+    k = t.kind
+    if k == "array":
+        assert t.item is not None
+        return field_mapping(t.item)  # the engine's arrays are implicit
+    simple = {
+        "int16": "short", "int32": "integer", "int64": "long", "float32": "float", "float64": "double",
+        "bool": "boolean", "uuid": "keyword", "enum": "keyword", "bytes": "binary", "interval": "long",
+        "time": "keyword", "timetz": "keyword", "date": "date", "timestamp": "date", "timestamptz": "date",
+    }
+    if k in simple:
+        return {"type": simple[k]}
+    if k == "decimal":
+        # The document keeps every digit (exact text in _source); the indexed value is for ranges and sorts.
+        if t.precision is not None and (t.scale or 0) <= 6:
+            return {"type": "scaled_float", "scaling_factor": 10 ** (t.scale or 0)}
+        return {"type": "keyword"}
+    if k == "json":
+        return {"type": "object", "enabled": False}
+    return {"type": "text", "fields": {"keyword": {"type": "keyword", "ignore_above": 256}}}
+
+
+def mappings_for(spec: EntitySpec, types: Mapping[str, ColumnType]) -> dict[str, Any]:
+    overrides = spec.search.mappings if spec.search is not None else {}
+    props = {name: overrides.get(name) or field_mapping(t) for name, t in types.items()}
+    props.update({name: m for name, m in overrides.items() if name not in props})
+    return {"properties": props}
+
+
+def doc_path(index: str, doc_id: str) -> str:
+    """``/<index>/_doc/<id>`` with both URL-encoded: an id such as ``../../_all`` stays one document's id."""
+    return f"/{urllib.parse.quote(index, safe='')}/_doc/{urllib.parse.quote(doc_id, safe='')}"
 
 
 def detect_engine(url: str) -> str:
@@ -71,16 +103,25 @@ def document(record: ChangeRecord) -> dict[str, Any]:
     return json.loads(json.dumps(record.after))  # type: ignore[no-any-return,unused-ignore]
 
 
-class SearchSink:
+class SearchStore:
     name = "search"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, pipeline: Pipeline) -> None:
         self.url = settings.search_url
+        self.pipeline = pipeline
+        # One document per entity holding the highest version applied, written with that version as its
+        # external version, so the marker itself only ever moves forward.
+        self.applied_index = f"{pipeline.namespace}-applied"
+        # entity → target index of a rebuild in progress; while a document is here every write of that
+        # entity also goes to the target, under the same external version.
+        self.rebuilds_index = f"{pipeline.namespace}-rebuilds"
         self.refresh_interval = settings.search_refresh_interval
         self._engine: str | None = None
         self._client: Any = None
         self._targets: dict[str, str] = {}
         self._targets_read_at = 0.0
+        self._mapped: dict[str, set[str]] = {}
+        self._http: httpx.Client | None = None
 
     @property
     def client(self) -> Any:
@@ -89,19 +130,34 @@ class SearchSink:
             self._client = make_client(self.url, self._engine)
         return self._client
 
-    def create_index(self, spec: EntitySpec, name: str, alias: str | None = None) -> None:
+    def create_index(self, spec: EntitySpec, name: str, alias: str | None = None,
+                     types: Mapping[str, ColumnType] | None = None) -> None:
         settings = {"index": {"gc_deletes": GC_DELETES, "number_of_replicas": 0,
                               "refresh_interval": self.refresh_interval}}
         aliases = {alias: {"is_write_index": True}} if alias else {}
+        mappings = mappings_for(spec, types or {})
         if self._engine == "opensearch":
-            body = {"settings": settings, "mappings": spec.search_mappings, "aliases": aliases}
+            body = {"settings": settings, "mappings": mappings, "aliases": aliases}
             self.client.indices.create(index=name, body=body)
         else:
-            self.client.indices.create(index=name, settings=settings, mappings=spec.search_mappings, aliases=aliases)
+            self.client.indices.create(index=name, settings=settings, mappings=mappings, aliases=aliases)
+
+    def _ensure_mapped(self, spec: EntitySpec, types: Mapping[str, ColumnType]) -> None:
+        """Fields of a new schema version get their derived mapping before the first document carries them
+        (the engine would otherwise guess from the first value it sees)."""
+        known = self._mapped.setdefault(spec.name, set())
+        new = {n: t for n, t in types.items() if n not in known}
+        if not new:
+            return
+        body = {"properties": {k: v for k, v in mappings_for(spec, new)["properties"].items() if k in new}}
+        if self._engine == "opensearch":
+            self.client.indices.put_mapping(index=spec.search_index, body=body)
+        else:
+            self.client.indices.put_mapping(index=spec.search_index, properties=body["properties"])
+        known.update(new)
 
     def _create_index(self, spec: EntitySpec) -> None:
         """Stores write to the alias ``<index>``; the physical index behind it can be rebuilt and swapped."""
-        assert spec.search_index is not None
         if self.client.indices.exists(index=spec.search_index):  # true for an alias too
             # A changed `search_refresh_interval` applies to indexes made before it, too.
             wanted = {"index": {"refresh_interval": self.refresh_interval}}
@@ -119,9 +175,9 @@ class SearchSink:
             self._targets_read_at = now
             try:
                 if self._engine == "opensearch":
-                    found = self.client.search(index=REBUILDS_INDEX, body={"size": 100})
+                    found = self.client.search(index=self.rebuilds_index, body={"size": 100})
                 else:
-                    found = self.client.search(index=REBUILDS_INDEX, size=100)
+                    found = self.client.search(index=self.rebuilds_index, size=100)
                 self._targets = {h["_id"]: h["_source"]["target"] for h in found["hits"]["hits"]}
             except Exception as exc:
                 if _status(exc) != 404:
@@ -129,28 +185,25 @@ class SearchSink:
                 self._targets = {}
         return self._targets
 
-    def setup(self) -> None:
+    def setup(self, known: Mapping[str, Any] | None = None) -> None:
         try:
-            for spec in ENTITIES.values():
-                if spec.search_index is not None:
-                    self._create_index(spec)
+            for spec in self.pipeline.stored_in(self.name):
+                self._create_index(spec)
         except Exception as exc:
             if _status(exc) == 400 and "resource_already_exists" in str(exc):
                 return
             raise _classify(exc) from exc
 
     def _actions(self, records: Sequence[ChangeRecord]) -> Iterator[dict[str, Any]]:
-        searchable = [r for r in records if ENTITIES[r.entity].search_index is not None]
+        searchable = [r for r in records if self.pipeline.entities[r.entity].search is not None]
         for entity, (version, ts_ms) in applied_through(searchable).items():
             yield {
-                "_op_type": "index", "_index": APPLIED_INDEX, "_id": entity, "version": version,
+                "_op_type": "index", "_index": self.applied_index, "_id": entity, "version": version,
                 "version_type": "external", "_source": {"entity": entity, "version": version, "ts_ms": ts_ms},
             }
         targets = self.rebuild_targets()
-        for record in records:
-            spec = ENTITIES[record.entity]
-            if spec.search_index is None:
-                continue
+        for record in searchable:
+            spec = self.pipeline.entities[record.entity]
             if record.entity in targets:
                 yield from self._record_actions(record, targets[record.entity])
             yield from self._record_actions(record, spec.search_index)
@@ -168,8 +221,8 @@ class SearchSink:
         yield action
 
     def fetch_current(self, entity: str, keys: list[str]) -> dict[str, dict[str, Any]]:
-        spec = ENTITIES[entity]
-        if spec.search_index is None or not keys:
+        spec = self.pipeline.entities[entity]
+        if spec.search is None or not keys:
             return {}
         try:
             if self._engine == "opensearch":
@@ -186,6 +239,17 @@ class SearchSink:
         if not records:
             return
         client = self.client
+        newest: dict[str, Any] = {}
+        for r in records:
+            if r.schema is not None and (r.entity not in newest or r.schema.version > newest[r.entity].version):
+                newest[r.entity] = r.schema
+        try:
+            for entity, sv in newest.items():
+                spec = self.pipeline.entities[entity]
+                if spec.search is not None:
+                    self._ensure_mapped(spec, sv.columns)
+        except Exception as exc:
+            raise _classify(exc) from exc
         records = fill_partials(records, self.fetch_current)
         if self._engine == "opensearch":
             from opensearchpy import helpers
@@ -211,9 +275,98 @@ class SearchSink:
                 raise RetriableSinkError(f"search: {len(failures)} documents throttled: {failures[:3]}")
             raise FatalSinkError(f"search rejected {len(failures)} documents: {failures[:3]}")
 
+    # --- the tools (REST API directly: the same calls against either engine) -------------------------
+    @property
+    def http(self) -> httpx.Client:
+        if self._http is None:
+            self._http = httpx.Client(base_url=self.url, timeout=60)
+        return self._http
+
+    def _index_path(self, spec: EntitySpec) -> str:
+        return "/" + urllib.parse.quote(spec.search_index, safe="")
+
+    def scan(self, spec: EntitySpec) -> Iterator[tuple[str, dict[str, Any], int | None]]:
+        index = self._index_path(spec)
+        self.http.post(f"{index}/_refresh")
+        response = self.http.post(
+            f"{index}/_search", params={"scroll": "2m"},
+            json={"size": BATCH, "version": True, "sort": ["_doc"], "query": {"match_all": {}}},
+        )
+        if response.status_code == 404:
+            return
+        response.raise_for_status()
+        body = response.json()
+        scroll_id = body.get("_scroll_id")
+        try:
+            while body["hits"]["hits"]:
+                for hit in body["hits"]["hits"]:
+                    yield hit["_id"], hit.get("_source") or {}, hit.get("_version")
+                response = self.http.post("/_search/scroll", json={"scroll": "2m", "scroll_id": scroll_id})
+                response.raise_for_status()
+                body = response.json()
+                scroll_id = body.get("_scroll_id", scroll_id)
+        finally:
+            if scroll_id:
+                self.http.request("DELETE", "/_search/scroll", json={"scroll_id": [scroll_id]})
+
+    def fetch(self, spec: EntitySpec, keys: list[str]) -> dict[str, Versioned]:
+        out: dict[str, Versioned] = {}
+        for i in range(0, len(keys), BATCH):
+            response = self.http.post(f"{self._index_path(spec)}/_mget", json={"ids": keys[i : i + BATCH]})
+            if response.status_code == 404:
+                return out
+            response.raise_for_status()
+            for doc in response.json()["docs"]:
+                if doc.get("found"):
+                    out[doc["_id"]] = Versioned(doc["_source"], doc.get("_version"))
+        return out
+
+    def count(self, spec: EntitySpec) -> int:
+        index = self._index_path(spec)
+        self.http.post(f"{index}/_refresh")
+        response = self.http.get(f"{index}/_count")
+        if response.status_code == 404:
+            return 0
+        response.raise_for_status()
+        return int(response.json()["count"])
+
+    def delete(self, spec: EntitySpec, keys: list[str]) -> None:
+        for key in keys:
+            response = self.http.delete(doc_path(spec.search_index, key))
+            if response.status_code not in (200, 404):
+                response.raise_for_status()
+        self.http.post(f"{self._index_path(spec)}/_refresh")
+
+    def versions(self, spec: EntitySpec, keys: list[str]) -> dict[str, int]:
+        return {k: v.version for k, v in self.fetch(spec, keys).items() if v.version is not None}
+
+    def drop_versions_above(self, spec: EntitySpec, keys: list[str], position: int) -> list[str]:
+        """A document versioned beyond the source position would outrank every future change; the engine
+        keeps a deleted document's version for ``gc_deletes``, so it cannot be lowered from here."""
+        ahead = [k for k, v in self.versions(spec, keys).items() if v > position]
+        if ahead:
+            raise UnrepairableError(
+                f"search {spec.search_index}: documents {ahead[:5]} carry versions beyond the source position "
+                f"{position}; the index keeps that version for gc_deletes, reindex them to repair"
+            )
+        return []
+
+    def applied_through(self) -> dict[str, int]:
+        response = self.http.post(f"/{self.applied_index}/_search", json={"size": 1000})
+        if response.status_code == 404:
+            return {}
+        response.raise_for_status()
+        return {h["_id"]: int(h["_source"]["version"]) for h in response.json()["hits"]["hits"]}
+
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
+        if self._http is not None:
+            self._http.close()
+
+
+class UnrepairableError(RuntimeError):
+    """Drift that a snapshot cannot fix and that this tool will not fix behind the store's back."""
 
 
 def _status(exc: Exception) -> int | None:

@@ -29,11 +29,14 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 import schemas
 from changeflow import metrics
+from pipelines.load import resolve_secret
+from pipelines.spec import Pipeline
+from pipelines.transform import Transformer, compile_entity
+from schemas.topic import Publisher, ensure_topic, read_versions
 from streams.debezium import decode_postgres
 from streams.derived import price_changed
-from streams.entities import ENTITIES, MONGODB_ENTITIES, POSTGRES_ENTITIES
 from streams.mongodb import decode_mongodb
-from streams.records import ChangeRecord, DeadLetter
+from streams.records import ChangeRecord, DeadLetter, Skip
 
 if TYPE_CHECKING:
     from changeflow.settings import Settings
@@ -49,28 +52,29 @@ FEED_WAIT_S = 0.5
 FEED_STOP_GRACE_S = 30.0
 
 
-def raw_topics(settings: Settings) -> dict[str, str]:
-    """Debezium's raw topic → the source flavour whose envelope it carries."""
-    topics = {f"{settings.topic_prefix}.public.{table}": "postgres" for table in POSTGRES_ENTITIES}
-    topics.update({f"{settings.mongodb_topic_prefix}.users.{c}": "mongodb" for c in MONGODB_ENTITIES})
-    return topics
+def transformers(pipeline: Pipeline, source: str) -> dict[tuple[str, str], Transformer]:
+    """(schema or database, table or collection) → the entity's compiled transform."""
+    base = pipeline.path.parent if pipeline.path is not None else None
+    return {k: compile_entity(spec, base, resolve_secret) for k, spec in pipeline.by_source_table(source).items()}
 
 
-def raw_topic_names(settings: Settings) -> list[str]:
-    return list(raw_topics(settings))
+def schema_book(settings: Settings, pipeline: Pipeline, *, writer: bool) -> schemas.SchemaBook:
+    """The process's schema versions, read from the pipeline's schema topic (the writer also publishes)."""
+    ensure_topic(settings.kafka_bootstrap, pipeline.schema_topic)
+    return schemas.SchemaBook(
+        fetch=lambda: read_versions(settings.kafka_bootstrap, pipeline.schema_topic),
+        publish=Publisher(settings.kafka_bootstrap, pipeline.schema_topic) if writer else None,
+    )
 
 
-def price_changed_topic_name(settings: Settings) -> str:
-    return f"{settings.canonical_topic_prefix}.products.price_changed"
+def price_changed_topic_name(pipeline: Pipeline) -> str:
+    return f"{pipeline.namespace}.products.price_changed"
 
 
-def canonical_topic_name(settings: Settings, entity: str) -> str:
-    return f"{settings.canonical_topic_prefix}.{entity}"
-
-
-def to_avro(record: ChangeRecord) -> bytes:
+def to_avro(book: schemas.SchemaBook, record: ChangeRecord) -> bytes:
+    sv = book.for_columns(record.entity, record.types or {}, record.key_columns)
     return schemas.encode(
-        record.entity,
+        sv,
         {
             "source": record.source,
             "entity": record.entity,
@@ -209,9 +213,11 @@ class RawFeed(mode.Service):
             consumer.close()
 
 
-def create_app(settings: Settings, decode_group: str = DECODE_GROUP) -> faust.App:
+def create_app(settings: Settings, pipeline: Pipeline, decode_group: str | None = None) -> faust.App:
     """The worker's Faust app: the decode agent, fed by ``RawFeed`` from the raw topics in group
-    ``decode_group``. The Faust app id is another name, so Faust's own consumer never joins that group."""
+    ``decode_group`` (default: the pipeline's). The Faust app id is another name, so Faust's own consumer
+    never joins that group."""
+    decode_group = decode_group or pipeline.decode_group
     app = faust.App(
         f"{decode_group}-worker",
         broker=f"kafka://{settings.kafka_bootstrap}",
@@ -225,10 +231,14 @@ def create_app(settings: Settings, decode_group: str = DECODE_GROUP) -> faust.Ap
         broker_session_timeout=10.0,
         broker_heartbeat_interval=2.0,
     )
-    flavours = raw_topics(settings)
-    canonical_names = {entity: canonical_topic_name(settings, entity) for entity in ENTITIES}
-    price_topic = price_changed_topic_name(settings)
-    dlq_topic = settings.dlq_topic
+    raw = pipeline.raw_topics()
+    postgres_entities = transformers(pipeline, "postgres")
+    mongodb_entities = transformers(pipeline, "mongodb")
+    canonical_names = {name: spec.canonical_topic for name, spec in pipeline.entities.items()}
+    price_topic = price_changed_topic_name(pipeline)
+    dlq_topic = pipeline.dlq_topic
+    book = schema_book(settings, pipeline, writer=True)
+    unmapped_seen: set[str] = set()
     producer = Producer({
         "bootstrap.servers": settings.kafka_bootstrap,
         "acks": "all",
@@ -254,17 +264,26 @@ def create_app(settings: Settings, decode_group: str = DECODE_GROUP) -> faust.Ap
     def decode_one(msg: Message, counts: Counter[tuple[str, str]]) -> None:
         topic, partition, offset = msg.topic() or "", msg.partition() or 0, msg.offset() or 0
         raw_key, raw_value = msg.key(), msg.value()
-        if flavours.get(topic) == "mongodb":
+        spec = raw.get(topic)
+        if spec is not None and spec.source == "mongodb":
             result = decode_mongodb(raw_value, topic=topic, partition=partition, offset=offset, raw_key=raw_key,
-                                    entities=MONGODB_ENTITIES)
+                                    entities=mongodb_entities)
         else:
             result = decode_postgres(raw_value, topic=topic, partition=partition, offset=offset, raw_key=raw_key,
-                                     entities=POSTGRES_ENTITIES)
+                                     entities=postgres_entities)
         counts[(topic, metrics.decode_outcome(result))] += 1
+        if isinstance(result, Skip) and result.reason.endswith(" not mapped"):
+            table = result.reason.split(" ")[1]
+            metrics.count_unmapped(table)
+            if table not in unmapped_seen:
+                unmapped_seen.add(table)
+                log.warning("event=unmapped_table table=%s topic=%s partition=%s offset=%s hint=%r", table, topic,
+                            partition, offset, "add it to the pipeline's entities to capture it; counted in "
+                            "/metrics as changeflow_unmapped_changes_total")
         if isinstance(result, ChangeRecord):
             try:
-                encoded = to_avro(result)
-            except (ValueError, TypeError, ArithmeticError, schemas.UnknownSchemaError) as exc:
+                encoded = to_avro(book, result)
+            except (ValueError, TypeError, ArithmeticError, OverflowError, schemas.UnknownSchemaError) as exc:
                 # A row that violates its entity's schema (validation) is a dead letter, not a crash.
                 result = DeadLetter(raw_key, raw_value, topic, partition, offset,
                                     f"fails the {result.entity} schema: {type(exc).__name__}: {exc}")
@@ -321,10 +340,11 @@ def create_app(settings: Settings, decode_group: str = DECODE_GROUP) -> faust.Ap
                     "session.timeout.ms": 10000,
                     "heartbeat.interval.ms": 2000,
                 },
-                topics=raw_topic_names(settings),
+                topics=list(raw),
                 deliver=deliver,
                 **kwargs,
             )
 
     app.changeflow_settings = settings  # type: ignore[attr-defined]
+    app.changeflow_pipeline = pipeline  # type: ignore[attr-defined]
     return app

@@ -9,20 +9,25 @@ datetimes.
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable, Mapping
+import binascii
+from collections.abc import Mapping
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import orjson
 
+from pipelines.transform import FILTERED, ExpressionError, Transformer
+from pipelines.types import ColumnType, from_connect, from_value
+from streams.keys import key_text
 from streams.records import ChangeRecord, DeadLetter, Decoded, Skip
 
 UNAVAILABLE = "__debezium_unavailable_value"
+# The placeholder as Debezium writes it into a bytea column (its bytes, base64 in JSON) and into arrays.
+UNAVAILABLE_B64 = base64.b64encode(UNAVAILABLE.encode()).decode()
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 EPOCH_DATE = date(1970, 1, 1)
 
-Transform = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 class DecodeError(ValueError):
@@ -41,9 +46,12 @@ def convert_value(value: Any, schema: Mapping[str, Any]) -> Any:
     if value == UNAVAILABLE:
         return UNAVAILABLE
     name = schema.get("name")
+    kind = schema.get("type")
     if name == "org.apache.kafka.connect.data.Decimal":
         if isinstance(value, str):
-            return _decimal_from_bytes(value, int(schema.get("parameters", {}).get("scale", 0)))
+            if value == UNAVAILABLE_B64:
+                return UNAVAILABLE
+            return _decimal_from_bytes(value, int((schema.get("parameters") or {}).get("scale", 0)))
         return Decimal(str(value))
     if name == "io.debezium.data.VariableScaleDecimal":
         return _decimal_from_bytes(value["value"], int(value["scale"]))
@@ -59,16 +67,28 @@ def convert_value(value: Any, schema: Mapping[str, Any]) -> Any:
         return EPOCH_DATE + timedelta(days=int(value))
     if name == "io.debezium.data.Json":
         return orjson.loads(value) if isinstance(value, str) else value
-    if schema.get("type") == "array" and isinstance(value, list):
-        items = schema.get("items", {})
+    if kind == "bytes" and isinstance(value, str):
+        if value == UNAVAILABLE_B64:
+            return UNAVAILABLE
+        return base64.b64decode(value, validate=True)
+    if kind == "array" and isinstance(value, list):
+        if value == [UNAVAILABLE]:
+            return UNAVAILABLE
+        items = schema.get("items") or {}
         return [convert_value(v, items) for v in value]
     return value
 
 
-def convert_row(row: Mapping[str, Any] | None, schema: Mapping[str, Any] | None) -> dict[str, Any] | None:
+def _fields(row_schema: Mapping[str, Any] | None) -> dict[str, Mapping[str, Any]]:
+    fields = (row_schema or {}).get("fields") or []
+    return {f["field"]: f for f in fields if isinstance(f, dict) and isinstance(f.get("field"), str)}
+
+
+def convert_row(row: Mapping[str, Any] | None, fields: Mapping[str, Mapping[str, Any]]) -> dict[str, Any] | None:
     if row is None:
         return None
-    fields = {f["field"]: f for f in (schema or {}).get("fields", [])}
+    if not isinstance(row, dict):
+        raise DecodeError(f"row image is {type(row).__name__}, not an object")
     return {name: convert_value(value, fields.get(name, {})) for name, value in row.items()}
 
 
@@ -81,9 +101,48 @@ def without_unavailable(row: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def _row_schema(envelope_schema: Mapping[str, Any], which: str) -> Mapping[str, Any] | None:
     for f in envelope_schema.get("fields", []):
-        if f.get("field") == which:
+        if isinstance(f, dict) and f.get("field") == which:
             return f
     return None
+
+
+_CONNECT_TYPES: dict[tuple[Any, ...], ColumnType] = {}
+
+
+def column_types(fields: Mapping[str, Mapping[str, Any]]) -> dict[str, ColumnType]:
+    """The source's type of every column, from the Connect schema (cached per distinct field schema)."""
+    out: dict[str, ColumnType] = {}
+    for name, f in fields.items():
+        params = f.get("parameters")
+        sig = (f.get("type"), f.get("name"), tuple(sorted(params.items())) if isinstance(params, dict) else None,
+               orjson.dumps(f.get("items")) if "items" in f else None)
+        t = _CONNECT_TYPES.get(sig)
+        if t is None:
+            t = _CONNECT_TYPES[sig] = from_connect(f)
+        out[name] = t
+    return out
+
+
+def output_types(row: Mapping[str, Any], source: Mapping[str, ColumnType],
+                 declared: Mapping[str, ColumnType]) -> dict[str, ColumnType]:
+    """Types of a transformed row: declared in the pipeline, else the source's, else the value's own."""
+    out: dict[str, ColumnType] = {}
+    for name, value in row.items():
+        t = declared.get(name) or source.get(name) or from_value(value) or ColumnType("string")
+        out[name] = t
+    return out
+
+
+def message_key(raw_key: bytes | None) -> dict[str, Any] | None:
+    """The Debezium message key's columns (the primary key, or `message.key.columns`)."""
+    if raw_key is None:
+        return None
+    key = orjson.loads(raw_key)
+    if isinstance(key, dict) and "payload" in key and "schema" in key:
+        key = key["payload"]
+    if not isinstance(key, dict) or not key:
+        raise DecodeError("message key is not an object of key columns")
+    return key
 
 
 def parse_lsn(source: Mapping[str, Any]) -> int:
@@ -115,12 +174,13 @@ def decode_postgres(
     partition: int,
     offset: int,
     raw_key: bytes | None = None,
-    entities: Mapping[str, Transform] | None = None,
+    entities: Mapping[tuple[str, str], Transformer] | None = None,
 ) -> Decoded:
     """A Debezium PostgreSQL message → canonical record, dead letter, or skip.
 
-    ``entities`` maps a table name to the entity's transform (rename, derive, drop secrets); a table
-    that is not listed is skipped, so capturing an extra table never breaks the stream.
+    ``entities`` maps (schema, table) to the entity's compiled transform; a table that is not listed is
+    skipped (and counted by the caller), so capturing an extra table never breaks the stream. Without
+    ``entities`` (fixtures, tools) the record is named after the table and kept as it came.
     """
     if raw_value is None:
         return Skip("tombstone")
@@ -138,9 +198,12 @@ def decode_postgres(
     schema = message.get("schema") or {}
     if not isinstance(payload, dict):
         return dead("payload is not an object")
+    if not isinstance(schema, dict):
+        return dead("schema is not an object")
     if payload.get("status") in ("BEGIN", "END") and "op" not in payload:
         return Skip("transaction metadata")
-    if schema.get("name", "").endswith(".Heartbeat") or (
+    schema_name = schema.get("name")
+    if (isinstance(schema_name, str) and schema_name.endswith(".Heartbeat")) or (
         "ts_ms" in payload and "op" not in payload and "source" not in payload
     ):
         return Skip("heartbeat")
@@ -153,28 +216,71 @@ def decode_postgres(
     table = source.get("table")
     if not isinstance(table, str):
         return dead("source.table missing")
-    transform = (entities or {}).get(table)
-    if entities is not None and transform is None:
-        return Skip(f"table {table} not mapped")
+    db_schema = source.get("schema") if isinstance(source.get("schema"), str) else "public"
+    transformer = None
+    if entities is not None:
+        transformer = entities.get((db_schema, table))
+        if transformer is None:
+            return Skip(f"table {db_schema}.{table} not mapped")
     try:
         version = parse_lsn(source)
-        before = without_unavailable(convert_row(payload.get("before"), _row_schema(schema, "before")))
-        after = convert_row(payload.get("after"), _row_schema(schema, "after"))
+        before_fields = _fields(_row_schema(schema, "before"))
+        after_fields = _fields(_row_schema(schema, "after")) or before_fields
+        raw_before = convert_row(payload.get("before"), before_fields)
+        after = convert_row(payload.get("after"), after_fields)
+        if op != "d" and after is None:
+            raise DecodeError(f"op {op} without an after image")
         partial = after is not None and UNAVAILABLE in after.values()
         after = without_unavailable(after)
-        if transform is not None:
-            before = transform(before) if before is not None else None
-            after = transform(after) if after is not None else None
-        row = after if after is not None else before
-        if row is None or row.get("id") is None:
-            raise DecodeError("no primary key in before/after")
+        before = without_unavailable(raw_before)
+        source_row = after if after is not None else before
+        if source_row is None:
+            raise DecodeError("no row image in before/after")
+        key_row = message_key(raw_key)
+        if transformer is not None and transformer.spec.key_columns:
+            key_columns = transformer.spec.key_columns
+        elif key_row is not None:
+            key_columns = tuple(key_row)
+        else:
+            key_columns = ("id",)
+        missing = [c for c in key_columns if source_row.get(c) is None]
+        if missing:
+            raise DecodeError(f"key column {missing[0]!r} missing from the row image")
+        key_values = [source_row[c] for c in key_columns]
+        if key_row is not None and (transformer is None or not transformer.spec.key_columns):
+            key_fields = _fields(((message_key_schema(raw_key)) or {}))
+            typed_key = [convert_value(key_row[c], key_fields.get(c, {})) for c in key_columns]
+            if [key_text([v]) for v in typed_key] != [key_text([v]) for v in key_values]:
+                raise DecodeError("the message key disagrees with the row's key columns")
+        types = column_types(after_fields)
+        if transformer is not None:
+            before = transformer.image(before, partial=before is not None and len(before) < len(raw_before or {}),
+                                       keep=key_columns)
+            if after is not None:
+                out = transformer.apply(after, partial=partial, keep=key_columns)
+                if out is FILTERED:
+                    # The row no longer belongs in the stores: it leaves them as a delete would.
+                    op, after, partial = "d", None, False
+                    before = before or {c: v for c, v in zip(key_columns, key_values, strict=True)}
+                else:
+                    assert isinstance(out, dict)
+                    after = out
+            declared = transformer.spec.declared_types
+        else:
+            declared = {}
+        image = after if after is not None else before
+        assert image is not None
+        out_types = output_types(image, types, declared)
+        if after is not None and before is not None:
+            out_types = {**output_types(before, types, declared), **out_types}
         ts_ms = int(source.get("ts_ms") or payload.get("ts_ms") or 0)
-    except (DecodeError, ValueError, TypeError, KeyError, ArithmeticError) as exc:
-        return dead(f"{type(exc).__name__}: {exc}")
+    except (DecodeError, ExpressionError, ValueError, TypeError, KeyError, ArithmeticError, AttributeError,
+            RecursionError, binascii.Error) as exc:
+        return dead(f"{type(exc).__name__}: {str(exc)[:300]}")
     return ChangeRecord(
         source="postgres",
-        entity=table,
-        key=str(row["id"]),
+        entity=transformer.spec.name if transformer is not None else table,
+        key=key_text(key_values),
         op=op,
         version=version,
         ts_ms=ts_ms,
@@ -182,4 +288,13 @@ def decode_postgres(
         after=None if op == "d" else after,
         origin=(topic, partition, offset),
         partial=partial,
+        key_columns=tuple(key_columns),
+        types=out_types,
     )
+
+
+def message_key_schema(raw_key: bytes | None) -> Mapping[str, Any] | None:
+    if raw_key is None:
+        return None
+    key = orjson.loads(raw_key)
+    return key.get("schema") if isinstance(key, dict) and isinstance(key.get("schema"), dict) else None

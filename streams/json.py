@@ -1,8 +1,9 @@
-"""JSON for derived stores: exact decimals as strings, datetimes as ISO-8601 UTC."""
+"""JSON for derived stores: exact decimals as strings, datetimes as ISO-8601 UTC, bytes as base64."""
 
 from __future__ import annotations
 
-from datetime import date, datetime
+import base64
+from datetime import date, datetime, time
 from decimal import Decimal
 from typing import Any
 
@@ -12,8 +13,10 @@ import orjson
 def _default(value: Any) -> Any:
     if isinstance(value, Decimal):
         return str(value)
-    if isinstance(value, datetime | date):
+    if isinstance(value, datetime | date | time):
         return value.isoformat()
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 

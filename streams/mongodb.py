@@ -46,7 +46,8 @@ from typing import Any
 
 import orjson
 
-from streams.debezium import Transform
+from pipelines.transform import FILTERED, ExpressionError, Transformer
+from streams.debezium import output_types
 from streams.json import dumps
 from streams.records import ChangeRecord, DeadLetter, Decoded, Skip
 
@@ -303,7 +304,7 @@ def decode_mongodb(
     partition: int,
     offset: int,
     raw_key: bytes | None = None,
-    entities: Mapping[str, Transform] | None = None,
+    entities: Mapping[tuple[str, str], Transformer] | None = None,
 ) -> Decoded:
     """A Debezium MongoDB message → canonical record, dead letter, or skip.
 
@@ -340,9 +341,12 @@ def decode_mongodb(
     collection = source.get("collection")
     if not isinstance(collection, str):
         return dead("source.collection missing")
-    transform = (entities or {}).get(collection)
-    if entities is not None and transform is None:
-        return Skip(f"collection {collection} not mapped")
+    database = source.get("db") if isinstance(source.get("db"), str) else ""
+    transformer = None
+    if entities is not None:
+        transformer = entities.get((database, collection))
+        if transformer is None:
+            return Skip(f"collection {database}.{collection} not mapped")
     try:
         version = cluster_time_version(source)
         before = _document(payload, "before")
@@ -369,16 +373,26 @@ def decode_mongodb(
         key = key_string(doc_id)
         before_row = _row(before, key) if before is not None else None
         after_row = _row(after, key) if after is not None else (_row(partial, key) if partial is not None else None)
-        if transform is not None:
-            before_row = transform(before_row) if before_row is not None else None
-            after_row = transform(after_row) if after_row is not None else None
+        declared: Mapping[str, Any] = {}
+        if transformer is not None:
+            before_row = transformer.image(before_row, keep=("id",))
+            if after_row is not None:
+                out = transformer.apply(after_row, partial=partial is not None, keep=("id",))
+                if out is FILTERED:
+                    op, after_row, partial = "d", None, None
+                    before_row = before_row or {"id": key}
+                else:
+                    assert isinstance(out, dict)
+                    after_row = out
+            declared = transformer.spec.declared_types
+        types = output_types(after_row if after_row is not None else (before_row or {}), {}, declared)
     except ExtendedJsonError as exc:
-        return dead(str(exc))
-    except (ValueError, TypeError, KeyError, ArithmeticError) as exc:
-        return dead(f"{type(exc).__name__}: {exc}")
+        return dead(str(exc)[:300])
+    except (ValueError, TypeError, KeyError, ArithmeticError, AttributeError, RecursionError, ExpressionError) as exc:
+        return dead(f"{type(exc).__name__}: {str(exc)[:300]}")
     return ChangeRecord(
         source=SOURCE,
-        entity=collection,
+        entity=transformer.spec.name if transformer is not None else collection,
         key=key,
         op=op,
         version=version,
@@ -387,4 +401,6 @@ def decode_mongodb(
         after=after_row,
         origin=(topic, partition, offset),
         partial=partial is not None,
+        key_columns=("id",),
+        types=types,
     )

@@ -31,6 +31,11 @@ class ChangeRecord:
     # updateDescription, or an update whose TOASTed columns were left out); the stream fills the rest
     # from the last known state before any store sees it.
     partial: bool = False
+    # The entity's key columns (their values are in the row images) and the column types of the images,
+    # from the source (decode stage); the canonical schema version the record travels with (sinks).
+    key_columns: tuple[str, ...] = field(default=(), compare=False)
+    types: Any = field(default=None, compare=False)
+    schema: Any = field(default=None, compare=False)
 
     @property
     def kafka_key(self) -> str:

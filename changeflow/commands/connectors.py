@@ -1,0 +1,241 @@
+"""`changeflow connectors`: the pipeline's Debezium connectors, rendered from the pipeline file and
+registered through the Kafka Connect REST API; what the source needs beforehand (`prepare`); removal."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from changeflow import context
+from changeflow.commands.pipeline import catalog_dsn, load_pipeline
+from pipelines.spec import Pipeline
+
+app = typer.Typer(help="Debezium connectors through the Kafka Connect REST API.", no_args_is_help=True)
+# Piped output (CI logs, tests) must not be cut at 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, soft_wrap=True)
+
+SourceOption = Annotated[
+    list[str] | None,
+    typer.Option("--source", help="postgres or mongodb (repeat). Default: postgres when the pipeline has it "
+                                  "(MongoDB runs only under docker-compose), else every source."),
+]
+DsnOption = Annotated[
+    str | None,
+    typer.Option("--dsn", help="A connection that may create the publication and grant (default: the stack's "
+                               "superuser on the pipeline's database)."),
+]
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    return typer.Exit(code)
+
+
+def default_sources(pipeline: Pipeline, sources: list[str] | None) -> list[str]:
+    if sources:
+        unknown = sorted(set(sources) - {"postgres", "mongodb"})
+        if unknown:
+            raise fail(f"unknown source {unknown[0]!r}; use postgres or mongodb")
+        return sources
+    declared = [s for s in ("postgres", "mongodb") if getattr(pipeline.file.sources, s) is not None
+                and any(e.source == s for e in pipeline.entities.values())]
+    return ["postgres"] if "postgres" in declared else declared
+
+
+def print_connector(state: dict[str, Any]) -> None:
+    table = Table(title=f"connector {state.get('name')}")
+    for col in ("part", "state", "worker"):
+        table.add_column(col)
+    connector = state.get("connector", {})
+    table.add_row("connector", connector.get("state", "?"), connector.get("worker_id", ""))
+    for task in state.get("tasks", []):
+        table.add_row(f"task {task.get('id')}", task.get("state", "?"), task.get("worker_id", ""))
+    console.print(table)
+
+
+def run_prepare(pipeline: Pipeline, dsn: str | None, *, required: bool) -> bool:
+    """Run `prepare` on a connection that may; when it may not, say what to give a DBA. True when done."""
+    import psycopg
+
+    from connectors import prepare
+
+    try:
+        with psycopg.connect(catalog_dsn(pipeline, dsn), connect_timeout=10) as conn:
+            for line in prepare.apply(conn, pipeline):
+                console.print(f"prepare: {escape(line)}", highlight=False)
+        return True
+    except psycopg.errors.InsufficientPrivilege as exc:
+        message = (f"this connection may not prepare the source ({str(exc).strip()}); give the output of "
+                   "`changeflow connectors prepare --print` to a DBA, then apply again")
+    except psycopg.OperationalError as exc:
+        message = (f"cannot connect to prepare the source ({str(exc).strip()}); pass --dsn, or give the output "
+                   "of `changeflow connectors prepare --print` to a DBA")
+    except prepare.PrepareError as exc:
+        message = str(exc)
+    if required:
+        raise fail(message)
+    err.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
+    return False
+
+
+@app.command("apply")
+def apply(
+    files: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Connector files to apply as they are (default: the connectors rendered from the "
+                            "pipeline, after `prepare`)."),
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for RUNNING.")] = 180.0,
+    source: SourceOption = None,
+    dsn: DsnOption = None,
+    no_prepare: Annotated[bool, typer.Option("--no-prepare", help="Skip `prepare` (a DBA has run it).")] = False,
+) -> None:
+    """Prepare the source, then validate with Connect, create or update (idempotent), wait until RUNNING."""
+    from connectors.client import (
+        ConnectorConfigError,
+        ConnectorDefinition,
+        ConnectorFailedError,
+        ConnectUnavailableError,
+        KafkaConnectClient,
+    )
+    from connectors.render import RenderError, render
+
+    s = context.settings()
+    if files:
+        try:
+            definitions = [ConnectorDefinition.load(p) for p in files]
+        except ValueError as exc:
+            raise fail(str(exc)) from None
+    else:
+        pipeline = load_pipeline()
+        sources = default_sources(pipeline, source)
+        try:
+            definitions = render(pipeline, s, sources)
+        except RenderError as exc:
+            raise fail(str(exc)) from None
+        if "postgres" in sources and not no_prepare:
+            run_prepare(pipeline, dsn, required=False)
+    client = KafkaConnectClient(s.connect_url)
+    try:
+        for definition in definitions:
+            action = client.apply(definition)
+            console.print(f"connector [bold]{escape(definition.name)}[/]: {action}")
+            state = client.wait_running(definition.name, timeout=timeout)
+            print_connector(state)
+    except (ConnectorConfigError, ConnectorFailedError, ConnectUnavailableError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    finally:
+        client.close()
+
+
+@app.command("status")
+def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """State of every registered connector and its tasks."""
+    from connectors.client import ConnectUnavailableError, KafkaConnectClient
+
+    s = context.settings()
+    client = KafkaConnectClient(s.connect_url)
+    try:
+        states = [client.status(name) for name in client.list()]
+    except ConnectUnavailableError as exc:
+        raise fail(str(exc)) from None
+    finally:
+        client.close()
+    if as_json:
+        print(json.dumps(states, indent=2))
+        return
+    if not states:
+        console.print("no connectors registered")
+    for state in states:
+        if state:
+            print_connector(state)
+
+
+@app.command("render")
+def render_(source: SourceOption = None) -> None:
+    """Print the pipeline's connector definitions as Kafka Connect JSON. One connector is one object, so
+    `changeflow connectors render | curl -X POST -H 'Content-Type: application/json' --data @-
+    http://127.0.0.1:8083/connectors` registers it; several are printed as a JSON array."""
+    from connectors.render import RenderError, as_json, render
+
+    pipeline = load_pipeline()
+    try:
+        definitions = render(pipeline, context.settings(), default_sources(pipeline, source))
+    except RenderError as exc:
+        raise fail(str(exc)) from None
+    if len(definitions) == 1:
+        print(as_json(definitions[0]), end="")
+    else:
+        print(json.dumps([{"name": d.name, "config": d.config} for d in definitions], indent=2))
+
+
+@app.command("prepare")
+def prepare_(
+    print_only: Annotated[bool, typer.Option("--print", help="Print the SQL for a DBA instead of running it.")]
+    = False,
+    dsn: DsnOption = None,
+) -> None:
+    """Publication for exactly the pipeline's tables, signal and heartbeat tables, grants to the replication
+    role: run now (a connection that may), or printed as SQL for a DBA."""
+    from connectors import prepare
+
+    pipeline = load_pipeline()
+    if print_only:
+        try:
+            print(prepare.script(pipeline), end="")
+        except prepare.PrepareError as exc:
+            raise fail(str(exc)) from None
+        return
+    run_prepare(pipeline, dsn, required=True)
+
+
+@app.command("delete")
+def delete(
+    purge: Annotated[bool, typer.Option("--purge", help="Also remove the derived data (not yet).")] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask.")] = False,
+    dsn: DsnOption = None,
+) -> None:
+    """Remove the pipeline's connectors, its replication slot and its publication. The derived stores keep
+    their data (and the source its signal and heartbeat tables)."""
+    import psycopg
+
+    from connectors import prepare
+    from connectors.client import ConnectUnavailableError, KafkaConnectClient
+    from connectors.render import render
+
+    if purge:
+        raise fail("--purge is not implemented yet: it needs each store's delete (issue 10, section 6); "
+                   "nothing was removed")
+    pipeline = load_pipeline()
+    definitions = render(pipeline, context.settings())
+    names = [d.name for d in definitions]
+    has_pg = pipeline.file.sources.postgres is not None
+    what = ", ".join([*(f"connector {n}" for n in names),
+                      *([f"slot {pipeline.slot}", f"publication {pipeline.publication}"] if has_pg else [])])
+    if not yes and not typer.confirm(f"remove {what}?"):
+        raise typer.Exit(1)
+    client = KafkaConnectClient(context.settings().connect_url)
+    try:
+        for name in names:
+            console.print(f"connector {escape(name)}: {'deleted' if client.delete(name) else 'absent'}",
+                          highlight=False)
+    except ConnectUnavailableError as exc:
+        raise fail(str(exc)) from None
+    finally:
+        client.close()
+    if has_pg:
+        try:
+            with psycopg.connect(catalog_dsn(pipeline, dsn), connect_timeout=10) as conn:
+                for line in prepare.drop(conn, pipeline):
+                    console.print(escape(line), highlight=False)
+        except (psycopg.Error, prepare.PrepareError) as exc:
+            raise fail(f"{str(exc).strip()}; drop slot {pipeline.slot} and publication {pipeline.publication} "
+                       "by hand (pg_drop_replication_slot, DROP PUBLICATION)") from None
