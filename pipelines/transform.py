@@ -25,7 +25,7 @@ from typing import Any
 
 import simpleeval
 
-from pipelines.spec import EntitySpec, Row
+from pipelines.spec import EntitySpec, Pipeline, Row
 
 FILTERED = object()
 
@@ -178,3 +178,11 @@ def compile_entity(spec: EntitySpec, base: Path | None, secret: Callable[[str, s
         dropped=spec.dropped,
         salt=salt,
     )
+
+
+def compile_pipeline(pipeline: Pipeline, source: str) -> dict[tuple[str, str], Transformer]:
+    """(schema or database, table or collection) → the entity's compiled transform, for one source."""
+    from pipelines.load import resolve_secret
+
+    base = pipeline.path.parent if pipeline.path is not None else None
+    return {k: compile_entity(spec, base, resolve_secret) for k, spec in pipeline.by_source_table(source).items()}

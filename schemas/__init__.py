@@ -227,7 +227,10 @@ def _row_out(row: Mapping[str, Any] | None, sv: SchemaVersion, names: list[str])
     out: dict[str, Any] = {}
     for i, (name, t) in enumerate(sv.columns.items()):
         if name in row:
-            out[names[i]] = _to_wire(row[name], t)
+            try:
+                out[names[i]] = _to_wire(row[name], t)
+            except (ValueError, TypeError, ArithmeticError) as exc:
+                raise ValueError(f"{sv.entity}.{name}: {exc}") from None
     return out
 
 

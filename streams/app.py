@@ -29,9 +29,8 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 import schemas
 from changeflow import metrics
-from pipelines.load import resolve_secret
 from pipelines.spec import Pipeline
-from pipelines.transform import Transformer, compile_entity
+from pipelines.transform import Transformer, compile_pipeline
 from schemas.topic import Publisher, ensure_topic, read_versions
 from streams.debezium import decode_postgres
 from streams.derived import price_changed
@@ -53,9 +52,7 @@ FEED_STOP_GRACE_S = 30.0
 
 
 def transformers(pipeline: Pipeline, source: str) -> dict[tuple[str, str], Transformer]:
-    """(schema or database, table or collection) → the entity's compiled transform."""
-    base = pipeline.path.parent if pipeline.path is not None else None
-    return {k: compile_entity(spec, base, resolve_secret) for k, spec in pipeline.by_source_table(source).items()}
+    return compile_pipeline(pipeline, source)
 
 
 def schema_book(settings: Settings, pipeline: Pipeline, *, writer: bool) -> schemas.SchemaBook:

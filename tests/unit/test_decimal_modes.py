@@ -10,11 +10,25 @@ import pytest
 import schemas
 from streams.app import to_avro
 from streams.debezium import convert_value, decode_postgres
-from streams.entities import POSTGRES_ENTITIES
+from pipelines.load import load
+from pipelines.spec import build
+from pipelines.transform import compile_pipeline
+from tests.unit.commerce import POSTGRES_ENTITIES
 from streams.records import ChangeRecord, Skip
 from tests.unit.envelopes import decimal_bytes, encoded, envelope
 
 UUID = "0b6f2c9e-3d1a-4c55-9a7e-2f1d0c3b4a59"
+
+
+def _declared_amounts() -> dict[tuple[str, str], Any]:
+    """Under decimal.handling.mode string/double the Connect schema no longer says "decimal": the pipeline
+    declares the column's type (as `changeflow init` writes it from the catalog)."""
+    model = load().file.model_copy(deep=True)
+    model.entities["payments"].columns = {"amount": "decimal(12,2)"}
+    return compile_pipeline(build(model, load().path), "postgres")
+
+
+DECLARED = _declared_amounts()
 
 
 def payment_fields(amount_schema: dict[str, Any]) -> list[dict[str, Any]]:
@@ -43,9 +57,10 @@ def test_amount_is_exact_through_the_canonical_topic(mode: str) -> None:
     row = {"id": UUID, "order_id": UUID, "amount": raw, "status": "captured", "provider_ref": None,
            "created_at": 1_700_000_000_000_000}
     result = decode_postgres(encoded(envelope("c", None, row, table="payments", fields=payment_fields(schema))),
-                             topic="commerce.public.payments", partition=0, offset=1, entities=POSTGRES_ENTITIES)
+                             topic="commerce.public.payments", partition=0, offset=1, entities=DECLARED)
     assert isinstance(result, ChangeRecord)
-    _, decoded = schemas.decode(to_avro(result))
+    book = schemas.SchemaBook()
+    _, decoded = schemas.decode(to_avro(book, result), book.lookup)
     assert decoded["after"]["amount"] == Decimal("-1234.56")
     assert str(decoded["after"]["amount"]) == "-1234.56"
 
@@ -55,10 +70,10 @@ def test_an_amount_that_is_not_a_number_fails_validation_with_a_clear_reason() -
            "created_at": 1_700_000_000_000_000}
     result = decode_postgres(encoded(envelope("c", None, row, table="payments",
                                               fields=payment_fields(MODES["string"][0]))),
-                             topic="t", partition=0, offset=1, entities=POSTGRES_ENTITIES)
+                             topic="t", partition=0, offset=1, entities=DECLARED)
     assert isinstance(result, ChangeRecord)
     with pytest.raises(ValueError, match=r"payments.amount: 'twelve' is not a decimal number"):
-        to_avro(result)
+        to_avro(schemas.SchemaBook(), result)
 
 
 def test_text_arrays_and_enums_pass_as_python_values() -> None:

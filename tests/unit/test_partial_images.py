@@ -7,7 +7,7 @@ from typing import Any
 
 from sinks.base import fill_partials
 from streams.debezium import UNAVAILABLE, decode_postgres
-from streams.entities import POSTGRES_ENTITIES
+from tests.unit.commerce import POSTGRES_ENTITIES
 from streams.records import ChangeRecord
 from tests.unit.envelopes import encoded, envelope, product_row
 

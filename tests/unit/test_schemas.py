@@ -1,9 +1,9 @@
-"""Every schema version is compatible both ways with its predecessor, and the wire format is Avro's."""
+"""Canonical schemas are generated from column types and evolve compatibly, or refuse to."""
 
 from __future__ import annotations
 
 import io
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, time
 from decimal import Decimal
 from typing import Any
 
@@ -11,77 +11,88 @@ import fastavro
 import pytest
 
 import schemas
+from pipelines.types import parse_type
 
-PAIRS = [
-    (versions[i - 1], versions[i])
-    for versions in schemas.registry().values()
-    for i in range(1, len(versions))
-]
-
-
-def sample(entity: str) -> dict[str, Any]:
-    rows: dict[str, dict[str, Any]] = {
-        "products": {"id": 1, "sku": "S", "name": "n", "description": None, "category": "c",
-                     "price": Decimal("12.34"), "stock": 3, "updated_at": datetime(2026, 1, 2, tzinfo=UTC)},
-        "orders": {"id": "o", "user_id": "u", "status": "pending", "total_amount": Decimal("-0.01"),
-                   "items": '[{"sku": "A"}]', "created_at": None, "updated_at": None},
-        "payments": {"id": "p", "order_id": "o", "amount": Decimal("5.00"), "status": "captured",
-                     "provider_ref": None, "created_at": None},
-        "refunds": {"id": "r", "payment_id": "p", "order_id": "o", "amount": Decimal("1.00"), "reason": None,
-                    "created_at": None},
-        "users": {"id": "u", "email": "a@b.c", "name": "Ann", "status": "active", "profile": '{"city": "Oslo"}'},
-    }
-    return {"source": "postgres", "entity": entity, "key": "k", "op": "u", "version": 2**62 + 5,
-            "ts_ms": 1_795_000_000_000, "before": None, "after": rows[entity]}
+COLUMNS = {
+    "id": "int64", "small": "int16", "amount": "decimal(12,2)", "exact": "decimal", "ratio": "float64",
+    "flag": "bool", "name": "string", "uid": "uuid", "doc": "json", "blob": "bytes", "day": "date",
+    "at": "time", "at_tz": "timetz", "ts": "timestamptz", "span": "interval", "tags": "array<string>",
+    'we"ird`\\name': "string",
+}
+ROW: dict[str, Any] = {
+    "id": 2**62, "small": -3, "amount": Decimal("-0.01"), "exact": Decimal("123456789012345678901234567890.000000001"),
+    "ratio": float("nan"), "flag": True, "name": "ü", "uid": "0b6f2c9e-3d1a-4c55-9a7e-2f1d0c3b4a59",
+    "doc": {"n": [1, {"x": None}]}, "blob": b"\x00\xff", "day": date(1969, 12, 31), "at": time(23, 59, 59, 999999),
+    "at_tz": "10:00:00+02:00", "ts": datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC), "span": 86_400_000_000,
+    "tags": ["a", None], 'we"ird`\\name': "kept",
+}
 
 
-def test_every_entity_has_versions_and_pairs_are_checked() -> None:
-    assert set(schemas.registry()) == {"products", "orders", "payments", "refunds", "users"}
-    assert len(PAIRS) >= 5
+def typed(columns: dict[str, str]) -> dict[str, Any]:
+    return {n: parse_type(t) for n, t in columns.items()}
 
 
-@pytest.mark.parametrize(("old", "new"), PAIRS, ids=lambda sv: f"{sv.entity}-v{sv.version}")
-def test_backward_and_forward_compatible_with_predecessor(
-    old: schemas.SchemaVersion, new: schemas.SchemaVersion
-) -> None:
-    record = sample(old.entity)
-    # backward: the new schema reads what the old one wrote
+def record(after: dict[str, Any] | None) -> dict[str, Any]:
+    return {"source": "postgres", "entity": "things", "key": "1", "op": "c", "version": 2**63 - 1,
+            "ts_ms": 1_795_000_000_000, "before": None, "after": after, "present": None}
+
+
+def test_every_type_round_trips_exactly_and_names_survive() -> None:
+    book = schemas.SchemaBook()
+    sv = book.for_columns("things", typed(COLUMNS), ["id"])
+    got_sv, got = schemas.decode(schemas.encode(sv, record(ROW)), book.lookup)
+    assert got_sv is sv
+    after = got["after"]
+    nan = after.pop("ratio")
+    assert nan != nan  # NaN stays a float NaN
+    assert after == {k: v for k, v in ROW.items() if k != "ratio"}
+    assert sv.columns['we"ird`\\name'] == parse_type("string")
+
+
+def test_new_column_is_a_new_version_readable_both_ways() -> None:
+    published: list[schemas.SchemaVersion] = []
+    book = schemas.SchemaBook(publish=published.append)
+    v1 = book.for_columns("things", typed({"id": "int64", "name": "string"}), ["id"])
+    assert book.for_columns("things", typed({"id": "int64"}), ["id"]) is v1  # a subset needs no version
+    v2 = book.for_columns("things", typed({"id": "int64", "name": "string", "price": "decimal(10,2)"}), ["id"])
+    assert (v1.version, v2.version) == (1, 2) and published == [v1, v2]
+    assert list(v2.columns) == ["id", "name", "price"]
+    # backward: the new schema reads what the old one wrote; forward: the old reads the new
+    old = record({"id": 1, "name": "a"})
     buf = io.BytesIO()
-    fastavro.schemaless_writer(buf, old.parsed, record)
-    read_new: Any = fastavro.schemaless_reader(io.BytesIO(buf.getvalue()), old.parsed, new.parsed)
-    added = set(read_new["after"]) - set(record["after"])
-    assert {k: read_new["after"][k] for k in record["after"]} == record["after"]
-    assert all(read_new["after"][k] is None for k in added)  # new fields take their defaults
-    # forward: the old schema reads what the new one wrote
+    fastavro.schemaless_writer(buf, v1.parsed, {**old, "after": {"c0": 1, "c1": "a"}})
+    read: Any = fastavro.schemaless_reader(io.BytesIO(buf.getvalue()), v1.parsed, v2.parsed)
+    assert read["after"] == {"c0": 1, "c1": "a", "c2": None}
     buf = io.BytesIO()
-    fastavro.schemaless_writer(buf, new.parsed, {**record, "present": ["id", "name"]})
-    read_old = fastavro.schemaless_reader(io.BytesIO(buf.getvalue()), new.parsed, old.parsed)
-    assert read_old["after"] == record["after"]  # type: ignore[index,call-overload]
+    fastavro.schemaless_writer(buf, v2.parsed, {**old, "after": {"c0": 1, "c1": "a", "c2": Decimal("1.50")}})
+    read = fastavro.schemaless_reader(io.BytesIO(buf.getvalue()), v2.parsed, v1.parsed)
+    assert read["after"] == {"c0": 1, "c1": "a"}
 
 
-def test_single_object_encoding_header_and_round_trip() -> None:
-    record = sample("products")
-    data = schemas.encode("products", record)
-    assert data[:2] == b"\xc3\x01"
-    assert data[2:10] == schemas.latest("products").fingerprint
-    sv, decoded = schemas.decode(data)
-    assert sv.version == schemas.latest("products").version
-    assert decoded["after"] == record["after"]
-    assert decoded["version"] == 2**62 + 5
+def test_widening_is_accepted_and_an_incompatible_change_is_refused() -> None:
+    book = schemas.SchemaBook()
+    book.for_columns("things", typed({"id": "int32", "n": "string"}), ["id"])
+    wider = book.for_columns("things", typed({"id": "int64", "n": "string"}), ["id"])
+    assert wider.columns["id"] == parse_type("int64")
+    assert book.for_columns("things", typed({"id": "int32"}), ["id"]) is wider  # narrower values still fit
+    with pytest.raises(schemas.IncompatibleChangeError, match="column 'n' of things changed type from string to int64"):
+        book.for_columns("things", typed({"id": "int64", "n": "int64"}), ["id"])
 
 
-def test_messages_written_with_an_old_version_still_decode() -> None:
-    old = schemas.registry()["products"][0]
-    buf = io.BytesIO()
-    buf.write(b"\xc3\x01" + old.fingerprint)
-    fastavro.schemaless_writer(buf, old.parsed, sample("products"))
-    sv, decoded = schemas.decode(buf.getvalue())
-    assert sv.version == old.version
-    assert decoded["present"] is None
+def test_versions_travel_as_json_for_other_readers() -> None:
+    sv = schemas.make_version("things", 3, typed(COLUMNS), ["id", "uid"])
+    again = schemas.SchemaVersion.from_json(sv.as_json())
+    assert (again.fingerprint, again.version, again.key_columns, again.columns) == (
+        sv.fingerprint, 3, ("id", "uid"), sv.columns)
 
 
-def test_unknown_fingerprint_and_missing_marker_are_errors() -> None:
-    with pytest.raises(schemas.UnknownSchemaError, match="unknown schema fingerprint"):
-        schemas.decode(b"\xc3\x01" + b"\x00" * 8 + b"\x02")
-    with pytest.raises(schemas.UnknownSchemaError, match="missing C3 01 marker"):
-        schemas.decode(b'{"json": true}')
+@pytest.mark.parametrize("data", [b"", b"\xc3\x01short", b"not avro at all", b"\xc3\x01" + bytes(8) + b"\x00"])
+def test_undecodable_bytes_raise_unknown_schema(data: bytes) -> None:
+    with pytest.raises(schemas.UnknownSchemaError):
+        schemas.decode(data, schemas.SchemaBook().lookup)
+
+
+def test_a_value_that_does_not_fit_its_column_names_the_column() -> None:
+    sv = schemas.make_version("things", 1, typed({"id": "int64", "amount": "decimal(12,2)"}), ["id"])
+    with pytest.raises(ValueError, match=r"things.amount: 'abc' is not a decimal number"):
+        schemas.encode(sv, record({"id": 1, "amount": "abc"}))
