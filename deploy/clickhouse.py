@@ -9,12 +9,14 @@ reports and tests use ``clickhouse-connect`` exactly as they would against a rea
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import httpx
 
+from deploy import secrets
 from deploy.service import Service, ServiceError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +50,13 @@ class ClickHouseService(Service):
         if check.returncode != 0:
             raise ServiceError(f"clickhouse: chdb does not import:\n{check.stderr[-2000:]}")
 
+    def prepare(self) -> None:
+        """Nobody but us reads the warehouse: ``<state>/clickhouse`` and its data directory are 0700."""
+        secrets.clickhouse_password(self.settings)  # generated before the server's first start
+        for folder in (self.home, self.data_dir):
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.chmod(folder, 0o700)
+
     def command(self) -> list[str]:
         s = self.settings
         return [
@@ -69,12 +78,12 @@ class ClickHouseService(Service):
         # The process starts in its home directory; the server module lives in this checkout.
         env["PYTHONPATH"] = ":".join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
         # The password travels in the environment (as with the official image), never in argv.
-        env["CLICKHOUSE_PASSWORD"] = self.settings.clickhouse_password.get_secret_value()
+        env["CLICKHOUSE_PASSWORD"] = secrets.clickhouse_password(self.settings)
         return env
 
     def _auth_headers(self) -> dict[str, str]:
         s = self.settings
-        return {"X-ClickHouse-User": s.clickhouse_user, "X-ClickHouse-Key": s.clickhouse_password.get_secret_value()}
+        return {"X-ClickHouse-User": s.clickhouse_user, "X-ClickHouse-Key": secrets.clickhouse_password(s)}
 
     def healthy(self) -> bool:
         try:

@@ -25,6 +25,22 @@ request threads outside it. chdb releases the GIL while it executes, so the serv
 The connection's current database and settings are re-established for every request inside the same
 locked call, so nothing leaks from one client to another. Sessions keep their ``USE`` database and
 ``SET`` settings for ``session_timeout`` seconds.
+
+It behaves like a locked-down ClickHouse server, not like a root shell (DESIGN.md, "Known traps"):
+
+* a password (``CLICKHOUSE_PASSWORD`` in its environment; it refuses to start without one), checked for
+  URL, ``X-ClickHouse-User/Key`` and Basic credentials alike (516 AUTHENTICATION_FAILED);
+* one statement per request (62 "Multi-statements are not allowed"), GET read-only (164 READONLY);
+  access settings (``readonly``, ``allow_ddl``, ``profile``, file-path settings...) fixed (452, or 164
+  on GET), ``max_execution_time`` capped (452 above the cap, 159 TIMEOUT_EXCEEDED when reached);
+* nothing that reaches outside the engine: table functions and engines other than an allow-list, files,
+  dictionary sources other than local tables, ``SYSTEM``, ``KILL``, ``BACKUP``/``RESTORE``, access
+  management (497 ACCESS_DENIED), ``INTO OUTFILE`` (358), ``FROM INFILE`` (78), ``ATTACH ... FROM`` a
+  path (481). The token guard (``guard``) reads every statement, then the engine's own ``EXPLAIN AST``
+  (parsed, never executed) is checked again (``ast_violation``);
+* no browser: a request with ``Origin`` or a cross-site ``Sec-Fetch-Site`` is refused (403);
+* limits: request body and decompressed body (256 MiB each by default), open connections (a bounded
+  pool, 202 TOO_MANY_SIMULTANEOUS_QUERIES), and values echoed as headers are validated.
 """
 
 from __future__ import annotations
@@ -96,8 +112,6 @@ TRANSPORT_PARAMS = frozenset(
         "enable_http_compression",
         "cancel_http_readonly_queries_on_client_close",
         "add_http_cors_header",
-        # The engine would accept it, but a connection switched to readonly could never be reset.
-        "readonly",
     }
 )
 
@@ -154,7 +168,7 @@ _STATUS_BY_ERROR = {
     },
     413: {"QUERY_IS_TOO_LARGE"},
     501: {"NOT_IMPLEMENTED"},
-    503: {"SOCKET_TIMEOUT", "CANNOT_OPEN_FILE", "CANNOT_SCHEDULE_TASK"},
+    503: {"SOCKET_TIMEOUT", "CANNOT_OPEN_FILE", "CANNOT_SCHEDULE_TASK", "TOO_MANY_SIMULTANEOUS_QUERIES"},
     411: {"HTTP_LENGTH_REQUIRED"},
     408: {"TIMEOUT_EXCEEDED"},
     415: {"UNSUPPORTED_MEDIA_TYPE"},
@@ -364,7 +378,333 @@ def quote_identifier(name: str) -> str:
     return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"
 
 
+# -- the statement guard -----------------------------------------------------------------------------
+# This server is ours, so it refuses what a real server's default profile refuses a user without
+# grants on outside sources: one statement per request, GET read-only, access settings fixed, nothing
+# that reaches outside the engine (files, URLs, other servers, programs, the host's SYSTEM commands).
+# Two layers: ``guard`` reads every token of the statement (strings and comments are tokens of their
+# own, so they can neither hide nor fake a call), then ``ast_violation`` reads the engine's own parse
+# tree (``EXPLAIN AST``, which parses without executing) for what spelling might still disguise.
+
+# Table functions that only read the engine's own data or generate rows; every other one is refused.
+ALLOWED_TABLE_FUNCTIONS = frozenset(
+    {
+        "numbers", "numbers_mt", "zeros", "zeros_mt", "generaterandom", "generateseries", "generate_series",
+        "primes", "values", "sqlstandardvalues", "view", "viewexplain", "viewifpermitted", "merge", "null",
+        "format", "loop", "dictionary", "mergetreeindex", "mergetreeprojection", "mergetreeanalyzeindexes",
+        "mergetreeanalyzeindexesuuid", "mergetreecodecblockcounts", "mergetreetextindex", "fuzzjson", "fuzzquery",
+    }
+)  # fmt: skip
+# Table and database engines that keep their data inside the engine's directory.
+ALLOWED_ENGINES = frozenset(
+    {
+        "mergetree", "replacingmergetree", "summingmergetree", "aggregatingmergetree", "collapsingmergetree",
+        "versionedcollapsingmergetree", "graphitemergetree", "coalescingmergetree", "memory", "log", "tinylog",
+        "stripelog", "null", "set", "join", "buffer", "merge", "dictionary", "view", "materializedview",
+        "generaterandom", "alias", "loop", "atomic", "ordinary", "lazy",
+    }
+)  # fmt: skip
+# Refused as a call anywhere, whatever the engine's lists add at start-up (Engine.denied_functions):
+# table functions and engines of outside sources, dictionary sources, and scalar functions that read
+# files (``file``, ``catboostEvaluate``) or define disks at arbitrary paths (``disk``).
+DENIED_FUNCTIONS = frozenset(
+    {
+        "file", "filecluster", "filesystem", "filelog", "url", "urlcluster", "http", "remote", "remotesecure",
+        "cluster", "clusterallreplicas", "distributed", "s3", "s3cluster", "s3queue", "gcs", "oss", "cosn",
+        "hdfs", "hdfscluster", "azureblobstorage", "azureblobstoragecluster", "azurequeue", "iceberg",
+        "icebergs3", "icebergazure", "iceberghdfs", "iceberglocal", "icebergcluster", "icebergs3cluster",
+        "icebergazurecluster", "iceberghdfscluster", "iceberglocalcluster", "deltalake", "deltalakes3",
+        "deltalakeazure", "deltalakelocal", "deltalakecluster", "deltalakes3cluster", "deltalakeazurecluster",
+        "hudi", "hudicluster", "paimon", "postgresql", "mysql", "sqlite", "jdbc", "odbc", "mongodb", "mongo",
+        "redis", "cassandra", "executable", "executablepool", "executable_pool", "input", "python", "eval",
+        "arrowstream", "arrowflight", "bigquery", "ytsaurus", "kafka", "rabbitmq", "nats", "hive", "queryrunner",
+        "materializedpostgresql", "materializedmysql", "keepermap", "embeddedrocksdb", "yamlregexptree",
+        "prometheusquery", "prometheusqueryrange", "disk", "catboostevaluate", "modelevaluate", "replicated",
+    }
+)  # fmt: skip
+# Settings a client may not change (the server's profile fixes them, as constraints do on a real server).
+ACCESS_SETTINGS = frozenset(
+    {
+        "readonly", "allow_ddl", "allow_introspection_functions", "dialect", "profile",
+        "max_concurrent_queries_for_user", "max_concurrent_queries_for_all_users", "max_sessions_for_user",
+        "input_format_record_errors_file_path",
+        "format_schema", "format_schema_source", "format_template_resultset", "format_template_row",
+        "output_format_schema", "format_avro_schema_registry_url", "into_outfile_create_parent_directories",
+        "s3_allow_server_credentials_in_user_queries", "max_execution_time_leaf",
+    }
+)  # fmt: skip
+ACCESS_KINDS = {  # statement kind -> the grant ClickHouse names when a user lacks it
+    "SYSTEM": "SYSTEM",
+    "KILL": "KILL QUERY",
+    "BACKUP": "BACKUP",
+    "RESTORE": "BACKUP",
+    "GRANT": "ACCESS MANAGEMENT",
+    "REVOKE": "ACCESS MANAGEMENT",
+    "MOVE": "ACCESS MANAGEMENT",
+}
+ACCESS_ENTITIES = frozenset({"USER", "ROLE", "QUOTA", "POLICY", "ROW", "PROFILE", "SETTINGS", "NAMED", "MASKING"})
+# Words after which ``name (`` is a table (with its column list), not a call.
+_TABLE_NAME_BEFORE = frozenset({"INTO", "TABLE", "EXISTS", "VIEW", "DICTIONARY", "DATABASE"})
+# A dictionary source ``CLICKHOUSE(...)`` may name local tables only: no host, no SQL of its own.
+_LOCAL_DICTIONARY_KEYS = frozenset({"TABLE", "DB", "DATABASE", "UPDATE_FIELD", "UPDATE_LAG"})
+
+_SOURCE_GRANT = {
+    "file": "FILE", "filecluster": "FILE", "filesystem": "FILE", "filelog": "FILE", "disk": "FILE",
+    "catboostevaluate": "FILE", "url": "URL", "urlcluster": "URL", "http": "URL", "remote": "REMOTE",
+    "remotesecure": "REMOTE", "cluster": "REMOTE", "clusterallreplicas": "REMOTE", "distributed": "REMOTE",
+    "mysql": "MYSQL", "postgresql": "POSTGRES", "sqlite": "SQLITE", "jdbc": "JDBC", "odbc": "ODBC",
+    "mongodb": "MONGO", "redis": "REDIS", "hdfs": "HDFS", "hdfscluster": "HDFS", "kafka": "KAFKA",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What the guard allows; ``denied_functions`` is completed from the engine's own lists at start-up."""
+
+    user: str = "default"
+    denied_functions: frozenset[str] = DENIED_FUNCTIONS
+    allowed_table_functions: frozenset[str] = ALLOWED_TABLE_FUNCTIONS
+    allowed_engines: frozenset[str] = ALLOWED_ENGINES
+    max_execution_time: float = 300.0
+
+
+def _grant_name(name: str) -> str:
+    low = name.lower()
+    if low in _SOURCE_GRANT:
+        return _SOURCE_GRANT[low]
+    for prefix, grant in (("s3", "S3"), ("azure", "AZURE"), ("hdfs", "HDFS"), ("iceberg", "S3"), ("deltalake", "S3")):
+        if low.startswith(prefix):
+            return grant
+    return name.upper()
+
+
+def access_denied(user: str, grant: str) -> ClickHouseError:
+    text = f"{user}: Not enough privileges. To execute this query, it's necessary to have the grant {grant}"
+    return ch_error(497, "ACCESS_DENIED", text)
+
+
+def source_denied(user: str, name: str, write: bool = False) -> ClickHouseError:
+    return access_denied(user, f"{'WRITE' if write else 'READ'} ON {_grant_name(name)}")
+
+
+def engine_denied(user: str, name: str) -> ClickHouseError:
+    return access_denied(user, f"TABLE ENGINE ON {name}")
+
+
+def multi_statement_error(buf: bytes, at: int) -> ClickHouseError:
+    snippet = buf[at : at + 64].decode("utf-8", "replace").replace("\n", " ")
+    text = f"Syntax error (Multi-statements are not allowed): failed at position {at + 1} (end of query): {snippet}"
+    return ch_error(62, "SYNTAX_ERROR", text)
+
+
+def setting_error(name: str, readonly: bool) -> ClickHouseError:
+    if readonly:
+        return ch_error(164, "READONLY", f"Cannot modify '{name}' setting in readonly mode")
+    return ch_error(452, "SETTING_CONSTRAINT_VIOLATION", f"Setting {name} should not be changed")
+
+
+def _unquote(value: str) -> str:
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"`":
+        return value[1:-1]
+    return value
+
+
+def check_settings_policy(assignments: list[tuple[str, str]], readonly: bool, policy: Policy) -> None:
+    """URL parameters, ``SET`` and ``SETTINGS`` clauses alike: access settings are fixed, time is capped."""
+    for name, value in assignments:
+        low = name.lower()
+        if low in ACCESS_SETTINGS:
+            raise setting_error(name, readonly)
+        if low == "max_execution_time":
+            try:
+                seconds = float(_unquote(value))
+            except ValueError:
+                continue  # the engine reports a value it cannot parse
+            if seconds <= 0 or seconds > policy.max_execution_time:
+                limit = f"{policy.max_execution_time:g}"
+                raise ch_error(
+                    452, "SETTING_CONSTRAINT_VIOLATION", f"Setting max_execution_time shouldn't be greater than {limit}"
+                )
+
+
+def _text(buf: bytes, tok: Token) -> str:
+    return buf[tok.start : tok.end].decode("utf-8", "replace")
+
+
+def _name(buf: bytes, tok: Token | None) -> str:
+    """A word, or a quoted identifier without its quotes (ClickHouse accepts both as function names)."""
+    if tok is None:
+        return ""
+    if tok.kind == "word":
+        return _text(buf, tok)
+    if tok.kind == "ident":
+        return _text(buf, tok)[1:-1].replace("\\", "")
+    return ""
+
+
+def _is(buf: bytes, tok: Token | None, text: bytes) -> bool:
+    return tok is not None and tok.kind == "punct" and buf[tok.start : tok.end] == text
+
+
+def settings_clauses(buf: bytes, toks: list[Token]) -> list[tuple[str, str]]:
+    """Every ``SETTINGS a = 1, b = 'x'`` clause of a statement, at any depth, as (name, value)."""
+    out: list[tuple[str, str]] = []
+    for i, tok in enumerate(toks):
+        if _word(buf, tok) != "SETTINGS":
+            continue
+        j, depth = i + 1, tok.depth
+        while j + 1 < len(toks) and toks[j].depth == depth and toks[j].kind in ("word", "ident"):
+            if not _is(buf, toks[j + 1], b"="):
+                break
+            name, k = _name(buf, toks[j]), j + 2
+            while k < len(toks) and toks[k].depth >= depth and not (toks[k].depth == depth and _is(buf, toks[k], b",")):
+                if toks[k].depth == depth and toks[k].kind == "word" and k > j + 2:
+                    break  # the next clause (FORMAT, ...) starts
+                if toks[k].depth == depth and _is(buf, toks[k], b";"):
+                    break
+                k += 1
+            value = buf[toks[j + 2].start : toks[k - 1].end].decode("utf-8", "replace") if k > j + 2 else ""
+            out.append((name, value))
+            if k < len(toks) and _is(buf, toks[k], b","):
+                j = k + 1
+            else:
+                break
+    return out
+
+
+def guard(
+    buf: bytes, stmt: Statement, readonly: bool, policy: Policy, extra_settings: list[tuple[str, str]] | None = None
+) -> None:
+    """Refuse, with ClickHouse's own error, a statement this server must not run for a client.
+
+    ``buf`` is the whole request SQL (for an INSERT with inline data, the part the engine parses as SQL:
+    everything before the data, and the data too for ``Values``, whose rows are SQL expressions).
+    """
+    user, kind = policy.user, stmt.kind
+    toks = list(tokens(buf))
+    # One statement: nothing but a trailing semicolon after the first top-level one.
+    for i, tok in enumerate(toks):
+        if tok.depth == 0 and _is(buf, tok, b";") and any(not _is(buf, t, b";") for t in toks[i + 1 :]):
+            raise multi_statement_error(buf, tok.start)
+        if tok.depth == 0 and _word(buf, tok) == "PARALLEL" and i + 1 < len(toks) and _word(buf, toks[i + 1]) == "WITH":
+            raise multi_statement_error(buf, tok.start)
+    words = [_word(buf, t) if t.depth == 0 else "" for t in toks[:6]]
+    if kind in ACCESS_KINDS:
+        raise access_denied(user, f"{ACCESS_KINDS[kind]} ON *.*")
+    if kind in ("CREATE", "ALTER", "DROP", "ATTACH", "DETACH", "SHOW", "REPLACE") or kind == "SET":
+        rest = [w for w in words[1:] if w not in ("OR", "REPLACE", "TEMPORARY", "IF", "NOT", "EXISTS")]
+        entity = rest[:1] and (rest[0] in ACCESS_ENTITIES - {"SETTINGS"} or rest[:2] == ["SETTINGS", "PROFILE"])
+        if entity and kind not in ("SHOW", "SET"):
+            raise access_denied(user, "ACCESS MANAGEMENT ON *.*")
+        if kind == "SET" and rest[:1] in (["ROLE"], ["DEFAULT"]):
+            raise access_denied(user, "ACCESS MANAGEMENT ON *.*")
+    if readonly and kind not in READONLY_KINDS:
+        raise ch_error(
+            164,
+            "READONLY",
+            f"{user}: Cannot execute query in readonly mode. For queries over HTTP, "
+            "method GET implies readonly. You should use method POST for modifying queries",
+        )
+    insert_function = kind == "INSERT" and any(_word(buf, t) == "FUNCTION" for t in toks[:4])
+    for i, tok in enumerate(toks):
+        word = _word(buf, tok)
+        nxt = toks[i + 1] if i + 1 < len(toks) else None
+        prev = toks[i - 1] if i > 0 else None
+        if word == "INTO" and _word(buf, nxt) == "OUTFILE":
+            raise ch_error(358, "INTO_OUTFILE_NOT_ALLOWED", "INTO OUTFILE is not allowed")
+        if word == "FROM" and _word(buf, nxt) == "INFILE":
+            raise ch_error(78, "UNKNOWN_TYPE_OF_QUERY", "Query has infile and was send directly to server")
+        if kind == "ATTACH" and word == "FROM" and nxt is not None and nxt.kind == "string":
+            raise ch_error(481, "PATH_ACCESS_DENIED", f"File {_text(buf, nxt)} is not inside the server's user files")
+        if word == "ENGINE":
+            j = i + 2 if _is(buf, nxt, b"=") else i + 1
+            engine = _name(buf, toks[j]) if j < len(toks) else ""
+            if engine and engine.lower() not in policy.allowed_engines:
+                raise engine_denied(user, engine)
+        if word == "SOURCE" and _is(buf, nxt, b"(") and i + 2 < len(toks):
+            source = _name(buf, toks[i + 2]).upper()
+            if source not in ("CLICKHOUSE", "NULL"):
+                raise source_denied(user, source.lower())
+            end = next((k for k, t in enumerate(toks[i + 3 :]) if t.depth <= tok.depth), len(toks))
+            inner = [t for t in toks[i + 3 : i + 3 + end] if t.depth == tok.depth + 2 and t.kind == "word"]
+            for key in inner:
+                if _word(buf, key) not in _LOCAL_DICTIONARY_KEYS:
+                    raise source_denied(user, "remote")
+        name = _name(buf, tok)
+        if name and _is(buf, nxt, b"(") and name.lower() in policy.denied_functions:
+            defines = kind in ("INSERT", "CREATE", "ATTACH", "REPLACE")
+            if defines and (_word(buf, prev) in _TABLE_NAME_BEFORE or _is(buf, prev, b".")):
+                continue  # ``INSERT INTO remote (a, b)``: a table called like a function
+            raise source_denied(user, name, write=insert_function)
+    assignments = list(stmt.assignments) + settings_clauses(buf, toks) + list(extra_settings or [])
+    check_settings_policy(assignments, readonly, policy)
+
+
+def ast_violation(ast: str, policy: Policy) -> ClickHouseError | None:
+    """The second layer: the engine's own parse tree, which spelling cannot disguise.
+
+    ``EXPLAIN AST`` prints one node a line, indented by depth: a table function is a ``Function`` under a
+    ``TableExpression`` (or straight under ``InsertQuery`` for ``INSERT INTO FUNCTION``), an engine a
+    ``Function`` under ``Storage definition``, a dictionary source ``FunctionWithKeyValueArguments``, and
+    ``INTO OUTFILE`` / ``FROM INFILE`` a bare ``Literal`` child of the query node.
+    """
+    user = policy.user
+    parents: list[list[Any]] = []  # [indent, line, children seen so far]
+    for raw in ast.splitlines():
+        if not raw.strip():
+            continue
+        indent = len(raw) - len(raw.lstrip(" "))
+        line = raw.strip()
+        while parents and parents[-1][0] >= indent:
+            parents.pop()
+        parent = parents[-1][1] if parents else ""
+        first_child = not parents or parents[-1][2] == 0
+        if parents:
+            parents[-1][2] += 1
+        node, _, rest = line.partition(" ")
+        name = rest.split(" ")[0].strip() if rest else ""
+        if indent == 0 and line.startswith(("SYSTEM", "KillQuery", "Backup", "Grant", "SetRole", "MoveAccess")):
+            return access_denied(user, "SYSTEM ON *.*" if line.startswith("SYSTEM") else "ACCESS MANAGEMENT ON *.*")
+        if node == "FunctionWithKeyValueArguments":
+            name = rest.strip().split(" ")[0]
+            if parent.startswith("Dictionary definition") and name.lower() not in ("clickhouse", "null"):
+                return source_denied(user, name)
+        elif node == "Function" and name:
+            low = name.lower()
+            if parent.startswith("Storage definition") and first_child:  # then ORDER BY, PARTITION BY...
+                if low not in policy.allowed_engines:
+                    return engine_denied(user, name)
+            elif parent.startswith("InsertQuery"):
+                if low not in policy.allowed_table_functions:
+                    return source_denied(user, name, write=True)
+            elif parent.startswith("TableExpression"):
+                if low not in policy.allowed_table_functions:
+                    return source_denied(user, name)
+            elif low in policy.denied_functions:
+                return source_denied(user, name)
+        elif node == "Literal" and parents and indent == parents[0][0] + 1 and len(parents) == 1:
+            root = parents[0][1]
+            if root.startswith("InsertQuery"):
+                return ch_error(78, "UNKNOWN_TYPE_OF_QUERY", "Query has infile and was send directly to server")
+            if root.startswith("SelectWithUnionQuery"):
+                return ch_error(358, "INTO_OUTFILE_NOT_ALLOWED", "INTO OUTFILE is not allowed")
+        parents.append([indent, line, 0])
+    return None
+
+
+def valid_query_id(value: str) -> str:
+    """A client's ``query_id`` comes back as a response header: printable ASCII, bounded, or refused."""
+    if len(value) > 128 or not all(0x21 <= ord(c) <= 0x7E for c in value):
+        raise ch_error(36, "BAD_ARGUMENTS", "Invalid query_id: at most 128 printable ASCII characters without spaces")
+    return value
+
+
 # -- the engine --------------------------------------------------------------------------------------
+
+# Longer statements (a reconcile's long IN list) rely on the token guard alone: the parse tree of a huge
+# literal list costs as much as the query, and the engine's own max_query_size is of this order.
+AST_CHECK_MAX = 256 << 10
 
 
 @dataclass
@@ -391,7 +731,8 @@ class Engine:
     def __init__(self, data_dir: Path) -> None:
         from chdb.state import sqlitelike
 
-        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(data_dir, 0o700)
         self._conn: Any = sqlitelike.connect(str(data_dir))
         self._lock = threading.Lock()
         self._applied: dict[str, str] = {}
@@ -399,6 +740,13 @@ class Engine:
         head = self._query_text("SELECT version(), timezone()").split("\t")
         self.version, self.timezone = head[0], head[1] if len(head) > 1 else "UTC"
         self.setting_names = set(self._query_text("SELECT name FROM system.settings").split("\n"))
+        # Fail closed: every table function and engine this build has, unless known to stay inside it.
+        functions = {n.lower() for n in self._query_text("SELECT name FROM system.table_functions").split("\n")}
+        engines = {n.lower() for n in self._query_text("SELECT name FROM system.table_engines").split("\n")}
+        self.denied_functions = frozenset(
+            DENIED_FUNCTIONS | (functions - ALLOWED_TABLE_FUNCTIONS) | (engines - ALLOWED_ENGINES) - {""}
+        )
+        self.check_ast: Any = None  # set by the server: (ast text) -> ClickHouseError | None
 
     def _query_text(self, sql: str) -> str:
         return bytes(self._conn.query(sql, "TabSeparated").bytes()).decode().strip()
@@ -432,10 +780,26 @@ class Engine:
         if self.closed:
             raise ch_error(210, "NETWORK_ERROR", "Server is shutting down")
 
+    def _check(self, sql: str, params: dict[str, str] | None = None) -> None:
+        """Under the lock: the engine parses the client's statement (without running it) for the guard.
+
+        A statement EXPLAIN AST cannot parse fails the same way when run, after the token guard passed it.
+        """
+        if self.check_ast is None or len(sql) > AST_CHECK_MAX:
+            return
+        try:
+            ast = bytes(self._conn.query(f"EXPLAIN AST {sql}", "TabSeparatedRaw", params=params or {}).bytes())
+        except Exception:
+            return
+        violation = self.check_ast(ast.decode("utf-8", "replace"))
+        if violation is not None:
+            raise violation
+
     def query(self, sql: str, fmt: str, database: str, settings: dict[str, str], params: dict[str, str]) -> Outcome:
         with self._lock:
             self._guard()
             self._prepare(database, settings)
+            self._check(sql, params)
             try:
                 res = self._conn.query(sql, fmt, params=params)
             except Exception as exc:
@@ -457,6 +821,7 @@ class Engine:
         with self._lock:
             self._guard()
             self._prepare(database, settings)
+            self._check(f"{head} FORMAT {fmt}")
             try:
                 inserter = self._conn.send_insert(head, fmt)
             except Exception as exc:
@@ -556,27 +921,86 @@ class Sessions:
 # -- HTTP -------------------------------------------------------------------------------------------
 
 
-def decompress_body(data: bytes, encoding: str) -> bytes:
-    """Request ``Content-Encoding``: clickhouse-connect sends one lz4/zstd frame per block."""
+DEFAULT_MAX_BODY = 256 << 20
+
+
+def too_large(what: str, limit: int) -> ClickHouseError:
+    return ch_error(229, "QUERY_IS_TOO_LARGE", f"{what} exceeds the server's limit of {limit} bytes")
+
+
+def _bounded(step: Any, data: bytes, limit: int) -> bytes:
+    """Run a streaming decompressor ``step(chunk, max_length)`` without ever holding more than ``limit``."""
+    out = bytearray()
+    while True:
+        part, data, more = step(data, limit + 1 - len(out))
+        out += part
+        if len(out) > limit:
+            raise too_large("Decompressed request body", limit)
+        if not more:
+            return bytes(out)
+
+
+def decompress_body(data: bytes, encoding: str, limit: int = DEFAULT_MAX_BODY) -> bytes:
+    """Request ``Content-Encoding``: clickhouse-connect sends one lz4/zstd frame per block.
+
+    Decompression stops as soon as the output would exceed ``limit``: a small bomb cannot fill memory.
+    """
     encoding = encoding.strip().lower()
     if not encoding or encoding == "identity" or not data:
         return data
     try:
         if encoding == "lz4" and lz4_frame is not None:
-            parts = []
-            while data:
-                dec = lz4_frame.LZ4FrameDecompressor()
-                parts.append(dec.decompress(data))
-                data = dec.unused_data if dec.eof else b""
-            return b"".join(parts)
+            frames: list[Any] = [None]
+
+            def lz4_step(chunk: bytes, room: int) -> tuple[bytes, bytes, bool]:
+                if frames[0] is None:
+                    frames[0] = lz4_frame.LZ4FrameDecompressor()
+                dec = frames[0]
+                out = dec.decompress(chunk, max_length=room)
+                if dec.eof:
+                    frames[0] = None
+                    rest = dec.unused_data or b""
+                    return out, rest, bool(rest)
+                return out, b"", bool(out) and not dec.needs_input
+
+            return _bounded(lz4_step, data, limit)
         if encoding == "zstd" and zstd is not None:
-            return bytes(zstd.decompress(data))
-        if encoding in ("gzip", "x-gzip"):
-            return gzip.decompress(data)
-        if encoding == "deflate":
-            return zlib.decompress(data)
+            zdecs: list[Any] = [zstd.ZstdDecompressor()]
+
+            def zstd_step(chunk: bytes, room: int) -> tuple[bytes, bytes, bool]:
+                dec = zdecs[0]
+                out = dec.decompress(chunk, max_length=room)
+                if dec.eof:
+                    rest = dec.unused_data
+                    zdecs[0] = zstd.ZstdDecompressor()
+                    return out, rest, bool(rest)
+                return out, b"", not dec.needs_input
+
+            return _bounded(zstd_step, data, limit)
+        if encoding in ("gzip", "x-gzip", "deflate"):
+            wbits = 31 if encoding != "deflate" else 15
+            zdec = zlib.decompressobj(wbits)
+
+            def zlib_step(chunk: bytes, room: int) -> tuple[bytes, bytes, bool]:
+                out = zdec.decompress(chunk, room)
+                rest = zdec.unconsumed_tail
+                if zdec.eof:
+                    if encoding != "deflate" and zdec.unused_data:  # concatenated gzip members
+                        raise ValueError("concatenated gzip members are not supported")
+                    return out, b"", False
+                return out, rest, bool(rest) or bool(out)
+
+            result = _bounded(zlib_step, data, limit)
+            if not zdec.eof:
+                raise ValueError("truncated body")
+            return result
         if encoding == "br" and brotli is not None:
-            return bytes(brotli.decompress(data))
+            out = bytes(brotli.decompress(data))  # no bounded API in every brotli release: check after
+            if len(out) > limit:
+                raise too_large("Decompressed request body", limit)
+            return out
+    except ClickHouseError:
+        raise
     except Exception as exc:
         raise ch_error(432, "UNKNOWN_CODEC", f"Cannot decompress {encoding} request body: {exc}") from None
     raise ch_error(432, "UNKNOWN_CODEC", f"Unknown HTTP content encoding '{encoding}'")
@@ -612,6 +1036,18 @@ def content_type(fmt: str) -> str:
     return "text/plain; charset=UTF-8"
 
 
+_HIDES_SQL = re.compile(rb"[A-Za-z_`\"][A-Za-z0-9_`\"$]*\s*\(|;|/\*|--|#")
+
+
+def _may_hide_sql(values: bytes) -> bool:
+    """Cheap pre-check of Values rows: only a call, a comment or a semicolon needs the full token guard."""
+    return _HIDES_SQL.search(values) is not None
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_FORMAT_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+
+
 def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes")
 
@@ -620,12 +1056,60 @@ class ClickHouseHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], engine: Engine, user: str, password: str) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        engine: Engine,
+        user: str,
+        password: str,
+        limits: Limits | None = None,
+    ) -> None:
         super().__init__(address, Handler)
         self.engine = engine
         self.user = user
         self.password = password
         self.sessions = Sessions()
+        self.limits = limits or Limits()
+        self.policy = Policy(
+            user=user, denied_functions=engine.denied_functions, max_execution_time=self.limits.max_execution_time
+        )
+        engine.check_ast = lambda ast: ast_violation(ast, self.policy)
+        self._slots = threading.BoundedSemaphore(self.limits.max_connections)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """A bounded pool: past ``max_connections`` open connections, answer 202 and close at once."""
+        if not self._slots.acquire(blocking=False):
+            text = f"Too many simultaneous queries. Maximum: {self.limits.max_connections}"
+            err = ch_error(202, "TOO_MANY_SIMULTANEOUS_QUERIES", text)
+            body = err.body(self.engine.version)
+            head = (
+                f"HTTP/1.1 {err.http_status} Service Unavailable\r\nContent-Type: text/plain; charset=UTF-8\r\n"
+                f"X-ClickHouse-Exception-Code: {err.code}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            )
+            with contextlib.suppress(OSError):
+                request.settimeout(2)
+                request.sendall(head.encode() + body)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_size: int = DEFAULT_MAX_BODY  # bytes on the wire
+    max_decompressed_size: int = DEFAULT_MAX_BODY  # bytes after Content-Encoding
+    max_connections: int = 128
+    max_execution_time: float = 300.0  # seconds; clients may ask for less, never more
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -661,11 +1145,16 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- plumbing --------------------------------------------------------------------------------
     def _read_body(self) -> bytes:
+        limit = self.server.limits.max_body_size
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            parts = []
+            parts, total = [], 0
             while True:
                 size_line = self.rfile.readline(65537)
                 size = int(size_line.split(b";")[0].strip() or b"0", 16)
+                total += size
+                if total > limit:
+                    self.close_connection = True  # the rest of the upload is never read
+                    raise too_large("Request body", limit)
                 if size == 0:
                     while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
                         pass  # trailers
@@ -674,12 +1163,16 @@ class Handler(BaseHTTPRequestHandler):
                 self.rfile.readline(3)
             return b"".join(parts)
         length = int(self.headers.get("Content-Length") or 0)
+        if length > limit:
+            self.close_connection = True
+            raise too_large("Request body", limit)
         return self.rfile.read(length) if length > 0 else b""
 
     def _send(self, status: int, body: bytes, headers: dict[str, str], head_only: bool = False) -> None:
         self.send_response(status)
         for key, value in headers.items():
-            self.send_header(key, value)
+            # Nothing a client sent may split a header: control characters never leave in one.
+            self.send_header(key, _CONTROL.sub("?", value))
         self.send_header("X-ClickHouse-Server-Display-Name", DISPLAY_NAME)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Keep-Alive", f"timeout={self.timeout}")
@@ -706,9 +1199,29 @@ class Handler(BaseHTTPRequestHandler):
         print(line, flush=True)
 
     # -- one request -----------------------------------------------------------------------------
+    def _cross_origin(self) -> bool:
+        """A browser marks what a web page sends (Origin, Sec-Fetch-Site): no page may reach this server."""
+        site = self.headers.get("Sec-Fetch-Site", "").strip().lower()
+        return self.headers.get("Origin") is not None or site not in ("", "none", "same-origin")
+
+    def _refuse(self, exc: ClickHouseError, started: float, close: bool = False) -> None:
+        headers = {"Content-Type": "text/plain; charset=UTF-8", "X-ClickHouse-Exception-Code": str(exc.code)}
+        if close:
+            self.close_connection = True
+            headers["Connection"] = "close"
+        with contextlib.suppress(OSError):
+            self._send(exc.http_status, exc.body(self.server.engine.version), headers)
+        self._log(exc.http_status, started, b"", None, exc.name)
+
     def _handle(self) -> None:
         started = time.perf_counter()
         url = urlsplit(self.path)
+        if self._cross_origin():
+            # The body is never read: the connection closes after the answer.
+            text = "Cross-origin requests are not allowed: this server does not serve web pages (CORS)"
+            err = ch_error(497, "ACCESS_DENIED", text)
+            self._refuse(err, started, close=True)
+            return
         if url.path in ("/ping", "/replicas_status"):
             self._read_body()
             self._send(200, b"Ok.\n", {"Content-Type": "text/html; charset=UTF-8"})
@@ -718,7 +1231,11 @@ class Handler(BaseHTTPRequestHandler):
             self._send(404, f"There is no handle {url.path}\n".encode(), {"Content-Type": "text/plain"})
             return
         params = dict(parse_qsl(url.query, keep_blank_values=True))
-        query_id = params.get("query_id") or str(uuid.uuid4())
+        try:
+            query_id = valid_query_id(params["query_id"]) if params.get("query_id") else str(uuid.uuid4())
+        except ClickHouseError as bad_id:
+            self._refuse(bad_id, started, close=True)
+            return
         base_headers = {"X-ClickHouse-Query-Id": query_id, "X-ClickHouse-Timezone": self.server.engine.timezone}
         sql = b""
         session: Session | None = None
@@ -730,7 +1247,9 @@ class Handler(BaseHTTPRequestHandler):
             self._authenticate(params)
             if _truthy(params.get("decompress")):
                 raise ch_error(48, "NOT_IMPLEMENTED", "ClickHouse-compressed request bodies (decompress=1)")
-            body = decompress_body(body, self.headers.get("Content-Encoding", ""))
+            body = decompress_body(
+                body, self.headers.get("Content-Encoding", ""), self.server.limits.max_decompressed_size
+            )
             head = params.get("query", "").encode()
             sql = head + b"\n" + body if head and body else head or body
             if session_id := params.get("session_id"):
@@ -747,7 +1266,7 @@ class Handler(BaseHTTPRequestHandler):
                 "Content-Type": "text/plain; charset=UTF-8",
                 "X-ClickHouse-Exception-Code": str(exc.code),
             }
-            if not isinstance(caught, ClickHouseError):
+            if not isinstance(caught, ClickHouseError) or self.close_connection:
                 self.close_connection = True  # the request stream is out of step: do not reuse it
                 headers["Connection"] = "close"
             with contextlib.suppress(OSError):
@@ -800,13 +1319,6 @@ class Handler(BaseHTTPRequestHandler):
         stmt = analyze(sql)
         if not stmt.kind:
             raise ch_error(62, "SYNTAX_ERROR", "Empty query")
-        if self.command == "GET" and stmt.kind not in READONLY_KINDS:
-            raise ch_error(
-                164,
-                "READONLY",
-                f"{self.server.user}: Cannot execute query in readonly mode. For queries over HTTP, "
-                "method GET implies readonly. You should use method POST for modifying queries",
-            )
         database = (
             params.get("database")
             or self.headers.get("X-ClickHouse-Database")
@@ -816,9 +1328,21 @@ class Handler(BaseHTTPRequestHandler):
         url_settings = {
             k: v for k, v in params.items() if k not in TRANSPORT_PARAMS and not k.startswith(("param_", "http_"))
         }
+        readonly = self.command == "GET"
+        check_settings_policy(list(url_settings.items()), readonly, self.server.policy)
         engine.check_settings(list(url_settings))
+        # The statement as the engine will parse it: an INSERT's inline data is data, except Values rows,
+        # which are SQL expressions (the Values parser evaluates them).
+        checked = sql
+        if stmt.insert_head is not None:
+            is_values = (stmt.insert_format or "").lower() == "values"
+            if not is_values or not _may_hide_sql(sql[stmt.data_offset :]):
+                checked = sql[: stmt.data_offset]
+        guard(checked, stmt, readonly, self.server.policy)
         settings = dict(session.settings) if session else {}
         settings.update({k: quote_literal(v) for k, v in url_settings.items()})
+        # The server's time limit applies unless the client asked for less (checked above).
+        settings.setdefault("max_execution_time", f"{self.server.limits.max_execution_time:g}")
         headers: dict[str, str] = {}
 
         if stmt.kind == "USE" and stmt.use_database is not None:
@@ -844,6 +1368,8 @@ class Handler(BaseHTTPRequestHandler):
 
         fmt = stmt.output_format or params.get("default_format") or self.headers.get("X-ClickHouse-Format")
         fmt = fmt or "TabSeparated"
+        if not _FORMAT_RE.match(fmt):
+            raise ch_error(73, "UNKNOWN_FORMAT", "Unknown output format")
         try:
             text = sql.decode()
         except UnicodeDecodeError:
@@ -860,8 +1386,9 @@ class Handler(BaseHTTPRequestHandler):
 # -- entry point ------------------------------------------------------------------------------------
 
 
-def serve(host: str, port: int, data_dir: Path, user: str, password: str) -> None:
+def serve(host: str, port: int, data_dir: Path, user: str, password: str, limits: Limits | None = None) -> None:
     """Run until SIGTERM/SIGINT, then close chdb so the next start can open the directory."""
+    os.umask(0o077)  # every file and directory the engine creates is ours alone
     try:
         engine = Engine(data_dir.resolve())
     except RuntimeError as exc:
@@ -873,7 +1400,7 @@ def serve(host: str, port: int, data_dir: Path, user: str, password: str) -> Non
         )
         raise SystemExit(1) from None
     try:
-        server = ClickHouseHTTPServer((host, port), engine, user, password)
+        server = ClickHouseHTTPServer((host, port), engine, user, password, limits)
     except OSError:
         engine.close()  # port taken: leave the data directory clean for the next attempt
         raise
@@ -904,9 +1431,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8123)
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--user", default="default")
+    parser.add_argument("--max-body-size", type=int, default=DEFAULT_MAX_BODY, help="request body bytes (wire)")
+    parser.add_argument(
+        "--max-decompressed-size", type=int, default=DEFAULT_MAX_BODY, help="request body bytes after Content-Encoding"
+    )
+    parser.add_argument("--max-connections", type=int, default=128, help="open connections; beyond: code 202")
+    parser.add_argument("--max-execution-time", type=float, default=300.0, help="seconds per query; beyond: code 159")
     args = parser.parse_args(argv)
     # The password comes from the environment, never the command line (visible in ps).
-    serve(args.host, args.port, args.data_dir, args.user, os.environ.get(PASSWORD_ENV, ""))
+    password = os.environ.get(PASSWORD_ENV, "")
+    if not password:
+        print(f"event=failed error='{PASSWORD_ENV} is empty: this server only runs with a password'", flush=True)
+        return 2
+    limits = Limits(
+        max_body_size=args.max_body_size,
+        max_decompressed_size=args.max_decompressed_size,
+        max_connections=args.max_connections,
+        max_execution_time=args.max_execution_time,
+    )
+    serve(args.host, args.port, args.data_dir, args.user, password, limits)
     return 0
 
 

@@ -3,7 +3,8 @@
 Starts ``deploy.clickhouse_server`` as a subprocess on a free port with a temporary data directory,
 then checks that clickhouse-connect works unchanged (Native queries and inserts, lz4 bodies,
 server-side parameter binding, errors) and that curl-style HTTP works, concurrently, and survives a
-restart. Prints the measured insert and FINAL latencies (run with ``-s`` to see them).
+restart. Prints the measured insert and FINAL latencies (run with ``-s`` to see them). The server runs
+with a password, as the stack's does; what it refuses is tested in test_clickhouse_security.py.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import datetime as dt
 import gzip
 import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -57,22 +59,26 @@ def free_port() -> int:
 class ServerProcess:
     """The real server as a child process; restartable on the same data directory."""
 
-    def __init__(self, data_dir: Path, log: Path) -> None:
+    def __init__(self, data_dir: Path, log: Path, extra_args: tuple[str, ...] = ()) -> None:
         self.data_dir = data_dir
         self.log = log
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.password = secrets.token_urlsafe(18)
+        self.extra_args = extra_args
+        # Authenticated like curl -u default:PASSWORD (HTTP Basic).
+        self.http = httpx.Client(auth=("default", self.password), timeout=60)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60) -> None:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "CLICKHOUSE_PASSWORD": ""}
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "CLICKHOUSE_PASSWORD": self.password}
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "deploy.clickhouse_server", "--host", "127.0.0.1",
-                 "--port", str(self.port), "--data-dir", str(self.data_dir)],
+                 "--port", str(self.port), "--data-dir", str(self.data_dir), *self.extra_args],
                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )  # fmt: skip
         deadline = time.monotonic() + timeout
@@ -95,6 +101,7 @@ class ServerProcess:
         return code
 
     def client(self, **kwargs: object) -> Client:
+        kwargs.setdefault("password", self.password)
         return clickhouse_connect.get_client(host="127.0.0.1", port=self.port, **kwargs)
 
 
@@ -122,9 +129,9 @@ def ch(server: ServerProcess) -> Iterator[Client]:
 
 
 def test_ping_and_curl_style_get(server: ServerProcess) -> None:
-    assert httpx.get(f"{server.url}/ping").text == "Ok.\n"
-    assert httpx.get(f"{server.url}/").text == "Ok.\n"
-    r = httpx.get(f"{server.url}/", params={"query": "SELECT 1, 'a'"})
+    assert server.http.get(f"{server.url}/ping").text == "Ok.\n"
+    assert server.http.get(f"{server.url}/").text == "Ok.\n"
+    r = server.http.get(f"{server.url}/", params={"query": "SELECT 1, 'a'"})
     assert r.status_code == 200
     assert r.text == "1\ta\n"
     assert r.headers["X-ClickHouse-Format"] == "TabSeparated"
@@ -132,16 +139,16 @@ def test_ping_and_curl_style_get(server: ServerProcess) -> None:
     assert r.headers["X-ClickHouse-Query-Id"]
     assert r.headers["X-ClickHouse-Server-Display-Name"]
     assert json.loads(r.headers["X-ClickHouse-Summary"])["result_rows"] == "1"
-    r = httpx.get(f"{server.url}/", params={"query": "SELECT number FROM numbers(3) FORMAT JSONEachRow"})
+    r = server.http.get(f"{server.url}/", params={"query": "SELECT number FROM numbers(3) FORMAT JSONEachRow"})
     assert [json.loads(line)["number"] for line in r.text.splitlines()] == [0, 1, 2]
     assert r.headers["X-ClickHouse-Format"] == "JSONEachRow"
-    r = httpx.get(f"{server.url}/", params={"query": "SELECT 1", "default_format": "CSV", "query_id": "q-1"})
+    r = server.http.get(f"{server.url}/", params={"query": "SELECT 1", "default_format": "CSV", "query_id": "q-1"})
     assert r.headers["X-ClickHouse-Query-Id"] == "q-1"
     assert r.headers["X-ClickHouse-Format"] == "CSV"
 
 
 def test_get_is_readonly_like_a_real_server(server: ServerProcess) -> None:
-    r = httpx.get(f"{server.url}/", params={"query": "CREATE TABLE nope (a UInt8) ENGINE = Memory"})
+    r = server.http.get(f"{server.url}/", params={"query": "CREATE TABLE nope (a UInt8) ENGINE = Memory"})
     assert r.status_code == 500
     assert r.headers["X-ClickHouse-Exception-Code"] == "164"
     assert "(READONLY)" in r.text
@@ -207,7 +214,7 @@ def test_errors_raise_database_error_with_clickhouse_message(ch: Client) -> None
 
 
 def test_wrong_password_is_rejected(server: ServerProcess) -> None:
-    r = httpx.post(f"{server.url}/", content="SELECT 1", headers={"X-ClickHouse-Key": "wrong"})
+    r = server.http.post(f"{server.url}/", content="SELECT 1", headers={"X-ClickHouse-Key": "wrong"})
     assert r.status_code == 403
     assert r.headers["X-ClickHouse-Exception-Code"] == "516"
 
@@ -215,46 +222,51 @@ def test_wrong_password_is_rejected(server: ServerProcess) -> None:
 def test_curl_style_inserts_and_compressed_bodies(server: ServerProcess) -> None:
     url = f"{server.url}/"
     ddl = "CREATE TABLE IF NOT EXISTS changeflow.curl_t (id UInt64, s String) ENGINE = MergeTree ORDER BY id"
-    assert httpx.post(url, content=ddl).status_code == 200
-    assert httpx.post(url, params={"query": "TRUNCATE TABLE changeflow.curl_t"}).status_code == 200
-    r = httpx.post(url, params={"query": "INSERT INTO changeflow.curl_t FORMAT JSONEachRow"},
+    assert server.http.post(url, content=ddl).status_code == 200
+    assert server.http.post(url, params={"query": "TRUNCATE TABLE changeflow.curl_t"}).status_code == 200
+    r = server.http.post(url, params={"query": "INSERT INTO changeflow.curl_t FORMAT JSONEachRow"},
                    content=b'{"id": 1, "s": "json"}\n{"id": 2, "s": "two"}\n')  # fmt: skip
     assert r.status_code == 200, r.text
     assert json.loads(r.headers["X-ClickHouse-Summary"])["written_rows"] == "2"
-    r = httpx.post(url, params={"database": "changeflow"}, content=b'INSERT INTO curl_t FORMAT CSV\n3,csv\n4,"a,b"\n')
+    r = server.http.post(
+        url, params={"database": "changeflow"}, content=b'INSERT INTO curl_t FORMAT CSV\n3,csv\n4,"a,b"\n'
+    )
     assert r.status_code == 200, r.text
-    r = httpx.post(url, params={"database": "changeflow"}, content=b"INSERT INTO curl_t (id, s) VALUES (5, 'v')")
+    r = server.http.post(url, params={"database": "changeflow"}, content=b"INSERT INTO curl_t (id, s) VALUES (5, 'v')")
     assert r.status_code == 200, r.text
     gz = gzip.compress(b"INSERT INTO changeflow.curl_t FORMAT TSV\n6\tgzip\n")
-    assert httpx.post(url, content=gz, headers={"Content-Encoding": "gzip"}).status_code == 200
-    r = httpx.post(
+    assert server.http.post(url, content=gz, headers={"Content-Encoding": "gzip"}).status_code == 200
+    r = server.http.post(
         url,
         content=b"SELECT id, s FROM changeflow.curl_t ORDER BY id FORMAT CSV",
         headers={"Accept-Encoding": "gzip"},
     )
     assert r.headers["Content-Encoding"] == "gzip"
     assert r.text == '1,"json"\n2,"two"\n3,"csv"\n4,"a,b"\n5,"v"\n6,"gzip"\n'
-    r = httpx.post(url, content=b"INSERT INTO changeflow.curl_t FORMAT CSV\nnot-a-number,x\n")
+    r = server.http.post(url, content=b"INSERT INTO changeflow.curl_t FORMAT CSV\nnot-a-number,x\n")
     assert r.status_code in (400, 500) and "Code: " in r.text and r.headers["X-ClickHouse-Exception-Code"]
 
 
 def test_database_and_settings_do_not_leak_between_requests(server: ServerProcess) -> None:
     url = f"{server.url}/"
-    assert httpx.post(url, params={"database": "changeflow"}, content="SELECT currentDatabase()").text == "changeflow\n"
-    assert httpx.post(url, content="SELECT currentDatabase()").text == "default\n"
+    assert (
+        server.http.post(url, params={"database": "changeflow"}, content="SELECT currentDatabase()").text
+        == "changeflow\n"
+    )
+    assert server.http.post(url, content="SELECT currentDatabase()").text == "default\n"
     q = "SELECT value FROM system.settings WHERE name = 'max_threads'"
-    assert httpx.post(url, params={"max_threads": "1"}, content=q).text == "1\n"
-    assert httpx.post(url, content=q).text != "1\n"
-    r = httpx.post(url, params={"no_such_setting": "1"}, content="SELECT 1")
+    assert server.http.post(url, params={"max_threads": "1"}, content=q).text == "1\n"
+    assert server.http.post(url, content=q).text != "1\n"
+    r = server.http.post(url, params={"no_such_setting": "1"}, content="SELECT 1")
     assert r.status_code == 404 and "UNKNOWN_SETTING" in r.text
     # USE and SET last for a session, and only for it
     sid = {"session_id": "s-1"}
-    assert httpx.post(url, params=sid, content="USE changeflow").status_code == 200
-    assert httpx.post(url, params=sid, content="SET max_threads = 1").status_code == 200
-    assert httpx.post(url, params=sid, content="SELECT currentDatabase()").text == "changeflow\n"
-    assert httpx.post(url, params=sid, content=q).text == "1\n"
-    assert httpx.post(url, content="SELECT currentDatabase()").text == "default\n"
-    assert httpx.post(url, content=q).text != "1\n"
+    assert server.http.post(url, params=sid, content="USE changeflow").status_code == 200
+    assert server.http.post(url, params=sid, content="SET max_threads = 1").status_code == 200
+    assert server.http.post(url, params=sid, content="SELECT currentDatabase()").text == "changeflow\n"
+    assert server.http.post(url, params=sid, content=q).text == "1\n"
+    assert server.http.post(url, content="SELECT currentDatabase()").text == "default\n"
+    assert server.http.post(url, content=q).text != "1\n"
 
 
 def test_two_concurrent_clients(server: ServerProcess) -> None:
