@@ -14,7 +14,10 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from changeflow.commands import connectors as connectors_commands
 from changeflow.commands import dlq as dlq_commands
+from changeflow.commands import init as init_commands
+from changeflow.commands import pipeline as pipeline_commands
 from changeflow.commands import sinks as sinks_commands
 from changeflow.commands.bench import bench as bench_command
 from changeflow.commands.finance import report_finance
@@ -28,7 +31,6 @@ from pipelines.load import PipelineError
 app = typer.Typer(help="changeflow: change data capture from PostgreSQL and MongoDB into Redis, search and ClickHouse.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 stack_app = typer.Typer(help="The native local stack (no Docker).", no_args_is_help=True)
-connectors_app = typer.Typer(help="Debezium connectors through the Kafka Connect REST API.", no_args_is_help=True)
 report_app = typer.Typer(help="Reports.", no_args_is_help=True)
 @app.callback()
 def main_options(
@@ -41,7 +43,9 @@ def main_options(
 
 
 app.add_typer(stack_app, name="stack")
-app.add_typer(connectors_app, name="connectors")
+app.add_typer(connectors_commands.app, name="connectors")
+app.add_typer(pipeline_commands.app, name="pipeline")
+app.add_typer(init_commands.app, name="init")
 app.add_typer(report_app, name="report")
 app.add_typer(dlq_commands.app, name="dlq")
 app.add_typer(sinks_commands.app, name="sinks")
@@ -132,75 +136,6 @@ def _print_status(s: Settings) -> None:
     console.print(table)
 
 
-# --- connectors -------------------------------------------------------------------------------------
-@connectors_app.command("apply")
-def connectors_apply(
-    files: Annotated[
-        list[Path] | None, typer.Argument(help="Connector files (default: the PostgreSQL connector of this stack).")
-    ] = None,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for RUNNING.")] = 180.0,
-) -> None:
-    """Validate with Connect, create or update (idempotent), wait until RUNNING."""
-    from connectors.client import (
-        ConnectorConfigError,
-        ConnectorDefinition,
-        ConnectorFailedError,
-        ConnectUnavailableError,
-        KafkaConnectClient,
-        default_files,
-    )
-
-    s = settings()
-    client = KafkaConnectClient(s.connect_url)
-    try:
-        definitions = [ConnectorDefinition.load(p) for p in (files or default_files())]
-        for definition in definitions:
-            action = client.apply(definition)
-            console.print(f"connector [bold]{definition.name}[/]: {action}")
-            state = client.wait_running(definition.name, timeout=timeout)
-            _print_connector(state)
-    except ConnectorConfigError as exc:
-        raise fail(str(exc)) from None
-    except (ConnectorFailedError, ConnectUnavailableError, ValueError) as exc:
-        raise fail(str(exc)) from None
-    finally:
-        client.close()
-
-
-@connectors_app.command("status")
-def connectors_status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """State of every registered connector and its tasks."""
-    from connectors.client import ConnectUnavailableError, KafkaConnectClient
-
-    s = settings()
-    client = KafkaConnectClient(s.connect_url)
-    try:
-        states = [client.status(name) for name in client.list()]
-    except ConnectUnavailableError as exc:
-        raise fail(str(exc)) from None
-    finally:
-        client.close()
-    if as_json:
-        print(json.dumps(states, indent=2))
-        return
-    if not states:
-        console.print("no connectors registered")
-    for state in states:
-        if state:
-            _print_connector(state)
-
-
-def _print_connector(state: dict[str, Any]) -> None:
-    table = Table(title=f"connector {state.get('name')}")
-    for col in ("part", "state", "worker"):
-        table.add_column(col)
-    connector = state.get("connector", {})
-    table.add_row("connector", connector.get("state", "?"), connector.get("worker_id", ""))
-    for task in state.get("tasks", []):
-        table.add_row(f"task {task.get('id')}", task.get("state", "?"), task.get("worker_id", ""))
-    console.print(table)
-
-
 # --- worker -----------------------------------------------------------------------------------------
 @app.command("worker")
 def worker(
@@ -231,7 +166,7 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
         print(json.dumps(st.as_dict(), indent=2))
     else:
         for c in st.connectors:
-            _print_connector(c)
+            connectors_commands.print_connector(c)
         table = Table(title="replication slots")
         for col in ("slot", "active", "retained WAL (bytes)", "unconfirmed (bytes)"):
             table.add_column(col)
@@ -302,7 +237,7 @@ def demo(
 
     s = settings()
     stack_up(None)
-    connectors_apply(None)
+    connectors_commands.apply(None)
     worker_service = WorkerService(s)
     if not worker_service.running():
         console.print(f"starting worker (log {worker_service.log_file})")

@@ -56,7 +56,7 @@ class PostgresSource(Strict):
 class MongoSource(Strict):
     """A MongoDB replica set captured by Debezium's change-stream connector (docker-compose here)."""
 
-    connection: str = Field("${env:CHANGEFLOW_MONGODB_CONNECTION_STRING}", description="${env:VAR} or ${file:/path}.")
+    connection: str = Field("${env:CHANGEFLOW_MONGODB_URI}", description="${env:VAR} or ${file:/path}.")
     database: str
     topic_prefix: str | None = Field(None, description="Debezium topic.prefix; default: the namespace.")
     connector: str | None = Field(None, description="Connector name; default: <namespace>-mongodb.")

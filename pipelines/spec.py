@@ -8,6 +8,7 @@ Redis key ``P:E:<key>``, decode group ``P``, sink groups ``P-sink-<store>``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,6 +183,12 @@ class Pipeline:
             raise KeyError(f"unknown entity {name!r}; this pipeline has: {', '.join(self.entities)}") from None
 
 
+def topic_part(name: str) -> str:
+    """Debezium's topic naming: a character outside ``[A-Za-z0-9._-]`` becomes ``_`` (measured: table
+    ``"cf Manual"."Order Lines"`` is written to ``<prefix>.cf_Manual.Order_Lines``)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+
 def build(file: PipelineFile, path: Path | None = None) -> Pipeline:
     namespace = file.namespace or file.name
     entities: dict[str, EntitySpec] = {}
@@ -190,14 +197,14 @@ def build(file: PipelineFile, path: Path | None = None) -> Pipeline:
             mg = file.sources.mongodb
             assert mg is not None
             schema, table = mg.database, cfg.collection or name
-            raw_topic = f"{mg.topic_prefix or namespace}.{schema}.{table}"
+            raw_topic = f"{mg.topic_prefix or namespace}.{topic_part(schema)}.{topic_part(table)}"
         else:
             pg = file.sources.postgres
             assert pg is not None
             ref = cfg.table or name
             schema, _, table = ref.rpartition(".")
             schema = schema or pg.schemas[0]
-            raw_topic = f"{pg.topic_prefix or namespace}.{schema}.{table}"
+            raw_topic = f"{pg.topic_prefix or namespace}.{topic_part(schema)}.{topic_part(table)}"
         declared = {col: parse_type(t) for col, t in cfg.columns.items()}
         declared.update({col: parse_type(d.type) for col, d in cfg.derive.items()})
         for col in cfg.fields.hash:

@@ -15,6 +15,11 @@ app = typer.Typer(help="Write a starter pipeline file from a database.", no_args
 err = Console(stderr=True, soft_wrap=True)
 
 
+@app.callback()
+def _group() -> None:
+    """Write a starter pipeline file from a database (one subcommand per kind of source)."""
+
+
 def _fail(message: str, code: int = 1) -> typer.Exit:
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     return typer.Exit(code)
