@@ -17,7 +17,7 @@ unit: bootstrap
 	.venv/bin/python -m pytest -p no:cacheprovider -q tests/unit
 
 lint: bootstrap
-	.venv/bin/ruff check . && .venv/bin/mypy changeflow connectors streams sinks schemas reports deploy
+	.venv/bin/ruff check . && .venv/bin/mypy changeflow connectors streams sinks schemas reports deploy && .venv/bin/lint-imports
 
 down:
 	.venv/bin/changeflow stack down

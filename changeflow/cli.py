@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from changeflow import context
 from changeflow.commands import connectors as connectors_commands
 from changeflow.commands import dlq as dlq_commands
 from changeflow.commands import init as init_commands
@@ -24,7 +25,6 @@ from changeflow.commands.finance import report_finance
 from changeflow.commands.rebuild import rebuild as rebuild_command
 from changeflow.commands.reconcile import reconcile as reconcile_command
 from changeflow.commands.watch import watch as watch_command
-from changeflow import context
 from changeflow.settings import Settings
 from pipelines.load import PipelineError
 

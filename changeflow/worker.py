@@ -47,6 +47,7 @@ def run(settings: Settings, pipeline: Pipeline, sink_names: list[str] | None = N
 
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     ensure_topics(settings, pipeline)
+    metrics.use_pipeline(pipeline)
     names = sink_names if sink_names is not None else list(sink_base.registry())
     sinks = SinkProcesses(settings, default_jobs(pipeline, names), loglevel=loglevel)
     sinks.start()

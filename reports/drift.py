@@ -1,110 +1,121 @@
-"""Drift report: per entity, the row count in the source against every derived store.
+"""Drift report: per entity, the row count in the source against every registered store holding it.
 
-Counts are what a user checks first after an incident; key-level reconciliation builds on this.
-ClickHouse is read with FINAL (current state, deletes applied), the search index after a refresh.
+Counts are what a user checks first after an incident; key-level reconciliation (``reports.reconcile``)
+builds on this. Each store counts its own live rows (``Store.count``: deletes applied); the source is
+counted for PostgreSQL entities (a MongoDB entity's source count is not read here).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-import httpx
 import psycopg
-import redis
 from psycopg import sql
+from rich.table import Table
 
-from sinks.clickhouse import client_for
-from streams.entities import ENTITIES
+from pipelines.spec import EntitySpec, Pipeline
+from sinks.base import Store, create, names
 
 if TYPE_CHECKING:
     from changeflow.settings import Settings
 
-STORES = ("clickhouse", "redis", "search")
-NOT_MAPPED = -1  # the entity has no mapping to that store
+log = logging.getLogger("changeflow.drift")
+NOT_MAPPED = -1  # the entity is not held by that store
 
 
 @dataclass(frozen=True)
 class DriftRow:
     entity: str
     source: int | None
-    clickhouse: int | None
-    redis: int | None
-    search: int | None
+    stores: dict[str, int | None] = field(default_factory=dict)  # store → count; None unreachable
+
+    def __getattr__(self, name: str) -> int | None:
+        # ``row.redis`` and the like, for a store by name (callers from before the store registry).
+        stores = self.__dict__.get("stores", {})
+        if name in stores:
+            return stores[name]
+        raise AttributeError(name)
 
     @property
     def drift(self) -> int | None:
         """The largest count difference between the source and a store; None if one is unreachable."""
-        counts = [c for c in (self.clickhouse, self.redis, self.search) if c != NOT_MAPPED]
+        counts = [c for c in self.stores.values() if c != NOT_MAPPED]
         if self.source is None or any(c is None for c in counts):
             return None
         return max((abs(c - self.source) for c in counts if c is not None), default=0)
 
-    def as_dict(self) -> dict[str, int | str | None]:
+    def as_dict(self) -> dict[str, Any]:
         def shown(count: int | None) -> int | str | None:
             return "n/a" if count == NOT_MAPPED else count
 
-        return {
-            "entity": self.entity, "source": self.source, "clickhouse": shown(self.clickhouse),
-            "redis": shown(self.redis), "search": shown(self.search), "drift": self.drift,
-        }
+        return {"entity": self.entity, "source": self.source,
+                **{name: shown(c) for name, c in self.stores.items()}, "drift": self.drift}
 
 
-def source_count(settings: Settings, table: str) -> int:
+def source_count(settings: Settings, spec: EntitySpec) -> int:
     with psycopg.connect(settings.pg_dsn, connect_timeout=5) as conn:
-        row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier("public", table))).fetchone()
+        row = conn.execute(
+            sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(spec.source_schema, spec.source_table))
+        ).fetchone()
     return int(row[0]) if row else 0
 
 
-def clickhouse_count(settings: Settings, entity: str) -> int | None:
+def _count(store: Store | None, spec: EntitySpec) -> int | None:
+    if store is None:
+        return None
     try:
-        client = client_for(settings)
+        return store.count(spec)
+    except Exception as exc:  # one unreachable store must not hide the others
+        log.warning("event=drift_count_failed store=%s entity=%s error=%s", store.name, spec.name, exc)
+        return None
+
+
+def drift(settings: Settings, pipeline: Pipeline | None = None, entities: list[str] | None = None) -> list[DriftRow]:
+    """PostgreSQL entities (a MongoDB one only when asked for by name: its stores, no source count)."""
+    if pipeline is None:
+        from pipelines.load import load
+
+        pipeline = load(settings.pipeline)
+    for e in entities or []:
+        pipeline.entity(e)  # KeyError naming the pipeline's entities
+    stores: dict[str, Store | None] = {}
+    for name in names():
         try:
-            return int(client.command(
-                f"SELECT count() FROM {settings.clickhouse_database}.{entity} FINAL WHERE _is_deleted = 0"
-            ))
-        finally:
-            client.close()
-    except Exception:
-        return None
-
-
-def redis_count(settings: Settings, prefix: str) -> int | None:
-    try:
-        client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
-        return sum(1 for _ in client.scan_iter(match=f"{prefix}:*", count=1000))
-    except redis.RedisError:
-        return None
-
-
-def search_count(settings: Settings, index: str) -> int | None:
-    try:
-        with httpx.Client(base_url=settings.search_url, timeout=10) as http:
-            http.post(f"/{index}/_refresh")
-            response = http.get(f"/{index}/_count")
-            if response.status_code == 404:
-                return 0
-            response.raise_for_status()
-            return int(response.json()["count"])
-    except (httpx.HTTPError, KeyError, ValueError):
-        return None
-
-
-def drift(settings: Settings, entities: list[str] | None = None) -> list[DriftRow]:
-    """Entities whose source runs here (PostgreSQL; MongoDB only where configured)."""
+            stores[name] = create(name, settings, pipeline)
+        except Exception as exc:
+            log.warning("event=store_unavailable store=%s error=%s", name, exc)
+            stores[name] = None
     rows = []
-    for name, spec in ENTITIES.items():
-        if entities and name not in entities:
-            continue
-        if spec.source != "postgres" and not entities:
-            continue
-        rows.append(
-            DriftRow(
-                entity=name,
-                source=source_count(settings, spec.source_table) if spec.source == "postgres" else None,
-                clickhouse=clickhouse_count(settings, name),
-                redis=NOT_MAPPED if spec.redis_prefix is None else redis_count(settings, spec.redis_prefix),
-                search=NOT_MAPPED if spec.search_index is None else search_count(settings, spec.search_index),
-            )
-        )
+    try:
+        for name, spec in pipeline.entities.items():
+            if entities and name not in entities:
+                continue
+            if spec.source != "postgres" and not entities:
+                continue
+            counts = {s: (_count(store, spec) if spec.stored_in(s) else NOT_MAPPED) for s, store in stores.items()}
+            rows.append(DriftRow(name, source_count(settings, spec) if spec.source == "postgres" else None, counts))
+    finally:
+        for store in stores.values():
+            if store is not None:
+                store.close()
     return rows
+
+
+def drift_table(rows: list[DriftRow]) -> Table:
+    """The drift rows as a table: one column per registered store."""
+    store_names = list(dict.fromkeys(s for r in rows for s in r.stores)) or names()
+    table = Table(title="drift: source rows vs derived stores")
+    for col in ("entity", "source", *store_names, "drift"):
+        table.add_column(col, justify="right" if col != "entity" else "left")
+
+    def cell(v: int | None) -> str:
+        return "unreachable" if v is None else ("n/a" if v == NOT_MAPPED else str(v))
+
+    for r in rows:
+        d = r.drift
+        table.add_row(r.entity, "n/a" if r.source is None else str(r.source),
+                      *(cell(r.stores.get(s, NOT_MAPPED)) for s in store_names),
+                      "[red]?[/]" if d is None else (f"[green]{d}[/]" if d == 0 else f"[red]{d}[/]"))
+    return table

@@ -1,8 +1,9 @@
 """Finance reconciliation: money per day and the exceptions a finance team chases, as ClickHouse views.
 
 The logic lives in SQL views (``reports/sql/finance_*.sql``) so that anyone with a ClickHouse client
-sees the same figures as ``changeflow report finance``; this module creates the views, reads them and
-renders what it read. Amounts stay ``Decimal`` from the warehouse to the output (strings in JSON and
+sees the same figures as ``changeflow report finance``; this module creates the views on demand (in the
+pipeline's ClickHouse database, every time the report runs: the ClickHouse store knows nothing of them),
+reads them and renders what it read. Amounts stay ``Decimal`` from the warehouse to the output (strings in JSON and
 CSV), because a reconciliation that rounds is not one.
 """
 
@@ -21,6 +22,7 @@ import orjson
 
 if TYPE_CHECKING:
     from changeflow.settings import Settings
+    from pipelines.spec import Pipeline
 
 SQL_DIR = Path(__file__).parent / "sql"
 VIEW_FILES = ("finance_daily.sql", "finance_exceptions.sql")  # daily first: no dependency, cheapest to fail
@@ -103,9 +105,9 @@ def view_statements(database: str, grace_seconds: int = GRACE_SECONDS) -> list[s
 
 
 def ensure_views(client: Any, database: str, grace_seconds: int = GRACE_SECONDS) -> None:
-    """Create or replace the finance views; needs the entity tables, so the sink calls it after its own DDL.
+    """Create or replace the finance views; needs the entity tables (made by the ClickHouse store).
 
-    ``CREATE OR REPLACE`` keeps the views in step with the SQL files on every worker start and report run.
+    ``CREATE OR REPLACE`` keeps the views in step with the SQL files on every report run.
     """
     for statement in view_statements(database, grace_seconds):
         client.command(statement)
@@ -148,19 +150,32 @@ def read_exceptions(
     ]
 
 
-def finance(settings: Settings, start: date | None = None, end: date | None = None) -> FinanceReport:
-    """Both halves of the report from one connection; the views are (re)created first."""
+def report(settings: Settings, pipeline: Pipeline, start: date | None = None,
+           end: date | None = None) -> FinanceReport:
+    """Both halves of the report from one connection; the views are (re)created first, in the pipeline's
+    ClickHouse database."""
     from sinks.clickhouse import client_for
 
+    database = pipeline.clickhouse_database
     client = client_for(settings)
     try:
-        ensure_views(client, settings.clickhouse_database)
+        ensure_views(client, database)
         return FinanceReport(
-            daily=read_daily(client, settings.clickhouse_database, start, end),
-            exceptions=read_exceptions(client, settings.clickhouse_database, start, end),
+            daily=read_daily(client, database, start, end),
+            exceptions=read_exceptions(client, database, start, end),
         )
     finally:
         client.close()
+
+
+def finance(settings: Settings, start: date | None = None, end: date | None = None,
+            pipeline: Pipeline | None = None) -> FinanceReport:
+    """``report`` for the given pipeline (default: the settings' pipeline file, else the commerce example)."""
+    if pipeline is None:
+        from pipelines.load import load
+
+        pipeline = load(settings.pipeline)
+    return report(settings, pipeline, start, end)
 
 
 def to_json(report: FinanceReport) -> str:

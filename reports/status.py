@@ -13,16 +13,15 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import psycopg
-import redis
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-from sinks.runner import canonical_topics, group_id
-from streams.app import DECODE_GROUP, raw_topic_names
+from pipelines.spec import Pipeline
+from sinks.base import create, names
+from sinks.offsets import group_lag
+from sinks.runner import canonical_topics
 
 if TYPE_CHECKING:
     from changeflow.settings import Settings
-
-SINKS = ("redis", "search", "clickhouse")
 
 
 @dataclass
@@ -66,28 +65,6 @@ class Status:
         return connectors_ok and self.worker and all(s.healthy for s in self.sinks) and not self.errors
 
 
-def group_lag(settings: Settings, group: str, topics: list[str]) -> int | None:
-    """Messages in ``topics`` not yet committed by ``group`` (uncommitted partitions count from the start)."""
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group,
-                         "enable.auto.commit": False})
-    try:
-        metadata = consumer.list_topics(timeout=10)
-        partitions = [
-            TopicPartition(t, p) for t in topics if t in metadata.topics for p in metadata.topics[t].partitions
-        ]
-        committed = consumer.committed(partitions, timeout=10)
-        lag = 0
-        for tp in committed:
-            low, high = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=10)
-            position = tp.offset if tp.offset >= 0 else low
-            lag += max(0, high - position)
-        return lag
-    except KafkaException:
-        return None
-    finally:
-        consumer.close()
-
-
 def topic_size(settings: Settings, topic: str) -> int | None:
     consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "changeflow-status"})
     try:
@@ -105,44 +82,39 @@ def topic_size(settings: Settings, topic: str) -> int | None:
         consumer.close()
 
 
-def slots(settings: Settings) -> list[SlotStatus]:
+def slots(settings: Settings, pipeline: Pipeline) -> list[SlotStatus]:
+    """The pipeline's replication slot (none for a pipeline without a PostgreSQL source)."""
+    if pipeline.file.sources.postgres is None:
+        return []
     with psycopg.connect(settings.pg_dsn, connect_timeout=5) as conn:
         rows = conn.execute(
             "SELECT slot_name, active, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint,"
             " pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint"
-            " FROM pg_replication_slots ORDER BY slot_name"
+            " FROM pg_replication_slots WHERE slot_name = %s ORDER BY slot_name", (pipeline.slot,)
         ).fetchall()
     return [SlotStatus(r[0], bool(r[1]), int(r[2] or 0), None if r[3] is None else int(r[3])) for r in rows]
 
 
-def applied_through(settings: Settings) -> dict[str, dict[str, int]]:
-    """sink → entity → highest version applied, read from each store's own marker."""
-    out: dict[str, dict[str, int]] = {s: {} for s in SINKS}
-    try:
-        client = redis.Redis.from_url(settings.redis_url, socket_timeout=3, decode_responses=True)
-        out["redis"] = {str(k): int(v) for k, v in client.hgetall("changeflow:applied").items()}
-    except redis.RedisError:
-        pass
-    try:
-        response = httpx.post(f"{settings.search_url}/changeflow-applied/_search", json={"size": 100}, timeout=5)
-        if response.status_code == 200:
-            out["search"] = {h["_id"]: int(h["_source"]["version"]) for h in response.json()["hits"]["hits"]}
-    except httpx.HTTPError:
-        pass
-    try:
-        from sinks.clickhouse import client_for
-
-        client = client_for(settings)
+def applied_through(settings: Settings, pipeline: Pipeline) -> tuple[dict[str, dict[str, int]], list[str]]:
+    """store → entity → highest version applied, read from each store's own marker; and what failed."""
+    out: dict[str, dict[str, int]] = {}
+    errors: list[str] = []
+    for name in names():
+        out[name] = {}
         try:
-            rows = client.query(
-                f"SELECT entity, max(version) FROM {settings.clickhouse_database}.applied_through GROUP BY entity"
-            ).result_rows
-            out["clickhouse"] = {e: int(v) for e, v in rows}
-        finally:
-            client.close()
-    except Exception:  # the store is down: status shows no position rather than failing
-        pass
-    return out
+            store = create(name, settings, pipeline)
+            try:
+                out[name] = store.applied_through()
+            finally:
+                store.close()
+        except Exception as exc:  # the store is down: status shows no position rather than failing
+            errors.append(f"{name} applied-through: {type(exc).__name__}: {exc}")
+    return out, errors
+
+
+def connector_names(pipeline: Pipeline) -> set[str]:
+    return {pipeline.connector_name(source) for source in ("postgres", "mongodb")
+            if getattr(pipeline.file.sources, source, None) is not None}
 
 
 def worker_sinks(settings: Settings) -> dict[str, dict[str, Any]] | None:
@@ -155,34 +127,36 @@ def worker_sinks(settings: Settings) -> dict[str, dict[str, Any]] | None:
         return None
 
 
-def collect(settings: Settings) -> Status:
+def collect(settings: Settings, pipeline: Pipeline) -> Status:
     from connectors.client import ConnectUnavailableError, KafkaConnectClient
 
     errors: list[str] = []
     connectors: list[dict[str, Any]] = []
     client = KafkaConnectClient(settings.connect_url, timeout=5)
     try:
-        connectors = [s for s in (client.status(n) for n in client.list()) if s]
+        ours = connector_names(pipeline)
+        connectors = [s for s in (client.status(n) for n in client.list() if n in ours) if s]
     except (ConnectUnavailableError, httpx.HTTPError) as exc:
         errors.append(f"kafka connect: {exc}")
     finally:
         client.close()
     try:
-        slot_list = slots(settings)
+        slot_list = slots(settings, pipeline)
     except psycopg.Error as exc:
         slot_list = []
         errors.append(f"postgres: {exc}")
     states = worker_sinks(settings)
-    positions = applied_through(settings)
-    canonical = canonical_topics(settings)
+    # Unreachable stores show as no position (and as failing sinks once the worker says so).
+    positions, _unreachable = applied_through(settings, pipeline)
     sinks = []
-    for name in SINKS:
+    for name in names():
         state = (states or {}).get(name)
+        group = pipeline.sink_group(name)
         sinks.append(
             SinkStatus(
                 name=name,
-                group=group_id(name),
-                lag=group_lag(settings, group_id(name), canonical),
+                group=group,
+                lag=group_lag(settings, group, canonical_topics(pipeline, name)),
                 healthy=None if states is None else bool(state and state.get("healthy")),
                 last_error=state.get("last_error") if state else None,
                 applied_through=positions.get(name, {}),
@@ -191,9 +165,9 @@ def collect(settings: Settings) -> Status:
     return Status(
         connectors=connectors,
         slots=slot_list,
-        stream_lag=group_lag(settings, DECODE_GROUP, raw_topic_names(settings)),
+        stream_lag=group_lag(settings, pipeline.decode_group, list(pipeline.raw_topics())),
         sinks=sinks,
-        dead_letters=topic_size(settings, settings.dlq_topic),
+        dead_letters=topic_size(settings, pipeline.dlq_topic),
         worker=states is not None,
         errors=errors,
     )

@@ -172,7 +172,7 @@ def next_version(current: SchemaVersion | None, entity: str, wanted: Mapping[str
 
 
 def _dump_json(value: Any) -> str:
-    from streams.json import dumps
+    from schemas.json import dumps
 
     return dumps(value).decode()
 

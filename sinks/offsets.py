@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from sinks.runner import canonical_topics, group_id
+from pipelines.spec import Pipeline
+from sinks.runner import canonical_topics
 
 if TYPE_CHECKING:
     from changeflow.settings import Settings
@@ -17,24 +18,23 @@ class GroupActiveError(RuntimeError):
     """The group still has members (a worker is running); offsets can only move while it is empty."""
 
 
-def reset_to_earliest(settings: Settings, sink: str) -> dict[str, int]:
-    """Point ``sink``'s group at the start of every canonical partition; returns messages to replay per topic."""
+def reset_to_earliest(settings: Settings, pipeline: Pipeline, store: str) -> dict[str, int]:
+    """Point ``store``'s sink group at the start of every canonical partition it reads; returns messages to
+    replay per topic."""
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
-    group = group_id(sink)
+    group = pipeline.sink_group(store)
     described = admin.describe_consumer_groups([group])[group].result()
     if described.members:
         raise GroupActiveError(
             f"consumer group {group} has {len(described.members)} active member(s): stop the worker "
             "(`changeflow stack down worker` or Ctrl-C) before resetting offsets"
         )
-    from confluent_kafka import Consumer
-
     probe = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"{group}-probe"})
     try:
         metadata = probe.list_topics(timeout=10)
         partitions: list[TopicPartition] = []
         replay: dict[str, int] = {}
-        for topic in canonical_topics(settings):
+        for topic in canonical_topics(pipeline, store):
             if topic not in metadata.topics:
                 continue
             for p in metadata.topics[topic].partitions:
@@ -47,3 +47,25 @@ def reset_to_earliest(settings: Settings, sink: str) -> dict[str, int]:
     for future in futures.values():
         future.result()
     return replay
+
+
+def group_lag(settings: Settings, group: str, topics: list[str]) -> int | None:
+    """Messages in ``topics`` not yet committed by ``group`` (uncommitted partitions count from the start)."""
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group,
+                         "enable.auto.commit": False})
+    try:
+        metadata = consumer.list_topics(timeout=10)
+        partitions = [
+            TopicPartition(t, p) for t in topics if t in metadata.topics for p in metadata.topics[t].partitions
+        ]
+        committed = consumer.committed(partitions, timeout=10)
+        lag = 0
+        for tp in committed:
+            low, high = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=10)
+            position = tp.offset if tp.offset >= 0 else low
+            lag += max(0, high - position)
+        return lag
+    except KafkaException:
+        return None
+    finally:
+        consumer.close()

@@ -73,6 +73,7 @@ def _child_main(job: SinkJob, settings: Settings, reports: Any, loglevel: str, p
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    metrics.use_pipeline(job.pipeline)
     runner = SinkRunner(job.factory(settings, job.pipeline), settings, job.pipeline, stop, group=job.group)
 
     def report() -> None:

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from pipelines.spec import EntitySpec, Pipeline
+from schemas import json
 from sinks.base import RetriableSinkError, Versioned, fill_partials
-from streams import json
 from streams.records import ChangeRecord
 
 if TYPE_CHECKING:

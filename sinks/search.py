@@ -20,8 +20,8 @@ import httpx
 
 from pipelines.spec import EntitySpec, Pipeline
 from pipelines.types import ColumnType
+from schemas import json
 from sinks.base import FatalSinkError, RetriableSinkError, Versioned, applied_through, fill_partials
-from streams import json
 from streams.records import ChangeRecord
 
 if TYPE_CHECKING:

@@ -248,7 +248,7 @@ def decode_postgres(
             raise DecodeError(f"key column {missing[0]!r} missing from the row image")
         key_values = [source_row[c] for c in key_columns]
         if key_row is not None and (transformer is None or not transformer.spec.key_columns):
-            key_fields = _fields(((message_key_schema(raw_key)) or {}))
+            key_fields = _fields((message_key_schema(raw_key)) or {})
             typed_key = [convert_value(key_row[c], key_fields.get(c, {})) for c in key_columns]
             if [key_text([v]) for v in typed_key] != [key_text([v]) for v in key_values]:
                 raise DecodeError("the message key disagrees with the row's key columns")

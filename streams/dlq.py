@@ -29,6 +29,7 @@ import orjson
 
 if TYPE_CHECKING:
     from changeflow.settings import Settings
+    from pipelines.spec import Pipeline
 
 log = logging.getLogger("changeflow.dlq")
 
@@ -338,20 +339,20 @@ def read_topic(settings: Settings, topic: str, timeout: float = 30.0) -> list[An
         consumer.close()
 
 
-def read_dead_letters(settings: Settings) -> list[DeadLetterEntry]:
+def read_dead_letters(settings: Settings, pipeline: Pipeline) -> list[DeadLetterEntry]:
     entries = [
         entry_from_message(
             key=m.key(), value=m.value(), headers=m.headers(), timestamp_ms=_timestamp(m),
-            dlq_topic=settings.dlq_topic, dlq_partition=m.partition(), dlq_offset=m.offset(),
+            dlq_topic=pipeline.dlq_topic, dlq_partition=m.partition(), dlq_offset=m.offset(),
         )
-        for m in read_topic(settings, settings.dlq_topic)
+        for m in read_topic(settings, pipeline.dlq_topic)
     ]
     entries.sort(key=lambda e: (e.dead_at_ms or 0, e.dlq_partition, e.dlq_offset))
     return dedupe(entries)
 
 
-def read_replays(settings: Settings) -> dict[str, ReplayRecord]:
-    return latest_replays((m.key(), m.value()) for m in read_topic(settings, replayed_topic_name(settings.dlq_topic)))
+def read_replays(settings: Settings, pipeline: Pipeline) -> dict[str, ReplayRecord]:
+    return latest_replays((m.key(), m.value()) for m in read_topic(settings, replayed_topic_name(pipeline.dlq_topic)))
 
 
 def _timestamp(msg: Any) -> int | None:
@@ -361,13 +362,13 @@ def _timestamp(msg: Any) -> int | None:
     return None if kind == TIMESTAMP_NOT_AVAILABLE else int(ms)
 
 
-def ensure_replay_topic(settings: Settings, timeout: float = 30.0) -> None:
+def ensure_replay_topic(settings: Settings, pipeline: Pipeline, timeout: float = 30.0) -> None:
     """The replay log is compacted: it only needs the latest record per id, forever."""
     from confluent_kafka import KafkaError, KafkaException
     from confluent_kafka.admin import AdminClient, NewTopic
 
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
-    name = replayed_topic_name(settings.dlq_topic)
+    name = replayed_topic_name(pipeline.dlq_topic)
     if name in admin.list_topics(timeout=timeout).topics:
         return
     futures = admin.create_topics(
@@ -391,7 +392,9 @@ def _partition_count(settings: Settings, topic: str, timeout: float) -> int:
     return 0 if info is None or info.error is not None else len(info.partitions)
 
 
-def replay(settings: Settings, entries: Sequence[DeadLetterEntry], timeout: float = 30.0) -> list[ReplayRecord]:
+def replay(
+    settings: Settings, pipeline: Pipeline, entries: Sequence[DeadLetterEntry], timeout: float = 30.0
+) -> list[ReplayRecord]:
     """Send each entry's original bytes back to its original topic and partition, then record it.
 
     Same partition as the original so the replay queues behind the same key's other changes; if that
@@ -402,7 +405,7 @@ def replay(settings: Settings, entries: Sequence[DeadLetterEntry], timeout: floa
 
     if not entries:
         return []
-    ensure_replay_topic(settings, timeout)
+    ensure_replay_topic(settings, pipeline, timeout)
     producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "acks": "all", "enable.idempotence": True})
     partitions: dict[str, int] = {}
     delivered: dict[str, tuple[str, int, int]] = {}
@@ -436,7 +439,7 @@ def replay(settings: Settings, entries: Sequence[DeadLetterEntry], timeout: floa
         raise KafkaException(f"replay delivery failed: {'; '.join(errors)}")
 
     records = [ReplayRecord(entry.id, now_ms, *delivered[entry.id]) for entry in entries]
-    topic = replayed_topic_name(settings.dlq_topic)
+    topic = replayed_topic_name(pipeline.dlq_topic)
     for record in records:
         producer.produce(topic, key=record.id.encode(), value=record.encode(), on_delivery=on_delivery("record"))
         log.info(

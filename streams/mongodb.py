@@ -47,8 +47,8 @@ from typing import Any
 import orjson
 
 from pipelines.transform import FILTERED, ExpressionError, Transformer
+from schemas.json import dumps
 from streams.debezium import output_types
-from streams.json import dumps
 from streams.records import ChangeRecord, DeadLetter, Decoded, Skip
 
 SOURCE = "mongodb"

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from changeflow.settings import Settings
+from changeflow import context
 
 app = typer.Typer(help="Dead letters: list them, replay them once the cause is fixed.", no_args_is_help=True)
 
@@ -45,12 +45,12 @@ def list_(
 
     from streams.dlq import iso_ms, read_dead_letters, read_replays
 
-    settings = Settings()
+    settings, pipeline = context.settings(), context.pipeline()
     try:
-        entries = read_dead_letters(settings)
-        replays = read_replays(settings)
+        entries = read_dead_letters(settings, pipeline)
+        replays = read_replays(settings, pipeline)
     except (KafkaException, TimeoutError) as exc:
-        raise _fail(f"reading {settings.dlq_topic}: {exc}") from None
+        raise _fail(f"reading {pipeline.dlq_topic}: {exc}") from None
     total = len(entries)
     if limit is not None:
         entries = entries[-limit:]
@@ -67,9 +67,9 @@ def list_(
         print(json.dumps(rows, indent=2))
         return
     if not entries:
-        console.print(f"no dead letters on {settings.dlq_topic}")
+        console.print(f"no dead letters on {pipeline.dlq_topic}")
         return
-    table = Table(title=f"dead letters on {settings.dlq_topic}: {len(entries)} of {total}")
+    table = Table(title=f"dead letters on {pipeline.dlq_topic}: {len(entries)} of {total}")
     table.add_column("id", no_wrap=True)  # ids are copied into `dlq replay --id`: never split them
     for col in ("error", "dead at", "key", "value", "copies", "replayed"):
         table.add_column(col, overflow="fold")
@@ -102,14 +102,14 @@ def replay_(
         raise _fail("say which dead letters to replay: --id ID (repeatable) or --all", code=2)
     if ids and all_:
         raise _fail("--id and --all exclude each other", code=2)
-    settings = Settings()
+    settings, pipeline = context.settings(), context.pipeline()
     try:
-        entries = read_dead_letters(settings)
-        replays = read_replays(settings)
+        entries = read_dead_letters(settings, pipeline)
+        replays = read_replays(settings, pipeline)
         plan = plan_replay(entries, replays, ids=ids or (), all_=all_, force=force)
-        done = replay(settings, plan.send)
+        done = replay(settings, pipeline, plan.send)
     except UnknownDeadLetterError as exc:
-        raise _fail(f"{exc} (not on {settings.dlq_topic}; see `changeflow dlq list`)") from None
+        raise _fail(f"{exc} (not on {pipeline.dlq_topic}; see `changeflow dlq list`)") from None
     except (KafkaException, TimeoutError) as exc:
         raise _fail(f"replay: {exc}") from None
 

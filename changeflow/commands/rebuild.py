@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from changeflow.settings import Settings
+from changeflow import context
 
 # Piped output (CI logs, scripts) must not be cut at 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -17,7 +17,7 @@ err = Console(stderr=True, soft_wrap=True)
 
 
 def rebuild(
-    sink: Annotated[str, typer.Argument(help="redis, search or clickhouse")],
+    sink: Annotated[str, typer.Argument(help="A registered store (redis, search, clickhouse, ...)")],
     entity: Annotated[str | None, typer.Option(help="Only this entity (default: all it stores).")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait per entity.")] = 1800.0,
 ) -> None:
@@ -35,7 +35,7 @@ def rebuild(
             progress.update(tasks[name], completed=done, total=total)
 
         try:
-            results = run(Settings(), sink, entity, timeout=timeout, progress=show)
+            results = run(context.settings(), context.pipeline(), sink, entity, timeout=timeout, progress=show)
         except RebuildError as exc:
             err.print(f"[bold red]error:[/] {exc}")
             raise typer.Exit(1) from None

@@ -12,7 +12,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from changeflow import context
 from changeflow.settings import Settings
+from pipelines.spec import Pipeline
 
 console = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, soft_wrap=True)
@@ -26,7 +28,7 @@ class Format(StrEnum):
 
 def reconcile(
     entity: Annotated[list[str] | None, typer.Option("--entity", help="Only this entity (repeatable).")] = None,
-    store: Annotated[list[str] | None, typer.Option("--store", help="redis, search or clickhouse; repeatable.")] = None,
+    store: Annotated[list[str] | None, typer.Option("--store", help="A registered store; repeatable.")] = None,
     sample: Annotated[int | None, typer.Option("--sample", min=1, help="Compare N random source keys.")] = None,
     full: Annotated[bool, typer.Option("--full", help="Compare every key (the default).")] = False,
     key: Annotated[list[str] | None, typer.Option("--key", help="Only this key (repeatable; strays too).")] = None,
@@ -36,22 +38,23 @@ def reconcile(
     settle: Annotated[float, typer.Option(help="Seconds before differing keys are read again.")] = 2.0,
     timeout: Annotated[float, typer.Option(help="Seconds --repair waits for the stores.")] = 120.0,
 ) -> None:
-    """Source (PostgreSQL) against Redis, search and ClickHouse: counts, missing keys on either side,
-    stale and mismatched content, by bucketed checksums. Each run lands in changeflow.reconciliation_runs
-    and changeflow.reconciliation_diffs; exit code 1 when a store drifts by more than --max-drift."""
+    """Source (PostgreSQL) against every registered store holding the entity: counts, missing keys on either
+    side, stale and mismatched content, by bucketed checksums. Each run lands in the pipeline's ClickHouse
+    database (reconciliation_runs, reconciliation_diffs); exit code 1 when a store drifts by more than
+    --max-drift."""
     from reports.reconcile import reconcile as run_reconcile
     from reports.reconcile import repair
 
     if sum((sample is not None, full, bool(key))) > 1:
         err.print("[bold red]error:[/] --sample, --full and --key exclude each other")
         raise typer.Exit(2)
-    settings = Settings()
+    settings, pipeline = context.settings(), context.pipeline()
     try:
-        run = run_reconcile(settings, entity, store, sample, settle, only_keys=key)
+        run = run_reconcile(settings, pipeline, entity, store, sample, settle, only_keys=key)
     except ValueError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(2) from None
-    _record(settings, run)
+    _record(settings, pipeline, run)
     output: dict[str, Any] = run.as_dict()
     final = run
     if do_repair:
@@ -61,9 +64,10 @@ def reconcile(
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), console=err, transient=False, disable=total == 0) as progress:
             task = progress.add_task("stores re-synced", total=max(total, 1))
-            report = repair(settings, run, timeout, lambda done, n: progress.update(task, completed=done, total=n))
-        final = run_reconcile(settings, entity, store, sample, settle, repair_of=run.run_id, only_keys=key)
-        _record(settings, final)
+            report = repair(settings, pipeline, run, timeout,
+                            lambda done, n: progress.update(task, completed=done, total=n))
+        final = run_reconcile(settings, pipeline, entity, store, sample, settle, repair_of=run.run_id, only_keys=key)
+        _record(settings, pipeline, final)
         output = {**output, "repair": report.as_dict(), "after_repair": final.as_dict()}
         if format is Format.table:
             _print_repair(report.as_dict())
@@ -76,17 +80,17 @@ def reconcile(
         raise typer.Exit(1)
 
 
-def _record(settings: Settings, run: Any) -> None:
+def _record(settings: Settings, pipeline: Pipeline, run: Any) -> None:
     """History is kept in ClickHouse; when it is down the run is still reported (and ClickHouse drift shows)."""
     from reports.reconcile import record_run
 
     try:
-        record_run(settings, run)
+        record_run(settings, pipeline, run)
     except Exception as exc:
         err.print(f"[yellow]warning:[/] run {run.run_id} not recorded in ClickHouse: {exc}", highlight=False)
 
 
-def _print_run(run: Any, label: str) -> None:
+def _print_run(run: Any, label: str, database: str = "") -> None:
     title = f"reconcile {run.mode} run {run.run_id}" + (f" ({label})" if label else "")
     table = Table(title=title)
     for col in ("entity", "store", "source", "store rows", "missing in store", "missing in source", "stale",
@@ -109,7 +113,8 @@ def _print_run(run: Any, label: str) -> None:
         console.print(f"skipped {name}: {reason}", highlight=False)
     diffs = [(r.entity, r.store, d) for r in run.results for d in r.diffs]
     if diffs:
-        table = Table(title=f"differing keys ({len(diffs)}; all in changeflow.reconciliation_diffs)")
+        table = Table(title=f"differing keys ({len(diffs)}; all in {database or context.pipeline().clickhouse_database}"
+                                 ".reconciliation_diffs)")
         for col in ("entity", "store", "key", "kind", "detail"):
             table.add_column(col)
         for entity, store, d in diffs[:SHOWN_DIFFS]:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from changeflow.settings import Settings
+from changeflow import context
 
 app = typer.Typer(help="Operate the sinks (each is its own consumer group).", no_args_is_help=True)
 # Piped output (CI logs, scripts) must not be cut at 80 columns.
@@ -18,7 +18,7 @@ err = Console(stderr=True, soft_wrap=True)
 
 @app.command("reset")
 def reset(
-    sink: Annotated[str, typer.Argument(help="redis, search, clickhouse, or all")],
+    sink: Annotated[str, typer.Argument(help="A registered store (redis, search, clickhouse, ...) or all")],
     to_earliest: Annotated[bool, typer.Option("--to-earliest", help="Replay every canonical record.")] = False,
 ) -> None:
     """Move a sink's committed offsets (worker stopped); the next worker start replays from there.
@@ -36,10 +36,10 @@ def reset(
     if unknown:
         err.print(f"[red]error:[/] unknown sink {unknown[0]!r}; known: {', '.join(registry())}, all")
         raise typer.Exit(2)
-    settings = Settings()
+    settings, pipeline = context.settings(), context.pipeline()
     for name in names:
         try:
-            replay = reset_to_earliest(settings, name)
+            replay = reset_to_earliest(settings, pipeline, name)
         except GroupActiveError as exc:
             err.print(f"[red]error:[/] {exc}")
             raise typer.Exit(1) from None

@@ -37,6 +37,7 @@ from changeflow.metrics import stores
 
 if TYPE_CHECKING:
     from changeflow.settings import Settings
+    from pipelines.spec import Pipeline
 
 Labels = tuple[tuple[str, str], ...]
 QUANTILES = (0.5, 0.95, 0.99)
@@ -163,6 +164,7 @@ class Frame:
     changes: list[Change] = field(default_factory=list)
     worker_error: str | None = None
     changes_error: str | None = None
+    pipeline: Pipeline | None = None  # which entities each store holds (None: every pair is shown)
 
 
 def fmt_seconds(s: float | None) -> str:
@@ -202,7 +204,7 @@ def render(frame: Frame) -> RenderableType:
     for entity in frame.entities:
         first = True
         for sink in frame.sinks:
-            if not stores(sink, entity):
+            if frame.pipeline is not None and not stores(sink, entity, frame.pipeline):
                 continue
             labels = {"sink": sink, "entity": entity}
             row: list[str] = [entity if first else "", sink]
@@ -291,9 +293,11 @@ def scrape(client: httpx.Client, url: str) -> Scrape:
 
 
 def newest_changes(client: Any, database: str, limit: int) -> list[Change]:
+    from sinks.clickhouse import q
+
     rows = client.query(
         "SELECT entity, key, op, version, ts_ms, toUnixTimestamp64Milli(ingested_at) AS at_ms "
-        f"FROM {database}.changelog ORDER BY ingested_at DESC, version DESC LIMIT {int(limit)}"
+        f"FROM {q(database)}.changelog ORDER BY ingested_at DESC, version DESC LIMIT {int(limit)}"
     ).result_rows
     return [Change(str(e), str(k), str(o), int(v), int(t), int(a)) for e, k, o, v, t, a in rows]
 
@@ -302,13 +306,14 @@ class Watcher:
     """Holds the HTTP and ClickHouse clients and the last minute of scrapes between frames."""
 
     def __init__(
-        self, settings: Settings, changes: int, entities: Iterable[str], sinks: Iterable[str],
+        self, settings: Settings, pipeline: Pipeline, changes: int, sinks: Iterable[str],
         urls: Sequence[str] | None = None,
     ) -> None:
         self.settings = settings
+        self.pipeline = pipeline
         self.urls = list(urls or [metrics_url(settings)])
         self.limit = changes
-        self.entities = list(entities)
+        self.entities = list(pipeline.entities)
         self.sinks = list(sinks)
         self.http = httpx.Client()
         self.history: deque[Scrape] = deque()
@@ -322,7 +327,7 @@ class Watcher:
                 from sinks.clickhouse import client_for
 
                 self._ch = client_for(self.settings)
-            return newest_changes(self._ch, self.settings.clickhouse_database, self.limit), None
+            return newest_changes(self._ch, self.pipeline.clickhouse_database, self.limit), None
         except Exception as exc:  # a store that is down is shown, not fatal to the view
             self._ch = None
             return [], str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
@@ -345,7 +350,7 @@ class Watcher:
         changes, changes_error = self._changes()
         return Frame(now=time.time(), urls=[u.removesuffix("/metrics") for u in self.urls], entities=self.entities,
                      sinks=self.sinks, cur=cur, prev=prev, base=base, changes=changes,
-                     worker_error=worker_error, changes_error=changes_error)
+                     worker_error=worker_error, changes_error=changes_error, pipeline=self.pipeline)
 
     def close(self) -> None:
         self.http.close()
@@ -364,12 +369,10 @@ def watch(
     ] = None,
 ) -> None:
     """Live view: events/s, freshness and the newest changes per entity and sink."""
-    from changeflow.settings import Settings
+    from changeflow import context
     from sinks import base as sink_base
-    from streams.entities import ENTITIES
 
-    settings = Settings()
-    watcher = Watcher(settings, changes, ENTITIES, sink_base.registry(), url)
+    watcher = Watcher(context.settings(), context.pipeline(), changes, sink_base.names(), url)
     console = Console(width=None if sys.stdout.isatty() else 200)
     try:
         if once:

@@ -48,8 +48,10 @@ CREATE TABLE IF NOT EXISTS public.refunds (
 CREATE TABLE IF NOT EXISTS public.debezium_signal (
     id   varchar(64) PRIMARY KEY,
     type varchar(32) NOT NULL,
-    data varchar(4096)
+    data text
 );
+-- Databases made when data was varchar(4096): a repair's signal for many keys did not fit.
+ALTER TABLE public.debezium_signal ALTER COLUMN data TYPE text;
 CREATE TABLE IF NOT EXISTS public.debezium_heartbeat (
     id integer PRIMARY KEY,
     ts timestamptz NOT NULL

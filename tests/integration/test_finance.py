@@ -25,9 +25,11 @@ import psycopg
 import pytest
 
 from changeflow.settings import Settings
-from reports.finance import GRACE_SECONDS, ensure_views, read_daily, read_exceptions
-from sinks.clickhouse import META_COLUMNS, ClickHouseSink, client_for
-from streams.entities import ENTITIES
+from pipelines.load import load
+from pipelines.spec import Pipeline, build
+from reports.finance import GRACE_SECONDS, ensure_views, read_daily, read_exceptions, report
+from sinks.clickhouse import META_COLUMNS, ClickHouseStore, client_for
+from streams.app import schema_book
 from tests.integration.conftest import eventually
 
 pytestmark = pytest.mark.integration
@@ -70,8 +72,9 @@ def pg(pipeline: Settings) -> Iterator[psycopg.Connection[Any]]:
 
 @pytest.fixture
 def ch(pipeline: Settings) -> Iterator[Any]:
+    # The views are made once the entity tables exist: the ClickHouse store makes a table when the first
+    # change of the entity arrives (see ``views_ready``).
     client = client_for(pipeline)
-    ensure_views(client, pipeline.clickhouse_database)
     yield client
     client.close()
 
@@ -187,10 +190,41 @@ def as_tuple(exc: dict[str, Any]) -> Exc:
 
 
 def my_exceptions(ch: Any, settings: Settings, p: Planted) -> set[Exc]:
-    found = [e.as_dict() for e in read_exceptions(ch, settings.clickhouse_database)]
+    found = [e.as_dict() for e in read_exceptions(ch, load().clickhouse_database)]
     mine = [as_tuple(e) for e in found if p.mine(e)]
     assert len(mine) == len(set(mine)), f"duplicate exception rows: {mine}"
     return set(mine)
+
+
+def views_ready(ch: Any, db: str) -> bool:
+    """Create the views as the report does; an entity table not made yet is a wait, not a failure."""
+    from clickhouse_connect.driver.exceptions import DatabaseError
+
+    try:
+        ensure_views(ch, db)
+    except DatabaseError as exc:
+        assert "UNKNOWN_TABLE" not in str(exc) and "Unknown table" not in str(exc), str(exc).splitlines()[0]
+        raise
+    return True
+
+
+def commerce_versions(settings: Settings, commerce: Pipeline) -> dict[str, Any]:
+    """The newest canonical schema per entity: from the schema topic, else from the source catalog (an
+    entity without a change yet has no published version)."""
+    import schemas
+    from pipelines.catalog import read_dsn
+    from pipelines.types import from_postgres
+
+    versions: dict[str, Any] = dict(schema_book(settings, commerce, writer=False).latest)
+    catalog = read_dsn(settings.pg_dsn, ["public"])
+    for name, spec in commerce.entities.items():
+        table = catalog.table(spec.source_schema, spec.source_table)
+        if name in versions or table is None or spec.source != "postgres":
+            continue
+        columns = {c.name: from_postgres(c.format_type, is_enum=c.is_enum) for c in table.columns
+                   if c.name not in spec.dropped}
+        versions[name] = schemas.make_version(name, 1, {**columns, **spec.declared_types}, table.primary_key)
+    return versions
 
 
 def daily_rows(p: Planted) -> list[dict[str, Any]]:
@@ -208,8 +242,9 @@ def daily_rows(p: Planted) -> list[dict[str, Any]]:
 def test_report_finds_exactly_the_planted_exceptions_and_exact_daily_figures(
     pipeline: Settings, pg: psycopg.Connection[Any], ch: Any, planted: Planted
 ) -> None:
-    p, db = planted, pipeline.clickhouse_database
+    p, db = planted, load().clickhouse_database
     plant(pg, p)
+    eventually(lambda: views_ready(ch, db), timeout=90, interval=0.1, what="the finance views")
 
     # The last write is visible in ClickHouse but younger than the grace window: not judged yet.
     def fresh_orphan() -> tuple[int, int]:
@@ -287,27 +322,32 @@ def test_report_finds_exactly_the_planted_exceptions_and_exact_daily_figures(
 
 
 @pytest.fixture
-def scratch(live_stack: Settings) -> Iterator[tuple[Settings, Any]]:
-    """A database of its own, made by the ClickHouse sink's own setup(), dropped afterwards."""
-    settings = live_stack.model_copy(update={"clickhouse_database": f"finance_test_{uuid.uuid4().hex[:12]}"})
-    sink = ClickHouseSink(settings)
-    sink.setup()
-    client = client_for(settings)
-    yield settings, client
-    client.command(f"DROP DATABASE IF EXISTS {settings.clickhouse_database}")
+def scratch(live_stack: Settings) -> Iterator[tuple[Pipeline, Any]]:
+    """A database of its own (a copy of the commerce pipeline under another namespace), its tables made by
+    the ClickHouse store's own setup() from the commerce schema versions, its views by the report; dropped
+    afterwards."""
+    commerce = load()
+    scratch_pipeline = build(commerce.file.model_copy(update={"namespace": f"finance_test_{uuid.uuid4().hex[:12]}"}),
+                             commerce.path)
+    store = ClickHouseStore(live_stack, scratch_pipeline)
+    store.setup(commerce_versions(live_stack, commerce))
+    report(live_stack, scratch_pipeline)  # creates the views, as every report run does
+    client = client_for(live_stack)
+    yield scratch_pipeline, client
+    client.command(f"DROP DATABASE IF EXISTS {scratch_pipeline.clickhouse_database}")
     client.close()
-    sink.close()
+    store.close()
 
 
-def test_sink_setup_creates_the_views_with_the_grace_window_stated(scratch: tuple[Settings, Any]) -> None:
-    settings, client = scratch
+def test_the_report_creates_the_views_with_the_grace_window_stated(scratch: tuple[Pipeline, Any]) -> None:
+    scratch_pipeline, client = scratch
     rows = client.query(
         "SELECT name, comment FROM system.tables WHERE database = {db:String} AND engine = 'View' ORDER BY name",
-        parameters={"db": settings.clickhouse_database},
+        parameters={"db": scratch_pipeline.clickhouse_database},
     ).result_rows
     assert [name for name, _ in rows] == ["finance_daily", "finance_exceptions"]
     assert f"at least {GRACE_SECONDS} s ago by _ingested_at" in dict(rows)["finance_exceptions"]
-    columns = client.query(f"DESCRIBE {settings.clickhouse_database}.finance_exceptions").result_rows
+    columns = client.query(f"DESCRIBE {scratch_pipeline.clickhouse_database}.finance_exceptions").result_rows
     assert [(c[0], c[1]) for c in columns] == [
         ("kind", "String"), ("order_id", "Nullable(String)"), ("payment_id", "Nullable(String)"),
         ("refund_id", "Nullable(String)"), ("expected", "Nullable(Decimal(38, 2))"),
@@ -315,21 +355,29 @@ def test_sink_setup_creates_the_views_with_the_grace_window_stated(scratch: tupl
     ]
 
 
-def test_grace_window_holds_back_rows_of_a_transaction_still_arriving(scratch: tuple[Settings, Any]) -> None:
+def test_grace_window_holds_back_rows_of_a_transaction_still_arriving(scratch: tuple[Pipeline, Any]) -> None:
     """Rows written straight into the sink's tables with chosen `_ingested_at`, so the window is exact.
 
     A deleted order whose tombstone carries only the key (REPLICA IDENTITY DEFAULT), an order whose second
     payment just arrived, and a payment whose refund just arrived: each is judged only once the newest row
     it depends on is older than the window.
     """
-    settings, client = scratch
-    db = settings.clickhouse_database
+    scratch_pipeline, client = scratch
+    db = scratch_pipeline.clickhouse_database
     now = datetime.now(UTC)
     old, recent = now - timedelta(seconds=60), now
     meta = list(META_COLUMNS)
 
+    existing = {
+        entity: [n for (n,) in client.query("SELECT name FROM system.columns WHERE database = {db:String} "
+                                            "AND table = {t:String} ORDER BY position",
+                                            parameters={"db": db, "t": entity}).result_rows if n not in meta]
+        for entity in ("orders", "payments", "refunds")
+    }
+
     def insert(entity: str, rows: list[dict[str, Any]]) -> None:
-        columns = list(ENTITIES[entity].clickhouse_columns)
+        columns = existing[entity]
+        rows = [{"_key": r.get("id"), **r} for r in rows]  # the canonical key text: the id
         client.insert(f"{db}.{entity}", [[r.get(c) for c in [*columns, *meta]] for r in rows],
                       column_names=[*columns, *meta])
 
@@ -375,9 +423,13 @@ def test_grace_window_holds_back_rows_of_a_transaction_still_arriving(scratch: t
     assert abs((detected["orphan_payment"] - recent).total_seconds()) < 0.002  # the tombstone's arrival
 
 
-def test_cli_says_why_it_cannot_report(live_stack: Settings) -> None:
+def test_cli_says_why_it_cannot_report(live_stack: Settings, tmp_path: Any) -> None:
     missing = f"finance_missing_{uuid.uuid4().hex[:12]}"
-    result = changeflow("report", "finance", env={"CHANGEFLOW_CLICKHOUSE_DATABASE": missing})
+    commerce = load()
+    assert commerce.path is not None
+    elsewhere = tmp_path / "pipeline.yml"  # the commerce pipeline under a namespace with no database
+    elsewhere.write_text(commerce.path.read_text().replace("namespace: changeflow", f"namespace: {missing}"))
+    result = changeflow("report", "finance", env={"CHANGEFLOW_PIPELINE": str(elsewhere)})
     assert result.returncode == 2
     assert f"Database {missing} does not exist. (UNKNOWN_DATABASE)" in result.stderr
     assert "the ClickHouse sink has not created its tables yet: start the worker first" in result.stderr

@@ -20,11 +20,12 @@ import pytest
 import redis
 
 from changeflow.settings import Settings
+from pipelines.load import load
 from sinks.clickhouse import client_for
-from sinks.redis import VERSIONS_KEY
 from tests.integration.conftest import eventually
 
 N = 5
+VERSIONS_KEY = f"{load().namespace}:versions"  # the Redis store's version hash
 BOGUS_VERSION = 2**62  # beyond any WAL position this database will reach
 
 

@@ -8,13 +8,13 @@ from typing import Any
 import pytest
 
 import schemas
-from streams.app import to_avro
-from streams.debezium import convert_value, decode_postgres
 from pipelines.load import load
 from pipelines.spec import build
 from pipelines.transform import compile_pipeline
-from tests.unit.commerce import POSTGRES_ENTITIES
+from streams.app import to_avro
+from streams.debezium import convert_value, decode_postgres
 from streams.records import ChangeRecord, Skip
+from tests.unit.commerce import POSTGRES_ENTITIES
 from tests.unit.envelopes import decimal_bytes, encoded, envelope
 
 UUID = "0b6f2c9e-3d1a-4c55-9a7e-2f1d0c3b4a59"

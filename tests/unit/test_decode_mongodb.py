@@ -7,8 +7,6 @@ says how it was made. The ``malformed_*`` ones are derived from those by breakin
 
 from __future__ import annotations
 
-import schemas
-
 import copy
 import json
 import math
@@ -21,9 +19,10 @@ import orjson
 import pytest
 from confluent_kafka import Message
 
-from tests.unit.commerce import MONGODB_ENTITIES
+import schemas
 from streams.mongodb import TRUNCATE, decode_mongodb, merge_partial, parse_extended_json
 from streams.records import ChangeRecord, DeadLetter, Decoded, Skip
+from tests.unit.commerce import MONGODB_ENTITIES
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "mongodb"
 OID = "65f1c0ffee0000000000abcd"

@@ -8,8 +8,8 @@ from decimal import Decimal
 import pytest
 
 from streams.debezium import UNAVAILABLE, convert_value, decode_postgres
-from tests.unit.commerce import POSTGRES_ENTITIES
 from streams.records import ChangeRecord, DeadLetter, Skip
+from tests.unit.commerce import POSTGRES_ENTITIES
 from tests.unit.envelopes import decimal_bytes, encoded, envelope, product_row
 
 POS = {"topic": "commerce.public.products", "partition": 2, "offset": 41}

@@ -24,8 +24,8 @@ from streams.dlq import (
     replay_headers,
     replayed_topic_name,
 )
-from streams.entities import POSTGRES_ENTITIES
 from streams.records import DeadLetter
+from tests.unit.commerce import POSTGRES_ENTITIES
 
 DLQ = "changeflow.dlq"
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from changeflow import metrics
+from pipelines.load import load
+from pipelines.spec import Pipeline
 from streams.records import ChangeRecord, DeadLetter, Skip
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,6 +38,7 @@ EXPECTED = {
     "changeflow_sink_applied_timestamp_seconds": ("gauge", {"sink", "entity"}),
     "changeflow_freshness_seconds": ("histogram", {"sink", "entity"}),
     "changeflow_decode": ("counter", {"topic", "result"}),
+    "changeflow_unmapped_changes": ("counter", {"table"}),
 }
 SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
 
@@ -61,6 +65,7 @@ def test_the_registry_exposes_exactly_the_documented_metrics(sink: str) -> None:
     metrics.count_dead_letter(sink)
     metrics.SINK_CONSUMER_LAG.labels(sink=sink, topic="changeflow.products").set(3)
     metrics.observe_decode(f"{sink}.topic", Skip("heartbeat"))
+    metrics.count_unmapped(f"{sink}.unmapped")
 
     families = {f.name: f for f in text_string_to_metric_families(metrics.exposition().decode())}
     assert {name: f.type for name, f in families.items()} == {name: t for name, (t, _) in EXPECTED.items()}
@@ -108,7 +113,15 @@ def test_a_written_batch_counts_per_entity_and_observes_each_records_freshness(s
     assert value("changeflow_sink_events_out_total", sink=sink, entity="orders") == 3
 
 
-def test_entities_a_store_does_not_map_are_not_counted_as_written_to_it() -> None:
+@pytest.fixture
+def commerce() -> Iterator[Pipeline]:
+    pipeline = load()
+    metrics.use_pipeline(pipeline)
+    yield pipeline
+    metrics.use_pipeline(None)
+
+
+def test_entities_a_store_does_not_map_are_not_counted_as_written_to_it(commerce: Pipeline) -> None:
     sink = "search"  # payments and refunds have no search index
     metrics.observe_consumed(sink, [record("payments", "1", 1_000)])
     metrics.observe_written(sink, [record("payments", "1", 1_000)], 0.01, written_at=2.0)
@@ -118,6 +131,13 @@ def test_entities_a_store_does_not_map_are_not_counted_as_written_to_it() -> Non
     assert metrics.stores("search", "products") and metrics.stores("clickhouse", "payments")
     assert not metrics.stores("redis", "payments") and not metrics.stores("search", "refunds")
     assert not metrics.stores("redis", "no-such-entity")
+    assert metrics.stores("redis", "products", commerce) and not metrics.stores("redis", "payments", commerce)
+
+
+def test_unmapped_changes_are_counted_per_table(sink: str) -> None:
+    metrics.count_unmapped(f"{sink}.audit_log")
+    metrics.count_unmapped(f"{sink}.audit_log")
+    assert value("changeflow_unmapped_changes_total", table=f"{sink}.audit_log") == 2
 
 
 def test_events_in_are_counted_before_the_write_so_in_minus_out_is_what_the_sink_holds(sink: str) -> None:

@@ -7,8 +7,8 @@ from typing import Any
 
 from sinks.base import fill_partials
 from streams.debezium import UNAVAILABLE, decode_postgres
-from tests.unit.commerce import POSTGRES_ENTITIES
 from streams.records import ChangeRecord
+from tests.unit.commerce import POSTGRES_ENTITIES
 from tests.unit.envelopes import encoded, envelope, product_row
 
 ORDER_FIELDS: list[dict[str, Any]] = [

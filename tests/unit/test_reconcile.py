@@ -9,6 +9,9 @@ from decimal import Decimal
 import orjson
 import pytest
 
+from pipelines.load import load, resolve_secret
+from pipelines.transform import compile_entity
+from pipelines.types import ColumnType, parse_type
 from reports.reconcile import (
     Diff,
     Run,
@@ -18,16 +21,31 @@ from reports.reconcile import (
     classify_content,
     comparable_row,
     diff_keys,
+    key_filter,
     normalise_value,
     plan_repair,
     row_digest,
+    snapshot_signals,
     source_row,
 )
-from sinks.clickhouse import _column_value
-from streams import json
-from streams.entities import ORDERS, PRODUCTS
+from schemas import json
+from sinks.clickhouse import to_column
 
-ORDER_JSON = frozenset({"items"})
+COMMERCE = load()
+BASE = COMMERCE.path.parent if COMMERCE.path else None
+PRODUCTS = compile_entity(COMMERCE.entity("products"), BASE, resolve_secret)
+ORDERS = compile_entity(COMMERCE.entity("orders"), BASE, resolve_secret)
+
+
+def types(**columns: str) -> dict[str, ColumnType]:
+    return {name: parse_type(t) for name, t in columns.items()}
+
+
+# The canonical column types, as the schema topic carries them for the commerce entities.
+PRODUCT_TYPES = types(id="int64", sku="string", name="string", description="string", category="string",
+                      price="decimal(12,2)", stock="int32", updated_at="timestamptz")
+ORDER_TYPES = types(id="uuid", user_id="string", status="string", total_amount="decimal(12,2)", items="json",
+                    created_at="timestamptz", updated_at="timestamptz")
 CET = timezone(timedelta(hours=1))
 
 
@@ -48,27 +66,39 @@ def order_pg_row() -> dict[str, object]:
     }
 
 
-def test_source_row_uses_the_stream_transform() -> None:
+def canonical_product() -> dict[str, object]:
     row = source_row(product_pg_row(), PRODUCTS)
+    assert row is not None
+    return row
+
+
+def canonical_order() -> dict[str, object]:
+    row = source_row(order_pg_row(), ORDERS)
+    assert row is not None
+    return row
+
+
+def test_source_row_uses_the_stream_transform() -> None:
+    row = canonical_product()
     assert "internal_notes" not in row and "price_cents" not in row
     assert row["price"] == Decimal("12.50")
     assert row["updated_at"] == datetime(2026, 1, 2, 3, 5, 6, 789000, tzinfo=UTC)
-    assert source_row(order_pg_row(), ORDERS)["id"] == "53787f1a-87a6-4a8a-bb8b-ed7bb6416fa5"
+    assert canonical_order()["id"] == "53787f1a-87a6-4a8a-bb8b-ed7bb6416fa5"
 
 
 def test_every_store_representation_of_a_product_compares_equal_to_the_source() -> None:
-    canonical = source_row(product_pg_row(), PRODUCTS)
-    expected = comparable_row(canonical, PRODUCTS, frozenset())
+    canonical = canonical_product()
+    expected = comparable_row(canonical, PRODUCT_TYPES)
     redis_value = orjson.loads(json.dumps(canonical))  # what the Redis sink SETs
     search_source = json.loads(json.dumps(canonical))  # what the search sink indexes
     clickhouse_row = {  # clickhouse-connect: typed columns, naive UTC datetimes, plus bookkeeping
         "id": 42, "sku": "SKU-42", "name": "lamp", "description": None, "category": "lighting",
         "price": Decimal("12.50"), "stock": 7, "updated_at": datetime(2026, 1, 2, 3, 5, 6, 789000),
-        "_version": 99,
+        "_version": 99, "_key": "42",
     }
-    assert comparable_row(redis_value, PRODUCTS, frozenset()) == expected
-    assert comparable_row(search_source, PRODUCTS, frozenset()) == expected
-    assert comparable_row(clickhouse_row, PRODUCTS, frozenset()) == expected
+    assert comparable_row(redis_value, PRODUCT_TYPES) == expected
+    assert comparable_row(search_source, PRODUCT_TYPES) == expected
+    assert comparable_row(clickhouse_row, PRODUCT_TYPES) == expected
     assert expected == {
         "id": 42, "sku": "SKU-42", "name": "lamp", "category": "lighting", "price": "12.5", "stock": 7,
         "updated_at": "2026-01-02T03:05:06.789000+00:00",
@@ -76,25 +106,25 @@ def test_every_store_representation_of_a_product_compares_equal_to_the_source() 
 
 
 def test_order_json_column_compares_structurally_whatever_the_key_order() -> None:
-    canonical = source_row(order_pg_row(), ORDERS)
-    expected = comparable_row(canonical, ORDERS, ORDER_JSON)
-    as_clickhouse = {k: _column_value(v) for k, v in canonical.items()}  # items as JSON text
+    canonical = canonical_order()
+    expected = comparable_row(canonical, ORDER_TYPES)
+    as_clickhouse = {k: to_column(v, ORDER_TYPES.get(k)) for k, v in canonical.items()}  # items as JSON text
     as_clickhouse["items"] = '[{"qty":1,"sku":"A"}]'
-    assert comparable_row(as_clickhouse, ORDERS, ORDER_JSON) == expected
-    assert comparable_row(orjson.loads(json.dumps(canonical)), ORDERS, ORDER_JSON) == expected
+    assert comparable_row(as_clickhouse, ORDER_TYPES) == expected
+    assert comparable_row(orjson.loads(json.dumps(canonical)), ORDER_TYPES) == expected
 
 
 @pytest.mark.parametrize(
-    ("value", "ch_type", "expected"),
+    ("value", "column_type", "expected"),
     [
-        (Decimal("12.50"), "Nullable(Decimal(12, 2))", "12.5"),
-        ("12.5", "Decimal(12, 2)", "12.5"),
-        (Decimal("100"), "Decimal(12, 2)", "100"),
-        (Decimal("0.00"), "Decimal(12, 2)", "0"),
-        ("0.1", "Decimal(12, 2)", "0.1"),
-        ("2026-01-01T00:00:00+00:00", "Nullable(DateTime64(6, 'UTC'))", "2026-01-01T00:00:00.000000+00:00"),
-        (datetime(2026, 1, 1, 1, tzinfo=CET), "DateTime64(6, 'UTC')", "2026-01-01T00:00:00.000000+00:00"),
-        ("7", "Nullable(Int32)", 7),
+        (Decimal("12.50"), "decimal(12,2)", "12.5"),
+        ("12.5", "decimal(12,2)", "12.5"),
+        (Decimal("100"), "decimal(12,2)", "100"),
+        (Decimal("0.00"), "decimal(12,2)", "0"),
+        ("0.1", "decimal(12,2)", "0.1"),
+        ("2026-01-01T00:00:00+00:00", "timestamptz", "2026-01-01T00:00:00.000000+00:00"),
+        (datetime(2026, 1, 1, 1, tzinfo=CET), "timestamptz", "2026-01-01T00:00:00.000000+00:00"),
+        ("7", "int32", 7),
         (7, None, "7"),
         ("7", None, "7"),
         ({"b": 1, "a": 2}, None, '{"a":2,"b":1}'),
@@ -102,16 +132,16 @@ def test_order_json_column_compares_structurally_whatever_the_key_order() -> Non
         ('"12.50"', None, "12.50"),
         (Decimal("12.50"), None, "12.50"),
         ("plain text", None, "plain text"),
-        (None, "Nullable(String)", None),
-        ("not a number", "Decimal(12, 2)", "<unparsable 'not a number'>"),
+        (None, "string", None),
+        ("not a number", "decimal(12,2)", "<unparsable 'not a number'>"),
     ],
 )
-def test_normalise_value(value: object, ch_type: str | None, expected: object) -> None:
-    assert normalise_value(value, ch_type) == expected
+def test_normalise_value(value: object, column_type: str | None, expected: object) -> None:
+    assert normalise_value(value, parse_type(column_type) if column_type else None) == expected
 
 
 def test_null_and_absent_fields_are_the_same_content() -> None:
-    assert comparable_row({"id": 1, "description": None}, PRODUCTS, frozenset()) == {"id": 1}
+    assert comparable_row({"id": 1, "description": None}, PRODUCT_TYPES) == {"id": 1}
 
 
 def test_digest_changes_with_any_field_and_not_with_order() -> None:
@@ -202,3 +232,14 @@ def test_drift_limit_is_per_store() -> None:
     unreachable = Run("r", datetime.now(UTC), "full", [StoreResult("products", "redis", 1, 0, "full", error="x")], {})
     assert unreachable.drift_exceeds(5)
     assert run.results[0].as_dict()["missing_in_store"] == 1
+
+
+def test_repair_signals_are_chunked_to_fit_and_select_exactly_the_keys() -> None:
+    keys = [str(i) for i in range(10_000)]
+    signals = [orjson.loads(s) for s in snapshot_signals(None, "public.products", ["id"], keys, numeric=True)]
+    assert len(signals) > 1 and all(len(orjson.dumps(s)) <= 60_000 for s in signals)
+    conditions = [s["additional-conditions"][0]["filter"] for s in signals]
+    assert sum(c.count(",") + 1 for c in conditions) == len(keys)
+    assert signals[0]["data-collections"] == ["public.products"]
+    assert key_filter(["a", "b"], ['["x","y\'z"]'], numeric=False).as_string(None) == (
+        """("a"::text, "b"::text) IN (('x', 'y''z'))""")

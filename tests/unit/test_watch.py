@@ -17,6 +17,7 @@ from changeflow.commands.watch import (
     render,
     window_quantiles,
 )
+from pipelines.load import load
 from streams.records import ChangeRecord
 
 SINKS = ["redis", "search", "clickhouse"]
@@ -105,7 +106,7 @@ def test_the_screen_shows_every_mapped_entity_and_sink_with_rates_and_freshness(
     cur = scrape_at(101.0, 1_250, {"0.5": 200, "5.0": 250, "+Inf": 250}, 1_000.0, 1_000.4)
     changes = [Change("products", "42", "u", 7, 1_000_000, 1_000_350)]
     text = screen(Frame(now=1_002.0, urls=["http://127.0.0.1:6066"], entities=ENTITIES, sinks=SINKS,
-                        cur=cur, prev=prev, base=prev, changes=changes))
+                        cur=cur, prev=prev, base=prev, changes=changes, pipeline=load()))
     assert "worker http://127.0.0.1:6066 up" in text
     rows = {tuple(c.strip() for c in line.split("│")[1:3]): line for line in text.splitlines() if "│" in line}
     products_redis = rows[("products", "redis")]
