@@ -20,6 +20,7 @@ from bench import naive as naive_mod
 from bench.common import BenchSettings, Isolation, message_time_span, partitions
 from bench.envelopes import backlog
 from bench.pipeline import SINKS, BenchWorker
+from pipelines.spec import Pipeline
 from sinks.runner import canonical_topics
 
 Say = Callable[[str], None]
@@ -45,27 +46,28 @@ def produce_backlog(settings: BenchSettings, topic: str, n: int, id_base: int, p
     return count
 
 
-def run(base: BenchSettings, run_id: str, n: int, naive_budget_s: float, log_dir: Path,
+def run(base: BenchSettings, live: Pipeline, run_id: str, n: int, naive_budget_s: float, log_dir: Path,
         profile_dir: Path | None, say: Say, timeout: float = 900.0) -> dict[str, Any]:
     iso = Isolation(run_id, "backlog")
     settings = iso.settings(base)
-    topic = f"{iso.raw_prefix}.public.products"
+    pipeline = iso.pipeline(live)
+    topic = pipeline.entities["products"].raw_topic
     from changeflow.worker import ensure_topics
 
-    ensure_topics(settings)
+    ensure_topics(settings, pipeline)
     say(f"backlog: producing {n:,} Debezium-shaped changes into {topic}")
     started = time.perf_counter()
     messages = produce_backlog(settings, topic, n, iso.id_base, iso.raw_prefix)
     produce_s = time.perf_counter() - started
 
     say("backlog: ceiling (bare confluent-kafka consume + decode)")
-    ceiling = naive_mod.ceiling(settings, topic, f"{iso.tag}-ceiling", messages)
+    ceiling = naive_mod.ceiling(settings, pipeline, topic, f"{iso.tag}-ceiling", messages)
     say(f"backlog: naive consumer (one at a time, {naive_budget_s:.0f}s budget)")
-    naive, _keys = naive_mod.naive(settings, topic, f"{iso.tag}-naive", f"{iso.tag}-naive:", naive_budget_s,
+    naive, _keys = naive_mod.naive(settings, pipeline, topic, f"{iso.tag}-naive", f"{iso.tag}-naive:", naive_budget_s,
                                         messages)
 
     say("backlog: changeflow worker, production code path (decode stage + 3 sink processes)")
-    worker = _worker_pass(base, iso, n, log_dir, profile_dir, timeout)
+    worker = _worker_pass(base, pipeline, iso, n, log_dir, profile_dir, timeout)
     return {
         "changes": n,
         "kafka_messages": messages,
@@ -80,11 +82,11 @@ def run(base: BenchSettings, run_id: str, n: int, naive_budget_s: float, log_dir
     }
 
 
-def _worker_pass(base: BenchSettings, iso: Isolation, n: int, log_dir: Path, profile_dir: Path | None,
-                 timeout: float) -> dict[str, Any]:
+def _worker_pass(base: BenchSettings, pipeline: Pipeline, iso: Isolation, n: int, log_dir: Path,
+                 profile_dir: Path | None, timeout: float) -> dict[str, Any]:
     """One bench worker over the backlog: N over first decoded record → last sink committed."""
     settings = iso.settings(base)
-    worker = BenchWorker(settings, iso, log_dir, profile_dir)
+    worker = BenchWorker(settings, pipeline, iso, log_dir, profile_dir)
     worker.start()
     try:
         ready_s = worker.wait_ready()
@@ -92,7 +94,7 @@ def _worker_pass(base: BenchSettings, iso: Isolation, n: int, log_dir: Path, pro
         applied = worker.applied()
     finally:
         worker.stop()
-    span = message_time_span(settings, partitions(settings, canonical_topics(settings)))
+    span = message_time_span(settings, partitions(settings, canonical_topics(pipeline)))
     if span is None:
         raise RuntimeError(f"no canonical record was produced (see {worker.log_path})")
     first, last = span

@@ -13,7 +13,6 @@ from psycopg import sql
 
 from bench.common import BENCH_REDIS_DBS, BenchSettings, Isolation, delete_groups_with_prefix, delete_topics_with_prefix
 from sinks.clickhouse import client_for
-from sinks.redis import APPLIED_KEY, VERSIONS_KEY
 
 STAGES = ("backlog", "snapshot")
 
@@ -37,7 +36,8 @@ def _redis(settings: BenchSettings, run_id: str, db: int) -> int:
     removed = 0
 
     def ours(key: bytes) -> bool:
-        if key.startswith(f"bench-{run_id}-".encode()):
+        # bench-<run>-...: the naive consumer's keys; bench_<run>_<stage>:versions/:applied: a stage's hashes.
+        if key.startswith((f"bench-{run_id}-".encode(), f"bench_{run_id}_".encode())):
             return True
         tail = key.rsplit(b":", 1)[-1]
         return tail.isdigit() and int(tail) // 10_000_000_000 == run_block
@@ -52,11 +52,6 @@ def _redis(settings: BenchSettings, run_id: str, db: int) -> int:
                 batch = []
         if batch:
             removed += client.delete(*batch)
-        fields = [f for f, _ in client.hscan_iter(VERSIONS_KEY, count=5000) if ours(f)]
-        for i in range(0, len(fields), 5000):
-            client.hdel(VERSIONS_KEY, *fields[i:i + 5000])
-        if client.dbsize() == 1 and client.exists(APPLIED_KEY):
-            client.delete(APPLIED_KEY)  # only the applied-through marks of bench runs are left
     finally:
         client.close()
     return removed
@@ -88,8 +83,11 @@ def cleanup(settings: BenchSettings, run_id: str) -> dict[str, Any]:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(names["database"])))
         deleted = conn.execute("DELETE FROM products WHERE sku LIKE %s", (freshness_sku_prefix(run_id) + "%",))
         done["freshness_rows_deleted"] = deleted.rowcount
-    done["topics_deleted"] = len(delete_topics_with_prefix(settings, f"bench-{run_id}-"))
-    done["groups_deleted"] = len(delete_groups_with_prefix(settings, f"bench-{run_id}-"))
+    # bench-<run>-...: raw topics and the naive consumers' groups; bench_<run>_<stage>...: what a stage's
+    # pipeline names (canonical, DLQ and schema topics, decode and sink groups).
+    prefixes = (f"bench-{run_id}-", f"bench_{run_id}_")
+    done["topics_deleted"] = sum(len(delete_topics_with_prefix(settings, p)) for p in prefixes)
+    done["groups_deleted"] = sum(len(delete_groups_with_prefix(settings, p)) for p in prefixes)
     with contextlib.suppress(httpx.HTTPError):
         indices = httpx.get(f"{settings.search_url}/_cat/indices/bench-{run_id}-*?format=json", timeout=30).json()
         for index in indices:

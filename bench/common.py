@@ -17,6 +17,7 @@ from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from changeflow.settings import Settings
+from pipelines.spec import Pipeline, build
 
 # Redis databases the benchmark writes to: the sinks address keys as `<prefix>:<id>` and keep their version
 # hashes under fixed names, so a separate database is what keeps bench rows out of the live cache (and out of
@@ -29,8 +30,9 @@ BENCH_REDIS_DBS = (BENCH_REDIS_DB, BENCH_REDIS_DB_SNAPSHOT)
 class BenchSettings(Settings):
     """Settings of an isolated bench worker: the live ones plus a Redis database and a search index prefix.
 
-    Built from the live ``Settings`` with the topic prefixes, DLQ topic and ClickHouse database replaced; the
-    bench worker subprocess receives them as ``CHANGEFLOW_*`` environment variables like any worker.
+    Built from the live ``Settings``; the bench worker subprocess receives them as ``CHANGEFLOW_*`` environment
+    variables like any worker. Every name the worker creates (topics, groups, ClickHouse database, indexes) comes
+    from the run's own pipeline (``Isolation.pipeline``), not from settings.
     """
 
     bench_redis_db: int = BENCH_REDIS_DB
@@ -59,16 +61,18 @@ class Isolation:
         return f"bench-{self.run_id}-{self.stage}"
 
     @property
+    def namespace(self) -> str:
+        """The run's pipeline name and namespace (an identifier): canonical, DLQ and schema topics, consumer
+        groups, the ClickHouse database and the Redis version hashes are named by it."""
+        return f"bench_{self.run_id}_{self.stage}"
+
+    @property
     def raw_prefix(self) -> str:
         return f"{self.tag}-raw"
 
     @property
-    def canonical_prefix(self) -> str:
-        return f"{self.tag}-canonical"
-
-    @property
     def clickhouse_database(self) -> str:
-        return f"bench_{self.run_id}_{self.stage}"
+        return self.namespace
 
     @property
     def search_prefix(self) -> str:
@@ -76,10 +80,41 @@ class Isolation:
 
     @property
     def decode_group(self) -> str:
-        return f"{self.tag}-decode"
+        return self.namespace
 
     def sink_group(self, sink: str) -> str:
-        return f"{self.tag}-sink-{sink}"
+        return f"{self.namespace}-sink-{sink}"
+
+    def pipeline(self, base: Pipeline) -> Pipeline:
+        """``base`` (the commerce pipeline) under this stage's names: its entities, transforms and hooks as they
+        are, with another name and namespace, raw topic prefixes of its own, indexes ``<search_prefix><index>``
+        and every ClickHouse table in the stage's database. Redis keys keep their names: the stage writes to a
+        Redis database of its own."""
+        file = base.file
+        sources = file.sources
+        updates: dict[str, Any] = {}
+        if sources.postgres is not None:
+            names = {"connector": f"bench-{self.run_id}-snapshot", "slot": f"bench_{self.run_id}",
+                     "publication": f"bench_{self.run_id}_pub"}
+            updates["postgres"] = sources.postgres.model_copy(update={"topic_prefix": self.raw_prefix, **names})
+        if sources.mongodb is not None:
+            updates["mongodb"] = sources.mongodb.model_copy(
+                update={"topic_prefix": f"{self.raw_prefix}-mongo", "connector": f"{self.tag}-mongodb"})
+        entities = {}
+        for name, cfg in file.entities.items():
+            spec = base.entities[name]
+            stores = cfg.stores
+            entities[name] = cfg.model_copy(update={"stores": stores.model_copy(update={
+                "redis": stores.redis.model_copy(update={"prefix": spec.redis_prefix}),
+                "search": stores.search.model_copy(update={"index": self.search_prefix + spec.search_index}),
+                "clickhouse": stores.clickhouse.model_copy(update={"database": self.clickhouse_database}),
+            })})
+        model = file.model_copy(update={
+            "name": self.namespace, "namespace": self.namespace,
+            "sources": sources.model_copy(update=updates), "entities": entities,
+        })
+        # The base's path: hooks (`transforms:product`) are found beside the commerce pipeline file.
+        return build(model, base.path)
 
     @property
     def id_base(self) -> int:
@@ -90,11 +125,6 @@ class Isolation:
     def settings(self, base: Settings) -> BenchSettings:
         data = base.model_dump()
         data.update(
-            topic_prefix=self.raw_prefix,
-            mongodb_topic_prefix=f"{self.raw_prefix}-mongo",
-            canonical_topic_prefix=self.canonical_prefix,
-            dlq_topic=f"{self.tag}-dlq",
-            clickhouse_database=self.clickhouse_database,
             bench_search_prefix=self.search_prefix,
             bench_run_id=self.run_id,
             bench_redis_db=self.redis_db,
@@ -106,6 +136,8 @@ class Isolation:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("CHANGEFLOW_") or k.startswith("CHANGEFLOW_BENCH_")}
         for name, value in settings.model_dump().items():
+            if value is None:
+                continue  # unset (e.g. `pipeline`: the commerce example); "None" would be read as a value
             if hasattr(value, "get_secret_value"):
                 value = value.get_secret_value()
             env[f"CHANGEFLOW_{name.upper()}"] = str(value)

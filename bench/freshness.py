@@ -32,8 +32,8 @@ import redis
 
 from bench.common import percentile
 from changeflow.settings import Settings
+from pipelines.spec import Pipeline
 from sinks.clickhouse import client_for
-from streams.entities import PRODUCTS
 
 TICK_S = 0.05
 STORES = ("redis", "search", "clickhouse")
@@ -114,18 +114,21 @@ def _poll_loop(tracker: Tracker, store: str, interval: float, check: Callable[[l
         time.sleep(max(0.0, interval - (time.monotonic() - started)))
 
 
-def run_load(settings: Settings, prefix: str, rate: int, seconds: float, drain_timeout: float) -> dict[str, Any]:
+def run_load(settings: Settings, pipeline: Pipeline, prefix: str, rate: int, seconds: float,
+             drain_timeout: float) -> dict[str, Any]:
     tracker = Tracker()
     since_ms = int(time.time() * 1000) - 1000
     r = redis.Redis.from_url(settings.redis_url)
     http = httpx.Client(base_url=settings.search_url, timeout=10)
     ch = client_for(settings)
-    index = PRODUCTS.search_index
+    products = pipeline.entities["products"]
+    index = products.search_index
+    table = f"{products.clickhouse_database}.{products.clickhouse_table}"
 
     def redis_check(ids: list[int]) -> list[int]:
         pipe = r.pipeline(transaction=False)
         for i in ids:
-            pipe.exists(PRODUCTS.redis_key(str(i)))
+            pipe.exists(products.redis_key(str(i)))
         return [i for i, found in zip(ids, pipe.execute(), strict=True) if found]
 
     def search_check(ids: list[int]) -> list[int]:
@@ -135,7 +138,7 @@ def run_load(settings: Settings, prefix: str, rate: int, seconds: float, drain_t
         return [int(h["_id"]) for h in hits]
 
     def clickhouse_check(ids: list[int]) -> list[int]:
-        result = ch.query(f"SELECT DISTINCT id FROM {settings.clickhouse_database}.products "
+        result = ch.query(f"SELECT DISTINCT id FROM {table} "
                           f"WHERE id >= {int(ids[0])} AND sku LIKE '{prefix}%'")
         return [int(row[0]) for row in result.result_rows]
 
@@ -171,7 +174,7 @@ def run_load(settings: Settings, prefix: str, rate: int, seconds: float, drain_t
             "max": _ms(max(values) if values else None), "seen": len(lat), "unseen": len(unseen),
             "censored": bool(unseen),
         }
-    out["stages"] = stage_latency(settings, tracker.committed, since_ms)
+    out["stages"] = stage_latency(settings, pipeline, tracker.committed, since_ms)
     return out
 
 
@@ -222,15 +225,15 @@ def _canonical_key_id(key: bytes) -> int | None:
     return int(k) if entity == "products" and k.isdigit() else None
 
 
-def stage_latency(settings: Settings, committed: dict[int, float], since_ms: int) -> dict[str, Any]:
+def stage_latency(settings: Settings, pipeline: Pipeline, committed: dict[int, float], since_ms: int
+                  ) -> dict[str, Any]:
     """p50/p99 ms from commit to the raw topic (Debezium) and to the canonical topic (Debezium + decode)."""
-    from streams.app import canonical_topic_name
-
+    products = pipeline.entities["products"]
     ids = set(committed)
     out: dict[str, Any] = {}
     for name, topic, key_id in (
-        ("commit_to_raw_topic", f"{settings.topic_prefix}.public.products", _raw_key_id),
-        ("commit_to_canonical_topic", canonical_topic_name(settings, "products"), _canonical_key_id),
+        ("commit_to_raw_topic", products.raw_topic, _raw_key_id),
+        ("commit_to_canonical_topic", products.canonical_topic, _canonical_key_id),
     ):
         times = _topic_times(settings, topic, since_ms, ids, key_id)
         lat = [(t - committed[i]) * 1000 for i, t in times.items()]
@@ -242,7 +245,7 @@ def _ms(v: float | None) -> float | None:
     return None if v is None else round(v, 1)
 
 
-def run(settings: Settings, sku_prefix: str, rates: list[int], seconds: float, drain_timeout: float,
+def run(settings: Settings, pipeline: Pipeline, sku_prefix: str, rates: list[int], seconds: float, drain_timeout: float,
         say: Callable[[str], None]) -> dict[str, Any]:
     from deploy.worker import WorkerService
 
@@ -251,5 +254,5 @@ def run(settings: Settings, sku_prefix: str, rates: list[int], seconds: float, d
     out: dict[str, Any] = {}
     for rate in rates:
         say(f"freshness: {rate:,} inserts/s for {seconds:.0f}s into commerce.products (live pipeline)")
-        out[f"{rate}_per_s"] = run_load(settings, f"{sku_prefix}L{rate}-", rate, seconds, drain_timeout)
+        out[f"{rate}_per_s"] = run_load(settings, pipeline, f"{sku_prefix}L{rate}-", rate, seconds, drain_timeout)
     return out

@@ -15,9 +15,10 @@ import redis
 from confluent_kafka import Consumer
 
 from bench.common import BenchSettings
-from streams import json
+from pipelines.spec import Pipeline
+from pipelines.transform import compile_pipeline
+from schemas.json import dumps
 from streams.debezium import decode_postgres
-from streams.entities import ENTITIES, POSTGRES_ENTITIES
 from streams.records import ChangeRecord
 
 
@@ -41,8 +42,10 @@ def _consumer(settings: BenchSettings, group: str, topic: str) -> Consumer:
     return consumer
 
 
-def ceiling(settings: BenchSettings, topic: str, group: str, messages: int, timeout: float = 300.0) -> LoopResult:
+def ceiling(settings: BenchSettings, pipeline: Pipeline, topic: str, group: str, messages: int,
+            timeout: float = 300.0) -> LoopResult:
     """Consume ``messages`` in batches and decode each; timed from the first message received."""
+    entities = compile_pipeline(pipeline, "postgres")
     consumer = _consumer(settings, group, topic)
     seen = changes = 0
     started: float | None = None
@@ -57,7 +60,7 @@ def ceiling(settings: BenchSettings, topic: str, group: str, messages: int, time
                     continue
                 seen += 1
                 result = decode_postgres(msg.value(), topic=msg.topic() or "", partition=msg.partition() or 0,
-                                         offset=msg.offset() or 0, raw_key=msg.key(), entities=POSTGRES_ENTITIES)
+                                         offset=msg.offset() or 0, raw_key=msg.key(), entities=entities)
                 if isinstance(result, ChangeRecord):
                     changes += 1
         elapsed = time.perf_counter() - started if started is not None else 0.0
@@ -66,12 +69,13 @@ def ceiling(settings: BenchSettings, topic: str, group: str, messages: int, time
     return LoopResult(changes, seen, elapsed)
 
 
-def naive(settings: BenchSettings, topic: str, group: str, key_prefix: str, budget_s: float,
+def naive(settings: BenchSettings, pipeline: Pipeline, topic: str, group: str, key_prefix: str, budget_s: float,
           max_messages: int) -> tuple[LoopResult, list[str]]:
     """One message at a time until ``budget_s`` has passed (timed from the first message) or the topic is drained.
 
     Returns the result and the Redis keys it wrote, for clean-up.
     """
+    entities = compile_pipeline(pipeline, "postgres")
     consumer = _consumer(settings, group, topic)
     client = redis.Redis.from_url(settings.redis_url)
     keys: set[str] = set()
@@ -95,13 +99,13 @@ def naive(settings: BenchSettings, topic: str, group: str, key_prefix: str, budg
                 continue
             seen += 1
             result = decode_postgres(msg.value(), topic=msg.topic() or "", partition=msg.partition() or 0,
-                                     offset=msg.offset() or 0, raw_key=msg.key(), entities=POSTGRES_ENTITIES)
+                                     offset=msg.offset() or 0, raw_key=msg.key(), entities=entities)
             if isinstance(result, ChangeRecord):
-                key = f"{key_prefix}{ENTITIES[result.entity].redis_key(result.key)}"
+                key = f"{key_prefix}{pipeline.entities[result.entity].redis_key(result.key)}"
                 if result.after is None:
                     client.delete(key)
                 else:
-                    client.set(key, json.dumps(result.after))
+                    client.set(key, dumps(result.after))
                 keys.add(key)
                 changes += 1
             consumer.commit(message=msg, asynchronous=False)

@@ -13,6 +13,7 @@ import httpx
 from confluent_kafka.admin import AdminClient
 
 from bench.common import BenchSettings, GroupProgress, Isolation, free_port, partitions
+from pipelines.spec import Pipeline
 from sinks.runner import canonical_topics
 
 SINKS = ("redis", "search", "clickhouse")
@@ -25,8 +26,11 @@ class BenchWorkerError(RuntimeError):
 class BenchWorker:
     """``python -m bench.worker`` for one stage: started, waited for, watched, stopped."""
 
-    def __init__(self, base: BenchSettings, iso: Isolation, log_dir: Path, profile_dir: Path | None = None) -> None:
+    def __init__(self, base: BenchSettings, pipeline: Pipeline, iso: Isolation, log_dir: Path,
+                 profile_dir: Path | None = None) -> None:
+        """``pipeline``: the stage's own (``iso.pipeline(live)``), which the child rebuilds from its environment."""
         self.settings = base
+        self.pipeline = pipeline
         self.iso = iso
         self.port = free_port()
         self.log_path = log_dir / f"{iso.tag}-worker.log"
@@ -75,7 +79,7 @@ class BenchWorker:
     def applied(self) -> dict[str, int]:
         """Records each sink has written and committed (its group's committed offsets on the canonical topics)."""
         if not self._progress:
-            tps = partitions(self.settings, canonical_topics(self.settings))
+            tps = partitions(self.settings, canonical_topics(self.pipeline))
             self._progress = {s: GroupProgress(self.settings, self.iso.sink_group(s), tps) for s in SINKS}
         return {s: p.committed() for s, p in self._progress.items()}
 

@@ -13,6 +13,7 @@ from bench import backlog, freshness, snapshot
 from bench.cleanup import cleanup, freshness_sku_prefix
 from bench.common import BenchSettings, machine, new_run_id
 from changeflow.settings import Settings
+from pipelines.spec import Pipeline
 
 Say = Callable[[str], None]
 STAGES = ("backlog", "snapshot", "freshness")
@@ -54,8 +55,10 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a and b else None
 
 
-def run(settings: Settings, plan: Plan, log_dir: Path, profile_dir: Path | None, say: Say) -> dict[str, Any]:
-    base = BenchSettings(**settings.model_dump())
+def run(settings: Settings, pipeline: Pipeline, plan: Plan, log_dir: Path, profile_dir: Path | None,
+        say: Say) -> dict[str, Any]:
+    # The bench workers load the same pipeline file (then rename it per stage: bench.common.Isolation.pipeline).
+    base = BenchSettings(**{**settings.model_dump(), "pipeline": pipeline.path})
 
     def on_sigterm(*_: object) -> None:
         raise SystemExit(143)  # unwind through the clean-up below
@@ -67,12 +70,13 @@ def run(settings: Settings, plan: Plan, log_dir: Path, profile_dir: Path | None,
     say(f"bench run {run_id} ({plan.mode}); worker logs in {log_dir}")
     try:
         if "backlog" in plan.stages:
-            out["backlog"] = backlog.run(base, run_id, plan.changes, plan.naive_budget_s, log_dir, profile_dir, say)
+            out["backlog"] = backlog.run(base, pipeline, run_id, plan.changes, plan.naive_budget_s, log_dir,
+                                         profile_dir, say)
         if "snapshot" in plan.stages:
-            out["snapshot"] = snapshot.run(base, run_id, plan.snapshot_rows, log_dir, say)
+            out["snapshot"] = snapshot.run(base, pipeline, run_id, plan.snapshot_rows, log_dir, say)
         if "freshness" in plan.stages:
-            out["freshness"] = freshness.run(settings, freshness_sku_prefix(run_id), list(plan.freshness_rates),
-                                             plan.freshness_s, plan.drain_timeout_s, say)
+            out["freshness"] = freshness.run(settings, pipeline, freshness_sku_prefix(run_id),
+                                             list(plan.freshness_rates), plan.freshness_s, plan.drain_timeout_s, say)
     finally:
         say("cleaning up bench topics, groups, connector, slot, database, indexes, tables and keys")
         out["cleanup"] = cleanup(base, run_id)

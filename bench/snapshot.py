@@ -37,6 +37,7 @@ from bench.common import (
 )
 from bench.pipeline import SINKS, BenchWorker
 from connectors.client import CONNECTOR_DIR, ConnectorDefinition, KafkaConnectClient
+from pipelines.spec import Pipeline
 
 DDL = """
 CREATE TABLE products (
@@ -81,17 +82,23 @@ def connector(settings: BenchSettings, run_id: str, raw_prefix: str) -> Connecto
     return ConnectorDefinition(name=names["connector"], config=config)
 
 
-def store_counters(settings: BenchSettings) -> dict[str, Callable[[], int]]:
+def store_counters(settings: BenchSettings, pipeline: Pipeline) -> dict[str, Callable[[], int]]:
     """Rows of this stage visible in each store (its ClickHouse database, index and Redis database are its own)."""
     from sinks.clickhouse import client_for
-    from sinks.redis import APPLIED_KEY, VERSIONS_KEY
 
     ch = client_for(settings)
     r = redis.Redis.from_url(settings.redis_url)
-    index = f"{settings.bench_search_prefix}products"
+    products = pipeline.entities["products"]
+    index = products.search_index
+    table = f"{products.clickhouse_database}.{products.clickhouse_table}"
+    # The stage's version and applied-through hashes (RedisStore: `<namespace>:versions`, `:applied`).
+    hashes = (f"{pipeline.namespace}:versions", f"{pipeline.namespace}:applied")
 
     def clickhouse() -> int:
-        return int(ch.command(f"SELECT uniqExact(id) FROM {settings.clickhouse_database}.products"))
+        try:
+            return int(ch.command(f"SELECT uniqExact(id) FROM {table}"))
+        except Exception:  # the table is created with the entity's first batch
+            return 0
 
     def search() -> int:
         try:
@@ -100,23 +107,24 @@ def store_counters(settings: BenchSettings) -> dict[str, Callable[[], int]]:
             return 0
 
     def redis_keys() -> int:
-        return int(r.dbsize()) - int(r.exists(VERSIONS_KEY, APPLIED_KEY))
+        return int(r.dbsize()) - int(r.exists(*hashes))
 
     return {"redis": redis_keys, "search": search, "clickhouse": clickhouse}
 
 
-def run(base: BenchSettings, run_id: str, rows: int, log_dir: Path, say: Callable[[str], None],
+def run(base: BenchSettings, live: Pipeline, run_id: str, rows: int, log_dir: Path, say: Callable[[str], None],
         timeout: float | None = None) -> dict[str, Any]:
     iso = Isolation(run_id, "snapshot", redis_db=BENCH_REDIS_DB_SNAPSHOT)
     settings = iso.settings(base)
+    pipeline = iso.pipeline(live)
     say(f"snapshot: creating database {snapshot_names(run_id)['database']} with {rows:,} products")
     started = time.perf_counter()
     prepare_database(base, run_id, rows, iso.id_base)
     fill_s = time.perf_counter() - started
-    worker = BenchWorker(settings, iso, log_dir)
+    worker = BenchWorker(settings, pipeline, iso, log_dir)
     worker.start()
     client = KafkaConnectClient(settings.connect_url)
-    raw_topic = f"{iso.raw_prefix}.public.products"
+    raw_topic = pipeline.entities["products"].raw_topic
     try:
         worker.wait_ready()
         say("snapshot: connector created; Debezium snapshot → Faust decode → redis/search/clickhouse")
@@ -124,7 +132,7 @@ def run(base: BenchSettings, run_id: str, rows: int, log_dir: Path, say: Callabl
         t0 = time.time()
         client.put_config(definition)
         raw_tps = partitions(settings, [raw_topic])
-        counts = store_counters(settings)
+        counts = store_counters(settings, pipeline)
         raw_done: float | None = None
         done: dict[str, float | None] = dict.fromkeys(SINKS)
         deadline = time.monotonic() + (timeout or max(120.0, rows / 100))

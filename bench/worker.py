@@ -1,9 +1,10 @@
 """The bench worker: `changeflow worker` (decode stage + one process per sink), isolated.
 
 Run as ``python -m bench.worker`` with the ``CHANGEFLOW_*`` environment built by ``Isolation.env``. It is the
-production worker's code path, ``changeflow.worker.run``, with only the names changed so it cannot meet the
-live worker: the decode stage's consumer group (``create_app(decode_group=...)``), the Faust app id and data
-directory, the sink consumer groups, the Redis database, the search index names and the ClickHouse database.
+production worker's code path, ``changeflow.worker.run``, on the live pipeline under another name
+(``Isolation.pipeline``) so it cannot meet the live worker: its raw, canonical, DLQ and schema topics, the decode
+stage's and the sinks' consumer groups, the Faust app id and data directory, the search index names and the
+ClickHouse database are the run's own, and it writes to a Redis database of its own.
 
 With ``CHANGEFLOW_BENCH_PROFILE=<dir>`` the decode process's main thread (Faust's event loop and the decode agent)
 runs under pyinstrument and writes ``<dir>/faust-decode.txt`` when the worker stops.
@@ -11,56 +12,21 @@ runs under pyinstrument and writes ``<dir>/faust-decode.txt`` when the worker st
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sys
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from bench.common import BenchSettings, Isolation
-from sinks.clickhouse import ClickHouseSink
-from sinks.process import SinkJob, SinkProcesses
-from sinks.redis import RedisSink
-from sinks.search import SearchSink
-from streams.entities import ENTITIES
-from streams.records import ChangeRecord
+from pipelines.load import load
+from sinks.process import SinkProcesses, default_jobs
 
 log = logging.getLogger("changeflow.bench.worker")
 
-
-class BenchSearchSink(SearchSink):
-    """SearchSink writing to `<prefix><index>`: the production actions and documents, only the index renamed."""
-
-    def __init__(self, settings: BenchSettings) -> None:
-        super().__init__(settings)
-        self.prefix = settings.bench_search_prefix
-
-    def setup(self) -> None:
-        for spec in ENTITIES.values():
-            if spec.search_index is not None:
-                self._create_index(dataclasses.replace(spec, search_index=self.prefix + spec.search_index))
-
-    def _actions(self, records: Sequence[ChangeRecord]) -> Iterator[dict[str, Any]]:
-        for action in super()._actions(records):
-            action["_index"] = self.prefix + action["_index"]
-            yield action
-
-
-def sink_jobs(iso: Isolation) -> list[SinkJob]:
-    """The production sinks under the bench's names: RedisSink reads settings.redis_url (the bench database),
-    ClickHouseSink settings.clickhouse_database, and the search sink writes prefixed indexes."""
-    # Imported by module name so a spawned sink process can find the class (this file runs as __main__).
-    from bench.worker import BenchSearchSink as search_factory
-
-    return [
-        SinkJob("redis", RedisSink, iso.sink_group("redis")),
-        SinkJob("search", search_factory, iso.sink_group("search")),  # type: ignore[arg-type]
-        SinkJob("clickhouse", ClickHouseSink, iso.sink_group("clickhouse")),
-    ]
+SINKS = ["redis", "search", "clickhouse"]
 
 
 def _profiled(target: Callable[[], None], name: str, out: Path | None) -> Callable[[], None]:
@@ -91,11 +57,13 @@ def main() -> None:
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = BenchSettings()
     iso = Isolation(settings.bench_run_id, os.environ["CHANGEFLOW_BENCH_STAGE"])  # names only
+    # The pipeline the live worker runs, under this stage's names (its production stores, groups and topics).
+    pipeline = iso.pipeline(load(settings.pipeline))
     profile_dir = Path(os.environ["CHANGEFLOW_BENCH_PROFILE"]) if os.environ.get("CHANGEFLOW_BENCH_PROFILE") else None
-    ensure_topics(settings)
-    sinks = SinkProcesses(settings, sink_jobs(iso))
+    ensure_topics(settings, pipeline)
+    sinks = SinkProcesses(settings, default_jobs(pipeline, SINKS))
     sinks.start()
-    app = create_app(settings, decode_group=iso.decode_group)
+    app = create_app(settings, pipeline, decode_group=iso.decode_group)
     # The Faust app id follows the decode group; its data directory is made private to this run too.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

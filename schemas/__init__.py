@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import base64
 import io
-import json
+import json as stdjson
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, time
@@ -85,7 +85,7 @@ class SchemaVersion:
     fingerprint: bytes
 
     def as_json(self) -> bytes:
-        return json.dumps({
+        return stdjson.dumps({
             "entity": self.entity, "version": self.version, "fingerprint": self.fingerprint.hex(),
             "key": list(self.key_columns), "columns": {n: str(t) for n, t in self.columns.items()},
             "avro": self.raw,
@@ -93,7 +93,7 @@ class SchemaVersion:
 
     @classmethod
     def from_json(cls, data: bytes | str) -> SchemaVersion:
-        doc = json.loads(data)
+        doc = stdjson.loads(data)
         return make_version(doc["entity"], int(doc["version"]),
                             {n: parse_type(t) for n, t in doc["columns"].items()}, tuple(doc["key"]))
 

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from changeflow.settings import Settings
+from changeflow import context
 
 console = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, soft_wrap=True)
@@ -116,7 +116,7 @@ def bench(
     from bench.common import BenchSettings
     from bench.pipeline import BenchWorkerError
 
-    settings = Settings()
+    settings = context.settings()
     if clean_up:
         from bench.cleanup import cleanup
 
@@ -137,7 +137,8 @@ def bench(
         raise typer.Exit(2)
     log_dir = Path(tempfile.mkdtemp(prefix="changeflow-bench-"))
     try:
-        result = run_mod.run(settings, plan, log_dir, profile, lambda m: err.print(m, highlight=False))
+        result = run_mod.run(settings, context.pipeline(), plan, log_dir, profile,
+                             lambda m: err.print(m, highlight=False))
     except (BenchWorkerError, RuntimeError) as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(1) from None

@@ -18,6 +18,8 @@ from changeflow.settings import Settings
 from connectors.client import ConnectorDefinition, KafkaConnectClient, default_files
 from deploy import stack
 from deploy.worker import WorkerService
+from pipelines.load import load
+from pipelines.spec import Pipeline
 
 T = TypeVar("T")
 
@@ -25,6 +27,12 @@ T = TypeVar("T")
 @pytest.fixture(scope="session")
 def settings() -> Settings:
     return Settings()
+
+
+@pytest.fixture(scope="session")
+def commerce() -> Pipeline:
+    """The commerce example pipeline (examples/commerce/pipeline.yml), as the worker under test runs it."""
+    return load()
 
 
 @pytest.fixture(scope="session")

@@ -69,9 +69,11 @@ def test_bench_quick_small(pipeline: Settings, tmp_path: Path) -> None:
     # the freshness rows in commerce.products.
     run = result["run_id"]
     admin = AdminClient({"bootstrap.servers": pipeline.kafka_bootstrap})
-    assert not [t for t in admin.list_topics(timeout=15).topics if f"bench-{run}" in t]
+    # bench-<run>-...: raw topics, naive groups; bench_<run>_<stage>...: the names of each stage's pipeline.
+    ours = (f"bench-{run}", f"bench_{run}_")
+    assert not [t for t in admin.list_topics(timeout=15).topics if any(o in t for o in ours)]
     groups = admin.list_consumer_groups(request_timeout=15).result().valid
-    assert not [g.group_id for g in groups if g.group_id.startswith(f"bench-{run}")]
+    assert not [g.group_id for g in groups if g.group_id.startswith(ours)]
     assert f"bench-{run}-snapshot" not in httpx.get(f"{pipeline.connect_url}/connectors", timeout=10).json()
     assert httpx.get(f"{pipeline.search_url}/_cat/indices/bench-{run}-*?format=json", timeout=10).json() == []
     with psycopg.connect(pipeline.pg_dsn) as conn:

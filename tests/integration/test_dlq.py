@@ -24,8 +24,8 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from changeflow.settings import Settings
+from pipelines.spec import Pipeline
 from sinks.clickhouse import client_for
-from sinks.redis import VERSIONS_KEY
 from streams.dlq import REPLAY_OF
 from tests.integration.conftest import eventually
 from tests.unit.envelopes import encoded, envelope, product_row
@@ -168,7 +168,7 @@ def test_poison_messages_are_listed_with_reason_position_and_exact_bytes_while_t
 
 
 def test_fixed_dead_letter_replays_into_the_stores_once(
-    pipeline: Settings, pg: psycopg.Connection[Any], rds: redis.Redis, ch: Any, sku_prefix: str
+    pipeline: Settings, commerce: Pipeline, pg: psycopg.Connection[Any], rds: redis.Redis, ch: Any, sku_prefix: str
 ) -> None:
     # A products change that was dead-lettered for a cause since fixed: its bytes now decode.
     pid = 9_000_000_000 + random.randrange(1_000_000_000)
@@ -184,13 +184,14 @@ def test_fixed_dead_letter_replays_into_the_stores_once(
     partition = pid % 3
     origin_offset = 9_000_000_000_000 + random.randrange(1_000_000_000)  # a position no real message has
     dead_id = f"{SOURCE}:{partition}:{origin_offset}"
-    produce(pipeline, pipeline.dlq_topic, key, value, 0, headers=[
+    produce(pipeline, commerce.dlq_topic, key, value, 0, headers=[
         ("changeflow.source_topic", SOURCE.encode()),
         ("changeflow.partition", str(partition).encode()),
         ("changeflow.offset", str(origin_offset).encode()),
         ("changeflow.error", b"KeyError: 'price_cents'"),
     ])
-    redis_key = f"product:{pid}"
+    redis_key = commerce.entities["products"].redis_key(str(pid))
+    versions_key = f"{commerce.namespace}:versions"
     try:
         entry: dict[str, Any] = eventually(lambda: dlq_list().get(dead_id) or {}, timeout=30,
                                            what="crafted dead letter listed")
@@ -216,7 +217,7 @@ def test_fixed_dead_letter_replays_into_the_stores_once(
             parameters={"id": pid}).result_rows, timeout=90, what="replayed product in clickhouse")
         assert [(r[0], str(r[1]), r[2]) for r in ch_rows] == [(sku, "25.99", lsn)]
         raw_before = rds.get(redis_key)
-        version_before = rds.hget(VERSIONS_KEY, redis_key)
+        version_before = rds.hget(versions_key, redis_key)
         assert version_before == f"{lsn:020d}"
 
         assert dlq_list()[dead_id]["replayed"] is True
@@ -228,7 +229,7 @@ def test_fixed_dead_letter_replays_into_the_stores_once(
         assert "already replayed at" in second.stdout
         assert replays_in_partition(pipeline, SOURCE, partition, sent["offset"], dead_id) == 1
         assert rds.get(redis_key) == raw_before
-        assert rds.hget(VERSIONS_KEY, redis_key) == version_before
+        assert rds.hget(versions_key, redis_key) == version_before
 
         # A typo is an error, and replays nothing.
         unknown = changeflow("dlq", "replay", "--id", f"{SOURCE}:{partition}:1{origin_offset}")

@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from changeflow.settings import Settings
+from pipelines.spec import Pipeline
 from sinks.clickhouse import client_for
 from tests.integration.conftest import eventually
 
@@ -132,12 +133,14 @@ def test_insert_update_delete_reach_every_store(
     assert "cost 21.00" not in str(changelog_text)
 
 
-def test_replayed_older_version_changes_nothing_in_redis(pipeline: Settings, rds: redis.Redis, sku_prefix: str) -> None:
+def test_replayed_older_version_changes_nothing_in_redis(
+    pipeline: Settings, commerce: Pipeline, rds: redis.Redis, sku_prefix: str
+) -> None:
     """The Redis version guard: a record older than the stored one is ignored; a delete leaves a tombstone."""
-    from sinks.redis import RedisSink
+    from sinks.redis import RedisStore
     from streams.records import ChangeRecord
 
-    sink = RedisSink(pipeline)
+    sink = RedisStore(pipeline, commerce)
     key = f"{sku_prefix}-guard"
     newer = ChangeRecord("postgres", "products", key, "u", 200, 0, None, {"id": 1, "name": "new"})
     older = ChangeRecord("postgres", "products", key, "u", 100, 0, None, {"id": 1, "name": "old"})
@@ -150,5 +153,5 @@ def test_replayed_older_version_changes_nothing_in_redis(pipeline: Settings, rds
         assert rds.get(f"product:{key}") is None
     finally:
         rds.delete(f"product:{key}")
-        rds.hdel("changeflow:versions", f"product:{key}")
+        rds.hdel(f"{commerce.namespace}:versions", f"product:{key}")
         sink.close()

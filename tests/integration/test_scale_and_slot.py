@@ -18,9 +18,9 @@ from confluent_kafka.admin import AdminClient
 
 from changeflow.settings import Settings
 from deploy.worker import WorkerService
+from pipelines.spec import Pipeline
 from reports.status import collect
 from sinks.clickhouse import client_for
-from sinks.runner import group_id
 from tests.integration.conftest import eventually
 
 pytestmark = pytest.mark.integration
@@ -31,12 +31,15 @@ def members(settings: Settings, group: str) -> int:
     return len(admin.describe_consumer_groups([group])[group].result().members)
 
 
-def test_two_workers_split_partitions_and_a_sigkilled_one_loses_nothing(pipeline: Settings, sku_prefix: str) -> None:
+def test_two_workers_split_partitions_and_a_sigkilled_one_loses_nothing(
+    pipeline: Settings, commerce: Pipeline, sku_prefix: str
+) -> None:
     first, second = WorkerService(pipeline), WorkerService(pipeline, instance=2)
     second.start()
     try:
         second.wait_healthy(120)
-        for group in ("changeflow", group_id("redis"), group_id("search"), group_id("clickhouse")):
+        groups = (commerce.decode_group, *(commerce.sink_group(s) for s in ("redis", "search", "clickhouse")))
+        for group in groups:
             eventually(lambda g=group: members(pipeline, g) == 2, timeout=60, what=f"{group} has two members")
 
         stop = threading.Event()
@@ -67,7 +70,8 @@ def test_two_workers_split_partitions_and_a_sigkilled_one_loses_nothing(pipeline
         stop.set()
         assert len(written) == 400
         # The survivor takes every partition and every store converges on the exact rows.
-        eventually(lambda: members(pipeline, group_id("redis")) == 1, timeout=60, what="rebalance to survivor")
+        eventually(lambda: members(pipeline, commerce.sink_group("redis")) == 1, timeout=60,
+                   what="rebalance to survivor")
         with psycopg.connect(pipeline.pg_dsn) as conn:
             expected = {
                 int(r[0]): f"{r[1] / 100:.2f}"
@@ -115,11 +119,11 @@ def test_two_workers_split_partitions_and_a_sigkilled_one_loses_nothing(pipeline
             conn.execute("DELETE FROM products WHERE sku LIKE %s", (f"{sku_prefix}-%",))
 
 
-def test_heartbeats_advance_the_slot_while_captured_tables_are_quiet(pipeline: Settings) -> None:
+def test_heartbeats_advance_the_slot_while_captured_tables_are_quiet(pipeline: Settings, commerce: Pipeline) -> None:
     def confirmed() -> Any:
         with psycopg.connect(pipeline.pg_dsn) as conn:
             row = conn.execute(
-                "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = %s", (pipeline.pg_slot,)
+                "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = %s", (commerce.slot,)
             ).fetchone()
         assert row is not None
         return row[0]
@@ -134,8 +138,8 @@ def test_heartbeats_advance_the_slot_while_captured_tables_are_quiet(pipeline: S
         try:
             eventually(lambda: confirmed() >= end_lsn[0], timeout=45, interval=1, what="slot passes the quiet WAL")
             assert confirmed() > start
-            slots = {s.name: s for s in collect(pipeline).slots}
-            assert slots[pipeline.pg_slot].active
-            assert slots[pipeline.pg_slot].retained_wal_bytes >= 0
+            slots = {s.name: s for s in collect(pipeline, commerce).slots}
+            assert slots[commerce.slot].active
+            assert slots[commerce.slot].retained_wal_bytes >= 0
         finally:
             conn.execute("DROP TABLE slot_probe")

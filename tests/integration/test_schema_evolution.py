@@ -12,6 +12,7 @@ import pytest
 import redis
 
 from changeflow.settings import Settings
+from pipelines.spec import Pipeline
 from sinks.clickhouse import client_for
 from tests.integration.conftest import eventually
 
@@ -30,38 +31,45 @@ def search_source(settings: Settings, index: str, key: str) -> dict[str, Any] | 
 
 
 def test_new_nullable_column_then_expand_contract_rename_reach_every_store(
-    pipeline: Settings, pg: psycopg.Connection[Any]
+    pipeline: Settings, commerce: Pipeline, pg: psycopg.Connection[Any]
 ) -> None:
-    """orders gains `channel` (nullable), then `note` is renamed to `comment` the safe way: add the new
-    column, write both, backfill, drop the old one. No restart, nothing lost."""
+    """orders gains `channel` (nullable text) and `priority` (integer), typed in ClickHouse as the source
+    types them (the canonical schema is generated from the Connect schema), then `note` is renamed to
+    `comment` the safe way: add the new column, write both, backfill, drop the old one. No restart, nothing
+    lost."""
     import uuid
 
     rds = redis.Redis.from_url(pipeline.redis_url, decode_responses=True)
     ch = client_for(pipeline)
+    orders = commerce.entities["orders"]
+    table, index = f"{orders.clickhouse_database}.{orders.clickhouse_table}", orders.search_index
     first, second = str(uuid.uuid4()), str(uuid.uuid4())
     try:
         pg.execute("ALTER TABLE orders ADD COLUMN IF NOT EXISTS channel text")
         pg.execute("ALTER TABLE orders ADD COLUMN IF NOT EXISTS note text")
+        pg.execute("ALTER TABLE orders ADD COLUMN IF NOT EXISTS priority integer")
         pg.execute(
-            "INSERT INTO orders (id, user_id, status, total_amount, channel, note) "
-            "VALUES (%s, 'evo', 'pending', 10.00, 'web', 'leave at door')",
+            "INSERT INTO orders (id, user_id, status, total_amount, channel, note, priority) "
+            "VALUES (%s, 'evo', 'pending', 10.00, 'web', 'leave at door', 3)",
             (first,),
         )
 
         def in_redis(key: str, field: str, value: Any) -> dict[str, Any] | None:
-            raw = rds.get(f"order:{key}")
+            raw = rds.get(orders.redis_key(key))
             doc = json.loads(raw) if raw else None
             return doc if doc and doc.get(field) == value else None
 
         cached = eventually(lambda: in_redis(first, "channel", "web"), what="new column in redis")
         assert cached["note"] == "leave at door"
-        doc = eventually(lambda: (d := search_source(pipeline, "orders", first)) and d.get("channel") == "web" and d,
+        assert cached["priority"] == 3
+        doc = eventually(lambda: (d := search_source(pipeline, index, first)) and d.get("channel") == "web" and d,
                          what="new column in search")
         assert doc["note"] == "leave at door"
+        assert doc["priority"] == 3
 
         def ch_value(key: str, column: str) -> Any:
             try:
-                rows = ch.query(f"SELECT `{column}` FROM changeflow.orders FINAL WHERE id = {{id:String}}",
+                rows = ch.query(f"SELECT `{column}` FROM {table} FINAL WHERE id = {{id:String}}",
                                 parameters={"id": key}).result_rows
             except Exception:  # the column does not exist yet
                 return None
@@ -69,6 +77,13 @@ def test_new_nullable_column_then_expand_contract_rename_reach_every_store(
 
         assert eventually(lambda: ch_value(first, "channel"), what="new column in clickhouse") == "web"
         assert ch_value(first, "note") == "leave at door"
+        assert eventually(lambda: ch_value(first, "priority"), what="integer column in clickhouse") == 3
+        column_types = dict(ch.query(
+            "SELECT name, type FROM system.columns WHERE database = {db:String} AND table = {t:String}",
+            parameters={"db": orders.clickhouse_database, "t": orders.clickhouse_table}).result_rows)
+        # Types from the source, not Nullable(String) for whatever arrives later.
+        assert column_types["priority"] == "Nullable(Int32)"
+        assert column_types["channel"] == "Nullable(String)"
 
         # Expand: add the new name and write both.
         pg.execute("ALTER TABLE orders ADD COLUMN IF NOT EXISTS comment text")
@@ -86,7 +101,7 @@ def test_new_nullable_column_then_expand_contract_rename_reach_every_store(
             doc = eventually(lambda k=key: in_redis(k, "status", "confirmed"), what="contracted row in redis")
             assert doc["comment"] == comment and "note" not in doc
             found = eventually(
-                lambda k=key: (d := search_source(pipeline, "orders", k)) and d.get("status") == "confirmed" and d,
+                lambda k=key: (d := search_source(pipeline, index, k)) and d.get("status") == "confirmed" and d,
                 what="contracted row in search",
             )
             assert found["comment"] == comment and "note" not in found
@@ -95,6 +110,6 @@ def test_new_nullable_column_then_expand_contract_rename_reach_every_store(
             assert ch_value(key, "channel") in ("web", "app")
     finally:
         pg.execute("DELETE FROM orders WHERE id IN (%s, %s)", (first, second))
-        for column in ("channel", "note", "comment"):
+        for column in ("channel", "note", "comment", "priority"):
             pg.execute(f"ALTER TABLE orders DROP COLUMN IF EXISTS {column}")
         ch.close()

@@ -12,6 +12,7 @@ import pytest
 from changeflow.settings import Settings
 from deploy import stack
 from deploy.workload import run_products
+from pipelines.spec import Pipeline
 from reports.drift import drift
 from tests.integration.conftest import eventually
 
@@ -52,10 +53,10 @@ def test_replication_role_needs_its_password(live_stack: Settings) -> None:
         ).close()
 
 
-def test_workload_ends_with_zero_drift_in_the_report(pipeline: Settings, sku_prefix: str) -> None:
+def test_workload_ends_with_zero_drift_in_the_report(pipeline: Settings, commerce: Pipeline, sku_prefix: str) -> None:
     result = run_products(pipeline.pg_dsn, inserts=60, updates=25, deletes=10, sku_prefix=sku_prefix)
     assert (result.inserted, result.updated, result.deleted) == (60, 25, 10)
-    rows = eventually(lambda: (r := drift(pipeline)) and all(x.drift == 0 for x in r) and r, timeout=120,
+    rows = eventually(lambda: (r := drift(pipeline, commerce)) and all(x.drift == 0 for x in r) and r, timeout=120,
                       what="zero drift")
     with psycopg.connect(pipeline.pg_dsn) as conn:
         count = conn.execute("SELECT count(*) FROM products").fetchone()

@@ -15,6 +15,7 @@ import redis
 from confluent_kafka import Consumer, TopicPartition
 
 from changeflow.settings import Settings
+from pipelines.spec import Pipeline
 from sinks.clickhouse import client_for
 from streams.app import price_changed_topic_name
 from streams.debezium import UNAVAILABLE
@@ -85,9 +86,9 @@ def test_unchanged_toasted_column_is_never_written_as_the_placeholder(
 
 
 def test_price_change_emits_product_price_changed(
-    pipeline: Settings, pg: psycopg.Connection[Any], sku_prefix: str
+    pipeline: Settings, commerce: Pipeline, pg: psycopg.Connection[Any], sku_prefix: str
 ) -> None:
-    topic = price_changed_topic_name(pipeline)
+    topic = price_changed_topic_name(commerce)
     consumer = Consumer({"bootstrap.servers": pipeline.kafka_bootstrap, "group.id": f"test-{uuid.uuid4()}",
                          "enable.auto.commit": False})
     try:
