@@ -188,6 +188,13 @@ class ClickHouseStore:
                 raise RetriableSinkError(f"clickhouse unavailable: {exc}") from exc
         return self._client
 
+    def _classify(self, exc: Exception, what: str) -> Exception:
+        """Connection trouble and "not now" server codes are retried on a new client; anything else is fatal."""
+        if isinstance(exc, OperationalError) or is_retriable(exc):
+            self._client = None
+            return RetriableSinkError(f"clickhouse: {exc}")
+        return FatalSinkError(f"clickhouse rejected {what}: {exc}")
+
     def table(self, spec: EntitySpec) -> str:
         return f"{q(spec.clickhouse_database)}.{q(spec.clickhouse_table)}"
 
@@ -262,14 +269,8 @@ class ClickHouseStore:
             for r in records:
                 if r.schema is not None and not all(n in self._types.get(r.entity, {}) for n in r.schema.columns):
                     self._ensure_table(self.pipeline.entities[r.entity], r.schema.columns, r.schema.key_columns)
-        except OperationalError as exc:
-            self._client = None
-            raise RetriableSinkError(f"clickhouse: {exc}") from exc
-        except DatabaseError as exc:
-            if is_retriable(exc):
-                self._client = None
-                raise RetriableSinkError(f"clickhouse: {exc}") from exc
-            raise FatalSinkError(f"clickhouse rejected a schema change: {exc}") from exc
+        except (OperationalError, DatabaseError) as exc:
+            raise self._classify(exc, "a schema change") from exc
         records = fill_partials(records, self.fetch_current)
         now = datetime.now(UTC)
         by_entity: dict[str, list[ChangeRecord]] = {}
@@ -313,14 +314,8 @@ class ClickHouseStore:
                 [[e, v, t, now] for e, (v, t) in applied_through(records).items()],
                 column_names=["entity", "version", "ts_ms", "updated_at"],
             )
-        except OperationalError as exc:
-            self._client = None
-            raise RetriableSinkError(f"clickhouse: {exc}") from exc
-        except DatabaseError as exc:
-            if is_retriable(exc):
-                self._client = None
-                raise RetriableSinkError(f"clickhouse: {exc}") from exc
-            raise FatalSinkError(f"clickhouse rejected the batch: {exc}") from exc
+        except (OperationalError, DatabaseError) as exc:
+            raise self._classify(exc, "the batch") from exc
 
     # --- the tools ----------------------------------------------------------------------------------
     def _known(self, spec: EntitySpec) -> bool:
