@@ -105,6 +105,15 @@ def read(conn: psycopg.Connection, schemas: Sequence[str]) -> Catalog:
     return Catalog(database=database, schemas=tuple(schemas), tables=tables)
 
 
+def count_rows(dsn: str, schema: str, table: str) -> int:
+    """``count(*)`` of one table (drift, rebuild's progress); the names are quoted identifiers."""
+    from psycopg import sql
+
+    with psycopg.connect(dsn, connect_timeout=5) as conn:
+        row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, table))).fetchone()
+    return int(row[0]) if row else 0
+
+
 def read_dsn(dsn: str, schemas: Iterable[str]) -> Catalog:
     """Connect (read only, a short timeout), read, close."""
     with psycopg.connect(dsn, connect_timeout=10) as conn:

@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pipelines.model import ClickHouseStore, Entity, PipelineFile, RedisStore, SearchStore
 from pipelines.types import ColumnType, parse_type
@@ -86,6 +86,17 @@ class EntitySpec:
         return f"{self.source_schema}.{self.source_table}"
 
 
+class StackDefaults(Protocol):
+    """What a pipeline falls back to for its source connection (``changeflow.settings.Settings`` has it)."""
+
+    @property
+    def pg_dsn(self) -> str: ...
+    @property
+    def pg_host(self) -> str: ...
+    @property
+    def pg_port(self) -> int: ...
+
+
 @dataclass(frozen=True)
 class Pipeline:
     file: PipelineFile
@@ -157,6 +168,17 @@ class Pipeline:
     def heartbeat_table(self) -> str:
         pg = self.file.sources.postgres
         return (pg.heartbeat_table if pg else None) or f"public.{self.namespace}_heartbeat"
+
+    def source_dsn(self, stack: StackDefaults) -> str:
+        """Where changeflow itself reads the source (reconcile, drift, rebuild, the catalog): the stack's
+        role (``pg_dsn``) on the pipeline's database, host and port (else the stack's host and port)."""
+        from psycopg.conninfo import make_conninfo
+
+        pg = self.file.sources.postgres
+        if pg is None:
+            return stack.pg_dsn
+        return make_conninfo(stack.pg_dsn, dbname=pg.database, host=pg.host or stack.pg_host,
+                             port=pg.port or stack.pg_port)
 
     def connector_name(self, source: str) -> str:
         src = getattr(self.file.sources, source)

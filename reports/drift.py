@@ -11,10 +11,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import psycopg
-from psycopg import sql
 from rich.table import Table
 
+from pipelines.catalog import count_rows
 from pipelines.spec import EntitySpec, Pipeline
 from sinks.base import Store, create, names
 
@@ -54,12 +53,8 @@ class DriftRow:
                 **{name: shown(c) for name, c in self.stores.items()}, "drift": self.drift}
 
 
-def source_count(settings: Settings, spec: EntitySpec) -> int:
-    with psycopg.connect(settings.pg_dsn, connect_timeout=5) as conn:
-        row = conn.execute(
-            sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(spec.source_schema, spec.source_table))
-        ).fetchone()
-    return int(row[0]) if row else 0
+def source_count(settings: Settings, pipeline: Pipeline, spec: EntitySpec) -> int:
+    return count_rows(pipeline.source_dsn(settings), spec.source_schema, spec.source_table)
 
 
 def _count(store: Store | None, spec: EntitySpec) -> int | None:
@@ -95,7 +90,8 @@ def drift(settings: Settings, pipeline: Pipeline | None = None, entities: list[s
             if spec.source != "postgres" and not entities:
                 continue
             counts = {s: (_count(store, spec) if spec.stored_in(s) else NOT_MAPPED) for s, store in stores.items()}
-            rows.append(DriftRow(name, source_count(settings, spec) if spec.source == "postgres" else None, counts))
+            source = source_count(settings, pipeline, spec) if spec.source == "postgres" else None
+            rows.append(DriftRow(name, source, counts))
     finally:
         for store in stores.values():
             if store is not None:

@@ -22,15 +22,18 @@ import json as stdjson
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, time
-from decimal import Decimal, InvalidOperation
+from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal, InvalidOperation
 from typing import Any
 
 import fastavro
 from fastavro.schema import fingerprint, parse_schema, to_parsing_canonical_form
 
-from pipelines.types import ColumnType, parse_type, widens
+from pipelines.catalog import Table
+from pipelines.spec import EntitySpec
+from pipelines.types import ColumnType, from_postgres, parse_type, widens
 
 MAGIC = b"\xc3\x01"
+EXACT_CONTEXT = Context(prec=MAX_PREC, Emax=MAX_EMAX, Emin=MIN_EMIN)
 TYPE_PROP = "changeflow.type"
 
 
@@ -168,6 +171,33 @@ def next_version(current: SchemaVersion | None, entity: str, wanted: Mapping[str
     return make_version(entity, current.version + 1, columns, key_columns) if changed else None
 
 
+def catalog_columns(spec: EntitySpec, table: Table) -> tuple[dict[str, ColumnType], tuple[str, ...]] | None:
+    """The columns and key an entity's records will carry, read from the source's catalog, for a first
+    version published before the entity's first change (so its ClickHouse table and the reports over it
+    exist from the start). None when the catalog cannot tell: a hook decides the row's shape, or no key.
+
+    Mirrors ``pipelines.transform.Transformer.apply``: dropped columns leave, ``allow`` keeps only its
+    columns (plus the key and derived fields), hashed columns become text, derived fields have their
+    declared types. The types are those ``pipelines.types.from_postgres`` reads from ``format_type``; the
+    integration tests check that they are the ones the Connect schema gives for every supported type, so
+    the first change's columns fit this version and no second version is made.
+    """
+    if spec.config.hook:
+        return None
+    key = tuple(spec.key_columns or table.primary_key)
+    if not key or any(table.column(c) is None for c in key):
+        return None
+    allow = set(spec.config.fields.allow) if spec.config.fields.allow is not None else None
+    columns: dict[str, ColumnType] = {}
+    for col in table.columns:
+        if col.name in spec.dropped or (allow is not None and col.name not in allow and col.name not in key):
+            continue
+        columns[col.name] = spec.declared_types.get(col.name) or from_postgres(col.format_type, is_enum=col.is_enum)
+    for name in spec.config.derive:
+        columns[name] = spec.declared_types[name]
+    return columns, key
+
+
 # --- values ----------------------------------------------------------------------------------------
 
 
@@ -191,7 +221,8 @@ def _to_wire(value: Any, t: ColumnType) -> Any:
                 raise ValueError(f"{value!r} is not a decimal number") from None
         if t.precision is None:
             return str(value)
-        return value.quantize(Decimal(1).scaleb(-(t.scale or 0)))
+        # quantize rounds within a context: the default one holds 28 digits, numeric(38,s) needs more.
+        return value.quantize(Decimal(f"1E{-(t.scale or 0)}"), context=EXACT_CONTEXT)
     if k == "timetz":
         return value.isoformat() if isinstance(value, time) else str(value)
     if k in ("string", "uuid", "enum"):

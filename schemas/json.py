@@ -12,7 +12,7 @@ import orjson
 
 def _default(value: Any) -> Any:
     if isinstance(value, Decimal):
-        return str(value)
+        return format(value, "f")  # every digit, never an exponent (str() writes 1E-33)
     if isinstance(value, datetime | date | time):
         return value.isoformat()
     if isinstance(value, bytes):

@@ -29,6 +29,7 @@ import psycopg
 from psycopg import sql
 
 from connectors.signals import snapshot_state
+from pipelines.catalog import count_rows
 from pipelines.spec import EntitySpec, Pipeline
 from sinks.base import Store, create, names
 from sinks.offsets import group_lag
@@ -75,18 +76,14 @@ def request_snapshot(settings: Settings, pipeline: Pipeline, tables: list[str],
     schema, _, table = pipeline.signal_table.rpartition(".")
     target = sql.Identifier(schema, table) if schema else sql.Identifier(table)
     signal_id = f"changeflow-{uuid.uuid4()}"
-    with psycopg.connect(settings.pg_dsn, autocommit=True) as conn:
+    with psycopg.connect(pipeline.source_dsn(settings), autocommit=True) as conn:
         conn.execute(sql.SQL("INSERT INTO {} (id, type, data) VALUES (%s, 'execute-snapshot', %s)").format(target),
                      (signal_id, orjson.dumps(data).decode()))
     return signal_id
 
 
-def source_count(settings: Settings, spec: EntitySpec) -> int:
-    with psycopg.connect(settings.pg_dsn, connect_timeout=5) as conn:
-        row = conn.execute(
-            sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(spec.source_schema, spec.source_table))
-        ).fetchone()
-    return int(row[0]) if row else 0
+def source_count(settings: Settings, pipeline: Pipeline, spec: EntitySpec) -> int:
+    return count_rows(pipeline.source_dsn(settings), spec.source_schema, spec.source_table)
 
 
 def snapshot_reads_since(settings: Settings, pipeline: Pipeline, entity: str, since: datetime) -> int:
@@ -130,7 +127,7 @@ def rebuild(
     for spec in entities_for(pipeline, sink, entity):
         started = time.monotonic()
         since = datetime.now(UTC)
-        total = source_count(settings, spec)
+        total = source_count(settings, pipeline, spec)
         store = create(sink, settings, pipeline)
         search = store if _builds_indexes(store) else None
         target = None

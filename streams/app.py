@@ -64,6 +64,36 @@ def schema_book(settings: Settings, pipeline: Pipeline, *, writer: bool) -> sche
     )
 
 
+def seed_versions(settings: Settings, pipeline: Pipeline) -> list[schemas.SchemaVersion]:
+    """Publish a first schema version, read from the catalog, for each PostgreSQL entity that has none yet.
+
+    Without it an entity's ClickHouse table (and every report over it) appears only with its first change,
+    so a quiet table is "unknown" to a user's query. The worker calls this before its sinks start, so their
+    setup creates every table. Best effort: an unreachable catalog leaves the tables to the first change.
+    """
+    from pipelines.catalog import read_dsn
+
+    book = schema_book(settings, pipeline, writer=True)
+    missing = [s for s in pipeline.entities.values() if s.source == "postgres" and s.name not in book.latest]
+    if not missing:
+        return []
+    try:
+        catalog = read_dsn(pipeline.source_dsn(settings), sorted({s.source_schema for s in missing}))
+    except Exception as exc:  # psycopg errors of every kind: the first change still makes the version
+        log.warning("event=seed_versions_skipped reason=%r", str(exc)[:300])
+        return []
+    published = []
+    for spec in missing:
+        table = catalog.table(spec.source_schema, spec.source_table)
+        planned = schemas.catalog_columns(spec, table) if table is not None else None
+        if planned is None:
+            continue
+        sv = book.for_columns(spec.name, *planned)
+        published.append(sv)
+        log.info("event=schema_seeded entity=%s version=%d columns=%d", spec.name, sv.version, len(sv.columns))
+    return published
+
+
 def price_changed_topic_name(pipeline: Pipeline) -> str:
     return f"{pipeline.namespace}.products.price_changed"
 

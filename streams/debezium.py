@@ -36,7 +36,9 @@ class DecodeError(ValueError):
 
 def _decimal_from_bytes(raw: str, scale: int) -> Decimal:
     unscaled = int.from_bytes(base64.b64decode(raw), "big", signed=True)
-    return Decimal(unscaled).scaleb(-scale)
+    # From text, not `scaleb`: arithmetic rounds to the context's 28 digits, a constructor never does
+    # (an unconstrained numeric of 32 digits lost its last four that way).
+    return Decimal(f"{unscaled}E{-scale}")
 
 
 def convert_value(value: Any, schema: Mapping[str, Any]) -> Any:

@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from pipelines.types import ColumnType
+from schemas import EXACT_CONTEXT
 
 Row = dict[str, Any]
 # Bookkeeping columns a store may return beside the row: never part of the content.
@@ -31,7 +32,7 @@ def _decimal_text(value: Decimal) -> str:
     """The exact value, one spelling per number: 12.5 and 12.50 are the same amount."""
     if value == 0:
         return "0"
-    return format(value.normalize(), "f")
+    return format(value.normalize(context=EXACT_CONTEXT), "f")  # the default context rounds to 28 digits
 
 
 def _utc(value: datetime) -> datetime:

@@ -112,7 +112,7 @@ def send_signals(settings: Settings, pipeline: Pipeline, spec: EntitySpec, colum
     schema, _, table = pipeline.signal_table.rpartition(".")
     target = sql.Identifier(schema, table) if schema else sql.Identifier(table)
     ids = []
-    with psycopg.connect(settings.pg_dsn, autocommit=True) as conn:
+    with psycopg.connect(pipeline.source_dsn(settings), autocommit=True) as conn:
         for text in snapshot_signals(conn, spec.qualified_table, columns, keys, numeric):
             signal_id = f"changeflow-{uuid.uuid4()}"
             conn.execute(sql.SQL("INSERT INTO {} (id, type, data) VALUES (%s, 'execute-snapshot', %s)").format(target),

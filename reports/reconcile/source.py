@@ -43,7 +43,7 @@ class Source:
                  keys: Mapping[str, tuple[str, ...]] | None = None) -> None:
         self.settings = settings
         self.pipeline = pipeline
-        self.dsn = settings.pg_dsn
+        self.dsn = pipeline.source_dsn(settings)
         self._types: dict[str, Mapping[str, ColumnType]] = dict(types or {})
         self._keys: dict[str, tuple[str, ...]] = dict(keys or {})
         self._transforms: dict[str, Transformer] = {}

@@ -87,3 +87,29 @@ def test_transaction_metadata_is_skipped() -> None:
                                          "data_collections": None, "ts_ms": 1_700_000_000_000}}
     assert decode_postgres(encoded(message), topic="commerce.transaction", partition=0, offset=0,
                            entities=POSTGRES_ENTITIES) == Skip("transaction metadata")
+
+
+@pytest.mark.parametrize("text,scale", [("12345678901234567890.000000000001", 12),
+                                        ("-0.000000000000000000000000000000001", 33),
+                                        ("98765432109876543210987654321098765432", 0)])
+def test_precise_decimals_keep_every_digit_beyond_28(text: str, scale: int) -> None:
+    """Decimal arithmetic rounds to 28 digits by default; decoding and the Avro round trip must not."""
+    import base64
+    import json
+
+    import schemas
+    from pipelines.types import parse_type
+    from schemas.json import dumps
+    from streams.debezium import _decimal_from_bytes
+
+    value = Decimal(text)
+    unscaled = int(value.scaleb(scale, context=schemas.EXACT_CONTEXT))
+    raw = base64.b64encode(unscaled.to_bytes(20, "big", signed=True)).decode()
+    assert format(_decimal_from_bytes(raw, scale), "f") == text
+    assert json.loads(dumps(_decimal_from_bytes(raw, scale))) == text
+    for t in ("decimal", f"decimal(38,{min(scale, 38)})") if scale <= 38 else ("decimal",):
+        sv = schemas.make_version("n", 1, {"id": parse_type("int64"), "v": parse_type(t)}, ["id"])
+        record = {"source": "postgres", "entity": "n", "key": "1", "op": "c", "version": 1, "ts_ms": 0,
+                  "before": None, "after": {"id": 1, "v": value}, "present": None}
+        _, back = schemas.decode(schemas.encode(sv, record), {sv.fingerprint: sv}.get)
+        assert format(back["after"]["v"], "f") == text

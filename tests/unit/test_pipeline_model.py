@@ -78,8 +78,6 @@ def test_invalid_file_names_file_path_and_fix(text: str, expected: str) -> None:
     assert refused(text).startswith(expected)
 
 
-@pytest.mark.xfail(strict=True, reason="pipelines/model.py: the `sources` validator's message carries no "
-                                       "location; it should start with `sources:`")
 def test_no_source_names_the_sources_path() -> None:
     assert refused("name: shop\nsources: {}\nentities:\n  orders: {table: public.orders}\n").startswith(
         "shop.yml: sources: ")

@@ -96,3 +96,52 @@ def test_a_value_that_does_not_fit_its_column_names_the_column() -> None:
     sv = schemas.make_version("things", 1, typed({"id": "int64", "amount": "decimal(12,2)"}), ["id"])
     with pytest.raises(ValueError, match=r"things.amount: 'abc' is not a decimal number"):
         schemas.encode(sv, record({"id": 1, "amount": "abc"}))
+
+
+# --- a first version from the catalog --------------------------------------------------------------
+
+def _catalog_pipeline(entity_yaml: str) -> Any:
+    from pipelines.load import parse
+
+    return parse("name: cat\nsources:\n  postgres: {database: shop, schemas: [sales]}\nentities:\n" + entity_yaml)
+
+
+def _lines_table() -> Any:
+    from pipelines.catalog import Column, Table
+
+    return Table("sales", "Order Lines", (
+        Column("order_id", "uuid", nullable=False), Column("line no", "integer", nullable=False),
+        Column("qty", "numeric(10,3)"), Column("secret", "text"), Column("email", "character varying(80)"),
+        Column("mood", "\"Mood\"", is_enum=True), Column("tags", "text[]"), Column("at", "timestamp with time zone"),
+    ), primary_key=("order_id", "line no"))
+
+
+def test_catalog_version_follows_the_field_policy_and_derived_types() -> None:
+    p = _catalog_pipeline(
+        "  lines:\n    table: sales.Order Lines\n    fields: {drop: [secret], hash: [email], salt: '${env:X}'}\n"
+        "    derive:\n      qty2: {expr: qty * 2, type: 'decimal(12,3)'}\n")
+    planned = schemas.catalog_columns(p.entities["lines"], _lines_table())
+    assert planned is not None
+    columns, key = planned
+    assert key == ("order_id", "line no")
+    assert {n: str(t) for n, t in columns.items()} == {
+        "order_id": "uuid", "line no": "int32", "qty": "decimal(10,3)", "email": "string", "mood": "enum",
+        "tags": "array<string>", "at": "timestamptz", "qty2": "decimal(12,3)",
+    }
+
+
+def test_catalog_version_with_allow_keeps_the_key_and_a_declared_key_wins() -> None:
+    p = _catalog_pipeline("  lines:\n    table: sales.Order Lines\n    key: [order_id]\n"
+                          "    fields: {allow: [qty]}\n")
+    planned = schemas.catalog_columns(p.entities["lines"], _lines_table())
+    assert planned is not None
+    assert list(planned[0]) == ["order_id", "qty"] and planned[1] == ("order_id",)
+
+
+def test_no_catalog_version_when_a_hook_shapes_the_row_or_there_is_no_key() -> None:
+    from pipelines.catalog import Column, Table
+
+    hooked = _catalog_pipeline("  lines:\n    table: sales.Order Lines\n    hook: 'json:loads'\n")
+    assert schemas.catalog_columns(hooked.entities["lines"], _lines_table()) is None
+    keyless = _catalog_pipeline("  log:\n    table: sales.log\n")
+    assert schemas.catalog_columns(keyless.entities["log"], Table("sales", "log", (Column("at", "text"),))) is None
