@@ -11,10 +11,12 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from changeflow import context
+from changeflow.commands import args
 from changeflow.commands import connectors as connectors_commands
 from changeflow.commands import dlq as dlq_commands
 from changeflow.commands import init as init_commands
@@ -26,10 +28,41 @@ from changeflow.commands.rebuild import rebuild as rebuild_command
 from changeflow.commands.reconcile import reconcile as reconcile_command
 from changeflow.commands.watch import watch as watch_command
 from changeflow.settings import Settings
-from pipelines.load import PipelineError
 
-app = typer.Typer(help="changeflow: change data capture from PostgreSQL and MongoDB into Redis, search and ClickHouse.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+try:  # typer vendors click since 0.20; before, it used click itself
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_errors  # type: ignore[no-redef]
+
+
+class _OneLineErrors(typer.Typer):
+    """`changeflow` as a program: click's usage errors (an unknown option, a malformed value) as one line,
+    ``error: <message> (see <command> --help)``, with exit code 2, like every other usage error."""
+
+    def __call__(self, *a: Any, **kw: Any) -> Any:
+        if kw.get("standalone_mode", True) is False:
+            return super().__call__(*a, **kw)
+        kw.setdefault("prog_name", "changeflow")  # `python -m changeflow` too
+        try:
+            code = super().__call__(*a, **{**kw, "standalone_mode": False})
+        except click_errors.NoArgsIsHelpError as exc:  # `changeflow stack`: typer has printed its help
+            sys.exit(exc.exit_code)
+        except click_errors.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else "changeflow"
+            args.say_error(f"{exc.format_message()} (see {where} --help)")
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            args.say_error("aborted")
+            sys.exit(1)
+        except click_errors.ClickException as exc:
+            args.say_error(exc.format_message())
+            sys.exit(exc.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = _OneLineErrors(
+    help="changeflow: change data capture from PostgreSQL and MongoDB into Redis, search and ClickHouse.",
+    no_args_is_help=True, pretty_exceptions_enable=False)
 stack_app = typer.Typer(help="The native local stack (no Docker).", no_args_is_help=True)
 report_app = typer.Typer(help="Reports.", no_args_is_help=True)
 @app.callback()
@@ -39,7 +72,7 @@ def main_options(
         help="The pipeline file (default: the commerce example, examples/commerce/pipeline.yml).")] = None,
 ) -> None:
     """Every command works on one pipeline: `--pipeline FILE` or CHANGEFLOW_PIPELINE."""
-    context.use_pipeline(pipeline_file)
+    context.use_pipeline(args.existing_file(pipeline_file, "pipeline file") if pipeline_file else None)
 
 
 app.add_typer(stack_app, name="stack")
@@ -71,15 +104,21 @@ def settings() -> Settings:
 
 def pipeline() -> Any:
     """The pipeline; an invalid file ends the command with its one-line error (exit 2)."""
-    try:
-        return context.pipeline()
-    except PipelineError as exc:
-        raise fail(str(exc), code=2) from None
+    return args.pipeline()
 
 
-def fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
-    return typer.Exit(code)
+fail = args.fail
+
+
+def _services(names: list[str] | None, worker: bool) -> list[str] | None:
+    """Service names as given, every one known (exit 2 otherwise)."""
+    from deploy import stack
+
+    known = [s.name for s in stack.all_services(settings())] + (["worker"] if worker else [])
+    for name in names or []:
+        if name not in known:
+            args.usage(f"unknown service {name!r}; the stack has: {', '.join(known)}")
+    return names
 
 
 # --- stack ------------------------------------------------------------------------------------------
@@ -90,6 +129,7 @@ def stack_up(services: Annotated[list[str] | None, typer.Argument(help="Only the
     from deploy.service import ServiceError
 
     s = settings()
+    _services(services, worker=False)
     try:
         stack.up(s, services, say=lambda m: console.print(m, highlight=False))
     except ServiceError as exc:
@@ -104,8 +144,14 @@ def stack_down(services: Annotated[list[str] | None, typer.Argument(help="Only t
     from deploy.worker import WorkerService
 
     s = settings()
-    if (not services or "worker" in services) and WorkerService(s).stop():
-        console.print("stopped worker")
+    _services(services, worker=True)
+    worker_service = WorkerService(s)
+    if not services or "worker" in services:
+        if worker_service.stop():
+            console.print("stopped worker")
+        elif worker_service.healthy():
+            err.print(f"[yellow]warning:[/] the worker on port {s.worker_web_port} was not started by changeflow; "
+                      f"stop it with {worker_service.stop_hint()}", highlight=False)
     rest = [name for name in services or [] if name != "worker"]
     if services and not rest:
         return
@@ -114,7 +160,7 @@ def stack_down(services: Annotated[list[str] | None, typer.Argument(help="Only t
 
 @stack_app.command("status")
 def stack_status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False) -> None:
-    """Each service's URL, pid and health."""
+    """Each service's URL, pid and health, and the worker answering on the web port (whoever started it)."""
     s = settings()
     if as_json:
         from deploy import stack
@@ -132,33 +178,51 @@ def _print_status(s: Settings) -> None:
         table.add_column(col)
     for st in stack.status(s):
         health = "[green]healthy[/]" if st.healthy else ("[yellow]starting[/]" if st.running else "[red]down[/]")
-        table.add_row(st.name, st.url, health, str(st.pid or "-"), st.log)
+        table.add_row(st.name, st.url, health, str(st.pid or "-"), st.detail or st.log)
     console.print(table)
 
 
 # --- worker -----------------------------------------------------------------------------------------
+class LogLevel(StrEnum):
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
+
+
 @app.command("worker")
 def worker(
-    sinks: Annotated[str | None, typer.Option(help="Comma-separated sinks to run (default: all).")] = None,
-    loglevel: Annotated[str, typer.Option(help="Log level.")] = "info",
+    sinks: Annotated[str | None, typer.Option(
+        help="Comma-separated stores to run a sink for, e.g. redis,search (default: every registered one).")] = None,
+    loglevel: Annotated[LogLevel, typer.Option(help="Log level.", case_sensitive=False)] = LogLevel.info,
 ) -> None:
-    """Run the stream processor (Faust) and one process per sink runner, in the foreground."""
-    from changeflow import worker as worker_mod
-    from sinks.base import names
+    """Run the stream processor (Faust) and one process per sink, in the foreground, until Ctrl-C.
 
-    chosen = None
-    if sinks is not None:
-        chosen = [n.strip() for n in sinks.split(",") if n.strip()]
-        unknown = [n for n in chosen if n not in names()]
-        if not chosen or unknown:
-            raise fail(f"--sinks {sinks!r}: unknown or empty; choose from {', '.join(names())}", code=2)
-    worker_mod.run(settings(), pipeline(), chosen, loglevel=loglevel)
+    Exit codes: 0 stopped by Ctrl-C or SIGTERM; 1 the worker failed (e.g. Kafka unreachable); 2 usage;
+    3 a sink stopped on a fatal store error (`changeflow status` shows it); 4 the same again on the same
+    batch: a crash loop (restarting will not help)."""
+    from confluent_kafka import KafkaException
+
+    from changeflow import worker as worker_mod
+
+    chosen = args.store_list(sinks) if sinks is not None else None
+    s, p = settings(), pipeline()
+    try:
+        code = worker_mod.run(s, p, chosen, loglevel=loglevel.value)
+    except KafkaException as exc:
+        raise fail(f"kafka at {s.kafka_bootstrap}: {exc.args[0] if exc.args else exc}",
+                   worker_mod.EXIT_FAILED) from None
+    if code:
+        raise typer.Exit(code)
 
 
 # --- status -----------------------------------------------------------------------------------------
 @app.command("status")
 def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False) -> None:
-    """Connectors and tasks, replication slot WAL, lag and health per sink, dead letters, applied-through."""
+    """Connectors and tasks, replication slot WAL, lag and health per sink, dead letters, applied-through; a
+    sink that stopped the worker (its error and the batch it stopped on) or is crash-looping.
+
+    Exit code 0 when everything is healthy, else 1."""
     from reports.status import collect
 
     st = collect(settings(), pipeline())
@@ -177,14 +241,21 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
         for col in ("sink", "state", "lag", "applied through", "last error"):
             table.add_column(col)
         for sk in st.sinks:
-            state = "[yellow]worker down[/]" if sk.healthy is None else (
-                "[green]ok[/]" if sk.healthy else "[red]failing[/]"
-            )
+            if sk.crash_loop:
+                state = "[red]crash-looping[/]"
+            elif sk.stopped is not None:
+                state = "[red]stopped the worker[/]"
+            elif sk.healthy is None:
+                state = "[yellow]worker down[/]"
+            elif not sk.running:
+                state = "[yellow]not run by this worker[/]"
+            else:
+                state = "[green]ok[/]" if sk.healthy else "[red]failing[/]"
             through = ", ".join(f"{e}={v}" for e, v in sorted(sk.applied_through.items()))
             table.add_row(sk.name, state, str(sk.lag), through, (sk.last_error or "")[:80])
         console.print(table)
         for e in st.errors:
-            err.print(f"[red]{e}[/]")
+            err.print(f"[red]{escape(e)}[/]", highlight=False)
     if not st.healthy:
         raise typer.Exit(1)
 
@@ -193,12 +264,15 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
 @report_app.command("drift")
 def report_drift(
     format: Annotated[Format, typer.Option("--format", help="table or json")] = Format.table,
-    entity: Annotated[list[str] | None, typer.Option(help="Only these entities.")] = None,
+    entity: Annotated[list[str] | None, typer.Option(help="Only this entity (repeatable).")] = None,
 ) -> None:
-    """Per entity: rows in PostgreSQL against ClickHouse (FINAL), Redis and the search index."""
+    """Per entity: rows in PostgreSQL against ClickHouse (FINAL), Redis and the search index.
+
+    Exit code 0 without drift, 1 when an entity drifts (or a store cannot answer), 2 for usage errors."""
     from reports.drift import drift
 
-    rows = drift(settings(), pipeline(), entity)
+    p = pipeline()
+    rows = drift(settings(), p, args.entities(p, entity))
     _print_drift(rows, format)
     if any(r.drift != 0 for r in rows):
         raise typer.Exit(1)

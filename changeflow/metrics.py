@@ -22,6 +22,10 @@ sink is its own consumer group and can fall behind alone) and, where it matters,
     and the version guard makes it a no-op), ``fatal`` (the store rejected a batch; the sink stops).
 ``changeflow_sink_dead_letters_total{sink}``
     Canonical messages a sink could not decode and sent to the dead-letter topic.
+``changeflow_quarantined_total{store, entity}``
+    Records a store refused (a mapping conflict, a value out of range, a key's script error) and that
+    its sink parked on the dead-letter topic for that store only (``on_reject: quarantine``), while the
+    rest of the batch was written and committed. ``changeflow dlq list --store S`` shows them.
 ``changeflow_sink_consumer_lag{sink, topic}``
     Messages in a canonical topic not yet committed by the sink's group (librdkafka's own statistics,
     refreshed every few seconds while the sink consumes).
@@ -106,6 +110,10 @@ SINK_DEAD_LETTERS = Counter(
     "changeflow_sink_dead_letters", "Undecodable canonical messages a sink sent to the DLQ.", ["sink"],
     registry=REGISTRY,
 )
+QUARANTINED = Counter(
+    "changeflow_quarantined", "Records a store refused, parked on the dead-letter topic for that store only.",
+    ["store", "entity"], registry=REGISTRY,
+)
 SINK_CONSUMER_LAG = Gauge(
     "changeflow_sink_consumer_lag", "Messages not yet committed by the sink's consumer group.", ["sink", "topic"],
     registry=REGISTRY,
@@ -187,6 +195,29 @@ def count_error(sink: str, kind: str) -> None:
 
 def count_dead_letter(sink: str) -> None:
     SINK_DEAD_LETTERS.labels(sink=sink).inc()
+
+
+def count_quarantined(store: str, entity: str, n: int = 1) -> None:
+    QUARANTINED.labels(store=store, entity=entity).inc(n)
+
+
+def quarantined_counts(text: str | bytes | None = None) -> dict[tuple[str, str], int]:
+    """(store, entity) → records quarantined since the worker started, from ``/metrics`` text (a scrape of
+    a worker's web port) or, without it, from this process and every sink process it absorbed. For
+    ``status``: the durable count per store and entity is ``streams.dlq.quarantined_counts`` (the DLQ)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    raw = exposition() if text is None else text
+    body = raw.decode() if isinstance(raw, bytes) else raw
+    out: dict[tuple[str, str], int] = {}
+    for family in text_string_to_metric_families(body):
+        if family.name != "changeflow_quarantined":
+            continue
+        for sample in family.samples:
+            if sample.name == "changeflow_quarantined_total":
+                k = (sample.labels.get("store", ""), sample.labels.get("entity", ""))
+                out[k] = out.get(k, 0) + int(sample.value)
+    return out
 
 
 def stores(sink: str, entity: str, pipeline: Pipeline | None = None) -> bool:

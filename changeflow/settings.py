@@ -8,15 +8,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import SecretStr, model_validator
+from pydantic import SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The checkout this package runs from (an editable install, as `make` sets up): its `.changeflow/` is the
+# default state directory whatever the current folder is.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CHANGEFLOW_", env_file=".env", extra="ignore")
+    # `.env` beside the project, then in the current folder (which wins).
+    model_config = SettingsConfigDict(env_prefix="CHANGEFLOW_", env_file=(PROJECT_ROOT / ".env", ".env"),
+                                      extra="ignore")
 
-    # Where the native local stack keeps binaries, data, logs and pid files.
-    state_dir: Path = Path(".changeflow")
+    # Where the native local stack keeps binaries, data, logs and pid files, and the worker its Faust data and
+    # its last fatal error: CHANGEFLOW_STATE_DIR (a relative one is taken from the folder it is set in), else
+    # the project root's `.changeflow/`. Resolved once, to an absolute path, when the settings load.
+    state_dir: Path = PROJECT_ROOT / ".changeflow"
     # The pipeline file every command uses (`changeflow --pipeline FILE` wins); unset: the commerce example.
     pipeline: Path | None = None
 
@@ -54,6 +62,11 @@ class Settings(BaseSettings):
     # ClickHouse service generates before its first start (deploy/secrets.py: clickhouse_password).
     clickhouse_password: SecretStr = SecretStr("")
 
+    @field_validator("state_dir")
+    @classmethod
+    def _absolute_state_dir(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
     @model_validator(mode="after")
     def _clickhouse_password_from_state(self) -> Settings:
         if not self.clickhouse_password.get_secret_value():
@@ -83,7 +96,7 @@ class Settings(BaseSettings):
 
     @property
     def state(self) -> Path:
-        return self.state_dir.resolve()
+        return self.state_dir
 
     @property
     def pg_dsn(self) -> str:

@@ -3,12 +3,22 @@
 Topics are created up front with the partition counts we rely on (ordering per key needs the canonical
 topics to exist before the first record), then the sink processes start, then Faust takes the main thread
 (it owns signal handling); when Faust stops, the sink processes finish their current batch and stop.
+
+Exit codes (README "Operating it"): 0 stopped by a signal (Ctrl-C, SIGTERM); 1 the worker itself failed;
+2 a usage error (the CLI); 3 a sink stopped on a fatal store error or its process died (``EXIT_SINK_FATAL``;
+kept for `changeflow status` in ``<state_dir>/fatal/<pipeline>.json``); 4 the same again on the same batch,
+a crash loop (``EXIT_CRASH_LOOP``). Faust's own data directory is kept under the state directory too.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
+import threading
+import warnings
+from pathlib import Path
 from typing import Any
 
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -17,10 +27,14 @@ from changeflow import metrics
 from changeflow.settings import Settings
 from pipelines.spec import Pipeline
 from sinks import base as sink_base
-from sinks.process import SinkProcesses, default_jobs
-from streams.app import CANONICAL_PARTITIONS, create_app, price_changed_topic_name
+from sinks.process import EXIT_CRASH_LOOP, EXIT_SINK_FATAL, SinkProcesses, default_jobs
+from streams.app import CANONICAL_PARTITIONS, create_app, price_changed_topic_name, seed_versions
 
 log = logging.getLogger("changeflow.worker")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+__all__ = ["EXIT_CRASH_LOOP", "EXIT_FAILED", "EXIT_OK", "EXIT_SINK_FATAL", "ensure_topics", "run"]
 
 
 def ensure_topics(settings: Settings, pipeline: Pipeline) -> None:
@@ -42,17 +56,37 @@ def ensure_topics(settings: Settings, pipeline: Pipeline) -> None:
         log.info("event=topic_created topic=%s", name)
 
 
-def run(settings: Settings, pipeline: Pipeline, sink_names: list[str] | None = None, loglevel: str = "info") -> None:
+def run(settings: Settings, pipeline: Pipeline, sink_names: list[str] | None = None, loglevel: str = "info") -> int:
+    """Run until stopped; the exit code (module docstring): a sink's fatal stop wins over Faust's clean exit."""
     from faust.worker import Worker
 
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     ensure_topics(settings, pipeline)
+    seed_versions(settings, pipeline)  # before the sinks start: their setup creates every entity's table
     metrics.use_pipeline(pipeline)
     names = sink_names if sink_names is not None else list(sink_base.registry())
-    sinks = SinkProcesses(settings, default_jobs(pipeline, names), loglevel=loglevel)
+    # Until Faust installs its own handlers (when its worker has started), a stop request (a sink's fatal
+    # error, a supervisor's SIGTERM) is only noted, then honoured as soon as Faust runs: never the default
+    # action, which would end the process without stopping the sinks or saying why.
+    stop_requested = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop_requested.set())
+    sinks = SinkProcesses(settings, default_jobs(pipeline, names), loglevel=loglevel, keep_fatal=True)
     sinks.start()
+    code: int | str | None = EXIT_OK
     try:
         app = create_app(settings, pipeline)
+
+        @app.task
+        async def honour_early_stop() -> None:
+            if stop_requested.is_set():
+                os.kill(os.getpid(), signal.SIGTERM)  # now Faust's handler: a clean stop
+        # Not `<app id>-data/` in whatever folder the worker was started from: under the state directory,
+        # one per web port (two workers on one host never share it).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            app.conf.datadir = settings.state / "worker-data" / f"{app.conf.id}-{settings.worker_web_port}"
+        Path(app.conf.datadir).mkdir(parents=True, exist_ok=True)  # Faust does not create its parents
 
         @app.page("/changeflow/sinks/")
         async def sink_states(web: Any, request: Any) -> Any:
@@ -64,6 +98,15 @@ def run(settings: Settings, pipeline: Pipeline, sink_names: list[str] | None = N
 
         worker = Worker(app, loglevel=loglevel, quiet=True)
         sys.argv = sys.argv[:1]
-        worker.execute_from_commandline()
+        if not stop_requested.is_set():
+            try:
+                worker.execute_from_commandline()
+            except SystemExit as exc:  # Faust always ends this way: 0 after a signal, 1 when it failed
+                code = exc.code
     finally:
         sinks.stop()
+    if sinks.fatal is not None:
+        log.critical("event=worker_stopped sink=%s exit_code=%d error=%r", sinks.fatal.store, sinks.fatal.exit_code,
+                     sinks.fatal.error)
+        return sinks.fatal.exit_code
+    return code if isinstance(code, int) else EXIT_FAILED

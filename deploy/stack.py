@@ -90,7 +90,10 @@ def down(settings: Settings, names: list[str] | None = None, say: Callable[[str]
 
 
 def status(settings: Settings) -> list[ServiceStatus]:
-    return [s.status() for s in all_services(settings)]
+    """Every service, then the worker: any worker answering on the web port, whoever started it."""
+    from deploy.worker import WorkerService
+
+    return [*(s.status() for s in all_services(settings)), WorkerService(settings).status()]
 
 
 def status_dicts(settings: Settings) -> list[dict[str, object]]:

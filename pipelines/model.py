@@ -110,16 +110,27 @@ class Derived(Strict):
     _type = field_validator("type")(classmethod(lambda cls, v: _checked_type(v)))
 
 
+ON_REJECT_DOC = (
+    "What to do with a record this store refuses (a mapping conflict, a value out of range, a key's script "
+    "error; not the store being down): `quarantine` (default) parks it on the pipeline's dead-letter topic "
+    "for this store only and goes on (`changeflow dlq list/replay --store`); `stop` stops the worker on it, "
+    "for a store where a gap is worse than a halt."
+)
+OnReject = Literal["quarantine", "stop"]
+
+
 class RedisStore(Strict):
     enabled: bool = True
     prefix: str | None = Field(None, description="Keys are `<prefix>:<key>`; default: <namespace>:<entity>.")
     ttl_s: int | None = Field(None, gt=0, description="Expire cached rows after this many seconds.")
+    on_reject: OnReject = Field("quarantine", description=ON_REJECT_DOC)
 
 
 class SearchStore(Strict):
     enabled: bool = True
     index: str | None = Field(None, description="Index (an alias over a rebuildable index); default: <namespace>-<entity>.")
     mappings: dict[str, Any] = Field(default_factory=dict, description="Field mappings merged over the derived ones.")
+    on_reject: OnReject = Field("quarantine", description=ON_REJECT_DOC)
 
     @field_validator("index")
     @classmethod
@@ -135,6 +146,7 @@ class ClickHouseStore(Strict):
     table: str | None = Field(None, description="Default: the entity name.")
     order_by: list[str] | None = Field(None, description="Default: the key columns.")
     types: dict[str, str] = Field(default_factory=dict, description="ClickHouse column types that override the derived ones.")
+    on_reject: OnReject = Field("quarantine", description=ON_REJECT_DOC)
 
 
 def _store_shorthand(v: Any) -> Any:
@@ -213,7 +225,7 @@ class PipelineFile(Strict):
     def _entities_have_sources(self) -> PipelineFile:
         available = [k for k in ("postgres", "mongodb") if getattr(self.sources, k) is not None]
         if not available:
-            raise ValueError("`sources` declares neither postgres nor mongodb")
+            raise ValueError("sources: declares neither postgres nor mongodb; add a `postgres:` (or `mongodb:`) block")
         for name, entity in self.entities.items():
             if entity.source is None:
                 if len(available) > 1:

@@ -4,11 +4,16 @@ Everything is read from the real parts: connector and task state from Kafka Conn
 replication slot from PostgreSQL (retained WAL is what a stalled pipeline costs the source), consumer lag
 per sink from Kafka (committed offsets of each sink's own group against the topics' ends), each sink's
 health from the worker, and each sink's applied-through position from the store itself.
+
+When the worker is down, or runs without a sink, the sink's last fatal stop (kept by the worker in
+``<state_dir>/fatal/<pipeline>.json``) says why, until its group commits past the batch it stopped on; a sink
+that stopped more than once on the same batch is crash-looping.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -18,6 +23,7 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 from pipelines.spec import Pipeline
 from sinks.base import create, names
 from sinks.offsets import group_lag
+from sinks.process import FatalStop, committed_offsets, read_fatal
 from sinks.runner import canonical_topics
 
 if TYPE_CHECKING:
@@ -32,6 +38,9 @@ class SinkStatus:
     healthy: bool | None  # None: the worker is not reachable
     last_error: str | None = None
     applied_through: dict[str, int] = field(default_factory=dict)
+    running: bool = True  # False: the worker answering runs without this sink (`worker --sinks`)
+    stopped: dict[str, Any] | None = None  # its fatal stop (FatalStop.as_dict), while it has not moved past it
+    crash_loop: bool = False
 
 
 @dataclass
@@ -127,6 +136,29 @@ def worker_sinks(settings: Settings) -> dict[str, dict[str, Any]] | None:
         return None
 
 
+def fatal_stops(settings: Settings, pipeline: Pipeline) -> dict[str, FatalStop]:
+    """store → its last fatal stop, where its group has not moved past the batch since."""
+    out: dict[str, FatalStop] = {}
+    for name, stop in read_fatal(settings.state, pipeline).items():
+        try:
+            committed = committed_offsets(settings, stop.group, canonical_topics(pipeline, name))
+        except KafkaException:
+            committed = dict(stop.committed)  # cannot tell: as it was
+        if not stop.resolved(committed):
+            out[name] = stop
+    return out
+
+
+def describe_stop(stop: FatalStop) -> str:
+    when = datetime.fromtimestamp(stop.at, UTC).isoformat(timespec="seconds")
+    if stop.crash_loop:
+        return (f"sink {stop.store} is crash-looping: stopped the worker {stop.stops} times on the same batch "
+                f"({stop.position}), last at {when}: {stop.error}. Restarting alone will not help: fix the cause "
+                "it names, then start the worker again (README: Operating it, Crash loops)")
+    return (f"sink {stop.store} stopped the worker (exit {stop.exit_code}) at {when} on {stop.position}: "
+            f"{stop.error}")
+
+
 def collect(settings: Settings, pipeline: Pipeline) -> Status:
     from connectors.client import ConnectUnavailableError, KafkaConnectClient
 
@@ -148,18 +180,26 @@ def collect(settings: Settings, pipeline: Pipeline) -> Status:
     states = worker_sinks(settings)
     # Unreachable stores show as no position (and as failing sinks once the worker says so).
     positions, _unreachable = applied_through(settings, pipeline)
+    stops = fatal_stops(settings, pipeline)
     sinks = []
     for name in names():
         state = (states or {}).get(name)
         group = pipeline.sink_group(name)
+        # A stop is news while nothing runs the sink now; a running sink shows its own state.
+        stop = stops.get(name) if state is None else None
+        if stop is not None:
+            errors.append(describe_stop(stop))
         sinks.append(
             SinkStatus(
                 name=name,
                 group=group,
                 lag=group_lag(settings, group, canonical_topics(pipeline, name)),
                 healthy=None if states is None else bool(state and state.get("healthy")),
-                last_error=state.get("last_error") if state else None,
+                last_error=state.get("last_error") if state else (stop.error if stop else None),
                 applied_through=positions.get(name, {}),
+                running=states is None or state is not None,
+                stopped=stop.as_dict() if stop else None,
+                crash_loop=bool(stop and stop.crash_loop),
             )
         )
     return Status(

@@ -3,6 +3,22 @@
 A sink receives a batch of canonical records in Kafka order and must apply each only if it is newer
 than what the store holds (``version``), so replays and duplicates change nothing. The runner commits
 Kafka offsets only after ``write_batch`` returns.
+
+Three outcomes of a write, kept apart by every store:
+
+- **written**: ``write_batch`` returns; every record is applied (or was already, by the version guard).
+- **rejected records**: the store refused *these records* and nothing retrying could change (a search
+  document whose field conflicts with the mapping, a ClickHouse row the server refuses, a Redis key whose
+  script call failed). ``write_batch`` writes every other record of the batch first, then *returns* the
+  refused ones as :class:`Rejected` (record + the store's own error). The runner quarantines each for
+  that store only (dead-letter topic, ``on_reject: quarantine``, the default) or stops (``on_reject:
+  stop``). A rejected record leaves the store's version guard as it was, so a later, newer record of the
+  same key still applies, and a replay of the rejected one applies only if it is still the newest.
+- **a failure of the store itself** (unreachable, authentication, a missing table or index): raised as
+  :class:`RetriableSinkError` (retry the whole batch; nothing is committed) or :class:`FatalSinkError`
+  (stop loudly). A store never reports those as rejected records.
+
+``write_batch`` returning ``None`` means "no rejections" (stores written before this contract).
 """
 
 from __future__ import annotations
@@ -14,7 +30,7 @@ import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from pipelines.spec import EntitySpec, Pipeline
 from streams.records import ChangeRecord
@@ -84,6 +100,53 @@ def applied_through(records: Sequence[ChangeRecord]) -> dict[str, tuple[int, int
     return out
 
 
+@dataclass(frozen=True)
+class Rejected:
+    """A record the store refused (not the store failing): quarantined for that store only."""
+
+    record: ChangeRecord
+    reason: str
+
+
+T = TypeVar("T")
+
+
+def bisect_rejects(
+    items: Sequence[T], write: Callable[[Sequence[T]], None], rejection: Callable[[Exception], str | None],
+    every: Callable[[Exception], bool] | None = None,
+) -> list[tuple[T, str]]:
+    """Write ``items`` with a store call that accepts or refuses a whole batch (a ClickHouse insert): on a
+    refusal, split the batch in halves and write each, down to the single items the store refuses.
+
+    ``rejection(exc)`` says whether an exception is the *data's* fault (its reason) or not (None: the store
+    itself failed, and the exception propagates, so the caller retries or stops as before). ``every(exc)``
+    says that the store refuses every item of the part for that reason (nothing to split). Returns
+    (item, reason) for each refused item, in order; every other item has been written. Each item is
+    written once when nothing is refused; a single refused item among n costs about 2·log2(n) more calls.
+    """
+    refused: list[tuple[T, str]] = []
+
+    def attempt(part: Sequence[T]) -> None:
+        if not part:
+            return
+        try:
+            write(part)
+            return
+        except Exception as exc:
+            reason = rejection(exc)
+            if reason is None:
+                raise
+            if len(part) == 1 or (every is not None and every(exc)):
+                refused.extend((item, reason) for item in part)
+                return
+        middle = len(part) // 2
+        attempt(part[:middle])
+        attempt(part[middle:])
+
+    attempt(items)
+    return refused
+
+
 class RetriableSinkError(RuntimeError):
     """The store is unavailable or overloaded (connection lost, timeout, 429/503): retry the batch."""
 
@@ -114,8 +177,10 @@ class Store(Protocol):
         """Create what the store needs for the pipeline's entities (tables, indexes, scripts); idempotent.
         ``known``: entity → the newest canonical schema version already published."""
 
-    def write_batch(self, records: Sequence[ChangeRecord]) -> None:
-        """Apply the records, version-guarded; raise RetriableSinkError or FatalSinkError."""
+    def write_batch(self, records: Sequence[ChangeRecord]) -> list[Rejected] | None:
+        """Apply the records, version-guarded. Records the store refuses are returned as ``Rejected``
+        after every other record is written; a failure of the store itself raises RetriableSinkError or
+        FatalSinkError (module docstring)."""
 
     def fetch_current(self, entity: str, keys: list[str]) -> dict[str, dict[str, Any]]:
         """The rows the store holds now for ``keys`` (to complete partial records)."""

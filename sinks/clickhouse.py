@@ -1,20 +1,27 @@
 """ClickHouse warehouse: current state per entity plus a changelog of every change.
 
-``<database>.<table>`` (default ``<namespace>.<entity>``) is a ``ReplacingMergeTree(_version, _is_deleted)``: the row with the highest
-version wins and a delete is a row with ``_is_deleted = 1``, so reads with ``FINAL`` see exactly the
-source's current rows and a replayed or late record changes nothing. ``<namespace>.changelog`` keeps
-every change once per (entity, key, version), so a replay does not double it.
+``<database>.<table>`` (default ``<namespace>.<entity>``) is a ``ReplacingMergeTree(_version, _is_deleted)``:
+the row with the highest version wins and a delete is a row with ``_is_deleted = 1``, so reads with
+``FINAL`` see exactly the source's current rows and a replayed or late record changes nothing.
+``<namespace>.changelog`` keeps every change once per (entity, key, version), so a replay does not double it.
 
 Columns and their types come from the canonical schema version the records carry (the source's types):
 a table is created for an entity on its first batch (or at setup, when a version is already known) and a
 column the source adds gets its real type by ``ALTER TABLE ... ADD COLUMN``. Identifiers are quoted with
 clickhouse-connect's own quoting, never by hand.
+
+An insert is accepted or refused as a whole, so a batch holding one row ClickHouse cannot take (a value out
+of its column's range, a row the server refuses: :func:`row_rejection`) is bisected
+(``sinks.base.bisect_rejects``): the halves are inserted again down to the refused rows, which go back to
+the runner as rejected records, and every other row lands. A failure of the server itself (unreachable,
+authentication, a missing table or database, "not now" codes) is not bisected: retried or fatal as before.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import struct
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime, time
 from decimal import Decimal
@@ -22,12 +29,20 @@ from typing import TYPE_CHECKING, Any
 
 import clickhouse_connect
 from clickhouse_connect.driver.binding import quote_identifier
-from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
+from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError, ProgrammingError
 
 from pipelines.spec import EntitySpec, Pipeline
 from pipelines.types import ColumnType
 from schemas import json
-from sinks.base import FatalSinkError, RetriableSinkError, Versioned, applied_through, fill_partials
+from sinks.base import (
+    FatalSinkError,
+    Rejected,
+    RetriableSinkError,
+    Versioned,
+    applied_through,
+    bisect_rejects,
+    fill_partials,
+)
 from streams.records import ChangeRecord
 
 if TYPE_CHECKING:
@@ -59,6 +74,60 @@ RETRIABLE_CODES = frozenset({
     999,  # KEEPER_EXCEPTION
 })
 _CODE = re.compile(r"Code: (\d+)\.")
+
+
+# Server error codes that are about the server or the table, never one row: not bisected (fatal as before).
+STORE_CODES = frozenset({
+    8,  # THERE_IS_NO_COLUMN
+    60,  # UNKNOWN_TABLE
+    62,  # SYNTAX_ERROR (ours, not the data's: values travel in Native blocks)
+    81,  # UNKNOWN_DATABASE
+    115,  # UNKNOWN_SETTING
+    192,  # UNKNOWN_USER
+    194,  # REQUIRED_PASSWORD
+    195,  # IP_ADDRESS_NOT_ALLOWED
+    452,  # SETTING_CONSTRAINT_VIOLATION
+    497,  # ACCESS_DENIED
+    516,  # AUTHENTICATION_FAILED
+})
+# Errors the client raises while serialising a column: one value does not fit its column's type.
+VALUE_ERRORS = (ValueError, TypeError, OverflowError, AttributeError, struct.error, ArithmeticError)
+
+
+def error_code(exc: BaseException) -> int | None:
+    match = _CODE.search(str(exc))
+    return int(match.group(1)) if match else None
+
+
+def _reason(exc: BaseException) -> str:
+    """The error and what caused it (the driver wraps the value's own error: "short format requires ...")."""
+    parts: list[str] = []
+    seen: BaseException | None = exc
+    while seen is not None and len(parts) < 3:
+        text = f"{type(seen).__name__}: {str(seen).strip()}"
+        if text not in parts:
+            parts.append(text)
+        seen = seen.__cause__ or seen.__context__
+    return "; caused by ".join(parts)[:1000]
+
+
+def row_rejection(exc: Exception) -> str | None:
+    """The reason when an insert failed because of the rows it carried (then the batch is bisected), or None
+    when the server itself failed (unreachable, authentication, a missing table, "not now")."""
+    if isinstance(exc, OperationalError) or is_retriable(exc):
+        return None
+    code = error_code(exc)
+    if code is not None and code in STORE_CODES:
+        return None
+    if isinstance(exc, (DatabaseError, *VALUE_ERRORS)):
+        return _reason(exc)
+    return None
+
+
+def refuses_every_row(exc: Exception) -> bool:
+    """An insert the client refuses before sending any row (a column the table does not have): every row of
+    the insert is refused for the same reason, so bisecting would only repeat it."""
+    return isinstance(exc, ProgrammingError) and "Unrecognized column" in str(exc)
 
 
 def is_retriable(exc: Exception) -> bool:
@@ -148,7 +217,7 @@ def to_column(value: Any, t: ColumnType | None) -> Any:
     if k in ("time", "timetz") and isinstance(value, time):
         return value.isoformat()
     if k == "decimal" and t.precision is None:
-        return str(value)
+        return format(value, "f") if isinstance(value, Decimal) else str(value)
     if k in ("string", "uuid", "enum") and not isinstance(value, str):
         return str(value)
     if k == "bytes" and isinstance(value, str):
@@ -178,6 +247,7 @@ class ClickHouseStore:
         # entity → {column: ClickHouse type} as the table has it (read once, kept up to date by ALTERs)
         self._tables: dict[str, dict[str, str]] = {}
         self._types: dict[str, dict[str, ColumnType]] = {}
+        self._book_types: dict[str, dict[str, ColumnType]] | None = None
 
     @property
     def client(self) -> Any:
@@ -261,10 +331,10 @@ class ClickHouseStore:
             self._client = None
             raise RetriableSinkError(f"clickhouse: {exc}") from exc
 
-    def write_batch(self, records: Sequence[ChangeRecord]) -> None:
+    def write_batch(self, records: Sequence[ChangeRecord]) -> list[Rejected]:
         records = [r for r in records if self.pipeline.entities[r.entity].clickhouse is not None]
         if not records:
-            return
+            return []
         try:
             for r in records:
                 if r.schema is not None and not all(n in self._types.get(r.entity, {}) for n in r.schema.columns):
@@ -276,22 +346,60 @@ class ClickHouseStore:
         by_entity: dict[str, list[ChangeRecord]] = {}
         for record in records:
             by_entity.setdefault(record.entity, []).append(record)
+        refused: dict[int, Rejected] = {}
+        try:
+            for entity, group in by_entity.items():
+                spec = self.pipeline.entities[entity]
+                table = f"{spec.clickhouse_database}.{spec.clickhouse_table}"
+                for r, reason in self._insert_bisected(
+                    group, lambda part, e=entity, t=table: self._insert_entity(t, e, part, now)
+                ):
+                    refused[id(r)] = Rejected(r, f"clickhouse {table}: {reason}{self._which_value(entity, r, reason)}")
+            kept = [r for r in records if id(r) not in refused]
+            for r, reason in self._insert_bisected(kept, lambda part: self._insert_changelog(part, now)):
+                refused[id(r)] = Rejected(r, f"clickhouse {self.database}.changelog: {reason}")
+            # Every record of the batch is handled (written, or quarantined by the runner): the marker moves.
+            self.client.insert(
+                f"{self.database}.applied_through",
+                [[e, v, t, now] for e, (v, t) in applied_through(records).items()],
+                column_names=["entity", "version", "ts_ms", "updated_at"],
+            )
+        except (OperationalError, DatabaseError) as exc:
+            raise self._classify(exc, "the batch") from exc
+        return [refused[id(r)] for r in records if id(r) in refused]
+
+    def _which_value(self, entity: str, record: ChangeRecord, reason: str) -> str:
+        """The refused value and its column's type, when the error names the column (the driver's does)."""
+        match = re.search(r"column `([^`]+)`", reason)
+        column = match.group(1) if match else None
+        if column is None or column not in self._tables.get(entity, {}):
+            return ""
+        image = record.after if record.after is not None else (record.before or {})
+        return f" (column `{column}` {self._tables[entity][column]}, value {repr(image.get(column))[:200]})"
+
+    def _insert_bisected(self, records: list[ChangeRecord], insert: Any) -> list[tuple[ChangeRecord, str]]:
+        refused = bisect_rejects(records, insert, row_rejection, every=refuses_every_row)
+        if refused:
+            log.warning("event=rows_refused rows=%d of=%d reason=%r", len(refused), len(records), refused[0][1][:300])
+        return refused
+
+    def _insert_entity(self, table: str, entity: str, group: Sequence[ChangeRecord], now: datetime) -> None:
         # Column-oriented: the Native format is columnar, so building columns here spares the client a
         # row-to-column pivot of every batch.
-        tables: dict[str, tuple[list[str], list[list[Any]]]] = {}
-        for entity, group in by_entity.items():
-            types = self._types.get(entity, {})
-            names = list(types)
-            images = [r.after if r.after is not None else (r.before or {}) for r in group]
-            columns: list[list[Any]] = [[to_column(image.get(col), types[col]) for image in images] for col in names]
-            columns += [
-                [r.key for r in group],
-                [r.version for r in group],
-                [1 if r.is_delete else 0 for r in group],
-                [r.ts_ms for r in group],
-                [now] * len(group),
-            ]
-            tables[entity] = ([*names, *META_COLUMNS], columns)
+        types = self._types.get(entity, {})
+        names = list(types)
+        images = [r.after if r.after is not None else (r.before or {}) for r in group]
+        columns: list[list[Any]] = [[to_column(image.get(col), types[col]) for image in images] for col in names]
+        columns += [
+            [r.key for r in group],
+            [r.version for r in group],
+            [1 if r.is_delete else 0 for r in group],
+            [r.ts_ms for r in group],
+            [now] * len(group),
+        ]
+        self.client.insert(table, columns, column_names=[*names, *META_COLUMNS], column_oriented=True)
+
+    def _insert_changelog(self, records: Sequence[ChangeRecord], now: datetime) -> None:
         changelog = [
             [r.entity for r in records],
             [r.key for r in records],
@@ -302,20 +410,8 @@ class ClickHouseStore:
             [None if r.after is None else json.dumps(r.after).decode() for r in records],
             [now] * len(records),
         ]
-        try:
-            for entity, (names, data) in tables.items():
-                spec = self.pipeline.entities[entity]
-                self.client.insert(f"{spec.clickhouse_database}.{spec.clickhouse_table}", data,
-                                   column_names=names, column_oriented=True)
-            self.client.insert(f"{self.database}.changelog", changelog, column_names=CHANGELOG_COLUMNS,
-                               column_oriented=True)
-            self.client.insert(
-                f"{self.database}.applied_through",
-                [[e, v, t, now] for e, (v, t) in applied_through(records).items()],
-                column_names=["entity", "version", "ts_ms", "updated_at"],
-            )
-        except (OperationalError, DatabaseError) as exc:
-            raise self._classify(exc, "the batch") from exc
+        self.client.insert(f"{self.database}.changelog", changelog, column_names=CHANGELOG_COLUMNS,
+                           column_oriented=True)
 
     # --- the tools ----------------------------------------------------------------------------------
     def _known(self, spec: EntitySpec) -> bool:
@@ -326,16 +422,37 @@ class ClickHouseStore:
             self._tables[spec.name] = existing
         return True
 
+    def _read_types(self, spec: EntitySpec) -> Mapping[str, ColumnType]:
+        """The column types reads decode with: those this process wrote with, else the newest schema
+        version's (a reconcile or drift process writes nothing). Kept apart from ``_types``, which says
+        which columns the table is known to have."""
+        written = self._types.get(spec.name)
+        if written:
+            return written
+        if self._book_types is None:
+            try:
+                from streams.app import schema_book
+
+                latest = schema_book(self.settings, self.pipeline, writer=False).latest
+                self._book_types = {e: dict(sv.columns) for e, sv in latest.items()}
+            except Exception as exc:  # Kafka unreachable: bytes read as text, as before
+                log.warning("event=schema_book_unavailable error=%r", str(exc)[:200])
+                self._book_types = {}
+        return self._book_types.get(spec.name, {})
+
     def _select(self, spec: EntitySpec, where: str = "", parameters: dict[str, Any] | None = None) -> Any:
+        # clickhouse-connect reads a String as text and turns bytes that are not UTF-8 into their hex: a
+        # bytea column is read as bytes, as it was written.
+        binary = {n: "bytes" for n, t in self._read_types(spec).items() if t.kind == "bytes"}
         return self.client.query(
             f"SELECT * EXCEPT (_is_deleted, _ts_ms, _ingested_at), _version AS `__v` "
             f"FROM {self.table(spec)} FINAL WHERE _is_deleted = 0 {where}",
-            parameters=parameters,
+            parameters=parameters, column_formats=binary or None,
         )
 
     def _rows(self, spec: EntitySpec, result: Any) -> Iterator[tuple[str, dict[str, Any], int | None]]:
         names = list(result.column_names)
-        types = self._types.get(spec.name, {})
+        types = self._read_types(spec)
         for values in result.result_rows:
             row = dict(zip(names, values, strict=True))
             version = row.pop("__v")

@@ -5,6 +5,12 @@ higher than the one stored for that key in the ``<namespace>:versions`` hash. A 
 but leaves its version there (a versioned tombstone), so a late, older update cannot bring the row
 back. Versions are compared as zero-padded decimal strings because Lua numbers are doubles and a
 MongoDB cluster-time version exceeds 2^53.
+
+Each key's write runs under ``redis.pcall``: a key whose write fails is reported back by the script (its
+position and Redis's error) with its version left as it was, the other keys of the batch are written,
+and the runner quarantines the failed record for Redis only. An error that is about the server, not the
+key (out of memory, read-only replica, loading, busy, authentication: :data:`SERVER_ERRORS`), fails the
+whole batch as before: retried, or fatal.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import redis
 
 from pipelines.spec import EntitySpec, Pipeline
 from schemas import json
-from sinks.base import RetriableSinkError, Versioned, fill_partials
+from sinks.base import FatalSinkError, Rejected, RetriableSinkError, Versioned, fill_partials
 from streams.records import ChangeRecord
 
 if TYPE_CHECKING:
@@ -26,33 +32,83 @@ BATCH = 1000
 
 # KEYS[1] = versions hash, KEYS[2] = applied-through hash, KEYS[3..] = row keys.
 # ARGV = entity name, TTL in seconds ("" for none), then per row key (padded version, value; "" = delete).
+# Returns {applied, {position, error, position, error, ...}}: position 1 is KEYS[3]. A key whose write
+# fails keeps its old version, so a newer record still applies and a replay of this one applies if newest.
 APPLY_IF_NEWER = """
 local vh = KEYS[1]
 local ttl = tonumber(ARGV[2])
 local applied = 0
+local failed = {}
 for i = 3, #KEYS do
   local base = (i - 3) * 2
   local ver = ARGV[base + 3]
   local val = ARGV[base + 4]
   local cur = redis.call('HGET', vh, KEYS[i])
   if (not cur) or cur < ver then
-    redis.call('HSET', vh, KEYS[i], ver)
+    local res
     if val == '' then
-      redis.call('DEL', KEYS[i])
+      res = redis.pcall('DEL', KEYS[i])
     elseif ttl then
-      redis.call('SET', KEYS[i], val, 'EX', ttl)
+      res = redis.pcall('SET', KEYS[i], val, 'EX', ttl)
     else
-      redis.call('SET', KEYS[i], val)
+      res = redis.pcall('SET', KEYS[i], val)
     end
-    applied = applied + 1
+    if type(res) == 'table' and res.err then
+      table.insert(failed, i - 2)
+      table.insert(failed, res.err)
+    else
+      redis.call('HSET', vh, KEYS[i], ver)
+      applied = applied + 1
+    end
   end
   local through = redis.call('HGET', KEYS[2], ARGV[1])
   if (not through) or through < ver then
     redis.call('HSET', KEYS[2], ARGV[1], ver)
   end
 end
-return applied
+return {applied, failed}
 """
+
+# Error prefixes that are about the server, never one key: retried (the first group) or fatal (the second).
+SERVER_ERRORS_RETRIABLE = ("OOM", "READONLY", "MISCONF", "BUSY", "LOADING", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN",
+                           "NOREPLICAS")
+SERVER_ERRORS_FATAL = ("NOAUTH", "WRONGPASS", "NOPERM", "NOSCRIPT")
+SERVER_ERRORS = SERVER_ERRORS_RETRIABLE + SERVER_ERRORS_FATAL
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def server_error(message: str) -> Exception | None:
+    """The sink error for a Redis error that is about the server (None: it is about the key)."""
+    head = message.split(" ", 1)[0].upper()
+    if head in SERVER_ERRORS_RETRIABLE:
+        return RetriableSinkError(f"redis: {message}")
+    if head in SERVER_ERRORS_FATAL:
+        return FatalSinkError(f"redis: {message}")
+    return None
+
+
+def script_rejections(group: Sequence[ChangeRecord], result: Any) -> list[Rejected]:
+    """The script's answer for one entity's records → the records Redis refused, with its error.
+
+    ``result`` is the script's ``{applied, {position, error, ...}}``, or the exception the pipeline
+    returned for the whole call: one about the server raises (retried or fatal); any other script error
+    means no key of the call could be judged, which is a failure of the store (fatal), not a rejection.
+    """
+    if isinstance(result, Exception):
+        raise server_error(str(result)) or FatalSinkError(f"redis script failed: {result}")
+    failed = result[1] if isinstance(result, list | tuple) and len(result) > 1 else []
+    out: list[Rejected] = []
+    for j in range(0, len(failed) - 1, 2):
+        position, message = int(failed[j]), _text(failed[j + 1])
+        error = server_error(message)
+        if error is not None:
+            raise error
+        record = group[position - 1]
+        out.append(Rejected(record, f"redis {record.entity} key {record.key!r}: {message}"))
+    return out
 
 
 def pad(version: int) -> str:
@@ -86,12 +142,13 @@ class RedisStore:
             raise RetriableSinkError(f"redis: {exc}") from exc
         return {k: json.loads(v) for k, v in zip(keys, values, strict=True) if v is not None}
 
-    def write_batch(self, records: Sequence[ChangeRecord]) -> None:
+    def write_batch(self, records: Sequence[ChangeRecord]) -> list[Rejected]:
         records = fill_partials(records, self.fetch_current)
         by_entity: dict[str, list[ChangeRecord]] = {}
         for record in records:
             if self.pipeline.entities[record.entity].redis is not None:
                 by_entity.setdefault(record.entity, []).append(record)
+        groups: list[list[ChangeRecord]] = []
         try:
             pipe = self.client.pipeline(transaction=False)
             for entity, group in by_entity.items():
@@ -104,9 +161,19 @@ class RedisStore:
                     args.append(pad(record.version))
                     args.append(b"" if record.after is None else json.dumps(record.after))
                 self._script(keys=keys, args=args, client=pipe)
-            pipe.execute()
+                groups.append(group)
+            results = pipe.execute(raise_on_error=False)
         except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
             raise RetriableSinkError(f"redis: {exc}") from exc
+        except redis.ResponseError as exc:
+            raise server_error(str(exc)) or FatalSinkError(f"redis: {exc}") from exc
+        for result in results:
+            if isinstance(result, (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)):
+                raise RetriableSinkError(f"redis: {result}")
+        rejected: list[Rejected] = []
+        for group, result in zip(groups, results, strict=True):
+            rejected += script_rejections(group, result)
+        return rejected
 
     # --- the tools ----------------------------------------------------------------------------------
     def _rows(self, spec: EntitySpec, keys: list[str]) -> Iterator[tuple[str, dict[str, Any], int | None]]:

@@ -7,6 +7,12 @@ the matching official client and its bulk helper are used.
 Writes use external versioning with the canonical ``version``: the engine itself rejects a record that
 is not newer (409, counted as already applied). Deletes are versioned too and kept for
 ``index.gc_deletes``, so a late, older update cannot resurrect a deleted document.
+
+The bulk response says per document what happened (:func:`classify_item`): a document the engine refuses
+for its content (a mapping conflict: an object in one document and a string in the next, a value that
+does not parse as its field's type) is a *rejected record*, returned to the runner to quarantine while the
+rest of the batch is written; throttling (429, 502-504) retries the batch; anything else (a missing or
+closed index, a refused request) is a failure of the store and stops the sink, as before.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import httpx
 from pipelines.spec import EntitySpec, Pipeline
 from pipelines.types import ColumnType
 from schemas import json
-from sinks.base import FatalSinkError, RetriableSinkError, Versioned, applied_through, fill_partials
+from sinks.base import FatalSinkError, Rejected, RetriableSinkError, Versioned, applied_through, fill_partials
 from streams.records import ChangeRecord
 
 if TYPE_CHECKING:
@@ -30,6 +36,43 @@ if TYPE_CHECKING:
 GC_DELETES = "7d"
 RETRIABLE_STATUS = {429, 502, 503, 504}
 BATCH = 1000
+
+# Per-document errors (HTTP 400 in a bulk item) that are the document's own fault: its content does not fit
+# the index's mapping. Elasticsearch 8+ says document_parsing_exception where OpenSearch and ES 7 say
+# mapper_parsing_exception.
+REJECTED_TYPES = frozenset({
+    "mapper_parsing_exception", "document_parsing_exception", "illegal_argument_exception",
+    "strict_dynamic_mapping_exception", "mapper_exception", "parse_exception", "x_content_parse_exception",
+    "json_parse_exception", "number_format_exception", "date_time_parse_exception",
+    "version_conflict_engine_exception",  # only with a status other than 409 (409 is "already newer")
+})
+
+
+def classify_item(op_type: str, status: int | None, error: Any) -> tuple[str, str | None]:
+    """One bulk item → ("ok" | "rejected" | "retry" | "fatal", the engine's reason).
+
+    ok: written, or already newer (409 under external versions), or a delete of what was never indexed
+    (the versioned tombstone is written anyway). rejected: the engine refuses this document's content.
+    retry: throttled or unavailable. fatal: the index itself is wrong (missing, closed, read-only by a
+    cluster block, a security refusal): a failure of the store, never quarantined record by record.
+    """
+    if status is not None and 200 <= status < 300:
+        return "ok", None
+    if status == 409:
+        return "ok", None
+    if status == 404 and op_type == "delete":
+        return "ok", None
+    kind = error.get("type") if isinstance(error, dict) else None
+    reason = error.get("reason") if isinstance(error, dict) else (str(error) if error else None)
+    text = f"{kind}: {reason}" if kind else (reason or f"status {status}")
+    if isinstance(error, dict) and isinstance(error.get("caused_by"), dict):
+        cause = error["caused_by"]
+        text += f" (caused by {cause.get('type')}: {cause.get('reason')})"
+    if status in RETRIABLE_STATUS or kind in ("es_rejected_execution_exception", "unavailable_shards_exception"):
+        return "retry", text
+    if status == 400 and kind is not None and (kind in REJECTED_TYPES or kind.endswith("_parsing_exception")):
+        return "rejected", text
+    return "fatal", text
 
 
 def field_mapping(t: ColumnType) -> dict[str, Any]:
@@ -122,6 +165,7 @@ class SearchStore:
         self._targets_read_at = 0.0
         self._mapped: dict[str, set[str]] = {}
         self._http: httpx.Client | None = None
+        self._owners: list[int | None] = []
 
     @property
     def client(self) -> Any:
@@ -195,17 +239,23 @@ class SearchStore:
             raise _classify(exc) from exc
 
     def _actions(self, records: Sequence[ChangeRecord]) -> Iterator[dict[str, Any]]:
-        searchable = [r for r in records if self.pipeline.entities[r.entity].search is not None]
-        for entity, (version, ts_ms) in applied_through(searchable).items():
+        """The bulk actions; ``self._owners`` gets, per action, the index of its record in ``records``
+        (None for the applied-through markers), so each bulk item is traced back to its record."""
+        self._owners = []
+        searchable = [(i, r) for i, r in enumerate(records) if self.pipeline.entities[r.entity].search is not None]
+        for entity, (version, ts_ms) in applied_through([r for _, r in searchable]).items():
+            self._owners.append(None)
             yield {
                 "_op_type": "index", "_index": self.applied_index, "_id": entity, "version": version,
                 "version_type": "external", "_source": {"entity": entity, "version": version, "ts_ms": ts_ms},
             }
         targets = self.rebuild_targets()
-        for record in searchable:
+        for i, record in searchable:
             spec = self.pipeline.entities[record.entity]
             if record.entity in targets:
+                self._owners.append(i)
                 yield from self._record_actions(record, targets[record.entity])
+            self._owners.append(i)
             yield from self._record_actions(record, spec.search_index)
 
     def _record_actions(self, record: ChangeRecord, index: str) -> Iterator[dict[str, Any]]:
@@ -235,9 +285,9 @@ class SearchStore:
             raise _classify(exc) from exc
         return {d["_id"]: d["_source"] for d in found["docs"] if d.get("found")}
 
-    def write_batch(self, records: Sequence[ChangeRecord]) -> None:
+    def write_batch(self, records: Sequence[ChangeRecord]) -> list[Rejected]:
         if not records:
-            return
+            return []
         client = self.client
         newest: dict[str, Any] = {}
         for r in records:
@@ -255,25 +305,37 @@ class SearchStore:
             from opensearchpy import helpers
         else:
             from elasticsearch import helpers  # type: ignore[no-redef]
+        actions = list(self._actions(records))
+        owners = self._owners
+        results: list[tuple[str, int | None, Any]] = []
         try:
-            _, errors = helpers.bulk(
-                client, self._actions(records), raise_on_error=False, raise_on_exception=True, chunk_size=2000
-            )
+            for _ok, item in helpers.streaming_bulk(
+                client, actions, raise_on_error=False, raise_on_exception=True, chunk_size=2000, max_retries=0,
+            ):
+                op_type, result = next(iter(item.items()))
+                results.append((op_type, result.get("status"), result.get("error")))
         except Exception as exc:
             raise _classify(exc) from exc
-        failures = []
-        for item in errors:
-            result = next(iter(item.values()))
-            status = result.get("status")
-            if status == 409:
-                continue  # the index already holds this or a newer version: idempotent no-op
-            if status == 404 and next(iter(item)) == "delete":
-                continue  # deleting what was never indexed: the versioned tombstone is still written
-            failures.append((status, result.get("_id"), result.get("error")))
+        if len(results) != len(actions):
+            raise RetriableSinkError(f"search: bulk answered {len(results)} of {len(actions)} actions")
+        failures: list[tuple[int | None, str | None, str | None]] = []
+        throttled = 0
+        rejected: dict[int, Rejected] = {}
+        for (op_type, status, error), action, owner in zip(results, actions, owners, strict=True):
+            outcome, reason = classify_item(op_type, status, error)
+            if outcome == "ok":
+                continue
+            if outcome == "retry":
+                throttled += 1
+            elif outcome == "rejected" and owner is not None:
+                rejected.setdefault(owner, Rejected(records[owner], f"search index {action['_index']}: {reason}"))
+                continue
+            failures.append((status, action.get("_id"), reason))
         if failures:
-            if all(status in RETRIABLE_STATUS for status, _, _ in failures):
+            if throttled == len(failures):
                 raise RetriableSinkError(f"search: {len(failures)} documents throttled: {failures[:3]}")
             raise FatalSinkError(f"search rejected {len(failures)} documents: {failures[:3]}")
+        return [rejected[i] for i in sorted(rejected)]
 
     # --- the tools (REST API directly: the same calls against either engine) -------------------------
     @property

@@ -112,6 +112,8 @@ def to_avro(book: schemas.SchemaBook, record: ChangeRecord) -> bytes:
             "before": record.before,
             "after": record.after,
             "present": sorted(record.after) if record.partial and record.after is not None else None,
+            "carried": (sorted(record.after) if not record.partial and record.after is not None
+                        and len(record.after) < len(sv.columns) else None),
         },
     )
 

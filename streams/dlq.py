@@ -11,6 +11,13 @@ recorded in a compacted topic keyed by that id, so a replay is skipped once done
 record is written only after the replayed message is acknowledged, and a crash in between at worst
 replays twice, which the per-key version guard in every sink turns into a no-op.
 
+**Quarantine.** A record one store refuses (``sinks/runner.py``: a mapping conflict, a value out of range)
+is parked here too, with the store's name (``changeflow.store``), the entity, key and version beside the
+origin headers; its id is still its canonical origin, so one record two stores refused is two entries (one
+per store) with one id. Such an entry is never sent back to Kafka (every store would see it again): the
+CLI writes it into its own store only (``sinks.runner.replay_into_store``), and its replay is recorded
+under ``<id>@<store>``. :func:`quarantined_counts` counts what each store still has in quarantine.
+
 The top half is pure (headers → entries, what to replay); the bottom half is the thin Kafka I/O edge.
 """
 
@@ -37,6 +44,10 @@ SOURCE_TOPIC = "changeflow.source_topic"
 PARTITION = "changeflow.partition"
 OFFSET = "changeflow.offset"
 ERROR = "changeflow.error"
+STORE = "changeflow.store"
+ENTITY = "changeflow.entity"
+KEY = "changeflow.key"
+VERSION = "changeflow.version"
 REPLAY_OF = "changeflow.replay_of"
 REPLAYED_AT = "changeflow.replayed_at"
 
@@ -98,10 +109,20 @@ class DeadLetterEntry:
     dlq_partition: int
     dlq_offset: int
     copies: int = 1
+    # Quarantined by a store (None: a message the pipeline could not decode).
+    store: str | None = None
+    entity: str | None = None
+    record_key: str | None = None
+    version: int | None = None
 
     @property
     def replayable(self) -> bool:
         return self.source_topic is not None
+
+    @property
+    def replay_key(self) -> str:
+        """Under which key its replay is recorded: a quarantined entry's replay is per store."""
+        return self.id if self.store is None else f"{self.id}@{self.store}"
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -120,6 +141,10 @@ class DeadLetterEntry:
             "dlq_partition": self.dlq_partition,
             "dlq_offset": self.dlq_offset,
             "copies": self.copies,
+            "store": self.store,
+            "entity": self.entity,
+            "record_key": self.record_key,
+            "version": self.version,
         }
 
 
@@ -136,6 +161,11 @@ def _int_header(headers: dict[str, bytes], name: str) -> int | None:
         return int(raw.decode("ascii"))
     except (UnicodeDecodeError, ValueError):
         return None
+
+
+def _text_header(headers: dict[str, bytes], name: str) -> str | None:
+    raw = headers.get(name)
+    return None if raw is None else raw.decode("utf-8", errors="replace")
 
 
 def entry_from_message(
@@ -161,28 +191,51 @@ def entry_from_message(
     partition = _int_header(h, PARTITION)
     offset = _int_header(h, OFFSET)
     error = h.get(ERROR, b"").decode("utf-8", errors="replace") or "(no error header)"
+    quarantine: dict[str, Any] = {
+        "store": _text_header(h, STORE), "entity": _text_header(h, ENTITY), "record_key": _text_header(h, KEY),
+        "version": _int_header(h, VERSION),
+    }
     if source_topic is None or partition is None or offset is None:
         return DeadLetterEntry(
             id=dead_letter_id(dlq_topic, dlq_partition, dlq_offset), source_topic=None, partition=None, offset=None,
             error=error, dead_at_ms=timestamp_ms, key=key, value=value,
-            dlq_partition=dlq_partition, dlq_offset=dlq_offset,
+            dlq_partition=dlq_partition, dlq_offset=dlq_offset, **quarantine,
         )
     return DeadLetterEntry(
         id=dead_letter_id(source_topic, partition, offset), source_topic=source_topic, partition=partition,
         offset=offset, error=error, dead_at_ms=timestamp_ms, key=key, value=value,
-        dlq_partition=dlq_partition, dlq_offset=dlq_offset,
+        dlq_partition=dlq_partition, dlq_offset=dlq_offset, **quarantine,
     )
 
 
 def dedupe(entries: Iterable[DeadLetterEntry]) -> list[DeadLetterEntry]:
-    """One entry per id, first seen wins, in DLQ order; ``copies`` says how many times it was parked
-    (each sink runner parks its own copy of a bad canonical record)."""
+    """One entry per id (and store, for quarantined records), first seen wins, in DLQ order; ``copies``
+    says how many times it was parked (each sink runner parks its own copy of an undecodable canonical
+    record; a redelivered batch quarantines a record again)."""
     by_id: dict[str, DeadLetterEntry] = {}
     counts: dict[str, int] = {}
     for entry in entries:
-        counts[entry.id] = counts.get(entry.id, 0) + 1
-        by_id.setdefault(entry.id, entry)
-    return [replace(e, copies=counts[e.id]) for e in by_id.values()]
+        counts[entry.replay_key] = counts.get(entry.replay_key, 0) + 1
+        by_id.setdefault(entry.replay_key, entry)
+    return [replace(e, copies=counts[e.replay_key]) for e in by_id.values()]
+
+
+def for_store(entries: Iterable[DeadLetterEntry], store: str | None) -> list[DeadLetterEntry]:
+    """The entries a store quarantined (all entries without a store)."""
+    return [e for e in entries if store is None or e.store == store]
+
+
+def quarantined_counts(
+    entries: Iterable[DeadLetterEntry], replays: dict[str, ReplayRecord] | None = None,
+) -> dict[tuple[str, str], int]:
+    """(store, entity) → records still in quarantine (quarantined and not replayed since)."""
+    out: dict[tuple[str, str], int] = {}
+    for e in entries:
+        if e.store is None or (replays is not None and e.replay_key in replays):
+            continue
+        k = (e.store, e.entity or "?")
+        out[k] = out.get(k, 0) + 1
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,21 +309,23 @@ def plan_replay(
 ) -> ReplayPlan:
     """Which dead letters to send back. Every asked-for id must exist (all are checked before anything is
     sent, so a typo never leaves a half-done replay); done ones are skipped unless forced."""
-    by_id = {e.id: e for e in entries}
+    by_id: dict[str, list[DeadLetterEntry]] = {}
+    for e in entries:
+        by_id.setdefault(e.id, []).append(e)
     if all_:
         chosen = list(entries)
     else:
         unknown = [i for i in dict.fromkeys(ids) if i not in by_id]
         if unknown:
             raise UnknownDeadLetterError(unknown)
-        chosen = [by_id[i] for i in dict.fromkeys(ids)]
+        chosen = [e for i in dict.fromkeys(ids) for e in by_id[i]]
     send: list[DeadLetterEntry] = []
     skip: list[Skipped] = []
     for entry in chosen:
         if not entry.replayable:
             skip.append(Skipped(entry, "no source topic in its headers: nowhere to send it back"))
-        elif entry.id in replays and not force:
-            done = replays[entry.id]
+        elif entry.replay_key in replays and not force:
+            done = replays[entry.replay_key]
             skip.append(Skipped(entry, f"already replayed at {iso_ms(done.replayed_at_ms)}"))
         else:
             send.append(entry)
@@ -353,6 +408,32 @@ def read_dead_letters(settings: Settings, pipeline: Pipeline) -> list[DeadLetter
 
 def read_replays(settings: Settings, pipeline: Pipeline) -> dict[str, ReplayRecord]:
     return latest_replays((m.key(), m.value()) for m in read_topic(settings, replayed_topic_name(pipeline.dlq_topic)))
+
+
+def read_quarantined_counts(settings: Settings, pipeline: Pipeline) -> dict[tuple[str, str], int]:
+    """(store, entity) → records still in quarantine, read from the DLQ and its replay log (for status)."""
+    return quarantined_counts(read_dead_letters(settings, pipeline), read_replays(settings, pipeline))
+
+
+def record_store_replays(settings: Settings, pipeline: Pipeline, entries: Sequence[DeadLetterEntry],
+                         timeout: float = 30.0) -> list[ReplayRecord]:
+    """Remember quarantined entries written back into their store (``<id>@<store>``, topic ``store:<S>``)."""
+    from confluent_kafka import KafkaException, Producer
+
+    if not entries:
+        return []
+    ensure_replay_topic(settings, pipeline, timeout)
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "acks": "all", "enable.idempotence": True})
+    now_ms = int(time.time() * 1000)
+    errors: list[str] = []
+    records = [ReplayRecord(e.replay_key, now_ms, f"store:{e.store}", -1, -1) for e in entries]
+    for record in records:
+        producer.produce(replayed_topic_name(pipeline.dlq_topic), key=record.id.encode(), value=record.encode(),
+                         on_delivery=lambda err, _m: errors.append(str(err)) if err else None)
+        log.info("event=replayed_into_store id=%s", record.id)
+    if producer.flush(timeout) > 0 or errors:
+        raise KafkaException(f"replayed into the store, but recording it failed: {'; '.join(errors) or 'timeout'}")
+    return records
 
 
 def _timestamp(msg: Any) -> int | None:

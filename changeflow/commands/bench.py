@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from changeflow import context
+from changeflow.commands import args
 
 console = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, soft_wrap=True)
@@ -95,8 +96,10 @@ def _div(a: float | None, b: float | None) -> float | None:
 
 
 def bench(
-    quick: Annotated[bool, typer.Option("--quick", help="Small sizes, under 3 minutes.")] = False,
-    full: Annotated[bool, typer.Option("--full", help="1M changes and a 1M-row snapshot.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="Small sizes (20k changes, a 20k-row snapshot, 5 s per "
+                                                        "load): about a minute here.")] = False,
+    full: Annotated[bool, typer.Option("--full", help="1M changes and a 1M-row snapshot (about 10 minutes "
+                                                      "here).")] = False,
     format: Annotated[Format, typer.Option("--format", help="table or json")] = Format.table,
     chart: Annotated[Path | None, typer.Option(help="PNG path (default bench-<date>.png here).")] = None,
     profile: Annotated[Path | None, typer.Option(help="Write a pyinstrument profile of the decode process here.")]
@@ -123,18 +126,22 @@ def bench(
         print(json.dumps(cleanup(BenchSettings(**settings.model_dump()), clean_up), indent=2))
         return
     if quick and full:
-        err.print("[bold red]error:[/] choose --quick or --full")
-        raise typer.Exit(2)
+        args.usage("choose --quick or --full")
+    try:
+        freshness_rates = tuple(int(r) for r in rates.split(",")) if rates else None
+    except ValueError:
+        args.usage(f"--rates {rates!r}: give changes/s as whole numbers, comma-separated (e.g. 1000,5000)")
+    if freshness_rates is not None and min(freshness_rates) < 1:
+        args.usage(f"--rates {rates!r}: every rate must be at least 1 change/s")
     plan = run_mod.plan_for(
         "quick" if quick else "full" if full else "default", changes=changes, snapshot_rows=snapshot_rows,
         freshness_s=freshness_seconds, naive_budget_s=naive_seconds,
-        freshness_rates=tuple(int(r) for r in rates.split(",")) if rates else None,
+        freshness_rates=freshness_rates,
         stages=tuple(s.strip() for s in stages.split(",")) if stages else None,
     )
     unknown = set(plan.stages) - set(run_mod.STAGES)
     if unknown:
-        err.print(f"[bold red]error:[/] unknown stages {sorted(unknown)}; known: {', '.join(run_mod.STAGES)}")
-        raise typer.Exit(2)
+        args.usage(f"unknown stages {', '.join(sorted(unknown))}; known: {', '.join(run_mod.STAGES)}")
     log_dir = Path(tempfile.mkdtemp(prefix="changeflow-bench-"))
     try:
         result = run_mod.run(settings, context.pipeline(), plan, log_dir, profile,

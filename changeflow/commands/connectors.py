@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from changeflow import context
+from changeflow.commands import args
 from changeflow.commands.pipeline import catalog_dsn, load_pipeline
 from pipelines.spec import Pipeline
 
@@ -43,7 +44,7 @@ def default_sources(pipeline: Pipeline, sources: list[str] | None) -> list[str]:
     if sources:
         unknown = sorted(set(sources) - {"postgres", "mongodb"})
         if unknown:
-            raise fail(f"unknown source {unknown[0]!r}; use postgres or mongodb")
+            args.usage(f"unknown source {unknown[0]!r}; use postgres or mongodb")
         return sources
     declared = [s for s in ("postgres", "mongodb") if getattr(pipeline.file.sources, s) is not None
                 and any(e.source == s for e in pipeline.entities.values())]
@@ -93,12 +94,15 @@ def apply(
         typer.Argument(help="Connector files to apply as they are (default: the connectors rendered from the "
                             "pipeline, after `prepare`)."),
     ] = None,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for RUNNING.")] = 180.0,
+    timeout: Annotated[float, typer.Option(min=0, help="Seconds to wait for RUNNING.")] = 180.0,
     source: SourceOption = None,
     dsn: DsnOption = None,
     no_prepare: Annotated[bool, typer.Option("--no-prepare", help="Skip `prepare` (a DBA has run it).")] = False,
 ) -> None:
-    """Prepare the source, then validate with Connect, create or update (idempotent), wait until RUNNING."""
+    """Prepare the source, then validate with Connect, create or update (idempotent), wait until RUNNING.
+
+    Exit codes: 0 every connector RUNNING; 1 Connect rejected a definition, a task failed or Connect is
+    unreachable; 2 usage (a file that is missing, unreadable or not a connector definition)."""
     from connectors.client import (
         ConnectorConfigError,
         ConnectorDefinition,
@@ -110,10 +114,12 @@ def apply(
 
     s = context.settings()
     if files:
+        for path in files:
+            args.existing_file(path, "connector file")
         try:
             definitions = [ConnectorDefinition.load(p) for p in files]
         except ValueError as exc:
-            raise fail(str(exc)) from None
+            args.usage(str(exc))
     else:
         pipeline = load_pipeline()
         sources = default_sources(pipeline, source)

@@ -1,4 +1,6 @@
-"""`changeflow dlq`: see what the pipeline could not decode, and send it back once the cause is fixed."""
+"""`changeflow dlq`: see what the pipeline could not decode, and what a store refused (quarantined for that
+store), and send it back once the cause is fixed: an undecodable message to its source topic, a quarantined
+record into its own store only (``--store``)."""
 
 from __future__ import annotations
 
@@ -35,19 +37,34 @@ def _size(data: bytes | None) -> str:
     return "null" if data is None else f"{len(data)} B"
 
 
+def _check_store(store: str | None) -> None:
+    from sinks import base
+
+    if store is not None and store not in base.names():
+        raise _fail(f"unknown store {store!r}; known: {', '.join(sorted(base.names()))}", code=2)
+
+
+StoreOption = Annotated[
+    str | None, typer.Option("--store", help="Only what this store quarantined (redis, search, clickhouse).")
+]
+
+
 @app.command("list")
 def list_(
     format: Annotated[Format, typer.Option("--format", help="table or json")] = Format.table,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Only the newest N dead letters.")] = None,
+    store: StoreOption = None,
 ) -> None:
-    """Every dead letter on the DLQ topic (read from the beginning, nothing committed), oldest first."""
+    """Every dead letter on the DLQ topic (read from the beginning, nothing committed), oldest first; with
+    ``--store S`` only the records store S refused (quarantined for it)."""
     from confluent_kafka import KafkaException
 
-    from streams.dlq import iso_ms, read_dead_letters, read_replays
+    from streams.dlq import for_store, iso_ms, read_dead_letters, read_replays
 
+    _check_store(store)
     settings, pipeline = context.settings(), context.pipeline()
     try:
-        entries = read_dead_letters(settings, pipeline)
+        entries = for_store(read_dead_letters(settings, pipeline), store)
         replays = read_replays(settings, pipeline)
     except (KafkaException, TimeoutError) as exc:
         raise _fail(f"reading {pipeline.dlq_topic}: {exc}") from None
@@ -57,7 +74,7 @@ def list_(
     if format is Format.json:
         rows: list[dict[str, Any]] = []
         for e in entries:
-            done = replays.get(e.id)
+            done = replays.get(e.replay_key)
             rows.append({
                 **e.as_dict(),
                 "replayed": done is not None,
@@ -67,16 +84,17 @@ def list_(
         print(json.dumps(rows, indent=2))
         return
     if not entries:
-        console.print(f"no dead letters on {pipeline.dlq_topic}")
+        console.print(f"no dead letters on {pipeline.dlq_topic}" + (f" quarantined by {store}" if store else ""))
         return
-    table = Table(title=f"dead letters on {pipeline.dlq_topic}: {len(entries)} of {total}")
+    what = f"quarantined by {store}" if store else "dead letters"
+    table = Table(title=f"{what} on {pipeline.dlq_topic}: {len(entries)} of {total}")
     table.add_column("id", no_wrap=True)  # ids are copied into `dlq replay --id`: never split them
-    for col in ("error", "dead at", "key", "value", "copies", "replayed"):
+    for col in ("store", "entity", "error", "dead at", "key", "value", "copies", "replayed"):
         table.add_column(col, overflow="fold")
     for e in entries:
-        done = replays.get(e.id)
+        done = replays.get(e.replay_key)
         table.add_row(
-            escape(e.id), escape(e.error), iso_ms(e.dead_at_ms) or "-",
+            escape(e.id), escape(e.store or "-"), escape(e.entity or "-"), escape(e.error), iso_ms(e.dead_at_ms) or "-",
             escape(f"{_size(e.key)} {e.as_dict()['key_preview']}"),
             escape(f"{_size(e.value)} {e.as_dict()['value_preview']}"),
             str(e.copies),
@@ -91,43 +109,83 @@ def replay_(
     all_: Annotated[bool, typer.Option("--all", help="Every dead letter not replayed yet.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replay even ids already replayed.")] = False,
     format: Annotated[Format, typer.Option("--format", help="table or json")] = Format.table,
+    store: StoreOption = None,
 ) -> None:
     """Send the original bytes back to their source topic and partition so the normal decode path
-    handles them; each replay is recorded, so running it again skips what is done."""
+    handles them; a record a store quarantined is written into that store only, under its version guard
+    (it applies only if still the newest). ``--store S`` alone replays everything S quarantined. Each
+    replay is recorded, so running it again skips what is done."""
     from confluent_kafka import KafkaException
 
-    from streams.dlq import UnknownDeadLetterError, iso_ms, plan_replay, read_dead_letters, read_replays, replay
+    from sinks.base import FatalSinkError, RetriableSinkError
+    from sinks.runner import replay_into_store
+    from streams.dlq import (
+        UnknownDeadLetterError,
+        for_store,
+        iso_ms,
+        plan_replay,
+        read_dead_letters,
+        read_replays,
+        record_store_replays,
+        replay,
+    )
 
-    if not ids and not all_:
-        raise _fail("say which dead letters to replay: --id ID (repeatable) or --all", code=2)
+    _check_store(store)
+    if not ids and not all_ and store is None:
+        raise _fail("say which dead letters to replay: --id ID (repeatable) or --all, or --store S for all "
+                    "one store quarantined", code=2)
     if ids and all_:
         raise _fail("--id and --all exclude each other", code=2)
     settings, pipeline = context.settings(), context.pipeline()
+    rows: list[dict[str, Any]] = []
     try:
-        entries = read_dead_letters(settings, pipeline)
+        entries = for_store(read_dead_letters(settings, pipeline), store)
         replays = read_replays(settings, pipeline)
-        plan = plan_replay(entries, replays, ids=ids or (), all_=all_, force=force)
-        done = replay(settings, pipeline, plan.send)
+        plan = plan_replay(entries, replays, ids=ids or (), all_=all_ or not ids, force=force)
+        raw = [e for e in plan.send if e.store is None]
+        for sent in replay(settings, pipeline, raw):
+            rows.append({"id": sent.id, "outcome": "replayed", "replayed_at": iso_ms(sent.replayed_at_ms),
+                         "detail": f"sent to {sent.topic}:{sent.partition}:{sent.offset}", "topic": sent.topic,
+                         "partition": sent.partition, "offset": sent.offset})
+        by_store: dict[str, list[Any]] = {}
+        for e in plan.send:
+            if e.store is not None:
+                by_store.setdefault(e.store, []).append(e)
+        for name, group in by_store.items():
+            usable = [e for e in group if e.value is not None]
+            results = replay_into_store(settings, pipeline, name,
+                                        [(e.value, (e.source_topic, e.partition, e.offset)) for e in usable])
+            done = [e for e, res in zip(usable, results, strict=True) if res.outcome != "rejected"]
+            record_store_replays(settings, pipeline, done)
+            for e, res in zip(usable, results, strict=True):
+                rows.append({"id": e.id, "store": name, "outcome": res.outcome, "detail": res.detail,
+                             "entity": res.entity, "key": res.key, "version": res.version})
     except UnknownDeadLetterError as exc:
-        raise _fail(f"{exc} (not on {pipeline.dlq_topic}; see `changeflow dlq list`)") from None
+        raise _fail(f"{exc} (not on {pipeline.dlq_topic}" + (f" for {store}" if store else "")
+                    + "; see `changeflow dlq list`)") from None
     except (KafkaException, TimeoutError) as exc:
         raise _fail(f"replay: {exc}") from None
+    except (RetriableSinkError, FatalSinkError) as exc:
+        raise _fail(f"replay into {store or 'the store'}: {exc}") from None
 
+    refused = [r for r in rows if r["outcome"] == "rejected"]
     if format is Format.json:
         print(json.dumps({
-            "replayed": [
-                {"id": r.id, "replayed_at": iso_ms(r.replayed_at_ms), "topic": r.topic, "partition": r.partition,
-                 "offset": r.offset}
-                for r in done
-            ],
-            "skipped": [{"id": s.entry.id, "reason": s.reason} for s in plan.skip],
+            "replayed": [r for r in rows if r["outcome"] != "rejected"],
+            "rejected": refused,
+            "skipped": [{"id": s.entry.id, "store": s.entry.store, "reason": s.reason} for s in plan.skip],
         }, indent=2))
-        return
-    table = Table(title=f"replay: {len(done)} replayed, {len(plan.skip)} skipped")
-    for col in ("id", "outcome", "detail"):
-        table.add_column(col, overflow="fold")
-    for r in done:
-        table.add_row(escape(r.id), "[green]replayed[/]", escape(f"sent to {r.topic}:{r.partition}:{r.offset}"))
-    for s in plan.skip:
-        table.add_row(escape(s.entry.id), "[yellow]skipped[/]", escape(s.reason))
-    console.print(table)
+    else:
+        table = Table(title=f"replay: {len(rows) - len(refused)} replayed, {len(refused)} refused again, "
+                            f"{len(plan.skip)} skipped")
+        for col in ("id", "store", "outcome", "detail"):
+            table.add_column(col, overflow="fold")
+        colour = {"replayed": "green", "applied": "green", "superseded": "cyan", "rejected": "red"}
+        for row in rows:
+            table.add_row(escape(row["id"]), escape(row.get("store") or "-"),
+                          f"[{colour[row['outcome']]}]{row['outcome']}[/]", escape(row["detail"]))
+        for s in plan.skip:
+            table.add_row(escape(s.entry.id), escape(s.entry.store or "-"), "[yellow]skipped[/]", escape(s.reason))
+        console.print(table)
+    if refused:
+        raise typer.Exit(1)

@@ -13,6 +13,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from changeflow import context
+from changeflow.commands import args
 from changeflow.settings import Settings
 from pipelines.spec import Pipeline
 
@@ -35,20 +36,25 @@ def reconcile(
     max_drift: Annotated[int, typer.Option("--max-drift", min=0, help="Drifted keys tolerated per store.")] = 0,
     format: Annotated[Format, typer.Option("--format", help="table or json")] = Format.table,
     do_repair: Annotated[bool, typer.Option("--repair", help="Re-sync the drifted keys, then check again.")] = False,
-    settle: Annotated[float, typer.Option(help="Seconds before differing keys are read again.")] = 2.0,
-    timeout: Annotated[float, typer.Option(help="Seconds --repair waits for the stores.")] = 120.0,
+    settle: Annotated[float, typer.Option(min=0, help="Seconds before differing keys are read again (changes in "
+                                                     "flight settle).")] = 2.0,
+    timeout: Annotated[float, typer.Option(min=0, help="Seconds --repair waits for the stores.")] = 120.0,
 ) -> None:
     """Source (PostgreSQL) against every registered store holding the entity: counts, missing keys on either
     side, stale and mismatched content, by bucketed checksums. Each run lands in the pipeline's ClickHouse
-    database (reconciliation_runs, reconciliation_diffs); exit code 1 when a store drifts by more than
-    --max-drift."""
+    database (reconciliation_runs, reconciliation_diffs).
+
+    Exit codes: 0 no store drifts by more than --max-drift (after --repair: once repaired); 1 one does; 2 usage
+    (an unknown entity or store, an entity none of the given stores holds)."""
     from reports.reconcile import reconcile as run_reconcile
     from reports.reconcile import repair
 
     if sum((sample is not None, full, bool(key))) > 1:
-        err.print("[bold red]error:[/] --sample, --full and --key exclude each other")
-        raise typer.Exit(2)
-    settings, pipeline = context.settings(), context.pipeline()
+        args.usage("--sample, --full and --key exclude each other")
+    settings, pipeline = context.settings(), args.pipeline()
+    args.entities(pipeline, entity)
+    args.stores(store)
+    args.stored(pipeline, entity, store)
     try:
         run = run_reconcile(settings, pipeline, entity, store, sample, settle, only_keys=key)
     except ValueError as exc:

@@ -9,11 +9,24 @@ import typer
 from rich.console import Console
 
 from changeflow import context
+from changeflow.commands import args
 
 app = typer.Typer(help="Operate the sinks (each is its own consumer group).", no_args_is_help=True)
 # Piped output (CI logs, scripts) must not be cut at 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, soft_wrap=True)
+
+
+def active_groups(groups: list[str]) -> dict[str, list[str]]:
+    """group → its members (client id @ host), for the groups that have any."""
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": context.settings().kafka_bootstrap})
+    active: dict[str, list[str]] = {}
+    for group, future in admin.describe_consumer_groups(groups, request_timeout=15).items():
+        described = future.result()
+        if described.members:
+            active[group] = [f"{m.client_id}@{m.host}" for m in described.members]
+    return active
 
 
 @app.command("reset")
@@ -23,25 +36,39 @@ def reset(
 ) -> None:
     """Move a sink's committed offsets (worker stopped); the next worker start replays from there.
 
-    Replays are safe: every sink applies a record only if it is newer than what it holds.
-    """
-    from sinks.base import registry
+    Replays are safe: every sink applies a record only if it is newer than what it holds. With `all`, every
+    sink is checked first and none is reset while any of them has a running consumer.
+
+    Exit codes: 0 reset; 1 a worker still consumes (nothing reset) or Kafka failed; 2 usage."""
+    from confluent_kafka import KafkaException
+
+    from deploy.worker import WorkerService
     from sinks.offsets import GroupActiveError, reset_to_earliest
 
+    args.store(sink, "sink", allow_all=True)
     if not to_earliest:
-        err.print("[red]error:[/] say where to: --to-earliest")
-        raise typer.Exit(2)
-    names = list(registry()) if sink == "all" else [sink]
-    unknown = [n for n in names if n not in registry()]
-    if unknown:
-        err.print(f"[red]error:[/] unknown sink {unknown[0]!r}; known: {', '.join(registry())}, all")
-        raise typer.Exit(2)
-    settings, pipeline = context.settings(), context.pipeline()
+        args.usage("say where to: --to-earliest")
+    names = args.registered_stores() if sink == "all" else [sink]
+    settings, pipeline = context.settings(), args.pipeline()
+    groups = {name: pipeline.sink_group(name) for name in names}
+    try:
+        active = active_groups(list(groups.values()))
+    except KafkaException as exc:
+        raise args.fail(f"kafka at {settings.kafka_bootstrap}: {exc.args[0] if exc.args else exc}") from None
+    if active:
+        busy = "; ".join(f"{g} ({len(m)} member(s): {', '.join(m)})" for g, m in active.items())
+        raise args.fail(f"a worker is consuming, nothing was reset: {busy}. Stop the worker first: "
+                        f"{WorkerService(settings).stop_hint()}")
     for name in names:
+        if not pipeline.stored_in(name):
+            console.print(f"sink {name}: holds no entity of pipeline {pipeline.name}; nothing to reset")
+            continue
         try:
             replay = reset_to_earliest(settings, pipeline, name)
-        except GroupActiveError as exc:
-            err.print(f"[red]error:[/] {exc}")
-            raise typer.Exit(1) from None
+        except GroupActiveError as exc:  # a worker started between the check and the reset
+            raise args.fail(f"{exc}; sinks reset before it: "
+                            f"{', '.join(names[:names.index(name)]) or 'none'}") from None
+        except KafkaException as exc:
+            raise args.fail(f"sink {name}: {exc.args[0] if exc.args else exc}") from None
         total = sum(replay.values())
         console.print(f"sink {name}: reset to earliest; {total} records will be replayed on the next worker start")

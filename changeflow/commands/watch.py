@@ -199,7 +199,7 @@ def render(frame: Frame) -> RenderableType:
 
     entities = Table(title="per entity and sink", title_justify="left", expand=False)
     for col in ("entity", "sink", "events/s", "applied", "freshness (newest)", "p50 1m", "p95 1m", "p99 1m",
-                "newest written"):
+                "newest written", "quarantined"):
         entities.add_column(col, justify="left" if col in ("entity", "sink") else "right")
     for entity in frame.entities:
         first = True
@@ -210,13 +210,14 @@ def render(frame: Frame) -> RenderableType:
             row: list[str] = [entity if first else "", sink]
             first = False
             if cur is None:
-                entities.add_row(*row, *["-"] * 7)
+                entities.add_row(*row, *["-"] * 8)
                 continue
             applied = cur.by("changeflow_sink_events_out_total", **labels).get(())
             source_ts = cur.by("changeflow_sink_applied_source_timestamp_seconds", **labels).get(())
             applied_at = cur.by("changeflow_sink_applied_timestamp_seconds", **labels).get(())
             newest = None if source_ts is None or applied_at is None else max(0.0, applied_at - source_ts)
             qs = window_quantiles(cur, frame.base, **labels)
+            quarantined = cur.total("changeflow_quarantined_total", store=sink, entity=entity)
             entities.add_row(
                 *row,
                 fmt_rate(rate(cur, prev, "changeflow_sink_events_out_total", **labels)),
@@ -224,15 +225,16 @@ def render(frame: Frame) -> RenderableType:
                 fmt_seconds(newest),
                 *(fmt_seconds(qs[q]) for q in QUANTILES),
                 "-" if applied_at is None else f"{fmt_seconds(max(0.0, frame.now - applied_at))} ago",
+                f"[yellow]{fmt_count(quarantined)}[/]" if quarantined else "0",
             )
     parts.append(entities)
 
     sinks = Table(title="per sink", title_justify="left")
-    for col in ("sink", "in/s", "out/s", "lag (msgs)", "avg batch", "errors", "dead letters"):
+    for col in ("sink", "in/s", "out/s", "lag (msgs)", "avg batch", "errors", "dead letters", "quarantined"):
         sinks.add_column(col, justify="left" if col in ("sink", "errors") else "right")
     for sink in frame.sinks:
         if cur is None:
-            sinks.add_row(sink, *["-"] * 6)
+            sinks.add_row(sink, *["-"] * 7)
             continue
         count = cur.total("changeflow_sink_batch_size_count", sink=sink)
         size = cur.total("changeflow_sink_batch_size_sum", sink=sink)
@@ -247,6 +249,7 @@ def render(frame: Frame) -> RenderableType:
             "-" if not count else f"{size / count:,.1f}",
             error_text if error_text == "0" else f"[red]{error_text}[/]",
             fmt_count(cur.total("changeflow_sink_dead_letters_total", sink=sink)),
+            fmt_count(cur.total("changeflow_quarantined_total", store=sink)),
         )
     parts.append(sinks)
 

@@ -39,6 +39,7 @@ EXPECTED = {
     "changeflow_freshness_seconds": ("histogram", {"sink", "entity"}),
     "changeflow_decode": ("counter", {"topic", "result"}),
     "changeflow_unmapped_changes": ("counter", {"table"}),
+    "changeflow_quarantined": ("counter", {"store", "entity"}),
 }
 SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
 
@@ -66,6 +67,7 @@ def test_the_registry_exposes_exactly_the_documented_metrics(sink: str) -> None:
     metrics.SINK_CONSUMER_LAG.labels(sink=sink, topic="changeflow.products").set(3)
     metrics.observe_decode(f"{sink}.topic", Skip("heartbeat"))
     metrics.count_unmapped(f"{sink}.unmapped")
+    metrics.count_quarantined(sink, "products")
 
     families = {f.name: f for f in text_string_to_metric_families(metrics.exposition().decode())}
     assert {name: f.type for name, f in families.items()} == {name: t for name, (t, _) in EXPECTED.items()}

@@ -109,3 +109,29 @@ def test_price_changed_event_from_full_before_image() -> None:
     no_before = decode_postgres(encoded(envelope("u", None, after)), topic="t", partition=0, offset=3,
                                 entities=POSTGRES_ENTITIES)
     assert isinstance(no_before, ChangeRecord) and price_changed(no_before) is None
+
+
+def test_a_dropped_column_leaves_the_record_and_a_partial_keeps_only_what_it_carries() -> None:
+    """Through the canonical topic: a complete row without a column of the newest version (dropped at the
+    source) comes out without it, not with a null; a partial row keeps only its columns."""
+    import schemas
+    from pipelines.types import parse_type
+    from sinks.runner import record_from_bytes
+    from streams.app import to_avro
+
+    book = schemas.SchemaBook()
+    book.add([schemas.make_version("things", 1, {"id": parse_type("int64"), "gone": parse_type("string"),
+                                                 "kept": parse_type("string")}, ["id"])])
+    types = {"id": parse_type("int64"), "kept": parse_type("string")}
+
+    def through(after: dict[str, Any], partial: bool) -> ChangeRecord:
+        record = ChangeRecord("postgres", "things", "1", "u", 10, 0, None, after, partial=partial,  # type: ignore[arg-type]
+                              key_columns=("id",), types=types)
+        return record_from_bytes(to_avro(book, record), ("t", 0, 0), book)
+
+    complete = through({"id": 1, "kept": "k"}, partial=False)
+    assert complete.after == {"id": 1, "kept": "k"} and not complete.partial
+    partial = through({"id": 1, "kept": None}, partial=True)
+    assert partial.after == {"id": 1, "kept": None} and partial.partial
+    full = through({"id": 1, "gone": None, "kept": "k"}, partial=False)
+    assert full.after == {"id": 1, "gone": None, "kept": "k"}

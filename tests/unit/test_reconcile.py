@@ -243,3 +243,13 @@ def test_repair_signals_are_chunked_to_fit_and_select_exactly_the_keys() -> None
     assert signals[0]["data-collections"] == ["public.products"]
     assert key_filter(["a", "b"], ['["x","y\'z"]'], numeric=False).as_string(None) == (
         """("a"::text, "b"::text) IN (('x', 'y''z'))""")
+
+
+def test_timetz_compares_by_its_utc_instant_as_debezium_sends_it() -> None:
+    from datetime import time, timedelta, timezone
+
+    from reports.reconcile.normalise import _as_time
+
+    assert _as_time(time(10, 0, tzinfo=timezone(timedelta(hours=2)))) == _as_time("08:00:00Z")
+    assert _as_time(time(1, 0, tzinfo=timezone(timedelta(hours=2)))) == _as_time("23:00:00Z")
+    assert _as_time("23:59:59.999999") == "23:59:59.999999"
