@@ -9,6 +9,7 @@ committed all N (sinks commit only after writing, so committed means visible in 
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,8 +19,10 @@ from confluent_kafka import Producer
 
 from bench import naive as naive_mod
 from bench.common import BenchSettings, Isolation, message_time_span, partitions
+from bench.cpu import CpuMeter, per_change_us
 from bench.envelopes import backlog
 from bench.pipeline import SINKS, BenchWorker
+from deploy import stack
 from pipelines.spec import Pipeline
 from sinks.runner import canonical_topics
 
@@ -61,7 +64,10 @@ def run(base: BenchSettings, live: Pipeline, run_id: str, n: int, naive_budget_s
     produce_s = time.perf_counter() - started
 
     say("backlog: ceiling (bare confluent-kafka consume + decode)")
+    before = os.times()
     ceiling = naive_mod.ceiling(settings, pipeline, topic, f"{iso.tag}-ceiling", messages)
+    after = os.times()
+    ceiling_cpu = (after.user - before.user) + (after.system - before.system)
     say(f"backlog: naive consumer (one at a time, {naive_budget_s:.0f}s budget)")
     naive, _keys = naive_mod.naive(settings, pipeline, topic, f"{iso.tag}-naive", f"{iso.tag}-naive:", naive_budget_s,
                                         messages)
@@ -75,6 +81,7 @@ def run(base: BenchSettings, live: Pipeline, run_id: str, n: int, naive_budget_s
         **worker,
         "decode_stage": "Faust decode agent fed by a confluent-kafka batch consumer (streams.app)",
         "ceiling_changes_per_s": _r(ceiling.per_s),
+        "ceiling_cpu_us_per_change": round(ceiling_cpu / ceiling.changes * 1e6, 1) if ceiling.changes else None,
         "ceiling_changes": ceiling.changes,
         "naive_changes_per_s": _r(naive.per_s),
         "naive_changes": naive.changes,
@@ -90,7 +97,13 @@ def _worker_pass(base: BenchSettings, pipeline: Pipeline, iso: Isolation, n: int
     worker.start()
     try:
         ready_s = worker.wait_ready()
+        # Measured from ready (startup excluded) to the last sink's commit: the backlog's own CPU.
+        pids = {**worker.pids(), **{svc.name: svc.pid for svc in stack.status(settings)
+                                    if svc.pid and not svc.name.startswith("worker")}}
+        meter = CpuMeter(pids)
+        meter.start()
         done = worker.wait_applied(n, timeout)
+        cpu = meter.stop()
         applied = worker.applied()
     finally:
         worker.stop()
@@ -110,6 +123,7 @@ def _worker_pass(base: BenchSettings, pipeline: Pipeline, iso: Isolation, n: int
         "applied": applied,
         "complete": all_done,
         "worker_startup_s": round(ready_s, 2),
+        "cpu_us_per_change": per_change_us(cpu, n, own=("decode", *(f"sink:{s}" for s in SINKS))),
         "worker_log": str(worker.log_path),
     }
 

@@ -28,7 +28,7 @@ def _not_run(ax: Any) -> None:
 
 
 def write(result: dict[str, Any], path: Path) -> Path:
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5.8), gridspec_kw={"width_ratios": [1.25, 1.2, 0.9]},
+    fig, axes = plt.subplots(1, 4, figsize=(22, 5.8), gridspec_kw={"width_ratios": [1.25, 1.2, 0.9, 1.0]},
                              layout="constrained")
     m = result.get("machine", {})
     fig.suptitle(
@@ -105,6 +105,25 @@ def write(result: dict[str, Any], path: Path) -> Path:
     ax.set_title(f"Initial snapshot of {snap.get('rows', 0):,} rows", fontsize=10)
     if not snap:
         ax.set_xticks([])
+        _not_run(ax)
+
+    ax = axes[3]
+    cpu = {k: v for k, v in (b.get("cpu_us_per_change") or {}).items() if k != "changeflow"}
+    if cpu:
+        names = list(cpu)
+        bars = ax.barh(names, list(cpu.values()),
+                       color=["#2ca02c" if n == "decode" or n.startswith("sink:") else "#c7c7c7" for n in names])
+        for bar in bars:
+            ax.annotate(f"{bar.get_width():,.1f}", (bar.get_width(), bar.get_y() + bar.get_height() / 2),
+                        va="center", fontsize=7, xytext=(3, 0), textcoords="offset points")
+        if b.get("ceiling_cpu_us_per_change"):
+            ax.axvline(b["ceiling_cpu_us_per_change"], color="black", linestyle="--", linewidth=1)
+        ax.invert_yaxis()
+        ax.set_xlabel("CPU µs per change (dashed: the ceiling's consume + decode)")
+        total = (b.get("cpu_us_per_change") or {}).get("changeflow")
+        ax.set_title(f"Backlog CPU per change, per process (changeflow's own: {total:,.0f} µs)", fontsize=10)
+        ax.tick_params(axis="y", labelsize=8)
+    else:
         _not_run(ax)
 
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -76,6 +76,17 @@ class BenchWorker:
             time.sleep(0.5)
         raise BenchWorkerError(f"bench worker not ready after {timeout:.0f}s (log {self.log_path})")
 
+    def pids(self) -> dict[str, int]:
+        """``decode`` (the worker process) and ``sink:<name>`` (each sink process, from the worker's web page)."""
+        assert self.proc is not None
+        out = {"decode": self.proc.pid}
+        try:
+            states = httpx.get(f"http://127.0.0.1:{self.port}/changeflow/sinks/", timeout=5).json()
+        except (httpx.HTTPError, ValueError):
+            states = {}
+        out.update({f"sink:{name}": int(st["pid"]) for name, st in states.items() if st.get("pid")})
+        return out
+
     def applied(self) -> dict[str, int]:
         """Records each sink has written and committed (its group's committed offsets on the canonical topics)."""
         if not self._progress:

@@ -19,6 +19,7 @@ import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from bench.common import BenchSettings, Isolation
 from pipelines.load import load
@@ -64,6 +65,10 @@ def main() -> None:
     sinks = SinkProcesses(settings, default_jobs(pipeline, SINKS))
     sinks.start()
     app = create_app(settings, pipeline, decode_group=iso.decode_group)
+
+    @app.page("/changeflow/sinks/")
+    async def sink_states(web: Any, request: Any) -> Any:  # as changeflow.worker.run: the bench reads the pids
+        return web.json(sinks.states())
     # The Faust app id follows the decode group; its data directory is made private to this run too.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

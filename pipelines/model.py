@@ -77,7 +77,8 @@ class FieldPolicy(Strict):
     so a column added at the source stays out until it is declared."""
 
     drop: list[str] = Field(default_factory=list, description="Never leave the database (excluded in the connector).")
-    hash: list[str] = Field(default_factory=list, description="Replaced by HMAC-SHA256(salt, value) in the decode stage.")
+    hash: list[str] = Field(default_factory=list,
+                            description="Replaced by HMAC-SHA256(salt, value) in the decode stage.")
     salt: str | None = Field(None, description="The hash salt: ${env:VAR} or ${file:/path}; required with `hash`.")
     allow: list[str] | None = Field(None, description="Only these fields (plus key and derived ones) are kept.")
 
@@ -104,7 +105,8 @@ def _checked_type(v: str) -> str:
 
 
 class Derived(Strict):
-    expr: str = Field(description="A sandboxed expression over the row's fields (simpleeval), e.g. `decimal(price_cents) / 100`.")
+    expr: str = Field(description="A sandboxed expression over the row's fields (simpleeval), "
+                                  "e.g. `decimal(price_cents) / 100`.")
     type: str = Field(description="Its column type, e.g. decimal(12,2).")
 
     _type = field_validator("type")(classmethod(lambda cls, v: _checked_type(v)))
@@ -128,7 +130,8 @@ class RedisStore(Strict):
 
 class SearchStore(Strict):
     enabled: bool = True
-    index: str | None = Field(None, description="Index (an alias over a rebuildable index); default: <namespace>-<entity>.")
+    index: str | None = Field(None,
+                              description="Index (an alias over a rebuildable index); default: <namespace>-<entity>.")
     mappings: dict[str, Any] = Field(default_factory=dict, description="Field mappings merged over the derived ones.")
     on_reject: OnReject = Field("quarantine", description=ON_REJECT_DOC)
 
@@ -145,7 +148,8 @@ class ClickHouseStore(Strict):
     database: str | None = Field(None, description="Default: the namespace.")
     table: str | None = Field(None, description="Default: the entity name.")
     order_by: list[str] | None = Field(None, description="Default: the key columns.")
-    types: dict[str, str] = Field(default_factory=dict, description="ClickHouse column types that override the derived ones.")
+    types: dict[str, str] = Field(default_factory=dict,
+                                  description="ClickHouse column types that override the derived ones.")
     on_reject: OnReject = Field("quarantine", description=ON_REJECT_DOC)
 
 
@@ -170,12 +174,15 @@ class Entity(Strict):
     table: str | None = Field(None, description="PostgreSQL `schema.table` (or `table` in the first captured schema).")
     collection: str | None = Field(None, description="MongoDB collection.")
     key: list[str] | None = Field(None, description="Key columns; default: the table's primary key.")
-    fields: FieldPolicy = Field(default_factory=FieldPolicy)
-    filter: str | None = Field(None, description="Rows for which this expression is false are removed from every store.")
+    fields: FieldPolicy = Field(default_factory=lambda: FieldPolicy.model_validate({}))
+    filter: str | None = Field(None,
+                               description="Rows for which this expression is false are removed from every store.")
     derive: dict[str, Derived] = Field(default_factory=dict)
-    hook: str | None = Field(None, description="`module:function` taking and returning a row, for what expressions cannot do.")
-    columns: dict[str, str] = Field(default_factory=dict, description="Column types where the source cannot say (MongoDB) or must be overridden.")
-    stores: EntityStores = Field(default_factory=EntityStores)
+    hook: str | None = Field(None, description="`module:function` taking and returning a row, "
+                                               "for what expressions cannot do.")
+    columns: dict[str, str] = Field(default_factory=dict, description="Column types where the source cannot say "
+                                                                      "(MongoDB) or must be overridden.")
+    stores: EntityStores = Field(default_factory=lambda: EntityStores.model_validate({}))
 
     @field_validator("hook")
     @classmethod
@@ -229,7 +236,8 @@ class PipelineFile(Strict):
         for name, entity in self.entities.items():
             if entity.source is None:
                 if len(available) > 1:
-                    raise ValueError(f"entities.{name}.source: two sources are declared; say `source: postgres` or `source: mongodb`")
+                    raise ValueError(f"entities.{name}.source: two sources are declared; "
+                                     "say `source: postgres` or `source: mongodb`")
                 entity.source = available[0]  # type: ignore[assignment]
             if entity.source not in available:
                 raise ValueError(f"entities.{name}.source: {entity.source} is not declared under `sources`")

@@ -109,7 +109,7 @@ def load_hook(ref: str, base: Path | None) -> Callable[[Row], Row]:
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         raise ExpressionError(f"hook {ref!r}: {module_name} has no function {fn_name}")
-    return fn  # type: ignore[no-any-return]
+    return fn
 
 
 def hash_value(salt: bytes, value: Any) -> str | None:
@@ -132,7 +132,9 @@ class Transformer:
     dropped: frozenset[str]
     salt: bytes
 
-    def apply(self, row: Row, *, partial: bool = False, keep: Iterable[str] = (), use_filter: bool = True) -> Row | object:
+    def apply(
+        self, row: Row, *, partial: bool = False, keep: Iterable[str] = (), use_filter: bool = True
+    ) -> Row | object:
         """The canonical row, or ``FILTERED`` when the filter says no; raises ExpressionError on bad data."""
         if self.hook is not None:
             row = self.hook(dict(row))
@@ -144,9 +146,13 @@ class Transformer:
                 if partial and not expr.names <= row.keys():
                     continue
                 row[name] = expr.evaluate(row)
-        if use_filter and self.filter is not None and not (partial and not self.filter.names <= row.keys()):
-            if not self.filter.evaluate(row):
-                return FILTERED
+        if (
+            use_filter
+            and self.filter is not None
+            and not (partial and not self.filter.names <= row.keys())
+            and not self.filter.evaluate(row)
+        ):
+            return FILTERED
         if self.allow is not None:
             allowed = self.allow | {name for name, _ in self.derived} | set(keep)
             row = {k: v for k, v in row.items() if k in allowed}
@@ -167,7 +173,11 @@ class Transformer:
 
 def compile_entity(spec: EntitySpec, base: Path | None, secret: Callable[[str, str], str]) -> Transformer:
     cfg = spec.config
-    salt = secret(cfg.fields.salt, f"entities.{spec.name}.fields.salt").encode() if cfg.fields.hash and cfg.fields.salt else b""
+    salt = (
+        secret(cfg.fields.salt, f"entities.{spec.name}.fields.salt").encode()
+        if cfg.fields.hash and cfg.fields.salt
+        else b""
+    )
     return Transformer(
         spec=spec,
         hook=load_hook(cfg.hook, base) if cfg.hook else None,

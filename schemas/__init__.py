@@ -134,6 +134,9 @@ def make_version(entity: str, version: int, columns: Mapping[str, ColumnType],
             {"name": "before", "type": ["null", _row_record(entity, columns)], "default": None},
             {"name": "after", "type": ["null", "changeflow.canonical.Row"], "default": None},
             {"name": "present", "type": ["null", {"type": "array", "items": "string"}], "default": None},
+            # The columns a complete row carries when it lacks some of this version's: a column dropped
+            # at the source leaves the JSON stores' documents instead of lingering there as null.
+            {"name": "carried", "type": ["null", {"type": "array", "items": "string"}], "default": None},
         ],
     }
     parsed = parse_schema(raw)

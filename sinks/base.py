@@ -215,7 +215,7 @@ BUILTIN = {"redis": "sinks.redis:RedisStore", "search": "sinks.search:SearchStor
 
 def _load(ref: str) -> StoreFactory:
     module, _, attr = ref.partition(":")
-    return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
+    return getattr(importlib.import_module(module), attr)
 
 
 @cache

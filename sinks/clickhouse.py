@@ -149,7 +149,7 @@ def client_for(settings: Settings) -> Any:
 
 
 def q(name: str) -> str:
-    return quote_identifier(name)  # type: ignore[no-any-return]
+    return quote_identifier(name)
 
 
 def column_type(t: ColumnType, nullable: bool = True) -> str:

@@ -16,7 +16,7 @@ whole batch as before: retried, or fatal.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
 
@@ -224,7 +224,8 @@ class RedisStore:
         return ahead
 
     def applied_through(self) -> dict[str, int]:
-        raw = self.client.hgetall(self.applied_key)
+        # The client is made without decode_responses, so hash fields come back as bytes.
+        raw = cast("dict[bytes, bytes]", self.client.hgetall(self.applied_key))
         return {k.decode(): int(v) for k, v in raw.items()}
 
     def close(self) -> None:

@@ -86,7 +86,9 @@ def record_from_bytes(value: bytes, origin: tuple[str, int, int], book: schemas.
     after = data["after"]
     carried = data.get("carried")
     if after is not None and (present is not None or carried is not None):
-        keep = set(present if present is not None else carried)
+        kept = present if present is not None else carried
+        assert kept is not None
+        keep = set(kept)
         after = {k: v for k, v in after.items() if k in keep}
     return ChangeRecord(
         source=data["source"],

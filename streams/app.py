@@ -254,6 +254,9 @@ def create_app(settings: Settings, pipeline: Pipeline, decode_group: str | None 
         value_serializer="raw",
         web_port=settings.worker_web_port,
         web_host=settings.worker_web_host,
+        # Faust binds every interface unless told: /metrics and the sink states stay on the configured
+        # host (loopback by default), like every other local server.
+        web_bind=settings.worker_web_host,
         topic_partitions=CANONICAL_PARTITIONS,
         topic_replication_factor=1,
         consumer_auto_offset_reset="earliest",

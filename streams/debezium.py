@@ -13,14 +13,14 @@ import binascii
 from collections.abc import Mapping
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
 from pipelines.transform import FILTERED, ExpressionError, Transformer
 from pipelines.types import ColumnType, from_connect, from_value
 from streams.keys import key_text
-from streams.records import ChangeRecord, DeadLetter, Decoded, Skip
+from streams.records import ChangeRecord, DeadLetter, Decoded, Op, Skip
 
 UNAVAILABLE = "__debezium_unavailable_value"
 # The placeholder as Debezium writes it into a bytea column (its bytes, base64 in JSON) and into arrays.
@@ -218,7 +218,8 @@ def decode_postgres(
     table = source.get("table")
     if not isinstance(table, str):
         return dead("source.table missing")
-    db_schema = source.get("schema") if isinstance(source.get("schema"), str) else "public"
+    source_schema = source.get("schema")
+    db_schema = source_schema if isinstance(source_schema, str) else "public"
     transformer = None
     if entities is not None:
         transformer = entities.get((db_schema, table))
@@ -283,7 +284,7 @@ def decode_postgres(
         source="postgres",
         entity=transformer.spec.name if transformer is not None else table,
         key=key_text(key_values),
-        op=op,
+        op=cast(Op, op),
         version=version,
         ts_ms=ts_ms,
         before=before,

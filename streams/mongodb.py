@@ -42,14 +42,14 @@ import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
 from pipelines.transform import FILTERED, ExpressionError, Transformer
 from schemas.json import dumps
 from streams.debezium import output_types
-from streams.records import ChangeRecord, DeadLetter, Decoded, Skip
+from streams.records import ChangeRecord, DeadLetter, Decoded, Op, Skip
 
 SOURCE = "mongodb"
 TRUNCATE = "$truncate"
@@ -341,7 +341,8 @@ def decode_mongodb(
     collection = source.get("collection")
     if not isinstance(collection, str):
         return dead("source.collection missing")
-    database = source.get("db") if isinstance(source.get("db"), str) else ""
+    source_db = source.get("db")
+    database = source_db if isinstance(source_db, str) else ""
     transformer = None
     if entities is not None:
         transformer = entities.get((database, collection))
@@ -394,7 +395,7 @@ def decode_mongodb(
         source=SOURCE,
         entity=transformer.spec.name if transformer is not None else collection,
         key=key,
-        op=op,
+        op=cast(Op, op),
         version=version,
         ts_ms=int(source["ts_ms"]),
         before=before_row,

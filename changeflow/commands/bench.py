@@ -54,6 +54,16 @@ def _print(result: dict[str, Any]) -> None:
         s.add_row("worker", _n(b.get("decode_stage_changes_per_s")), _n(per.get("redis")), _n(per.get("search")),
                   _n(per.get("clickhouse")))
         console.print(s)
+        cpu = b.get("cpu_us_per_change") or {}
+        if cpu:
+            c = Table(title="Backlog: CPU µs per change, per process (/proc/<pid>/stat, ready → last commit)")
+            for col in ("process", "µs/change", "x ceiling"):
+                c.add_column(col, justify="left" if col == "process" else "right")
+            ceiling_us = b.get("ceiling_cpu_us_per_change")
+            for name, us in cpu.items():
+                c.add_row(f"[bold]{name}[/]" if name == "changeflow" else name, f"{us:,.1f}", _n(_div(us, ceiling_us)))
+            c.add_row("[dim]ceiling (consume + decode)[/]", _n(ceiling_us), "1")
+            console.print(c)
     fresh = result.get("freshness", {})
     if fresh:
         t = Table(title="Freshness: ms from PostgreSQL commit to visible (live pipeline)")

@@ -45,6 +45,13 @@ def test_bench_quick_small(pipeline: Settings, tmp_path: Path) -> None:
     assert backlog["ceiling_changes"] == CHANGES
     assert backlog["complete"]
     assert backlog["applied"] == {"redis": CHANGES, "search": CHANGES, "clickhouse": CHANGES}
+    # CPU per change per process: decode, each sink, the stack's servers, and changeflow's own sum.
+    cpu = backlog["cpu_us_per_change"]
+    assert {"decode", "sink:redis", "sink:search", "sink:clickhouse", "kafka", "changeflow"} <= set(cpu), cpu
+    own = sum(cpu[k] for k in ("decode", "sink:redis", "sink:search", "sink:clickhouse"))
+    assert abs(cpu["changeflow"] - own) < 0.5, cpu  # each figure is rounded to 0.1 µs
+    assert all(v > 0 for k, v in cpu.items() if k == "decode" or k.startswith("sink:")), cpu
+    assert backlog["ceiling_cpu_us_per_change"] > 0
     # End to end cannot be faster than its slowest stage.
     slowest = min(backlog["decode_stage_changes_per_s"], *backlog["per_sink_changes_per_s"].values())
     assert backlog["throughput_changes_per_s"] <= slowest

@@ -52,3 +52,26 @@ def test_sink_processes_report_to_the_worker_and_die_with_it_even_on_sigkill(pip
                    what="sink processes gone with their worker")
     finally:
         extra.stop()
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses listening on ``port`` (IPv4 and IPv6), read from /proc/net/tcp*."""
+    found: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                lines = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.rsplit(":", 1)
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                found.add(address)
+    return found
+
+
+def test_worker_web_port_listens_on_loopback_only(pipeline: Settings) -> None:
+    """/metrics and the sink states carry no credentials: the worker binds the configured host only."""
+    addresses = listening_addresses(pipeline.worker_web_port)
+    assert addresses == {"0100007F"}, addresses  # 127.0.0.1, not 0.0.0.0 (00000000) or :: (all zeros)
