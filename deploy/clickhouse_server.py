@@ -18,13 +18,18 @@ against a real server, so the sinks and reports never know the difference:
   (its default is 1 in this engine version, as on a current server).
 * Errors as ``Code: N. DB::Exception: ... (NAME) (version ...)`` with the HTTP status ClickHouse uses
   and the ``X-ClickHouse-Exception-Code`` header, so clients raise their usual exceptions.
+* ``multipart/form-data`` bodies (query and ``param_*`` as form fields, as clickhouse-connect sends them past
+  4,096 URL-encoded characters of parameters) and external data (uploaded files with ``<name>_structure`` /
+  ``<name>_types`` / ``<name>_format``, queried as temporary tables of the request's connection).
+* ``SELECT`` results streamed block by block (chunked) in formats whose blocks concatenate; an error after
+  the first block in ClickHouse's mid-stream framing (``X-ClickHouse-Exception-Tag``); ``wait_end_of_query=1``
+  buffers the whole result first. SQL may hold any bytes (not only UTF-8).
 
-One chdb connection serves every request; engine calls are serialised by a lock (one connection is
-not safe for concurrent statements), while HTTP parsing, decompression and compression run in the
-request threads outside it. chdb releases the GIL while it executes, so the server stays responsive.
-The connection's current database and settings are re-established for every request inside the same
-locked call, so nothing leaks from one client to another. Sessions keep their ``USE`` database and
-``SET`` settings for ``session_timeout`` seconds.
+chdb opens one engine per process and any number of connections to it, each with its own database,
+settings and temporary tables, running in parallel (``Engine``): every request leases a connection of its
+own (a ``session_id`` keeps one for the session's life), at most ``--max-concurrent-queries`` at once.
+HTTP parsing, decompression and compression run in the request threads; chdb releases the GIL while it
+executes. A statement whose client closes the connection is cancelled (``ClientWatch``, ``KILL QUERY``).
 
 It behaves like a locked-down ClickHouse server, not like a root shell (DESIGN.md, "Known traps"):
 
@@ -66,7 +71,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote_to_bytes, urlsplit
 
 # The engine takes its time zone from the process; the warehouse keeps UTC whatever the host says.
 os.environ["TZ"] = "UTC"
@@ -706,6 +711,17 @@ def valid_query_id(value: str) -> str:
 # literal list costs as much as the query, and the engine's own max_query_size is of this order.
 AST_CHECK_MAX = 256 << 10
 
+# Output formats whose per-block outputs concatenate into one valid result (no document prefix/suffix,
+# no header per block), so a result can leave block by block. Any other format is built whole first:
+# chdb's streaming gives every block its own JSON document, Parquet file or header line.
+STREAMABLE_FORMATS = frozenset(
+    {
+        "native", "rowbinary", "tabseparated", "tsv", "tabseparatedraw", "tsvraw", "csv", "jsoneachrow",
+        "jsonlines", "ndjson", "jsoncompacteachrow", "jsonstringseachrow", "jsoncompactstringseachrow",
+        "lineasstring", "rawblob", "msgpack",
+    }
+)  # fmt: skip
+
 
 @dataclass
 class Outcome:
@@ -717,93 +733,188 @@ class Outcome:
     result_rows: int = 0
     result_bytes: int = 0
     elapsed_ns: int = 0
+    # A streamed result: ``data`` is its first block, ``rest`` yields the others (and may raise midway).
+    rest: Iterator[bytes] | None = None
+    cancel: Any = None
+
+
+class Conn:
+    """One chdb connection and the state (database, settings) the server last put it in."""
+
+    def __init__(self, path: str) -> None:
+        from chdb.state import sqlitelike
+
+        self.wrapper: Any = sqlitelike.connect(path)
+        self.raw: Any = self.wrapper._conn  # the engine's own binding: takes SQL as bytes, streams results
+        self.applied: dict[str, str] = {}
+
+    def text(self, sql: str | bytes) -> str:
+        return bytes(self.raw.query(sql, "TabSeparated").bytes()).decode().strip()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.wrapper.close()
 
 
 class Engine:
-    """The process's only chdb connection, used under one lock.
+    """chdb over one data directory, served through a pool of its connections.
 
-    Per request, inside the lock: ``USE`` the request's database and bring the connection's
-    settings to exactly the request's (setting what differs, resetting what the previous request
-    changed to DEFAULT). clickhouse-connect sends the same few settings on every call, so in the
-    steady state this costs one ``USE`` (~0.1 ms).
+    chdb (4.4) opens one embedded engine per process and any number of connections to it; each connection
+    has its own current database, settings and temporary tables, and statements on different connections
+    run in parallel (measured: an insert during a 10 s report query takes as long as without it). So every
+    request leases a connection of its own: a session's (``session_id``) own connection, kept for the
+    session's life (its temporary tables die with it), or an idle one from the pool; at most
+    ``max_concurrent`` statements run at once, the next ones wait for a slot. Per request, on its
+    connection: ``USE`` the request's database and bring the settings to exactly the request's (setting
+    what differs, resetting what the previous request changed to DEFAULT); clickhouse-connect sends the
+    same few settings on every call, so in the steady state this costs one ``USE`` (~0.1 ms).
     """
 
-    def __init__(self, data_dir: Path) -> None:
-        from chdb.state import sqlitelike
-
+    def __init__(self, data_dir: Path, max_concurrent: int = 16) -> None:
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(data_dir, 0o700)
-        self._conn: Any = sqlitelike.connect(str(data_dir))
-        self._lock = threading.Lock()
-        self._applied: dict[str, str] = {}
+        self._path = str(data_dir)
+        first = Conn(self._path)
+        self._lock = threading.Lock()  # the pool's lists, never held while the engine works
+        self._idle: list[Conn] = [first]
+        self._all: set[Conn] = {first}
+        self.max_concurrent = max(1, max_concurrent)
+        self._slots = threading.BoundedSemaphore(self.max_concurrent)
+        self._control = Conn(self._path)  # KILL QUERY for requests whose client went away
+        self._control_lock = threading.Lock()
         self.closed = False
-        head = self._query_text("SELECT version(), timezone()").split("\t")
+        head = first.text("SELECT version(), timezone()").split("\t")
         self.version, self.timezone = head[0], head[1] if len(head) > 1 else "UTC"
-        self.setting_names = set(self._query_text("SELECT name FROM system.settings").split("\n"))
+        self.setting_names = set(first.text("SELECT name FROM system.settings").split("\n"))
         # Fail closed: every table function and engine this build has, unless known to stay inside it.
-        functions = {n.lower() for n in self._query_text("SELECT name FROM system.table_functions").split("\n")}
-        engines = {n.lower() for n in self._query_text("SELECT name FROM system.table_engines").split("\n")}
+        functions = {n.lower() for n in first.text("SELECT name FROM system.table_functions").split("\n")}
+        engines = {n.lower() for n in first.text("SELECT name FROM system.table_engines").split("\n")}
         self.denied_functions = frozenset(
             DENIED_FUNCTIONS | (functions - ALLOWED_TABLE_FUNCTIONS) | (engines - ALLOWED_ENGINES) - {""}
         )
         self.check_ast: Any = None  # set by the server: (ast text) -> ClickHouseError | None
 
-    def _query_text(self, sql: str) -> str:
-        return bytes(self._conn.query(sql, "TabSeparated").bytes()).decode().strip()
+    # -- connections -------------------------------------------------------------------------------
+    def _new(self) -> Conn:
+        conn = Conn(self._path)
+        with self._lock:
+            self._all.add(conn)
+        return conn
 
-    def _prepare(self, database: str, settings: dict[str, str]) -> None:
-        """Runs under the lock: the connection's state becomes this request's."""
+    def lease(self, session: Session | None = None, timeout: float = 300.0) -> Conn:
+        """A connection for one request (``give_back`` it): the session's own, or an idle pooled one."""
+        self._guard()
+        if not self._slots.acquire(timeout=timeout):
+            raise ch_error(202, "TOO_MANY_SIMULTANEOUS_QUERIES", f"Too many simultaneous queries ({timeout:g} s)")
         try:
-            self._conn.query(f"USE {quote_identifier(database)}", "TabSeparated")
+            self._guard()
+            if session is not None:
+                if session.conn is None:
+                    session.conn = self._new()
+                return session.conn
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            return conn or self._new()
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def give_back(self, conn: Conn, session: Session | None = None) -> None:
+        if session is None:
+            with self._lock:
+                self._idle.append(conn)
+        self._slots.release()
+
+    def drop(self, conn: Conn) -> None:
+        """A session's connection, when the session expires (never while a request holds it)."""
+        with self._lock:
+            self._all.discard(conn)
+        if not self.closed:
+            conn.close()
+
+    def kill(self, tag: str) -> None:
+        """Cancel the statement marked with ``log_comment = tag``, from the control connection."""
+        with self._control_lock:
+            if self.closed:
+                return
+            with contextlib.suppress(Exception):
+                self._control.raw.query(f"KILL QUERY WHERE Settings['log_comment'] = {quote_literal(tag)} ASYNC", "TSV")
+
+    def _guard(self) -> None:
+        if self.closed:
+            raise ch_error(210, "NETWORK_ERROR", "Server is shutting down")
+
+    def _prepare(self, conn: Conn, database: str, settings: dict[str, str]) -> None:
+        """The connection's state becomes this request's."""
+        try:
+            conn.raw.query(f"USE {quote_identifier(database)}", "TabSeparated")
         except Exception as exc:
             raise ClickHouseError.from_engine(exc) from None
-        for name in [n for n in self._applied if n not in settings]:
+        for name in [n for n in conn.applied if n not in settings]:
             with contextlib.suppress(Exception):
-                self._conn.query(f"SET {name} = DEFAULT", "TabSeparated")
-            del self._applied[name]
+                conn.raw.query(f"SET {name} = DEFAULT", "TabSeparated")
+            del conn.applied[name]
         for name, literal in settings.items():
-            if self._applied.get(name) == literal:
+            if conn.applied.get(name) == literal:
                 continue
-            self._applied.pop(name, None)
+            conn.applied.pop(name, None)
             try:
-                self._conn.query(f"SET {name} = {literal}", "TabSeparated")
+                conn.raw.query(f"SET {name} = {literal}", "TabSeparated")
             except Exception as exc:
                 raise ClickHouseError.from_engine(exc) from None
-            self._applied[name] = literal
+            conn.applied[name] = literal
 
     def check_settings(self, names: list[str]) -> None:
         for name in names:
             if not _IDENT_RE.match(name) or name not in self.setting_names:
                 raise ch_error(115, "UNKNOWN_SETTING", f"Unknown setting '{name}'")
 
-    def _guard(self) -> None:
-        if self.closed:
-            raise ch_error(210, "NETWORK_ERROR", "Server is shutting down")
-
-    def _check(self, sql: str, params: dict[str, str] | None = None) -> None:
-        """Under the lock: the engine parses the client's statement (without running it) for the guard.
+    def _check(self, conn: Conn, sql: bytes, params: dict[str, str] | None = None) -> None:
+        """The engine parses the client's statement (without running it) for the guard.
 
         A statement EXPLAIN AST cannot parse fails the same way when run, after the token guard passed it.
         """
         if self.check_ast is None or len(sql) > AST_CHECK_MAX:
             return
         try:
-            ast = bytes(self._conn.query(f"EXPLAIN AST {sql}", "TabSeparatedRaw", params=params or {}).bytes())
+            ast = bytes(conn.raw.query(b"EXPLAIN AST " + sql, "TabSeparatedRaw", params=params or {}).bytes())
         except Exception:
             return
         violation = self.check_ast(ast.decode("utf-8", "replace"))
         if violation is not None:
             raise violation
 
-    def query(self, sql: str, fmt: str, database: str, settings: dict[str, str], params: dict[str, str]) -> Outcome:
-        with self._lock:
-            self._guard()
-            self._prepare(database, settings)
-            self._check(sql, params)
+    # -- statements --------------------------------------------------------------------------------
+    def query(
+        self,
+        conn: Conn,
+        sql: bytes,
+        fmt: str,
+        database: str,
+        settings: dict[str, str],
+        params: dict[str, str],
+        stream: bool = False,
+    ) -> Outcome:
+        """Run one statement (SQL as bytes: the engine takes any bytes a real server takes).
+
+        ``stream``: the result leaves block by block (``Outcome.rest``) when the format allows it.
+        """
+        self._guard()
+        self._prepare(conn, database, settings)
+        self._check(conn, sql, params)
+        if stream and fmt.lower() in STREAMABLE_FORMATS:
             try:
-                res = self._conn.query(sql, fmt, params=params)
+                handle = conn.raw.send_query(sql, fmt, params=params)
             except Exception as exc:
-                raise ClickHouseError.from_engine(exc) from None
+                err = ClickHouseError.from_engine(exc)
+                if not (err.code == 36 and "Streaming query is not supported" in err.message):
+                    raise err from None
+            else:
+                return self._streamed(conn, handle)
+        try:
+            res = conn.raw.query(sql, fmt, params=params)
+        except Exception as exc:
+            raise ClickHouseError.from_engine(exc) from None
         data = bytes(res.bytes()) if res.size() else b""
         return Outcome(
             data=data,
@@ -816,24 +927,69 @@ class Engine:
             elapsed_ns=int(res.elapsed() * 1e9),
         )
 
-    def insert(self, head: str, fmt: str, data: bytes, database: str, settings: dict[str, str]) -> Outcome:
+    @staticmethod
+    def _streamed(conn: Conn, handle: Any) -> Outcome:
+        """The first block now (an error before any row is an ordinary error response), the rest lazily."""
+
+        def fetch() -> Any:
+            try:
+                res = conn.raw.streaming_fetch_result(handle)
+            except Exception as exc:
+                raise ClickHouseError.from_engine(exc) from None
+            return None if res is None or (res.rows_read() == 0 and not res.size()) else res
+
+        def cancel() -> None:
+            with contextlib.suppress(Exception):
+                conn.raw.streaming_cancel_query(handle)
+
+        try:
+            first = fetch()
+        except BaseException:
+            cancel()
+            raise
+        if first is None:
+            return Outcome(data=b"")
+
+        def rest() -> Iterator[bytes]:
+            while (res := fetch()) is not None:
+                if res.size():
+                    yield bytes(res.bytes())
+
+        data = bytes(first.bytes()) if first.size() else b""
+        return Outcome(
+            data=data,
+            read_rows=first.storage_rows_read(),
+            read_bytes=first.storage_bytes_read(),
+            result_rows=first.rows_read(),
+            result_bytes=len(data),
+            elapsed_ns=int(first.elapsed() * 1e9),
+            rest=rest(),
+            cancel=cancel,
+        )
+
+    def insert(
+        self, conn: Conn, head: bytes, fmt: str, data: bytes, database: str, settings: dict[str, str]
+    ) -> Outcome:
         """Stream inline INSERT data into the engine's own input-format parser."""
-        with self._lock:
-            self._guard()
-            self._prepare(database, settings)
-            self._check(f"{head} FORMAT {fmt}")
-            try:
-                inserter = self._conn.send_insert(head, fmt)
-            except Exception as exc:
-                raise ClickHouseError.from_engine(exc) from None
-            try:
-                if data:
-                    inserter.append(data)
-                res = inserter.finish()
-            except Exception as exc:
-                with contextlib.suppress(Exception):
-                    inserter.cancel()
-                raise ClickHouseError.from_engine(exc) from None
+        self._guard()
+        self._prepare(conn, database, settings)
+        self._check(conn, head + f" FORMAT {fmt}".encode())
+        return self._insert(conn, head, fmt, data)
+
+    @staticmethod
+    def _insert(conn: Conn, head: bytes, fmt: str, data: bytes) -> Outcome:
+        try:
+            inserter = conn.wrapper.send_insert(head, fmt)
+        except Exception as exc:
+            raise ClickHouseError.from_engine(exc) from None
+        try:
+            if data:
+                inserter.append(data)
+            res = inserter.finish()
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                inserter.cancel()
+            raise ClickHouseError.from_engine(exc) from None
         return Outcome(
             data=b"",
             written_rows=res.rows_written,
@@ -843,35 +999,63 @@ class Engine:
             elapsed_ns=int(res.elapsed * 1e9),
         )
 
-    def use(self, database: str, statement: str) -> str:
-        """Validate ``USE x`` and return the database it names, for the session to remember."""
-        with self._lock:
-            self._guard()
-            try:
-                self._conn.query(statement, "TabSeparated")
-                return self._query_text("SELECT currentDatabase()")
-            except Exception as exc:
-                raise ClickHouseError.from_engine(exc) from None
+    def external_tables(self, conn: Conn, tables: list[ExternalTable]) -> list[str]:
+        """Uploaded tables (``<name>_structure``/``_types``/``_format``) as temporary tables of the connection.
 
-    def set(self, assignments: list[tuple[str, str]], database: str, settings: dict[str, str]) -> None:
+        Run after ``_prepare`` (the request's settings, e.g. ``input_format_allow_errors_num``, apply to
+        the upload as on a real server); the caller drops them (``drop_tables``) when the request ends.
+        """
+        made: list[str] = []
+        try:
+            for table in tables:
+                name = quote_identifier(table.name)
+                conn.raw.query(f"DROP TEMPORARY TABLE IF EXISTS {name}", "TabSeparated")
+                conn.raw.query(f"CREATE TEMPORARY TABLE {name} ({table.structure}) ENGINE = Memory", "TabSeparated")
+                made.append(table.name)
+                if table.data:
+                    self._insert(conn, f"INSERT INTO {name}".encode(), table.fmt, table.data)
+        except ClickHouseError:
+            self.drop_tables(conn, made)
+            raise
+        except Exception as exc:
+            self.drop_tables(conn, made)
+            raise ClickHouseError.from_engine(exc) from None
+        return made
+
+    @staticmethod
+    def drop_tables(conn: Conn, names: list[str]) -> None:
+        for name in names:
+            with contextlib.suppress(Exception):
+                conn.raw.query(f"DROP TEMPORARY TABLE IF EXISTS {quote_identifier(name)}", "TabSeparated")
+
+    def use(self, conn: Conn, database: str, statement: bytes) -> str:
+        """Validate ``USE x`` and return the database it names, for the session to remember."""
+        self._guard()
+        try:
+            conn.raw.query(statement, "TabSeparated")
+            return conn.text("SELECT currentDatabase()")
+        except Exception as exc:
+            raise ClickHouseError.from_engine(exc) from None
+
+    def set(self, conn: Conn, assignments: list[tuple[str, str]], database: str, settings: dict[str, str]) -> None:
         """Validate ``SET`` values by applying them (the state is reconciled on the next request)."""
         self.check_settings([name for name, _ in assignments])
         merged = dict(settings)
         merged.update(assignments)
-        with self._lock:
-            self._guard()
-            self._prepare(database, merged)
+        self._guard()
+        self._prepare(conn, database, merged)
 
     def close(self, timeout: float = 30.0) -> None:
-        """Wait for the running statement, then release the data directory for the next start."""
-        got = self._lock.acquire(timeout=timeout)
-        try:
-            if not self.closed:
-                self.closed = True
-                self._conn.close()
-        finally:
-            if got:
-                self._lock.release()
+        """Wait for the running statements, then release the data directory for the next start."""
+        self.closed = True
+        deadline = time.monotonic() + timeout
+        got = 0
+        while got < self.max_concurrent and self._slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            got += 1
+        with self._control_lock, self._lock:
+            conns, self._all, self._idle = list(self._all), set(), []
+            for conn in [*conns, self._control]:
+                conn.close()
 
 
 # -- sessions ---------------------------------------------------------------------------------------
@@ -884,30 +1068,37 @@ class Session:
     timeout: float = 60.0
     last_used: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    conn: Conn | None = None  # its own engine connection: temporary tables are the session's
 
 
 class Sessions:
-    """``session_id`` state: the database chosen by USE and settings chosen by SET.
+    """``session_id`` state: the database chosen by USE, settings chosen by SET, and an engine connection
+    of its own, whose temporary tables live as long as the session (closed when it expires)."""
 
-    Temporary tables are not per-session (one engine connection serves everyone).
-    """
-
-    def __init__(self) -> None:
+    def __init__(self, on_expire: Any = None, max_sessions: int = 256) -> None:
         self._lock = threading.Lock()
         self._items: dict[str, Session] = {}
+        self._on_expire = on_expire  # (Conn) -> None
+        self.max_sessions = max_sessions
 
     def acquire(self, session_id: str, timeout: float, check: bool) -> Session:
         now = time.monotonic()
+        expired: list[Session] = []
         with self._lock:
             for key in [k for k, s in self._items.items() if now - s.last_used > s.timeout]:
                 if not self._items[key].lock.locked():
-                    del self._items[key]
+                    expired.append(self._items.pop(key))
             session = self._items.get(session_id)
             if session is None:
                 if check:
                     raise ch_error(372, "SESSION_NOT_FOUND", f"Session {session_id} not found")
+                if len(self._items) >= self.max_sessions:
+                    raise ch_error(202, "TOO_MANY_SIMULTANEOUS_QUERIES", f"Too many sessions ({self.max_sessions})")
                 session = self._items[session_id] = Session(timeout=timeout)
             session.timeout, session.last_used = timeout, now
+        for old in expired:
+            if old.conn is not None and self._on_expire is not None:
+                self._on_expire(old.conn)
         if not session.lock.acquire(blocking=False):
             raise ch_error(373, "SESSION_IS_LOCKED", f"Session {session_id} is locked by a concurrent client")
         return session
@@ -916,6 +1107,16 @@ class Sessions:
     def release(session: Session) -> None:
         session.last_used = time.monotonic()
         session.lock.release()
+
+
+@dataclass
+class ExternalTable:
+    """One uploaded file of a multipart request, queried as a temporary table named like its form field."""
+
+    name: str
+    structure: str
+    fmt: str
+    data: bytes
 
 
 # -- HTTP -------------------------------------------------------------------------------------------
@@ -1052,6 +1253,240 @@ def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes")
 
 
+# -- multipart bodies and external data ---------------------------------------------------------------
+
+_BOUNDARY_RE = re.compile(r'boundary=(?:"([^"]+)"|([^;\s]+))', re.IGNORECASE)
+_DISPOSITION_PARAM_RE = re.compile(r';\s*([A-Za-z0-9_*-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;]*))')
+
+
+def parse_multipart(body: bytes, content_type: str) -> tuple[dict[str, bytes], dict[str, tuple[str, bytes]]]:
+    """``multipart/form-data``: plain fields (query, ``param_*``, settings) and uploaded files by field name.
+
+    clickhouse-connect sends one once bound parameters exceed 4,096 URL-encoded characters, and for
+    external data; curl ``-F`` too. A file part is one whose disposition names a ``filename``.
+    """
+    match = _BOUNDARY_RE.search(content_type)
+    if match is None:
+        raise ch_error(36, "BAD_ARGUMENTS", "multipart/form-data request without a boundary")
+    delimiter = b"--" + (match.group(1) or match.group(2)).encode("latin-1")
+    fields: dict[str, bytes] = {}
+    files: dict[str, tuple[str, bytes]] = {}
+    pos = body.find(delimiter)
+    if pos < 0:
+        raise ch_error(36, "BAD_ARGUMENTS", "Malformed multipart/form-data body: no boundary line")
+    while True:
+        pos += len(delimiter)
+        if body.startswith(b"--", pos):
+            return fields, files
+        pos += 2 if body.startswith(b"\r\n", pos) else 1 if body.startswith(b"\n", pos) else 0
+        head_end, sep = body.find(b"\r\n\r\n", pos), 4
+        if head_end < 0:
+            head_end, sep = body.find(b"\n\n", pos), 2
+        end = body.find(b"\r\n" + delimiter, head_end + sep) if head_end >= 0 else -1
+        if end < 0:
+            raise ch_error(36, "BAD_ARGUMENTS", "Malformed multipart/form-data body: truncated part")
+        name, filename = None, None
+        for line in body[pos:head_end].decode("utf-8", "replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip().lower() != "content-disposition":
+                continue
+            for pname, quoted, bare in _DISPOSITION_PARAM_RE.findall(value):
+                text = quoted.replace('\\"', '"').replace("%22", '"') if quoted else bare.strip()
+                if pname.lower() == "name":
+                    name = text
+                elif pname.lower() == "filename":
+                    filename = text
+        content = body[head_end + sep : end]
+        if name is not None:
+            if filename is not None:
+                files[name] = (filename, content)
+            else:
+                fields[name] = content
+        pos = end + 2
+
+
+def external_tables(files: dict[str, tuple[str, bytes]], params: dict[str, str]) -> list[ExternalTable]:
+    """Each uploaded file as ClickHouse takes it: ``<name>_structure`` ("a UInt8, b String") or
+    ``<name>_types`` ("UInt8,String": columns _1, _2...), ``<name>_format`` (TabSeparated by default)."""
+    tables = []
+    for name, (_filename, data) in files.items():
+        if not _IDENT_RE.match(name):
+            raise ch_error(36, "BAD_ARGUMENTS", f"Invalid external table name '{name}'")
+        structure = params.get(f"{name}_structure")
+        types = params.get(f"{name}_types")
+        if not structure and types:
+            structure = ", ".join(f"_{i} {t.strip()}" for i, t in enumerate(_split_top(types), 1))
+        if not structure:
+            raise ch_error(
+                36,
+                "BAD_ARGUMENTS",
+                f"Neither structure nor types have not been provided for external table {name}. "
+                f"Use fields {name}_structure or {name}_types to do so.",
+            )
+        fmt = params.get(f"{name}_format") or "TabSeparated"
+        if not _FORMAT_RE.match(fmt):
+            raise ch_error(73, "UNKNOWN_FORMAT", f"Unknown format {fmt}")
+        _check_structure(structure)
+        tables.append(ExternalTable(name, structure, fmt, data))
+    return tables
+
+
+def _split_top(text: str) -> list[str]:
+    """``UInt8,Tuple(a UInt8, b String)`` -> the two types: commas inside brackets do not split."""
+    out: list[str] = []
+    cur: list[str] = []
+    depth = 0
+    for ch in text:
+        if ch in "([":
+            depth += 1
+        elif ch in ")]":
+            depth -= 1
+        if ch == "," and depth == 0:
+            out.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    out.append("".join(cur))
+    return [t for t in out if t.strip()]
+
+
+def _check_structure(structure: str) -> None:
+    """A column list goes into our own DDL: it may not close the bracket or add a statement or clause."""
+    buf = structure.encode()
+    depth = 0
+    for tok in tokens(buf):
+        text = buf[tok.start : tok.end]
+        if tok.kind == "punct" and text in (b"(", b"["):
+            depth += 1
+        elif tok.kind == "punct" and text in (b")", b"]"):
+            depth -= 1
+        if depth < 0 or (tok.kind == "punct" and text == b";"):
+            raise ch_error(62, "SYNTAX_ERROR", f"Invalid external table structure: {structure[:200]}")
+    if depth != 0 or buf.count(b"/*") or buf.count(b"--"):
+        raise ch_error(62, "SYNTAX_ERROR", f"Invalid external table structure: {structure[:200]}")
+
+
+# -- streamed responses ------------------------------------------------------------------------------
+
+
+class StreamCompressor:
+    """A response ``Content-Encoding`` applied block by block, each block flushed as it leaves."""
+
+    def __init__(self, encoding: str) -> None:
+        self.encoding = encoding
+        self._head = b""
+        if encoding == "lz4":
+            self._c: Any = lz4_frame.LZ4FrameCompressor(auto_flush=True)
+            self._head = self._c.begin()
+        elif encoding == "zstd":
+            self._c = zstd.ZstdCompressor()
+        elif encoding in ("gzip", "deflate"):
+            self._c = zlib.compressobj(3, zlib.DEFLATED, 31 if encoding == "gzip" else 15)
+        elif encoding == "br":
+            self._c = brotli.Compressor(quality=3)
+        else:
+            raise ValueError(encoding)
+
+    @staticmethod
+    def pick(accept: str) -> str | None:
+        for raw in accept.split(","):
+            enc = raw.split(";")[0].strip().lower()
+            if (enc == "lz4" and lz4_frame is not None) or (enc == "zstd" and zstd is not None):
+                return enc
+            if enc in ("gzip", "deflate") or (enc == "br" and brotli is not None):
+                return enc
+        return None
+
+    def compress(self, data: bytes) -> bytes:
+        head, self._head = self._head, b""
+        if self.encoding == "lz4":
+            return head + self._c.compress(data)
+        if self.encoding == "zstd":
+            return bytes(self._c.compress(data, zstd.ZstdCompressor.FLUSH_BLOCK))
+        if self.encoding == "br":
+            return bytes(self._c.process(data)) + bytes(self._c.flush())
+        return self._c.compress(data) + self._c.flush(zlib.Z_SYNC_FLUSH)
+
+    def finish(self) -> bytes:
+        head, self._head = self._head, b""
+        if self.encoding == "lz4":
+            return head + self._c.flush()
+        if self.encoding == "zstd":
+            return bytes(self._c.flush())
+        if self.encoding == "br":
+            return bytes(self._c.finish())
+        return self._c.flush()
+
+
+def exception_block(tag: str, message: bytes) -> bytes:
+    """ClickHouse's mid-stream error (server 25.11+), announced by ``X-ClickHouse-Exception-Tag``."""
+    text = message if message.endswith(b"\n") else message + b"\n"
+    return b"__exception__\r\n%s\r\n%s%d %s\r\n__exception__\r\n" % (tag.encode(), text, len(text), tag.encode())
+
+
+class ClientWatch:
+    """Notices a client that closes its connection while its statement runs, and cancels the statement.
+
+    One thread selects over the sockets of running statements; a socket that turns readable with nothing
+    to read (EOF) is a client gone: the statement, marked with its ``log_comment``, gets ``KILL QUERY``.
+    A socket with bytes to read (a pipelined request) cannot be watched and is left alone.
+    """
+
+    def __init__(self, kill: Any, interval: float = 0.2) -> None:
+        self._kill = kill
+        self._interval = interval
+        self._lock = threading.Lock()
+        self._watched: dict[socket.socket, str] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="client-watch", daemon=True)
+        self._thread.start()
+
+    @contextlib.contextmanager
+    def watching(self, sock: socket.socket, tag: str | None) -> Iterator[None]:
+        if tag is None:
+            yield
+            return
+        with self._lock:
+            self._watched[sock] = tag
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._watched.pop(sock, None)
+
+    def _run(self) -> None:
+        import select
+
+        while not self._stop.is_set():
+            with self._lock:
+                socks = list(self._watched)
+            if not socks:
+                self._stop.wait(self._interval)
+                continue
+            try:
+                readable, _, _ = select.select(socks, [], [], self._interval)
+            except (OSError, ValueError):
+                readable = []
+                with self._lock:
+                    for sock in socks:
+                        if sock.fileno() < 0:
+                            self._watched.pop(sock, None)
+            for sock in readable:
+                try:
+                    gone = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    gone = True
+                with self._lock:
+                    tag = self._watched.pop(sock, None)
+                if gone and tag is not None:
+                    self._kill(tag)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
 class ClickHouseHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -1068,8 +1503,9 @@ class ClickHouseHTTPServer(ThreadingHTTPServer):
         self.engine = engine
         self.user = user
         self.password = password
-        self.sessions = Sessions()
+        self.sessions = Sessions(on_expire=engine.drop)
         self.limits = limits or Limits()
+        self.watch = ClientWatch(engine.kill)
         self.policy = Policy(
             user=user, denied_functions=engine.denied_functions, max_execution_time=self.limits.max_execution_time
         )
@@ -1110,6 +1546,7 @@ class Limits:
     max_decompressed_size: int = DEFAULT_MAX_BODY  # bytes after Content-Encoding
     max_connections: int = 128
     max_execution_time: float = 300.0  # seconds; clients may ask for less, never more
+    max_concurrent_queries: int = 16  # statements running at once in the engine; the next ones wait
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -1238,64 +1675,138 @@ class Handler(BaseHTTPRequestHandler):
             return
         base_headers = {"X-ClickHouse-Query-Id": query_id, "X-ClickHouse-Timezone": self.server.engine.timezone}
         sql = b""
-        session: Session | None = None
+        # What the request holds (its session, its engine connection, its external tables): released
+        # before the last byte of the answer leaves, so the client's next request finds them free.
+        cleanup = contextlib.ExitStack()
         try:
-            body = self._read_body()
-            if self.command == "GET" and "query" not in params and not body:
-                self._send(200, b"Ok.\n", {"Content-Type": "text/html; charset=UTF-8"})
-                return
-            self._authenticate(params)
-            if _truthy(params.get("decompress")):
-                raise ch_error(48, "NOT_IMPLEMENTED", "ClickHouse-compressed request bodies (decompress=1)")
-            body = decompress_body(
-                body, self.headers.get("Content-Encoding", ""), self.server.limits.max_decompressed_size
-            )
-            head = params.get("query", "").encode()
-            sql = head + b"\n" + body if head and body else head or body
-            if session_id := params.get("session_id"):
-                session = self.server.sessions.acquire(
-                    session_id, float(params.get("session_timeout") or 60), _truthy(params.get("session_check"))
+            try:
+                body = self._read_body()
+                if self.command == "GET" and "query" not in params and not body:
+                    self._send(200, b"Ok.\n", {"Content-Type": "text/html; charset=UTF-8"})
+                    return
+                self._authenticate(params)
+                if _truthy(params.get("decompress")):
+                    raise ch_error(48, "NOT_IMPLEMENTED", "ClickHouse-compressed request bodies (decompress=1)")
+                body = decompress_body(
+                    body, self.headers.get("Content-Encoding", ""), self.server.limits.max_decompressed_size
                 )
-            outcome, headers = self._execute(sql, params, session)
-        except (ClickHouseError, ValueError, OSError) as caught:
-            # ValueError/OSError: a malformed request body (bad chunk size, truncated upload...).
-            exc = caught if isinstance(caught, ClickHouseError) else ClickHouseError.from_engine(caught)
-            status = exc.http_status
-            headers = {
-                **base_headers,
-                "Content-Type": "text/plain; charset=UTF-8",
-                "X-ClickHouse-Exception-Code": str(exc.code),
+                head = _raw_param(url.query, "query") or b""
+                files: dict[str, tuple[str, bytes]] = {}
+                content = self.headers.get("Content-Type", "")
+                if content.lower().startswith("multipart/form-data"):
+                    # The query and bound parameters travel as form fields, uploaded files are external data.
+                    fields, files = parse_multipart(body, content)
+                    for name, value in fields.items():
+                        if name == "query":
+                            head = value
+                        elif name not in ("user", "password"):
+                            params[name] = value.decode("utf-8", "replace")
+                    body = b""
+                sql = head + b"\n" + body if head and body else head or body
+                if session_id := params.get("session_id"):
+                    session = self.server.sessions.acquire(
+                        session_id, float(params.get("session_timeout") or 60), _truthy(params.get("session_check"))
+                    )
+                    cleanup.callback(Sessions.release, session)
+                else:
+                    session = None
+                outcome, headers = self._execute(sql, params, session, files, cleanup)
+            except (ClickHouseError, ValueError, OSError) as caught:
+                # ValueError/OSError: a malformed request body (bad chunk size, truncated upload...).
+                cleanup.close()
+                exc = caught if isinstance(caught, ClickHouseError) else ClickHouseError.from_engine(caught)
+                status = exc.http_status
+                headers = {
+                    **base_headers,
+                    "Content-Type": "text/plain; charset=UTF-8",
+                    "X-ClickHouse-Exception-Code": str(exc.code),
+                }
+                if not isinstance(caught, ClickHouseError) or self.close_connection:
+                    self.close_connection = True  # the request stream is out of step: do not reuse it
+                    headers["Connection"] = "close"
+                with contextlib.suppress(OSError):
+                    self._send(status, exc.body(self.server.engine.version), headers)
+                self._log(status, started, sql, None, exc.name)
+                return
+            summary = {
+                "read_rows": str(outcome.read_rows),
+                "read_bytes": str(outcome.read_bytes),
+                "written_rows": str(outcome.written_rows),
+                "written_bytes": str(outcome.written_bytes),
+                "total_rows_to_read": str(outcome.read_rows),
+                "result_rows": str(outcome.result_rows),
+                "result_bytes": str(outcome.result_bytes),
+                "elapsed_ns": str(outcome.elapsed_ns),
             }
-            if not isinstance(caught, ClickHouseError) or self.close_connection:
-                self.close_connection = True  # the request stream is out of step: do not reuse it
-                headers["Connection"] = "close"
-            with contextlib.suppress(OSError):
-                self._send(status, exc.body(self.server.engine.version), headers)
-            self._log(status, started, sql, None, exc.name)
-            return
+            headers.update(base_headers)
+            headers["X-ClickHouse-Summary"] = json.dumps(summary, separators=(",", ":"))
+            # enable_http_compression defaults to 1 in this engine version, as on a current server.
+            compress = _truthy(params.get("enable_http_compression", "1"))
+            if outcome.rest is not None:
+                self._send_stream(outcome, headers, compress, cleanup, started, sql)
+                return
+            cleanup.close()
+            data = outcome.data
+            if data and compress:
+                data, encoding = compress_body(data, self.headers.get("Accept-Encoding", ""))
+                if encoding:
+                    headers["Content-Encoding"] = encoding
+            self._send(200, data, headers)
+            self._log(200, started, sql, outcome)
         finally:
-            if session is not None:
-                Sessions.release(session)
-        data = outcome.data
-        summary = {
-            "read_rows": str(outcome.read_rows),
-            "read_bytes": str(outcome.read_bytes),
-            "written_rows": str(outcome.written_rows),
-            "written_bytes": str(outcome.written_bytes),
-            "total_rows_to_read": str(outcome.read_rows),
-            "result_rows": str(outcome.result_rows),
-            "result_bytes": str(outcome.result_bytes),
-            "elapsed_ns": str(outcome.elapsed_ns),
-        }
-        headers.update(base_headers)
-        headers["X-ClickHouse-Summary"] = json.dumps(summary, separators=(",", ":"))
-        # enable_http_compression defaults to 1 in this engine version, as on a current server.
-        if data and _truthy(params.get("enable_http_compression", "1")):
-            data, encoding = compress_body(data, self.headers.get("Accept-Encoding", ""))
-            if encoding:
-                headers["Content-Encoding"] = encoding
-        self._send(200, data, headers)
-        self._log(200, started, sql, outcome)
+            cleanup.close()
+
+    def _send_stream(
+        self, outcome: Outcome, headers: dict[str, str], compress: bool, cleanup: Any, started: float, sql: bytes
+    ) -> None:
+        """A result block by block (chunked); an error after the first block as ClickHouse frames it."""
+        tag = uuid.uuid4().hex[:16]
+        encoding = StreamCompressor.pick(self.headers.get("Accept-Encoding", "")) if compress else None
+        compressor = StreamCompressor(encoding) if encoding else None
+        if encoding:
+            headers["Content-Encoding"] = encoding
+        headers["X-ClickHouse-Exception-Tag"] = tag
+        error: ClickHouseError | None = None
+
+        def write(data: bytes) -> None:
+            if compressor is not None:
+                data = compressor.compress(data)
+            if data:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+
+        try:
+            self.send_response(200)
+            for key, value in headers.items():
+                self.send_header(key, _CONTROL.sub("?", value))
+            self.send_header("X-ClickHouse-Server-Display-Name", DISPLAY_NAME)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.send_header("Keep-Alive", f"timeout={self.timeout}")
+            self.end_headers()
+            write(outcome.data)
+            assert outcome.rest is not None
+            try:
+                for block in outcome.rest:
+                    write(block)
+            except ClickHouseError as exc:
+                error = exc
+                write(exception_block(tag, exc.body(self.server.engine.version)))
+                self.close_connection = True
+            tail = compressor.finish() if compressor is not None else b""
+            cleanup.close()
+            if tail:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(tail), tail))
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        except OSError:
+            # The client went away mid-answer: stop the statement, and never reuse this connection.
+            if outcome.cancel is not None:
+                outcome.cancel()
+            cleanup.close()
+            self.close_connection = True
+            self._log(499, started, sql, outcome, "CLIENT_CLOSED_REQUEST")
+            return
+        self._log(200, started, sql, outcome, error.name if error else "")
 
     def _authenticate(self, params: dict[str, str]) -> None:
         user = params.get("user") or self.headers.get("X-ClickHouse-User")
@@ -1314,7 +1825,14 @@ class Handler(BaseHTTPRequestHandler):
                 f"{user}: Authentication failed: password is incorrect, or there is no user with such name",
             )
 
-    def _execute(self, sql: bytes, params: dict[str, str], session: Session | None) -> tuple[Outcome, dict]:
+    def _execute(
+        self,
+        sql: bytes,
+        params: dict[str, str],
+        session: Session | None,
+        files: dict[str, tuple[str, bytes]],
+        cleanup: contextlib.ExitStack,
+    ) -> tuple[Outcome, dict]:
         engine = self.server.engine
         stmt = analyze(sql)
         if not stmt.kind:
@@ -1325,8 +1843,12 @@ class Handler(BaseHTTPRequestHandler):
             or (session.database if session else None)
             or "default"
         )
+        external = external_tables(files, params) if files else []
+        external_params = {f"{t}_{what}" for t in files for what in ("structure", "types", "format")}
         url_settings = {
-            k: v for k, v in params.items() if k not in TRANSPORT_PARAMS and not k.startswith(("param_", "http_"))
+            k: v
+            for k, v in params.items()
+            if k not in TRANSPORT_PARAMS and k not in external_params and not k.startswith(("param_", "http_"))
         }
         readonly = self.command == "GET"
         check_settings_policy(list(url_settings.items()), readonly, self.server.policy)
@@ -1339,48 +1861,73 @@ class Handler(BaseHTTPRequestHandler):
             if not is_values or not _may_hide_sql(sql[stmt.data_offset :]):
                 checked = sql[: stmt.data_offset]
         guard(checked, stmt, readonly, self.server.policy)
+        for table in external:  # our own DDL from the client's column list: the same guard
+            ddl = f"CREATE TEMPORARY TABLE {quote_identifier(table.name)} ({table.structure}) ENGINE = Memory".encode()
+            guard(ddl, analyze(ddl), False, self.server.policy)
         settings = dict(session.settings) if session else {}
         settings.update({k: quote_literal(v) for k, v in url_settings.items()})
         # The server's time limit applies unless the client asked for less (checked above).
         settings.setdefault("max_execution_time", f"{self.server.limits.max_execution_time:g}")
+        # A statement whose client goes away is cancelled (KILL QUERY by this mark), unless asked not to.
+        tag = None
+        if "log_comment" not in settings and params.get("cancel_http_readonly_queries_on_client_close") != "0":
+            tag = f"changeflow-http:{uuid.uuid4().hex}"
+            settings["log_comment"] = quote_literal(tag)
         headers: dict[str, str] = {}
 
+        conn = engine.lease(session)
+        cleanup.callback(engine.give_back, conn, session)
+        cleanup.enter_context(self.server.watch.watching(self.connection, tag))
         if stmt.kind == "USE" and stmt.use_database is not None:
-            chosen = engine.use(database, sql.decode())
+            chosen = engine.use(conn, database, sql)
             if session is not None:
                 session.database = chosen
             return Outcome(data=b""), headers
         if stmt.kind == "SET" and stmt.assignments:
-            engine.set(stmt.assignments, database, settings)
+            engine.set(conn, stmt.assignments, database, settings)
             if session is not None:
                 session.settings.update(stmt.assignments)
             return Outcome(data=b""), headers
+        if external:
+            engine._prepare(conn, database, settings)
+            made = engine.external_tables(conn, external)
+            cleanup.callback(engine.drop_tables, conn, made)
         query_params = {k[6:]: v for k, v in params.items() if k.startswith("param_")}
         # VALUES with {name:Type} placeholders needs the parameters: only query() takes them.
         inline_values_with_params = stmt.insert_format == "Values" and bool(query_params)
         if stmt.insert_head is not None and stmt.insert_format is not None and not inline_values_with_params:
-            try:
-                head_sql = stmt.insert_head.decode()
-            except UnicodeDecodeError:
-                raise ch_error(62, "SYNTAX_ERROR", "INSERT statement is not valid UTF-8") from None
-            outcome = engine.insert(head_sql, stmt.insert_format, sql[stmt.data_offset :], database, settings)
+            outcome = engine.insert(
+                conn, stmt.insert_head, stmt.insert_format, sql[stmt.data_offset :], database, settings
+            )
             return outcome, headers
 
         fmt = stmt.output_format or params.get("default_format") or self.headers.get("X-ClickHouse-Format")
         fmt = fmt or "TabSeparated"
         if not _FORMAT_RE.match(fmt):
             raise ch_error(73, "UNKNOWN_FORMAT", "Unknown output format")
-        try:
-            text = sql.decode()
-        except UnicodeDecodeError:
-            raise ch_error(62, "SYNTAX_ERROR", "Query is not valid UTF-8") from None
-        outcome = engine.query(text, fmt, database, settings, query_params)
+        # Results leave block by block, unless the client asked for the whole result first.
+        stream = (
+            stmt.kind in ("SELECT", "WITH")
+            and not _truthy(params.get("wait_end_of_query"))
+            and not any("array_of_rows" in name for name in settings)
+        )
+        outcome = engine.query(conn, sql, fmt, database, settings, query_params, stream=stream)
         if stmt.kind in RESULT_KINDS:
             headers["X-ClickHouse-Format"] = fmt
             headers["Content-Type"] = content_type(fmt)
         else:
             headers["Content-Type"] = "text/plain; charset=UTF-8"
         return outcome, headers
+
+
+def _raw_param(query_string: str, name: str) -> bytes | None:
+    """A URL parameter's bytes as sent (SQL may hold any bytes, not only UTF-8)."""
+    found = None
+    for part in query_string.split("&"):
+        key, _, value = part.partition("=")
+        if unquote_to_bytes(key.replace("+", " ")) == name.encode():
+            found = unquote_to_bytes(value.replace("+", " "))
+    return found
 
 
 # -- entry point ------------------------------------------------------------------------------------
@@ -1390,7 +1937,7 @@ def serve(host: str, port: int, data_dir: Path, user: str, password: str, limits
     """Run until SIGTERM/SIGINT, then close chdb so the next start can open the directory."""
     os.umask(0o077)  # every file and directory the engine creates is ours alone
     try:
-        engine = Engine(data_dir.resolve())
+        engine = Engine(data_dir.resolve(), (limits or Limits()).max_concurrent_queries)
     except RuntimeError as exc:
         # chdb's only word for "another process has this directory open" is this generic error.
         print(
@@ -1420,6 +1967,7 @@ def serve(host: str, port: int, data_dir: Path, user: str, password: str, limits
     try:
         server.serve_forever(poll_interval=0.2)
     finally:
+        server.watch.stop()
         server.server_close()
         engine.close()
         print("event=stopped", flush=True)
@@ -1437,6 +1985,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--max-connections", type=int, default=128, help="open connections; beyond: code 202")
     parser.add_argument("--max-execution-time", type=float, default=300.0, help="seconds per query; beyond: code 159")
+    parser.add_argument(
+        "--max-concurrent-queries", type=int, default=16, help="statements running at once; the next ones wait"
+    )
     args = parser.parse_args(argv)
     # The password comes from the environment, never the command line (visible in ps).
     password = os.environ.get(PASSWORD_ENV, "")
@@ -1448,6 +1999,7 @@ def main(argv: list[str] | None = None) -> int:
         max_decompressed_size=args.max_decompressed_size,
         max_connections=args.max_connections,
         max_execution_time=args.max_execution_time,
+        max_concurrent_queries=args.max_concurrent_queries,
     )
     serve(args.host, args.port, args.data_dir, args.user, password, limits)
     return 0

@@ -323,11 +323,19 @@ def test_decompressed_body_limit(limited: ServerProcess) -> None:
 
 def test_execution_time_limit(limited: ServerProcess) -> None:
     started = time.monotonic()
-    r = limited.http.post(
-        f"{limited.url}/", content="SELECT sleepEachRow(1) FROM numbers(5) SETTINGS max_block_size = 1"
-    )
+    slow = "SELECT sleepEachRow(1) FROM numbers(5) SETTINGS max_block_size = 1"
+    # Before any row (an aggregate), or with the whole result asked for first: an ordinary 408.
+    aggregate = "SELECT sum(s) FROM (SELECT sleepEachRow(1) AS s FROM numbers(5) SETTINGS max_block_size = 1)"
+    r = limited.http.post(f"{limited.url}/", content=aggregate)
     assert "Timeout exceeded" in refusal(r, 159, "TIMEOUT_EXCEEDED", 408)
-    assert time.monotonic() - started < 5
+    r = limited.http.post(f"{limited.url}/", params={"wait_end_of_query": "1"}, content=slow)
+    assert "Timeout exceeded" in refusal(r, 159, "TIMEOUT_EXCEEDED", 408)
+    # After the first rows left (a streamed result): ClickHouse's mid-stream exception, as a real server sends.
+    r = limited.http.post(f"{limited.url}/", content=slow)
+    tag = r.headers["X-ClickHouse-Exception-Tag"]
+    assert r.status_code == 200 and f"__exception__\r\n{tag}\r\nCode: 159." in r.text
+    assert r.text.endswith(f" {tag}\r\n__exception__\r\n")
+    assert time.monotonic() - started < 12
     r = limited.http.post(f"{limited.url}/", params={"max_execution_time": "60"}, content="SELECT 1")
     text = refusal(r, 452, "SETTING_CONSTRAINT_VIOLATION", 500)
     assert "Setting max_execution_time shouldn't be greater than 2" in text
