@@ -186,3 +186,32 @@ def test_incremental_snapshot_read_without_any_position_is_a_dead_letter() -> No
     result = decode(encoded(message))
     assert isinstance(result, DeadLetter)
     assert "source.lsn missing" in result.reason
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"schema":{"type":"struct","fields":[]},"payload":{"op":"c","x":1}}',
+    # the marker inside the schema (a parameter named "payload"): the cut fails, the whole message parses
+    b'{"schema":{"type":"struct","parameters":{"a":"b","payload":"p"}},"payload":{"op":"c"}}',
+    # a column named "payload" inside the payload: the first marker is the envelope's
+    b'{"schema":{"type":"struct"},"payload":{"after":{"id":1,"payload":"x"},"op":"c"}}',
+    b'{"schema":null,"payload":{"op":"c"}}',
+    b'{"schema":{"type":"struct"},"payload":{"op":"c"}} ',
+    b'{"schema":{"type":"struct"},"payload":{"op":"c"}',
+    b'{"payload":{"op":"c"},"schema":{"type":"struct"}}',
+    b'{"schema":[1,2],"payload":{"op":"c"}}',
+    b'{"schema":"s\\",\\"payload\\":","payload":{"op":"c"}}',
+])
+def test_parse_message_is_orjson_loads_whatever_the_bytes(raw: bytes) -> None:
+    """The cached-schema shortcut gives exactly what a full parse gives, or the same error."""
+    import orjson
+
+    from streams.debezium import parse_message
+
+    for _ in range(2):  # the second time from the schema cache
+        try:
+            expected = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            with pytest.raises(orjson.JSONDecodeError):
+                parse_message(raw)
+            continue
+        assert parse_message(raw) == expected

@@ -145,3 +145,32 @@ def test_no_catalog_version_when_a_hook_shapes_the_row_or_there_is_no_key() -> N
     assert schemas.catalog_columns(hooked.entities["lines"], _lines_table()) is None
     keyless = _catalog_pipeline("  log:\n    table: sales.log\n")
     assert schemas.catalog_columns(keyless.entities["log"], Table("sales", "log", (Column("at", "text"),))) is None
+
+
+def test_a_version_published_by_an_earlier_release_still_decodes_and_is_superseded() -> None:
+    """A version's own Avro schema is what decodes its records, not one regenerated from its columns; a
+    writer meeting a version without a field it writes (here `carried`) publishes the same columns anew."""
+    import json as stdjson
+
+    current = schemas.make_version("things", 3, typed({"id": "int64", "name": "string"}), ["id"])
+    old_raw = {**current.raw, "fields": [f for f in current.raw["fields"] if f["name"] != "carried"]}
+    old = schemas.SchemaVersion.from_json(stdjson.dumps({"entity": "things", "version": 3, "key": ["id"],
+                                                       "columns": {"id": "int64", "name": "string"},
+                                                       "avro": old_raw}))
+    assert old.fingerprint != current.fingerprint
+    buf = io.BytesIO()
+    buf.write(schemas.MAGIC + old.fingerprint)
+    fastavro.schemaless_writer(buf, old.parsed, {**record(None), "after": {"c0": 1, "c1": "x"}})
+    book = schemas.SchemaBook()
+    book.add([old])
+    decoded_sv, decoded = schemas.decode(buf.getvalue(), book.lookup)
+    assert decoded_sv is old and decoded["after"] == {"id": 1, "name": "x"}
+
+    published: list[schemas.SchemaVersion] = []
+    book = schemas.SchemaBook(publish=published.append)
+    book.add([old])
+    newer = book.for_columns("things", typed({"id": "int64", "name": "string"}), ["id"])
+    assert (newer.version, newer.columns, newer.fingerprint) == (4, old.columns, schemas.make_version(
+        "things", 4, typed({"id": "int64", "name": "string"}), ["id"]).fingerprint)
+    assert published == [newer]
+    assert book.for_columns("things", typed({"id": "int64"}), ["id"]) is newer and published == [newer]
