@@ -11,8 +11,10 @@ against a real server, so the sinks and reports never know the difference:
   headers or Basic auth), ``param_<name>`` bindings (chdb binds ``{name:Type}`` natively, with the
   same escaped-text parsing as the server) and any other URL parameter as a query setting.
 * Inserts ``INSERT INTO t [(cols)] FORMAT <fmt>\\n<data>`` (Native from clickhouse-connect, any other
-  input format from curl) and ``INSERT ... VALUES`` stream the data into chdb's ``send_insert``,
-  which parses it with the engine's own input formats: no temp files, no re-encoding.
+  input format from curl) and ``INSERT ... VALUES`` run as the engine's own ``INSERT ... FROM INFILE`` of
+  a private spool file (tmpfs, 0600, removed afterwards; ``Spool``), parsed by the engine's input formats
+  without re-encoding. Not chdb's streaming ``send_insert``: it reports success for a block the engine
+  refused after parsing it (a CHECK constraint, a materialized view's error), so the rows were lost.
 * Request bodies in lz4 (clickhouse-connect's default), zstd, gzip, deflate or br; responses
   compressed with the first ``Accept-Encoding`` we support unless ``enable_http_compression=0``
   (its default is 1 in this engine version, as on a current server).
@@ -181,6 +183,7 @@ _STATUS_BY_ERROR = {
 HTTP_STATUS = {name: status for status, names in _STATUS_BY_ERROR.items() for name in names}
 
 _CODE_RE = re.compile(r"Code: (\d+)\.")
+_REPEATED_PREFIX = re.compile(r"^(Code: (\d+)\. DB::Exception: )(?:Code: \2\. DB::Exception: )+")
 _NAME_RE = re.compile(r"\(([A-Z][A-Z0-9_]+)\)(?:\s*\(version [^)]*\))?\s*$")
 
 
@@ -199,6 +202,7 @@ class ClickHouseError(Exception):
         text = str(exc)
         at = text.find("Code: ")
         text = text[at:] if at >= 0 else text
+        text = _REPEATED_PREFIX.sub(r"\1", text, count=1)  # "Code: 27. DB::Exception: Code: 27. DB::Exception: "
         code_match = _CODE_RE.match(text)
         name_match = _NAME_RE.search(text)
         code = int(code_match.group(1)) if code_match else 1001
@@ -738,6 +742,114 @@ class Outcome:
     cancel: Any = None
 
 
+# -- inserts through a spool file ----------------------------------------------------------------------
+
+# A spool path goes into FROM INFILE, which expands globs: only characters that are never a pattern.
+_SPOOL_PATH_RE = re.compile(r"^/[A-Za-z0-9_./-]+$")
+_SPOOL_PREFIX = "changeflow-chdb-insert-"
+
+
+class Spool:
+    """Private files for INSERT data on their way into the engine (``Engine._insert``).
+
+    One directory of this process's own (mode 0700, named with its pid) on tmpfs (``/dev/shm``) when there
+    is one, else in the system's temporary directory; each insert writes a new file there (0600, O_EXCL,
+    never a symlink) and removes it when the statement ends. When tmpfs is full (a container's 64 MiB
+    ``/dev/shm``), the insert is spooled to the disk directory instead. Directories a killed server left
+    behind are removed at start-up.
+    """
+
+    def __init__(self, bases: list[str] | None = None) -> None:
+        import tempfile
+
+        candidates = bases if bases is not None else ["/dev/shm", tempfile.gettempdir(), "/tmp"]
+        self.dirs: list[str] = []
+        for base in dict.fromkeys(os.path.realpath(b) for b in candidates):
+            if not os.path.isdir(base) or not os.access(base, os.W_OK | os.X_OK):
+                continue
+            self._sweep(base)
+            try:
+                made = os.path.realpath(tempfile.mkdtemp(prefix=f"{_SPOOL_PREFIX}{os.getpid()}-", dir=base))
+            except OSError:
+                continue
+            if not _SPOOL_PATH_RE.match(made):
+                os.rmdir(made)
+                continue
+            self.dirs.append(made)
+            if len(self.dirs) == 2:  # tmpfs and a disk to fall back to are enough
+                break
+        if not self.dirs:
+            raise RuntimeError(f"no private directory for insert data in {candidates}")
+
+    @staticmethod
+    def _sweep(base: str) -> None:
+        """Spool directories of server processes that no longer run (killed before they cleaned up)."""
+        import shutil
+
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(base):
+                if not entry.name.startswith(_SPOOL_PREFIX) or not entry.is_dir(follow_symlinks=False):
+                    continue
+                pid = entry.name[len(_SPOOL_PREFIX) :].partition("-")[0]
+                if not pid.isdigit() or entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                    continue
+                try:
+                    os.kill(int(pid), 0)
+                except ProcessLookupError:
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                except OSError:
+                    pass
+
+    def write(self, data: bytes) -> str:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        for i, directory in enumerate(self.dirs):
+            path = os.path.join(directory, uuid.uuid4().hex)
+            try:
+                fd = os.open(path, flags, 0o600)
+            except OSError:
+                if i + 1 < len(self.dirs):
+                    continue
+                raise ch_error(1001, "STD_EXCEPTION", "Cannot create a spool file for the insert data") from None
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    out.write(data)
+                return path
+            except OSError as exc:
+                self.remove(path)
+                if i + 1 < len(self.dirs):
+                    continue  # e.g. tmpfs full: the disk directory next
+                raise ch_error(1001, "STD_EXCEPTION", f"Cannot spool the insert data: {exc.strerror or exc}") from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def remove(path: str) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+    def close(self) -> None:
+        import shutil
+
+        for directory in self.dirs:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def infile_statement(head: bytes, path: str, fmt: str) -> bytes:
+    """``INSERT INTO t (c) [SETTINGS ...]`` -> ``INSERT INTO t (c) FROM INFILE 'path' ... [SETTINGS ...] FORMAT fmt``.
+
+    FROM INFILE goes before a top-level ``SETTINGS a = ...`` clause, as the grammar wants it; a table named
+    ``settings`` is no clause (no ``name =`` follows it). Our own statement: the client's head passed the guard.
+    """
+    toks = list(tokens(head))
+    at = len(head)
+    for i, tok in enumerate(toks[:-2]):
+        clause = toks[i + 1].kind in ("word", "ident") and _is(head, toks[i + 2], b"=")
+        if tok.depth == 0 and _word(head, tok) == "SETTINGS" and clause:
+            at = tok.start
+            break
+    source = f"\nFROM INFILE {quote_literal(path)} COMPRESSION 'none'\n".encode()
+    return head[:at] + source + head[at:] + f"\nFORMAT {fmt}".encode()
+
+
 class Conn:
     """One chdb connection and the state (database, settings) the server last put it in."""
 
@@ -793,6 +905,7 @@ class Engine:
             DENIED_FUNCTIONS | (functions - ALLOWED_TABLE_FUNCTIONS) | (engines - ALLOWED_ENGINES) - {""}
         )
         self.check_ast: Any = None  # set by the server: (ast text) -> ClickHouseError | None
+        self.spool = Spool()  # insert data on its way into the engine (_insert)
 
     # -- connections -------------------------------------------------------------------------------
     def _new(self) -> Conn:
@@ -970,33 +1083,43 @@ class Engine:
     def insert(
         self, conn: Conn, head: bytes, fmt: str, data: bytes, database: str, settings: dict[str, str]
     ) -> Outcome:
-        """Stream inline INSERT data into the engine's own input-format parser."""
+        """Inline INSERT data, parsed by the engine's own input format (``_insert``)."""
         self._guard()
         self._prepare(conn, database, settings)
         self._check(conn, head + f" FORMAT {fmt}".encode())
         return self._insert(conn, head, fmt, data)
 
-    @staticmethod
-    def _insert(conn: Conn, head: bytes, fmt: str, data: bytes) -> Outcome:
+    def _insert(self, conn: Conn, head: bytes, fmt: str, data: bytes) -> Outcome:
+        """Run ``head FROM INFILE <spool file> FORMAT fmt``: the engine's own INSERT, which raises what it refuses.
+
+        Not chdb's streaming insert (``send_insert``/``append``/``finish``): chdb 4.4 swallows every error the
+        engine raises after parsing (a CHECK constraint, a materialized view's failure...), so ``finish()``
+        reported the rows as written while the engine had dropped the block. Not ``query()`` with the data
+        inline either: that path cuts the data at its first blank line (two consecutive ``\n`` bytes, common in
+        Native). ``FROM INFILE`` is the INSERT's own parser and semantics (its column list, DEFAULTs,
+        ``input_format_*`` settings, ``*WithNames`` headers) reading a private file, and its errors raise.
+
+        Cost, measured on this 2-core machine while other suites ran (load 4-6), old and new servers interleaved:
+        clickhouse-connect Native inserts into a 4-column MergeTree table (UUID, String, Int64, DateTime64),
+        median of 20, send_insert -> FROM INFILE: 5,000 rows 18.6 -> 19.9 ms and 24.8 -> 26.8 ms (two runs),
+        100 rows 13.3 -> 15.3 ms and 15.8 -> 15.5 ms. The engine alone (200 interleaved, no HTTP): 5,000 rows
+        3.6 -> 5.3 ms, 100 rows 2.8 -> 3.6 ms. Writing and removing the tmpfs file: 0.02 ms for 4 KB, 0.11 ms
+        for 200 KB, 10 ms for 16 MiB.
+        """
+        path = self.spool.write(data)
         try:
-            inserter = conn.wrapper.send_insert(head, fmt)
+            res = conn.raw.query(infile_statement(head, path, fmt), "TabSeparated")
         except Exception as exc:
             raise ClickHouseError.from_engine(exc) from None
-        try:
-            if data:
-                inserter.append(data)
-            res = inserter.finish()
-        except Exception as exc:
-            with contextlib.suppress(Exception):
-                inserter.cancel()
-            raise ClickHouseError.from_engine(exc) from None
+        finally:
+            self.spool.remove(path)
         return Outcome(
             data=b"",
-            written_rows=res.rows_written,
-            written_bytes=res.bytes_written,
-            result_rows=res.rows_written,
-            result_bytes=res.bytes_written,
-            elapsed_ns=int(res.elapsed * 1e9),
+            written_rows=res.rows_written(),
+            written_bytes=res.bytes_written(),
+            result_rows=res.rows_written(),
+            result_bytes=res.bytes_written(),
+            elapsed_ns=int(res.elapsed() * 1e9),
         )
 
     def external_tables(self, conn: Conn, tables: list[ExternalTable]) -> list[str]:
@@ -1056,6 +1179,7 @@ class Engine:
             conns, self._all, self._idle = list(self._all), set(), []
             for conn in [*conns, self._control]:
                 conn.close()
+        self.spool.close()
 
 
 # -- sessions ---------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ per-session temporary tables, and SQL bytes that are not UTF-8. Run with ``-s`` 
 from __future__ import annotations
 
 import socket
+import tempfile
 import threading
 import time
 import uuid
@@ -184,8 +185,12 @@ def test_a_query_whose_client_goes_away_is_cancelled(server: ServerProcess) -> N
     client = server.client()
 
     def running() -> int:
-        return int(client.command("SELECT count() FROM system.processes WHERE query LIKE '%cityHash64(number) % 7%' "
-                                  "AND query NOT LIKE '%system.processes%'"))
+        return int(
+            client.command(
+                "SELECT count() FROM system.processes WHERE query LIKE '%cityHash64(number) % 7%' "
+                "AND query NOT LIKE '%system.processes%'"
+            )
+        )
 
     deadline = time.monotonic() + 10
     while running() and time.monotonic() < deadline:
@@ -213,3 +218,83 @@ def test_sql_bytes_that_are_not_utf8(server: ServerProcess) -> None:
         server.url, content=b"SELECT length('caf\xe9'), hex('\xff')", auth=("default", server.password), timeout=30
     )
     assert resp.status_code == 200 and resp.text == "4\tFF\n"
+
+
+def _spooled_files(server: ServerProcess) -> list[Path]:
+    """Files left in the server's insert spool directories (``Spool``: ``<base>/changeflow-chdb-insert-<pid>-*``)."""
+    assert server.proc is not None
+    found: list[Path] = []
+    for base in {Path("/dev/shm"), Path(tempfile.gettempdir()), Path("/tmp")}:
+        for directory in base.glob(f"changeflow-chdb-insert-{server.proc.pid}-*") if base.is_dir() else []:
+            found += list(directory.iterdir())
+    return found
+
+
+def test_an_insert_the_engine_refuses_is_an_error_and_stores_nothing(server: ServerProcess) -> None:
+    """chdb's streaming insert swallowed errors raised after parsing (here a CHECK constraint): HTTP 200, 0 rows."""
+    client = server.client()
+    client.command(
+        "CREATE TABLE IF NOT EXISTS front_checked (x Int32, s String, CONSTRAINT positive CHECK x > 0) "
+        "ENGINE = MergeTree ORDER BY x"
+    )
+    with pytest.raises(DatabaseError, match="VIOLATED_CONSTRAINT") as caught:
+        client.insert("front_checked", [[1, "a"], [-5, "b"], [2, "c"]], column_names=["x", "s"])
+    assert caught.value.code == 469
+    assert client.command("SELECT count() FROM front_checked") == 0
+    # The same as curl sends it: an HTTP error with the engine's code, nothing stored.
+    params = {"query": "INSERT INTO front_checked FORMAT CSV"}
+    resp = server.http.post(server.url, params=params, content=b"1,a\n-5,b\n")
+    assert resp.status_code == 500, resp.text
+    assert resp.headers["x-clickhouse-exception-code"] == "469"
+    assert resp.text.startswith("Code: 469. DB::Exception: Constraint `positive`")
+    assert "(VIOLATED_CONSTRAINT)" in resp.text
+    resp = server.http.post(server.url, content=b"INSERT INTO front_checked VALUES (3, 'c'), (-1, 'd')")
+    assert resp.status_code == 500 and resp.headers["x-clickhouse-exception-code"] == "469"
+    assert client.command("SELECT count() FROM front_checked") == 0
+    # What the engine accepts is stored and counted, as before.
+    summary = client.insert("front_checked", [[1, "a"], [2, "b"]], column_names=["x", "s"])
+    assert summary.written_rows == 2 and client.command("SELECT count() FROM front_checked") == 2
+    assert _spooled_files(server) == []
+    client.close()
+
+
+def test_inserts_keep_the_insert_semantics(server: ServerProcess) -> None:
+    """Column lists, DEFAULTs, input_format settings (URL and SETTINGS clause), binary data, a table named settings."""
+    client = server.client()
+    client.command(
+        "CREATE TABLE IF NOT EXISTS front_sem (x Int32, s String, d String DEFAULT concat('d', s)) "
+        "ENGINE = MergeTree ORDER BY x"
+    )
+    client.command("CREATE TABLE IF NOT EXISTS settings (x Int32) ENGINE = MergeTree ORDER BY x")
+    # Native holding two consecutive newline bytes (2570 = 0x0A0A) and strings with blank lines.
+    client.insert("front_sem", [[2570, "a\n\nb"], [10, "\n\n"]], column_names=["x", "s"])
+    rows = client.query("SELECT x, s, d FROM front_sem ORDER BY x").result_rows
+    assert rows == [(10, "\n\n", "d\n\n"), (2570, "a\n\nb", "da\n\nb")]
+    post = server.http.post
+    bad = b"3,c\nzz,y\n4,d\n"
+    resp = post(server.url, params={"query": "INSERT INTO front_sem (x, s) FORMAT CSV"}, content=bad)
+    assert resp.status_code == 400 and resp.headers["x-clickhouse-exception-code"] == "27"
+    assert resp.text.startswith("Code: 27. DB::Exception: Cannot parse input")
+    params = {"query": "INSERT INTO front_sem (x, s) FORMAT CSV", "input_format_allow_errors_num": "1"}
+    assert post(server.url, params=params, content=bad).status_code == 200
+    sql = b"INSERT INTO front_sem (x, s) SETTINGS input_format_allow_errors_num = 1 FORMAT CSV\n5,e\nzz,y\n6,f\n"
+    resp = post(server.url, content=sql)
+    assert resp.status_code == 200, resp.text
+    assert '"written_rows":"2"' in resp.headers["x-clickhouse-summary"]
+    resp = post(server.url, content=b"INSERT INTO front_sem (s, x) FORMAT CSVWithNames\ns,x\ng,7\n")
+    assert resp.status_code == 200, resp.text
+    stored = client.query("SELECT x FROM front_sem WHERE x < 100 ORDER BY x").result_rows
+    assert [x for (x,) in stored] == [3, 4, 5, 6, 7, 10]
+    assert client.command("SELECT d FROM front_sem WHERE x = 7") == "dg"
+    assert post(server.url, content=b"INSERT INTO settings FORMAT TSV\n1\n").status_code == 200
+    resp = post(server.url, content=b"INSERT INTO TABLE settings SETTINGS max_threads = 1 VALUES (2)")
+    assert resp.status_code == 200, resp.text
+    assert client.command("SELECT count() FROM settings") == 2
+    # The client still may not read files itself, nor name a spool file.
+    resp = post(server.url, content=b"INSERT INTO settings FROM INFILE '/etc/hostname' FORMAT TSV")
+    assert resp.status_code == 404 and resp.headers["x-clickhouse-exception-code"] == "78"
+    resp = post(server.url, content=b"SELECT * FROM file('/etc/hostname', 'LineAsString')")
+    assert resp.headers["x-clickhouse-exception-code"] == "497"
+    assert _spooled_files(server) == []
+    client.command("DROP TABLE settings")
+    client.close()
