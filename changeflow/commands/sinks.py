@@ -20,7 +20,8 @@ def active_groups(groups: list[str]) -> dict[str, list[str]]:
     """group → its members (client id @ host), for the groups that have any."""
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient({"bootstrap.servers": context.settings().kafka_bootstrap})
+    # log_level 3: librdkafka's informational lines ("Purging 1 unserved events") are not the user's business.
+    admin = AdminClient({"bootstrap.servers": context.settings().kafka_bootstrap, "log_level": 3})
     active: dict[str, list[str]] = {}
     for group, future in admin.describe_consumer_groups(groups, request_timeout=15).items():
         described = future.result()

@@ -187,7 +187,7 @@ def test_watch_once_shows_every_sink_and_entity_with_the_written_products(
     entity = ""
     for line in out.splitlines():
         cells = [c.strip() for c in line.split("│")[1:-1]]
-        if len(cells) == 9:  # the per entity and sink table
+        if len(cells) == 10:  # the per entity and sink table (…, newest written, quarantined)
             entity = cells[0] or entity
             rows[(entity, cells[1])] = cells
     for e in ENTITIES:
