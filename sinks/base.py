@@ -203,6 +203,10 @@ class Store(Protocol):
     def applied_through(self) -> dict[str, int]:
         """entity → the highest source version applied."""
 
+    def purge(self) -> list[str]:
+        """Remove everything the pipeline created in this store (``connectors delete --purge``); a line
+        per object removed. Idempotent: nothing left, nothing said."""
+
     def close(self) -> None: ...
 
 

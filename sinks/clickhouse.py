@@ -529,6 +529,23 @@ class ClickHouseStore:
         ).result_rows
         return {e: int(v) for e, v in rows}
 
+    def purge(self) -> list[str]:
+        done: list[str] = []
+        for spec in self.pipeline.stored_in(self.name):
+            if spec.clickhouse_database != self.database and self._existing_columns(spec):
+                self.client.command(f"DROP TABLE IF EXISTS {self.table(spec)} SYNC")
+                done.append(f"clickhouse: table {spec.clickhouse_database}.{spec.clickhouse_table} dropped")
+        # The pipeline's own database holds its entity tables (by default), changelog, applied-through,
+        # reconciliation runs and report views: all of it is the pipeline's.
+        exists = self.client.command("SELECT count() FROM system.databases WHERE name = {db:String}",
+                                     parameters={"db": self.database})
+        if int(exists):
+            self.client.command(f"DROP DATABASE IF EXISTS {q(self.database)} SYNC")
+            done.append(f"clickhouse: database {self.database} dropped")
+        self._tables.clear()
+        self._types.clear()
+        return done
+
     def close(self) -> None:
         if self._client is not None:
             self._client.close()

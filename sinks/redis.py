@@ -76,6 +76,11 @@ SERVER_ERRORS_FATAL = ("NOAUTH", "WRONGPASS", "NOPERM", "NOSCRIPT")
 SERVER_ERRORS = SERVER_ERRORS_RETRIABLE + SERVER_ERRORS_FATAL
 
 
+def _glob_escape(text: str) -> str:
+    """A key prefix as a literal in a SCAN MATCH pattern (``*?[]\\`` are pattern characters there)."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
 def _text(value: Any) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
@@ -227,6 +232,19 @@ class RedisStore:
         # The client is made without decode_responses, so hash fields come back as bytes.
         raw = cast("dict[bytes, bytes]", self.client.hgetall(self.applied_key))
         return {k.decode(): int(v) for k, v in raw.items()}
+
+    def purge(self) -> list[str]:
+        done: list[str] = []
+        for spec in self.pipeline.stored_in(self.name):
+            keys = list(self.client.scan_iter(match=f"{_glob_escape(spec.redis_prefix)}:*", count=1000))
+            for i in range(0, len(keys), 1000):
+                self.client.delete(*keys[i : i + 1000])
+            if keys:
+                done.append(f"redis: {len(keys)} keys of {spec.name} ({spec.redis_prefix}:*) deleted")
+        for key in (self.versions_key, self.applied_key):
+            if self.client.delete(key):
+                done.append(f"redis: {key} deleted")
+        return done
 
     def close(self) -> None:
         self.client.close()

@@ -205,27 +205,37 @@ def prepare_(
 
 @app.command("delete")
 def delete(
-    purge: Annotated[bool, typer.Option("--purge", help="Also remove the derived data (not yet).")] = False,
+    purge: Annotated[bool, typer.Option("--purge", help="Also remove everything derived: each store's objects, "
+                                                      "the pipeline's topics and consumer groups.")] = False,
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask.")] = False,
     dsn: DsnOption = None,
 ) -> None:
     """Remove the pipeline's connectors, its replication slot and its publication. The derived stores keep
-    their data (and the source its signal and heartbeat tables)."""
+    their data (and the source its signal and heartbeat tables) unless --purge: then every registered
+    store removes what the pipeline created in it, and the pipeline's topics and consumer groups go too
+    (refused while a worker of the pipeline runs)."""
     import psycopg
 
     from connectors import prepare
     from connectors.client import ConnectUnavailableError, KafkaConnectClient
     from connectors.render import render
 
-    if purge:
-        raise fail("--purge is not implemented yet: it needs each store's delete (issue 10, section 6); "
-                   "nothing was removed")
     pipeline = load_pipeline()
     definitions = render(pipeline, context.settings())
     names = [d.name for d in definitions]
     has_pg = pipeline.file.sources.postgres is not None
     what = ", ".join([*(f"connector {n}" for n in names),
                       *([f"slot {pipeline.slot}", f"publication {pipeline.publication}"] if has_pg else [])])
+    if purge:
+        from changeflow.commands.sinks import active_groups
+        from sinks.base import names as store_names
+
+        groups = [pipeline.decode_group, *(pipeline.sink_group(n) for n in store_names())]
+        busy = active_groups(groups)
+        if busy:
+            raise fail(f"a worker of pipeline {pipeline.name} is running ({', '.join(busy)}): stop it first; "
+                       "nothing was removed")
+        what += f", and every store's data, topics and consumer groups of pipeline {pipeline.name}"
     if not yes and not typer.confirm(f"remove {what}?"):
         raise typer.Exit(1)
     client = KafkaConnectClient(context.settings().connect_url)
@@ -245,3 +255,60 @@ def delete(
         except (psycopg.Error, prepare.PrepareError) as exc:
             raise fail(f"{str(exc).strip()}; drop slot {pipeline.slot} and publication {pipeline.publication} "
                        "by hand (pg_drop_replication_slot, DROP PUBLICATION)") from None
+    if purge:
+        _purge_derived(pipeline)
+
+
+def pipeline_topics(pipeline: Pipeline) -> list[str]:
+    """Every topic the pipeline's connectors and worker write (raw, canonical, DLQ, schemas, derived events)."""
+    from pipelines.spec import topic_part
+    from streams.app import price_changed_topic_name
+
+    topics = {*pipeline.raw_topics(), *pipeline.canonical_topics(), pipeline.dlq_topic, pipeline.schema_topic,
+              price_changed_topic_name(pipeline), pipeline.notifications_topic}
+    if pipeline.file.sources.postgres is not None:
+        prefix = pipeline.postgres_topic_prefix
+        # Debezium's own: heartbeats, and the changes of the heartbeat and signal tables it writes to.
+        topics.add(f"__debezium-heartbeat.{prefix}")
+        for table in (pipeline.heartbeat_table, pipeline.signal_table):
+            schema, _, name = table.rpartition(".")
+            topics.add(f"{prefix}.{topic_part(schema or 'public')}.{topic_part(name)}")
+    return sorted(topics)
+
+
+def _purge_derived(pipeline: Pipeline) -> None:
+    """Each registered store's objects of the pipeline, then its topics and consumer groups."""
+    from confluent_kafka.admin import AdminClient
+
+    from sinks.base import create, names
+
+    failures: list[str] = []
+    for name in names():
+        store = create(name, context.settings(), pipeline)
+        try:
+            for line in store.purge() or [f"{name}: nothing to remove"]:
+                console.print(escape(line), highlight=False)
+        except Exception as exc:  # one unreachable store must not hide the others; said, and exit 1
+            failures.append(f"{name}: {str(exc)[:200]}")
+        finally:
+            store.close()
+    admin = AdminClient({"bootstrap.servers": context.settings().kafka_bootstrap, "log_level": 3})
+    existing = set(admin.list_topics(timeout=15).topics)
+    topics = [t for t in pipeline_topics(pipeline) if t in existing]
+    for topic, future in (admin.delete_topics(topics, operation_timeout=30).items() if topics else []):
+        try:
+            future.result()
+            console.print(f"kafka: topic {escape(topic)} deleted", highlight=False)
+        except Exception as exc:
+            failures.append(f"topic {topic}: {exc}")
+    groups = [pipeline.decode_group, *(pipeline.sink_group(n) for n in names())]
+    known = {g.group_id for g in admin.list_consumer_groups(request_timeout=15).result().valid}
+    wanted = [g for g in groups if g in known]
+    for group, future in (admin.delete_consumer_groups(wanted, request_timeout=15).items() if wanted else []):
+        try:
+            future.result()
+            console.print(f"kafka: consumer group {escape(group)} deleted", highlight=False)
+        except Exception as exc:
+            failures.append(f"group {group}: {exc}")
+    if failures:
+        raise fail("purge incomplete: " + "; ".join(failures))

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -70,7 +70,7 @@ def expected_json(row_id: int, text: str = TEXT) -> dict[str, Any]:
         "id": row_id, "c_small": -32768, "c_int": 2147483647, "c_big": 9223372036854775807,
         "c_num": "123456789.123", "c_exact": str(EXACT), "c_real": 1.5, "c_double": 2.25, "c_bool": True,
         "c_text": text, "c_varchar": "short", "c_char": "ab ", "c_uuid": str(UID), "c_date": "1969-12-31",
-        "c_time": "23:59:59.999999", "c_timetz": "08:00:00Z", "c_ts": "2026-01-02T03:04:05.678901+00:00",
+        "c_time": "23:59:59.999999", "c_timetz": "08:00:00+00:00", "c_ts": "2026-01-02T03:04:05.678901+00:00",
         "c_tstz": "2026-01-02T03:04:05.678901+00:00", "c_interval": 93_600_000_000,
         "c_json": {"a": [1, "x"]}, "c_jsonb": {"n": 7, "ok": True}, "c_bytea": base64.b64encode(b"\x00\xff").decode(),
         "c_ints": [1, None, 3], "c_texts": ["a", "b c"], "c_mood": "vip",
@@ -85,7 +85,7 @@ def expected_clickhouse(row_id: int, text: str = TEXT) -> dict[str, Any]:
         "id": row_id, "c_small": -32768, "c_int": 2147483647, "c_big": 9223372036854775807,
         "c_num": Decimal("123456789.123"), "c_exact": str(EXACT), "c_real": 1.5, "c_double": 2.25, "c_bool": True,
         "c_text": text, "c_varchar": "short", "c_char": "ab ", "c_uuid": str(UID), "c_date": date(1969, 12, 31),
-        "c_time": "23:59:59.999999", "c_timetz": "08:00:00Z", "c_ts": at, "c_tstz": at, "c_interval": 93_600_000_000,
+        "c_time": "23:59:59.999999", "c_timetz": "08:00:00+00:00", "c_ts": at, "c_tstz": at, "c_interval": 93_600_000_000,
         "c_json": '{"a":[1,"x"]}', "c_jsonb": '{"n":7,"ok":true}', "c_bytea": b"\x00\xff",
         "c_ints": [1, None, 3], "c_texts": ["a", "b c"], "c_mood": "vip",
     }
@@ -169,7 +169,7 @@ def _drop_everything(settings: Settings, database: str, name: str) -> None:
 
 @pytest.fixture
 def own_worker(own_database: tuple[str, str, str, Settings], tmp_path: Path
-               ) -> Iterator[tuple[Pipeline, Path, Settings, str]]:
+               ) -> Iterator[tuple[Pipeline, Path, Settings, str, Callable[[], int]]]:
     """init → check → connectors apply → a worker of the pipeline's own (its own web port and folder)."""
     database, schema, name, settings = own_database
     file = tmp_path / "pipeline.yml"
@@ -186,15 +186,21 @@ def own_worker(own_database: tuple[str, str, str, Settings], tmp_path: Path
     log = (tmp_path / "worker.log").open("w")
     worker = subprocess.Popen([sys.executable, "-m", "changeflow", "--pipeline", str(file), "worker"],
                               cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def stop() -> int:
+        if worker.poll() is None:
+            worker.terminate()
+            try:
+                worker.wait(60)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+        return worker.wait()
+
     try:
         eventually(lambda: worker.poll() is None and _answers(WEB_PORT), timeout=120, what="own worker up")
-        yield load(file), file, settings, schema
+        yield load(file), file, settings, schema, stop
     finally:
-        worker.terminate()
-        try:
-            worker.wait(60)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        stop()
         log.close()
 
 
@@ -228,9 +234,9 @@ def clickhouse_rows(settings: Settings, database: str, table: str, order: str) -
 
 
 def test_own_database_reaches_every_store_exactly_and_reconciles(
-    own_worker: tuple[Pipeline, Path, Settings, str], pipeline: Settings
+    own_worker: tuple[Pipeline, Path, Settings, str, Callable[[], int]], pipeline: Settings
 ) -> None:
-    own, file, settings, schema = own_worker
+    own, file, settings, schema, stop_worker = own_worker
     assert set(own.entities) == {"everything", "order_lines", "customers"}
     every, lines, customers = own.entity("everything"), own.entity("order_lines"), own.entity("customers")
 
@@ -302,3 +308,30 @@ def test_own_database_reaches_every_store_exactly_and_reconciles(
     assert drift.returncode == 0, drift.stdout + drift.stderr
     assert {r["entity"]: r["source"] for r in json.loads(drift.stdout)} == {
         "everything": 2, "order_lines": 2, "customers": 1}
+
+    # connectors delete --purge: the worker stopped first (refused while it runs), then nothing is left.
+    refused = changeflow(file, "connectors", "delete", "--yes", "--purge")
+    assert refused.returncode == 1 and "is running" in refused.stderr and "nothing was removed" in refused.stderr
+    assert stop_worker() == 0
+    purged = changeflow(file, "connectors", "delete", "--yes", "--purge")
+    assert purged.returncode == 0, purged.stdout + purged.stderr
+    assert f"clickhouse: database {own.namespace} dropped" in purged.stdout
+    assert f"search: index {every.search_index}-000001 deleted" in purged.stdout
+    assert f"kafka: topic {own.schema_topic} deleted" in purged.stdout
+    assert not list(redis.Redis.from_url(settings.redis_url).scan_iter(match=f"{own.namespace}:*"))
+    assert httpx.get(f"{settings.search_url}/_cat/indices/{own.namespace}-*?format=json", timeout=10).json() == []
+    ch = client_for(settings)
+    try:
+        assert ch.command("SELECT count() FROM system.databases WHERE name = {db:String}",
+                          parameters={"db": own.namespace}) == 0
+    finally:
+        ch.close()
+    from confluent_kafka.admin import AdminClient
+
+    topics = AdminClient({"bootstrap.servers": settings.kafka_bootstrap}).list_topics(timeout=10).topics
+    assert not [t for t in topics if t.startswith(f"{own.namespace}.")], topics
+    with psycopg.connect(settings.pg_dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s",
+                            (own.slot,)).fetchone() == (0,)
+    again = changeflow(file, "connectors", "delete", "--yes", "--purge")
+    assert again.returncode == 0 and "nothing to remove" in again.stdout, again.stdout + again.stderr
