@@ -1,4 +1,8 @@
-"""Debezium signals through the signal table: incremental snapshots for rebuild and repair.
+"""Debezium signals through the signal table: how far an incremental snapshot for rebuild or repair got.
+
+The signals themselves are written by ``sinks.rebuild`` and ``reports.reconcile.repair`` into the
+pipeline's signal table (``Pipeline.signal_table``, values bound as parameters); Debezium reports each
+one's progress on the pipeline's notifications topic (``Pipeline.notifications_topic``), read here.
 
 An incremental snapshot re-reads rows from PostgreSQL in chunks while streaming goes on; Debezium
 interleaves them with live changes using watermarks in the signal table, so a rebuilt store converges
@@ -9,65 +13,32 @@ guards as any other record.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
 
 import orjson
-import psycopg
-
-SIGNAL_TABLE = "public.debezium_signal"
-
-
-def request_incremental_snapshot(
-    dsn: str, tables: Sequence[str], where: dict[str, str] | None = None
-) -> str:
-    """Ask the connector to re-read ``tables`` (``public.products``...), optionally only rows matching
-    a SQL condition per table (Debezium's ``additional-conditions``); returns the signal id."""
-    data: dict[str, object] = {"data-collections": list(tables), "type": "incremental"}
-    if where:
-        data["additional-conditions"] = [{"data-collection": t, "filter": f} for t, f in where.items()]
-    signal_id = f"changeflow-{uuid.uuid4()}"
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(
-            f"INSERT INTO {SIGNAL_TABLE} (id, type, data) VALUES (%s, 'execute-snapshot', %s)",
-            (signal_id, orjson.dumps(data).decode()),
-        )
-    return signal_id
-
-
-def key_filter(column: str, keys: Sequence[str], numeric: bool) -> str:
-    """A safe SQL condition selecting exactly these keys (values quoted or checked as integers)."""
-    if numeric:
-        values = ", ".join(str(int(k)) for k in keys)
-    else:
-        values = ", ".join("'" + k.replace("'", "''") + "'" for k in keys)
-    return f"{column} IN ({values})"
-
-
-NOTIFICATIONS_TOPIC = "changeflow.debezium.notifications"
 
 
 class SnapshotFailedError(RuntimeError):
     pass
 
 
-def snapshot_state(bootstrap: str, signal_id: str) -> str | None:
+def snapshot_state(bootstrap: str, topic: str, signal_id: str) -> str | None:
     """The latest notification type Debezium sent for this signal (STARTED, IN_PROGRESS, COMPLETED,
     ABORTED...), read from the connector's notification topic (`notification.enabled.channels=sink`)."""
     from confluent_kafka import Consumer, TopicPartition
 
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "changeflow-notifications",
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"changeflow-notifications-{uuid.uuid4().hex}",
                          "enable.auto.commit": False})
     try:
-        metadata = consumer.list_topics(NOTIFICATIONS_TOPIC, timeout=10).topics.get(NOTIFICATIONS_TOPIC)
+        metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
         if metadata is None or metadata.error is not None:
             return None
         ends = {}
         parts = []
         for p in metadata.partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(NOTIFICATIONS_TOPIC, p), timeout=10)
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
             if high > low:
                 ends[p] = high
-                parts.append(TopicPartition(NOTIFICATIONS_TOPIC, p, low))
+                parts.append(TopicPartition(topic, p, low))
         consumer.assign(parts)
         state = None
         while ends:

@@ -141,7 +141,7 @@ def rebuild(
                 done = snapshot_reads_since(settings, pipeline, spec.name, since)
                 if progress:
                     progress(spec.name, min(done, total), total)
-                state = snapshot_state(settings.kafka_bootstrap, signal_id)
+                state = snapshot_state(settings.kafka_bootstrap, pipeline.notifications_topic, signal_id)
                 if state in ("ABORTED", "STOPPED"):
                     raise RebuildError(f"{spec.name}: Debezium reports the incremental snapshot {state}")
                 # Debezium says every chunk was emitted; done when the stream and the sink have drained it.
