@@ -174,3 +174,15 @@ def test_a_version_published_by_an_earlier_release_still_decodes_and_is_supersed
         "things", 4, typed({"id": "int64", "name": "string"}), ["id"]).fingerprint)
     assert published == [newer]
     assert book.for_columns("things", typed({"id": "int64"}), ["id"]) is newer and published == [newer]
+
+
+def test_two_entities_of_the_same_shape_never_share_a_fingerprint() -> None:
+    """Avro's fingerprint ignores attributes (the real column names): the row record's name keeps the
+    entities apart, so a record is never decoded with another entity's column names."""
+    book = schemas.SchemaBook()
+    payments = book.for_columns("payments", typed({"id": "int64", "amount": "decimal(12,2)"}), ["id"])
+    refunds = book.for_columns("refunds", typed({"id": "int64", "sum": "decimal(12,2)"}), ["id"])
+    assert payments.fingerprint != refunds.fingerprint
+    data = schemas.encode(refunds, {**record({"id": 7, "sum": Decimal("1.50")}), "entity": "refunds"})
+    sv, decoded = schemas.decode(data, book.lookup)
+    assert sv is refunds and decoded["after"] == {"id": 7, "sum": Decimal("1.50")}
