@@ -12,9 +12,11 @@ a crash loop (``EXIT_CRASH_LOOP``). Faust's own data directory is kept under the
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import warnings
@@ -56,10 +58,35 @@ def ensure_topics(settings: Settings, pipeline: Pipeline) -> None:
         log.info("event=topic_created topic=%s", name)
 
 
+def web_port_taken(settings: Settings) -> str | None:
+    """Why the worker's web port cannot be bound (None: it can). Bound and released at once, with the same
+    address reuse as the web server, so a port in TIME_WAIT after a restart counts as free."""
+    host, port = settings.worker_web_host, settings.worker_web_port
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            reason = "already in use (another worker?)" if exc.errno == errno.EADDRINUSE else exc.strerror
+            return (f"changeflow worker: web port {host}:{port} cannot be bound: {reason}. Stop the process that "
+                    f"holds it, or give this worker another port: CHANGEFLOW_WORKER_WEB_PORT=<port> (and "
+                    f"CHANGEFLOW_WORKER_WEB_HOST for the address)")
+    return None
+
+
 def run(settings: Settings, pipeline: Pipeline, sink_names: list[str] | None = None, loglevel: str = "info") -> int:
     """Run until stopped; the exit code (module docstring): a sink's fatal stop wins over Faust's clean exit."""
     from faust.worker import Worker
 
+    # Before anything starts (topics, sinks, Faust): a second worker whose web port is taken stops here.
+    taken = web_port_taken(settings)
+    if taken is not None:
+        print(taken, file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    # Faust's data folders go under <state>/worker-data (below), which only we may enter.
+    (settings.state / "worker-data").mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(settings.state / "worker-data", 0o700)
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     ensure_topics(settings, pipeline)
     seed_versions(settings, pipeline)  # before the sinks start: their setup creates every entity's table

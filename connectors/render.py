@@ -20,7 +20,10 @@ Secrets stay references: ``${env:VAR}`` is passed through as it stands (Connect'
 file's whole content; Connect's FileConfigProvider reads *properties* files (``${file:/path:key}``),
 so the reference becomes DirectoryConfigProvider's form ``${dir:/dir:name}``, whose value is the file's
 content as it stands (a trailing newline would be part of it). The worker needs
-``config.providers.dir.class=org.apache.kafka.common.config.provider.DirectoryConfigProvider``.
+``config.providers.dir.class=org.apache.kafka.common.config.provider.DirectoryConfigProvider``, which the
+native worker (``deploy/connect.py``) and docker-compose.yml's both have, limited by ``allowed.paths`` to the
+secrets folder (``<state>/secrets/``; compose: ``/run/secrets/``), as ``${env:...}`` is to ``CHANGEFLOW_.*``:
+a reference outside stays unresolved.
 When the source leaves host or port out, ``${env:CHANGEFLOW_PG_HOST}``/``${env:CHANGEFLOW_PG_PORT}`` are
 used: the native Connect worker has them in its environment (``deploy/connect.py``).
 """
@@ -100,6 +103,11 @@ def connect_secret(reference: str, what: str) -> str:
         raise RenderError(f"{what}: {reference!r} is not a ${{env:VAR}} or ${{file:/path}} reference")
     kind, name = match.groups()
     if kind == "env":
+        if not name.startswith("CHANGEFLOW_"):
+            # Connect's EnvVarConfigProvider resolves only CHANGEFLOW_.* (native stack and compose alike):
+            # said here, not as a connector that cannot log in.
+            raise RenderError(f"{what}: {reference!r}: Kafka Connect resolves only CHANGEFLOW_* variables; "
+                              f"name it ${{env:CHANGEFLOW_{name}}} (and export that)")
         return reference
     path = PurePosixPath(name)
     if not path.is_absolute() or path.name in ("", "..", "."):

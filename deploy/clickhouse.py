@@ -9,7 +9,6 @@ reports and tests use ``clickhouse-connect`` exactly as they would against a rea
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import httpx
 
 from deploy import secrets
-from deploy.service import Service, ServiceError
+from deploy.service import Service, ServiceError, private_dir
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,6 +34,9 @@ class ClickHouseService(Service):
 
     def ports(self) -> list[int]:
         return [self.settings.clickhouse_port]
+
+    def private_dirs(self) -> list[Path]:
+        return [self.home, self.data_dir]
 
     def install(self) -> None:
         """chdb is a pip dependency of the project; check that its engine really loads."""
@@ -54,8 +56,7 @@ class ClickHouseService(Service):
         """Nobody but us reads the warehouse: ``<state>/clickhouse`` and its data directory are 0700."""
         secrets.clickhouse_password(self.settings)  # generated before the server's first start
         for folder in (self.home, self.data_dir):
-            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-            os.chmod(folder, 0o700)
+            private_dir(folder)
 
     def command(self) -> list[str]:
         s = self.settings

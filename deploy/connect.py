@@ -17,9 +17,16 @@ Why this shape:
   (``{"schema": ..., "payload": {"before", "after", "source", "op", "ts_ms"}}``). The schema part is
   what lets a decoder tell a ``Decimal`` (base64 bytes) or a ``MicroTimestamp`` from a plain number
   without a schema registry, which this project's registries do not offer (Confluent's is not served).
-- Secrets by reference: ``config.providers`` ``env`` (EnvVarConfigProvider) and ``file``
-  (FileConfigProvider), so a connector file says ``${env:CHANGEFLOW_PG_REPLICATION_PASSWORD}``; the
-  worker gets that variable from ``deploy.secrets.replication_password`` (``env()``).
+- Secrets by reference, and nothing else: ``config.providers`` ``env`` (EnvVarConfigProvider), ``file``
+  (FileConfigProvider, a key of a properties file) and ``dir`` (DirectoryConfigProvider, a whole file).
+  A connector file says ``${env:CHANGEFLOW_PG_REPLICATION_PASSWORD}``; the worker gets that variable from
+  ``deploy.secrets.replication_password`` (``env()``). A pipeline's ``${file:/dir/name}`` is rendered as
+  ``${dir:/dir:name}`` (``connectors/render.py``). Whoever can create a connector could otherwise read any
+  file or environment variable of the worker through a connector config (the validate endpoint echoes
+  resolved values), so: ``env`` resolves only ``CHANGEFLOW_.*`` (``allowlist.pattern``), ``file`` and
+  ``dir`` only paths inside ``<state>/secrets/`` (``allowed.paths``); a reference outside stays unresolved.
+- ``connector.client.config.override.policy=None``: a connector config cannot override the worker's
+  producer/consumer/admin client settings (bootstrap servers, security, interceptors).
 - ``plugin.discovery=service_load``: Debezium 3 and Kafka's own plugins ship ServiceLoader manifests, so
   the worker skips scanning every class of every jar at start (seconds on 2 cores).
 
@@ -48,7 +55,7 @@ from deploy.jvm import (
 )
 from deploy.kafka import KAFKA_VERSION, LOG4J2
 from deploy.secrets import replication_password
-from deploy.service import Service
+from deploy.service import Service, private_dir
 
 DEBEZIUM_VERSION = "3.5.0.Final"
 WORKER_POM = JVM_DIR / "connect" / "pom.xml"
@@ -76,6 +83,14 @@ REQUIRED_PLUGINS = (
 # The environment variable a connector file names as ${env:...} for the replication password.
 PG_PASSWORD_ENV = "CHANGEFLOW_PG_REPLICATION_PASSWORD"
 
+# What the env provider may read: the variables changeflow sets (compose: the same pattern).
+ENV_ALLOWLIST = "CHANGEFLOW_.*"
+CONFIG_PROVIDER_CLASSES = {
+    "env": "org.apache.kafka.common.config.provider.EnvVarConfigProvider",
+    "file": "org.apache.kafka.common.config.provider.FileConfigProvider",
+    "dir": "org.apache.kafka.common.config.provider.DirectoryConfigProvider",
+}
+
 CONNECT_HEAP = "768m"
 GROUP_ID = "changeflow-connect"
 
@@ -99,6 +114,11 @@ class ConnectService(Service):
     @property
     def marker(self) -> Path:
         return self.home / "installed"
+
+    @property
+    def secrets_dir(self) -> Path:
+        """The one folder whose files ``${file:...}``/``${dir:...}`` references may read."""
+        return self.settings.state / "secrets"
 
     @property
     def url(self) -> str:
@@ -153,16 +173,19 @@ class ConnectService(Service):
             "offset.flush.interval.ms": 5000,
             "plugin.path": self.plugin_dir,
             "plugin.discovery": "service_load",
-            "config.providers": "env,file",
-            "config.providers.env.class": "org.apache.kafka.common.config.provider.EnvVarConfigProvider",
-            "config.providers.file.class": "org.apache.kafka.common.config.provider.FileConfigProvider",
+            "config.providers": ",".join(CONFIG_PROVIDER_CLASSES),
+            **{f"config.providers.{alias}.class": cls for alias, cls in CONFIG_PROVIDER_CLASSES.items()},
+            "config.providers.env.param.allowlist.pattern": ENV_ALLOWLIST,
+            "config.providers.file.param.allowed.paths": self.secrets_dir,
+            "config.providers.dir.param.allowed.paths": self.secrets_dir,
             # Debezium creates its topics with its own settings (topic.creation.* in connector files).
             "topic.creation.enable": "true",
-            # Connector files may tune their producer (e.g. batch size, compression).
-            "connector.client.config.override.policy": "All",
+            # No connector may override the worker's client settings (producer.override.* and the like).
+            "connector.client.config.override.policy": "None",
         }
 
     def prepare(self) -> None:
+        private_dir(self.secrets_dir)  # an allowed path must exist
         write_if_changed(self.config_dir / "connect-distributed.properties", properties(self.worker_properties()))
         write_if_changed(self.config_dir / "log4j2.properties", LOG4J2.read_text())
 

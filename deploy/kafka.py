@@ -13,7 +13,7 @@ Why this shape:
   fresh start on a 2-core machine stays quick.
 
 Layout under ``<state>/kafka/``: ``lib/`` (jars), ``config/`` (server.properties, log4j2.properties),
-``data/`` (the log dirs, formatted once by StorageTool), ``cluster-id``.
+``data/`` (the log dirs, formatted once by StorageTool), ``cluster-id``; ``<state>/kafka/`` and ``data/`` are 0700.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from deploy.jvm import (
     say,
     write_if_changed,
 )
-from deploy.service import Service, ServiceError, port_open
+from deploy.service import Service, ServiceError, port_open, private_dir
 
 KAFKA_VERSION = "4.3.1"
 POM = JVM_DIR / "kafka" / "pom.xml"
@@ -92,6 +92,9 @@ class KafkaService(Service):
     @property
     def url(self) -> str:
         return f"kafka://{self.settings.kafka_bootstrap}"
+
+    def private_dirs(self) -> list[Path]:
+        return [self.home, self.data_dir]
 
     def ports(self) -> list[int]:
         return [self.settings.kafka_port, self.settings.kafka_controller_port]
@@ -159,7 +162,7 @@ class KafkaService(Service):
         write_if_changed(self.config_dir / "log4j2.properties", LOG4J2.read_text())
         if (self.data_dir / "meta.properties").exists():
             return
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.data_dir)
         cmd = [
             *self._java_prefix("256m"),
             "kafka.tools.StorageTool",

@@ -1,4 +1,5 @@
-"""Redis from Debian's packages, with its data and append-only file under the state directory."""
+"""Redis from Debian's packages, with its data and append-only file under the state directory (``<state>/redis/``,
+0700 like every folder of the stack's state: deploy/service.py)."""
 
 from __future__ import annotations
 

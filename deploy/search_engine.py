@@ -23,7 +23,7 @@ Why this engine and version:
   one node can never place a replica, and a green cluster is then the normal state.
 
 Layout under ``<state>/search/``: ``lib/`` (jars), ``classes/`` (the compiled launcher), ``config/``
-(opensearch.yml, log4j2.properties), ``data/``, ``logs/``.
+(opensearch.yml, log4j2.properties), ``data/``, ``logs/``, ``tmp/``; the folder and its data are 0700.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from deploy.jvm import (
     say,
     write_if_changed,
 )
-from deploy.service import Service, ServiceError
+from deploy.service import Service, ServiceError, private_dir
 
 OPENSEARCH_VERSION = "2.19.6"
 POM = JVM_DIR / "search" / "pom.xml"
@@ -136,7 +136,12 @@ class SearchEngineService(Service):
             "http.max_content_length": "200mb",
         }
 
+    def private_dirs(self) -> list[Path]:
+        return [self.home, self.home / "data"]
+
     def prepare(self) -> None:
+        for folder in ("data", "logs", "tmp"):  # 0700 before the node creates them with its defaults
+            private_dir(self.home / folder)
         yml = "".join(f'{key}: "{value}"\n' for key, value in self.node_settings().items())
         write_if_changed(self.config_dir / "opensearch.yml", yml)
         write_if_changed(self.config_dir / "log4j2.properties", LOG4J2.read_text())
@@ -160,7 +165,6 @@ class SearchEngineService(Service):
             # The date formats OpenSearch documents assume the COMPAT locale data (removed in Java 23).
             opts.append("-Djava.locale.providers=SPI,COMPAT")
         classpath = f"{self.classes_dir}:{self.lib_dir / '*'}"
-        (self.home / "tmp").mkdir(parents=True, exist_ok=True)
         return [java, *opts, "-cp", classpath, MAIN_CLASS, str(self.config_dir)]
 
     def after_start(self) -> None:

@@ -3,6 +3,10 @@
 A service installs itself from a registry (idempotently), starts as a detached process whose pid,
 log and data live under ``<state_dir>/<name>/``, reports health by really talking to its port, and
 stops only the process it started (identified by its pid file).
+
+Least exposure: every folder the stack creates under the state directory is 0700 (``private_dir``), and
+no permission is ever added to a folder above it; a service whose process runs as another OS user keeps
+that user's data where that user can already reach it (``deploy/postgres.py``).
 """
 
 from __future__ import annotations
@@ -33,6 +37,40 @@ class ServiceStatus:
     pid: int | None
     log: str
     detail: str = ""
+
+
+PRIVATE_MODE = 0o700
+# Folders of the state directory that no service owns but that hold data or secrets: made private too.
+SHARED_PRIVATE_DIRS = ("secrets", "worker-data", "logs", "fatal")
+
+
+def private_dir(path: Path) -> Path:
+    """``path`` as a folder only its owner can enter (0700), created if missing.
+
+    Missing ancestors are created 0700 as well; an existing ancestor is never touched (no permission is
+    added to a parent). An existing ``path`` is tightened to 0700 whatever it was.
+    """
+    missing: list[Path] = []
+    current = path
+    while not current.exists():
+        missing.append(current)
+        current = current.parent
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # another process made it first: tightened below
+            folder.mkdir(mode=PRIVATE_MODE)
+        os.chmod(folder, PRIVATE_MODE)  # mkdir's mode goes through the umask
+    if path.stat().st_mode & 0o777 != PRIVATE_MODE:
+        os.chmod(path, PRIVATE_MODE)
+    return path
+
+
+def secure_state(settings: Settings) -> None:
+    """Tighten the state directory's shared folders that already exist (a stack made before they were
+    private becomes private on the next `stack up`, without a restart)."""
+    for name in SHARED_PRIVATE_DIRS:
+        folder = settings.state / name
+        if folder.is_dir():
+            private_dir(folder)
 
 
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
@@ -90,6 +128,17 @@ class Service(ABC):
     def healthy(self) -> bool:
         """True only when the service answers its protocol on its port."""
 
+    def private_dirs(self) -> list[Path]:
+        """The folders of this service that only its owner may enter: its home, and its data folders
+        (an existing one is tightened on every `stack up`, running or not)."""
+        return [self.home]
+
+    def secure(self) -> None:
+        for folder in self.private_dirs():
+            if folder == self.home or folder.exists():
+                private_dir(folder)
+        secure_state(self.settings)
+
     def prepare(self) -> None:  # noqa: B027 - optional hook
         """One-time initialisation of the data directory before the first start."""
 
@@ -134,9 +183,10 @@ class Service(ABC):
                 f"{self.name}: port(s) {self.ports_in_use()} already in use by a process changeflow did "
                 f"not start; stop it or configure another port (see changeflow/settings.py)"
             )
-        self.home.mkdir(parents=True, exist_ok=True)
-        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.home)
+        private_dir(self.log_file.parent)
         self.prepare()
+        self.secure()
         log = self.log_file.open("ab")
         proc = subprocess.Popen(
             self.command(),
@@ -159,6 +209,9 @@ class Service(ABC):
         return [p for p in self.ports() if port_open("127.0.0.1", p)]
 
     def wait_healthy(self, timeout: float) -> None:
+        # `stack up` waits for every service, started now or long running: its folders are tightened here.
+        if self.home.exists():
+            self.secure()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.healthy():

@@ -8,6 +8,12 @@ health from the worker, and each sink's applied-through position from the store 
 When the worker is down, or runs without a sink, the sink's last fatal stop (kept by the worker in
 ``<state_dir>/fatal/<pipeline>.json``) says why, until its group commits past the batch it stopped on; a sink
 that stopped more than once on the same batch is crash-looping.
+
+Changes lost for good are said loudly (an error line starting ``CHANGES LOST``, and exit 1): a replication
+slot that PostgreSQL invalidated (``wal_status = 'lost'``: it removed WAL the slot still needed, past
+``max_slot_wal_keep_size``), and a sink whose committed offset lies before its topic's earliest retained
+offset (retention deleted changes it never applied; ``sinks reset --to-earliest`` would skip them in
+silence). A slot about to be invalidated (``unreserved``) is an error too.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ class SinkStatus:
     running: bool = True  # False: the worker answering runs without this sink (`worker --sinks`)
     stopped: dict[str, Any] | None = None  # its fatal stop (FatalStop.as_dict), while it has not moved past it
     crash_loop: bool = False
+    # "topic:partition" -> changes deleted by retention before this sink committed past them.
+    lost: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -49,6 +57,22 @@ class SlotStatus:
     active: bool
     retained_wal_bytes: int
     confirmed_lag_bytes: int | None
+    # PostgreSQL's pg_replication_slots.wal_status: reserved, extended, unreserved (about to be lost), lost.
+    wal_status: str | None = None
+
+
+@dataclass(frozen=True)
+class RetentionGap:
+    """A partition where a group's committed offset lies before the earliest offset the topic still keeps."""
+
+    topic: str
+    partition: int
+    committed: int
+    earliest: int
+
+    @property
+    def lost(self) -> int:
+        return self.earliest - self.committed
 
 
 @dataclass
@@ -98,10 +122,56 @@ def slots(settings: Settings, pipeline: Pipeline) -> list[SlotStatus]:
     with psycopg.connect(settings.pg_dsn, connect_timeout=5) as conn:
         rows = conn.execute(
             "SELECT slot_name, active, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint,"
-            " pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint"
+            " pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, wal_status"
             " FROM pg_replication_slots WHERE slot_name = %s ORDER BY slot_name", (pipeline.slot,)
         ).fetchall()
-    return [SlotStatus(r[0], bool(r[1]), int(r[2] or 0), None if r[3] is None else int(r[3])) for r in rows]
+    return [SlotStatus(r[0], bool(r[1]), int(r[2] or 0), None if r[3] is None else int(r[3]), r[4]) for r in rows]
+
+
+def slot_warning(slot: SlotStatus, pipeline: Pipeline) -> str | None:
+    """The loud line for a slot that lost (or is about to lose) WAL it needs; None when it is fine."""
+    if slot.wal_status == "lost":
+        return (f"CHANGES LOST: replication slot {slot.name} was invalidated by PostgreSQL (wal_status=lost): "
+                "it removed WAL the slot still needed (max_slot_wal_keep_size), so changes made while the "
+                f"connector was behind never reached Kafka. Drop the slot and re-snapshot (recreate connector "
+                f"{pipeline.connector_name('postgres')} with a new slot), then `changeflow reconcile --repair`")
+    if slot.wal_status == "unreserved":
+        return (f"replication slot {slot.name} is about to be invalidated (wal_status=unreserved): it holds more "
+                "WAL than max_slot_wal_keep_size; start the connector (`changeflow connectors status`) before "
+                "PostgreSQL removes it and changes are lost")
+    return None
+
+
+def retention_gaps(settings: Settings, group: str, topics: list[str]) -> list[RetentionGap]:
+    """Partitions of ``topics`` where ``group`` committed an offset below the earliest one still retained:
+    the records between were deleted (retention, delete-records) before the group consumed them."""
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group,
+                         "enable.auto.commit": False})
+    try:
+        metadata = consumer.list_topics(timeout=10)
+        partitions = [TopicPartition(t, p) for t in topics if t in metadata.topics
+                      for p in sorted(metadata.topics[t].partitions)]
+        if not partitions:
+            return []
+        gaps = []
+        for tp in consumer.committed(partitions, timeout=10):
+            if tp.offset < 0:  # nothing committed: the group has not started on this partition
+                continue
+            low, _high = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=10)
+            if tp.offset < low:
+                gaps.append(RetentionGap(tp.topic, tp.partition, tp.offset, low))
+        return gaps
+    finally:
+        consumer.close()
+
+
+def retention_warning(sink: str, group: str, gaps: list[RetentionGap]) -> str:
+    where = ", ".join(f"{g.topic}[{g.partition}] committed {g.committed} < earliest {g.earliest}" for g in gaps)
+    total = sum(g.lost for g in gaps)
+    return (f"CHANGES LOST: sink {sink} (group {group}) is behind its topics' retention: {total} change(s) were "
+            f"deleted before it applied them ({where}). The store misses them; `sinks reset --to-earliest` would "
+            f"skip them in silence: rebuild the store from the source (`changeflow rebuild {sink}`) or run "
+            "`changeflow reconcile --repair`")
 
 
 def applied_through(settings: Settings, pipeline: Pipeline) -> tuple[dict[str, dict[str, int]], list[str]]:
@@ -177,6 +247,10 @@ def collect(settings: Settings, pipeline: Pipeline) -> Status:
     except psycopg.Error as exc:
         slot_list = []
         errors.append(f"postgres: {exc}")
+    for slot in slot_list:
+        warning = slot_warning(slot, pipeline)
+        if warning:
+            errors.append(warning)
     states = worker_sinks(settings)
     # Unreachable stores show as no position (and as failing sinks once the worker says so).
     positions, _unreachable = applied_through(settings, pipeline)
@@ -189,6 +263,13 @@ def collect(settings: Settings, pipeline: Pipeline) -> Status:
         stop = stops.get(name) if state is None else None
         if stop is not None:
             errors.append(describe_stop(stop))
+        try:
+            gaps = retention_gaps(settings, group, canonical_topics(pipeline, name))
+        except KafkaException as exc:
+            gaps = []
+            errors.append(f"kafka: retention check of {group}: {exc}")
+        if gaps:
+            errors.append(retention_warning(name, group, gaps))
         sinks.append(
             SinkStatus(
                 name=name,
@@ -200,6 +281,7 @@ def collect(settings: Settings, pipeline: Pipeline) -> Status:
                 running=states is None or state is not None,
                 stopped=stop.as_dict() if stop else None,
                 crash_loop=bool(stop and stop.crash_loop),
+                lost={f"{g.topic}:{g.partition}": g.lost for g in gaps},
             )
         )
     return Status(

@@ -302,7 +302,7 @@ def test_connect_is_debezium_3_distributed_with_the_env_config_provider(model: d
     for topic in ("CONFIG_STORAGE_TOPIC", "OFFSET_STORAGE_TOPIC", "STATUS_STORAGE_TOPIC"):
         assert env[topic]
     assert len({env["CONFIG_STORAGE_TOPIC"], env["OFFSET_STORAGE_TOPIC"], env["STATUS_STORAGE_TOPIC"]}) == 3
-    assert env["CONNECT_CONFIG_PROVIDERS"] == "env"
+    assert env["CONNECT_CONFIG_PROVIDERS"] == "env,file,dir"
     assert env["CONNECT_CONFIG_PROVIDERS_ENV_CLASS"] == "org.apache.kafka.common.config.provider.EnvVarConfigProvider"
     # ${env:CHANGEFLOW_PG_REPLICATION_PASSWORD} resolves: allowed by the pattern, and present.
     pattern = env["CONNECT_CONFIG_PROVIDERS_ENV_PARAM_ALLOWLIST_PATTERN"]
@@ -310,6 +310,26 @@ def test_connect_is_debezium_3_distributed_with_the_env_config_provider(model: d
     assert not re.fullmatch(pattern, "PATH")
     assert env["CHANGEFLOW_PG_REPLICATION_PASSWORD"] == SECRETS["CHANGEFLOW_PG_REPLICATION_PASSWORD"]
     assert _published(connect)[8083] == ("127.0.0.1", 8083)
+
+
+def test_connect_providers_and_client_policy_match_the_native_worker(model: dict, tmp_path: Path) -> None:
+    """The image turns CONNECT_A_B into worker property a.b: compose's providers are the native worker's,
+    except the folder secret files live in (/run/secrets in a container)."""
+    from deploy.connect import ConnectService
+
+    env = _env(_service(model, "connect"))
+    compose = {key.removeprefix("CONNECT_").lower().replace("_", "."): value
+               for key, value in env.items() if key.startswith("CONNECT_CONFIG_PROVIDERS")
+               or key == "CONNECT_CONNECTOR_CLIENT_CONFIG_OVERRIDE_POLICY"}
+    native = {k: str(v) for k, v in ConnectService(Settings(state_dir=tmp_path)).worker_properties().items()
+              if k.startswith("config.providers") or k == "connector.client.config.override.policy"}
+    assert set(compose) == set(native)
+    for key, value in native.items():
+        if key.endswith(".allowed.paths"):
+            assert value == str(tmp_path / "secrets") and compose[key] == "/run/secrets", key
+        else:
+            assert compose[key] == value, key
+    assert compose["connector.client.config.override.policy"] == "None"
 
 
 def test_connect_resolves_every_env_reference_in_the_connector_files(model: dict) -> None:

@@ -107,7 +107,10 @@ def test_include_list_regexes_match_exactly_their_table() -> None:
 
 
 def test_secret_references_and_identifiers() -> None:
-    assert connect_secret("${env:PW}", "x") == "${env:PW}"
+    assert connect_secret("${env:CHANGEFLOW_PW}", "x") == "${env:CHANGEFLOW_PW}"
+    with pytest.raises(RenderError, match=r"x: '\$\{env:PW\}': Kafka Connect resolves only CHANGEFLOW_\* variables; "
+                                          r"name it \$\{env:CHANGEFLOW_PW\}"):
+        connect_secret("${env:PW}", "x")
     assert connect_secret("${file:/a/b/c}", "x") == "${dir:/a/b:c}"
     with pytest.raises(RenderError):
         connect_secret("${file:relative}", "x")
