@@ -269,9 +269,9 @@ def _from_wire(value: Any, t: ColumnType) -> Any:
         return None
     k = t.kind
     if k == "json":
-        import orjson
+        from schemas.json import loads  # exact: orjson alone would round long numbers to floats
 
-        return orjson.loads(value)
+        return loads(value)
     if k == "decimal" and t.precision is None:
         return Decimal(value)
     if k == "array" and t.item is not None:

@@ -1,7 +1,8 @@
 """The canonical key text of a row: one string per key, unambiguous for composite keys.
 
 A one-column key is the value's text (``42``, ``0b6f...``), so single keys read as they always did
-(``product:42``). A composite key is the JSON array of its values' texts (``["eu","42"]``): JSON's quoting
+(``product:42``); an integer or decimal is written with every digit, in plain notation.
+A composite key is the JSON array of its values' texts (``["eu","42"]``): JSON's quoting
 keeps every separator and quote inside a value from being mistaken for the boundary between two values.
 """
 
@@ -21,8 +22,10 @@ def part_text(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         return value
-    if isinstance(value, int | Decimal):
-        return str(value)
+    if isinstance(value, int):
+        return str(value)  # every digit, beyond 64 bits too
+    if isinstance(value, Decimal):
+        return format(value, "f")  # plain notation: a NUMERIC key of 10**30 is never "1E+30"
     if isinstance(value, float):
         return repr(int(value)) if value.is_integer() else repr(value)
     if isinstance(value, datetime | date | time):

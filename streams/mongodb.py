@@ -38,6 +38,7 @@ import base64
 import binascii
 import copy
 import json
+import re
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
@@ -46,10 +47,10 @@ from typing import Any, cast
 
 import orjson
 
-from pipelines.transform import FILTERED, ExpressionError, Transformer
+from pipelines.transform import FILTERED, Transformer
 from schemas.json import dumps
 from streams.debezium import output_types
-from streams.records import ChangeRecord, DeadLetter, Decoded, Op, Skip
+from streams.records import ChangeRecord, DeadLetter, Decoded, Op, Skip, bounded
 
 SOURCE = "mongodb"
 TRUNCATE = "$truncate"
@@ -142,28 +143,72 @@ def from_extended_json(value: Any) -> Any:
     return value
 
 
-def parse_extended_json(text: Any, what: str) -> Any:
-    """One extended-JSON string → Python values; stdlib json because STRICT mode writes bare NaN/Infinity."""
+def _parse(text: Any, what: str) -> Any:
+    """One extended-JSON string, parsed but not yet converted (its ``$`` wrappers kept)."""
     if not isinstance(text, str):
         raise ExtendedJsonError(f"{what} is not an extended-JSON string")
     try:
-        parsed = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise ExtendedJsonError(f"{what} is not valid extended JSON: {exc}") from None
-    return from_extended_json(parsed)
 
 
-def key_string(value: Any) -> str:
-    """The canonical key text of a decoded ``_id``: ObjectId hex, the string itself, the number as text."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str | int | Decimal):
+def parse_extended_json(text: Any, what: str) -> Any:
+    """One extended-JSON string → Python values; stdlib json because STRICT mode writes bare NaN/Infinity."""
+    return from_extended_json(_parse(text, what))
+
+
+# A string `_id` is its own key text unless it reads as another type's: an ObjectId's 24 lowercase hex
+# digits, or a type's prefix. Those strings are written `string:<the string>`.
+_KEY_TAGS = ("string", "number", "bool", "date", "uuid", "binary", "timestamp", "json")
+_ESCAPE = re.compile(r"(?:[0-9a-f]{24}\Z|(?:" + "|".join(_KEY_TAGS) + r"):)")
+
+
+def _number_text(value: int | float | Decimal) -> str:
+    """One text per numeric value, whatever its BSON type (MongoDB's `_id` index holds 12, 12L and 12.0 as
+    one value): the exact decimal expansion, trailing zeros dropped."""
+    if isinstance(value, int):
         return str(value)
-    if isinstance(value, float):
-        return repr(int(value)) if value.is_integer() else repr(value)
+    d = value if isinstance(value, Decimal) else Decimal(value)  # Decimal(float) is exact
+    if not d.is_finite():
+        return "NaN" if d.is_nan() else ("-Infinity" if d < 0 else "Infinity")
+    text = format(d, "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return "0" if text == "-0" else text
+
+
+def key_string(raw_id: Any) -> str:
+    """The canonical key text of an ``_id`` (as parsed, wrappers kept), never the same for two BSON types:
+
+    ObjectId → its 24 lowercase hex digits; string → itself (``string:<s>`` when it reads as an ObjectId or
+    starts with a type prefix); number (int32, int64, double, Decimal128) → ``number:<exact value>``; bool →
+    ``bool:true``; date → ``date:<ISO-8601 UTC>``; binary UUID (subtypes 3, 4) → ``uuid:<uuid>``; other
+    binary → ``binary:<subtype hex>:<base64>``; timestamp → ``timestamp:<(t << 32) | i>``; document or
+    array → ``json:<its JSON>``.
+    """
+    value = from_extended_json(raw_id)
+    if isinstance(raw_id, dict):
+        keys = set(raw_id)
+        if keys == {"$oid"}:
+            return cast(str, value)
+        if keys in ({"$binary"}, {"$binary", "$type"}):
+            payload = raw_id["$binary"]
+            subtype = int(str(payload.get("subType") if isinstance(payload, dict) else raw_id.get("$type")), 16)
+            return f"uuid:{value}" if subtype in (3, 4) else f"binary:{subtype:02x}:{value}"
+        if keys == {"$timestamp"}:
+            return f"timestamp:{value}"
+    if isinstance(value, str):
+        return f"string:{value}" if _ESCAPE.match(value) else value
+    if value is None:
+        raise ExtendedJsonError("_id is null")
+    if isinstance(value, bool):
+        return "bool:true" if value else "bool:false"
+    if isinstance(value, int | float | Decimal):
+        return f"number:{_number_text(value)}"
     if isinstance(value, datetime):
-        return value.isoformat()
-    return dumps(value).decode()
+        return f"date:{value.isoformat()}"
+    return f"json:{dumps(value).decode()}"
 
 
 # --- partial updates ------------------------------------------------------------------------------
@@ -268,19 +313,27 @@ def _payload(raw: bytes | None, what: str) -> dict[str, Any]:
 
 
 def _id_from_key(raw_key: bytes | None) -> Any:
+    """The message key's ``_id``, parsed with its extended-JSON wrappers kept (see ``key_string``)."""
     key = _payload(raw_key, "message key")
     if not isinstance(key.get("id"), str):
         raise ExtendedJsonError("message key has no id")
-    return parse_extended_json(key["id"], "message key id")
+    return _parse(key["id"], "message key id")
 
 
-def _document(payload: Mapping[str, Any], field: str) -> dict[str, Any] | None:
+_NO_ID = object()
+
+
+def _document(payload: Mapping[str, Any], field: str) -> tuple[dict[str, Any] | None, Any]:
+    """The document image and its raw ``_id`` (wrappers kept; ``_NO_ID`` when it has none)."""
     if payload.get(field) is None:
-        return None
-    doc = parse_extended_json(payload[field], field)
+        return None, _NO_ID
+    raw = _parse(payload[field], field)
+    if not isinstance(raw, dict):
+        raise ExtendedJsonError(f"{field} is not a document")
+    doc = from_extended_json(raw)
     if not isinstance(doc, dict):
         raise ExtendedJsonError(f"{field} is not a document")
-    return doc
+    return doc, raw.get("_id", _NO_ID)
 
 
 def cluster_time_version(source: Mapping[str, Any]) -> int:
@@ -313,7 +366,25 @@ def decode_mongodb(
     """
     if raw_value is None:
         return Skip("tombstone")
+    try:
+        return _decode(raw_value, topic, partition, offset, raw_key, entities)
+    except ExtendedJsonError as exc:
+        return DeadLetter(raw_key, raw_value, topic, partition, offset, bounded(str(exc)))
+    except Exception as exc:  # any exception is this message's dead letter, never the worker's
+        return DeadLetter(raw_key, raw_value, topic, partition, offset, bounded(f"{type(exc).__name__}: {exc}"))
 
+
+def _is_heartbeat_key(raw_key: bytes | None) -> bool:
+    """Debezium keys its heartbeats by the connector's logical name: ``{"serverName": ...}``."""
+    try:
+        key = _payload(raw_key, "message key")
+    except ExtendedJsonError:
+        return False
+    return set(key) == {"serverName"}
+
+
+def _decode(raw_value: bytes, topic: str, partition: int, offset: int, raw_key: bytes | None,
+            entities: Mapping[tuple[str, str], Transformer] | None) -> Decoded:
     def dead(reason: str) -> DeadLetter:
         return DeadLetter(raw_key, raw_value, topic, partition, offset, reason)
 
@@ -328,11 +399,15 @@ def decode_mongodb(
     if not isinstance(payload, dict):
         return dead("payload is not an object")
     schema_name = schema.get("name") if isinstance(schema, dict) else None
-    if (isinstance(schema_name, str) and schema_name.endswith(".Heartbeat")) or set(payload) == {"ts_ms"}:
+    if isinstance(schema_name, str) and schema_name.endswith(".Heartbeat"):
         return Skip("heartbeat")
     if payload.get("status") in ("BEGIN", "END") and "id" in payload and "op" not in payload:
         return Skip("transaction metadata")
     op = payload.get("op")
+    if op is None and "source" not in payload:
+        if schema is None and set(payload) == {"ts_ms"} and _is_heartbeat_key(raw_key):
+            return Skip("heartbeat")  # a heartbeat without schemas (schemas.enable=false): its key names it
+        return dead("neither op nor source: not a change event (a heartbeat has a schema named *.Heartbeat)")
     if op not in _OPS:
         return dead(f"unknown op {op!r}")
     source = payload.get("source")
@@ -350,8 +425,8 @@ def decode_mongodb(
             return Skip(f"collection {database}.{collection} not mapped")
     try:
         version = cluster_time_version(source)
-        before = _document(payload, "before")
-        after = _document(payload, "after") if op != "d" else None
+        before, before_id = _document(payload, "before")
+        after, after_id = _document(payload, "after") if op != "d" else (None, _NO_ID)
         partial: dict[str, Any] | None = None
         if after is None and op in ("c", "r"):
             raise ExtendedJsonError(f"op {op} without an after document")
@@ -360,18 +435,15 @@ def decode_mongodb(
             if not isinstance(description, dict):
                 raise ExtendedJsonError("update carries neither after nor updateDescription")
             partial = partial_image(description)
-        image = after if after is not None else before
-        if image is not None and "_id" in image:
-            doc_id = image["_id"]
-            if raw_key is not None and key_string(_id_from_key(raw_key)) != key_string(doc_id):
+        doc_id = after_id if after is not None else before_id
+        if doc_id is not _NO_ID:
+            key = key_string(doc_id)
+            if raw_key is not None and key_string(_id_from_key(raw_key)) != key:
                 raise ExtendedJsonError("message key id does not match the document _id")
         elif raw_key is not None:
-            doc_id = _id_from_key(raw_key)
+            key = key_string(_id_from_key(raw_key))
         else:
             raise ExtendedJsonError("no _id: neither the document nor the message key carries one")
-        if doc_id is None:
-            raise ExtendedJsonError("_id is null")
-        key = key_string(doc_id)
         before_row = _row(before, key) if before is not None else None
         after_row = _row(after, key) if after is not None else (_row(partial, key) if partial is not None else None)
         declared: Mapping[str, Any] = {}
@@ -388,9 +460,7 @@ def decode_mongodb(
             declared = transformer.spec.declared_types
         types = output_types(after_row if after_row is not None else (before_row or {}), {}, declared)
     except ExtendedJsonError as exc:
-        return dead(str(exc)[:300])
-    except (ValueError, TypeError, KeyError, ArithmeticError, AttributeError, RecursionError, ExpressionError) as exc:
-        return dead(f"{type(exc).__name__}: {str(exc)[:300]}")
+        return dead(bounded(str(exc)))
     return ChangeRecord(
         source=SOURCE,
         entity=transformer.spec.name if transformer is not None else collection,

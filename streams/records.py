@@ -55,6 +55,11 @@ class DeadLetter:
     offset: int
     reason: str
 
+    def __post_init__(self) -> None:
+        # Every producer's reason is bounded here (headers, logs and `dlq list` carry it).
+        if not isinstance(self.reason, str) or len(self.reason) > REASON_LIMIT:
+            object.__setattr__(self, "reason", bounded(str(self.reason)))
+
 
 @dataclass(frozen=True, slots=True)
 class Skip:
@@ -62,3 +67,11 @@ class Skip:
 
 
 Decoded = ChangeRecord | DeadLetter | Skip
+
+
+REASON_LIMIT = 300
+
+
+def bounded(reason: str, limit: int = REASON_LIMIT) -> str:
+    """A dead letter's reason, at most ``limit`` characters (a reason that quotes a 500 KB row is not one)."""
+    return reason if len(reason) <= limit else reason[: limit - 1] + "…"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import UTC, date, datetime, time, timedelta
@@ -118,6 +119,12 @@ def _as_undeclared(value: Any) -> Any:
     return _json_text(value)
 
 
+def _as_float(value: Any) -> float | None:
+    """NaN and ±Infinity compare as "no value": the JSON stores hold null for them (README "Types")."""
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
 def _as_bytes(value: Any) -> str:
     """base64, as the JSON stores hold bytes; the source and ClickHouse give the bytes themselves."""
     if isinstance(value, memoryview | bytearray):
@@ -154,7 +161,7 @@ def _normaliser(t: ColumnType | None) -> Callable[[Any], Any]:
     if k in ("int16", "int32", "int64", "interval"):
         return int
     if k in ("float32", "float64"):
-        return float
+        return _as_float
     if k == "bool":
         return _as_bool
     if k in ("string", "uuid", "enum"):

@@ -85,8 +85,8 @@ def expected_clickhouse(row_id: int, text: str = TEXT) -> dict[str, Any]:
         "id": row_id, "c_small": -32768, "c_int": 2147483647, "c_big": 9223372036854775807,
         "c_num": Decimal("123456789.123"), "c_exact": str(EXACT), "c_real": 1.5, "c_double": 2.25, "c_bool": True,
         "c_text": text, "c_varchar": "short", "c_char": "ab ", "c_uuid": str(UID), "c_date": date(1969, 12, 31),
-        "c_time": "23:59:59.999999", "c_timetz": "08:00:00+00:00", "c_ts": at, "c_tstz": at, "c_interval": 93_600_000_000,
-        "c_json": '{"a":[1,"x"]}', "c_jsonb": '{"n":7,"ok":true}', "c_bytea": b"\x00\xff",
+        "c_time": "23:59:59.999999", "c_timetz": "08:00:00+00:00", "c_ts": at, "c_tstz": at,
+        "c_interval": 93_600_000_000, "c_json": '{"a":[1,"x"]}', "c_jsonb": '{"n":7,"ok":true}', "c_bytea": b"\x00\xff",
         "c_ints": [1, None, 3], "c_texts": ["a", "b c"], "c_mood": "vip",
     }
 

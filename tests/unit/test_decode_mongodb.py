@@ -241,13 +241,13 @@ def test_without_entity_map_the_document_passes_through_untransformed() -> None:
 
 def test_every_extended_json_type_of_a_strict_mode_document() -> None:
     result = record("insert_types")
-    assert result.key == "1004"  # $numberLong _id; the key says "1004"
+    assert result.key == "number:1004"  # $numberLong _id (the key says 1004): a number, never the string "1004"
     after = result.after
     assert after is not None
     nan, neg_inf = after.pop("nan"), after.pop("neg_inf")
     assert math.isnan(nan) and neg_inf == float("-inf")  # bare NaN / -Infinity in STRICT mode
     assert after == {
-        "id": "1004",
+        "id": "number:1004",
         "email": "grace@example.com",
         "int32": -7,
         "int64": -9223372036854775808,
@@ -273,7 +273,7 @@ def test_every_extended_json_type_of_relaxed_mode_updated_fields() -> None:
     nan, neg_inf = after.pop("nan"), after.pop("neg_inf")
     assert math.isnan(nan) and neg_inf == float("-inf")  # {"$numberDouble": "NaN"}
     assert after == {
-        "id": "1004",
+        "id": "number:1004",
         "int32": -8,
         "int64": -9223372036854775808,
         "date_pre_epoch": datetime(1969, 12, 31, tzinfo=UTC),  # {"$date": {"$numberLong": "-86400000"}}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime
 from decimal import Decimal
+from typing import Any
 
 import pytest
 
@@ -12,7 +13,7 @@ from streams.records import ChangeRecord, DeadLetter, Skip
 from tests.unit.commerce import POSTGRES_ENTITIES
 from tests.unit.envelopes import decimal_bytes, encoded, envelope, product_row
 
-POS = {"topic": "commerce.public.products", "partition": 2, "offset": 41}
+POS: dict[str, Any] = {"topic": "commerce.public.products", "partition": 2, "offset": 41}
 
 
 def _key_of(message: bytes | None) -> bytes | None:
@@ -20,7 +21,7 @@ def _key_of(message: bytes | None) -> bytes | None:
     import orjson
 
     try:
-        payload = orjson.loads(message).get("payload", {})
+        payload = orjson.loads(message or b"null").get("payload", {})
     except (orjson.JSONDecodeError, AttributeError, TypeError):
         return b'{"id":1}'  # what arrived with a message that is not an envelope: kept as it came
     row = payload.get("after") or payload.get("before") if isinstance(payload, dict) else None

@@ -253,3 +253,12 @@ def test_timetz_compares_by_its_utc_instant_as_debezium_sends_it() -> None:
     assert _as_time(time(10, 0, tzinfo=timezone(timedelta(hours=2)))) == _as_time("08:00:00Z")
     assert _as_time(time(1, 0, tzinfo=timezone(timedelta(hours=2)))) == _as_time("23:00:00Z")
     assert _as_time("23:59:59.999999") == "23:59:59.999999"
+
+
+def test_nan_and_infinity_compare_as_the_json_stores_null() -> None:
+    from pipelines.types import parse_type
+    from reports.reconcile.normalise import normalise_value
+
+    t = parse_type("float64")
+    assert normalise_value(float("nan"), t) is None and normalise_value(float("-inf"), t) is None
+    assert normalise_value(None, t) is None and normalise_value(1.5, t) == 1.5
