@@ -301,13 +301,19 @@ def _print_drift(rows: list[Any], format: Format) -> None:
 @app.command("demo")
 def demo(
     products: Annotated[int, typer.Option(help="Products to insert.")] = 200,
+    orders: Annotated[int, typer.Option(help="Paid orders to write (each with its payment).")] = 40,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the stores to catch up.")] = 180.0,
 ) -> None:
-    """Everything end to end: stack, connector, worker, a workload, stores catching up, drift report."""
+    """Everything end to end: stack, connector, worker, a workload (products; orders, payments and refunds with
+    four planted finance exceptions), the stores catching up, then drift, the finance report and reconcile."""
+    from changeflow.commands.finance import _print_tables as print_finance
+    from changeflow.commands.reconcile import _print_run as print_reconcile
     from deploy.service import ServiceError
     from deploy.worker import WorkerService
-    from deploy.workload import run_products
+    from deploy.workload import run_orders, run_products
     from reports.drift import drift
+    from reports.finance import GRACE_SECONDS, finance
+    from reports.reconcile import reconcile as run_reconcile
 
     s = settings()
     stack_up(None)
@@ -329,10 +335,14 @@ def demo(
             "insert": progress.add_task("insert products", total=products),
             "update": progress.add_task("update prices", total=updates),
             "delete": progress.add_task("delete products", total=deletes),
+            "orders": progress.add_task("orders paid", total=orders),
+            "exceptions": progress.add_task("finance exceptions planted", total=4),
         }
         result = run_products(s.pg_dsn, products, updates, deletes,
                               progress=lambda step, n: progress.advance(tasks[step], n))
-    console.print(f"workload: {result.inserted} inserted, {result.updated} updated, {result.deleted} deleted")
+        shop = run_orders(s.pg_dsn, orders, progress=lambda step, n: progress.advance(tasks[step], n))
+    console.print(f"workload: {result.inserted} products inserted, {result.updated} updated, {result.deleted} deleted; "
+                  f"{shop.orders} orders, {shop.payments} payments, {shop.refunds} refunds")
 
     started = time.monotonic()
     deadline = started + timeout
@@ -345,11 +355,32 @@ def demo(
         if p.drift == 0 or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    rows = drift(s, pipeline())
+    while True:
+        rows = drift(s, pipeline())
+        if all(r.drift == 0 for r in rows) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     _print_drift(rows, Format.table)
     if any(r.drift != 0 for r in rows):
         raise fail(f"stores did not converge within {timeout:.0f}s; see {worker_service.log_file}")
-    console.print("[green]zero drift[/]: every derived store matches PostgreSQL. "
+    console.print("[green]zero drift[/]: every derived store holds as many rows as PostgreSQL.")
+
+    # The finance report judges a transaction only once all of it has been in ClickHouse for a few seconds.
+    time.sleep(GRACE_SECONDS + 1)
+    report = finance(s, pipeline=pipeline())
+    print_finance(report)
+    found = {e.kind for e in report.exceptions}
+    missing = [k for k in shop.planted if k not in found]
+    if missing:
+        raise fail(f"the finance report did not find the planted {', '.join(missing)}")
+    console.print(f"finance: the {len(shop.planted)} planted exceptions are found "
+                  f"({len(report.exceptions)} in all, earlier demo runs included).")
+
+    run = run_reconcile(s, pipeline())
+    print_reconcile(run, "every key, every store")
+    if run.drift_exceeds(0):
+        raise fail("reconcile found keys that differ (above); `changeflow reconcile --repair` re-syncs them")
+    console.print("[green]reconciled[/]: every key and every value in every store matches PostgreSQL. "
                   "Stop everything with `changeflow stack down`.")
 
 

@@ -1,12 +1,16 @@
-"""The demo workload: products inserted, updated and deleted in PostgreSQL, as a service would."""
+"""The demo workload, as a shop's services would write it: products inserted, updated and deleted; orders
+with their payments and refunds, and a few finance exceptions planted on purpose."""
 
 from __future__ import annotations
 
 import random
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
 
 import psycopg
+from psycopg.types.json import Jsonb
 
 CATEGORIES = ("books", "garden", "kitchen", "toys", "tools", "music")
 ADJECTIVES = ("red", "quiet", "solid", "tiny", "golden", "rapid", "gentle", "vivid")
@@ -64,3 +68,76 @@ def run_products(
                 progress("delete", 1)
         conn.commit()
     return WorkloadResult(len(ids), min(updates, len(ids)), min(deletes, len(ids)))
+
+
+@dataclass(frozen=True)
+class OrdersResult:
+    orders: int
+    payments: int
+    refunds: int
+    planted: tuple[str, ...]  # the finance exceptions written on purpose, by kind
+
+
+def _money(rng: random.Random, low: int = 500, high: int = 50_000) -> Decimal:
+    return (Decimal(rng.randint(low, high)) / 100).quantize(Decimal("0.01"))
+
+
+def run_orders(
+    dsn: str,
+    orders: int = 40,
+    seed: int = 11,
+    progress: Callable[[str, int], None] | None = None,
+) -> OrdersResult:
+    """Orders with their captured payments and a few partial refunds, as a shop writes them, plus one of
+    each finance exception the report looks for (README "Finance"): a payment that does not match its
+    order, a payment for no order, a refund larger than its payment, a cancelled order still paid.
+
+    Ids are new UUIDs each run, so running the demo again adds to what is there."""
+    rng = random.Random(seed)
+    payments = refunds = 0
+    with psycopg.connect(dsn, autocommit=False) as conn, conn.cursor() as cur:
+
+        def order(status: str, total: Decimal) -> uuid.UUID:
+            oid = uuid.uuid4()
+            items = [{"sku": f"DEMO-{rng.randint(0, 199):05d}", "qty": rng.randint(1, 3)}]
+            cur.execute("INSERT INTO orders (id, user_id, status, total_amount, items) VALUES (%s, %s, %s, %s, %s)",
+                        (oid, f"user-{rng.randint(1, 50)}", status, total, Jsonb(items)))
+            return oid
+
+        def payment(order_id: uuid.UUID, amount: Decimal) -> uuid.UUID:
+            nonlocal payments
+            pid = uuid.uuid4()
+            cur.execute("INSERT INTO payments (id, order_id, amount, status, provider_ref) VALUES (%s, %s, %s, "
+                        "'captured', %s)", (pid, order_id, amount, f"psp-{pid.hex[:12]}"))
+            payments += 1
+            return pid
+
+        def refund(payment_id: uuid.UUID, order_id: uuid.UUID, amount: Decimal, reason: str) -> None:
+            nonlocal refunds
+            cur.execute("INSERT INTO refunds (id, payment_id, order_id, amount, reason) VALUES (%s, %s, %s, %s, %s)",
+                        (uuid.uuid4(), payment_id, order_id, amount, reason))
+            refunds += 1
+
+        for _ in range(orders):
+            total = _money(rng)
+            oid = order("paid", total)
+            pid = payment(oid, total)
+            if rng.random() < 0.15:
+                refund(pid, oid, (total / 4).quantize(Decimal("0.01")), "damaged item")
+            if progress:
+                progress("orders", 1)
+        conn.commit()
+        # One of each finance exception, on purpose.
+        total = _money(rng)
+        payment(order("paid", total), total - Decimal("1.00"))                           # payment_mismatch
+        payment(uuid.uuid4(), _money(rng))                                                # orphan_payment
+        total = _money(rng)
+        oid = order("paid", total)
+        refund(payment(oid, total), oid, total + Decimal("5.00"), "goodwill, too generous")  # refund_exceeds_payment
+        total = _money(rng)
+        payment(order("cancelled", total), total)                                         # cancelled_but_paid
+        conn.commit()
+        if progress:
+            progress("exceptions", 4)
+    planted = ("payment_mismatch", "orphan_payment", "refund_exceeds_payment", "cancelled_but_paid")
+    return OrdersResult(orders + 3, payments, refunds, planted)
