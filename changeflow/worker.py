@@ -136,4 +136,9 @@ def run(settings: Settings, pipeline: Pipeline, sink_names: list[str] | None = N
         log.critical("event=worker_stopped sink=%s exit_code=%d error=%r", sinks.fatal.store, sinks.fatal.exit_code,
                      sinks.fatal.error)
         return sinks.fatal.exit_code
+    failure = getattr(app, "changeflow_decode_failure", None) if "app" in locals() else None
+    if failure is not None and failure.is_set():
+        # A batch the decode stage could not deliver: Faust stopped cleanly (exit 0) on our SIGTERM.
+        log.critical("event=worker_stopped stage=decode exit_code=%d", EXIT_FAILED)
+        return EXIT_FAILED
     return code if isinstance(code, int) else EXIT_FAILED

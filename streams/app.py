@@ -358,9 +358,16 @@ def create_app(settings: Settings, pipeline: Pipeline, decode_group: str | None 
     async def deliver(batch: RawBatch) -> None:
         await batches.send(value=batch)
 
+    decode_failure = threading.Event()  # the worker's exit code says the decode stage failed, not "stopped"
+
+    def decode_failed() -> None:
+        decode_failure.set()
+        _stop_this_process()
+
     @app.service
     class Feed(RawFeed):
         def __init__(self, **kwargs: Any) -> None:
+            kwargs.setdefault("on_fatal", decode_failed)
             super().__init__(
                 config={
                     "bootstrap.servers": settings.kafka_bootstrap,
@@ -377,6 +384,7 @@ def create_app(settings: Settings, pipeline: Pipeline, decode_group: str | None 
                 **kwargs,
             )
 
+    app.changeflow_decode_failure = decode_failure  # type: ignore[attr-defined]
     app.changeflow_settings = settings  # type: ignore[attr-defined]
     app.changeflow_pipeline = pipeline  # type: ignore[attr-defined]
     return app

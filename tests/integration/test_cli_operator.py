@@ -300,3 +300,32 @@ def test_usage_errors_that_need_the_stack_are_one_line_with_exit_code_2(pipeline
         assert (done.returncode, done.stderr.strip(), done.stdout) == (2, message, "")
     drift = changeflow("report", "drift", "--entity", "products", "--format", "json")
     assert drift.returncode in (0, 1) and [r["entity"] for r in json.loads(drift.stdout)] == ["products"]
+
+
+def test_a_batch_the_decode_stage_cannot_deliver_stops_the_worker_with_exit_1(throwaway: Throwaway) -> None:
+    """The canonical topic refuses the record (its max.message.bytes is made tiny): the decode stage stops
+    the worker without committing the raw batch, and the exit code says it failed (not 0)."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    t = throwaway
+    admin = AdminClient({"bootstrap.servers": t.live.kafka_bootstrap})
+    admin.create_topics([NewTopic(t.topic, num_partitions=3, replication_factor=1,
+                                  config={"max.message.bytes": "64"})])[t.topic].result(30)
+    worker = t.worker("clickhouse", "worker-decode.log")
+    try:
+        def up() -> bool:
+            try:
+                return worker.poll() is not None or bool(sink_states(t))
+            except httpx.HTTPError:
+                return False
+
+        eventually(up, timeout=120, what="worker up")
+        produce(t, [(k, v) for k, v in backlog(t.pipeline.postgres_topic_prefix, 1, id_base=920_000_000_001)
+                    if v is not None])
+        code = wait_exit(worker)
+    finally:
+        stop(worker)
+    assert code == 1, t.log("worker-decode.log")
+    assert "event=decode_failed" in t.log("worker-decode.log")
+    raw = f"{t.pipeline.postgres_topic_prefix}.public.products"
+    assert all(v is None for v in committed_offsets(t.live, t.pipeline.decode_group, [raw]).values())
