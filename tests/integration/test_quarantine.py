@@ -310,3 +310,26 @@ def test_a_row_clickhouse_refuses_is_quarantined_while_the_rest_of_its_batch_lan
         store.close()
     assert [r.record.key for r in rejected] == ["23"]
     assert set(t.ch_rows(*range(20, 28))) == set(range(20, 28)) - {23}
+
+
+def test_a_row_the_clickhouse_server_refuses_is_quarantined_with_the_servers_reason(throwaway: Throwaway) -> None:
+    """A refusal the server makes (a CHECK constraint an operator added), not the client: the server answers
+    with ClickHouse's error (code 469), the sink bisects the batch, quarantines that row, writes the rest."""
+    t = throwaway
+    eventually(lambda: t.ch_rows(10), timeout=FRESH, what="the items table exists")
+    client = client_for(t.settings)
+    try:
+        client.command(f"ALTER TABLE `{t.items.clickhouse_database}`.`items` "
+                       "ADD CONSTRAINT label_allowed CHECK ifNull(label, '') != 'forbidden'")
+        t.insert((40, {"n": 40}, 1, "fine"), (41, {"n": 41}, 2, "forbidden"), (42, {"n": 42}, 3, "fine too"))
+        eventually(lambda: set(t.ch_rows(40, 42)) == {40, 42}, timeout=FRESH, what="rows 40 and 42 in clickhouse")
+        refused = eventually(lambda: entry_for(t.dlq("clickhouse"), 41), timeout=FRESH, what="row 41 quarantined")
+        assert refused["store"] == "clickhouse"
+        assert "VIOLATED_CONSTRAINT" in refused["error"] or "469" in refused["error"], refused["error"]
+        assert 41 not in t.ch_rows(41)
+        eventually(lambda: (t.redis_row(41) or {}).get("label") == "forbidden", timeout=FRESH, what="41 in redis")
+        t.alive()
+    finally:
+        with contextlib.suppress(Exception):
+            client.command(f"ALTER TABLE `{t.items.clickhouse_database}`.`items` DROP CONSTRAINT label_allowed")
+        client.close()
