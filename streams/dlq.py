@@ -27,7 +27,7 @@ import base64
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -306,6 +306,7 @@ def plan_replay(
     ids: Sequence[str] = (),
     all_: bool = False,
     force: bool = False,
+    topics: frozenset[str] | None = None,
 ) -> ReplayPlan:
     """Which dead letters to send back. Every asked-for id must exist (all are checked before anything is
     sent, so a typo never leaves a half-done replay); done ones are skipped unless forced."""
@@ -324,12 +325,59 @@ def plan_replay(
     for entry in chosen:
         if not entry.replayable:
             skip.append(Skipped(entry, "no source topic in its headers: nowhere to send it back"))
+        elif topics is not None and entry.store is None and entry.source_topic not in topics:
+            # The header is data too: a replay only ever writes to the pipeline's own source topics.
+            skip.append(Skipped(entry, f"{entry.source_topic!r} is not one of the pipeline's source topics: "
+                                       "not sent"))
         elif entry.replay_key in replays and not force:
             done = replays[entry.replay_key]
             skip.append(Skipped(entry, f"already replayed at {iso_ms(done.replayed_at_ms)}"))
         else:
             send.append(entry)
     return ReplayPlan(send=send, skip=skip)
+
+
+def masked(entry: DeadLetterEntry, fields_by_topic: Mapping[str, frozenset[str]]) -> DeadLetterEntry:
+    """The entry as ``dlq list`` shows it: the values of fields its entity drops or hashes replaced by
+    ``"<masked>"`` in the row images of a Debezium message (a MongoDB image's extended-JSON text too).
+    Hashing happens in the decode stage, so a raw message that never got there still holds the plain
+    value; the DLQ topic keeps the exact bytes for replay, the listing never shows them."""
+    fields = fields_by_topic.get(entry.source_topic or "")
+    if not fields or entry.value is None or entry.store is not None:
+        return entry
+    try:
+        message = orjson.loads(entry.value)
+    except orjson.JSONDecodeError:
+        return entry
+    if not isinstance(message, dict):
+        return entry
+    inner = message.get("payload")
+    payload: dict[str, Any] = inner if isinstance(inner, dict) else message
+    changed = False
+
+    def mask(row: Any) -> Any:
+        nonlocal changed
+        if isinstance(row, str):  # MongoDB: the image is extended JSON text
+            try:
+                inner = orjson.loads(row)
+            except orjson.JSONDecodeError:
+                return row
+            out = mask(inner)
+            return orjson.dumps(out).decode() if out is not inner else row
+        if isinstance(row, dict) and fields & row.keys():
+            changed = True
+            return {k: ("<masked>" if k in fields else v) for k, v in row.items()}
+        return row
+
+    for side in ("before", "after", "patch"):
+        if side in payload:
+            payload[side] = mask(payload[side])
+    update = payload.get("updateDescription")
+    if isinstance(update, dict) and "updatedFields" in update:
+        update["updatedFields"] = mask(update["updatedFields"])
+    if not changed:
+        return entry
+    return replace(entry, value=orjson.dumps(message))
 
 
 def replay_headers(entry: DeadLetterEntry, now_ms: int) -> list[tuple[str, str | bytes | None]]:

@@ -59,12 +59,13 @@ def list_(
     ``--store S`` only the records store S refused (quarantined for it)."""
     from confluent_kafka import KafkaException
 
-    from streams.dlq import for_store, iso_ms, read_dead_letters, read_replays
+    from streams.dlq import for_store, iso_ms, masked, read_dead_letters, read_replays
 
     _check_store(store)
     settings, pipeline = context.settings(), context.pipeline()
+    hidden = {topic: spec.dropped | spec.hashed for topic, spec in pipeline.raw_topics().items()}
     try:
-        entries = for_store(read_dead_letters(settings, pipeline), store)
+        entries = [masked(e, hidden) for e in for_store(read_dead_letters(settings, pipeline), store)]
         replays = read_replays(settings, pipeline)
     except (KafkaException, TimeoutError) as exc:
         raise _fail(f"reading {pipeline.dlq_topic}: {exc}") from None
@@ -141,7 +142,8 @@ def replay_(
     try:
         entries = for_store(read_dead_letters(settings, pipeline), store)
         replays = read_replays(settings, pipeline)
-        plan = plan_replay(entries, replays, ids=ids or (), all_=all_ or not ids, force=force)
+        plan = plan_replay(entries, replays, ids=ids or (), all_=all_ or not ids, force=force,
+                           topics=frozenset(pipeline.raw_topics()))
         raw = [e for e in plan.send if e.store is None]
         for sent in replay(settings, pipeline, raw):
             rows.append({"id": sent.id, "outcome": "replayed", "replayed_at": iso_ms(sent.replayed_at_ms),

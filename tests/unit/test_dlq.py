@@ -235,3 +235,41 @@ def test_replay_with_both_id_and_all_is_a_usage_error() -> None:
     result = CliRunner().invoke(cli_app, ["dlq", "replay", "--id", "a:0:1", "--all"])
     assert result.exit_code == 2
     assert "--id and --all exclude each other" in result.output
+
+
+def _raw_entry(value: bytes, topic: str = "commerce.public.products") -> Any:
+    from streams.dlq import DeadLetterEntry
+
+    return DeadLetterEntry(id="x", source_topic=topic, partition=0, offset=1, error="e", dead_at_ms=None,
+                           key=None, value=value, dlq_partition=0, dlq_offset=0)
+
+
+def test_dlq_list_masks_dropped_and_hashed_fields_in_debezium_and_mongodb_images() -> None:
+    import orjson as _orjson
+
+    from streams.dlq import masked
+
+    hidden = {"commerce.public.products": frozenset({"internal_notes", "email"}),
+              "users.users.users": frozenset({"email"})}
+    pg = _orjson.dumps({"schema": {}, "payload": {"op": "u", "before": {"id": 1, "email": "a@b.c"},
+                                                    "after": {"id": 1, "email": "a@b.c", "internal_notes": "secret"}}})
+    shown = _orjson.loads(masked(_raw_entry(pg), hidden).value or b"")["payload"]
+    assert shown["before"] == {"id": 1, "email": "<masked>"}
+    assert shown["after"] == {"id": 1, "email": "<masked>", "internal_notes": "<masked>"}
+    mongo = _orjson.dumps({"payload": {"op": "u", "after": '{"_id": 1, "email": "x@y.z"}',
+                                       "updateDescription": {"updatedFields": '{"email": "x@y.z"}'}}})
+    shown = _orjson.loads(masked(_raw_entry(mongo, "users.users.users"), hidden).value or b"")["payload"]
+    assert _orjson.loads(shown["after"]) == {"_id": 1, "email": "<masked>"}
+    assert "x@y.z" not in str(shown)
+    untouched = _raw_entry(b"not json at all")
+    assert masked(untouched, hidden) is untouched
+
+
+def test_replay_sends_only_to_the_pipelines_own_source_topics() -> None:
+    from streams.dlq import plan_replay
+
+    ours, theirs = _raw_entry(b"{}"), _raw_entry(b"{}", topic="somebody.elses.topic")
+    plan = plan_replay([ours, theirs], {}, all_=True, topics=frozenset({"commerce.public.products"}))
+    assert [e.source_topic for e in plan.send] == ["commerce.public.products"]
+    assert [s.reason for s in plan.skip] == [
+        "'somebody.elses.topic' is not one of the pipeline's source topics: not sent"]
