@@ -237,9 +237,7 @@ def test_replay_with_both_id_and_all_is_a_usage_error() -> None:
     assert "--id and --all exclude each other" in result.output
 
 
-def _raw_entry(value: bytes, topic: str = "commerce.public.products") -> Any:
-    from streams.dlq import DeadLetterEntry
-
+def _raw_entry(value: bytes, topic: str = "commerce.public.products") -> DeadLetterEntry:
     return DeadLetterEntry(id="x", source_topic=topic, partition=0, offset=1, error="e", dead_at_ms=None,
                            key=None, value=value, dlq_partition=0, dlq_offset=0)
 
