@@ -147,8 +147,14 @@ def test_poison_messages_are_listed_with_reason_position_and_exact_bytes_while_t
             entry = listed[ids[p]]
             assert (entry["source_topic"], entry["partition"], entry["offset"]) == (SOURCE, p, offsets[p])
             assert base64.b64decode(entry["key_b64"]) == key
-            assert base64.b64decode(entry["value_b64"]) == value
-            assert (entry["key_size"], entry["value_size"]) == (len(key), len(value))
+            shown = base64.b64decode(entry["value_b64"])
+            if p == 1:  # a product image: the field products drop is masked in the listing (README "dlq list")
+                original = json.loads(value)
+                original["payload"]["after"]["internal_notes"] = "<masked>"
+                assert json.loads(shown) == original and b"<masked>" in shown
+            else:
+                assert shown == value  # nothing to mask: the exact bytes
+            assert (entry["key_size"], entry["value_size"]) == (len(key), len(shown))
             assert entry["replayed"] is False
             assert entry["dead_at"].endswith("Z")
         assert listed[ids[0]]["value_preview"] == "{not json"
