@@ -238,7 +238,7 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
             table.add_row(sl.name, str(sl.active), f"{sl.retained_wal_bytes:,}", f"{sl.confirmed_lag_bytes or 0:,}")
         console.print(table)
         table = Table(title=f"sinks (decode lag {st.stream_lag}, dead letters {st.dead_letters})")
-        for col in ("sink", "state", "lag", "applied through", "last error"):
+        for col in ("sink", "state", "lag", "applied through", "quarantined", "last error"):
             table.add_column(col)
         for sk in st.sinks:
             if sk.crash_loop:
@@ -252,7 +252,8 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
             else:
                 state = "[green]ok[/]" if sk.healthy else "[red]failing[/]"
             through = ", ".join(f"{e}={v}" for e, v in sorted(sk.applied_through.items()))
-            table.add_row(sk.name, state, str(sk.lag), through, (sk.last_error or "")[:80])
+            held = ", ".join(f"{e}={n}" for e, n in sk.quarantined.items()) or "0"
+            table.add_row(sk.name, state, str(sk.lag), through, held, (sk.last_error or "")[:80])
         console.print(table)
         for e in st.errors:
             err.print(f"[red]{escape(e)}[/]", highlight=False)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +87,11 @@ _retriable = retry(
 )
 
 
+def _path(name: str) -> str:
+    """A connector name as one URL path segment (names come from files: never unquoted into a URL)."""
+    return urllib.parse.quote(name, safe="")
+
+
 class KafkaConnectClient:
     def __init__(self, url: str, timeout: float = 60.0) -> None:
         self.url = url.rstrip("/")
@@ -124,20 +130,20 @@ class KafkaConnectClient:
         return errors
 
     def get_config(self, name: str) -> dict[str, str] | None:
-        response = self._request("GET", f"/connectors/{name}/config")
+        response = self._request("GET", f"/connectors/{_path(name)}/config")
         if response.status_code == 404:
             return None
         response.raise_for_status()
         return {str(k): str(v) for k, v in response.json().items()}
 
     def put_config(self, definition: ConnectorDefinition) -> str:
-        response = self._request("PUT", f"/connectors/{definition.name}/config", json=definition.config)
+        response = self._request("PUT", f"/connectors/{_path(definition.name)}/config", json=definition.config)
         if response.status_code >= 400:
             raise ConnectorFailedError(f"PUT config of {definition.name} failed: {response.text[:2000]}")
         return "created" if response.status_code == 201 else "updated"
 
     def status(self, name: str) -> dict[str, Any] | None:
-        response = self._request("GET", f"/connectors/{name}/status")
+        response = self._request("GET", f"/connectors/{_path(name)}/status")
         if response.status_code == 404:
             return None
         response.raise_for_status()
@@ -148,8 +154,21 @@ class KafkaConnectClient:
         response.raise_for_status()
         return list(response.json())
 
+    def forget_offsets(self, name: str, timeout: float = 60.0) -> bool:
+        """Stop the connector and delete its source offsets (Kafka Connect 3.6+), so a connector created
+        again under this name snapshots from the start instead of resuming where this one stopped."""
+        if self._request("PUT", f"/connectors/{_path(name)}/stop").status_code not in (200, 202, 204):
+            return False
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = (self.status(name) or {}).get("connector", {}).get("state")
+            if state == "STOPPED":
+                break
+            time.sleep(0.5)
+        return self._request("DELETE", f"/connectors/{_path(name)}/offsets").status_code in (200, 204)
+
     def delete(self, name: str) -> bool:
-        response = self._request("DELETE", f"/connectors/{name}")
+        response = self._request("DELETE", f"/connectors/{_path(name)}")
         return response.status_code in (200, 204)
 
     def apply(self, definition: ConnectorDefinition) -> str:

@@ -626,7 +626,8 @@ def guard(
             raise ch_error(78, "UNKNOWN_TYPE_OF_QUERY", "Query has infile and was send directly to server")
         if kind == "ATTACH" and word == "FROM" and nxt is not None and nxt.kind == "string":
             raise ch_error(481, "PATH_ACCESS_DENIED", f"File {_text(buf, nxt)} is not inside the server's user files")
-        if word == "ENGINE":
+        if word == "ENGINE" and kind in ("CREATE", "ATTACH", "REPLACE", "ALTER"):
+            # Only a storage definition names an engine; elsewhere `engine` is a column (system.tables).
             j = i + 2 if _is(buf, nxt, b"=") else i + 1
             engine = _name(buf, toks[j]) if j < len(toks) else ""
             if engine and engine.lower() not in policy.allowed_engines:

@@ -49,6 +49,8 @@ class SinkStatus:
     crash_loop: bool = False
     # "topic:partition" -> changes deleted by retention before this sink committed past them.
     lost: dict[str, int] = field(default_factory=dict)
+    # entity -> records this store refused and still holds in quarantine (README "Quarantine").
+    quarantined: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -255,6 +257,13 @@ def collect(settings: Settings, pipeline: Pipeline) -> Status:
     # Unreachable stores show as no position (and as failing sinks once the worker says so).
     positions, _unreachable = applied_through(settings, pipeline)
     stops = fatal_stops(settings, pipeline)
+    try:
+        from streams.dlq import read_quarantined_counts
+
+        held = read_quarantined_counts(settings, pipeline)
+    except Exception as exc:  # the DLQ unreadable: said, and the rest of the status still shown
+        held = {}
+        errors.append(f"kafka: quarantine counts from {pipeline.dlq_topic}: {exc}")
     sinks = []
     for name in names():
         state = (states or {}).get(name)
@@ -282,6 +291,7 @@ def collect(settings: Settings, pipeline: Pipeline) -> Status:
                 stopped=stop.as_dict() if stop else None,
                 crash_loop=bool(stop and stop.crash_loop),
                 lost={f"{g.topic}:{g.partition}": g.lost for g in gaps},
+                quarantined={e: n for (st, e), n in sorted(held.items()) if st == name and n},
             )
         )
     return Status(

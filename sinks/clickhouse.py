@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import clickhouse_connect
 from clickhouse_connect.driver.binding import quote_identifier
-from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError, ProgrammingError
+from clickhouse_connect.driver.exceptions import DatabaseError, DataError, OperationalError, ProgrammingError
 
 from pipelines.spec import EntitySpec, Pipeline
 from pipelines.types import ColumnType
@@ -91,6 +91,23 @@ STORE_CODES = frozenset({
     516,  # AUTHENTICATION_FAILED
 })
 # Errors the client raises while serialising a column: one value does not fit its column's type.
+# Server codes that say the rows were refused (the batch is bisected to find them); only these.
+ROW_CODES = frozenset({
+    6,  # CANNOT_PARSE_TEXT
+    27,  # CANNOT_PARSE_INPUT_ASSERTION_FAILED
+    38,  # CANNOT_PARSE_DATE
+    41,  # CANNOT_PARSE_DATETIME
+    53,  # TYPE_MISMATCH
+    69,  # ARGUMENT_OUT_OF_BOUND
+    70,  # CANNOT_CONVERT_TYPE
+    72,  # CANNOT_PARSE_NUMBER
+    131,  # TOO_LARGE_STRING_SIZE
+    321,  # VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE
+    349,  # CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN
+    407,  # DECIMAL_OVERFLOW
+    469,  # VIOLATED_CONSTRAINT
+    691,  # UNKNOWN_ELEMENT_OF_ENUM
+})
 VALUE_ERRORS = (ValueError, TypeError, OverflowError, AttributeError, struct.error, ArithmeticError)
 
 
@@ -117,10 +134,13 @@ def row_rejection(exc: Exception) -> str | None:
     if isinstance(exc, OperationalError) or is_retriable(exc):
         return None
     code = error_code(exc)
-    if code is not None and code in STORE_CODES:
-        return None
-    if isinstance(exc, (DatabaseError, *VALUE_ERRORS)):
+    if (isinstance(exc, VALUE_ERRORS) and not isinstance(exc, DatabaseError)) or isinstance(exc, DataError) \
+            or refuses_every_row(exc):
+        return _reason(exc)  # the client could not encode a value, or the rows carry a column the table lacks
+    if code is not None and code in ROW_CODES:
         return _reason(exc)
+    # Anything else (a proxy's 503 without a server code, disk full, an aborted query, a code not known to be
+    # about the data) is the store's: retried or fatal, never a batch quarantined and committed.
     return None
 
 
@@ -530,18 +550,32 @@ class ClickHouseStore:
         return {e: int(v) for e, v in rows}
 
     def purge(self) -> list[str]:
+        """The pipeline's tables (its entities', changelog, applied-through, reconciliation runs) and the
+        views in its database (reports over those tables); the database itself only once nothing else
+        is left in it, so a table a user made there survives."""
         done: list[str] = []
-        for spec in self.pipeline.stored_in(self.name):
-            if spec.clickhouse_database != self.database and self._existing_columns(spec):
-                self.client.command(f"DROP TABLE IF EXISTS {self.table(spec)} SYNC")
-                done.append(f"clickhouse: table {spec.clickhouse_database}.{spec.clickhouse_table} dropped")
-        # The pipeline's own database holds its entity tables (by default), changelog, applied-through,
-        # reconciliation runs and report views: all of it is the pipeline's.
-        exists = self.client.command("SELECT count() FROM system.databases WHERE name = {db:String}",
-                                     parameters={"db": self.database})
-        if int(exists):
+        ours = {(s.clickhouse_database, s.clickhouse_table) for s in self.pipeline.stored_in(self.name)}
+        ours |= {(self.database, t) for t in ("changelog", "applied_through", "reconciliation_runs",
+                                              "reconciliation_diffs")}
+        databases = sorted({db for db, _ in ours})
+        rows = self.client.query(
+            "SELECT database, name, engine FROM system.tables WHERE database IN {dbs:Array(String)} "
+            "ORDER BY engine = 'View' DESC, name", parameters={"dbs": databases}).result_rows
+        for db, name, engine in rows:
+            if (db, name) in ours or (db == self.database and engine == "View"):
+                kind = "view" if engine == "View" else "table"
+                self.client.command(f"DROP {'VIEW' if kind == 'view' else 'TABLE'} IF EXISTS {q(db)}.{q(name)} SYNC")
+                done.append(f"clickhouse: {kind} {db}.{name} dropped")
+        left = [n for (n,) in self.client.query("SELECT name FROM system.tables WHERE database = {db:String}",
+                                                parameters={"db": self.database}).result_rows]
+        exists = int(self.client.command("SELECT count() FROM system.databases WHERE name = {db:String}",
+                                         parameters={"db": self.database}))
+        if exists and not left and self.database not in ("default", "system"):
             self.client.command(f"DROP DATABASE IF EXISTS {q(self.database)} SYNC")
             done.append(f"clickhouse: database {self.database} dropped")
+        elif left:
+            done.append(f"clickhouse: database {self.database} kept: it holds what the pipeline did not create "
+                        f"({', '.join(left[:5])})")
         self._tables.clear()
         self._types.clear()
         return done

@@ -76,11 +76,6 @@ SERVER_ERRORS_FATAL = ("NOAUTH", "WRONGPASS", "NOPERM", "NOSCRIPT")
 SERVER_ERRORS = SERVER_ERRORS_RETRIABLE + SERVER_ERRORS_FATAL
 
 
-def _glob_escape(text: str) -> str:
-    """A key prefix as a literal in a SCAN MATCH pattern (``*?[]\\`` are pattern characters there)."""
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
-
-
 def _text(value: Any) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
@@ -234,13 +229,14 @@ class RedisStore:
         return {k.decode(): int(v) for k, v in raw.items()}
 
     def purge(self) -> list[str]:
+        """Exactly the keys this pipeline wrote: every one of them has its version in ``<ns>:versions``
+        (tombstones included), so nothing under a shared prefix that another writer owns is touched."""
         done: list[str] = []
-        for spec in self.pipeline.stored_in(self.name):
-            keys = list(self.client.scan_iter(match=f"{_glob_escape(spec.redis_prefix)}:*", count=1000))
-            for i in range(0, len(keys), 1000):
-                self.client.delete(*keys[i : i + 1000])
-            if keys:
-                done.append(f"redis: {len(keys)} keys of {spec.name} ({spec.redis_prefix}:*) deleted")
+        keys = [k for k, _v in self.client.hscan_iter(self.versions_key, count=1000)]
+        for i in range(0, len(keys), 1000):
+            self.client.delete(*keys[i : i + 1000])
+        if keys:
+            done.append(f"redis: {len(keys)} keys the pipeline wrote deleted")
         for key in (self.versions_key, self.applied_key):
             if self.client.delete(key):
                 done.append(f"redis: {key} deleted")

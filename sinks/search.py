@@ -70,9 +70,19 @@ def classify_item(op_type: str, status: int | None, error: Any) -> tuple[str, st
         text += f" (caused by {cause.get('type')}: {cause.get('reason')})"
     if status in RETRIABLE_STATUS or kind in ("es_rejected_execution_exception", "unavailable_shards_exception"):
         return "retry", text
+    if status == 400 and kind == "illegal_argument_exception" and not _about_the_document(text):
+        # Also what the engine says of the index itself ("no write index is defined for alias [x]"): a
+        # store misconfiguration, never a batch of documents quarantined and committed.
+        return "fatal", text
     if status == 400 and kind is not None and (kind in REJECTED_TYPES or kind.endswith("_parsing_exception")):
         return "rejected", text
     return "fatal", text
+
+
+def _about_the_document(text: str) -> bool:
+    """Whether an illegal_argument_exception names the document's content (a field, a value, a mapping)."""
+    lowered = text.lower()
+    return any(w in lowered for w in ("field", "mapper", "mapping", "value", "document", "parse", "limit of total"))
 
 
 def field_mapping(t: ColumnType) -> dict[str, Any]:

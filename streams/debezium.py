@@ -44,7 +44,18 @@ class InexactError(DecodeError):
     the message is parsed again with the exact parser. Raised only when ``convert_value(..., fast=True)``."""
 
 
+# PostgreSQL's numeric holds at most 16383 digits after the point and 131072 before it: a scale beyond
+# these is no value the source can have, and its plain-text form (the JSON stores write every digit) would
+# take gigabytes; a dead letter, not a sink that runs out of memory on it.
+MAX_DECIMAL_SCALE = 16383
+MAX_DECIMAL_DIGITS = 131072 + 16383
+
+
 def _decimal_from_bytes(raw: str, scale: int) -> Decimal:
+    if not -MAX_DECIMAL_DIGITS <= scale <= MAX_DECIMAL_SCALE:
+        raise DecodeError(f"Decimal scale {scale} is outside what PostgreSQL's numeric can hold")
+    if len(raw) > MAX_DECIMAL_DIGITS:
+        raise DecodeError(f"Decimal bytes of {len(raw)} characters are longer than any numeric")
     try:
         data = base64.b64decode(raw, validate=True)  # without validate, "!!!!" decodes to b"" (0.00)
     except ValueError:

@@ -241,6 +241,12 @@ def delete(
     client = KafkaConnectClient(context.settings().connect_url)
     try:
         for name in names:
+            if purge and name in client.list():
+                # Connect keeps a deleted connector's offsets: without this, the same name created again
+                # would resume after its old snapshot and the purged stores would never get the rows back.
+                forgot = client.forget_offsets(name)
+                console.print(f"connector {escape(name)}: offsets {'deleted' if forgot else 'NOT deleted'}",
+                              highlight=False)
             console.print(f"connector {escape(name)}: {'deleted' if client.delete(name) else 'absent'}",
                           highlight=False)
     except ConnectUnavailableError as exc:

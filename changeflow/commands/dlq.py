@@ -143,7 +143,7 @@ def replay_(
         entries = for_store(read_dead_letters(settings, pipeline), store)
         replays = read_replays(settings, pipeline)
         plan = plan_replay(entries, replays, ids=ids or (), all_=all_ or not ids, force=force,
-                           topics=frozenset(pipeline.raw_topics()))
+                           topics=frozenset(pipeline.raw_topics()) | frozenset(pipeline.canonical_topics()))
         raw = [e for e in plan.send if e.store is None]
         for sent in replay(settings, pipeline, raw):
             rows.append({"id": sent.id, "outcome": "replayed", "replayed_at": iso_ms(sent.replayed_at_ms),

@@ -173,6 +173,56 @@ def test_poison_messages_are_listed_with_reason_position_and_exact_bytes_while_t
         pg.execute("DELETE FROM products WHERE id = %s", (pid,))
 
 
+def test_a_corrupted_canonical_message_is_a_dead_letter_of_each_sink_and_the_stores_go_on(
+    pipeline: Settings, commerce: Pipeline, pg: psycopg.Connection[Any], rds: redis.Redis, sku_prefix: str
+) -> None:
+    """Bytes in a canonical topic that no schema decodes (truncated Avro, a wrong fingerprint, no marker):
+    every sink dead-letters them with the reason and goes on; a product written afterwards reaches all three
+    stores."""
+    canonical = commerce.entity("products").canonical_topic
+    tag = uuid.uuid4().hex
+    corrupt = {
+        0: b"\xc3\x01" + b"\x00" * 8 + b"\xff\xff",      # the marker, an unknown fingerprint
+        1: b"\xc3\x01",                                   # truncated inside the header
+        2: b"plain text, not Avro",
+    }
+    offsets = {p: produce(pipeline, canonical, f"products:corrupt-{tag}-{p}".encode(), value, p)
+               for p, value in corrupt.items()}
+    ids = {p: f"{canonical}:{p}:{offsets[p]}" for p in corrupt}
+    row = pg.execute("INSERT INTO products (sku, name, category, price_cents, stock) "
+                     "VALUES (%s, 'after the corruption', 'tools', 990, 1) RETURNING id", (f"{sku_prefix}-CORR",)
+                     ).fetchone()
+    assert row is not None
+    pid = int(row[0])
+    try:
+        eventually(lambda: redis_text(rds, f"product:{pid}"), timeout=90, what="product after corruption in redis")
+        eventually(lambda: httpx.get(f"{pipeline.search_url}/products/_doc/{pid}", timeout=5).status_code == 200,
+                   timeout=90, what="product in search")
+        ch = client_for(pipeline)
+        try:
+            eventually(lambda: ch.query("SELECT count() FROM changeflow.products FINAL WHERE id = {id:Int64}",
+                                        parameters={"id": pid}).result_rows == [(1,)], timeout=90,
+                       what="product in clickhouse")
+        finally:
+            ch.close()
+
+        def letters() -> list[dict[str, Any]]:
+            result = changeflow("dlq", "list", "--format", "json")
+            assert result.returncode == 0, result.stderr
+            found = [e for e in json.loads(result.stdout) if e["id"] in ids.values()]
+            return found if len(found) == len(ids) else []
+
+        found = eventually(letters, timeout=90, what="corrupted messages in the dlq")
+        assert all("undecodable canonical record" in e["error"] for e in found), found
+        # Each of the three sinks met them and dead-lettered them: one entry per origin, three copies.
+        eventually(lambda: all(e["copies"] == 3 for e in letters()), timeout=60, what="a copy from every sink")
+        assert {(e["source_topic"], e["partition"], e["offset"]) for e in found} == {
+            (canonical, p, offsets[p]) for p in corrupt}
+        assert {e["id"]: base64.b64decode(e["value_b64"]) for e in found} == {ids[p]: corrupt[p] for p in corrupt}
+    finally:
+        pg.execute("DELETE FROM products WHERE id = %s", (pid,))
+
+
 def test_fixed_dead_letter_replays_into_the_stores_once(
     pipeline: Settings, commerce: Pipeline, pg: psycopg.Connection[Any], rds: redis.Redis, ch: Any, sku_prefix: str
 ) -> None:

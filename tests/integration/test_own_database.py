@@ -318,6 +318,7 @@ def test_own_database_reaches_every_store_exactly_and_reconciles(
     assert f"clickhouse: database {own.namespace} dropped" in purged.stdout
     assert f"search: index {every.search_index}-000001 deleted" in purged.stdout
     assert f"kafka: topic {own.schema_topic} deleted" in purged.stdout
+    assert f"connector {own.connector_name('postgres')}: offsets deleted" in purged.stdout
     assert not list(redis.Redis.from_url(settings.redis_url).scan_iter(match=f"{own.namespace}:*"))
     assert httpx.get(f"{settings.search_url}/_cat/indices/{own.namespace}-*?format=json", timeout=10).json() == []
     ch = client_for(settings)

@@ -233,6 +233,9 @@ def test_mapping_conflict_is_quarantined_for_search_only_and_replays_after_the_f
     t.alive()
     eventually(lambda: 'changeflow_quarantined_total{entity="items",store="search"} 1.0' in t.metrics(),
                timeout=10, what="quarantined count in /metrics")
+    status = changeflow(t.file, "status", "--json", env={**os.environ, "CHANGEFLOW_WORKER_WEB_PORT": str(t.port)})
+    held = {s["name"]: s["quarantined"] for s in json.loads(status.stdout)["sinks"]}
+    assert held["search"] == {"items": 1} and held["redis"] == {} and held["clickhouse"] == {}, held
 
     # The fix, as an operator would make it: the pipeline file maps `attrs` as not indexed, and a new
     # physical index with that mapping takes the documents (under their external versions) and the alias.

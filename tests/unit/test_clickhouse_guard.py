@@ -281,3 +281,11 @@ def test_ast_layer_reads_only_the_engine_of_a_storage_definition() -> None:
 def test_describe_of_a_table_function_is_not_taken_for_a_table_name() -> None:
     assert refused("DESCRIBE TABLE file('/etc/passwd', 'LineAsString')").code == 497
     assert refused("DESC TABLE url('http://x', CSV)").code == 497
+
+
+def test_a_column_named_engine_in_a_select_is_no_storage_definition() -> None:
+    """`engine` of system.tables is a column: reading it is allowed (a real server allows it)."""
+    buf = (b"SELECT database, name, engine FROM system.tables WHERE database IN ['x'] "
+           b"ORDER BY engine = 'View' DESC, name")
+    guard(buf, analyze(buf), False, POLICY)  # no ClickHouseError
+    assert refused("CREATE TABLE t (x Int8) ENGINE = File(TSV)").code == 497

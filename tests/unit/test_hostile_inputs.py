@@ -263,6 +263,14 @@ def test_decimal_whose_base64_is_invalid_is_a_dead_letter(column: dict[str, Any]
     assert dead_reason(typed(column, value)) == "DecodeError: Decimal bytes are not base64: '!!!!'"
 
 
+def test_a_decimal_scale_no_numeric_can_have_is_a_dead_letter() -> None:
+    """A VariableScaleDecimal of scale -999999999999 decodes to 1E+999999999999, whose plain text no store
+    can write (the sinks ran out of memory on it): a dead letter at decode."""
+    column = {"type": "struct", "name": "io.debezium.data.VariableScaleDecimal", "field": "v"}
+    reason = dead_reason(typed(column, {"scale": -999_999_999_999, "value": "AQ=="}))
+    assert reason == "DecodeError: Decimal scale -999999999999 is outside what PostgreSQL's numeric can hold"
+
+
 @pytest.mark.parametrize(("column", "value", "expected"), [
     ({"type": "int64", "name": "io.debezium.time.MicroTime"}, 37_230_123_456, time(10, 20, 30, 123456)),
     ({"type": "int32", "name": "io.debezium.time.Time"}, 37_230_123, time(10, 20, 30, 123000)),

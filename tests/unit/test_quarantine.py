@@ -352,3 +352,26 @@ def test_one_record_refused_by_two_stores_is_two_entries_with_one_id() -> None:
     assert [s.entry.store for s in plan.skip] == ["search"]
     assert quarantined_counts(entries) == {("search", "products"): 1, ("clickhouse", "products"): 1}
     assert quarantined_counts(entries, done) == {("clickhouse", "products"): 1}
+
+
+@pytest.mark.parametrize("exc", [
+    DatabaseError("HTTP driver received HTTP status 503"),  # a proxy in front, no server code
+    DatabaseError("Code: 243. DB::Exception: Cannot reserve 1.00 MiB, not enough space (NOT_ENOUGH_SPACE)"),
+    DatabaseError("Code: 425. DB::Exception: System error (SYSTEM_ERROR)"),
+    DatabaseError("Code: 236. DB::Exception: Aborted (ABORTED)"),
+])
+def test_an_outage_is_never_mistaken_for_rows_and_quarantined(exc: Exception) -> None:
+    """Only codes known to be about the data bisect a batch: anything else is the store's failure."""
+    assert row_rejection(exc) is None
+
+
+def test_an_illegal_argument_about_the_index_is_the_stores_failure_not_the_documents() -> None:
+    from sinks.search import classify_item
+
+    alias = {"type": "illegal_argument_exception", "reason": "no write index is defined for alias [orders]. The "
+             "write index may be explicitly disabled using is_write_index=false or the alias points to multiple "
+             "indices without one being designated as a write index"}
+    assert classify_item("index", 400, alias)[0] == "fatal"
+    field = {"type": "illegal_argument_exception", "reason": "mapper [price] cannot be changed from type [long] "
+             "to [float]"}
+    assert classify_item("index", 400, field)[0] == "rejected"

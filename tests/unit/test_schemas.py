@@ -186,3 +186,18 @@ def test_two_entities_of_the_same_shape_never_share_a_fingerprint() -> None:
     data = schemas.encode(refunds, {**record({"id": 7, "sum": Decimal("1.50")}), "entity": "refunds"})
     sv, decoded = schemas.decode(data, book.lookup)
     assert sv is refunds and decoded["after"] == {"id": 7, "sum": Decimal("1.50")}
+
+
+def test_no_catalog_version_for_a_type_whose_connect_form_the_catalog_cannot_tell() -> None:
+    """bit(1) arrives as a boolean, hstore and point as JSON, money without a precision: seeding those from
+    the catalog text would make every change a dead letter, so the first change makes the version."""
+    from pipelines.catalog import Column, Table
+
+    p = _catalog_pipeline("  t:\n    table: sales.t\n")
+    for odd in ("bit(1)", "hstore", "point", "money"):
+        table = Table("sales", "t", (Column("id", "bigint"), Column("x", odd)), primary_key=("id",))
+        assert schemas.catalog_columns(p.entities["t"], table) is None, odd
+    declared = _catalog_pipeline("  t:\n    table: sales.t\n    columns: {x: bool}\n")
+    table = Table("sales", "t", (Column("id", "bigint"), Column("x", "bit(1)")), primary_key=("id",))
+    planned = schemas.catalog_columns(declared.entities["t"], table)
+    assert planned is not None and str(planned[0]["x"]) == "bool"
