@@ -1915,8 +1915,9 @@ class Handler(BaseHTTPRequestHandler):
                     write(block)
             except ClickHouseError as exc:
                 error = exc
+                # The chunked body still ends properly below, so the connection stays usable: closing it
+                # raced with a client reusing it from its pool ("Server disconnected" on the next request).
                 write(exception_block(tag, exc.body(self.server.engine.version)))
-                self.close_connection = True
             tail = compressor.finish() if compressor is not None else b""
             cleanup.close()
             if tail:

@@ -336,3 +336,23 @@ def test_own_database_reaches_every_store_exactly_and_reconciles(
                             (own.slot,)).fetchone() == (0,)
     again = changeflow(file, "connectors", "delete", "--yes", "--purge")
     assert again.returncode == 0 and "nothing to remove" in again.stdout, again.stdout + again.stderr
+
+    # Created again under the same names, the pipeline snapshots from the start: the connector's old offsets
+    # went with the purge, so the purged stores get every row back.
+    result = changeflow(file, "connectors", "apply", "--timeout", "150")
+    assert result.returncode == 0, result.stdout + result.stderr
+    env = {**os.environ, "CHANGEFLOW_WORKER_WEB_PORT": str(WEB_PORT), "PYTHONUNBUFFERED": "1"}
+    with (file.parent / "worker-again.log").open("wb") as log:
+        worker = subprocess.Popen([sys.executable, "-m", "changeflow", "--pipeline", str(file), "worker"],
+                                  cwd=file.parent, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        assert eventually(lambda: redis_row(settings, every.redis_key("1")), timeout=150,
+                          what="row 1 snapshotted again") == expected_json(1, "changed ✓")
+        eventually(lambda: redis_row(settings, customers.redis_key(ODD_CODE)) is not None, timeout=60,
+                   what="customers snapshotted again")
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(60)
+        except subprocess.TimeoutExpired:
+            worker.kill()
