@@ -246,6 +246,23 @@ def row_fields(schema: Mapping[str, Any]) -> tuple[dict[str, Mapping[str, Any]],
     return out
 
 
+_TYPES_OF: dict[int, tuple[Mapping[str, Mapping[str, Any]], dict[str, ColumnType]]] = {}
+
+
+def _column_types_of(fields: Mapping[str, Mapping[str, Any]]) -> dict[str, ColumnType]:
+    """``column_types`` once per fields object: a cached schema's fields are the same object message after
+    message (measured: 7 % of the decode stage's time went to recomputing them). The entry holds the object,
+    so its id is not reused while cached; the dict returned is never mutated by the decoder."""
+    entry = _TYPES_OF.get(id(fields))
+    if entry is not None and entry[0] is fields:
+        return entry[1]
+    types = column_types(fields)
+    if len(_TYPES_OF) >= _MAX_SCHEMAS:
+        _TYPES_OF.clear()
+    _TYPES_OF[id(fields)] = (fields, types)
+    return types
+
+
 def column_types(fields: Mapping[str, Mapping[str, Any]]) -> dict[str, ColumnType]:
     """The source's type of every column, from the Connect schema (cached per distinct field schema)."""
     out: dict[str, ColumnType] = {}
@@ -416,7 +433,7 @@ def _decode(raw_value: bytes, topic: str, partition: int, offset: int, raw_key: 
         typed_key = [convert_value(key_row[c], key_fields.get(c, {})) for c in key_columns]
         if [key_text([v]) for v in typed_key] != [key_text([v]) for v in key_values]:
             raise DecodeError("the message key disagrees with the row's key columns")
-    types = column_types(after_fields)
+    types = _column_types_of(after_fields)
     if transformer is not None:
         before = transformer.image(before, partial=before is not None and len(before) < len(raw_before or {}),
                                    keep=key_columns)
