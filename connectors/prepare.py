@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from pipelines.spec import Pipeline
+from pipelines.spec import Pipeline, split_table
 
 _DOLLAR_TAG = "$changeflow_prepare$"
 
@@ -49,11 +49,6 @@ class SourceObjects:
         return tuple(dict.fromkeys(s for s, _ in self.published))
 
 
-def _split(qualified: str) -> tuple[str, str]:
-    schema, _, table = qualified.rpartition(".")
-    return (schema or "public"), table
-
-
 def objects(pipeline: Pipeline) -> SourceObjects:
     pg = pipeline.file.sources.postgres
     if pg is None:
@@ -61,7 +56,7 @@ def objects(pipeline: Pipeline) -> SourceObjects:
     tables = tuple(dict.fromkeys((e.source_schema, e.source_table) for e in pipeline.entities.values()
                                  if e.source == "postgres"))
     return SourceObjects(database=pg.database, role=pg.user, publication=pipeline.publication, tables=tables,
-                         signal=_split(pipeline.signal_table), heartbeat=_split(pipeline.heartbeat_table))
+                         signal=split_table(pipeline.signal_table), heartbeat=split_table(pipeline.heartbeat_table))
 
 
 def _ident(qualified: tuple[str, str]) -> sql.Identifier:

@@ -36,7 +36,7 @@ from pathlib import PurePosixPath
 from changeflow.settings import Settings
 from connectors.client import ConnectorDefinition
 from pipelines.model import SECRET_REF
-from pipelines.spec import Pipeline
+from pipelines.spec import Pipeline, split_table
 
 POSTGRES_CLASS = "io.debezium.connector.postgresql.PostgresConnector"
 MONGODB_CLASS = "io.debezium.connector.mongodb.MongoDbConnector"
@@ -115,11 +115,6 @@ def connect_secret(reference: str, what: str) -> str:
     return f"${{dir:{path.parent}:{path.name}}}"
 
 
-def _split(qualified: str) -> tuple[str, str]:
-    schema, _, table = qualified.rpartition(".")
-    return (schema or "public"), table
-
-
 def postgres(pipeline: Pipeline) -> ConnectorDefinition:
     pg = pipeline.file.sources.postgres
     if pg is None:
@@ -127,7 +122,7 @@ def postgres(pipeline: Pipeline) -> ConnectorDefinition:
     entities = [e for e in pipeline.entities.values() if e.source == "postgres"]
     if not entities:
         raise RenderError(f"pipeline {pipeline.name} has no postgres entity")
-    signal, heartbeat = _split(pipeline.signal_table), _split(pipeline.heartbeat_table)
+    signal, heartbeat = split_table(pipeline.signal_table), split_table(pipeline.heartbeat_table)
     captured = [(e.source_schema, e.source_table) for e in entities] + [signal, heartbeat]
     excluded = [regex(e.source_schema, e.source_table, col) for e in entities for col in e.config.fields.drop]
     keyed = [f"{regex(e.source_schema, e.source_table)}:{','.join(e.key_columns)}"

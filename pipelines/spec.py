@@ -205,6 +205,13 @@ class Pipeline:
             raise KeyError(f"unknown entity {name!r}; this pipeline has: {', '.join(self.entities)}") from None
 
 
+def split_table(qualified: str, default_schema: str = "public") -> tuple[str, str]:
+    """``schema.table`` → (schema, table), split at the last dot (a schema name may hold dots, a table name
+    may not); a bare table is in ``default_schema``."""
+    schema, _, table = qualified.rpartition(".")
+    return (schema or default_schema), table
+
+
 def topic_part(name: str) -> str:
     """Debezium's topic naming: a character outside ``[A-Za-z0-9._-]`` becomes ``_`` (measured: table
     ``"cf Manual"."Order Lines"`` is written to ``<prefix>.cf_Manual.Order_Lines``)."""
@@ -224,8 +231,7 @@ def build(file: PipelineFile, path: Path | None = None) -> Pipeline:
             pg = file.sources.postgres
             assert pg is not None
             ref = cfg.table or name
-            schema, _, table = ref.rpartition(".")
-            schema = schema or pg.schemas[0]
+            schema, table = split_table(ref, pg.schemas[0])
             raw_topic = f"{pg.topic_prefix or namespace}.{topic_part(schema)}.{topic_part(table)}"
         declared = {col: parse_type(t) for col, t in cfg.columns.items()}
         declared.update({col: parse_type(d.type) for col, d in cfg.derive.items()})

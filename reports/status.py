@@ -28,7 +28,7 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from pipelines.spec import Pipeline
 from sinks.base import create, names
-from sinks.offsets import group_lag
+from sinks.offsets import group_lag, topic_partitions
 from sinks.process import FatalStop, committed_offsets, read_fatal
 from sinks.runner import canonical_topics
 
@@ -150,9 +150,7 @@ def retention_gaps(settings: Settings, group: str, topics: list[str]) -> list[Re
     consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group,
                          "enable.auto.commit": False})
     try:
-        metadata = consumer.list_topics(timeout=10)
-        partitions = [TopicPartition(t, p) for t in topics if t in metadata.topics
-                      for p in sorted(metadata.topics[t].partitions)]
+        partitions = topic_partitions(consumer, topics)
         if not partitions:
             return []
         gaps = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaException, TopicPartition
@@ -49,16 +50,18 @@ def reset_to_earliest(settings: Settings, pipeline: Pipeline, store: str) -> dic
     return replay
 
 
+def topic_partitions(consumer: Consumer, topics: Sequence[str]) -> list[TopicPartition]:
+    """Every partition of those ``topics`` that exist, in order (a topic not created yet has none)."""
+    metadata = consumer.list_topics(timeout=10)
+    return [TopicPartition(t, p) for t in topics if t in metadata.topics for p in sorted(metadata.topics[t].partitions)]
+
+
 def group_lag(settings: Settings, group: str, topics: list[str]) -> int | None:
     """Messages in ``topics`` not yet committed by ``group`` (uncommitted partitions count from the start)."""
     consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group,
                          "enable.auto.commit": False})
     try:
-        metadata = consumer.list_topics(timeout=10)
-        partitions = [
-            TopicPartition(t, p) for t in topics if t in metadata.topics for p in metadata.topics[t].partitions
-        ]
-        committed = consumer.committed(partitions, timeout=10)
+        committed = consumer.committed(topic_partitions(consumer, topics), timeout=10)
         lag = 0
         for tp in committed:
             low, high = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=10)

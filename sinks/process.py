@@ -142,14 +142,14 @@ def record_fatal(state: Path, pipeline: Pipeline, stop: FatalStop) -> FatalStop:
 
 def committed_offsets(settings: Settings, group: str, topics: Sequence[str]) -> dict[str, int | None]:
     """``topic:partition`` → the group's committed offset (None: nothing committed) over ``topics``."""
-    from confluent_kafka import Consumer, TopicPartition
+    from confluent_kafka import Consumer
+
+    from sinks.offsets import topic_partitions
 
     consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group,
                          "enable.auto.commit": False})
     try:
-        metadata = consumer.list_topics(timeout=10)
-        partitions = [TopicPartition(t, p) for t in topics if t in metadata.topics
-                      for p in sorted(metadata.topics[t].partitions)]
+        partitions = topic_partitions(consumer, topics)
         if not partitions:
             return {}
         return {f"{tp.topic}:{tp.partition}": (tp.offset if tp.offset >= 0 else None)

@@ -267,7 +267,7 @@ def delete(
 
 def pipeline_topics(pipeline: Pipeline) -> list[str]:
     """Every topic the pipeline's connectors and worker write (raw, canonical, DLQ, schemas, derived events)."""
-    from pipelines.spec import topic_part
+    from pipelines.spec import split_table, topic_part
     from streams.app import price_changed_topic_name
 
     topics = {*pipeline.raw_topics(), *pipeline.canonical_topics(), pipeline.dlq_topic, pipeline.schema_topic,
@@ -277,8 +277,8 @@ def pipeline_topics(pipeline: Pipeline) -> list[str]:
         # Debezium's own: heartbeats, and the changes of the heartbeat and signal tables it writes to.
         topics.add(f"__debezium-heartbeat.{prefix}")
         for table in (pipeline.heartbeat_table, pipeline.signal_table):
-            schema, _, name = table.rpartition(".")
-            topics.add(f"{prefix}.{topic_part(schema or 'public')}.{topic_part(name)}")
+            schema, name = split_table(table)
+            topics.add(f"{prefix}.{topic_part(schema)}.{topic_part(name)}")
     return sorted(topics)
 
 
