@@ -226,6 +226,7 @@ def _die_with_parent() -> None:
 
 
 def _child_main(job: SinkJob, settings: Settings, reports: Any, loglevel: str, parent: int) -> None:
+    from changeflow.runtime import tune_gc
     from sinks.runner import SinkRunner
 
     _die_with_parent()
@@ -241,6 +242,7 @@ def _child_main(job: SinkJob, settings: Settings, reports: Any, loglevel: str, p
     metrics.use_pipeline(job.pipeline)
     store = _BatchWatch(job.factory(settings, job.pipeline))
     runner = SinkRunner(store, settings, job.pipeline, stop, group=job.group)
+    tune_gc()
 
     def report() -> None:
         reports.put(("report", job.name, runner.state(), list(metrics.REGISTRY.collect())))

@@ -23,6 +23,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import httpx
+import orjson
 
 from pipelines.spec import EntitySpec, Pipeline
 from pipelines.types import ColumnType
@@ -36,6 +37,10 @@ if TYPE_CHECKING:
 GC_DELETES = "7d"
 RETRIABLE_STATUS = {429, 502, 503, 504}
 BATCH = 1000
+# Actions per _bulk request: a sink batch (5,000 records by default) in one or two requests.
+BULK_ACTIONS = 5000
+# The only parts of a bulk answer the sink reads.
+BULK_FILTER = "items.*.status,items.*.error"
 
 # Per-document errors (HTTP 400 in a bulk item) that are the document's own fault: its content does not fit
 # the index's mapping. Elasticsearch 8+ says document_parsing_exception where OpenSearch and ES 7 say
@@ -151,9 +156,17 @@ def make_client(url: str, engine: str) -> Any:
     return Elasticsearch(url, request_timeout=30)
 
 
-def document(record: ChangeRecord) -> dict[str, Any]:
-    """The row as JSON-native values (decimals as strings, times as ISO-8601), whatever the client's serialiser."""
-    return json.loads(json.dumps(record.after))  # type: ignore[no-any-return,unused-ignore]
+def bulk_body(actions: Sequence[dict[str, Any]]) -> bytes:
+    """The NDJSON body of a ``_bulk`` request: each action's metadata line, then its document (not for a delete)."""
+    lines: list[bytes] = []
+    for a in actions:
+        op = a["_op_type"]
+        lines.append(orjson.dumps({op: {"_index": a["_index"], "_id": a["_id"], "version": a["version"],
+                                        "version_type": a["version_type"]}}))
+        if op != "delete":
+            lines.append(json.dumps(a["_source"]))
+    lines.append(b"")
+    return b"\n".join(lines)
 
 
 class SearchStore:
@@ -275,10 +288,40 @@ class SearchStore:
             action["_op_type"] = "delete"
         else:
             action["_op_type"] = "index"
-            # The OpenSearch client serialises with changeflow's JSON rules already; elasticsearch-py's own
-            # serialiser would write decimals as floats, so its documents are converted first.
-            action["_source"] = record.after if self._engine == "opensearch" else document(record)
+            # Serialised by ``bulk_body`` with changeflow's JSON rules (exact decimals), for either engine.
+            action["_source"] = record.after
         yield action
+
+    def _bulk(self, actions: Sequence[dict[str, Any]]) -> list[tuple[str, int | None, Any]]:
+        """Each action's (op type, status, error), in order, from ``_bulk`` requests of ``BULK_ACTIONS``.
+
+        Written by hand rather than with the clients' bulk helpers, measured (py-spy on the search sink
+        process of a 300k-change backlog): the helper serialised every action separately and the client
+        parsed the whole response, ids and versions of every item, with the exact JSON parser: 40 % of
+        the sink's CPU. Here the NDJSON body is joined once, the engine returns only each item's status
+        and error (``filter_path``, which also spares its own serialisation) and orjson parses that
+        (the items carry no values of the data). The same request suits both engines.
+        """
+        results: list[tuple[str, int | None, Any]] = []
+        for start in range(0, len(actions), BULK_ACTIONS):
+            chunk = actions[start : start + BULK_ACTIONS]
+            try:
+                response = self.http.post("/_bulk", content=bulk_body(chunk), params={"filter_path": BULK_FILTER},
+                                          headers={"Content-Type": "application/x-ndjson"})
+            except httpx.HTTPError as exc:
+                raise RetriableSinkError(f"search: bulk request failed: {exc}") from exc
+            if response.status_code in RETRIABLE_STATUS:
+                raise RetriableSinkError(f"search: bulk answered {response.status_code}: {response.text[:500]}")
+            if response.status_code >= 400:
+                raise FatalSinkError(f"search: bulk refused ({response.status_code}): {response.text[:500]}")
+            try:
+                items = orjson.loads(response.content).get("items") or []
+                for item in items:
+                    op_type, result = next(iter(item.items()))
+                    results.append((op_type, result.get("status"), result.get("error")))
+            except (ValueError, AttributeError, StopIteration) as exc:
+                raise RetriableSinkError(f"search: unreadable bulk answer: {response.text[:300]!r}") from exc
+        return results
 
     def fetch_current(self, entity: str, keys: list[str]) -> dict[str, dict[str, Any]]:
         spec = self.pipeline.entities[entity]
@@ -298,7 +341,7 @@ class SearchStore:
     def write_batch(self, records: Sequence[ChangeRecord]) -> list[Rejected]:
         if not records:
             return []
-        client = self.client
+        _ = self.client  # detects the engine, which the mapping calls below need
         newest: dict[str, Any] = {}
         for r in records:
             if r.schema is not None and (r.entity not in newest or r.schema.version > newest[r.entity].version):
@@ -311,21 +354,9 @@ class SearchStore:
         except Exception as exc:
             raise _classify(exc) from exc
         records = fill_partials(records, self.fetch_current)
-        if self._engine == "opensearch":
-            from opensearchpy import helpers
-        else:
-            from elasticsearch import helpers  # type: ignore[no-redef]
         actions = list(self._actions(records))
         owners = self._owners
-        results: list[tuple[str, int | None, Any]] = []
-        try:
-            for _ok, item in helpers.streaming_bulk(
-                client, actions, raise_on_error=False, raise_on_exception=True, chunk_size=2000, max_retries=0,
-            ):
-                op_type, result = next(iter(item.items()))
-                results.append((op_type, result.get("status"), result.get("error")))
-        except Exception as exc:
-            raise _classify(exc) from exc
+        results = self._bulk(actions)
         if len(results) != len(actions):
             raise RetriableSinkError(f"search: bulk answered {len(results)} of {len(actions)} actions")
         failures: list[tuple[int | None, str | None, str | None]] = []

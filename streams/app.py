@@ -29,6 +29,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 import schemas
 from changeflow import metrics
+from changeflow.runtime import tune_gc
 from pipelines.spec import Pipeline
 from pipelines.transform import Transformer, compile_pipeline
 from schemas.topic import Publisher, ensure_topic, read_versions
@@ -278,6 +279,8 @@ def create_app(settings: Settings, pipeline: Pipeline, decode_group: str | None 
         "linger.ms": 5,
         "compression.type": "lz4",
         "queue.buffering.max.messages": 1_000_000,
+        # on_delivery runs for failures only: a Python callback per delivered record was pure overhead.
+        "delivery.report.only.error": True,
     })
     failures: list[str] = []
 
@@ -339,6 +342,7 @@ def create_app(settings: Settings, pipeline: Pipeline, decode_group: str | None 
         """Each batch: decode every message, produce with the C client, wait for every delivery, then tell
         the feed, which commits the batch's raw offsets only on success."""
         loop = asyncio.get_running_loop()
+        tune_gc()  # the app is up: what it loaded leaves the collector's reach
         async for batch in stream:
             try:
                 counts: Counter[tuple[str, str]] = Counter()

@@ -133,23 +133,18 @@ def pipeline() -> Pipeline:
 
 
 def fake_search(pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch, answers: list[tuple[int, Any]]) -> SearchStore:
-    """A search store whose bulk call answers each action in turn (the applied-through marker first)."""
-    from opensearchpy import helpers
-
+    """A search store whose bulk requests answer each action in turn (the applied-through marker first)."""
     store = SearchStore.__new__(SearchStore)
     SearchStore.__init__(store, type("S", (), {"search_url": "http://x", "search_refresh_interval": "1s"})(),
                          pipeline)  # type: ignore[arg-type]
     store._engine, store._client = "opensearch", object()
     store._targets_read_at = time.monotonic() + 3600  # no rebuild lookups
 
-    def streaming_bulk(_client: Any, actions: list[dict[str, Any]], **_kw: Any) -> Any:
-        marker = [{"index": {"status": 201}}]
-        items = [{a["_op_type"]: {"_id": a["_id"], "status": st, "error": err}}
-                 for a, (st, err) in zip(actions[1:], answers, strict=True)]
-        for item in marker + items:
-            yield True, item
+    def bulk(actions: list[dict[str, Any]]) -> list[tuple[str, int | None, Any]]:
+        return [("index", 201, None)] + [(a["_op_type"], st, err)
+                                         for a, (st, err) in zip(actions[1:], answers, strict=True)]
 
-    monkeypatch.setattr(helpers, "streaming_bulk", streaming_bulk)
+    monkeypatch.setattr(store, "_bulk", bulk)
     return store
 
 
