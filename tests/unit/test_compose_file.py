@@ -332,6 +332,19 @@ def test_connect_providers_and_client_policy_match_the_native_worker(model: dict
     assert compose["connector.client.config.override.policy"] == "None"
 
 
+def test_connect_producer_settings_match_the_native_worker(model: dict, tmp_path: Path) -> None:
+    """Debezium's producer (batching, linger, compression) is the same in a container as on the native stack."""
+    from deploy.connect import ConnectService
+
+    env = _env(_service(model, "connect"))
+    compose = {key.removeprefix("CONNECT_").lower().replace("_", "."): value
+               for key, value in env.items() if key.startswith("CONNECT_PRODUCER_")}
+    native = {k: str(v) for k, v in ConnectService(Settings(state_dir=tmp_path)).worker_properties().items()
+              if k.startswith("producer.")}
+    assert native == {"producer.batch.size": "262144", "producer.linger.ms": "5", "producer.compression.type": "lz4"}
+    assert compose == native
+
+
 def test_connect_resolves_every_env_reference_in_the_connector_files(model: dict) -> None:
     env = _env(_service(model, "connect"))
     pattern = env["CONNECT_CONFIG_PROVIDERS_ENV_PARAM_ALLOWLIST_PATTERN"]
