@@ -140,9 +140,8 @@ def make_client(url: str, engine: str) -> Any:
         from opensearchpy.serializer import JSONSerializer
 
         class OrjsonSerializer(JSONSerializer):
-            """changeflow's JSON (orjson; exact decimals as strings, ISO-8601 UTC times) for every request:
-            the bulk helper serialises each action and document, and the standard ``json`` module was
-            the largest part of the search sink's time."""
+            """changeflow's JSON (orjson; exact decimals as strings, ISO-8601 UTC times, exact numbers read
+            back) for the client's requests; the sink's bulk writes build their own body (``bulk_body``)."""
 
             def dumps(self, data: Any) -> Any:
                 return data if isinstance(data, str) else json.dumps(data).decode()

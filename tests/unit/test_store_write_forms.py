@@ -1,4 +1,4 @@
-"""The search sink's own ``_bulk`` body: one NDJSON line per action and per document, exact values."""
+"""What the stores' write paths build by hand instead of through a client helper, checked value for value."""
 
 from __future__ import annotations
 
@@ -22,3 +22,17 @@ def test_each_action_is_one_line_and_a_delete_carries_no_document() -> None:
         {"price": "12345678901234567890.120", "name": "x\ny"},
         {"delete": {"_index": "p", "_id": "2", "version": 9, "version_type": "external"}},
     ]
+
+
+def test_clickhouse_millisecond_ticks_are_the_drivers_own() -> None:
+    """``ticks_ms`` spares the driver a conversion per row; it must give the value the driver would."""
+    from datetime import UTC, datetime
+
+    from clickhouse_connect.datatypes.registry import get_from_name
+
+    from sinks.clickhouse import ticks_ms
+
+    column = get_from_name("DateTime64(3, 'UTC')")
+    for moment in (datetime(2026, 12, 2, 0, 1, 2, 345678, tzinfo=UTC), datetime(1970, 1, 1, tzinfo=UTC),
+                   datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=UTC), datetime.now(UTC)):
+        assert ticks_ms(moment) == column._datetime64_ticks(moment)
