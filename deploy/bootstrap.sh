@@ -23,7 +23,8 @@ if [ ! -x .venv/bin/python ]; then
   echo "bootstrap: creating .venv with $($PYTHON --version)"
   "$PYTHON" -m venv .venv
 fi
-stamp=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
+# Reinstalled when the dependencies or the C codec change (an editable install builds it in place).
+stamp=.venv/.installed-$(cat pyproject.toml schemas/_codec.c | sha1sum | cut -c1-12)
 if [ ! -f "$stamp" ]; then
   echo "bootstrap: installing changeflow and its dependencies into .venv"
   .venv/bin/python -m pip install -q --upgrade pip

@@ -27,6 +27,11 @@ from datetime import UTC, datetime, time
 from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal, InvalidOperation
 from typing import Any
 
+try:  # the C codec (schemas/_codec.c), built by the editable install; without it fastavro does all the work
+    from schemas import _codec
+except ImportError:  # pragma: no cover - a checkout without the build
+    _codec = None  # type: ignore[assignment]
+
 import fastavro
 from fastavro.schema import fingerprint, parse_schema, to_parsing_canonical_form
 
@@ -307,6 +312,7 @@ class _Plan:
     names: tuple[str, ...]  # the columns, in the order of the row record's fields
     back: tuple[tuple[str, ColumnType], ...]  # the columns whose values convert when read, with their type
     row_name: str | None  # the row record's full Avro name: fastavro writes a tagged union without a search
+    native: Any  # the C codec's plan, or None: fastavro encodes and decodes this version
 
 
 def _row_record_name(sv: SchemaVersion) -> str | None:
@@ -323,6 +329,83 @@ def _row_record_name(sv: SchemaVersion) -> str | None:
 _PLANS: dict[int, tuple[SchemaVersion, _Plan]] = {}
 
 
+# --- the C codec's plan ------------------------------------------------------------------------------
+_C_SCALARS = {"int": 1, "long": 2, "float": 3, "double": 4, "boolean": 5, "bytes": 6, "string": 7}
+_C_LOGICAL = {"decimal": 8, "date": 9, "time-micros": 10, "timestamp-micros": 11}
+_C_ARRAY = 64
+_DECIMAL_CONTEXTS: dict[int, Context] = {}
+
+
+def _c_code(avro: Any) -> tuple[int, int, int] | None:
+    """(code, scale, precision) of a column's Avro type for the C codec; None for a type it does not take."""
+    if isinstance(avro, str):
+        code = _C_SCALARS.get(avro)
+        return None if code is None else (code, 0, 0)
+    if not isinstance(avro, dict):
+        return None
+    if avro.get("type") == "array":
+        items = avro.get("items")
+        if not (isinstance(items, list) and len(items) == 2 and items[0] == "null"):
+            return None
+        inner = _c_code(items[1])
+        return None if inner is None or inner[0] & _C_ARRAY else (inner[0] | _C_ARRAY, inner[1], inner[2])
+    logical = _C_LOGICAL.get(str(avro.get("logicalType")))
+    if logical is None:
+        return None
+    if logical == 8:
+        precision, scale = avro.get("precision"), avro.get("scale", 0)
+        if avro.get("type") != "bytes" or not isinstance(precision, int) or not isinstance(scale, int):
+            return None
+        return logical, scale, precision
+    return logical, 0, 0
+
+
+def _decimal_from(unscaled: int, scale: int, precision: int) -> Decimal:
+    """As fastavro reads a bytes decimal (``fastavro._logical_readers.read_decimal``)."""
+    context = _DECIMAL_CONTEXTS.get(precision)
+    if context is None:
+        context = _DECIMAL_CONTEXTS[precision] = Context(prec=precision)
+    return context.create_decimal(unscaled).scaleb(-scale, context)
+
+
+def _decimal_to(value: Any, scale: int, precision: int) -> bytes:
+    """As fastavro writes a bytes decimal (``fastavro._logical_writers.prepare_bytes_decimal``)."""
+    if not isinstance(value, Decimal):
+        raise TypeError(f"{value!r} is not a Decimal")
+    sign, digits, exp = value.as_tuple()
+    if not isinstance(exp, int) or len(digits) > precision or exp + scale < 0:
+        raise ValueError(f"{value!r} does not fit decimal({precision},{scale})")  # fastavro says which, below
+    unscaled = 10 ** (exp + scale) * int("".join(map(str, digits)) or "0")
+    size = (unscaled.bit_length() + 8) // 8
+    return (-unscaled if sign else unscaled).to_bytes(size, byteorder="big", signed=True)
+
+
+def native_codec() -> bool:
+    """Whether the C codec is built (else fastavro encodes and decodes every record)."""
+    return _codec is not None
+
+
+def _native_plan(sv: SchemaVersion) -> Any:
+    """The C codec's plan for a version of this release's record shape; None (fastavro) for any other."""
+    if _codec is None:
+        return None
+    try:
+        expected = make_version(sv.entity, sv.version, sv.columns, sv.key_columns)
+    except Exception:
+        return None
+    if expected.raw != sv.raw or expected.fingerprint != sv.fingerprint:
+        return None  # published by an earlier release, or by hand: fastavro reads it by its own schema
+    codes = []
+    for t in sv.columns.values():
+        code = _c_code(avro_type(t))
+        if code is None:
+            return None
+        codes.append(code)
+    names = tuple(sv.columns)
+    return _codec.plan(names, tuple(f"c{i}" for i in range(len(names))), tuple(c for c, _s, _p in codes),
+                       tuple(s for _c, s, _p in codes), tuple(p for _c, _s, p in codes), _decimal_from, _decimal_to)
+
+
 def _plan(sv: SchemaVersion) -> _Plan:
     entry = _PLANS.get(id(sv))
     plan = entry[1] if entry is not None and entry[0] is sv else None
@@ -333,7 +416,7 @@ def _plan(sv: SchemaVersion) -> _Plan:
                      if t.kind in ("json", "array") or (t.kind == "decimal" and t.precision is None))
         if len(_PLANS) > 4096:
             _PLANS.clear()
-        plan = _Plan(out, tuple(name for name, _t in cols), back, _row_record_name(sv))
+        plan = _Plan(out, tuple(name for name, _t in cols), back, _row_record_name(sv), _native_plan(sv))
         _PLANS[id(sv)] = (sv, plan)
     return plan
 
@@ -357,7 +440,13 @@ def _row_out(row: Mapping[str, Any] | None, sv: SchemaVersion) -> dict[str, Any]
 
 def encode(sv: SchemaVersion, record: Mapping[str, Any]) -> bytes:
     before, after = _row_out(record.get("before"), sv), _row_out(record.get("after"), sv)
-    row_name = _plan(sv).row_name
+    plan = _plan(sv)
+    if plan.native is not None:
+        try:
+            return _codec.encode(MAGIC + sv.fingerprint, {**record, "before": before, "after": after}, plan.native)
+        except Exception:  # fastavro below gives the reference answer: the bytes, or its error
+            pass
+    row_name = plan.row_name
     if row_name is not None:
         # fastavro's tuple notation names the union branch: without it the writer matches the row against
         # the branch's record field by field first (21 -> 17 us per change measured, the same bytes).
@@ -379,19 +468,29 @@ def decode(data: bytes, lookup: Callable[[bytes], SchemaVersion | None]) -> tupl
     sv = lookup(bytes(data[2:10]))
     if sv is None:
         raise UnknownSchemaError(f"unknown schema fingerprint {bytes(data[2:10]).hex()}")
-    stream = io.BytesIO(data)
-    stream.seek(10)
-    record: dict[str, Any] = fastavro.schemaless_reader(stream, sv.parsed, None)  # type: ignore[assignment]
     plan = _plan(sv)
+    record: dict[str, Any] | None = None
+    if plan.native is not None:
+        try:
+            record = _codec.decode(data, 10, plan.native)  # rows keyed by column name already
+        except Exception:  # fastavro below gives the reference answer: the record, or its error
+            record = None
+    if record is None:
+        stream = io.BytesIO(data)
+        stream.seek(10)
+        record = fastavro.schemaless_reader(stream, sv.parsed, None)  # type: ignore[assignment]
+        assert record is not None
+        for side in ("before", "after"):
+            row = record.get(side)
+            if row is not None:
+                # fastavro gives a row's fields in the writer's order, c0, c1, ...: renamed in one pass.
+                record[side] = dict(zip(plan.names, row.values(), strict=True))
     for side in ("before", "after"):
-        row = record.get(side)
-        if row is not None:
-            # fastavro gives a row's fields in the writer's order, c0, c1, ...: renamed in one pass.
-            named = dict(zip(plan.names, row.values(), strict=True))
+        named = record.get(side)
+        if named is not None:
             for name, t in plan.back:
                 if named[name] is not None:
                     named[name] = _from_wire(named[name], t)
-            record[side] = named
     return sv, record
 
 
