@@ -166,13 +166,38 @@ def _fields(row_schema: Mapping[str, Any] | None) -> dict[str, Mapping[str, Any]
     return {f["field"]: f for f in fields if isinstance(f, dict) and isinstance(f.get("field"), str)}
 
 
+# Values ``convert_value`` returns unchanged for a column whose schema names no logical type and whose
+# Connect type is not a float, bytes or an array (a string, an integer, a boolean, null, and the TOAST
+# placeholder, itself a string): such a column's value is taken as it is, without the call (measured:
+# two thirds of the columns of a products change, 0.7 us each).
+_PASSED = frozenset({str, int, bool, type(None)})
+_PLAIN_COLUMNS: dict[int, tuple[Mapping[str, Mapping[str, Any]], frozenset[str]]] = {}
+
+
+def _plain_columns(fields: Mapping[str, Mapping[str, Any]]) -> frozenset[str]:
+    """The columns of ``fields`` whose values of the ``_PASSED`` types pass unchanged (per fields object)."""
+    entry = _PLAIN_COLUMNS.get(id(fields))
+    if entry is not None and entry[0] is fields:
+        return entry[1]
+    plain = frozenset(
+        name for name, f in fields.items()
+        if f.get("name") is None and f.get("type") not in _FLOAT_KINDS and f.get("type") not in ("bytes", "array")
+    )
+    if len(_PLAIN_COLUMNS) >= _MAX_SCHEMAS:
+        _PLAIN_COLUMNS.clear()
+    _PLAIN_COLUMNS[id(fields)] = (fields, plain)
+    return plain
+
+
 def convert_row(row: Mapping[str, Any] | None, fields: Mapping[str, Mapping[str, Any]],
                 fast: bool = False) -> dict[str, Any] | None:
     if row is None:
         return None
     if not isinstance(row, dict):
         raise DecodeError(f"row image is {type(row).__name__}, not an object")
-    return {name: convert_value(value, fields.get(name, {}), fast) for name, value in row.items()}
+    plain = _plain_columns(fields)
+    return {name: value if name in plain and type(value) in _PASSED
+            else convert_value(value, fields.get(name, {}), fast) for name, value in row.items()}
 
 
 def without_unavailable(row: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -487,3 +512,4 @@ def message_key_schema(raw_key: bytes | None) -> Mapping[str, Any] | None:
         return None
     key = orjson.loads(raw_key)  # only the schema is read: its numbers never matter
     return key.get("schema") if isinstance(key, dict) and isinstance(key.get("schema"), dict) else None
+
