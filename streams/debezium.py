@@ -229,6 +229,9 @@ _SCHEMAS: dict[bytes, dict[str, Any]] = {}
 _CACHED: dict[int, dict[str, Any]] = {}
 _ROW_FIELDS: dict[int, tuple[dict[str, Mapping[str, Any]], dict[str, Mapping[str, Any]]]] = {}
 _MAX_SCHEMAS = 512
+# The last few distinct schemas seen (newest first): most messages carry one of them.
+_RECENT: list[tuple[bytes, dict[str, Any]]] = []
+_MAX_RECENT = 8
 
 
 def parse_message(raw: bytes, exact: bool = False) -> Any:
@@ -239,6 +242,15 @@ def parse_message(raw: bytes, exact: bool = False) -> Any:
     """
     loads = exact_loads if exact else orjson.loads
     if raw[:10] == _SCHEMA_PREFIX and raw[-1:] == b"}":
+        for schema_bytes, schema in _RECENT:
+            # The schema of a recent message, byte for byte, then the marker: the cut ``find`` would make (the
+            # first marker after the schema's bytes, which held none), without searching and hashing them.
+            end = 10 + len(schema_bytes)
+            if raw.startswith(_PAYLOAD_MARK, end) and raw.startswith(schema_bytes, 10):
+                try:
+                    return {"schema": schema, "payload": loads(raw[end + len(_PAYLOAD_MARK):-1])}
+                except ValueError:
+                    return loads(raw)
         cut = raw.find(_PAYLOAD_MARK, 10)
         if cut > 0:
             schema_bytes = raw[10:cut]
@@ -252,8 +264,12 @@ def parse_message(raw: bytes, exact: bool = False) -> Any:
                         _SCHEMAS.clear()
                         _CACHED.clear()
                         _ROW_FIELDS.clear()
+                        _RECENT.clear()
                     schema = _SCHEMAS[schema_bytes] = _CACHED[id(parsed)] = parsed
-                return {"schema": schema, "payload": loads(raw[cut + len(_PAYLOAD_MARK):-1])}
+                out = {"schema": schema, "payload": loads(raw[cut + len(_PAYLOAD_MARK):-1])}
+                _RECENT.insert(0, (schema_bytes, schema))
+                del _RECENT[_MAX_RECENT:]
+                return out
             except ValueError:  # orjson.JSONDecodeError and json.JSONDecodeError are ValueErrors
                 pass
     return loads(raw)
