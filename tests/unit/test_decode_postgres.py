@@ -216,3 +216,32 @@ def test_parse_message_is_orjson_loads_whatever_the_bytes(raw: bytes) -> None:
                 parse_message(raw)
             continue
         assert parse_message(raw) == expected
+
+
+def test_parse_message_from_recent_schemas_is_orjson_loads_for_every_neighbour() -> None:
+    """Messages whose schema is, starts with, or is a prefix of a recently seen one, interleaved: each
+    parses exactly as a full parse does (or raises the same error)."""
+    import orjson
+
+    from streams.debezium import parse_message
+
+    s1 = b'{"type":"struct","fields":[{"type":"int64","field":"id"}]}'
+    s2 = b'{"type":"struct","fields":[{"type":"int64","field":"id"},{"type":"string","field":"n"}]}'
+    raws = [
+        b'{"schema":' + s1 + b',"payload":{"op":"c","id":1}}',
+        b'{"schema":' + s2 + b',"payload":{"op":"u","id":2,"n":"x"}}',
+        b'{"schema":' + s1 + b',"payload":{"op":"d","id":3}}',
+        b'{"schema":' + s1 + b',"payload":{"op":"d","id":}}',  # the payload breaks: orjson's error
+        b'{"schema":' + s1 + b',"payloads":{"op":"c"}}',  # the recent schema, then no marker
+        b'{"schema":' + s1[:-1] + b',"extra":1},"payload":{"op":"c","id":4}}',  # a recent schema's prefix
+        b'{"schema":' + s1 + b',"payload":{"op":"c","id":5},"more":1}',  # a field after the payload
+        b'{"schema":' + s2 + b',"payload":{"op":"r","id":6,"n":"payload"}}',
+    ]
+    for raw in raws * 3:
+        try:
+            expected = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            with pytest.raises(orjson.JSONDecodeError):
+                parse_message(raw)
+            continue
+        assert parse_message(raw) == expected, raw
