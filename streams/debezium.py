@@ -242,13 +242,13 @@ def parse_message(raw: bytes, exact: bool = False) -> Any:
     """
     loads = exact_loads if exact else orjson.loads
     if raw[:10] == _SCHEMA_PREFIX and raw[-1:] == b"}":
-        for schema_bytes, schema in _RECENT:
+        for recent_bytes, recent in _RECENT:
             # The schema of a recent message, byte for byte, then the marker: the cut ``find`` would make (the
             # first marker after the schema's bytes, which held none), without searching and hashing them.
-            end = 10 + len(schema_bytes)
-            if raw.startswith(_PAYLOAD_MARK, end) and raw.startswith(schema_bytes, 10):
+            end = 10 + len(recent_bytes)
+            if raw.startswith(_PAYLOAD_MARK, end) and raw.startswith(recent_bytes, 10):
                 try:
-                    return {"schema": schema, "payload": loads(raw[end + len(_PAYLOAD_MARK):-1])}
+                    return {"schema": recent, "payload": loads(raw[end + len(_PAYLOAD_MARK):-1])}
                 except ValueError:
                     return loads(raw)
         cut = raw.find(_PAYLOAD_MARK, 10)
