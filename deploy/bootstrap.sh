@@ -24,7 +24,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 # Reinstalled when the dependencies or the C codec change (an editable install builds it in place).
-stamp=.venv/.installed-$(cat pyproject.toml schemas/_codec.c | sha1sum | cut -c1-12)
+stamp=.venv/.installed-$(cat pyproject.toml setup.py schemas/_codec.c | sha1sum | cut -c1-12)
 if [ ! -f "$stamp" ]; then
   echo "bootstrap: installing changeflow and its dependencies into .venv"
   .venv/bin/python -m pip install -q --upgrade pip
