@@ -52,11 +52,12 @@ logic is tested without Kafka.
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from prometheus_client import (
@@ -233,6 +234,24 @@ def stores(sink: str, entity: str, pipeline: Pipeline | None = None) -> bool:
     return spec is not None and spec.stored_in(sink)
 
 
+def observe_many(histogram: Any, amounts: Sequence[float]) -> None:
+    """``histogram.observe(a)`` for every ``a``: the same bucket counts (the sum up to float rounding), with
+    one increment per bucket touched instead of two locked increments per value (a sink observes every
+    record's freshness: 8-10 % of a sink process's samples). Written against prometheus-client's Histogram
+    internals (``_upper_bounds``, ``_buckets``, ``_sum``, unchanged since 0.4); tests/unit/test_metrics.py
+    checks it against ``observe``."""
+    if not amounts:
+        return
+    bounds = histogram._upper_bounds  # ascending, the last +Inf
+    counts = [0] * len(bounds)
+    for amount in amounts:
+        counts[bisect.bisect_left(bounds, amount)] += 1  # the first bound >= amount, as observe's loop
+    histogram._sum.inc(sum(amounts))
+    for i, count in enumerate(counts):
+        if count:
+            histogram._buckets[i].inc(count)
+
+
 def _per_entity(sink: str, records: Sequence[ChangeRecord]) -> dict[str, list[ChangeRecord]]:
     out: dict[str, list[ChangeRecord]] = defaultdict(list)
     for r in records:
@@ -256,12 +275,9 @@ def observe_written(
     SINK_BATCH_SECONDS.labels(sink=sink).observe(duration_s)
     for entity, rs in _per_entity(sink, records).items():
         SINK_EVENTS_OUT.labels(sink=sink, entity=entity).inc(len(rs))
-        histogram = FRESHNESS.labels(sink=sink, entity=entity)
-        newest = 0
-        for r in rs:
-            newest = max(newest, r.ts_ms)
-            # A source clock slightly ahead of ours is not negative staleness.
-            histogram.observe(max(0.0, now - r.ts_ms / 1000))
+        newest = max(r.ts_ms for r in rs)
+        # A source clock slightly ahead of ours is not negative staleness.
+        observe_many(FRESHNESS.labels(sink=sink, entity=entity), [max(0.0, now - r.ts_ms / 1000) for r in rs])
         with _newest_lock:
             if newest / 1000 <= _newest.get((sink, entity), float("-inf")):
                 continue

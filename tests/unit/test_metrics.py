@@ -265,3 +265,35 @@ def test_families_reported_by_a_sink_process_merge_into_one_exposition(sink: str
     assert f'changeflow_sink_dead_letters_total{{sink="{sink}"}} 1.0' in metrics.exposition().decode()
     series = f'changeflow_sink_events_out_total{{entity="products",sink="{sink}"}}'
     assert metrics.exposition().decode().count(series) == 1
+
+
+def test_observe_many_counts_exactly_as_observe() -> None:
+    """The batched freshness observation counts what observe() would, bucket by bucket, at the bounds too."""
+    import random
+
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from changeflow.metrics import observe_many
+
+    registry = CollectorRegistry()
+    one = Histogram("one", "x", buckets=(0.05, 0.1, 0.25, 1.0, 5.0), registry=registry)
+    many = Histogram("many", "x", buckets=(0.05, 0.1, 0.25, 1.0, 5.0), registry=registry)
+    rng = random.Random(3)
+    amounts = [0.0, 0.05, 0.1, 0.25, 1.0, 5.0, 5.0001, 1e9] + [rng.uniform(0, 7) for _ in range(500)]
+    for a in amounts:
+        one.observe(a)
+    observe_many(many, amounts[:100])
+    observe_many(many, amounts[100:])
+    observe_many(many, [])
+
+    def samples(name: str) -> list[tuple[str, dict[str, str], float]]:
+        return [(s.name.removeprefix(name), s.labels, round(s.value, 9))
+                for m in registry.collect() if m.name == name for s in m.samples if not s.name.endswith("_created")]
+
+    def counts(name: str) -> list[tuple[str, dict[str, str], float]]:
+        return [s for s in samples(name) if s[0] != "_sum"]
+
+    assert counts("one") == counts("many")  # every bucket and the count, exactly
+    assert registry.get_sample_value("many_count") == len(amounts)
+    # the sum, up to float rounding (added as one batch, not value by value)
+    assert registry.get_sample_value("many_sum") == pytest.approx(registry.get_sample_value("one_sum"), rel=1e-12)
