@@ -333,6 +333,7 @@ _PLANS: dict[int, tuple[SchemaVersion, _Plan]] = {}
 _C_SCALARS = {"int": 1, "long": 2, "float": 3, "double": 4, "boolean": 5, "bytes": 6, "string": 7}
 _C_LOGICAL = {"decimal": 8, "date": 9, "time-micros": 10, "timestamp-micros": 11}
 _C_ARRAY = 64
+_C_DECIMAL = _C_LOGICAL["decimal"]
 _DECIMAL_CONTEXTS: dict[int, Context] = {}
 
 
@@ -352,7 +353,7 @@ def _c_code(avro: Any) -> tuple[int, int, int] | None:
     logical = _C_LOGICAL.get(str(avro.get("logicalType")))
     if logical is None:
         return None
-    if logical == 8:
+    if logical == _C_DECIMAL:
         precision, scale = avro.get("precision"), avro.get("scale", 0)
         if avro.get("type") != "bytes" or not isinstance(precision, int) or not isinstance(scale, int):
             return None

@@ -282,6 +282,16 @@ def pipeline_topics(pipeline: Pipeline) -> list[str]:
     return sorted(topics)
 
 
+def _await_deletions(kind: str, futures: dict[str, Any], failures: list[str]) -> None:
+    """Wait for each of the admin client's deletions; say each one done, keep each failure for the summary."""
+    for name, future in futures.items():
+        try:
+            future.result()
+            console.print(f"kafka: {kind} {escape(name)} deleted", highlight=False)
+        except Exception as exc:
+            failures.append(f"{kind.split()[-1]} {name}: {exc}")  # "topic x: …", "group y: …"
+
+
 def _purge_derived(pipeline: Pipeline) -> None:
     """Each registered store's objects of the pipeline, then its topics and consumer groups."""
     from confluent_kafka.admin import AdminClient
@@ -301,20 +311,12 @@ def _purge_derived(pipeline: Pipeline) -> None:
     admin = AdminClient({"bootstrap.servers": context.settings().kafka_bootstrap, "log_level": 3})
     existing = set(admin.list_topics(timeout=15).topics)
     topics = [t for t in pipeline_topics(pipeline) if t in existing]
-    for topic, future in (admin.delete_topics(topics, operation_timeout=30).items() if topics else []):
-        try:
-            future.result()
-            console.print(f"kafka: topic {escape(topic)} deleted", highlight=False)
-        except Exception as exc:
-            failures.append(f"topic {topic}: {exc}")
+    if topics:
+        _await_deletions("topic", admin.delete_topics(topics, operation_timeout=30), failures)
     groups = [pipeline.decode_group, *(pipeline.sink_group(n) for n in names())]
     known = {g.group_id for g in admin.list_consumer_groups(request_timeout=15).result().valid}
     wanted = [g for g in groups if g in known]
-    for group, future in (admin.delete_consumer_groups(wanted, request_timeout=15).items() if wanted else []):
-        try:
-            future.result()
-            console.print(f"kafka: consumer group {escape(group)} deleted", highlight=False)
-        except Exception as exc:
-            failures.append(f"group {group}: {exc}")
+    if wanted:
+        _await_deletions("consumer group", admin.delete_consumer_groups(wanted, request_timeout=15), failures)
     if failures:
         raise fail("purge incomplete: " + "; ".join(failures))
