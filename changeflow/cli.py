@@ -67,11 +67,17 @@ stack_app = typer.Typer(help="The native local stack (no Docker).", no_args_is_h
 report_app = typer.Typer(help="Reports.", no_args_is_help=True)
 @app.callback()
 def main_options(
+    ctx: typer.Context,
     pipeline_file: Annotated[Path | None, typer.Option(
         "--pipeline", envvar="CHANGEFLOW_PIPELINE",
         help="The pipeline file (default: the commerce example, examples/commerce/pipeline.yml).")] = None,
 ) -> None:
     """Every command works on one pipeline: `--pipeline FILE` or CHANGEFLOW_PIPELINE."""
+    if ctx.invoked_subcommand == "init":
+        # `init` writes a pipeline file and never reads one: CHANGEFLOW_PIPELINE may name the file it is
+        # about to write (README sets the variable once for the shell, then runs init).
+        context.use_pipeline(None)
+        return
     context.use_pipeline(args.existing_file(pipeline_file, "pipeline file") if pipeline_file else None)
 
 
@@ -204,11 +210,13 @@ def worker(
     from confluent_kafka import KafkaException
 
     from changeflow import worker as worker_mod
+    from reports import objects as report_objects
 
     chosen = args.store_list(sinks) if sinks is not None else None
     s, p = settings(), pipeline()
     try:
-        code = worker_mod.run(s, p, chosen, loglevel=loglevel.value)
+        # The report views exist as soon as the sink of the store they live in has set up (README "Reports").
+        code = worker_mod.run(s, p, chosen, loglevel=loglevel.value, after_setup=report_objects.ensure)
     except KafkaException as exc:
         raise fail(f"kafka at {s.kafka_bootstrap}: {exc.args[0] if exc.args else exc}",
                    worker_mod.EXIT_FAILED) from None
@@ -255,6 +263,9 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
             held = ", ".join(f"{e}={n}" for e, n in sk.quarantined.items()) or "0"
             table.add_row(sk.name, state, str(sk.lag), through, held, (sk.last_error or "")[:80])
         console.print(table)
+        for t in st.not_captured:
+            console.print(f"[yellow]not captured:[/] {escape(t)} (no entity maps it: its changes are not read)",
+                          highlight=False)
         for e in st.errors:
             err.print(f"[red]{escape(e)}[/]", highlight=False)
     if not st.healthy:

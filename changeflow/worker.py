@@ -30,6 +30,7 @@ from changeflow.settings import Settings
 from pipelines.spec import Pipeline
 from sinks import base as sink_base
 from sinks.process import EXIT_CRASH_LOOP, EXIT_SINK_FATAL, SinkProcesses, default_jobs
+from sinks.runner import AfterSetup
 from streams.app import CANONICAL_PARTITIONS, create_app, price_changed_topic_name, seed_versions
 
 log = logging.getLogger("changeflow.worker")
@@ -75,7 +76,8 @@ def web_port_taken(settings: Settings) -> str | None:
     return None
 
 
-def run(settings: Settings, pipeline: Pipeline, sink_names: list[str] | None = None, loglevel: str = "info") -> int:
+def run(settings: Settings, pipeline: Pipeline, sink_names: list[str] | None = None, loglevel: str = "info",
+        after_setup: AfterSetup | None = None) -> int:
     """Run until stopped; the exit code (module docstring): a sink's fatal stop wins over Faust's clean exit."""
     from faust.worker import Worker
 
@@ -98,7 +100,8 @@ def run(settings: Settings, pipeline: Pipeline, sink_names: list[str] | None = N
     stop_requested = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop_requested.set())
-    sinks = SinkProcesses(settings, default_jobs(pipeline, names), loglevel=loglevel, keep_fatal=True)
+    sinks = SinkProcesses(settings, default_jobs(pipeline, names, after_setup=after_setup),
+                          loglevel=loglevel, keep_fatal=True)
     sinks.start()
     code: int | str | None = EXIT_OK
     try:

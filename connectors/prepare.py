@@ -92,9 +92,10 @@ def publication_block(o: SourceObjects) -> sql.Composed:
     body = sql.SQL(
         "BEGIN\n"
         "    IF NOT EXISTS (SELECT FROM pg_catalog.pg_publication WHERE pubname = {name}) THEN\n"
-        "        CREATE PUBLICATION {pub} FOR TABLE {tables};\n"
+        "        CREATE PUBLICATION {pub} FOR TABLE {tables} WITH (publish_via_partition_root = true);\n"
         "    ELSE\n"
         "        ALTER PUBLICATION {pub} SET TABLE {tables};\n"
+        "        ALTER PUBLICATION {pub} SET (publish_via_partition_root = true);\n"
         "    END IF;\n"
         "END"
     ).format(name=sql.Literal(o.publication), pub=pub, tables=tables)
@@ -121,15 +122,27 @@ def script(pipeline: Pipeline) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _current_publication(cur: psycopg.Cursor, name: str) -> set[tuple[str, str]] | None:
-    row = cur.execute("SELECT puballtables FROM pg_catalog.pg_publication WHERE pubname = %s", (name,)).fetchone()
+@dataclass(frozen=True)
+class _Publication:
+    tables: set[tuple[str, str]]
+    via_root: bool
+
+
+def _current_publication(cur: psycopg.Cursor, name: str) -> _Publication | None:
+    row = cur.execute("SELECT puballtables, pubviaroot FROM pg_catalog.pg_publication WHERE pubname = %s",
+                      (name,)).fetchone()
     if row is None:
         return None
     if row[0]:
         raise PrepareError(f"publication {name} is FOR ALL TABLES; give the pipeline its own `publication`")
-    rows = cur.execute("SELECT schemaname, tablename FROM pg_catalog.pg_publication_tables WHERE pubname = %s",
+    # pg_publication_rel, not pg_publication_tables: the view lists a partitioned table's leaves (not the
+    # table itself) when the publication does not publish through the root.
+    rows = cur.execute("SELECT n.nspname, c.relname FROM pg_catalog.pg_publication_rel pr "
+                       "JOIN pg_catalog.pg_publication p ON p.oid = pr.prpubid "
+                       "JOIN pg_catalog.pg_class c ON c.oid = pr.prrelid "
+                       "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE p.pubname = %s",
                        (name,)).fetchall()
-    return {(str(s), str(t)) for s, t in rows}
+    return _Publication({(str(s), str(t)) for s, t in rows}, bool(row[1]))
 
 
 def apply(conn: psycopg.Connection, pipeline: Pipeline) -> list[str]:
@@ -150,15 +163,25 @@ def apply(conn: psycopg.Connection, pipeline: Pipeline) -> list[str]:
         current = _current_publication(cur, o.publication)
         wanted = set(o.published)
         pub, tables = sql.Identifier(o.publication), _table_list(o.published)
+        # publish_via_partition_root: a partitioned table's changes are published under its own name (the one
+        # the connector's include list holds), not under each partition's, which Debezium would drop.
         if current is None:
-            cur.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(pub, tables))
-            done.append(f"publication {o.publication}: created for {len(wanted)} table(s)")
-        elif current != wanted:
+            cur.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)")
+                        .format(pub, tables))
+            done.append(f"publication {o.publication}: created for {len(wanted)} table(s), publishing partitions "
+                        "through their root")
+            return done
+        if current.tables != wanted:
             cur.execute(sql.SQL("ALTER PUBLICATION {} SET TABLE {}").format(pub, tables))
-            added, removed = sorted(wanted - current), sorted(current - wanted)
+            added, removed = sorted(wanted - current.tables), sorted(current.tables - wanted)
             change = ", ".join([*(f"+{s}.{t}" for s, t in added), *(f"-{s}.{t}" for s, t in removed)])
             done.append(f"publication {o.publication}: set to exactly the pipeline's tables ({change})")
-        else:
+        if not current.via_root:
+            cur.execute(sql.SQL("ALTER PUBLICATION {} SET (publish_via_partition_root = true)").format(pub))
+            done.append(f"publication {o.publication}: publish_via_partition_root turned on (a partitioned "
+                        "table's changes now arrive under its own name; before, they were published under each "
+                        "partition's name and dropped)")
+        if current.tables == wanted and current.via_root:
             done.append(f"publication {o.publication}: unchanged")
     return done
 

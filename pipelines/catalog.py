@@ -29,6 +29,8 @@ class Table:
     primary_key: tuple[str, ...] = ()  # in key order; empty: none
     # pg_class.relreplident: d default (the primary key), n nothing, f full, i an index.
     replica_identity: str = "d"
+    # relkind 'p': a partitioned table (its rows live in its partitions; README "Partitioned tables").
+    partitioned: bool = False
 
     @property
     def qualified(self) -> str:
@@ -47,9 +49,19 @@ class Catalog:
     database: str
     schemas: tuple[str, ...]  # the schemas that were read
     tables: dict[tuple[str, str], Table] = field(default_factory=dict)
+    # Every partition in the schemas read (at any depth) → its root table: a partition is never an entity of
+    # its own, its changes reach Debezium under the root's name (publish_via_partition_root).
+    partitions: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
+    # The pipeline's publication as it stands: None when it does not exist (or was not asked for), else
+    # whether it publishes partitions' changes under their root (pg_publication.pubviaroot).
+    publication_via_root: bool | None = None
 
     def table(self, schema: str, name: str) -> Table | None:
         return self.tables.get((schema, name))
+
+    def root_of(self, schema: str, name: str) -> tuple[str, str] | None:
+        """The root table of a partition; None for anything that is not one."""
+        return self.partitions.get((schema, name))
 
     def with_primary_key(self) -> list[Table]:
         return [t for t in self.tables.values() if t.primary_key]
@@ -61,10 +73,20 @@ class Catalog:
 # Ordinary and partitioned tables (not the partitions themselves: their changes arrive under the parent
 # only with publish_via_partition_root, and a user captures the parent).
 _TABLES = """
-SELECT c.oid, n.nspname, c.relname, c.relreplident
+SELECT c.oid, n.nspname, c.relname, c.relreplident, c.relkind = 'p'
 FROM pg_catalog.pg_class c
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = ANY(%s) AND c.relkind IN ('r', 'p') AND NOT c.relispartition
+ORDER BY n.nspname, c.relname
+"""
+# Partitions (of any depth) of the schemas read, each with its root (pg_partition_root, PostgreSQL 12+).
+_PARTITIONS = """
+SELECT n.nspname, c.relname, rn.nspname, r.relname
+FROM pg_catalog.pg_class c
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_catalog.pg_class r ON r.oid = pg_catalog.pg_partition_root(c.oid)
+JOIN pg_catalog.pg_namespace rn ON rn.oid = r.relnamespace
+WHERE n.nspname = ANY(%s) AND c.relispartition
 ORDER BY n.nspname, c.relname
 """
 _COLUMNS = """
@@ -86,8 +108,9 @@ ORDER BY i.indrelid, k.position
 """
 
 
-def read(conn: psycopg.Connection, schemas: Sequence[str]) -> Catalog:
-    """Every table of ``schemas`` with its columns in order, its primary key and its replica identity."""
+def read(conn: psycopg.Connection, schemas: Sequence[str], publication: str | None = None) -> Catalog:
+    """Every table of ``schemas`` with its columns in order, its primary key and its replica identity, the
+    partitions with their roots, and (given its name) whether ``publication`` publishes through the root."""
     with conn.cursor() as cur:
         database = str(cur.execute("SELECT current_database()").fetchone()[0])  # type: ignore[index]
         rows = cur.execute(_TABLES, (list(schemas),)).fetchall()
@@ -98,11 +121,20 @@ def read(conn: psycopg.Connection, schemas: Sequence[str]) -> Catalog:
         keys: dict[int, list[str]] = {}
         for relid, name in cur.execute(_PRIMARY_KEYS, (oids,)).fetchall():
             keys.setdefault(relid, []).append(name)
+        partitions = {(str(s), str(t)): (str(rs), str(rt))
+                      for s, t, rs, rt in cur.execute(_PARTITIONS, (list(schemas),)).fetchall()}
+        via_root = None
+        if publication is not None:
+            row = cur.execute("SELECT pubviaroot FROM pg_catalog.pg_publication WHERE pubname = %s",
+                              (publication,)).fetchone()
+            via_root = None if row is None else bool(row[0])
     tables = {
-        (schema, name): Table(schema, name, tuple(columns.get(oid, ())), tuple(keys.get(oid, ())), str(ident))
-        for oid, schema, name, ident in rows
+        (schema, name): Table(schema, name, tuple(columns.get(oid, ())), tuple(keys.get(oid, ())), str(ident),
+                              bool(partitioned))
+        for oid, schema, name, ident, partitioned in rows
     }
-    return Catalog(database=database, schemas=tuple(schemas), tables=tables)
+    return Catalog(database=database, schemas=tuple(schemas), tables=tables, partitions=partitions,
+                   publication_via_root=via_root)
 
 
 def count_rows(dsn: str, schema: str, table: str) -> int:
@@ -114,8 +146,8 @@ def count_rows(dsn: str, schema: str, table: str) -> int:
     return int(row[0]) if row else 0
 
 
-def read_dsn(dsn: str, schemas: Iterable[str]) -> Catalog:
+def read_dsn(dsn: str, schemas: Iterable[str], publication: str | None = None) -> Catalog:
     """Connect (read only, a short timeout), read, close."""
     with psycopg.connect(dsn, connect_timeout=10) as conn:
         conn.read_only = True  # BEGIN READ ONLY: reading the catalog never writes
-        return read(conn, list(dict.fromkeys(schemas)))
+        return read(conn, list(dict.fromkeys(schemas)), publication)

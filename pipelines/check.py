@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from pipelines.catalog import Catalog, Table
-from pipelines.spec import EntitySpec, Pipeline
+from pipelines.spec import EntitySpec, Pipeline, split_table
 from pipelines.transform import ExpressionError, compile_expression, load_hook
 
 # The pipeline's own ClickHouse tables (pipelines.spec: P.changelog), which no entity may take.
@@ -60,9 +60,19 @@ def check(pipeline: Pipeline, catalog: Catalog | None = None, *, import_hooks: b
     for spec in pipeline.entities.values():
         problems.extend(_entity_own(spec, base, import_hooks, hook_loader))
         if catalog is not None and spec.source == "postgres":
-            problems.extend(_entity_against_catalog(spec, catalog))
+            problems.extend(_entity_against_catalog(spec, catalog, pipeline.publication))
     problems.extend(_collisions(pipeline))
     return problems
+
+
+def uncaptured(pipeline: Pipeline, catalog: Catalog) -> list[Table]:
+    """Tables of the schemas read that no entity captures (a table created after ``init`` is one): their
+    changes never reach Kafka, because the connector's include list names the pipeline's tables only, so
+    nothing else would ever say they are missing. Partitions are not tables of their own (their root is),
+    and the pipeline's signal and heartbeat tables are its own."""
+    captured = {(e.source_schema, e.source_table) for e in pipeline.entities.values() if e.source == "postgres"}
+    own = {split_table(pipeline.signal_table), split_table(pipeline.heartbeat_table)}
+    return [t for key, t in sorted(catalog.tables.items()) if key not in captured and key not in own]
 
 
 def _entity_own(spec: EntitySpec, base: object, import_hooks: bool,
@@ -102,10 +112,16 @@ def _names_read(text: str) -> frozenset[str]:
         return frozenset()  # reported by _entity_own
 
 
-def _entity_against_catalog(spec: EntitySpec, catalog: Catalog) -> list[Problem]:
+def _entity_against_catalog(spec: EntitySpec, catalog: Catalog, publication: str) -> list[Problem]:
     at = f"entities.{spec.name}"
     cfg = spec.config
     table = catalog.table(spec.source_schema, spec.source_table)
+    root = catalog.root_of(spec.source_schema, spec.source_table)
+    if root is not None:
+        whole = ".".join(root)
+        return [Problem(f"{at}.table", f"{spec.qualified_table} is a partition of {whole}: its changes are "
+                                       f"published under {whole}'s name, so this entity would get none after "
+                                       f"the snapshot; capture the partitioned table itself: `table: {whole}`")]
     if table is None:
         same_schema = [n for (s, n) in catalog.tables if s == spec.source_schema]
         close = difflib.get_close_matches(spec.source_table, same_schema, n=1, cutoff=0.6)
@@ -120,6 +136,13 @@ def _entity_against_catalog(spec: EntitySpec, catalog: Catalog) -> list[Problem]
         return [Problem(f"{at}.table", f"{spec.qualified_table} is not a table of database {catalog.database}; {hint}")]
 
     out: list[Problem] = []
+    if table.partitioned and catalog.publication_via_root is False:
+        out.append(Problem(f"{at}.table", f"{table.qualified} is partitioned and publication {publication} "
+                                          "publishes its partitions' changes under their own names, which the "
+                                          "connector drops (every change after the snapshot lost); run "
+                                          "`changeflow connectors apply` (it sets publish_via_partition_root = "
+                                          f"true), or ALTER PUBLICATION {publication} SET "
+                                          "(publish_via_partition_root = true)"))
     columns = set(table.column_names)
     hooked = cfg.hook is not None  # a hook may add fields: names it could add are not judged
     derived_names = set(cfg.derive)

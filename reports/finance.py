@@ -1,9 +1,10 @@
 """Finance reconciliation: money per day and the exceptions a finance team chases, as ClickHouse views.
 
 The logic lives in SQL views (``reports/sql/finance_*.sql``) so that anyone with a ClickHouse client
-sees the same figures as ``changeflow report finance``; this module creates the views on demand (in the
-pipeline's ClickHouse database, every time the report runs: the ClickHouse store knows nothing of them),
-reads them and renders what it read. Amounts stay ``Decimal`` from the warehouse to the output (strings in JSON and
+sees the same figures as ``changeflow report finance``. The worker's ClickHouse sink creates the views as
+soon as it has set up (``reports.objects``), so they can be queried from the first minute; this module also
+re-creates them every time the report runs (keeping them in step with the SQL files), reads them and
+renders what it read. Amounts stay ``Decimal`` from the warehouse to the output (strings in JSON and
 CSV), because a reconciliation that rounds is not one.
 """
 
@@ -29,6 +30,8 @@ VIEW_FILES = ("finance_daily.sql", "finance_exceptions.sql")  # daily first: no 
 # Rows younger than this (by `_ingested_at`) are not judged: a source transaction the sink is still
 # writing must not show up as an exception. See finance_exceptions.sql.
 GRACE_SECONDS = 5
+# The entities (and ClickHouse tables of the pipeline's database) the views read.
+ENTITIES = ("orders", "payments", "refunds")
 EXCEPTION_KINDS = ("payment_mismatch", "orphan_payment", "refund_exceeds_payment", "cancelled_but_paid")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 

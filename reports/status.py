@@ -86,6 +86,8 @@ class Status:
     dead_letters: int | None
     worker: bool
     errors: list[str] = field(default_factory=list)
+    # Tables of the captured schemas that no entity maps (pipelines.check.uncaptured): not read at all.
+    not_captured: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -229,6 +231,18 @@ def describe_stop(stop: FatalStop) -> str:
             f"{stop.error}")
 
 
+def not_captured(settings: Settings, pipeline: Pipeline) -> list[str]:
+    """Tables of the pipeline's PostgreSQL schemas that no entity captures (one created after ``init``)."""
+    from pipelines.catalog import read_dsn
+    from pipelines.check import uncaptured
+
+    pg = pipeline.file.sources.postgres
+    if pg is None:
+        return []
+    schemas = [*pg.schemas, *(e.source_schema for e in pipeline.entities.values() if e.source == "postgres")]
+    return [t.qualified for t in uncaptured(pipeline, read_dsn(pipeline.source_dsn(settings), schemas))]
+
+
 def collect(settings: Settings, pipeline: Pipeline) -> Status:
     from connectors.client import ConnectUnavailableError, KafkaConnectClient
 
@@ -247,6 +261,11 @@ def collect(settings: Settings, pipeline: Pipeline) -> Status:
     except psycopg.Error as exc:
         slot_list = []
         errors.append(f"postgres: {exc}")
+    try:
+        left = not_captured(settings, pipeline)
+    except psycopg.Error as exc:
+        left = []
+        errors.append(f"postgres: catalog of {pipeline.file.sources.postgres.database}: {exc}")  # type: ignore[union-attr]
     for slot in slot_list:
         warning = slot_warning(slot, pipeline)
         if warning:
@@ -300,4 +319,5 @@ def collect(settings: Settings, pipeline: Pipeline) -> Status:
         dead_letters=topic_size(settings, pipeline.dlq_topic),
         worker=states is not None,
         errors=errors,
+        not_captured=left,
     )

@@ -171,6 +171,9 @@ class Store(Protocol):
     """
 
     name: str
+    # Column kinds (pipelines.types.ColumnType.kind) whose NULL the store can only hold as the empty value:
+    # reconcile compares the two as equal for this store (README "Types"). Read with getattr, default none.
+    null_is_empty: frozenset[str]
 
     # --- the stream ---------------------------------------------------------------------------------
     def setup(self, known: Mapping[str, Any] | None = None) -> None:

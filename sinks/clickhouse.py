@@ -215,6 +215,31 @@ def applied_ddl(database: str) -> str:
     )
 
 
+def reconciliation_runs_ddl(database: str) -> str:
+    """``changeflow reconcile``'s history, one row per entity and store of each run (reports.reconcile)."""
+    return (
+        f"CREATE TABLE IF NOT EXISTS {q(database)}.reconciliation_runs (\n"
+        "  run_id String, run_at DateTime64(3, 'UTC'), mode LowCardinality(String),\n"
+        "  entity LowCardinality(String), store LowCardinality(String),\n"
+        "  source_count UInt64, store_count UInt64, missing UInt64, missing_in_store UInt64,\n"
+        "  missing_in_source UInt64, stale UInt64, mismatched UInt64, drift UInt64,\n"
+        "  buckets UInt32, differing_buckets UInt32, error Nullable(String), duration_ms UInt64,\n"
+        "  repair_of String\n"
+        ")\nENGINE = MergeTree\nORDER BY (entity, store, run_at)"
+    )
+
+
+def reconciliation_diffs_ddl(database: str) -> str:
+    """Each run's differing keys (reports.reconcile)."""
+    return (
+        f"CREATE TABLE IF NOT EXISTS {q(database)}.reconciliation_diffs (\n"
+        "  run_id String, run_at DateTime64(3, 'UTC'), entity LowCardinality(String),\n"
+        "  store LowCardinality(String), key String, kind LowCardinality(String), detail String,\n"
+        "  store_version Nullable(UInt64)\n"
+        ")\nENGINE = MergeTree\nORDER BY (run_id, entity, store, key)"
+    )
+
+
 def changelog_ddl(database: str) -> str:
     return (
         f"CREATE TABLE IF NOT EXISTS {q(database)}.changelog (\n"
@@ -265,6 +290,8 @@ def from_column(value: Any, t: ColumnType | None) -> Any:
 
 class ClickHouseStore:
     name = "clickhouse"
+    # An Array column cannot be Nullable in ClickHouse: a NULL array is written as [] (to_column).
+    null_is_empty = frozenset({"array"})
 
     def __init__(self, settings: Settings, pipeline: Pipeline) -> None:
         self.settings = settings
@@ -305,8 +332,9 @@ class ClickHouseStore:
             databases = {self.database} | {s.clickhouse_database for s in self.pipeline.stored_in(self.name)}
             for db in sorted(databases):
                 self.client.command(f"CREATE DATABASE IF NOT EXISTS {q(db)}")
-            self.client.command(changelog_ddl(self.database))
-            self.client.command(applied_ddl(self.database))
+            # The pipeline's own tables, reconcile's history among them: queryable before any command ran.
+            for ddl in (changelog_ddl, applied_ddl, reconciliation_runs_ddl, reconciliation_diffs_ddl):
+                self.client.command(ddl(self.database))
             for entity, sv in (known or {}).items():
                 spec = self.pipeline.entities.get(entity)
                 if spec is not None and spec.clickhouse is not None:
@@ -344,6 +372,18 @@ class ClickHouseStore:
                 log.info("event=column_added table=%s column=%r type=%s", self.table(spec), name, ch_type)
         self._tables[spec.name] = existing
         types.update(columns)
+
+    # The store users query reports in: report modules create their views here (reports.objects), through
+    # this one method, once the store has set up its tables.
+    reports_queried_here = True
+
+    def create_report_view(self, statement: str) -> None:
+        """Run one report module's ``CREATE OR REPLACE VIEW`` in this store. Raises the server's error."""
+        try:
+            self.client.command(statement)
+        except OperationalError as exc:
+            self._client = None
+            raise RetriableSinkError(f"clickhouse: {exc}") from exc
 
     def column_types(self, spec: EntitySpec) -> dict[str, ColumnType]:
         return self._types.get(spec.name, {})

@@ -217,6 +217,8 @@ class SinkJob:
     factory: Callable[[Settings, Pipeline], Store]
     group: str
     pipeline: Pipeline
+    # Run by the child once the store is set up (sinks.runner.AfterSetup); a module-level function.
+    after_setup: Callable[[Store, Pipeline], None] | None = None
 
 
 def _die_with_parent() -> None:
@@ -241,7 +243,7 @@ def _child_main(job: SinkJob, settings: Settings, reports: Any, loglevel: str, p
         signal.signal(sig, lambda *_: stop.set())
     metrics.use_pipeline(job.pipeline)
     store = _BatchWatch(job.factory(settings, job.pipeline))
-    runner = SinkRunner(store, settings, job.pipeline, stop, group=job.group)
+    runner = SinkRunner(store, settings, job.pipeline, stop, group=job.group, after_setup=job.after_setup)
     tune_gc()
 
     def report() -> None:
@@ -387,11 +389,12 @@ class SinkProcesses:
             self._listener.join(5)
 
 
-def default_jobs(pipeline: Pipeline, names: list[str]) -> list[SinkJob]:
+def default_jobs(pipeline: Pipeline, names: list[str],
+                 after_setup: Callable[[Store, Pipeline], None] | None = None) -> list[SinkJob]:
     from sinks import base
 
     factories = base.registry()
     unknown = [n for n in names if n not in factories]
     if unknown:
         raise KeyError(f"unknown sink(s) {', '.join(unknown)}; known: {', '.join(sorted(factories))}")
-    return [SinkJob(name, factories[name], pipeline.sink_group(name), pipeline) for name in names]
+    return [SinkJob(name, factories[name], pipeline.sink_group(name), pipeline, after_setup) for name in names]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +32,10 @@ from changeflow import metrics
 from pipelines.spec import Pipeline
 from sinks.base import FatalSinkError, Rejected, RetriableSinkError, Store
 from streams.records import ChangeRecord
+
+# What a higher layer builds over a store once it is set up (reports.objects.ensure): called with the store.
+AfterSetup = Callable[[Store, Pipeline], None]
+AFTER_SETUP_RETRY_S = 30.0
 
 if TYPE_CHECKING:
     from changeflow.settings import Settings
@@ -109,10 +113,15 @@ def record_from_bytes(value: bytes, origin: tuple[str, int, int], book: schemas.
 
 class SinkRunner:
     def __init__(self, sink: Store, settings: Settings, pipeline: Pipeline, stop: threading.Event | None = None,
-                 group: str | None = None, book: schemas.SchemaBook | None = None) -> None:
+                 group: str | None = None, book: schemas.SchemaBook | None = None,
+                 after_setup: AfterSetup | None = None) -> None:
         from streams.app import schema_book
 
         self.sink = sink
+        # Objects built over the store's tables by a higher layer (report views): tried once the store has set
+        # up, and again after batches (at most every AFTER_SETUP_RETRY_S) while a table they read is missing.
+        self._after_setup = after_setup
+        self._after_setup_tried = 0.0
         self.pipeline = pipeline
         self.group = group or pipeline.sink_group(sink.name)
         self.settings = settings
@@ -237,12 +246,27 @@ class SinkRunner:
             with attempt:
                 self._quarantine(rejected, messages)
 
+    def _run_after_setup(self) -> None:
+        """Never fatal: a report view that cannot be made yet (its table not written yet) must not hold the
+        changes back; it is tried again, and `changeflow report ...` makes it on demand too."""
+        if self._after_setup is None:
+            return
+        self._after_setup_tried = time.monotonic()
+        try:
+            self._after_setup(self.sink, self.pipeline)
+        except Exception as exc:  # any failure: logged, retried after later batches
+            log.warning("sink=%s event=report_objects_pending error=%r", self.sink.name, str(exc)[:300])
+            return
+        self._after_setup = None
+        log.info("sink=%s event=report_objects_ready", self.sink.name)
+
     def run(self) -> None:
         for attempt in Retrying(retry=retry_if_exception_type(RetriableSinkError), wait=wait_exponential(max=10)):
             with attempt:
                 if self.stop.is_set():
                     return
                 self.sink.setup(self.book.latest)
+        self._run_after_setup()
         self.consumer.subscribe(canonical_topics(self.pipeline, self.sink.name))
         log.info("sink=%s event=started group=%s", self.sink.name, self.group)
         try:
@@ -292,6 +316,8 @@ class SinkRunner:
                     log.warning("sink=%s event=commit_failed error=%s", self.sink.name, exc)
                     metrics.count_error(self.sink.name, "commit")
                 self.applied += len(records)
+                if self._after_setup is not None and time.monotonic() - self._after_setup_tried > AFTER_SETUP_RETRY_S:
+                    self._run_after_setup()
                 log.debug(
                     "sink=%s event=batch size=%d ms=%.1f", self.sink.name, len(records),
                     (time.perf_counter() - started) * 1000,

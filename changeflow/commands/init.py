@@ -77,4 +77,5 @@ def postgres(
     left_out = len(catalog.without_primary_key())
     err.print(f"{escape(str(output or 'pipeline'))}: {len(loaded.entities)} entities"
               + (f", {left_out} table(s) without a primary key left out (listed at the end)" if left_out else "")
-              + ". Next: changeflow --pipeline FILE pipeline check; connectors apply; worker", highlight=False)
+              + f". Next: changeflow --pipeline {escape(str(output or 'FILE'))} pipeline check; connectors apply; "
+              "worker", highlight=False)

@@ -65,6 +65,7 @@ def check(
 
     from pipelines import catalog as catalog_mod
     from pipelines.check import check as check_pipeline
+    from pipelines.check import uncaptured
 
     pipeline = load_pipeline()
     catalog = None
@@ -73,7 +74,7 @@ def check(
         schemas = [*pg.schemas, *(e.source_schema for e in pipeline.entities.values() if e.source == "postgres")]
         target = catalog_dsn(pipeline, dsn)
         try:
-            catalog = catalog_mod.read_dsn(target, schemas)
+            catalog = catalog_mod.read_dsn(target, schemas, pipeline.publication)
         except psycopg.Error as exc:
             err.print(f"[bold red]error:[/] cannot read the catalog of {escape(pg.database)}: "
                       f"{escape(str(exc).strip())}\n(pass --dsn for a role that may connect, or --offline)",
@@ -83,6 +84,15 @@ def check(
     where = str(pipeline.path) if pipeline.path else pipeline.name
     for problem in problems:
         print(f"{where}: {problem}")
+    if catalog is not None:
+        left = uncaptured(pipeline, catalog)
+        if left:
+            # Not a problem (a pipeline may capture part of a database), but never a silence: changes to
+            # these tables do not reach Kafka at all, so no counter or dead letter would show them.
+            err.print(f"{len(left)} table(s) not captured by any entity (their changes are not read; add an "
+                      "entity to capture one):", highlight=False)
+            for table in left:
+                err.print(f"  not captured: {escape(table.qualified)}", highlight=False)
     if problems:
         err.print(f"{len(problems)} problem(s) in pipeline {pipeline.name}", highlight=False)
         raise typer.Exit(EXIT_PROBLEMS)

@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 
 from pipelines.types import ColumnType
-from schemas import EXACT_CONTEXT
+from schemas import EXACT_CONTEXT, float32_shortest
 
 Row = dict[str, Any]
 # Bookkeeping columns a store may return beside the row: never part of the content.
@@ -125,6 +125,13 @@ def _as_float(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def _as_float32(value: Any) -> float | None:
+    """A ``real`` as the same float32 from every side: the source's 21.35, ClickHouse's Float32 read back as
+    21.350000381469727 and the JSON stores' 21.35 are one value."""
+    number = _as_float(value)
+    return None if number is None else float32_shortest(number)
+
+
 def _as_bytes(value: Any) -> str:
     """base64, as the JSON stores hold bytes; the source and ClickHouse give the bytes themselves."""
     if isinstance(value, memoryview | bytearray):
@@ -160,7 +167,9 @@ def _normaliser(t: ColumnType | None) -> Callable[[Any], Any]:
         return _as_time
     if k in ("int16", "int32", "int64", "interval"):
         return int
-    if k in ("float32", "float64"):
+    if k == "float32":
+        return _as_float32
+    if k == "float64":
         return _as_float
     if k == "bool":
         return _as_bool
@@ -193,6 +202,17 @@ def comparable_row(row: Mapping[str, Any], types: Types) -> Row:
             continue
         out[name] = normalise_value(value, types.get(name))
     return out
+
+
+def fold_empty(row: Row, types: Types, kinds: frozenset[str]) -> Row:
+    """``row`` as a store that cannot tell NULL from empty for columns of ``kinds`` holds it: an empty value of
+    such a column is left out, as a null one is (ClickHouse arrays cannot be Nullable, so a NULL ``text[]`` is
+    ``[]`` there). Applied to both sides before they are compared for that store only: the others still
+    tell the two apart (README "Types")."""
+    if not kinds:
+        return row
+    return {name: value for name, value in row.items()
+            if not (value == [] and (t := types.get(name)) is not None and t.kind in kinds)}
 
 
 def debezium_typed(row: Mapping[str, Any]) -> Row:

@@ -7,37 +7,13 @@ from typing import TYPE_CHECKING
 from pipelines.spec import Pipeline
 from reports.reconcile.result import Run
 
+# The tables are the ClickHouse store's own (its setup creates them, so they can be queried from the first
+# minute); re-exported here for the reconcile package's callers.
+from sinks.clickhouse import reconciliation_diffs_ddl as diffs_ddl
+from sinks.clickhouse import reconciliation_runs_ddl as runs_ddl
+
 if TYPE_CHECKING:
     from changeflow.settings import Settings
-
-
-def _q(name: str) -> str:
-    from sinks.clickhouse import q
-
-    return q(name)
-
-
-def runs_ddl(database: str) -> str:
-    return (
-        f"CREATE TABLE IF NOT EXISTS {_q(database)}.reconciliation_runs (\n"
-        "  run_id String, run_at DateTime64(3, 'UTC'), mode LowCardinality(String),\n"
-        "  entity LowCardinality(String), store LowCardinality(String),\n"
-        "  source_count UInt64, store_count UInt64, missing UInt64, missing_in_store UInt64,\n"
-        "  missing_in_source UInt64, stale UInt64, mismatched UInt64, drift UInt64,\n"
-        "  buckets UInt32, differing_buckets UInt32, error Nullable(String), duration_ms UInt64,\n"
-        "  repair_of String\n"
-        ")\nENGINE = MergeTree\nORDER BY (entity, store, run_at)"
-    )
-
-
-def diffs_ddl(database: str) -> str:
-    return (
-        f"CREATE TABLE IF NOT EXISTS {_q(database)}.reconciliation_diffs (\n"
-        "  run_id String, run_at DateTime64(3, 'UTC'), entity LowCardinality(String),\n"
-        "  store LowCardinality(String), key String, kind LowCardinality(String), detail String,\n"
-        "  store_version Nullable(UInt64)\n"
-        ")\nENGINE = MergeTree\nORDER BY (run_id, entity, store, key)"
-    )
 
 
 def record_run(settings: Settings, pipeline: Pipeline, run: Run) -> None:

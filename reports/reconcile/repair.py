@@ -14,8 +14,9 @@ import psycopg
 from psycopg import sql
 
 from pipelines.spec import EntitySpec, Pipeline
+from reports.reconcile.normalise import fold_empty
 from reports.reconcile.result import Run
-from reports.reconcile.run import canonical_types, comparable, open_stores
+from reports.reconcile.run import canonical_types, comparable, null_is_empty, open_stores
 from reports.reconcile.source import Source
 from streams.keys import key_parts
 
@@ -171,9 +172,11 @@ def repair(
                 src = source.fetch(spec, keys)
                 for store_name in sorted({s for (e, s, _) in remaining if e == entity}):
                     held = comparable(stores[store_name], spec, source, keys)
+                    held_types, kinds = source.types(spec), null_is_empty(stores[store_name])
                     for key in keys:
                         pair = (entity, store_name, key)
-                        if pair in remaining and key in src and key in held and held[key][0] == src[key]:
+                        if (pair in remaining and key in src and key in held
+                                and held[key][0] == fold_empty(src[key], held_types, kinds)):
                             remaining.discard(pair)
                         elif pair in remaining and key not in src and key not in held:
                             remaining.discard(pair)  # deleted in the source meanwhile, and gone from the store

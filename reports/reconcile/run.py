@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from pipelines.spec import EntitySpec, Pipeline
 from pipelines.types import ColumnType
 from reports.reconcile.digest import KeyDiff, classify_content, diff_keys, sort_key
-from reports.reconcile.normalise import Row, comparable_row, row_digest
+from reports.reconcile.normalise import Row, comparable_row, fold_empty, row_digest
 from reports.reconcile.result import Diff, Run, StoreResult
 from reports.reconcile.source import Source
 from sinks.base import Store, create, names, registry
@@ -69,9 +69,25 @@ def open_stores(settings: Settings, pipeline: Pipeline, wanted: Any = None) -> d
     return {n: create(n, settings, pipeline) for n in (wanted if wanted is not None else names())}
 
 
+def null_is_empty(store: Any) -> frozenset[str]:
+    """The column kinds whose NULL ``store`` holds as the empty value (sinks.base.Store.null_is_empty)."""
+    return frozenset(getattr(store, "null_is_empty", ()))
+
+
 def comparable(store: Store, spec: EntitySpec, source: Source, keys: list[str]) -> Held:
-    types = source.types(spec)
-    return {k: (comparable_row(v.row, types), v.version) for k, v in store.fetch(spec, keys).items()}
+    types, kinds = source.types(spec), null_is_empty(store)
+    return {k: (fold_empty(comparable_row(v.row, types), types, kinds), v.version)
+            for k, v in store.fetch(spec, keys).items()}
+
+
+def _source_digests(rows: Any, types: Mapping[str, ColumnType], folds: set[frozenset[str]]
+                    ) -> dict[frozenset[str], dict[str, int]]:
+    """key → digest of each source row, once per way the stores fold NULL into empty (usually one)."""
+    out: dict[frozenset[str], dict[str, int]] = {fold: {} for fold in folds}
+    for key, row in rows:
+        for fold, digests in out.items():
+            digests[key] = row_digest(fold_empty(row, types, fold))
+    return out
 
 
 @dataclass
@@ -94,16 +110,20 @@ def _settle(spec: EntitySpec, source: Source, stores: Mapping[str, Store], pendi
 
 
 def _scan_digests(settings: Settings, pipeline: Pipeline, types: Mapping[str, Mapping[str, ColumnType]],
-                  keys: Mapping[str, tuple[str, ...]], side: str, entity: str) -> dict[str, int]:
-    """key → row digest of one side (in a worker process: it opens its own connections)."""
+                  keys: Mapping[str, tuple[str, ...]], side: str, entity: str,
+                  folds: set[frozenset[str]]) -> dict[frozenset[str], dict[str, int]]:
+    """fold → key → row digest of one side (in a worker process: it opens its own connections). The source
+    is digested once per fold its stores need; a store once, with its own."""
     spec = pipeline.entity(entity)
     source = Source(settings, pipeline, types, keys)
+    t = source.types(spec)
     if side == "source":
-        return {key: row_digest(row) for key, row in source.scan(spec)}
+        return _source_digests(source.scan(spec), t, folds)
     store = create(side, settings, pipeline)
     try:
-        t = source.types(spec)
-        return {key: row_digest(comparable_row(row, t)) for key, row, _ in store.scan(spec)}
+        kinds = null_is_empty(store)
+        return {kinds: {key: row_digest(fold_empty(comparable_row(row, t), t, kinds))
+                        for key, row, _ in store.scan(spec)}}
     finally:
         store.close()
 
@@ -124,12 +144,15 @@ def reconcile_entity(
     numeric = source.key_is_numeric(spec)
     mode = run_mode(sample, only_keys)
     mapped = {n: s for n, s in stores.items() if spec.stored_in(n)}
+    fold_of = {n: null_is_empty(s) for n, s in mapped.items()}
+    folds: set[frozenset[str]] = {*fold_of.values(), frozenset()}
+    types_now = source.types(spec)
     sides: dict[str, _Side] = {}
     errors: dict[str, str] = {}
     kd: dict[str, KeyDiff] = {}
     if sample or only_keys:
         keys = list(only_keys) if only_keys else source.sample_keys(spec, sample or 0)
-        src_digests = {k: row_digest(r) for k, r in source.fetch(spec, keys).items()}
+        src_digests = _source_digests(source.fetch(spec, keys).items(), types_now, folds)
         source_count = source.count(spec)
         for name, store in mapped.items():
             try:
@@ -144,18 +167,18 @@ def reconcile_entity(
         keys_of = {spec.name: source.key_columns(spec)}
         args = (source.settings, source.pipeline, types, keys_of)
         with ProcessPoolExecutor(max_workers=1 + len(mapped), mp_context=multiprocessing.get_context("fork")) as pool:
-            src_future = pool.submit(_scan_digests, *args, "source", spec.name)
-            futures = {name: pool.submit(_scan_digests, *args, name, spec.name) for name in mapped}
+            src_future = pool.submit(_scan_digests, *args, "source", spec.name, folds)
+            futures = {name: pool.submit(_scan_digests, *args, name, spec.name, folds) for name in mapped}
             src_digests = src_future.result()
             for name, future in futures.items():
                 try:
-                    digests = future.result()
+                    digests = future.result()[fold_of[name]]
                     sides[name] = _Side(digests, len(digests))
                 except Exception as exc:  # one unreachable store must not hide the others' drift
                     errors[name] = f"{type(exc).__name__}: {exc}"
-        source_count = len(src_digests)
+        source_count = len(src_digests[frozenset()])
     for name, side in sides.items():
-        kd[name] = diff_keys(src_digests, side.digests, numeric)
+        kd[name] = diff_keys(src_digests[fold_of[name]], side.digests, numeric)
 
     pending = {n: d.missing_in_store + d.missing_in_source + d.content_differs for n, d in kd.items()}
     pending = {n: ks for n, ks in pending.items() if ks}
@@ -168,10 +191,14 @@ def reconcile_entity(
         images = {k: {v: comparable_row(r, entity_types) for v, r in by_v.items()}
                   for k, by_v in changelog(spec, content_keys).items()}
     # Per key: versions of stores whose content equals the source right now (for "behind another store").
+    def source_as(name: str, key: str) -> Row:
+        """The source's row as store ``name`` can hold it (fold_empty)."""
+        return fold_empty(src_now[key], types_now, fold_of[name])
+
     current: dict[str, dict[str, int]] = {}
     for name, rows in stores_now.items():
         for key, (row, version) in rows.items():
-            if key in src_now and row == src_now[key] and version is not None:
+            if key in src_now and row == source_as(name, key) and version is not None:
                 current.setdefault(key, {})[name] = version
     # Stores that keep a version entry beside the value (a tombstone after a delete) say so.
     tombstones: dict[str, dict[str, int]] = {}
@@ -197,9 +224,10 @@ def reconcile_entity(
                 result.diffs.append(Diff(key, "missing", detail, tomb))
             elif not in_src and held is not None:
                 result.diffs.append(Diff(key, "extra", "in store, not in source", held[1]))
-            elif in_src and held is not None and held[0] != src_now[key]:
+            elif in_src and held is not None and held[0] != source_as(name, key):
                 others = [v for n, v in current.get(key, {}).items() if n != name]
-                kind, detail = classify_content(src_now[key], held[0], held[1], images.get(key, {}), others)
+                seen = {v: fold_empty(r, types_now, fold_of[name]) for v, r in images.get(key, {}).items()}
+                kind, detail = classify_content(source_as(name, key), held[0], held[1], seen, others)
                 result.diffs.append(Diff(key, kind, detail, held[1]))
         results.append(result)
     return results
