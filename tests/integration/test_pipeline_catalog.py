@@ -112,7 +112,7 @@ def test_init_check_and_prepare_on_a_new_pipeline(odd_schema: tuple[str, str, Se
     # prepare: exactly the pipeline's tables in its own publication, the grants, idempotent; then dropped.
     with psycopg.connect(settings.pg_dsn) as conn:
         done = prepare.apply(conn, pipeline)
-        assert done[-1] == f"publication {name}_pub: created for 4 table(s)"
+        assert done[-1] == f"publication {name}_pub: created for 4 table(s), publishing partitions through their root"
         assert prepare.apply(conn, pipeline)[-1] == f"publication {name}_pub: unchanged"
         published = conn.execute("SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s",
                                  (f"{name}_pub",)).fetchall()

@@ -87,7 +87,7 @@ def redis_rows(settings: Settings, spec: EntitySpec) -> dict[str, Any]:
 def search_rows(settings: Settings, spec: EntitySpec) -> dict[str, Any]:
     httpx.post(f"{settings.search_url}/{spec.search_index}/_refresh", timeout=30)
     response = httpx.get(f"{settings.search_url}/{spec.search_index}/_search", params={"size": 100}, timeout=30)
-    if response.status_code == 404:  # the index is made when the first record of the entity lands
+    if response.status_code != 200:  # the index is made (and its shard started) when the first record lands
         return {}
     return {hit["_source"]["id"]: hit["_source"] for hit in response.json()["hits"]["hits"]}
 
@@ -218,15 +218,15 @@ def test_partitioned_tables_null_arrays_reports_and_late_tables_on_a_real_databa
             # Into the DEFAULT partition, through the root.
             conn.execute("INSERT INTO payments VALUES (%s, %s, 10.00, 'captured', NULL, '2030-06-01 00:00+00')",
                          (PAY_LATE, ORDER_C))
-            # Moved between range partitions (Jan → Feb) and between list partitions (damaged → default).
-            conn.execute("UPDATE payments SET created_at = '2026-02-20 12:00+00', provider_ref = 'moved' "
+            # A partition created, another attached, while the worker runs; rows land in both.
+            conn.execute("CREATE TABLE payments_2026_03 PARTITION OF payments "
+                         "FOR VALUES FROM ('2026-03-01') TO ('2026-04-01')")
+            # Moved between range partitions (Jan → the new Mar) and between list partitions (damaged → default).
+            conn.execute("UPDATE payments SET created_at = '2026-03-20 12:00+00', provider_ref = 'moved' "
                          "WHERE id = %s", (PAY_JAN,))
             conn.execute("INSERT INTO refunds (id, payment_id, order_id, amount, reason) VALUES "
                          "(%s, %s, %s, 1.50, 'damaged')", (REFUND_2, PAY_FEB, ORDER_B))
             conn.execute("UPDATE refunds SET reason = 'late' WHERE id = %s", (REFUND_1,))
-            # A partition created, another attached, while the worker runs; rows land in both.
-            conn.execute("CREATE TABLE payments_2026_03 PARTITION OF payments "
-                         "FOR VALUES FROM ('2026-03-01') TO ('2026-04-01')")
             conn.execute("CREATE TABLE payments_2026_04 (LIKE payments INCLUDING ALL)")
             conn.execute("ALTER TABLE payments ATTACH PARTITION payments_2026_04 "
                          "FOR VALUES FROM ('2026-04-01') TO ('2026-05-01')")
@@ -250,10 +250,10 @@ def test_partitioned_tables_null_arrays_reports_and_late_tables_on_a_real_databa
                    timeout=90, what="payments in every store after moves, attach and delete")
         assert redis_rows(settings, payments)[jan] == {
             "id": jan, "order_id": a, "amount": "90.00", "status": "captured", "provider_ref": "moved",
-            "created_at": "2026-02-20T12:00:00+00:00"}
+            "created_at": "2026-03-20T12:00:00+00:00"}
         assert search_rows(settings, payments)[late]["created_at"] == "2030-06-01T00:00:00+00:00"
         ch = clickhouse_rows(settings, payments)
-        assert ch[jan]["created_at"] == datetime(2026, 2, 20, 12) and ch[jan]["amount"] == Decimal("90.00")
+        assert ch[jan]["created_at"] == datetime(2026, 3, 20, 12) and ch[jan]["amount"] == Decimal("90.00")
         assert ch[moved]["provider_ref"] == "mar"
         eventually(lambda: {i: r["reason"] for i, r in redis_rows(settings, refunds).items()}
                    == {str(REFUND_1): "late", str(REFUND_2): "damaged"}, timeout=60, what="refund moved")
@@ -282,14 +282,21 @@ def test_partitioned_tables_null_arrays_reports_and_late_tables_on_a_real_databa
         assert "2 table(s) not captured by any entity" in result.stderr
         assert "  not captured: public.late_table" in result.stderr
         assert "  not captured: public.payments_2026_02" in result.stderr
-        status = run(file, "status", "--json")
-        assert json.loads(status.stdout)["not_captured"] == ["public.late_table", "public.payments_2026_02"]
+        status = json.loads(run(file, "status", "--json", env={"CHANGEFLOW_WORKER_WEB_PORT": str(WEB_PORT)}).stdout)
+        assert status["not_captured"] == ["public.late_table", "public.payments_2026_02"]
+        assert status["worker"] and {s["name"]: s["healthy"] for s in status["sinks"]} == {
+            "redis": True, "search": True, "clickhouse": True}
+        # Asked at the commerce worker's port, status does not take that worker's sinks for this pipeline's.
+        elsewhere = json.loads(run(file, "status", "--json").stdout)
+        assert not elsewhere["worker"] and all(s["healthy"] is None for s in elsewhere["sinks"])
+        assert (f"the worker on port {settings.worker_web_port} runs another pipeline; set CHANGEFLOW_WORKER_WEB_PORT "
+                f"to the port of pipeline {name}'s worker") in elsewhere["errors"]
 
         # Nothing lost, and nothing a store cannot represent called drift.
         result = run(file, "reconcile", "--full", "--format", "json")
         report = json.loads(result.stdout)
-        assert result.returncode == 0, [(r["store"], r["entity"], r["diffs"][:3]) for r in report["results"]
-                                        if r["drift"] or r["error"]]
+        assert result.returncode == 0, json.dumps([(r["store"], r["entity"], r["diffs"][:3], r["error"])
+                                                   for r in report["results"] if r["drift"] or r["error"]])
         assert {(r["entity"], r["store"]) for r in report["results"]} == {
             (e, s) for e in own.entities for s in ("redis", "search", "clickhouse")}
         assert {r["entity"]: r["source_count"] for r in report["results"]} == {
