@@ -41,9 +41,45 @@ def _message(err: Any) -> str:
     return str(msg)
 
 
+# A pipeline file is a page of configuration: a larger one is refused before YAML reads it.
+MAX_FILE_BYTES = 1 << 20
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML as a pipeline file needs it, and nothing that can say one thing and mean another: a key given twice
+    in one mapping is an error naming both lines (PyYAML keeps the last in silence: a second ``fields:``
+    block dropped ``drop: [ssn]``), and aliases are refused (a 482-byte file of aliases expanded to a 42 MB
+    search mapping; a recursive anchor crashed sink setup)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"alias *{event.anchor} is not allowed in a pipeline file; write the value out",
+                event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: dict[Any, int] = {}
+        for key_node, _value in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key]}); a second one would replace "
+                                "the first in silence: merge them into one", key_node.start_mark)
+            if isinstance(key, str | int | float | bool):
+                seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def parse(text: str, path: Path | str = "<pipeline>") -> Pipeline:
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_FILE_BYTES:
+        raise PipelineError(path, "", f"{size:,} bytes, over the {MAX_FILE_BYTES:,}-byte limit of a pipeline "
+                                      "file; split it into one file per pipeline")
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: no arbitrary objects
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
