@@ -16,7 +16,8 @@ def refusal(text: str) -> str:
 
 
 def test_a_second_fields_block_is_an_error_naming_both_lines_not_a_silent_override() -> None:
-    text = HEAD + "  orders:\n    table: public.orders\n    fields: {drop: [ssn, card_number]}\n    fields: {hash: []}\n"
+    text = (HEAD + "  orders:\n    table: public.orders\n    fields: {drop: [ssn, card_number]}\n"
+            "    fields: {hash: []}\n")
     assert refusal(text) == ("shop.yml: line 9, column 5: not valid YAML: duplicate key 'fields' (first at line 8); "
                              "a second one would replace the first in silence: merge them into one")
 
