@@ -6,9 +6,9 @@
 
 What it does, all under one temporary directory that it removes afterwards (``--keep`` keeps it):
 
-1. copies ``tests/`` of the upstream repository out of a local git mirror (``--mirror``, default
-   ``$CLICKHOUSE_CONNECT_MIRROR`` or /work/.mirror/ClickHouse+clickhouse-connect/repo; ``--ref``, default
-   HEAD) -- only the tests: the upstream package source is never imported, nothing upstream is committed;
+1. copies ``tests/`` of the upstream repository out of a local git checkout or mirror of it (``--mirror``,
+   required unless ``$CLICKHOUSE_CONNECT_MIRROR`` names one; ``--ref``, default HEAD) -- only the tests: the
+   upstream package source is never imported, nothing upstream is committed;
 2. makes its own venv with the clickhouse-connect release our venv has (``--client-version``) and the
    suite's test dependencies, from the package index through pip;
 3. unless pointed at a running server, starts ``deploy.clickhouse_server`` on a free port with a fresh
@@ -40,7 +40,6 @@ from base64 import b64encode
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MIRROR = "/work/.mirror/ClickHouse+clickhouse-connect/repo"
 TEST_DEPS = [
     "pytest", "pytest-asyncio", "pytest-mock", "pytest-dotenv", "pytest-timeout", "numpy", "pandas", "pyarrow",
     "polars", "sqlalchemy>=2.0,<3.0", "alembic", "aiohttp", "pyjwt[crypto]", "lz4", "backports.zstd",
@@ -146,7 +145,9 @@ def summarise(junit: Path) -> tuple[collections.Counter[str], dict[str, list[str
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--mirror", default=os.environ.get("CLICKHOUSE_CONNECT_MIRROR", DEFAULT_MIRROR))
+    parser.add_argument("--mirror", default=os.environ.get("CLICKHOUSE_CONNECT_MIRROR"),
+                        help="a git checkout (or bare mirror) of clickhouse-connect; default "
+                             "$CLICKHOUSE_CONNECT_MIRROR")
     parser.add_argument("--ref", default="HEAD")
     parser.add_argument("--client-version", default=importlib.metadata.version("clickhouse-connect"))
     parser.add_argument("--stack", action="store_true", help="the stack's server (settings' port, its password file)")
@@ -158,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", type=Path, help="write the summary here too")
     parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     args = parser.parse_args(argv)
+    if not args.mirror:
+        raise SystemExit("name a git checkout of clickhouse-connect: --mirror PATH (or CLICKHOUSE_CONNECT_MIRROR)")
     if not Path(args.mirror).exists():
         raise SystemExit(f"no clickhouse-connect mirror at {args.mirror} (set --mirror or CLICKHOUSE_CONNECT_MIRROR)")
 

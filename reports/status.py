@@ -198,20 +198,21 @@ def connector_names(pipeline: Pipeline) -> set[str]:
             if getattr(pipeline.file.sources, source, None) is not None}
 
 
-def worker_sinks(settings: Settings, pipeline: Pipeline | None = None) -> dict[str, dict[str, Any]] | None:
-    """The sinks' states from the worker on ``worker_web_port``; None when none answers there, or when the
-    one that answers runs another pipeline (its sinks' groups are not this pipeline's): another pipeline's
-    healthy sinks are never shown as this one's."""
+def worker_sinks(settings: Settings) -> dict[str, dict[str, Any]] | None:
     try:
         response = httpx.get(f"http://127.0.0.1:{settings.worker_web_port}/changeflow/sinks/", timeout=3)
         response.raise_for_status()
         states: dict[str, dict[str, Any]] = response.json()
+        return states
     except (httpx.HTTPError, ValueError):
         return None
-    if pipeline is not None and states and not any(
-            isinstance(st, dict) and st.get("group") == pipeline.sink_group(name) for name, st in states.items()):
-        return None
-    return states
+
+
+def runs_pipeline(states: dict[str, dict[str, Any]], pipeline: Pipeline) -> bool:
+    """Whether the worker that answered runs ``pipeline``: its sinks' groups are this pipeline's. Another
+    pipeline's worker on the same port must never show its healthy sinks as this one's."""
+    return not states or any(isinstance(st, dict) and st.get("group") == pipeline.sink_group(name)
+                             for name, st in states.items())
 
 
 def fatal_stops(settings: Settings, pipeline: Pipeline) -> dict[str, FatalStop]:
@@ -271,13 +272,14 @@ def collect(settings: Settings, pipeline: Pipeline) -> Status:
         left = not_captured(settings, pipeline)
     except psycopg.Error as exc:
         left = []
-        errors.append(f"postgres: catalog of {pipeline.file.sources.postgres.database}: {exc}")  # type: ignore[union-attr]
+        errors.append(f"postgres: the catalog of the captured schemas: {exc}")
     for slot in slot_list:
         warning = slot_warning(slot, pipeline)
         if warning:
             errors.append(warning)
-    states = worker_sinks(settings, pipeline)
-    if states is None and worker_sinks(settings) is not None:
+    states = worker_sinks(settings)
+    if states is not None and not runs_pipeline(states, pipeline):
+        states = None
         errors.append(f"the worker on port {settings.worker_web_port} runs another pipeline; set "
                       "CHANGEFLOW_WORKER_WEB_PORT to the port of pipeline " + pipeline.name + "'s worker")
     # Unreachable stores show as no position (and as failing sinks once the worker says so).

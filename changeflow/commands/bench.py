@@ -160,9 +160,10 @@ def bench(
         err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(1) from None
     path = chart or Path(f"bench-{datetime.now(UTC):%Y%m%d-%H%M%S}.png")
-    result["chart"] = str(chart_mod.write(result, path).resolve())
+    # As the user named it (relative to where they ran it): recorded results never carry a machine's paths.
+    result["chart"] = str(chart_mod.write(result, path))
     if profile is not None:
-        result["profile_dir"] = str(profile.resolve())
+        result["profile_dir"] = str(profile)
     if format is Format.json:
         print(json.dumps(result, indent=2, default=str))
         return

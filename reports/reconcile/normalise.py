@@ -211,8 +211,11 @@ def fold_empty(row: Row, types: Types, kinds: frozenset[str]) -> Row:
     tell the two apart (README "Types")."""
     if not kinds:
         return row
-    return {name: value for name, value in row.items()
-            if not (value == [] and (t := types.get(name)) is not None and t.kind in kinds)}
+    empty = [name for name, value in row.items()
+             if value == [] and (t := types.get(name)) is not None and t.kind in kinds]
+    if not empty:
+        return row  # the same object: a caller may reuse what it computed from it
+    return {name: value for name, value in row.items() if name not in empty}
 
 
 def debezium_typed(row: Mapping[str, Any]) -> Row:

@@ -85,8 +85,10 @@ def _source_digests(rows: Any, types: Mapping[str, ColumnType], folds: set[froze
     """key → digest of each source row, once per way the stores fold NULL into empty (usually one)."""
     out: dict[frozenset[str], dict[str, int]] = {fold: {} for fold in folds}
     for key, row in rows:
+        digest = row_digest(row)
         for fold, digests in out.items():
-            digests[key] = row_digest(fold_empty(row, types, fold))
+            folded = fold_empty(row, types, fold)
+            digests[key] = digest if folded is row else row_digest(folded)
     return out
 
 
@@ -190,11 +192,11 @@ def reconcile_entity(
         entity_types = source.types(spec)
         images = {k: {v: comparable_row(r, entity_types) for v, r in by_v.items()}
                   for k, by_v in changelog(spec, content_keys).items()}
-    # Per key: versions of stores whose content equals the source right now (for "behind another store").
     def source_as(name: str, key: str) -> Row:
         """The source's row as store ``name`` can hold it (fold_empty)."""
         return fold_empty(src_now[key], types_now, fold_of[name])
 
+    # Per key: versions of stores whose content equals the source right now (for "behind another store").
     current: dict[str, dict[str, int]] = {}
     for name, rows in stores_now.items():
         for key, (row, version) in rows.items():

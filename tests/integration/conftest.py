@@ -7,6 +7,7 @@ keys (a unique SKU prefix per test) and clean up their rows.
 
 from __future__ import annotations
 
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -82,3 +83,14 @@ def eventually(check: Callable[[], T], timeout: float = 60.0, interval: float = 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or check.__name__}: last={last!r}")
         time.sleep(interval)
+
+
+def stop_process(process: subprocess.Popen[Any], timeout: float = 60.0) -> int:
+    """SIGTERM (the clean shutdown path), then SIGKILL after ``timeout``; the exit code."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    return process.wait()

@@ -34,7 +34,7 @@ from pipelines.load import load
 from pipelines.spec import Pipeline
 from schemas.topic import read_versions
 from sinks.clickhouse import client_for
-from tests.integration.conftest import eventually
+from tests.integration.conftest import eventually, stop_process
 
 pytestmark = pytest.mark.integration
 
@@ -188,13 +188,7 @@ def own_worker(own_database: tuple[str, str, str, Settings], tmp_path: Path
                               cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
 
     def stop() -> int:
-        if worker.poll() is None:
-            worker.terminate()
-            try:
-                worker.wait(60)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-        return worker.wait()
+        return stop_process(worker)
 
     try:
         eventually(lambda: worker.poll() is None and _answers(WEB_PORT), timeout=120, what="own worker up")
@@ -351,8 +345,4 @@ def test_own_database_reaches_every_store_exactly_and_reconciles(
         eventually(lambda: redis_row(settings, customers.redis_key(ODD_CODE)) is not None, timeout=60,
                    what="customers snapshotted again")
     finally:
-        worker.terminate()
-        try:
-            worker.wait(60)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        stop_process(worker)

@@ -34,7 +34,7 @@ from pipelines.load import load
 from pipelines.spec import Pipeline
 from sinks.clickhouse import ClickHouseStore, client_for
 from streams.records import ChangeRecord
-from tests.integration.conftest import eventually
+from tests.integration.conftest import eventually, stop_process
 
 pytestmark = pytest.mark.integration
 
@@ -162,12 +162,8 @@ def throwaway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Throwaway]:
         eventually(up, timeout=120, what="throwaway worker healthy")
         yield t
     finally:
-        if worker is not None and worker.poll() is None:
-            worker.terminate()
-            try:
-                worker.wait(60)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+        if worker is not None:
+            stop_process(worker)
         changeflow(file, "connectors", "delete", "--yes", timeout=120)
         client = KafkaConnectClient(settings.connect_url)
         try:

@@ -37,7 +37,7 @@ from changeflow.settings import Settings
 from pipelines.load import load
 from pipelines.spec import EntitySpec
 from sinks.clickhouse import client_for
-from tests.integration.conftest import eventually
+from tests.integration.conftest import eventually, stop_process
 from tests.integration.test_own_database import _answers, _drop_everything
 
 pytestmark = pytest.mark.integration
@@ -302,10 +302,5 @@ def test_partitioned_tables_null_arrays_reports_and_late_tables_on_a_real_databa
         assert {r["entity"]: r["source_count"] for r in report["results"]} == {
             "orders": 4, "payments": 4, "refunds": 2}
     finally:
-        if worker.poll() is None:
-            worker.terminate()
-            try:
-                worker.wait(60)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+        stop_process(worker)
         log.close()
