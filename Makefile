@@ -2,7 +2,7 @@
 .PHONY: demo test unit lint bootstrap down
 
 bootstrap:
-	@bash deploy/bootstrap.sh
+	@bash changeflow/deploy/bootstrap.sh
 
 ## Everything end to end: native stack, connector, worker, demo workload, zero-drift report.
 demo: bootstrap
@@ -17,7 +17,7 @@ unit: bootstrap
 	.venv/bin/python -m pytest -p no:cacheprovider -q tests/unit
 
 lint: bootstrap
-	.venv/bin/ruff check . && .venv/bin/mypy changeflow connectors streams sinks schemas reports deploy && .venv/bin/lint-imports
+	.venv/bin/ruff check . && .venv/bin/mypy changeflow && .venv/bin/lint-imports
 
 down:
 	.venv/bin/changeflow stack down

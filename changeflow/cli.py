@@ -118,7 +118,7 @@ fail = args.fail
 
 def _services(names: list[str] | None, worker: bool) -> list[str] | None:
     """Service names as given, every one known (exit 2 otherwise)."""
-    from deploy import stack
+    from changeflow.deploy import stack
 
     known = [s.name for s in stack.all_services(settings())] + (["worker"] if worker else [])
     for name in names or []:
@@ -131,8 +131,8 @@ def _services(names: list[str] | None, worker: bool) -> list[str] | None:
 @stack_app.command("up")
 def stack_up(services: Annotated[list[str] | None, typer.Argument(help="Only these services.")] = None) -> None:
     """Install (first time) and start every service, waiting for each to be healthy."""
-    from deploy import stack
-    from deploy.service import ServiceError
+    from changeflow.deploy import stack
+    from changeflow.deploy.service import ServiceError
 
     s = settings()
     _services(services, worker=False)
@@ -146,8 +146,8 @@ def stack_up(services: Annotated[list[str] | None, typer.Argument(help="Only the
 @stack_app.command("down")
 def stack_down(services: Annotated[list[str] | None, typer.Argument(help="Only these services.")] = None) -> None:
     """Stop what `stack up` (and the demo's worker) started; data stays under the state directory."""
-    from deploy import stack
-    from deploy.worker import WorkerService
+    from changeflow.deploy import stack
+    from changeflow.deploy.worker import WorkerService
 
     s = settings()
     _services(services, worker=True)
@@ -169,7 +169,7 @@ def stack_status(as_json: Annotated[bool, typer.Option("--json", help="Machine-r
     """Each service's URL, pid and health, and the worker answering on the web port (whoever started it)."""
     s = settings()
     if as_json:
-        from deploy import stack
+        from changeflow.deploy import stack
 
         print(json.dumps(stack.status_dicts(s), indent=2))
         return
@@ -177,7 +177,7 @@ def stack_status(as_json: Annotated[bool, typer.Option("--json", help="Machine-r
 
 
 def _print_status(s: Settings) -> None:
-    from deploy import stack
+    from changeflow.deploy import stack
 
     table = Table(title=f"changeflow stack ({s.state})")
     for col in ("service", "url", "health", "pid", "log"):
@@ -210,7 +210,7 @@ def worker(
     from confluent_kafka import KafkaException
 
     from changeflow import worker as worker_mod
-    from reports import objects as report_objects
+    from changeflow.reports import objects as report_objects
 
     chosen = args.store_list(sinks) if sinks is not None else None
     s, p = settings(), pipeline()
@@ -231,7 +231,7 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
     sink that stopped the worker (its error and the batch it stopped on) or is crash-looping.
 
     Exit code 0 when everything is healthy, else 1."""
-    from reports.status import collect
+    from changeflow.reports.status import collect
 
     st = collect(settings(), pipeline())
     if as_json:
@@ -281,7 +281,7 @@ def report_drift(
     """Per entity: rows in PostgreSQL against ClickHouse (FINAL), Redis and the search index.
 
     Exit code 0 without drift, 1 when an entity drifts (or a store cannot answer), 2 for usage errors."""
-    from reports.drift import drift
+    from changeflow.reports.drift import drift
 
     p = pipeline()
     rows = drift(settings(), p, args.entities(p, entity))
@@ -291,22 +291,12 @@ def report_drift(
 
 
 def _print_drift(rows: list[Any], format: Format) -> None:
-    from reports.drift import NOT_MAPPED
+    from changeflow.reports.drift import drift_table
+
     if format is Format.json:
         print(json.dumps([r.as_dict() for r in rows], indent=2))
         return
-    table = Table(title="drift: source rows vs derived stores")
-    for col in ("entity", "postgres", "clickhouse", "redis", "search", "drift"):
-        table.add_column(col, justify="right" if col != "entity" else "left")
-
-    def cell(v: int | None) -> str:
-        return "unreachable" if v is None else ("n/a" if v == NOT_MAPPED else str(v))
-
-    for r in rows:
-        d = r.drift
-        table.add_row(r.entity, cell(r.source), cell(r.clickhouse), cell(r.redis), cell(r.search),
-                      "[red]?[/]" if d is None else (f"[green]{d}[/]" if d == 0 else f"[red]{d}[/]"))
-    console.print(table)
+    console.print(drift_table(rows))  # one column per store the pipeline uses
 
 
 # --- demo -------------------------------------------------------------------------------------------
@@ -320,12 +310,12 @@ def demo(
     four planted finance exceptions), the stores catching up, then drift, the finance report and reconcile."""
     from changeflow.commands.finance import _print_tables as print_finance
     from changeflow.commands.reconcile import _print_run as print_reconcile
-    from deploy.service import ServiceError
-    from deploy.worker import WorkerService
-    from deploy.workload import run_orders, run_products
-    from reports.drift import drift
-    from reports.finance import GRACE_SECONDS, finance
-    from reports.reconcile import reconcile as run_reconcile
+    from changeflow.deploy.service import ServiceError
+    from changeflow.deploy.worker import WorkerService
+    from changeflow.deploy.workload import run_orders, run_products
+    from changeflow.reports.drift import drift
+    from changeflow.reports.finance import GRACE_SECONDS, finance
+    from changeflow.reports.reconcile import reconcile as run_reconcile
 
     s = settings()
     stack_up(None)

@@ -9,9 +9,9 @@ from __future__ import annotations
 from functools import cache
 from pathlib import Path
 
+from changeflow.pipelines.load import load
+from changeflow.pipelines.spec import Pipeline
 from changeflow.settings import Settings
-from pipelines.load import load
-from pipelines.spec import Pipeline
 
 _pipeline_path: Path | None = None
 

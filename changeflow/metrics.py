@@ -72,8 +72,8 @@ from prometheus_client import (
 from prometheus_client.metrics_core import Metric
 
 if TYPE_CHECKING:
-    from pipelines.spec import Pipeline
-    from streams.records import ChangeRecord, Decoded
+    from changeflow.pipelines.spec import Pipeline
+    from changeflow.streams.records import ChangeRecord
 
 # No `*_created` series: nothing reads them, and they would double the series per label set. (A process-
 # wide switch of prometheus_client; the worker has no other registry.)
@@ -286,16 +286,10 @@ def observe_written(
         SINK_APPLIED_AT.labels(sink=sink, entity=entity).set(now)
 
 
-def decode_outcome(result: Decoded) -> str:
-    from streams.records import ChangeRecord, DeadLetter
-
-    if isinstance(result, ChangeRecord):
-        return "record"
-    return "dead_letter" if isinstance(result, DeadLetter) else "skip"
-
-
-def observe_decode(topic: str, result: Decoded) -> None:
-    count_decoded({(topic, decode_outcome(result)): 1})
+def observe_decode(topic: str, outcome: str) -> None:
+    """One decoded message: ``outcome`` is ``changeflow.streams.records.outcome`` of it (metrics, at the
+    bottom of the layers, knows no record types)."""
+    count_decoded({(topic, outcome): 1})
 
 
 def count_unmapped(table: str) -> None:

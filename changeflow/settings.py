@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     pg_superuser: str = "postgres"
     # Debezium's replication role; its password is passed to Kafka Connect through the
     # environment (EnvVarConfigProvider), never written into a committed file. Unset: the native stack
-    # generates one under <state_dir>/secrets/ (deploy/secrets.py).
+    # generates one under <state_dir>/secrets/ (changeflow/deploy/secrets.py).
     pg_replication_user: str = "debezium"
     pg_replication_password: SecretStr | None = None
 
@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     clickhouse_port: int = 8123
     clickhouse_user: str = "default"
     # Unset (or empty): read from <state_dir>/secrets/clickhouse_password, which the native stack's
-    # ClickHouse service generates before its first start (deploy/secrets.py: clickhouse_password).
+    # ClickHouse service generates before its first start (changeflow/deploy/secrets.py: clickhouse_password).
     clickhouse_password: SecretStr = SecretStr("")
 
     @field_validator("state_dir")

@@ -26,12 +26,13 @@ from typing import Any
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from changeflow import metrics
+from changeflow.pipelines.spec import Pipeline
+from changeflow.schemas.book import seed_versions
 from changeflow.settings import Settings
-from pipelines.spec import Pipeline
-from sinks import base as sink_base
-from sinks.process import EXIT_CRASH_LOOP, EXIT_SINK_FATAL, SinkProcesses, default_jobs
-from sinks.runner import AfterSetup
-from streams.app import CANONICAL_PARTITIONS, create_app, price_changed_topic_name, seed_versions
+from changeflow.sinks import base as sink_base
+from changeflow.sinks.process import EXIT_CRASH_LOOP, EXIT_SINK_FATAL, SinkProcesses, default_jobs
+from changeflow.sinks.runner import AfterSetup
+from changeflow.streams.app import CANONICAL_PARTITIONS, create_app, price_changed_topic_name
 
 log = logging.getLogger("changeflow.worker")
 
@@ -93,7 +94,7 @@ def run(settings: Settings, pipeline: Pipeline, sink_names: list[str] | None = N
     ensure_topics(settings, pipeline)
     seed_versions(settings, pipeline)  # before the sinks start: their setup creates every entity's table
     metrics.use_pipeline(pipeline)
-    names = sink_names if sink_names is not None else list(sink_base.registry())
+    names = sink_names if sink_names is not None else sink_base.used_by(pipeline)
     # Until Faust installs its own handlers (when its worker has started), a stop request (a sink's fatal
     # error, a supervisor's SIGTERM) is only noted, then honoured as soon as Faust runs: never the default
     # action, which would end the process without stopping the sinks or saying why.

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from changeflow import context
-from pipelines.spec import Pipeline
+from changeflow.pipelines.spec import Pipeline
 
 EXIT_USAGE = 2
 err = Console(stderr=True, soft_wrap=True)
@@ -37,7 +37,7 @@ def usage(message: str) -> NoReturn:
 
 def pipeline() -> Pipeline:
     """The pipeline of this invocation; a file that does not load ends the command with its one-line error."""
-    from pipelines.load import PipelineError
+    from changeflow.pipelines.load import PipelineError
 
     try:
         return context.pipeline()
@@ -46,7 +46,7 @@ def pipeline() -> Pipeline:
 
 
 def registered_stores() -> list[str]:
-    from sinks.base import names
+    from changeflow.sinks.base import names
 
     return names()
 

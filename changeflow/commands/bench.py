@@ -124,14 +124,14 @@ def bench(
     = None,
 ) -> None:
     """Backlog throughput, freshness and snapshot speed, beside a naive consumer and the bare-loop ceiling."""
-    from bench import chart as chart_mod
-    from bench import run as run_mod
-    from bench.common import BenchSettings
-    from bench.pipeline import BenchWorkerError
+    from changeflow.bench import chart as chart_mod
+    from changeflow.bench import run as run_mod
+    from changeflow.bench.common import BenchSettings
+    from changeflow.bench.pipeline import BenchWorkerError
 
     settings = context.settings()
     if clean_up:
-        from bench.cleanup import cleanup
+        from changeflow.bench.cleanup import cleanup
 
         print(json.dumps(cleanup(BenchSettings(**settings.model_dump()), clean_up), indent=2))
         return

@@ -16,7 +16,7 @@ from rich.table import Table
 from changeflow import context
 from changeflow.commands import args
 from changeflow.commands.pipeline import catalog_dsn, load_pipeline
-from pipelines.spec import Pipeline
+from changeflow.pipelines.spec import Pipeline
 
 app = typer.Typer(help="Debezium connectors through the Kafka Connect REST API.", no_args_is_help=True)
 # Piped output (CI logs, tests) must not be cut at 80 columns.
@@ -66,7 +66,7 @@ def run_prepare(pipeline: Pipeline, dsn: str | None, *, required: bool) -> bool:
     """Run `prepare` on a connection that may; when it may not, say what to give a DBA. True when done."""
     import psycopg
 
-    from connectors import prepare
+    from changeflow.connectors import prepare
 
     try:
         with psycopg.connect(catalog_dsn(pipeline, dsn), connect_timeout=10) as conn:
@@ -103,14 +103,14 @@ def apply(
 
     Exit codes: 0 every connector RUNNING; 1 Connect rejected a definition, a task failed or Connect is
     unreachable; 2 usage (a file that is missing, unreadable or not a connector definition)."""
-    from connectors.client import (
+    from changeflow.connectors.client import (
         ConnectorConfigError,
         ConnectorDefinition,
         ConnectorFailedError,
         ConnectUnavailableError,
         KafkaConnectClient,
     )
-    from connectors.render import RenderError, render
+    from changeflow.connectors.render import RenderError, render
 
     s = context.settings()
     if files:
@@ -145,7 +145,7 @@ def apply(
 @app.command("status")
 def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """State of every registered connector and its tasks."""
-    from connectors.client import ConnectUnavailableError, KafkaConnectClient
+    from changeflow.connectors.client import ConnectUnavailableError, KafkaConnectClient
 
     s = context.settings()
     client = KafkaConnectClient(s.connect_url)
@@ -170,7 +170,7 @@ def render_(source: SourceOption = None) -> None:
     """Print the pipeline's connector definitions as Kafka Connect JSON. One connector is one object, so
     `changeflow connectors render | curl -X POST -H 'Content-Type: application/json' --data @-
     http://127.0.0.1:8083/connectors` registers it; several are printed as a JSON array."""
-    from connectors.render import RenderError, as_json, render
+    from changeflow.connectors.render import RenderError, as_json, render
 
     pipeline = load_pipeline()
     try:
@@ -191,7 +191,7 @@ def prepare_(
 ) -> None:
     """Publication for exactly the pipeline's tables, signal and heartbeat tables, grants to the replication
     role: run now (a connection that may), or printed as SQL for a DBA."""
-    from connectors import prepare
+    from changeflow.connectors import prepare
 
     pipeline = load_pipeline()
     if print_only:
@@ -216,9 +216,9 @@ def delete(
     (refused while a worker of the pipeline runs)."""
     import psycopg
 
-    from connectors import prepare
-    from connectors.client import ConnectUnavailableError, KafkaConnectClient
-    from connectors.render import render
+    from changeflow.connectors import prepare
+    from changeflow.connectors.client import ConnectUnavailableError, KafkaConnectClient
+    from changeflow.connectors.render import render
 
     pipeline = load_pipeline()
     definitions = render(pipeline, context.settings())
@@ -228,7 +228,7 @@ def delete(
                       *([f"slot {pipeline.slot}", f"publication {pipeline.publication}"] if has_pg else [])])
     if purge:
         from changeflow.commands.sinks import active_groups
-        from sinks.base import names as store_names
+        from changeflow.sinks.base import names as store_names
 
         groups = [pipeline.decode_group, *(pipeline.sink_group(n) for n in store_names())]
         busy = active_groups(groups)
@@ -267,8 +267,8 @@ def delete(
 
 def pipeline_topics(pipeline: Pipeline) -> list[str]:
     """Every topic the pipeline's connectors and worker write (raw, canonical, DLQ, schemas, derived events)."""
-    from pipelines.spec import split_table, topic_part
-    from streams.app import price_changed_topic_name
+    from changeflow.pipelines.spec import split_table, topic_part
+    from changeflow.streams.app import price_changed_topic_name
 
     topics = {*pipeline.raw_topics(), *pipeline.canonical_topics(), pipeline.dlq_topic, pipeline.schema_topic,
               price_changed_topic_name(pipeline), pipeline.notifications_topic}
@@ -296,7 +296,7 @@ def _purge_derived(pipeline: Pipeline) -> None:
     """Each registered store's objects of the pipeline, then its topics and consumer groups."""
     from confluent_kafka.admin import AdminClient
 
-    from sinks.base import create, names
+    from changeflow.sinks.base import create, names
 
     failures: list[str] = []
     for name in names():

@@ -38,7 +38,7 @@ def _size(data: bytes | None) -> str:
 
 
 def _check_store(store: str | None) -> None:
-    from sinks import base
+    from changeflow.sinks import base
 
     if store is not None and store not in base.names():
         raise _fail(f"unknown store {store!r}; known: {', '.join(sorted(base.names()))}", code=2)
@@ -59,7 +59,7 @@ def list_(
     ``--store S`` only the records store S refused (quarantined for it)."""
     from confluent_kafka import KafkaException
 
-    from streams.dlq import for_store, iso_ms, masked, read_dead_letters, read_replays
+    from changeflow.streams.dlq import for_store, iso_ms, masked, read_dead_letters, read_replays
 
     _check_store(store)
     settings, pipeline = context.settings(), context.pipeline()
@@ -118,9 +118,9 @@ def replay_(
     replay is recorded, so running it again skips what is done."""
     from confluent_kafka import KafkaException
 
-    from sinks.base import FatalSinkError, RetriableSinkError
-    from sinks.runner import replay_into_store
-    from streams.dlq import (
+    from changeflow.sinks.base import FatalSinkError, RetriableSinkError
+    from changeflow.sinks.runner import replay_into_store
+    from changeflow.streams.dlq import (
         UnknownDeadLetterError,
         for_store,
         iso_ms,

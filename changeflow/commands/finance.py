@@ -16,7 +16,7 @@ from rich.table import Table
 from changeflow.settings import Settings
 
 if TYPE_CHECKING:
-    from reports.finance import FinanceReport
+    from changeflow.reports.finance import FinanceReport
 
 # Piped output (CI logs, tests) must not be cut at 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -53,7 +53,7 @@ def report_finance(
     """
     from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 
-    from reports.finance import finance, to_csv, to_json
+    from changeflow.reports.finance import finance, to_csv, to_json
 
     if start and end and start > end:
         raise _fail(f"--from {start.date()} is after --to {end.date()}")
@@ -85,7 +85,7 @@ def _money(value: Decimal | None) -> str:
 
 
 def _print_tables(report: FinanceReport) -> None:
-    from reports.finance import GRACE_SECONDS
+    from changeflow.reports.finance import GRACE_SECONDS
 
     daily = Table(title="finance per UTC day")
     for col in ("day", "orders", "orders amount", "captured", "captured amount", "refunds", "refunded", "net"):

@@ -45,10 +45,10 @@ def postgres(
     import psycopg
     from psycopg.conninfo import conninfo_to_dict
 
-    from pipelines.catalog import read_dsn
-    from pipelines.init import identifier, source_block, starter
-    from pipelines.load import PipelineError, parse
-    from pipelines.model import IDENTIFIER
+    from changeflow.pipelines.catalog import read_dsn
+    from changeflow.pipelines.init import identifier, source_block, starter
+    from changeflow.pipelines.load import PipelineError, parse
+    from changeflow.pipelines.model import IDENTIFIER
 
     schemas = schema or ["public"]
     try:

@@ -11,8 +11,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from changeflow import context
-from pipelines.load import PipelineError
-from pipelines.spec import Pipeline
+from changeflow.pipelines.load import PipelineError
+from changeflow.pipelines.spec import Pipeline
 
 app = typer.Typer(help="The pipeline file: its JSON Schema, and a check against the live source.",
                   no_args_is_help=True)
@@ -47,7 +47,7 @@ def catalog_dsn(pipeline: Pipeline, dsn: str | None = None) -> str:
 @app.command("schema")
 def schema() -> None:
     """Print the pipeline file's JSON Schema (point your editor's YAML support at it)."""
-    from pipelines.model import PipelineFile
+    from changeflow.pipelines.model import PipelineFile
 
     print(json.dumps(PipelineFile.model_json_schema(), indent=2))
 
@@ -63,9 +63,9 @@ def check(
     Exit code 0: ready to apply; 1: problems found (one line each); 2: the file does not load."""
     import psycopg
 
-    from pipelines import catalog as catalog_mod
-    from pipelines.check import check as check_pipeline
-    from pipelines.check import uncaptured
+    from changeflow.pipelines import catalog as catalog_mod
+    from changeflow.pipelines.check import check as check_pipeline
+    from changeflow.pipelines.check import uncaptured
 
     pipeline = load_pipeline()
     catalog = None

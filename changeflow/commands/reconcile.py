@@ -14,8 +14,8 @@ from rich.table import Table
 
 from changeflow import context
 from changeflow.commands import args
+from changeflow.pipelines.spec import Pipeline
 from changeflow.settings import Settings
-from pipelines.spec import Pipeline
 
 console = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, soft_wrap=True)
@@ -46,8 +46,8 @@ def reconcile(
 
     Exit codes: 0 no store drifts by more than --max-drift (after --repair: once repaired); 1 one does; 2 usage
     (an unknown entity or store, an entity none of the given stores holds)."""
-    from reports.reconcile import reconcile as run_reconcile
-    from reports.reconcile import repair
+    from changeflow.reports.reconcile import reconcile as run_reconcile
+    from changeflow.reports.reconcile import repair
 
     if sum((sample is not None, full, bool(key))) > 1:
         args.usage("--sample, --full and --key exclude each other")
@@ -88,7 +88,7 @@ def reconcile(
 
 def _record(settings: Settings, pipeline: Pipeline, run: Any) -> None:
     """History is kept in ClickHouse; when it is down the run is still reported (and ClickHouse drift shows)."""
-    from reports.reconcile import record_run
+    from changeflow.reports.reconcile import record_run
 
     try:
         record_run(settings, pipeline, run)

@@ -43,8 +43,8 @@ def reset(
     Exit codes: 0 reset; 1 a worker still consumes (nothing reset) or Kafka failed; 2 usage."""
     from confluent_kafka import KafkaException
 
-    from deploy.worker import WorkerService
-    from sinks.offsets import GroupActiveError, reset_to_earliest
+    from changeflow.deploy.worker import WorkerService
+    from changeflow.sinks.offsets import GroupActiveError, reset_to_earliest
 
     args.store(sink, "sink", allow_all=True)
     if not to_earliest:

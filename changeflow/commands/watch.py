@@ -36,8 +36,8 @@ from rich.text import Text
 from changeflow.metrics import stores
 
 if TYPE_CHECKING:
+    from changeflow.pipelines.spec import Pipeline
     from changeflow.settings import Settings
-    from pipelines.spec import Pipeline
 
 Labels = tuple[tuple[str, str], ...]
 QUANTILES = (0.5, 0.95, 0.99)
@@ -296,7 +296,7 @@ def scrape(client: httpx.Client, url: str) -> Scrape:
 
 
 def newest_changes(client: Any, database: str, limit: int) -> list[Change]:
-    from sinks.clickhouse import q
+    from changeflow.sinks.clickhouse import q
 
     rows = client.query(
         "SELECT entity, key, op, version, ts_ms, toUnixTimestamp64Milli(ingested_at) AS at_ms "
@@ -327,7 +327,7 @@ class Watcher:
             return [], None
         try:
             if self._ch is None:
-                from sinks.clickhouse import client_for
+                from changeflow.sinks.clickhouse import client_for
 
                 self._ch = client_for(self.settings)
             return newest_changes(self._ch, self.pipeline.clickhouse_database, self.limit), None
@@ -373,9 +373,9 @@ def watch(
 ) -> None:
     """Live view: events/s, freshness and the newest changes per entity and sink."""
     from changeflow import context
-    from sinks import base as sink_base
+    from changeflow.sinks import base as sink_base
 
-    watcher = Watcher(context.settings(), context.pipeline(), changes, sink_base.names(), url)
+    watcher = Watcher(context.settings(), context.pipeline(), changes, sink_base.used_by(context.pipeline()), url)
     console = Console(width=None if sys.stdout.isatty() else 200)
     try:
         if once:

@@ -15,12 +15,12 @@ from typing import Any, TypeVar
 
 import pytest
 
+from changeflow.connectors.client import ConnectorDefinition, KafkaConnectClient, default_files
+from changeflow.deploy import stack
+from changeflow.deploy.worker import WorkerService
+from changeflow.pipelines.load import load
+from changeflow.pipelines.spec import Pipeline
 from changeflow.settings import Settings
-from connectors.client import ConnectorDefinition, KafkaConnectClient, default_files
-from deploy import stack
-from deploy.worker import WorkerService
-from pipelines.load import load
-from pipelines.spec import Pipeline
 
 T = TypeVar("T")
 

@@ -15,7 +15,7 @@ import psycopg
 from confluent_kafka.admin import AdminClient
 
 from changeflow.settings import Settings
-from sinks.clickhouse import client_for
+from changeflow.sinks.clickhouse import client_for
 
 CHANGES = 3000
 SNAPSHOT_ROWS = 2000

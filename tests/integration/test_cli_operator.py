@@ -24,13 +24,13 @@ import httpx
 import pytest
 from confluent_kafka import Producer
 
-from bench.common import delete_groups_with_prefix, delete_topics_with_prefix, free_port
-from bench.envelopes import backlog
+from changeflow.bench.common import delete_groups_with_prefix, delete_topics_with_prefix, free_port
+from changeflow.bench.envelopes import backlog
+from changeflow.pipelines.load import load
+from changeflow.pipelines.spec import Pipeline
 from changeflow.settings import Settings
-from pipelines.load import load
-from pipelines.spec import Pipeline
-from sinks.clickhouse import client_for
-from sinks.process import EXIT_CRASH_LOOP, EXIT_SINK_FATAL, committed_offsets, fatal_file
+from changeflow.sinks.clickhouse import client_for
+from changeflow.sinks.process import EXIT_CRASH_LOOP, EXIT_SINK_FATAL, committed_offsets, fatal_file
 from tests.integration.conftest import eventually
 
 pytestmark = pytest.mark.integration

@@ -67,11 +67,11 @@ def test_5000_uuid_keys_bound_in_a_multipart_body(server: ServerProcess) -> None
 
 def test_fetch_current_of_the_clickhouse_store_with_5000_keys(server: ServerProcess) -> None:
     """The sink's fill path (TOAST partials) asks the store for a whole batch of keys at once."""
+    from changeflow.pipelines.load import load
+    from changeflow.pipelines.spec import build
+    from changeflow.pipelines.types import ColumnType
     from changeflow.settings import Settings
-    from pipelines.load import load
-    from pipelines.spec import build
-    from pipelines.types import ColumnType
-    from sinks.clickhouse import ClickHouseStore
+    from changeflow.sinks.clickhouse import ClickHouseStore
 
     commerce = load()
     pipeline = build(commerce.file.model_copy(update={"namespace": f"front_{uuid.uuid4().hex[:8]}"}), commerce.path)

@@ -77,7 +77,7 @@ class ServerProcess:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "CLICKHOUSE_PASSWORD": self.password}
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "deploy.clickhouse_server", "--host", "127.0.0.1",
+                [sys.executable, "-m", "changeflow.deploy.clickhouse_server", "--host", "127.0.0.1",
                  "--port", str(self.port), "--data-dir", str(self.data_dir), *self.extra_args],
                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )  # fmt: skip
@@ -356,7 +356,7 @@ def test_statement_analysis(
     sql: bytes, kind: str, output_format: str | None, insert_format: str | None, data: bytes | None
 ) -> None:
     """The server's small lexer must not be fooled by strings, comments, or binary INSERT data."""
-    from deploy.clickhouse_server import analyze
+    from changeflow.deploy.clickhouse_server import analyze
 
     stmt = analyze(sql)
     assert (stmt.kind, stmt.output_format, stmt.insert_format) == (kind, output_format, insert_format)

@@ -27,8 +27,8 @@ pytest.importorskip("chdb")
 clickhouse_connect = pytest.importorskip("clickhouse_connect")
 from clickhouse_connect.driver.exceptions import DatabaseError  # noqa: E402
 
+from changeflow.deploy import secrets  # noqa: E402
 from changeflow.settings import Settings  # noqa: E402
-from deploy import secrets  # noqa: E402
 from tests.integration.test_clickhouse_http import ServerProcess  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -413,7 +413,7 @@ def test_password_is_generated_once_private_and_read_by_settings(
 
 
 def test_live_stack_clickhouse_requires_the_generated_password(live_stack: Settings) -> None:
-    from sinks.clickhouse import client_for
+    from changeflow.sinks.clickhouse import client_for
 
     client = client_for(Settings())  # a fresh settings object finds the password on its own
     assert client.command("SELECT 1") == 1

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from changeflow.connectors.client import ConnectorConfigError, ConnectorDefinition, KafkaConnectClient, default_files
 from changeflow.settings import Settings
-from connectors.client import ConnectorConfigError, ConnectorDefinition, KafkaConnectClient, default_files
 
 pytestmark = pytest.mark.integration
 

@@ -15,20 +15,20 @@ import psycopg
 import pytest
 import redis
 
+from changeflow.deploy.clickhouse import ClickHouseService
+from changeflow.deploy.redis import RedisService
+from changeflow.deploy.search_engine import SearchEngineService
+from changeflow.deploy.service import Service
+from changeflow.deploy.worker import WorkerService
+from changeflow.pipelines.spec import Pipeline
+from changeflow.reports.drift import drift
+from changeflow.reports.status import collect
+from changeflow.schemas import SchemaVersion
+from changeflow.schemas.book import schema_book
 from changeflow.settings import Settings
-from deploy.clickhouse import ClickHouseService
-from deploy.redis import RedisService
-from deploy.search_engine import SearchEngineService
-from deploy.service import Service
-from deploy.worker import WorkerService
-from pipelines.spec import Pipeline
-from reports.drift import drift
-from reports.status import collect
-from schemas import SchemaVersion
-from sinks.clickhouse import ClickHouseStore, client_for
-from sinks.search import SearchStore
-from streams.app import schema_book
-from streams.records import ChangeRecord
+from changeflow.sinks.clickhouse import ClickHouseStore, client_for
+from changeflow.sinks.search import SearchStore
+from changeflow.streams.records import ChangeRecord
 from tests.integration.conftest import eventually
 
 pytestmark = pytest.mark.integration

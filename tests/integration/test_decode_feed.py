@@ -14,7 +14,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from changeflow.settings import Settings
-from streams.app import RawBatch, RawFeed
+from changeflow.streams.app import RawBatch, RawFeed
 from tests.integration.conftest import eventually
 
 pytestmark = pytest.mark.integration

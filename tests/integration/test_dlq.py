@@ -23,10 +23,10 @@ import redis
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+from changeflow.pipelines.spec import Pipeline
 from changeflow.settings import Settings
-from pipelines.spec import Pipeline
-from sinks.clickhouse import client_for
-from streams.dlq import REPLAY_OF
+from changeflow.sinks.clickhouse import client_for
+from changeflow.streams.dlq import REPLAY_OF
 from tests.integration.conftest import eventually
 from tests.unit.envelopes import encoded, envelope, product_row
 

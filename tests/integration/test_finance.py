@@ -24,12 +24,12 @@ from typing import Any
 import psycopg
 import pytest
 
+from changeflow.pipelines.load import load
+from changeflow.pipelines.spec import Pipeline, build
+from changeflow.reports.finance import GRACE_SECONDS, ensure_views, read_daily, read_exceptions, report
+from changeflow.schemas.book import schema_book
 from changeflow.settings import Settings
-from pipelines.load import load
-from pipelines.spec import Pipeline, build
-from reports.finance import GRACE_SECONDS, ensure_views, read_daily, read_exceptions, report
-from sinks.clickhouse import META_COLUMNS, ClickHouseStore, client_for
-from streams.app import schema_book
+from changeflow.sinks.clickhouse import META_COLUMNS, ClickHouseStore, client_for
 from tests.integration.conftest import eventually
 
 pytestmark = pytest.mark.integration
@@ -211,9 +211,9 @@ def views_ready(ch: Any, db: str) -> bool:
 def commerce_versions(settings: Settings, commerce: Pipeline) -> dict[str, Any]:
     """The newest canonical schema per entity: from the schema topic, else from the source catalog (an
     entity without a change yet has no published version)."""
-    import schemas
-    from pipelines.catalog import read_dsn
-    from pipelines.types import from_postgres
+    from changeflow import schemas
+    from changeflow.pipelines.catalog import read_dsn
+    from changeflow.pipelines.types import from_postgres
 
     versions: dict[str, Any] = dict(schema_book(settings, commerce, writer=False).latest)
     catalog = read_dsn(settings.pg_dsn, ["public"])

@@ -1,7 +1,7 @@
 """Identifiers from data never become DDL: a source column named to break out of ClickHouse's quoting.
 
-ClickHouse honours backslash escapes inside backticks, so doubling backticks is not quoting (DESIGN.md):
-a column added at the source with the name below used to drop `name` from the warehouse table.
+ClickHouse honours backslash escapes inside backticks, so doubling backticks is not quoting (ARCHITECTURE.md,
+"Known traps"): a column added at the source with the name below used to drop `name` from the warehouse table.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import redis
 from clickhouse_connect.driver.binding import quote_identifier
 from psycopg import sql
 
+from changeflow.pipelines.spec import Pipeline
 from changeflow.settings import Settings
-from pipelines.spec import Pipeline
-from sinks.clickhouse import client_for
+from changeflow.sinks.clickhouse import client_for
 from tests.integration.conftest import eventually
 
 pytestmark = pytest.mark.integration

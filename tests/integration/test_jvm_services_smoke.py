@@ -15,11 +15,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from changeflow.deploy.connect import REQUIRED_PLUGINS, ConnectService
+from changeflow.deploy.kafka import KafkaService
+from changeflow.deploy.search_engine import SearchEngineService
+from changeflow.deploy.service import Service
 from changeflow.settings import Settings
-from deploy.connect import REQUIRED_PLUGINS, ConnectService
-from deploy.kafka import KafkaService
-from deploy.search_engine import SearchEngineService
-from deploy.service import Service
 
 pytestmark = pytest.mark.integration
 
@@ -111,7 +111,7 @@ def test_kafka_serves_aiokafka_producers_and_consumer_groups(services: dict, set
 def test_connect_lists_both_debezium_connectors(services: dict, settings: Settings) -> None:
     plugins = httpx.get(f"{settings.connect_url}/connector-plugins", timeout=10).json()
     assert set(REQUIRED_PLUGINS) <= {p["class"] for p in plugins}
-    from deploy.secrets import replication_password
+    from changeflow.deploy.secrets import replication_password
 
     password = replication_password(settings)
     assert len(password) >= 24

@@ -36,11 +36,11 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from changeflow.deploy.connect import ConnectService
+from changeflow.deploy.jvm import properties
+from changeflow.deploy.postgres import PostgresService
+from changeflow.reports.status import retention_gaps
 from changeflow.settings import Settings
-from deploy.connect import ConnectService
-from deploy.jvm import properties
-from deploy.postgres import PostgresService
-from reports.status import retention_gaps
 
 pytestmark = pytest.mark.integration
 
@@ -115,7 +115,7 @@ def test_connect_still_resolves_changeflow_variables_and_the_secrets_folder(conn
     secret = live_stack.state / "secrets" / f"lx_probe_{uuid.uuid4().hex[:8]}"
     secret.write_text("probe-host.invalid")
     try:
-        # pipeline `${file:<secrets>/name}` renders as this (connectors/render.py)
+        # pipeline `${file:<secrets>/name}` renders as this (changeflow/connectors/render.py)
         reference = f"${{dir:{secret.parent}:{secret.name}}}"
         errors = _hostname_errors(live_stack, reference)
         assert not _unresolved(errors, reference), f"{reference} did not resolve: {errors} " + RESTART_HINT.format(
@@ -259,7 +259,7 @@ def test_a_second_worker_on_a_taken_web_port_stops_before_any_sink_starts(pipeli
     assert proc.returncode == 1, out + err
     assert "CHANGEFLOW_WORKER_WEB_PORT" in err and f":{pipeline.worker_web_port}" in err, err
     assert "process_started" not in out + err, "a sink process started"
-    # Sink processes are spawned by multiprocessing (sinks/process.py); a library's short-lived helper
+    # Sink processes are spawned by multiprocessing (changeflow/sinks/process.py); a library's short-lived helper
     # (a fork on its way to exec) is not one.
     sinks = {pid: cmd for pid, cmd in children.items() if "multiprocessing" in cmd}
     assert not sinks, f"sink processes started: {sinks}"

@@ -27,13 +27,14 @@ import httpx
 import psycopg
 import pytest
 import redis
+import yaml
 from psycopg import sql
 
+from changeflow.pipelines.load import load
+from changeflow.pipelines.spec import Pipeline
+from changeflow.schemas.topic import read_versions
 from changeflow.settings import Settings
-from pipelines.load import load
-from pipelines.spec import Pipeline
-from schemas.topic import read_versions
-from sinks.clickhouse import client_for
+from changeflow.sinks.clickhouse import client_for
 from tests.integration.conftest import eventually, stop_process
 
 pytestmark = pytest.mark.integration
@@ -126,10 +127,27 @@ def own_database(live_stack: Settings) -> Iterator[tuple[str, str, str, Settings
         _drop_everything(settings, database, name)
 
 
+def read_model_database(name: str) -> str:
+    """The second PostgreSQL database the own pipeline also lands in (the PostgreSQL store)."""
+    return f"{name}_read"
+
+
+def postgres_store_rows(settings: Settings, name: str, table: str, order: str) -> list[dict[str, Any]]:
+    """The live rows of one entity in the PostgreSQL store, its own columns left out."""
+    dsn = psycopg.conninfo.make_conninfo(settings.pg_dsn, dbname=read_model_database(name))
+    try:
+        with psycopg.connect(dsn) as conn, conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+            rows = cur.execute(sql.SQL("SELECT * FROM public.{} WHERE NOT _cf_deleted ORDER BY {}").format(
+                sql.Identifier(table), sql.Identifier(order))).fetchall()
+    except (psycopg.OperationalError, psycopg.errors.UndefinedTable):  # not set up yet
+        return []
+    return [{k: v for k, v in row.items() if not k.startswith("_cf_")} for row in rows]
+
+
 def _drop_everything(settings: Settings, database: str, name: str) -> None:
     from confluent_kafka.admin import AdminClient
 
-    from connectors.client import KafkaConnectClient
+    from changeflow.connectors.client import KafkaConnectClient
 
     client = KafkaConnectClient(settings.connect_url)
     try:
@@ -155,6 +173,8 @@ def _drop_everything(settings: Settings, database: str, name: str) -> None:
                 break
             time.sleep(0.5)
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database)))
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(read_model_database(name))))
     rds = redis.Redis.from_url(settings.redis_url)
     keys = list(rds.scan_iter(match=f"{name}:*", count=1000))
     if keys:
@@ -177,6 +197,11 @@ def own_worker(own_database: tuple[str, str, str, Settings], tmp_path: Path
     result = changeflow(None, "init", "postgres", dsn, "--schema", schema, "--name", name, "-o", str(file))
     assert result.returncode == 0, result.stderr
     assert f"#   {schema}.audit log: no primary key" in file.read_text()
+    # The seed's migration check: every entity also lands in a second PostgreSQL database, the service's own.
+    document = yaml.safe_load(file.read_text())
+    for entity in document["entities"].values():
+        entity["stores"]["postgres"] = {"database": read_model_database(name)}
+    file.write_text(yaml.safe_dump(document, sort_keys=False, allow_unicode=True))
     result = changeflow(file, "pipeline", "check")
     assert result.returncode == 0, result.stdout + result.stderr
     result = changeflow(file, "connectors", "apply", "--timeout", "150")
@@ -282,6 +307,23 @@ def test_own_database_reaches_every_store_exactly_and_reconciles(
         {"order_id": str(UID), "line no": 3, "qty": Decimal("1.000"), "note": "moved"}]
     assert clickhouse_rows(settings, customers.clickhouse_database, customers.clickhouse_table, "code") == [
         {"code": ODD_CODE, "name": "Bob"}]
+    # The PostgreSQL store: typed tables, the source's own types and values, the same deletes and key moves.
+    eventually(lambda: postgres_store_rows(settings, own.namespace, "customers", "code")
+               == [{"code": ODD_CODE, "name": "Bob"}], timeout=60, what="customers in the postgres store")
+    eventually(lambda: postgres_store_rows(settings, own.namespace, "order_lines", "line no") == [
+        {"order_id": UID, "line no": 1, "qty": Decimal("2.500"), "note": "first"},
+        {"order_id": UID, "line no": 3, "qty": Decimal("1.000"), "note": "moved"}], timeout=60,
+        what="order lines in the postgres store")
+    everything = eventually(lambda: postgres_store_rows(settings, own.namespace, "everything", "id"), timeout=60)
+    eventually(lambda: [r["id"] for r in postgres_store_rows(settings, own.namespace, "everything", "id")]
+               == [1, 2] and postgres_store_rows(settings, own.namespace, "everything", "id")[0]["c_text"]
+               == "changed ✓", timeout=60, what="everything in the postgres store")
+    everything = postgres_store_rows(settings, own.namespace, "everything", "id")
+    assert {k: everything[0][k] for k in ("c_num", "c_exact", "c_text", "c_ints", "c_texts", "c_jsonb", "c_bytea",
+                                          "c_interval", "c_uuid", "c_date")} == {
+        "c_num": Decimal("123456789.123"), "c_exact": EXACT, "c_text": "changed ✓", "c_ints": [1, None, 3],
+        "c_texts": ["a", "b c"], "c_jsonb": {"n": 7, "ok": True}, "c_bytea": b"\x00\xff",
+        "c_interval": 93_600_000_000, "c_uuid": UID, "c_date": date(1969, 12, 31)}
 
     # The catalog's types are the ones Connect sends: each entity has its first schema version only.
     versions = read_versions(settings.kafka_bootstrap, own.schema_topic)
@@ -294,7 +336,7 @@ def test_own_database_reaches_every_store_exactly_and_reconciles(
     assert result.returncode == 0, [(r["store"], r["entity"], r["diffs"][:3], r["error"]) for r in report["results"]
                                     if r["drift"] or r["error"]]
     checked = {(r["entity"], r["store"]) for r in report["results"]}
-    assert checked == {(e, s) for e in own.entities for s in ("redis", "search", "clickhouse")}, report
+    assert checked == {(e, s) for e in own.entities for s in ("redis", "search", "clickhouse", "postgres")}, report
     assert all(r["drift"] == 0 and r["error"] is None and r["source_count"] == r["store_count"]
                for r in report["results"]), report
     assert not report["skipped"], report
@@ -310,6 +352,8 @@ def test_own_database_reaches_every_store_exactly_and_reconciles(
     purged = changeflow(file, "connectors", "delete", "--yes", "--purge")
     assert purged.returncode == 0, purged.stdout + purged.stderr
     assert f"clickhouse: database {own.namespace} dropped" in purged.stdout
+    assert f"postgres: table {read_model_database(own.namespace)}.public.everything dropped" in purged.stdout
+    assert postgres_store_rows(settings, own.namespace, "everything", "id") == []
     assert f"search: index {every.search_index}-000001 deleted" in purged.stdout
     assert f"kafka: topic {own.schema_topic} deleted" in purged.stdout
     assert f"connector {own.connector_name('postgres')}: offsets deleted" in purged.stdout

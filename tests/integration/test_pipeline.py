@@ -12,9 +12,9 @@ import psycopg
 import pytest
 import redis
 
+from changeflow.pipelines.spec import Pipeline
 from changeflow.settings import Settings
-from pipelines.spec import Pipeline
-from sinks.clickhouse import client_for
+from changeflow.sinks.clickhouse import client_for
 from tests.integration.conftest import eventually
 
 pytestmark = pytest.mark.integration
@@ -137,8 +137,8 @@ def test_replayed_older_version_changes_nothing_in_redis(
     pipeline: Settings, commerce: Pipeline, rds: redis.Redis, sku_prefix: str
 ) -> None:
     """The Redis version guard: a record older than the stored one is ignored; a delete leaves a tombstone."""
-    from sinks.redis import RedisStore
-    from streams.records import ChangeRecord
+    from changeflow.sinks.redis import RedisStore
+    from changeflow.streams.records import ChangeRecord
 
     sink = RedisStore(pipeline, commerce)
     key = f"{sku_prefix}-guard"

@@ -17,10 +17,10 @@ from typer.testing import CliRunner
 from changeflow import context
 from changeflow.commands import init as init_commands
 from changeflow.commands import pipeline as pipeline_commands
+from changeflow.connectors import prepare
+from changeflow.pipelines.catalog import read_dsn
+from changeflow.pipelines.load import load
 from changeflow.settings import Settings
-from connectors import prepare
-from pipelines.catalog import read_dsn
-from pipelines.load import load
 
 pytestmark = pytest.mark.integration
 
@@ -133,7 +133,7 @@ def test_apply_and_delete_a_second_pipeline_beside_commerce(odd_schema: tuple[st
     from confluent_kafka.admin import AdminClient
 
     from changeflow.commands import connectors as connector_commands
-    from connectors.client import KafkaConnectClient
+    from changeflow.connectors.client import KafkaConnectClient
 
     schema, name, settings = odd_schema
     runner = CliRunner()

@@ -29,11 +29,12 @@ import redis
 import yaml
 from psycopg import sql
 
+from changeflow.pipelines.load import load
+from changeflow.pipelines.spec import Pipeline
+from changeflow.schemas.book import schema_book
 from changeflow.settings import Settings
-from pipelines.load import load
-from pipelines.spec import Pipeline
-from sinks.clickhouse import ClickHouseStore, client_for
-from streams.records import ChangeRecord
+from changeflow.sinks.clickhouse import ClickHouseStore, client_for
+from changeflow.streams.records import ChangeRecord
 from tests.integration.conftest import eventually, stop_process
 
 pytestmark = pytest.mark.integration
@@ -115,7 +116,7 @@ class Throwaway:
 def throwaway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Throwaway]:
     from confluent_kafka.admin import AdminClient
 
-    from connectors.client import KafkaConnectClient
+    from changeflow.connectors.client import KafkaConnectClient
 
     settings = Settings()
     tag = uuid.uuid4().hex[:8]
@@ -293,8 +294,6 @@ def test_a_row_clickhouse_refuses_is_quarantined_while_the_rest_of_its_batch_lan
     t.alive()
 
     # One batch for certain: the store itself returns exactly the refused row and writes the others.
-    from streams.app import schema_book
-
     sv = schema_book(t.settings, t.pipeline, writer=False).latest["items"]
 
     def record(key: int, qty: int) -> ChangeRecord:

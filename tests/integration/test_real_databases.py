@@ -33,10 +33,10 @@ import redis
 from clickhouse_connect.driver.exceptions import DatabaseError
 from psycopg import sql
 
+from changeflow.pipelines.load import load
+from changeflow.pipelines.spec import EntitySpec
 from changeflow.settings import Settings
-from pipelines.load import load
-from pipelines.spec import EntitySpec
-from sinks.clickhouse import client_for
+from changeflow.sinks.clickhouse import client_for
 from tests.integration.conftest import eventually, stop_process
 from tests.integration.test_own_database import _answers, _drop_everything
 

@@ -19,9 +19,9 @@ import psycopg
 import pytest
 import redis
 
+from changeflow.pipelines.load import load
 from changeflow.settings import Settings
-from pipelines.load import load
-from sinks.clickhouse import client_for
+from changeflow.sinks.clickhouse import client_for
 from tests.integration.conftest import eventually
 
 N = 5

@@ -16,11 +16,11 @@ import pytest
 import redis
 from confluent_kafka.admin import AdminClient
 
+from changeflow.deploy.worker import WorkerService
+from changeflow.pipelines.spec import Pipeline
+from changeflow.reports.status import collect
 from changeflow.settings import Settings
-from deploy.worker import WorkerService
-from pipelines.spec import Pipeline
-from reports.status import collect
-from sinks.clickhouse import client_for
+from changeflow.sinks.clickhouse import client_for
 from tests.integration.conftest import eventually
 
 pytestmark = pytest.mark.integration

@@ -11,9 +11,9 @@ import psycopg
 import pytest
 import redis
 
+from changeflow.pipelines.spec import Pipeline
 from changeflow.settings import Settings
-from pipelines.spec import Pipeline
-from sinks.clickhouse import client_for
+from changeflow.sinks.clickhouse import client_for
 from tests.integration.conftest import eventually
 
 pytestmark = pytest.mark.integration

@@ -9,11 +9,11 @@ import sys
 import psycopg
 import pytest
 
+from changeflow.deploy import stack
+from changeflow.deploy.workload import run_products
+from changeflow.pipelines.spec import Pipeline
+from changeflow.reports.drift import drift
 from changeflow.settings import Settings
-from deploy import stack
-from deploy.workload import run_products
-from pipelines.spec import Pipeline
-from reports.drift import drift
 from tests.integration.conftest import eventually
 
 pytestmark = pytest.mark.integration

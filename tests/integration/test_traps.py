@@ -14,11 +14,11 @@ import pytest
 import redis
 from confluent_kafka import Consumer, TopicPartition
 
+from changeflow.pipelines.spec import Pipeline
 from changeflow.settings import Settings
-from pipelines.spec import Pipeline
-from sinks.clickhouse import client_for
-from streams.app import price_changed_topic_name
-from streams.debezium import UNAVAILABLE
+from changeflow.sinks.clickhouse import client_for
+from changeflow.streams.app import price_changed_topic_name
+from changeflow.streams.debezium import UNAVAILABLE
 from tests.integration.conftest import eventually
 
 pytestmark = pytest.mark.integration

@@ -84,7 +84,7 @@ def products(pipeline: Settings, sku_prefix: str) -> Iterator[list[str]]:
 
 def landed(settings: Settings, pid: int) -> dict[str, bool]:
     """Whether product ``pid`` is in each store (what a user would look at)."""
-    from sinks.clickhouse import client_for
+    from changeflow.sinks.clickhouse import client_for
 
     rds = redis.Redis.from_url(settings.redis_url)
     ch = client_for(settings)

@@ -8,8 +8,8 @@ import signal
 import httpx
 import pytest
 
+from changeflow.deploy.worker import WorkerService
 from changeflow.settings import Settings
-from deploy.worker import WorkerService
 from tests.integration.conftest import eventually
 
 pytestmark = pytest.mark.integration

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pipelines.load import load
-from pipelines.transform import compile_pipeline
+from changeflow.pipelines.load import load
+from changeflow.pipelines.transform import compile_pipeline
 
 COMMERCE = load()
 POSTGRES_ENTITIES = compile_pipeline(COMMERCE, "postgres")

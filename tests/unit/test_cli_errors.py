@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from changeflow.cli import app
-from sinks.process import EXIT_CRASH_LOOP, EXIT_SINK_FATAL, FatalStop, read_fatal, record_fatal
+from changeflow.sinks.process import EXIT_CRASH_LOOP, EXIT_SINK_FATAL, FatalStop, read_fatal, record_fatal
 
 REPO = Path(__file__).resolve().parents[2]
 STORES = "clickhouse, redis, search"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from clickhouse_connect.driver.exceptions import DatabaseError
 
-from sinks.clickhouse import is_retriable
+from changeflow.sinks.clickhouse import is_retriable
 
 
 def server_error(code: int, name: str, text: str) -> DatabaseError:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from deploy.clickhouse_server import (
+from changeflow.deploy.clickhouse_server import (
     ClickHouseError,
     Policy,
     analyze,

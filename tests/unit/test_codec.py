@@ -1,4 +1,4 @@
-"""The C codec (schemas/_codec.c) against fastavro, the reference: the same bytes written, the same values
+"""The C codec (changeflow/schemas/_codec.c) against fastavro, the reference: the same bytes written, the same values
 read, for every column type; hostile bytes raise instead of crashing, and decode falls back to fastavro."""
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Any
 import fastavro
 import pytest
 
-import schemas
-from pipelines.types import parse_type
-from schemas import MAGIC, SchemaVersion, _codec, make_version
+from changeflow import schemas
+from changeflow.pipelines.types import parse_type
+from changeflow.schemas import MAGIC, SchemaVersion, _codec, make_version
 
 COLUMNS = {
     "id": "int64", "small": "int16", "n": "int32", "f4": "float32", "f8": "float64", "ok": "bool",
@@ -36,7 +36,7 @@ def version() -> SchemaVersion:
 
 
 def test_the_extension_is_built_and_takes_this_releases_record() -> None:
-    assert _codec is not None, "schemas._codec is not built: run `make bootstrap` (pip install -e .)"
+    assert _codec is not None, "changeflow.schemas._codec is not built: run `make bootstrap` (pip install -e .)"
     sv = make_version("every_type", 1, {n: parse_type(t) for n, t in COLUMNS.items()}, ("id",))
     assert schemas._plan(sv).native is not None
 

@@ -1,6 +1,6 @@
-"""docker-compose.yml is accepted by the real Compose parser and describes the system in DESIGN.md.
+"""docker-compose.yml is accepted by the real Compose parser and describes the system in ARCHITECTURE.md.
 
-The parser is Docker Compose itself (`docker compose config`): deploy/compose_check.sh builds it from
+The parser is Docker Compose itself (`docker compose config`): changeflow/deploy/compose_check.sh builds it from
 the Go module proxy on first use (about 2 minutes, then cached under .changeflow/tools/), so this test
 needs Go and network access to the Go module proxy on a new machine, and nothing else; no Docker
 engine. It is never skipped: a missing tool is a failure.
@@ -24,7 +24,7 @@ from changeflow.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
-CHECK = REPO / "deploy" / "compose_check.sh"
+CHECK = REPO / "changeflow" / "deploy" / "compose_check.sh"
 ENV_EXAMPLE = REPO / ".env.example"
 
 # Distinct sentinel values, so a test can tell where each secret ended up.
@@ -35,7 +35,7 @@ SECRETS = {
     "CHANGEFLOW_GRAFANA_ADMIN_PASSWORD": "sentinel-grafana-admin",
 }
 
-# DESIGN.md, "Default local ports": service -> (Settings field, port).
+# README "The native local stack": default ports: service -> (Settings field, port).
 DESIGN_PORTS = {
     "postgres": ("pg_port", 5432),
     "kafka": ("kafka_port", 9092),
@@ -190,7 +190,7 @@ def test_env_example_documents_every_variable_the_file_reads(raw_model: dict) ->
 
 
 def test_env_and_state_never_reach_the_image_build() -> None:
-    ignore = (REPO / "deploy" / "docker" / "Dockerfile.dockerignore").read_text().splitlines()
+    ignore = (REPO / "changeflow" / "deploy" / "docker" / "Dockerfile.dockerignore").read_text().splitlines()
     for pattern in (".env", ".env.*", ".changeflow/", ".git/"):
         assert pattern in ignore
 
@@ -222,7 +222,7 @@ def test_every_dependency_waits_for_health(model: dict) -> None:
 def test_published_ports_are_the_design_defaults_on_loopback(model: dict) -> None:
     defaults = Settings.model_fields
     for name, (field, port) in DESIGN_PORTS.items():
-        assert defaults[field].default == port, f"Settings.{field} disagrees with DESIGN.md"
+        assert defaults[field].default == port, f"Settings.{field} disagrees with the default ports"
         published = _published(_service(model, name))
         assert published.get(port) == ("127.0.0.1", port), f"{name}: {published}"
     for name, service in model["services"].items():
@@ -250,7 +250,7 @@ def test_postgres_has_logical_wal_and_the_commerce_init(model: dict) -> None:
     assert _env(pg)["POSTGRES_DB"] == "commerce"
     mounts = {v["target"]: Path(v["source"]) for v in pg["volumes"] if v["type"] == "bind"}
     init = {t: s for t, s in mounts.items() if t.startswith("/docker-entrypoint-initdb.d/")}
-    assert REPO / "deploy" / "sql" / "commerce.sql" in init.values()
+    assert REPO / "changeflow" / "deploy" / "sql" / "commerce.sql" in init.values()
     # The schema runs before the script that sets the replication password.
     order = [init[t].name for t in sorted(init)]
     assert order == ["commerce.sql", "20-replication-password.sh"], order
@@ -258,7 +258,7 @@ def test_postgres_has_logical_wal_and_the_commerce_init(model: dict) -> None:
 
 
 def test_replication_password_script_is_valid_shell(model: dict) -> None:
-    script = REPO / "deploy" / "docker" / "postgres" / "20-replication-password.sh"
+    script = REPO / "changeflow" / "deploy" / "docker" / "postgres" / "20-replication-password.sh"
     assert os.access(script, os.X_OK)
     subprocess.run(["bash", "-n", str(script)], check=True)
     assert ":'password'" in script.read_text()  # quoted by psql, not spliced into SQL
@@ -315,7 +315,7 @@ def test_connect_is_debezium_3_distributed_with_the_env_config_provider(model: d
 def test_connect_providers_and_client_policy_match_the_native_worker(model: dict, tmp_path: Path) -> None:
     """The image turns CONNECT_A_B into worker property a.b: compose's providers are the native worker's,
     except the folder secret files live in (/run/secrets in a container)."""
-    from deploy.connect import ConnectService
+    from changeflow.deploy.connect import ConnectService
 
     env = _env(_service(model, "connect"))
     compose = {key.removeprefix("CONNECT_").lower().replace("_", "."): value
@@ -334,7 +334,7 @@ def test_connect_providers_and_client_policy_match_the_native_worker(model: dict
 
 def test_connect_producer_settings_match_the_native_worker(model: dict, tmp_path: Path) -> None:
     """Debezium's producer (batching, linger, compression) is the same in a container as on the native stack."""
-    from deploy.connect import ConnectService
+    from changeflow.deploy.connect import ConnectService
 
     env = _env(_service(model, "connect"))
     compose = {key.removeprefix("CONNECT_").lower().replace("_", "."): value
@@ -348,7 +348,7 @@ def test_connect_producer_settings_match_the_native_worker(model: dict, tmp_path
 def test_connect_resolves_every_env_reference_in_the_connector_files(model: dict) -> None:
     env = _env(_service(model, "connect"))
     pattern = env["CONNECT_CONFIG_PROVIDERS_ENV_PARAM_ALLOWLIST_PATTERN"]
-    files = sorted((REPO / "connectors").glob("*.json"))
+    files = sorted((REPO / "changeflow" / "connectors").glob("*.json"))
     assert files, "no connector files in connectors/"
     for path in files:
         for name in re.findall(r"\$\{env:([A-Za-z0-9_]+)\}", path.read_text()):
@@ -373,7 +373,7 @@ def test_derived_stores(model: dict) -> None:
 def test_worker_is_built_here_and_configured_through_settings(model: dict) -> None:
     worker = _service(model, "worker")
     dockerfile = Path(worker["build"]["context"]) / worker["build"]["dockerfile"]
-    assert dockerfile == REPO / "deploy" / "docker" / "Dockerfile"
+    assert dockerfile == REPO / "changeflow" / "deploy" / "docker" / "Dockerfile"
     text = dockerfile.read_text()
     assert "python:3.11-slim" in text and "pip " in text
     assert 'CMD ["changeflow", "worker"]' in text
@@ -417,7 +417,7 @@ def test_prometheus_scrapes_the_worker_and_grafana_shows_the_provisioned_dashboa
     # service name, at the path the worker serves.
     flag = next(a for a in prometheus["command"] if a.startswith("--config.file="))
     config = binds(prometheus)[flag.split("=", 1)[1]]
-    assert config == REPO / "deploy" / "docker" / "prometheus" / "prometheus.yml"
+    assert config == REPO / "changeflow" / "deploy" / "docker" / "prometheus" / "prometheus.yml"
     worker_port = _env(model["services"]["worker"])["CHANGEFLOW_WORKER_WEB_PORT"]
     text = config.read_text()
     assert f'targets: ["worker:{worker_port}"]' in text and "metrics_path: /metrics" in text
@@ -426,12 +426,12 @@ def test_prometheus_scrapes_the_worker_and_grafana_shows_the_provisioned_dashboa
     # and the dashboard provider reads the directory the dashboards are mounted at.
     mounts = binds(grafana)
     provisioning = mounts["/etc/grafana/provisioning"]
-    assert provisioning == REPO / "deploy" / "docker" / "grafana" / "provisioning"
+    assert provisioning == REPO / "changeflow" / "deploy" / "docker" / "grafana" / "provisioning"
     assert "url: http://prometheus:9090" in (provisioning / "datasources" / "prometheus.yml").read_text()
     provider = (provisioning / "dashboards" / "changeflow.yml").read_text()
     dashboards_target = re.search(r"path:\s*(\S+)", provider)
     assert dashboards_target is not None
-    assert mounts[dashboards_target.group(1)] == REPO / "deploy" / "docker" / "grafana" / "dashboards"
+    assert mounts[dashboards_target.group(1)] == REPO / "changeflow" / "deploy" / "docker" / "grafana" / "dashboards"
     assert json.loads((mounts[dashboards_target.group(1)] / "changeflow.json").read_text())["panels"]
     env = _env(grafana)
     assert env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"  # anonymous visitors read, never edit

@@ -8,10 +8,10 @@ import re
 
 import pytest
 
-from connectors.client import CONNECTOR_DIR, ConnectorDefinition
-from connectors.prepare import script
-from connectors.render import RenderError, as_json, connect_secret, quote_ident, regex, render
-from pipelines.load import load, parse
+from changeflow.connectors.client import CONNECTOR_DIR, ConnectorDefinition
+from changeflow.connectors.prepare import script
+from changeflow.connectors.render import RenderError, as_json, connect_secret, quote_ident, regex, render
+from changeflow.pipelines.load import load, parse
 
 # The committed connector before it was rendered, and the only differences rendering made on purpose.
 BEFORE_RENDERING_INCLUDE = ("public.products,public.orders,public.payments,public.refunds,public.debezium_signal,"

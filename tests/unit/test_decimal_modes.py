@@ -7,13 +7,13 @@ from typing import Any
 
 import pytest
 
-import schemas
-from pipelines.load import load
-from pipelines.spec import build
-from pipelines.transform import compile_pipeline
-from streams.app import to_avro
-from streams.debezium import convert_value, decode_postgres
-from streams.records import ChangeRecord, Skip
+from changeflow import schemas
+from changeflow.pipelines.load import load
+from changeflow.pipelines.spec import build
+from changeflow.pipelines.transform import compile_pipeline
+from changeflow.streams.app import to_avro
+from changeflow.streams.debezium import convert_value, decode_postgres
+from changeflow.streams.records import ChangeRecord, Skip
 from tests.unit.commerce import POSTGRES_ENTITIES
 from tests.unit.envelopes import decimal_bytes, encoded, envelope
 
@@ -97,10 +97,10 @@ def test_precise_decimals_keep_every_digit_beyond_28(text: str, scale: int) -> N
     import base64
     import json
 
-    import schemas
-    from pipelines.types import parse_type
-    from schemas.json import dumps
-    from streams.debezium import _decimal_from_bytes
+    from changeflow import schemas
+    from changeflow.pipelines.types import parse_type
+    from changeflow.schemas.json import dumps
+    from changeflow.streams.debezium import _decimal_from_bytes
 
     value = Decimal(text)
     unscaled = int(value.scaleb(scale, context=schemas.EXACT_CONTEXT))

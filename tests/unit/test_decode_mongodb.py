@@ -19,9 +19,10 @@ import orjson
 import pytest
 from confluent_kafka import Message
 
-import schemas
-from streams.mongodb import TRUNCATE, decode_mongodb, merge_partial, parse_extended_json
-from streams.records import ChangeRecord, DeadLetter, Decoded, Skip
+from changeflow import schemas
+from changeflow.streams.mongodb import decode_mongodb, parse_extended_json
+from changeflow.streams.partial import TRUNCATE, merge_partial
+from changeflow.streams.records import ChangeRecord, DeadLetter, Decoded, Skip
 from tests.unit.commerce import MONGODB_ENTITIES
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "mongodb"
@@ -361,9 +362,9 @@ def test_hashed_password_never_leaves_the_decoder(name: str) -> None:
 
 def test_partial_update_crosses_the_canonical_topic_and_fills_from_the_store() -> None:
     """What a sink sees: Avro on `changeflow.users`, then the partial merged over the row the store holds."""
-    from sinks.base import fill_partials
-    from sinks.runner import record_from_message
-    from streams.app import to_avro
+    from changeflow.sinks.base import fill_partials
+    from changeflow.sinks.runner import record_from_message
+    from changeflow.streams.app import to_avro
 
     def message(value: bytes) -> Message:
         return Message(topic="changeflow.users", partition=0, offset=5, value=value)

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from streams.debezium import UNAVAILABLE, convert_value, decode_postgres
-from streams.records import ChangeRecord, DeadLetter, Skip
+from changeflow.streams.debezium import UNAVAILABLE, convert_value, decode_postgres
+from changeflow.streams.records import ChangeRecord, DeadLetter, Skip
 from tests.unit.commerce import POSTGRES_ENTITIES
 from tests.unit.envelopes import decimal_bytes, encoded, envelope, product_row
 
@@ -211,7 +211,7 @@ def test_parse_message_is_orjson_loads_whatever_the_bytes(raw: bytes) -> None:
 def assert_parses_as_orjson(raw: bytes) -> None:
     import orjson
 
-    from streams.debezium import parse_message
+    from changeflow.streams.debezium import parse_message
 
     try:
         expected = orjson.loads(raw)

@@ -1,4 +1,4 @@
-"""Dead letters read back from the DLQ, and which ones a replay sends: the pure half of streams/dlq.py."""
+"""Dead letters read back from the DLQ, and which ones a replay sends: the pure half of changeflow/streams/dlq.py."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 from typer.testing import CliRunner
 
 from changeflow.cli import app as cli_app
-from streams.app import dead_letter_headers
-from streams.debezium import decode_postgres
-from streams.dlq import (
+from changeflow.streams.app import dead_letter_headers
+from changeflow.streams.debezium import decode_postgres
+from changeflow.streams.dlq import (
     DeadLetterEntry,
     ReplayRecord,
     UnknownDeadLetterError,
@@ -24,7 +24,7 @@ from streams.dlq import (
     replay_headers,
     replayed_topic_name,
 )
-from streams.records import DeadLetter
+from changeflow.streams.records import DeadLetter
 from tests.unit.commerce import POSTGRES_ENTITIES
 
 DLQ = "changeflow.dlq"
@@ -245,7 +245,7 @@ def _raw_entry(value: bytes, topic: str = "commerce.public.products") -> DeadLet
 def test_dlq_list_masks_dropped_and_hashed_fields_in_debezium_and_mongodb_images() -> None:
     import orjson as _orjson
 
-    from streams.dlq import masked
+    from changeflow.streams.dlq import masked
 
     hidden = {"commerce.public.products": frozenset({"internal_notes", "email"}),
               "users.users.users": frozenset({"email"})}
@@ -264,7 +264,7 @@ def test_dlq_list_masks_dropped_and_hashed_fields_in_debezium_and_mongodb_images
 
 
 def test_replay_sends_only_to_the_pipelines_own_source_topics() -> None:
-    from streams.dlq import plan_replay
+    from changeflow.streams.dlq import plan_replay
 
     ours, theirs = _raw_entry(b"{}"), _raw_entry(b"{}", topic="somebody.elses.topic")
     plan = plan_replay([ours, theirs], {}, all_=True, topics=frozenset({"commerce.public.products"}))

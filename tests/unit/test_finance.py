@@ -10,7 +10,7 @@ from decimal import Decimal
 
 import pytest
 
-from reports.finance import (
+from changeflow.reports.finance import (
     DailyRow,
     FinanceException,
     FinanceReport,

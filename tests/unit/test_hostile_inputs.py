@@ -13,13 +13,13 @@ from typing import Any
 import orjson
 import pytest
 
-from pipelines.transform import Transformer
-from pipelines.types import ColumnType
-from schemas import json as cjson
-from sinks.clickhouse import to_column
-from streams.debezium import UNAVAILABLE, decode_postgres
-from streams.mongodb import decode_mongodb
-from streams.records import ChangeRecord, DeadLetter, Decoded, Skip
+from changeflow.pipelines.transform import Transformer
+from changeflow.pipelines.types import ColumnType
+from changeflow.schemas import json as cjson
+from changeflow.sinks.clickhouse import to_column
+from changeflow.streams.debezium import UNAVAILABLE, decode_postgres
+from changeflow.streams.mongodb import decode_mongodb
+from changeflow.streams.records import ChangeRecord, DeadLetter, Decoded, Skip
 from tests.unit.commerce import MONGODB_ENTITIES, POSTGRES_ENTITIES
 from tests.unit.envelopes import PRODUCT_FIELDS, decimal_bytes, encoded, envelope, product_row
 

@@ -16,13 +16,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from changeflow import metrics
-from pipelines.load import load
-from pipelines.spec import Pipeline
-from streams.records import ChangeRecord, DeadLetter, Skip
+from changeflow.pipelines.load import load
+from changeflow.pipelines.spec import Pipeline
+from changeflow.streams.records import ChangeRecord, DeadLetter, Skip, outcome
 
 REPO = Path(__file__).resolve().parents[2]
-DASHBOARD = REPO / "deploy" / "docker" / "grafana" / "dashboards" / "changeflow.json"
-DATASOURCE = REPO / "deploy" / "docker" / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
+DASHBOARD = REPO / "changeflow" / "deploy" / "docker" / "grafana" / "dashboards" / "changeflow.json"
+DATASOURCE = REPO / "changeflow" / "deploy" / "docker" / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 STATS = REPO / "tests" / "fixtures" / "librdkafka" / "consumer_stats.json"
 
 # name → (type, labels): the contract the dashboard, `changeflow watch` and any alert rule rely on.
@@ -65,7 +65,7 @@ def test_the_registry_exposes_exactly_the_documented_metrics(sink: str) -> None:
     metrics.count_error(sink, "retry")
     metrics.count_dead_letter(sink)
     metrics.SINK_CONSUMER_LAG.labels(sink=sink, topic="changeflow.products").set(3)
-    metrics.observe_decode(f"{sink}.topic", Skip("heartbeat"))
+    metrics.observe_decode(f"{sink}.topic", outcome(Skip("heartbeat")))
     metrics.count_unmapped(f"{sink}.unmapped")
     metrics.count_quarantined(sink, "products")
 
@@ -162,10 +162,10 @@ def test_error_kinds_are_a_closed_set(sink: str) -> None:
 
 def test_decode_outcomes_are_counted_per_source_topic(sink: str) -> None:
     topic = f"{sink}.public.products"
-    metrics.observe_decode(topic, record("products", "1", 1))
-    metrics.observe_decode(topic, record("products", "2", 1))
-    metrics.observe_decode(topic, Skip("tombstone"))
-    metrics.observe_decode(topic, DeadLetter(b"k", b"v", topic, 0, 1, "bad"))
+    metrics.observe_decode(topic, outcome(record("products", "1", 1)))
+    metrics.observe_decode(topic, outcome(record("products", "2", 1)))
+    metrics.observe_decode(topic, outcome(Skip("tombstone")))
+    metrics.observe_decode(topic, outcome(DeadLetter(b"k", b"v", topic, 0, 1, "bad")))
     assert value("changeflow_decode_total", topic=topic, result="record") == 2
     assert value("changeflow_decode_total", topic=topic, result="skip") == 1
     assert value("changeflow_decode_total", topic=topic, result="dead_letter") == 1

@@ -5,9 +5,9 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
-from sinks.base import fill_partials
-from streams.debezium import UNAVAILABLE, decode_postgres
-from streams.records import ChangeRecord
+from changeflow.sinks.base import fill_partials
+from changeflow.streams.debezium import UNAVAILABLE, decode_postgres
+from changeflow.streams.records import ChangeRecord
 from tests.unit.commerce import POSTGRES_ENTITIES
 from tests.unit.envelopes import encoded, envelope, product_row
 
@@ -95,7 +95,7 @@ def test_batches_without_partials_do_not_touch_the_store() -> None:
 
 
 def test_price_changed_event_from_full_before_image() -> None:
-    from streams.derived import price_changed
+    from changeflow.streams.derived import price_changed
 
     before, after = product_row(5, price_cents=1000), product_row(5, price_cents=1250)
     result = decode_postgres(encoded(envelope("u", before, after, lsn=77)), topic="t", partition=0, offset=1,
@@ -114,10 +114,10 @@ def test_price_changed_event_from_full_before_image() -> None:
 def test_a_dropped_column_leaves_the_record_and_a_partial_keeps_only_what_it_carries() -> None:
     """Through the canonical topic: a complete row without a column of the newest version (dropped at the
     source) comes out without it, not with a null; a partial row keeps only its columns."""
-    import schemas
-    from pipelines.types import parse_type
-    from sinks.runner import record_from_bytes
-    from streams.app import to_avro
+    from changeflow import schemas
+    from changeflow.pipelines.types import parse_type
+    from changeflow.sinks.runner import record_from_bytes
+    from changeflow.streams.app import to_avro
 
     book = schemas.SchemaBook()
     book.add([schemas.make_version("things", 1, {"id": parse_type("int64"), "gone": parse_type("string"),

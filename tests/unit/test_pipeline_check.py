@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipelines.catalog import Catalog, Column, Table
-from pipelines.check import Problem, check
-from pipelines.load import load, parse
+from changeflow.pipelines.catalog import Catalog, Column, Table
+from changeflow.pipelines.check import Problem, check
+from changeflow.pipelines.load import load, parse
 
 
 def catalog() -> Catalog:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.load import MAX_FILE_BYTES, PipelineError, parse
+from changeflow.pipelines.load import MAX_FILE_BYTES, PipelineError, parse
 
 HEAD = "name: shop\nsources:\n  postgres:\n    database: shop\nentities:\n"
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import yaml
 
-from pipelines.catalog import Catalog, Column, Table
-from pipelines.init import PASSWORD_REF, entity_names, identifier, source_block, starter
-from pipelines.load import parse
-from pipelines.types import from_postgres
+from changeflow.pipelines.catalog import Catalog, Column, Table
+from changeflow.pipelines.init import PASSWORD_REF, entity_names, identifier, source_block, starter
+from changeflow.pipelines.load import parse
+from changeflow.pipelines.types import from_postgres
 
 
 def catalog() -> Catalog:

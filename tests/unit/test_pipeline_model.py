@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.load import COMMERCE, PipelineError, load, parse
+from changeflow.pipelines.load import COMMERCE, PipelineError, load, parse
 
 BASE = """\
 name: shop
@@ -112,7 +112,7 @@ def test_commerce_example_loads_with_the_demo_names() -> None:
 
 
 def test_json_schema_describes_the_file() -> None:
-    from pipelines.model import PipelineFile
+    from changeflow.pipelines.model import PipelineFile
 
     schema = PipelineFile.model_json_schema()
     assert set(schema["required"]) == {"name", "sources", "entities"}

@@ -14,15 +14,15 @@ import pytest
 import redis
 from clickhouse_connect.driver.exceptions import DatabaseError, DataError, OperationalError, ProgrammingError
 
-from pipelines.load import load
-from pipelines.model import PipelineFile
-from pipelines.spec import Pipeline, build
-from sinks import runner as runner_mod
-from sinks.base import FatalSinkError, Rejected, RetriableSinkError, bisect_rejects
-from sinks.clickhouse import refuses_every_row, row_rejection
-from sinks.redis import script_rejections
-from sinks.search import SearchStore, classify_item
-from streams.dlq import (
+from changeflow.pipelines.load import load
+from changeflow.pipelines.model import PipelineFile
+from changeflow.pipelines.spec import Pipeline, build
+from changeflow.sinks import runner as runner_mod
+from changeflow.sinks.base import FatalSinkError, Rejected, RetriableSinkError, bisect_rejects
+from changeflow.sinks.clickhouse import refuses_every_row, row_rejection
+from changeflow.sinks.redis import script_rejections
+from changeflow.sinks.search import SearchStore, classify_item
+from changeflow.streams.dlq import (
     ReplayRecord,
     dedupe,
     entry_from_message,
@@ -30,7 +30,7 @@ from streams.dlq import (
     plan_replay,
     quarantined_counts,
 )
-from streams.records import ChangeRecord
+from changeflow.streams.records import ChangeRecord
 
 
 def rec(key: str, version: int = 10, entity: str = "products", offset: int = 0) -> ChangeRecord:
@@ -361,7 +361,7 @@ def test_an_outage_is_never_mistaken_for_rows_and_quarantined(exc: Exception) ->
 
 
 def test_an_illegal_argument_about_the_index_is_the_stores_failure_not_the_documents() -> None:
-    from sinks.search import classify_item
+    from changeflow.sinks.search import classify_item
 
     alias = {"type": "illegal_argument_exception", "reason": "no write index is defined for alias [orders]. The "
              "write index may be explicitly disabled using is_write_index=false or the alias points to multiple "

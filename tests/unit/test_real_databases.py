@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 
-import schemas
-from connectors.prepare import script
-from pipelines.catalog import Catalog, Column, Table
-from pipelines.check import check, uncaptured
-from pipelines.load import load, parse
-from pipelines.types import parse_type
-from reports.objects import finance_entities_present
-from reports.reconcile.normalise import comparable_row, fold_empty, normalise_value
-from schemas import float32_shortest, make_version
+from changeflow import schemas
+from changeflow.connectors.prepare import script
+from changeflow.pipelines.catalog import Catalog, Column, Table
+from changeflow.pipelines.check import check, uncaptured
+from changeflow.pipelines.load import load, parse
+from changeflow.pipelines.types import parse_type
+from changeflow.reports.objects import finance_entities_present
+from changeflow.reports.reconcile.normalise import comparable_row, fold_empty, normalise_value
+from changeflow.schemas import float32_shortest, make_version
 from tests.unit.test_codec import fastavro_only
 
 REPO = Path(__file__).resolve().parents[2]
@@ -108,9 +108,9 @@ def test_folding_keeps_everything_else() -> None:
 
 
 def test_the_clickhouse_store_says_which_kinds_it_cannot_keep_null() -> None:
-    from sinks.clickhouse import ClickHouseStore
-    from sinks.redis import RedisStore
-    from sinks.search import SearchStore
+    from changeflow.sinks.clickhouse import ClickHouseStore
+    from changeflow.sinks.redis import RedisStore
+    from changeflow.sinks.search import SearchStore
 
     assert ClickHouseStore.null_is_empty == frozenset({"array"})
     assert getattr(RedisStore, "null_is_empty", frozenset()) == frozenset()

@@ -9,10 +9,10 @@ from decimal import Decimal
 import orjson
 import pytest
 
-from pipelines.load import load, resolve_secret
-from pipelines.transform import compile_entity
-from pipelines.types import ColumnType, parse_type
-from reports.reconcile import (
+from changeflow.pipelines.load import load, resolve_secret
+from changeflow.pipelines.transform import compile_entity
+from changeflow.pipelines.types import ColumnType, parse_type
+from changeflow.reports.reconcile import (
     Diff,
     Run,
     StoreResult,
@@ -28,8 +28,8 @@ from reports.reconcile import (
     snapshot_signals,
     source_row,
 )
-from schemas import json
-from sinks.clickhouse import to_column
+from changeflow.schemas import json
+from changeflow.sinks.clickhouse import to_column
 
 COMMERCE = load()
 BASE = COMMERCE.path.parent if COMMERCE.path else None
@@ -248,7 +248,7 @@ def test_repair_signals_are_chunked_to_fit_and_select_exactly_the_keys() -> None
 def test_timetz_compares_by_its_utc_instant_as_debezium_sends_it() -> None:
     from datetime import time, timedelta, timezone
 
-    from reports.reconcile.normalise import _as_time
+    from changeflow.reports.reconcile.normalise import _as_time
 
     assert _as_time(time(10, 0, tzinfo=timezone(timedelta(hours=2)))) == _as_time("08:00:00Z")
     assert _as_time(time(1, 0, tzinfo=timezone(timedelta(hours=2)))) == _as_time("23:00:00Z")
@@ -256,8 +256,8 @@ def test_timetz_compares_by_its_utc_instant_as_debezium_sends_it() -> None:
 
 
 def test_nan_and_infinity_compare_as_the_json_stores_null() -> None:
-    from pipelines.types import parse_type
-    from reports.reconcile.normalise import normalise_value
+    from changeflow.pipelines.types import parse_type
+    from changeflow.reports.reconcile.normalise import normalise_value
 
     t = parse_type("float64")
     assert normalise_value(float("nan"), t) is None and normalise_value(float("-inf"), t) is None

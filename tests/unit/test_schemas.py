@@ -10,8 +10,8 @@ from typing import Any
 import fastavro
 import pytest
 
-import schemas
-from pipelines.types import parse_type
+from changeflow import schemas
+from changeflow.pipelines.types import parse_type
 
 COLUMNS = {
     "id": "int64", "small": "int16", "amount": "decimal(12,2)", "exact": "decimal", "ratio": "float64",
@@ -101,13 +101,13 @@ def test_a_value_that_does_not_fit_its_column_names_the_column() -> None:
 # --- a first version from the catalog --------------------------------------------------------------
 
 def _catalog_pipeline(entity_yaml: str) -> Any:
-    from pipelines.load import parse
+    from changeflow.pipelines.load import parse
 
     return parse("name: cat\nsources:\n  postgres: {database: shop, schemas: [sales]}\nentities:\n" + entity_yaml)
 
 
 def _lines_table() -> Any:
-    from pipelines.catalog import Column, Table
+    from changeflow.pipelines.catalog import Column, Table
 
     return Table("sales", "Order Lines", (
         Column("order_id", "uuid", nullable=False), Column("line no", "integer", nullable=False),
@@ -139,7 +139,7 @@ def test_catalog_version_with_allow_keeps_the_key_and_a_declared_key_wins() -> N
 
 
 def test_no_catalog_version_when_a_hook_shapes_the_row_or_there_is_no_key() -> None:
-    from pipelines.catalog import Column, Table
+    from changeflow.pipelines.catalog import Column, Table
 
     hooked = _catalog_pipeline("  lines:\n    table: sales.Order Lines\n    hook: 'json:loads'\n")
     assert schemas.catalog_columns(hooked.entities["lines"], _lines_table()) is None
@@ -191,7 +191,7 @@ def test_two_entities_of_the_same_shape_never_share_a_fingerprint() -> None:
 def test_no_catalog_version_for_a_type_whose_connect_form_the_catalog_cannot_tell() -> None:
     """bit(1) arrives as a boolean, hstore and point as JSON, money without a precision: seeding those from
     the catalog text would make every change a dead letter, so the first change makes the version."""
-    from pipelines.catalog import Column, Table
+    from changeflow.pipelines.catalog import Column, Table
 
     p = _catalog_pipeline("  t:\n    table: sales.t\n")
     for odd in ("bit(1)", "hstore", "point", "money"):

@@ -16,19 +16,19 @@ from pathlib import Path
 
 import pytest
 
+from changeflow.connectors.render import connect_secret
+from changeflow.deploy import postgres as pg_module
+from changeflow.deploy.clickhouse import ClickHouseService
+from changeflow.deploy.connect import ConnectService
+from changeflow.deploy.jvm import properties
+from changeflow.deploy.kafka import KafkaService
+from changeflow.deploy.postgres import MAX_SLOT_WAL_KEEP_SIZE, PostgresService
+from changeflow.deploy.redis import RedisService
+from changeflow.deploy.search_engine import SearchEngineService
+from changeflow.deploy.service import private_dir, secure_state
+from changeflow.reports.status import RetentionGap, SlotStatus, retention_warning, slot_warning
 from changeflow.settings import Settings
 from changeflow.worker import web_port_taken
-from connectors.render import connect_secret
-from deploy import postgres as pg_module
-from deploy.clickhouse import ClickHouseService
-from deploy.connect import ConnectService
-from deploy.jvm import properties
-from deploy.kafka import KafkaService
-from deploy.postgres import MAX_SLOT_WAL_KEEP_SIZE, PostgresService
-from deploy.redis import RedisService
-from deploy.search_engine import SearchEngineService
-from deploy.service import private_dir, secure_state
-from reports.status import RetentionGap, SlotStatus, retention_warning, slot_warning
 
 
 def mode(path: Path) -> int:
@@ -71,7 +71,7 @@ def test_connect_file_and_dir_providers_read_only_the_secrets_folder(settings: S
 
 
 def test_a_pipeline_file_secret_renders_to_the_provider_the_worker_has(settings: Settings) -> None:
-    """connectors/render.py turns `${file:/dir/name}` into `${dir:/dir:name}`: the worker has that provider,
+    """changeflow/connectors/render.py turns `${file:/dir/name}` into `${dir:/dir:name}`: the worker has that provider,
     and a secret kept in the state's secrets folder is inside its allowed path."""
     props = ConnectService(settings).worker_properties()
     secret = settings.state / "secrets" / "shop_pg_password"
@@ -273,7 +273,7 @@ def test_an_offset_before_the_earliest_retained_one_is_a_loud_error() -> None:
 
 @pytest.fixture
 def commerce_pipeline() -> object:
-    from pipelines.load import load
+    from changeflow.pipelines.load import load
 
     return load()
 

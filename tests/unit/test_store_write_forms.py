@@ -6,7 +6,7 @@ from decimal import Decimal
 
 import orjson
 
-from sinks.search import bulk_body
+from changeflow.sinks.search import bulk_body
 
 
 def test_each_action_is_one_line_and_a_delete_carries_no_document() -> None:
@@ -30,7 +30,7 @@ def test_clickhouse_millisecond_ticks_are_the_drivers_own() -> None:
 
     from clickhouse_connect.datatypes.registry import get_from_name
 
-    from sinks.clickhouse import ticks_ms
+    from changeflow.sinks.clickhouse import ticks_ms
 
     column = get_from_name("DateTime64(3, 'UTC')")
     for moment in (datetime(2026, 12, 2, 0, 1, 2, 345678, tzinfo=UTC), datetime(1970, 1, 1, tzinfo=UTC),

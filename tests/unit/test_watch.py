@@ -17,8 +17,8 @@ from changeflow.commands.watch import (
     render,
     window_quantiles,
 )
-from pipelines.load import load
-from streams.records import ChangeRecord
+from changeflow.pipelines.load import load
+from changeflow.streams.records import ChangeRecord
 
 SINKS = ["redis", "search", "clickhouse"]
 ENTITIES = ["products", "orders", "payments"]

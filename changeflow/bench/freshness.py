@@ -1,0 +1,258 @@
+"""Freshness: milliseconds from PostgreSQL commit to visibility in each store, under a steady insert rate.
+
+Runs against the LIVE pipeline (the `commerce-postgres` connector and the background worker), as a user
+would see it. A generator inserts products with this run's SKU prefix at a steady rate, batched per 50 ms tick
+(one transaction per tick, `INSERT ... SELECT FROM unnest(...) RETURNING id`); the commit time of each row is the
+wall clock right after its transaction's COMMIT returned. One poller per store records when each row first
+becomes visible to a reader:
+
+* Redis: pipelined EXISTS on the oldest 2,000 pending keys, every 20 ms;
+* search: a `_search` (what users query, so after the index refresh) for this run's SKUs with ids above the
+  oldest pending one, every 50 ms;
+* ClickHouse: `SELECT DISTINCT id` for this run's SKUs above the oldest pending id, every 50 ms.
+
+So each figure carries up to one polling interval of over-estimate. Where the time goes is read from Kafka
+timestamps of the same rows: commit → raw topic (Debezium) and commit → canonical topic (plus the decode stage).
+Rows not visible when the drain timeout expires are counted as `unseen` and enter the percentiles at the timeout
+(`censored`): a lower bound.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import orjson
+import psycopg
+import redis
+
+from changeflow.bench.common import percentile
+from changeflow.pipelines.spec import Pipeline
+from changeflow.settings import Settings
+from changeflow.sinks.clickhouse import client_for
+
+TICK_S = 0.05
+STORES = ("redis", "search", "clickhouse")
+INSERT = (
+    "INSERT INTO products (sku, name, description, category, price_cents, stock, internal_notes) "
+    "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::int[], %s::int[], %s::text[]) "
+    "RETURNING id"
+)
+
+
+class Tracker:
+    """Commit time of every generated row, and the first time each store showed it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.committed: dict[int, float] = {}
+        self.seen: dict[str, dict[int, float]] = {s: {} for s in STORES}
+        self.done = threading.Event()
+
+    def add(self, ids: list[int], at: float) -> None:
+        with self.lock:
+            for i in ids:
+                self.committed[i] = at
+
+    def pending(self, store: str, limit: int | None = None) -> list[int]:
+        with self.lock:
+            seen = self.seen[store]
+            out = sorted(i for i in self.committed if i not in seen)
+        return out[:limit] if limit else out
+
+    def mark(self, store: str, ids: list[int], at: float) -> None:
+        with self.lock:
+            seen = self.seen[store]
+            for i in ids:
+                if i in self.committed and i not in seen:
+                    seen[i] = at
+
+    def complete(self) -> bool:
+        with self.lock:
+            return all(len(self.seen[s]) >= len(self.committed) for s in STORES)
+
+
+def _generate(settings: Settings, tracker: Tracker, prefix: str, rate: int, seconds: float) -> tuple[int, float]:
+    rng = random.Random(rate)
+    per_tick = max(1, round(rate * TICK_S))
+    ticks = int(seconds / TICK_S)
+    n = 0
+    with psycopg.connect(settings.pg_dsn, autocommit=False) as conn:
+        start = time.monotonic()
+        for tick in range(ticks):
+            delay = start + tick * TICK_S - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            skus = [f"{prefix}{n + i:08d}" for i in range(per_tick)]
+            rows = conn.execute(INSERT, (
+                skus, [f"bench item {i % 97}" for i in range(per_tick)], ["A benchmark product."] * per_tick,
+                [rng.choice(("books", "toys", "tools")) for _ in range(per_tick)],
+                [rng.randint(99, 99_999) for _ in range(per_tick)], [rng.randint(0, 500) for _ in range(per_tick)],
+                ["bench"] * per_tick,
+            )).fetchall()
+            conn.commit()
+            tracker.add([int(r[0]) for r in rows], time.time())
+            n += per_tick
+        elapsed = time.monotonic() - start
+    return n, elapsed
+
+
+def _poll_loop(tracker: Tracker, store: str, interval: float, check: Callable[[list[int]], list[int]]) -> None:
+    while not tracker.done.is_set():
+        started = time.monotonic()
+        pending = tracker.pending(store, 2000 if store == "redis" else None)
+        if pending:
+            try:
+                visible = check(pending)
+            except Exception:  # a store restarting mid-run: try again next round
+                visible = []
+            tracker.mark(store, visible, time.time())
+        time.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+
+def run_load(settings: Settings, pipeline: Pipeline, prefix: str, rate: int, seconds: float,
+             drain_timeout: float) -> dict[str, Any]:
+    tracker = Tracker()
+    since_ms = int(time.time() * 1000) - 1000
+    r = redis.Redis.from_url(settings.redis_url)
+    http = httpx.Client(base_url=settings.search_url, timeout=10)
+    ch = client_for(settings)
+    products = pipeline.entities["products"]
+    index = products.search_index
+    table = f"{products.clickhouse_database}.{products.clickhouse_table}"
+
+    def redis_check(ids: list[int]) -> list[int]:
+        pipe = r.pipeline(transaction=False)
+        for i in ids:
+            pipe.exists(products.redis_key(str(i)))
+        return [i for i, found in zip(ids, pipe.execute(), strict=True) if found]
+
+    def search_check(ids: list[int]) -> list[int]:
+        body = {"size": 10_000, "_source": False, "sort": [{"id": "asc"}], "query": {"bool": {"filter": [
+            {"prefix": {"sku": prefix}}, {"range": {"id": {"gte": ids[0]}}}]}}}
+        hits = http.post(f"/{index}/_search", json=body).json()["hits"]["hits"]
+        return [int(h["_id"]) for h in hits]
+
+    def clickhouse_check(ids: list[int]) -> list[int]:
+        result = ch.query(f"SELECT DISTINCT id FROM {table} "
+                          f"WHERE id >= {int(ids[0])} AND sku LIKE '{prefix}%'")
+        return [int(row[0]) for row in result.result_rows]
+
+    pollers = [
+        threading.Thread(target=_poll_loop, args=(tracker, "redis", 0.02, redis_check), daemon=True),
+        threading.Thread(target=_poll_loop, args=(tracker, "search", 0.05, search_check), daemon=True),
+        threading.Thread(target=_poll_loop, args=(tracker, "clickhouse", 0.05, clickhouse_check), daemon=True),
+    ]
+    for p in pollers:
+        p.start()
+    try:
+        inserted, elapsed = _generate(settings, tracker, prefix, rate, seconds)
+        deadline = time.monotonic() + drain_timeout
+        while time.monotonic() < deadline and not tracker.complete():
+            time.sleep(0.1)
+        ended = time.time()
+    finally:
+        tracker.done.set()
+        for p in pollers:
+            p.join(5)
+        r.close()
+        http.close()
+        ch.close()
+    out: dict[str, Any] = {"target_per_s": rate, "rows": inserted, "achieved_per_s": round(inserted / elapsed),
+                           "load_seconds": round(elapsed, 1)}
+    for store in STORES:
+        seen = tracker.seen[store]
+        lat = [(seen[i] - t) * 1000 for i, t in tracker.committed.items() if i in seen]
+        unseen = [(ended - t) * 1000 for i, t in tracker.committed.items() if i not in seen]
+        values = lat + unseen
+        out[store] = {
+            "p50": _ms(percentile(values, 50)), "p95": _ms(percentile(values, 95)), "p99": _ms(percentile(values, 99)),
+            "max": _ms(max(values) if values else None), "seen": len(lat), "unseen": len(unseen),
+            "censored": bool(unseen),
+        }
+    out["stages"] = stage_latency(settings, pipeline, tracker.committed, since_ms)
+    return out
+
+
+def _topic_times(settings: Settings, topic: str, since_ms: int, ids: set[int], key_id: Callable[[bytes], int | None]
+                 ) -> dict[int, float]:
+    """First Kafka timestamp (s) of each id's message on ``topic`` since ``since_ms``: when a stage emitted it."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    from changeflow.bench.common import partitions
+
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "bench-stage-times",
+                         "enable.auto.commit": False})
+    out: dict[int, float] = {}
+    try:
+        tps = [TopicPartition(tp.topic, tp.partition, since_ms) for tp in partitions(settings, [topic])]
+        starts = consumer.offsets_for_times(tps, timeout=10)
+        ends = {tp.partition: consumer.get_watermark_offsets(tp, timeout=10)[1] for tp in tps}
+        live = [tp for tp in starts if tp.offset >= 0 and tp.offset < ends[tp.partition]]
+        if not live:
+            return out
+        consumer.assign(live)
+        remaining = {tp.partition for tp in live}
+        deadline = time.monotonic() + 60
+        while remaining and time.monotonic() < deadline:
+            for msg in consumer.consume(5000, 0.5):
+                if msg.error() is not None:
+                    continue
+                partition, offset = msg.partition() or 0, msg.offset() or 0
+                if offset >= ends[partition] - 1:
+                    remaining.discard(partition)
+                i = key_id(msg.key() or b"")
+                if i is not None and i in ids and i not in out:
+                    out[i] = msg.timestamp()[1] / 1000
+    finally:
+        consumer.close()
+    return out
+
+
+def _raw_key_id(key: bytes) -> int | None:
+    try:
+        return int(orjson.loads(key)["payload"]["id"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _canonical_key_id(key: bytes) -> int | None:
+    entity, _, k = key.decode(errors="replace").partition(":")
+    return int(k) if entity == "products" and k.isdigit() else None
+
+
+def stage_latency(settings: Settings, pipeline: Pipeline, committed: dict[int, float], since_ms: int
+                  ) -> dict[str, Any]:
+    """p50/p99 ms from commit to the raw topic (Debezium) and to the canonical topic (Debezium + decode)."""
+    products = pipeline.entities["products"]
+    ids = set(committed)
+    out: dict[str, Any] = {}
+    for name, topic, key_id in (
+        ("commit_to_raw_topic", products.raw_topic, _raw_key_id),
+        ("commit_to_canonical_topic", products.canonical_topic, _canonical_key_id),
+    ):
+        times = _topic_times(settings, topic, since_ms, ids, key_id)
+        lat = [(t - committed[i]) * 1000 for i, t in times.items()]
+        out[name] = {"p50": _ms(percentile(lat, 50)), "p99": _ms(percentile(lat, 99)), "rows": len(lat)}
+    return out
+
+
+def _ms(v: float | None) -> float | None:
+    return None if v is None else round(v, 1)
+
+
+def run(settings: Settings, pipeline: Pipeline, sku_prefix: str, rates: list[int], seconds: float, drain_timeout: float,
+        say: Callable[[str], None]) -> dict[str, Any]:
+    from changeflow.deploy.worker import WorkerService
+
+    if not WorkerService(settings).healthy():
+        raise RuntimeError("freshness needs the live worker: start it (see README) or use `changeflow demo`")
+    out: dict[str, Any] = {}
+    for rate in rates:
+        say(f"freshness: {rate:,} inserts/s for {seconds:.0f}s into commerce.products (live pipeline)")
+        out[f"{rate}_per_s"] = run_load(settings, pipeline, f"{sku_prefix}L{rate}-", rate, seconds, drain_timeout)
+    return out

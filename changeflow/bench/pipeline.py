@@ -1,0 +1,122 @@
+"""The isolated bench worker as a child process, and how far each of its stages has got."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from confluent_kafka.admin import AdminClient
+
+from changeflow.bench.common import BenchSettings, GroupProgress, Isolation, free_port, partitions
+from changeflow.pipelines.spec import Pipeline
+from changeflow.sinks.runner import canonical_topics
+
+SINKS = ("redis", "search", "clickhouse")
+
+
+class BenchWorkerError(RuntimeError):
+    pass
+
+
+class BenchWorker:
+    """``python -m changeflow.bench.worker`` for one stage: started, waited for, watched, stopped."""
+
+    def __init__(self, base: BenchSettings, pipeline: Pipeline, iso: Isolation, log_dir: Path,
+                 profile_dir: Path | None = None) -> None:
+        """``pipeline``: the stage's own (``iso.pipeline(live)``), which the child rebuilds from its environment."""
+        self.settings = base
+        self.pipeline = pipeline
+        self.iso = iso
+        self.port = free_port()
+        self.log_path = log_dir / f"{iso.tag}-worker.log"
+        self.profile_dir = profile_dir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._progress: dict[str, GroupProgress] = {}
+
+    def start(self) -> None:
+        env = self.iso.env(self.settings, self.port)
+        if self.profile_dir is not None:
+            self.profile_dir.mkdir(parents=True, exist_ok=True)
+            env["CHANGEFLOW_BENCH_PROFILE"] = str(self.profile_dir.resolve())
+        log = self.log_path.open("wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "changeflow.bench.worker"], env=env, stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def _alive(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            tail = self.log_path.read_text(errors="replace")[-2000:] if self.log_path.exists() else ""
+            raise BenchWorkerError(f"bench worker exited (log {self.log_path}):\n{tail}")
+
+    def wait_ready(self, timeout: float = 90.0) -> float:
+        """Until Faust serves its web port and every consumer group is Stable; seconds taken."""
+        started = time.monotonic()
+        groups = [self.iso.decode_group, *(self.iso.sink_group(s) for s in SINKS)]
+        admin = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap})
+        while time.monotonic() - started < timeout:
+            self._alive()
+            try:
+                web = httpx.get(f"http://127.0.0.1:{self.port}/", timeout=2).status_code < 500
+            except httpx.HTTPError:
+                web = False
+            if web:
+                futures = admin.describe_consumer_groups(groups, request_timeout=10)
+                states = []
+                for future in futures.values():
+                    try:
+                        states.append(str(future.result().state).rsplit(".", 1)[-1].upper())
+                    except Exception:
+                        states.append("UNKNOWN")
+                if all(s == "STABLE" for s in states):
+                    return time.monotonic() - started
+            time.sleep(0.5)
+        raise BenchWorkerError(f"bench worker not ready after {timeout:.0f}s (log {self.log_path})")
+
+    def pids(self) -> dict[str, int]:
+        """``decode`` (the worker process) and ``sink:<name>`` (each sink process, from the worker's web page)."""
+        assert self.proc is not None
+        out = {"decode": self.proc.pid}
+        try:
+            states = httpx.get(f"http://127.0.0.1:{self.port}/changeflow/sinks/", timeout=5).json()
+        except (httpx.HTTPError, ValueError):
+            states = {}
+        out.update({f"sink:{name}": int(st["pid"]) for name, st in states.items() if st.get("pid")})
+        return out
+
+    def applied(self) -> dict[str, int]:
+        """Records each sink has written and committed (its group's committed offsets on the canonical topics)."""
+        if not self._progress:
+            tps = partitions(self.settings, canonical_topics(self.pipeline))
+            self._progress = {s: GroupProgress(self.settings, self.iso.sink_group(s), tps) for s in SINKS}
+        return {s: p.committed() for s, p in self._progress.items()}
+
+    def wait_applied(self, expected: int, timeout: float, poll: float = 0.05) -> dict[str, float | None]:
+        """Wall-clock time (epoch s) at which each sink had applied ``expected`` records; None if it did not."""
+        done: dict[str, float | None] = dict.fromkeys(SINKS)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(v is None for v in done.values()):
+            self._alive()
+            now = time.time()
+            for sink, count in self.applied().items():
+                if done[sink] is None and count >= expected:
+                    done[sink] = now
+            time.sleep(poll)
+        return done
+
+    def stop(self) -> None:
+        for progress in self._progress.values():
+            with contextlib.suppress(Exception):
+                progress.close()
+        self._progress = {}
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(45)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)

@@ -1,0 +1,249 @@
+"""A loaded pipeline, with every name it creates resolved: what the decode stage, the stores, the reports
+and the connectors all read. Pure data (no I/O): built once from the file by ``pipelines.load``.
+
+Defaults for pipeline namespace P and entity E (README "Pipeline file" and "Defaults"): canonical topic
+``P.E``, dead letters ``P.dlq``, ClickHouse table ``P.E`` and ``P.changelog``, search index ``P-E``,
+Redis key ``P:E:<key>``, decode group ``P``, sink groups ``P-sink-<store>``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from changeflow.pipelines.model import ClickHouseStore, Entity, PipelineFile, RedisStore, SearchStore
+from changeflow.pipelines.types import ColumnType, parse_type
+
+Row = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class EntitySpec:
+    """One entity of a pipeline, as every part of changeflow sees it."""
+
+    name: str
+    pipeline: str
+    namespace: str
+    source: str  # "postgres" | "mongodb"
+    source_schema: str  # PostgreSQL schema, MongoDB database
+    source_table: str  # table or collection
+    key_columns: tuple[str, ...] | None  # None: the Debezium message key's columns (the primary key)
+    raw_topic: str
+    canonical_topic: str
+    config: Entity
+    # Declared column types (file `columns` and derived fields): they win over what the source says.
+    declared_types: Mapping[str, ColumnType] = field(default_factory=dict)
+
+    @property
+    def redis(self) -> RedisStore | None:
+        return self.config.stores.redis if self.config.stores.redis.enabled else None
+
+    @property
+    def search(self) -> SearchStore | None:
+        return self.config.stores.search if self.config.stores.search.enabled else None
+
+    @property
+    def clickhouse(self) -> ClickHouseStore | None:
+        return self.config.stores.clickhouse if self.config.stores.clickhouse.enabled else None
+
+    def stored_in(self, store: str) -> bool:
+        cfg = getattr(self.config.stores, store, None)
+        return bool(cfg is not None and cfg.enabled)
+
+    @property
+    def redis_prefix(self) -> str:
+        r = self.config.stores.redis
+        return r.prefix or f"{self.namespace}:{self.name}"
+
+    def redis_key(self, key: str) -> str:
+        return f"{self.redis_prefix}:{key}"
+
+    @property
+    def search_index(self) -> str:
+        return self.config.stores.search.index or f"{self.namespace}-{self.name}"
+
+    @property
+    def clickhouse_database(self) -> str:
+        return self.config.stores.clickhouse.database or self.namespace
+
+    @property
+    def clickhouse_table(self) -> str:
+        return self.config.stores.clickhouse.table or self.name
+
+    @property
+    def dropped(self) -> frozenset[str]:
+        return frozenset(self.config.fields.drop)
+
+    @property
+    def hashed(self) -> frozenset[str]:
+        return frozenset(self.config.fields.hash)
+
+    @property
+    def qualified_table(self) -> str:
+        return f"{self.source_schema}.{self.source_table}"
+
+
+class StackDefaults(Protocol):
+    """What a pipeline falls back to for its source connection (``changeflow.settings.Settings`` has it)."""
+
+    @property
+    def pg_dsn(self) -> str: ...
+    @property
+    def pg_host(self) -> str: ...
+    @property
+    def pg_port(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    file: PipelineFile
+    path: Path | None
+    entities: dict[str, EntitySpec]
+
+    @property
+    def name(self) -> str:
+        return self.file.name
+
+    @property
+    def namespace(self) -> str:
+        return self.file.namespace or self.file.name
+
+    # --- names ---------------------------------------------------------------------------------------
+    @property
+    def dlq_topic(self) -> str:
+        return f"{self.namespace}.dlq"
+
+    @property
+    def schema_topic(self) -> str:
+        """Compacted topic holding every canonical Avro schema version (README: "Reading the canonical topics")."""
+        return f"{self.namespace}.schemas"
+
+    @property
+    def decode_group(self) -> str:
+        return self.namespace
+
+    def sink_group(self, store: str) -> str:
+        return f"{self.namespace}-sink-{store}"
+
+    @property
+    def notifications_topic(self) -> str:
+        return f"{self.namespace}.debezium.notifications"
+
+    @property
+    def clickhouse_database(self) -> str:
+        """The database of the pipeline's own bookkeeping tables (changelog, applied_through, reconcile)."""
+        return self.namespace
+
+    @property
+    def postgres_topic_prefix(self) -> str:
+        pg = self.file.sources.postgres
+        return (pg.topic_prefix if pg else None) or self.namespace
+
+    @property
+    def mongodb_topic_prefix(self) -> str:
+        mg = self.file.sources.mongodb
+        return (mg.topic_prefix if mg else None) or self.namespace
+
+    @property
+    def slot(self) -> str:
+        pg = self.file.sources.postgres
+        assert pg is not None
+        return pg.slot or f"{self.namespace}_{pg.database}"
+
+    @property
+    def publication(self) -> str:
+        pg = self.file.sources.postgres
+        assert pg is not None
+        return pg.publication or f"{self.namespace}_pub"
+
+    @property
+    def signal_table(self) -> str:
+        pg = self.file.sources.postgres
+        return (pg.signal_table if pg else None) or f"public.{self.namespace}_signal"
+
+    @property
+    def heartbeat_table(self) -> str:
+        pg = self.file.sources.postgres
+        return (pg.heartbeat_table if pg else None) or f"public.{self.namespace}_heartbeat"
+
+    def source_dsn(self, stack: StackDefaults) -> str:
+        """Where changeflow itself reads the source (reconcile, drift, rebuild, the catalog): the stack's
+        role (``pg_dsn``) on the pipeline's database, host and port (else the stack's host and port)."""
+        from psycopg.conninfo import make_conninfo
+
+        pg = self.file.sources.postgres
+        if pg is None:
+            return stack.pg_dsn
+        return make_conninfo(stack.pg_dsn, dbname=pg.database, host=pg.host or stack.pg_host,
+                             port=pg.port or stack.pg_port)
+
+    def connector_name(self, source: str) -> str:
+        src = getattr(self.file.sources, source)
+        return (src.connector if src else None) or f"{self.namespace}-{source}"
+
+    # --- lookups -------------------------------------------------------------------------------------
+    def by_source_table(self, source: str) -> dict[tuple[str, str], EntitySpec]:
+        """(schema or database, table or collection) → entity, for the decode stage."""
+        return {(e.source_schema, e.source_table): e for e in self.entities.values() if e.source == source}
+
+    def raw_topics(self) -> dict[str, EntitySpec]:
+        return {e.raw_topic: e for e in self.entities.values()}
+
+    def canonical_topics(self) -> list[str]:
+        return [e.canonical_topic for e in self.entities.values()]
+
+    def stored_in(self, store: str) -> list[EntitySpec]:
+        return [e for e in self.entities.values() if e.stored_in(store)]
+
+    def entity(self, name: str) -> EntitySpec:
+        try:
+            return self.entities[name]
+        except KeyError:
+            raise KeyError(f"unknown entity {name!r}; this pipeline has: {', '.join(self.entities)}") from None
+
+
+def split_table(qualified: str, default_schema: str = "public") -> tuple[str, str]:
+    """``schema.table`` → (schema, table), split at the last dot (a schema name may hold dots, a table name
+    may not); a bare table is in ``default_schema``."""
+    schema, _, table = qualified.rpartition(".")
+    return (schema or default_schema), table
+
+
+def topic_part(name: str) -> str:
+    """Debezium's topic naming: a character outside ``[A-Za-z0-9._-]`` becomes ``_`` (measured: table
+    ``"cf Manual"."Order Lines"`` is written to ``<prefix>.cf_Manual.Order_Lines``)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+
+def build(file: PipelineFile, path: Path | None = None) -> Pipeline:
+    namespace = file.namespace or file.name
+    entities: dict[str, EntitySpec] = {}
+    for name, cfg in file.entities.items():
+        if cfg.source == "mongodb":
+            mg = file.sources.mongodb
+            assert mg is not None
+            schema, table = mg.database, cfg.collection or name
+            raw_topic = f"{mg.topic_prefix or namespace}.{topic_part(schema)}.{topic_part(table)}"
+        else:
+            pg = file.sources.postgres
+            assert pg is not None
+            ref = cfg.table or name
+            schema, table = split_table(ref, pg.schemas[0])
+            raw_topic = f"{pg.topic_prefix or namespace}.{topic_part(schema)}.{topic_part(table)}"
+        declared = {col: parse_type(t) for col, t in cfg.columns.items()}
+        declared.update({col: parse_type(d.type) for col, d in cfg.derive.items()})
+        for col in cfg.fields.hash:
+            declared[col] = parse_type("string")
+        entities[name] = EntitySpec(
+            name=name, pipeline=file.name, namespace=namespace, source=cfg.source or "postgres",
+            source_schema=schema, source_table=table,
+            key_columns=tuple(cfg.key) if cfg.key else None, raw_topic=raw_topic,
+            canonical_topic=f"{namespace}.{name}", config=cfg, declared_types=declared,
+        )
+    return Pipeline(file=file, path=path, entities=entities)
+
+
+HookFn = Callable[[Row], Row]

@@ -1,0 +1,251 @@
+"""The one store protocol and the registry of stores by name.
+
+A sink receives a batch of canonical records in Kafka order and must apply each only if it is newer
+than what the store holds (``version``), so replays and duplicates change nothing. The runner commits
+Kafka offsets only after ``write_batch`` returns.
+
+Three outcomes of a write, kept apart by every store:
+
+- **written**: ``write_batch`` returns; every record is applied (or was already, by the version guard).
+- **rejected records**: the store refused *these records* and nothing retrying could change (a search
+  document whose field conflicts with the mapping, a ClickHouse row the server refuses, a Redis key whose
+  script call failed). ``write_batch`` writes every other record of the batch first, then *returns* the
+  refused ones as :class:`Rejected` (record + the store's own error). The runner quarantines each for
+  that store only (dead-letter topic, ``on_reject: quarantine``, the default) or stops (``on_reject:
+  stop``). A rejected record leaves the store's version guard as it was, so a later, newer record of the
+  same key still applies, and a replay of the rejected one applies only if it is still the newest.
+- **a failure of the store itself** (unreachable, authentication, a missing table or index): raised as
+  :class:`RetriableSinkError` (retry the whole batch; nothing is committed) or :class:`FatalSinkError`
+  (stop loudly). A store never reports those as rejected records.
+
+``write_batch`` returning ``None`` means "no rejections" (stores written before this contract).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.metadata
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from changeflow.pipelines.spec import EntitySpec, Pipeline
+from changeflow.streams.partial import merge_partial
+from changeflow.streams.records import ChangeRecord
+
+if TYPE_CHECKING:
+    from changeflow.settings import Settings
+
+
+log = logging.getLogger("changeflow.sinks")
+
+# entity, keys → {key: the row the store holds now} (absent when the store has no such row)
+FetchCurrent = Callable[[str, list[str]], dict[str, dict[str, Any]]]
+
+
+def merge_image(record: ChangeRecord, base: dict[str, Any]) -> dict[str, Any]:
+    """The full row after a partial change: the fields it carries over the last known row."""
+    assert record.after is not None
+    if record.source == "mongodb":
+        return merge_partial(base, record.after)
+    return {**base, **record.after}
+
+
+def fill_partials(records: Sequence[ChangeRecord], fetch: FetchCurrent) -> list[ChangeRecord]:
+    """Complete partial records (TOAST placeholders left out, MongoDB updateDescription) from the store.
+
+    Earlier records of the same batch win over the store, so a batch holding an insert and then a
+    partial update of one row needs no round trip for it. A partial record whose row the store has
+    never seen is written with the fields it has; the placeholder itself never reaches a store.
+    """
+    if not any(r.partial for r in records):
+        return list(records)
+    wanted: dict[str, list[str]] = {}
+    for r in records:
+        if r.partial:
+            wanted.setdefault(r.entity, []).append(r.key)
+    known: dict[tuple[str, str], dict[str, Any] | None] = {}
+    for entity, keys in wanted.items():
+        for key, row in fetch(entity, sorted(set(keys))).items():
+            known[(entity, key)] = row
+    out: list[ChangeRecord] = []
+    for r in records:
+        k = (r.entity, r.key)
+        if r.after is None:
+            known[k] = None
+        elif r.partial:
+            base = known.get(k)
+            if base is None:
+                log.warning("event=partial_without_base entity=%s key=%s version=%s", r.entity, r.key, r.version)
+                r = dataclasses.replace(r, partial=False)
+            else:
+                r = dataclasses.replace(r, after=merge_image(r, base), partial=False)
+            known[k] = r.after
+        else:
+            known[k] = r.after
+        out.append(r)
+    return out
+
+
+def applied_through(records: Sequence[ChangeRecord]) -> dict[str, tuple[int, int]]:
+    """entity → (highest version, its source commit time) among the records of a batch."""
+    out: dict[str, tuple[int, int]] = {}
+    for r in records:
+        if r.entity not in out or r.version > out[r.entity][0]:
+            out[r.entity] = (r.version, r.ts_ms)
+    return out
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A record the store refused (not the store failing): quarantined for that store only."""
+
+    record: ChangeRecord
+    reason: str
+
+
+T = TypeVar("T")
+
+
+def bisect_rejects(
+    items: Sequence[T], write: Callable[[Sequence[T]], None], rejection: Callable[[Exception], str | None],
+    every: Callable[[Exception], bool] | None = None,
+) -> list[tuple[T, str]]:
+    """Write ``items`` with a store call that accepts or refuses a whole batch (a ClickHouse insert): on a
+    refusal, split the batch in halves and write each, down to the single items the store refuses.
+
+    ``rejection(exc)`` says whether an exception is the *data's* fault (its reason) or not (None: the store
+    itself failed, and the exception propagates, so the caller retries or stops as before). ``every(exc)``
+    says that the store refuses every item of the part for that reason (nothing to split). Returns
+    (item, reason) for each refused item, in order; every other item has been written. Each item is
+    written once when nothing is refused; a single refused item among n costs about 2·log2(n) more calls.
+    """
+    refused: list[tuple[T, str]] = []
+
+    def attempt(part: Sequence[T]) -> None:
+        if not part:
+            return
+        try:
+            write(part)
+            return
+        except Exception as exc:
+            reason = rejection(exc)
+            if reason is None:
+                raise
+            if len(part) == 1 or (every is not None and every(exc)):
+                refused.extend((item, reason) for item in part)
+                return
+        middle = len(part) // 2
+        attempt(part[:middle])
+        attempt(part[middle:])
+
+    attempt(items)
+    return refused
+
+
+class RetriableSinkError(RuntimeError):
+    """The store is unavailable or overloaded (connection lost, timeout, 429/503): retry the batch."""
+
+
+class FatalSinkError(RuntimeError):
+    """The store rejected the batch for a reason retrying cannot fix (bad mapping, bad config)."""
+
+
+@dataclass(frozen=True)
+class Versioned:
+    """A row as a store holds it, with the version it was written under (None where the store keeps none)."""
+
+    row: dict[str, Any]
+    version: int | None
+
+
+class Store(Protocol):
+    """One derived store: every operation on it, for the stream and for the tools.
+
+    A store is found by name in the registry (``changeflow.stores`` entry points); drift, status, watch,
+    metrics, rebuild and reconcile loop over the registered stores and never name one.
+    """
+
+    name: str
+    # Column kinds (pipelines.types.ColumnType.kind) whose NULL the store can only hold as the empty value:
+    # reconcile compares the two as equal for this store (README "Types"). Read with getattr, default none.
+    null_is_empty: frozenset[str]
+
+    # --- the stream ---------------------------------------------------------------------------------
+    def setup(self, known: Mapping[str, Any] | None = None) -> None:
+        """Create what the store needs for the pipeline's entities (tables, indexes, scripts); idempotent.
+        ``known``: entity → the newest canonical schema version already published."""
+
+    def write_batch(self, records: Sequence[ChangeRecord]) -> list[Rejected] | None:
+        """Apply the records, version-guarded. Records the store refuses are returned as ``Rejected``
+        after every other record is written; a failure of the store itself raises RetriableSinkError or
+        FatalSinkError (module docstring)."""
+
+    def fetch_current(self, entity: str, keys: list[str]) -> dict[str, dict[str, Any]]:
+        """The rows the store holds now for ``keys`` (to complete partial records)."""
+
+    # --- the tools (drift, reconcile, repair, status) -----------------------------------------------
+    def count(self, spec: EntitySpec) -> int:
+        """Live rows of the entity (deletes applied)."""
+
+    def scan(self, spec: EntitySpec) -> Iterator[tuple[str, dict[str, Any], int | None]]:
+        """Every live row: (key, row, version)."""
+
+    def fetch(self, spec: EntitySpec, keys: list[str]) -> dict[str, Versioned]: ...
+
+    def delete(self, spec: EntitySpec, keys: list[str]) -> None:
+        """Remove rows outright (repair of strays, erasure)."""
+
+    def drop_versions_above(self, spec: EntitySpec, keys: list[str], position: int) -> list[str]:
+        """Forget version guards above a source position, so a re-read at that position applies."""
+
+    def applied_through(self) -> dict[str, int]:
+        """entity → the highest source version applied."""
+
+    def purge(self) -> list[str]:
+        """Remove everything the pipeline created in this store (``connectors delete --purge``); a line
+        per object removed. Idempotent: nothing left, nothing said."""
+
+    def close(self) -> None: ...
+
+
+StoreFactory = Callable[["Settings", Pipeline], Store]
+ENTRY_POINTS = "changeflow.stores"
+# The stores that ship with changeflow, for a checkout run without being installed (entry points missing).
+BUILTIN = {"redis": "changeflow.sinks.redis:RedisStore", "search": "changeflow.sinks.search:SearchStore",
+           "clickhouse": "changeflow.sinks.clickhouse:ClickHouseStore"}
+
+
+def _load(ref: str) -> StoreFactory:
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+@cache
+def registry() -> dict[str, StoreFactory]:
+    """Store name → its class, from the ``changeflow.stores`` entry points (a new store is one module and
+    one line in its package's entry points)."""
+    found = {ep.name: ep.value for ep in importlib.metadata.entry_points(group=ENTRY_POINTS)}
+    return {name: _load(ref) for name, ref in (found or BUILTIN).items()}
+
+
+def names() -> list[str]:
+    return list(registry())
+
+
+def used_by(pipeline: Pipeline) -> list[str]:
+    """The stores a pipeline's worker runs and its tools look at: every registered store, except an opt-in
+    one (``opt_in = True`` on its class: a store that needs a target the user names, such as PostgreSQL)
+    that no entity of the pipeline lands in."""
+    return [n for n, factory in registry().items()
+            if not getattr(factory, "opt_in", False) or pipeline.stored_in(n)]
+
+
+def create(name: str, settings: Settings, pipeline: Pipeline) -> Store:
+    factories = registry()
+    if name not in factories:
+        raise KeyError(f"unknown store {name!r}; known: {', '.join(sorted(factories))}")
+    return factories[name](settings, pipeline)

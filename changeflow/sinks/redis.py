@@ -1,0 +1,246 @@
+"""Redis cache projection: ``<prefix>:<key>`` holds the JSON of the current row (optionally with a TTL).
+
+Every write goes through one Lua compare-and-set per batch: a record is applied only if its version is
+higher than the one stored for that key in the ``<namespace>:versions`` hash. A delete removes the key
+but leaves its version there (a versioned tombstone), so a late, older update cannot bring the row
+back. Versions are compared as zero-padded decimal strings because Lua numbers are doubles and a
+MongoDB cluster-time version exceeds 2^53.
+
+Each key's write runs under ``redis.pcall``: a key whose write fails is reported back by the script (its
+position and Redis's error) with its version left as it was, the other keys of the batch are written,
+and the runner quarantines the failed record for Redis only. An error that is about the server, not the
+key (out of memory, read-only replica, loading, busy, authentication: :data:`SERVER_ERRORS`), fails the
+whole batch as before: retried, or fatal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, cast
+
+import redis
+
+from changeflow.pipelines.spec import EntitySpec, Pipeline
+from changeflow.schemas import json
+from changeflow.sinks.base import FatalSinkError, Rejected, RetriableSinkError, Versioned, fill_partials
+from changeflow.streams.records import ChangeRecord
+
+if TYPE_CHECKING:
+    from changeflow.settings import Settings
+
+BATCH = 1000
+
+# KEYS[1] = versions hash, KEYS[2] = applied-through hash, KEYS[3..] = row keys.
+# ARGV = entity name, TTL in seconds ("" for none), then per row key (padded version, value; "" = delete).
+# Returns {applied, {position, error, position, error, ...}}: position 1 is KEYS[3]. A key whose write
+# fails keeps its old version, so a newer record still applies and a replay of this one applies if newest.
+APPLY_IF_NEWER = """
+local vh = KEYS[1]
+local ttl = tonumber(ARGV[2])
+local applied = 0
+local failed = {}
+for i = 3, #KEYS do
+  local base = (i - 3) * 2
+  local ver = ARGV[base + 3]
+  local val = ARGV[base + 4]
+  local cur = redis.call('HGET', vh, KEYS[i])
+  if (not cur) or cur < ver then
+    local res
+    if val == '' then
+      res = redis.pcall('DEL', KEYS[i])
+    elseif ttl then
+      res = redis.pcall('SET', KEYS[i], val, 'EX', ttl)
+    else
+      res = redis.pcall('SET', KEYS[i], val)
+    end
+    if type(res) == 'table' and res.err then
+      table.insert(failed, i - 2)
+      table.insert(failed, res.err)
+    else
+      redis.call('HSET', vh, KEYS[i], ver)
+      applied = applied + 1
+    end
+  end
+  local through = redis.call('HGET', KEYS[2], ARGV[1])
+  if (not through) or through < ver then
+    redis.call('HSET', KEYS[2], ARGV[1], ver)
+  end
+end
+return {applied, failed}
+"""
+
+# Error prefixes that are about the server, never one key: retried (the first group) or fatal (the second).
+SERVER_ERRORS_RETRIABLE = ("OOM", "READONLY", "MISCONF", "BUSY", "LOADING", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN",
+                           "NOREPLICAS")
+SERVER_ERRORS_FATAL = ("NOAUTH", "WRONGPASS", "NOPERM", "NOSCRIPT")
+SERVER_ERRORS = SERVER_ERRORS_RETRIABLE + SERVER_ERRORS_FATAL
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def server_error(message: str) -> Exception | None:
+    """The sink error for a Redis error that is about the server (None: it is about the key)."""
+    head = message.split(" ", 1)[0].upper()
+    if head in SERVER_ERRORS_RETRIABLE:
+        return RetriableSinkError(f"redis: {message}")
+    if head in SERVER_ERRORS_FATAL:
+        return FatalSinkError(f"redis: {message}")
+    return None
+
+
+def script_rejections(group: Sequence[ChangeRecord], result: Any) -> list[Rejected]:
+    """The script's answer for one entity's records → the records Redis refused, with its error.
+
+    ``result`` is the script's ``{applied, {position, error, ...}}``, or the exception the pipeline
+    returned for the whole call: one about the server raises (retried or fatal); any other script error
+    means no key of the call could be judged, which is a failure of the store (fatal), not a rejection.
+    """
+    if isinstance(result, Exception):
+        raise server_error(str(result)) or FatalSinkError(f"redis script failed: {result}")
+    failed = result[1] if isinstance(result, list | tuple) and len(result) > 1 else []
+    out: list[Rejected] = []
+    for j in range(0, len(failed) - 1, 2):
+        position, message = int(failed[j]), _text(failed[j + 1])
+        error = server_error(message)
+        if error is not None:
+            raise error
+        record = group[position - 1]
+        out.append(Rejected(record, f"redis {record.entity} key {record.key!r}: {message}"))
+    return out
+
+
+def pad(version: int) -> str:
+    return f"{version:020d}"
+
+
+class RedisStore:
+    name = "redis"
+
+    def __init__(self, settings: Settings, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.versions_key = f"{pipeline.namespace}:versions"
+        self.applied_key = f"{pipeline.namespace}:applied"
+        self.client = redis.Redis.from_url(settings.redis_url, socket_timeout=30, socket_connect_timeout=5)
+        self._script = self.client.register_script(APPLY_IF_NEWER)
+
+    # --- the stream ---------------------------------------------------------------------------------
+    def setup(self, known: Mapping[str, Any] | None = None) -> None:
+        try:
+            self.client.ping()
+        except redis.RedisError as exc:
+            raise RetriableSinkError(f"redis unavailable: {exc}") from exc
+
+    def fetch_current(self, entity: str, keys: list[str]) -> dict[str, dict[str, Any]]:
+        spec = self.pipeline.entities[entity]
+        if spec.redis is None or not keys:
+            return {}
+        try:
+            values = self.client.mget([spec.redis_key(k) for k in keys])
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise RetriableSinkError(f"redis: {exc}") from exc
+        return {k: json.loads(v) for k, v in zip(keys, values, strict=True) if v is not None}
+
+    def write_batch(self, records: Sequence[ChangeRecord]) -> list[Rejected]:
+        records = fill_partials(records, self.fetch_current)
+        by_entity: dict[str, list[ChangeRecord]] = {}
+        for record in records:
+            if self.pipeline.entities[record.entity].redis is not None:
+                by_entity.setdefault(record.entity, []).append(record)
+        groups: list[list[ChangeRecord]] = []
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for entity, group in by_entity.items():
+                spec = self.pipeline.entities[entity]
+                ttl = spec.redis.ttl_s if spec.redis is not None else None
+                keys = [self.versions_key, self.applied_key]
+                args: list[str | bytes] = [entity, "" if ttl is None else str(ttl)]
+                for record in group:
+                    keys.append(spec.redis_key(record.key))
+                    args.append(pad(record.version))
+                    args.append(b"" if record.after is None else json.dumps(record.after))
+                self._script(keys=keys, args=args, client=pipe)
+                groups.append(group)
+            results = pipe.execute(raise_on_error=False)
+        except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
+            raise RetriableSinkError(f"redis: {exc}") from exc
+        except redis.ResponseError as exc:
+            raise server_error(str(exc)) or FatalSinkError(f"redis: {exc}") from exc
+        for result in results:
+            if isinstance(result, (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)):
+                raise RetriableSinkError(f"redis: {result}")
+        rejected: list[Rejected] = []
+        for group, result in zip(groups, results, strict=True):
+            rejected += script_rejections(group, result)
+        return rejected
+
+    # --- the tools ----------------------------------------------------------------------------------
+    def _rows(self, spec: EntitySpec, keys: list[str]) -> Iterator[tuple[str, dict[str, Any], int | None]]:
+        for i in range(0, len(keys), BATCH):
+            chunk = keys[i : i + BATCH]
+            names = [spec.redis_key(k) for k in chunk]
+            pipe = self.client.pipeline(transaction=False)
+            pipe.mget(names)
+            pipe.hmget(self.versions_key, names)
+            values, versions = pipe.execute()
+            for key, value, version in zip(chunk, values, versions, strict=True):
+                if value is None:
+                    continue
+                try:
+                    row = json.loads(value)
+                except ValueError:
+                    row = {"<value>": value.decode(errors="replace")}
+                yield key, row, None if version is None else int(version)
+
+    def _keys(self, spec: EntitySpec) -> list[str]:
+        prefix = f"{spec.redis_prefix}:"
+        # Redis MATCH patterns treat * ? [ ] \ specially: a prefix from configuration is escaped.
+        pattern = "".join("\\" + ch if ch in "*?[]\\" else ch for ch in prefix) + "*"
+        return [n.decode()[len(prefix):] for n in self.client.scan_iter(match=pattern, count=BATCH)]
+
+    def scan(self, spec: EntitySpec) -> Iterator[tuple[str, dict[str, Any], int | None]]:
+        yield from self._rows(spec, self._keys(spec))
+
+    def fetch(self, spec: EntitySpec, keys: list[str]) -> dict[str, Versioned]:
+        return {k: Versioned(row, v) for k, row, v in self._rows(spec, keys)}
+
+    def count(self, spec: EntitySpec) -> int:
+        return len(self._keys(spec))
+
+    def version_entries(self, spec: EntitySpec, keys: list[str]) -> dict[str, int]:
+        raw = self.client.hmget(self.versions_key, [spec.redis_key(k) for k in keys]) if keys else []
+        return {k: int(v) for k, v in zip(keys, raw, strict=True) if v is not None}
+
+    def delete(self, spec: EntitySpec, keys: list[str]) -> None:
+        # The value only: the version entry stays as a tombstone, as after any delete.
+        if keys:
+            self.client.delete(*[spec.redis_key(k) for k in keys])
+
+    def drop_versions_above(self, spec: EntitySpec, keys: list[str], position: int) -> list[str]:
+        ahead = [k for k, v in self.version_entries(spec, keys).items() if v > position]
+        if ahead:
+            self.client.hdel(self.versions_key, *[spec.redis_key(k) for k in ahead])
+        return ahead
+
+    def applied_through(self) -> dict[str, int]:
+        # The client is made without decode_responses, so hash fields come back as bytes.
+        raw = cast("dict[bytes, bytes]", self.client.hgetall(self.applied_key))
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+    def purge(self) -> list[str]:
+        """Exactly the keys this pipeline wrote: every one of them has its version in ``<ns>:versions``
+        (tombstones included), so nothing under a shared prefix that another writer owns is touched."""
+        done: list[str] = []
+        keys = [k for k, _v in self.client.hscan_iter(self.versions_key, count=1000)]
+        for i in range(0, len(keys), 1000):
+            self.client.delete(*keys[i : i + 1000])
+        if keys:
+            done.append(f"redis: {len(keys)} keys the pipeline wrote deleted")
+        for key in (self.versions_key, self.applied_key):
+            if self.client.delete(key):
+                done.append(f"redis: {key} deleted")
+        return done
+
+    def close(self) -> None:
+        self.client.close()
