@@ -32,7 +32,7 @@ from changeflow.settings import Settings
 from changeflow.sinks import base as sink_base
 from changeflow.sinks.process import EXIT_CRASH_LOOP, EXIT_SINK_FATAL, SinkProcesses, default_jobs
 from changeflow.sinks.runner import AfterSetup
-from changeflow.streams.app import CANONICAL_PARTITIONS, create_app, price_changed_topic_name
+from changeflow.streams.app import CANONICAL_PARTITIONS, create_app
 
 log = logging.getLogger("changeflow.worker")
 
@@ -45,7 +45,7 @@ def ensure_topics(settings: Settings, pipeline: Pipeline) -> None:
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
     wanted = {name: CANONICAL_PARTITIONS for name in pipeline.raw_topics()}
     wanted.update({topic: CANONICAL_PARTITIONS for topic in pipeline.canonical_topics()})
-    wanted[price_changed_topic_name(pipeline)] = CANONICAL_PARTITIONS
+    wanted.update({topic: CANONICAL_PARTITIONS for topic in pipeline.event_topics()})  # declared events only
     wanted[pipeline.dlq_topic] = 1
     existing = set(admin.list_topics(timeout=15).topics)
     missing = [NewTopic(n, num_partitions=p, replication_factor=1) for n, p in wanted.items() if n not in existing]

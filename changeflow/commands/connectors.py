@@ -268,10 +268,9 @@ def delete(
 def pipeline_topics(pipeline: Pipeline) -> list[str]:
     """Every topic the pipeline's connectors and worker write (raw, canonical, DLQ, schemas, derived events)."""
     from changeflow.pipelines.spec import split_table, topic_part
-    from changeflow.streams.app import price_changed_topic_name
 
     topics = {*pipeline.raw_topics(), *pipeline.canonical_topics(), pipeline.dlq_topic, pipeline.schema_topic,
-              price_changed_topic_name(pipeline), pipeline.notifications_topic}
+              *pipeline.event_topics(), pipeline.notifications_topic}
     if pipeline.file.sources.postgres is not None:
         prefix = pipeline.postgres_topic_prefix
         # Debezium's own: heartbeats, and the changes of the heartbeat and signal tables it writes to.

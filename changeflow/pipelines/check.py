@@ -196,6 +196,16 @@ def _entity_against_catalog(spec: EntitySpec, catalog: Catalog, publication: str
             out.append(Problem(f"{at}.filter", f"reads {ref!r}, which is not a column of {table.qualified} nor a "
                                                f"derived field; {_suggest(ref, sorted(known))}"))
 
+    # derived events: the columns whose change emits them reach the stream
+    for event_name, declared in cfg.events.items():
+        for col in declared.when_changed:
+            if col not in known and not hooked:
+                out.append(_unknown_column(f"{at}.events.{event_name}.when_changed", col, table))
+            elif col in cfg.fields.drop:
+                out.append(Problem(f"{at}.events.{event_name}.when_changed",
+                                   f"{col!r} is dropped, so no change of it reaches the stream; keep it or "
+                                   "name another column"))
+
     # ClickHouse columns: what reaches the store (kept columns and derived fields)
     kept = (set(cfg.fields.allow) | set(cfg.key or table.primary_key)) if cfg.fields.allow is not None else columns
     stored = (kept - set(cfg.fields.drop)) | derived_names | set(cfg.columns)

@@ -204,6 +204,16 @@ class EntityStores(Strict):
         return self
 
 
+class DerivedEvent(Strict):
+    """A fact other services subscribe to, published when an update changes any of ``when_changed``: JSON on
+    ``<namespace>.<entity>.<event name>``, keyed like the entity's changes (so one row's events keep their
+    order), with ``old_<column>`` and ``new_<column>`` for each column. The old values come from the change's
+    before-image, so the table needs ``REPLICA IDENTITY FULL``."""
+
+    type: str | None = Field(None, description="The event's `type` field; default: `<entity>.<event name>`.")
+    when_changed: list[str] = Field(min_length=1, description="Columns whose change emits the event.")
+
+
 class Entity(Strict):
     """One table or collection and where its changes land."""
 
@@ -220,6 +230,8 @@ class Entity(Strict):
     columns: dict[str, str] = Field(default_factory=dict, description="Column types where the source cannot say "
                                                                       "(MongoDB) or must be overridden.")
     stores: EntityStores = Field(default_factory=lambda: EntityStores.model_validate({}))
+    events: dict[Annotated[str, Field(pattern=IDENTIFIER)], DerivedEvent] = Field(
+        default_factory=dict, description="Derived events by name (their topics are created only when declared).")
 
     @field_validator("hook")
     @classmethod

@@ -189,6 +189,11 @@ class Pipeline:
         """(schema or database, table or collection) → entity, for the decode stage."""
         return {(e.source_schema, e.source_table): e for e in self.entities.values() if e.source == source}
 
+    def event_topics(self) -> dict[str, tuple[EntitySpec, str]]:
+        """Each declared derived event's topic → (its entity, the event's name)."""
+        return {f"{e.namespace}.{e.name}.{event}": (e, event)
+                for e in self.entities.values() for event in e.config.events}
+
     def raw_topics(self) -> dict[str, EntitySpec]:
         return {e.raw_topic: e for e in self.entities.values()}
 

@@ -33,7 +33,7 @@ from changeflow.pipelines.transform import Transformer, compile_pipeline
 from changeflow.runtime import tune_gc
 from changeflow.schemas.book import schema_book
 from changeflow.streams.debezium import decode_postgres
-from changeflow.streams.derived import price_changed
+from changeflow.streams.derived import events as derived_events
 from changeflow.streams.mongodb import decode_mongodb
 from changeflow.streams.records import ChangeRecord, DeadLetter, Skip, outcome
 
@@ -53,10 +53,6 @@ FEED_STOP_GRACE_S = 30.0
 
 def transformers(pipeline: Pipeline, source: str) -> dict[tuple[str, str], Transformer]:
     return compile_pipeline(pipeline, source)
-
-
-def price_changed_topic_name(pipeline: Pipeline) -> str:
-    return f"{pipeline.namespace}.products.price_changed"
 
 
 def to_avro(book: schemas.SchemaBook, record: ChangeRecord) -> bytes:
@@ -228,7 +224,10 @@ def create_app(settings: Settings, pipeline: Pipeline, decode_group: str | None 
     postgres_entities = transformers(pipeline, "postgres")
     mongodb_entities = transformers(pipeline, "mongodb")
     canonical_names = {name: spec.canonical_topic for name, spec in pipeline.entities.items()}
-    price_topic = price_changed_topic_name(pipeline)
+    # entity → {event topic: (event name, its declaration)}: only entities that declare events have any.
+    declared_events: dict[str, dict[str, Any]] = {}
+    for topic, (spec, name) in pipeline.event_topics().items():
+        declared_events.setdefault(spec.name, {})[topic] = (name, spec.config.events[name])
     dlq_topic = pipeline.dlq_topic
     book = schema_book(settings, pipeline, writer=True)
     if schemas.native_codec():
@@ -294,9 +293,10 @@ def create_app(settings: Settings, pipeline: Pipeline, decode_group: str | None 
         if isinstance(result, ChangeRecord):
             key = result.kafka_key.encode()
             produce(canonical_names[result.entity], key, encoded)
-            derived = price_changed(result)
-            if derived is not None:
-                produce(price_topic, key, orjson.dumps(derived))
+            declared = declared_events.get(result.entity)
+            if declared:
+                for event_topic, payload in derived_events(result, declared):
+                    produce(event_topic, key, orjson.dumps(payload))
         elif isinstance(result, DeadLetter):
             log.warning(
                 "event=dead_letter topic=%s partition=%s offset=%s reason=%r",

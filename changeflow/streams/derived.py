@@ -1,28 +1,55 @@
-"""Derived events: facts other services subscribe to, computed from canonical records (pure)."""
+"""Derived events: facts other services subscribe to, computed from canonical records (pure).
+
+Declared per entity in the pipeline file (``events:``, ``pipelines.model.DerivedEvent``): an update that
+changes any of an event's ``when_changed`` columns emits ``{"type", "id", "old_<c>", "new_<c>", ...,
+"version", "ts_ms"}``. The commerce demo's ``product.price_changed`` is one such declaration.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from datetime import date, datetime, time
+from decimal import Decimal
 from typing import Any
 
+from changeflow.pipelines.model import DerivedEvent
 from changeflow.streams.records import ChangeRecord
 
-PRICE_CHANGED = "product.price_changed"
+
+def _json_value(value: Any) -> Any:
+    """A value as the event's JSON carries it: exact decimals as text, times in ISO form."""
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, datetime | date | time):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return value.hex()
+    return value
 
 
-def price_changed(record: ChangeRecord) -> dict[str, Any] | None:
-    """`product.price_changed` when an update moves a product's price (needs the full before-image)."""
-    if record.entity != "products" or record.op != "u" or record.before is None or record.after is None:
+def event(record: ChangeRecord, name: str, spec: DerivedEvent) -> dict[str, Any] | None:
+    """The event ``name`` of ``record``'s entity, when this update changes one of its columns (needs the
+    columns in the before-image: REPLICA IDENTITY FULL); None otherwise."""
+    if record.op != "u" or record.before is None or record.after is None:
         return None
-    if "price" not in record.before or "price" not in record.after:
+    columns = spec.when_changed
+    if any(c not in record.before or c not in record.after for c in columns):
         return None
-    old, new = record.before["price"], record.after["price"]
-    if old == new:
+    if all(record.before[c] == record.after[c] for c in columns):
         return None
-    return {
-        "type": PRICE_CHANGED,
-        "id": record.key,
-        "old_price": None if old is None else str(old),
-        "new_price": None if new is None else str(new),
-        "version": record.version,
-        "ts_ms": record.ts_ms,
-    }
+    out: dict[str, Any] = {"type": spec.type or f"{record.entity}.{name}", "id": record.key}
+    for c in columns:
+        out[f"old_{c}"] = _json_value(record.before[c])
+        out[f"new_{c}"] = _json_value(record.after[c])
+    out["version"] = record.version
+    out["ts_ms"] = record.ts_ms
+    return out
+
+
+def events(record: ChangeRecord, declared: dict[str, tuple[str, DerivedEvent]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(topic, event) for each declared event of the record's entity that this change emits; ``declared``
+    maps an event's topic to (its name, its declaration) for that entity."""
+    for topic, (name, spec) in declared.items():
+        payload = event(record, name, spec)
+        if payload is not None:
+            yield topic, payload

@@ -17,7 +17,6 @@ from confluent_kafka import Consumer, TopicPartition
 from changeflow.pipelines.spec import Pipeline
 from changeflow.settings import Settings
 from changeflow.sinks.clickhouse import client_for
-from changeflow.streams.app import price_changed_topic_name
 from changeflow.streams.debezium import UNAVAILABLE
 from tests.integration.conftest import eventually
 
@@ -88,7 +87,7 @@ def test_unchanged_toasted_column_is_never_written_as_the_placeholder(
 def test_price_change_emits_product_price_changed(
     pipeline: Settings, commerce: Pipeline, pg: psycopg.Connection[Any], sku_prefix: str
 ) -> None:
-    topic = price_changed_topic_name(commerce)
+    topic = f"{commerce.namespace}.products.price_changed"
     consumer = Consumer({"bootstrap.servers": pipeline.kafka_bootstrap, "group.id": f"test-{uuid.uuid4()}",
                          "enable.auto.commit": False})
     try:

@@ -95,7 +95,13 @@ def test_batches_without_partials_do_not_touch_the_store() -> None:
 
 
 def test_price_changed_event_from_full_before_image() -> None:
-    from changeflow.streams.derived import price_changed
+    from changeflow.pipelines.load import load
+    from changeflow.streams.derived import event
+
+    declared = load().entity("products").config.events["price_changed"]  # examples/commerce/pipeline.yml
+
+    def price_changed(record: ChangeRecord) -> dict[str, object] | None:
+        return event(record, "price_changed", declared)
 
     before, after = product_row(5, price_cents=1000), product_row(5, price_cents=1250)
     result = decode_postgres(encoded(envelope("u", before, after, lsn=77)), topic="t", partition=0, offset=1,
@@ -135,3 +141,42 @@ def test_a_dropped_column_leaves_the_record_and_a_partial_keeps_only_what_it_car
     assert partial.after == {"id": 1, "kept": None} and partial.partial
     full = through({"id": 1, "gone": None, "kept": "k"}, partial=False)
     assert full.after == {"id": 1, "gone": None, "kept": "k"}
+
+
+def test_derived_events_are_configuration_for_any_entity_and_columns() -> None:
+    from changeflow.pipelines.load import parse
+    from changeflow.streams.derived import events
+
+    pipeline = parse("name: shop\nsources:\n  postgres:\n    database: shop\nentities:\n  users:\n"
+                     "    table: public.users\n    events:\n      moved: {when_changed: [city, country]}\n"
+                     "  orders:\n    table: public.orders\n", "shop.yml")
+    assert pipeline.event_topics() == {"shop.users.moved": (pipeline.entity("users"), "moved")}
+    declared = {"shop.users.moved": ("moved", pipeline.entity("users").config.events["moved"])}
+
+    def change(op: str, before: dict[str, object] | None, after: dict[str, object] | None) -> ChangeRecord:
+        return ChangeRecord("postgres", "users", "7", op, 42, 1000, before, after)  # type: ignore[arg-type]
+
+    home = {"id": 7, "city": "Paris", "country": "FR", "name": "Ann"}
+    assert list(events(change("u", home, {**home, "city": "New York", "country": "US"}), declared)) == [
+        ("shop.users.moved", {"type": "users.moved", "id": "7", "old_city": "Paris", "new_city": "New York",
+                              "old_country": "FR", "new_country": "US", "version": 42, "ts_ms": 1000})]
+    assert list(events(change("u", home, {**home, "name": "Anne"}), declared)) == []  # another column
+    assert list(events(change("c", None, home), declared)) == []  # an insert moves nothing
+    assert list(events(change("d", home, None), declared)) == []
+    assert list(events(change("u", {"id": 7}, {**home, "city": "Rome"}), declared)) == []  # no before-image
+
+
+def test_an_event_on_an_unknown_or_dropped_column_is_refused_by_check() -> None:
+    from changeflow.pipelines.catalog import Catalog, Column, Table
+    from changeflow.pipelines.check import check
+    from changeflow.pipelines.load import parse
+
+    table = Table("public", "users", (Column("id", "integer"), Column("city", "text"), Column("ssn", "text")), ("id",))
+    catalog = Catalog("shop", ("public",), {("public", "users"): table})
+    pipeline = parse("name: shop\nsources:\n  postgres:\n    database: shop\nentities:\n  users:\n"
+                     "    table: public.users\n    fields: {drop: [ssn]}\n"
+                     "    events:\n      moved: {when_changed: [cty, ssn]}\n", "shop.yml")
+    assert [str(p) for p in check(pipeline, catalog)] == [
+        "entities.users.events.moved.when_changed: column 'cty' is not in public.users; did you mean 'city'?",
+        "entities.users.events.moved.when_changed: 'ssn' is dropped, so no change of it reaches the stream; keep "
+        "it or name another column"]
