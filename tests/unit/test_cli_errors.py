@@ -19,7 +19,7 @@ from changeflow.cli import app
 from changeflow.sinks.process import EXIT_CRASH_LOOP, EXIT_SINK_FATAL, FatalStop, read_fatal, record_fatal
 
 REPO = Path(__file__).resolve().parents[2]
-STORES = "clickhouse, redis, search"
+STORES = "clickhouse, postgres, redis, search"  # the registry, sorted
 
 
 def run(*args: str) -> tuple[int, str]:
