@@ -165,6 +165,12 @@ def _entity_against_catalog(spec: EntitySpec, catalog: Catalog, publication: str
     for col in table.primary_key if not cfg.key else ():
         if col in cfg.fields.drop:
             out.append(Problem(f"{at}.fields.drop", f"{col!r} is a key column and cannot be dropped"))
+    for col in cfg.key or table.primary_key:
+        if col in cfg.fields.hash:
+            out.append(Problem(f"{at}.fields.hash", f"{col!r} is a key column: the row's key (every store's key, "
+                                                    "the Kafka key, the changelog, the dead letters) would still "
+                                                    "carry its clear value; key the entity by another column "
+                                                    "(`key: [...]`) or leave this one unhashed"))
 
     # field policy
     for col in cfg.fields.drop:

@@ -270,8 +270,20 @@ def _to_wire(value: Any, t: ColumnType) -> Any:
                 raise ValueError(f"{value!r} is not a decimal number") from None
         if t.precision is None:
             return str(value)
-        # quantize rounds within a context: the default one holds 28 digits, numeric(38,s) needs more.
-        return value.quantize(Decimal(f"1E{-(t.scale or 0)}"), context=EXACT_CONTEXT)
+        scale = t.scale or 0
+        if not value.is_finite():
+            raise ValueError(f"{value} is not a number decimal({t.precision},{scale}) can hold")
+        # Never rounded: a value with more digits after the point than the column keeps (19.999 for a
+        # decimal(12,2), from a hook) is refused, and so is one too large, before any arithmetic on it.
+        if value.adjusted() >= t.precision - scale:
+            raise ValueError(f"{value} does not fit decimal({t.precision},{scale})")
+        exponent = value.as_tuple().exponent
+        assert isinstance(exponent, int)
+        if exponent < -scale and value != value.quantize(Decimal(f"1E{-scale}"), context=EXACT_CONTEXT):
+            raise ValueError(f"{value} has more than {scale} digits after the point; decimal({t.precision},"
+                             f"{scale}) would round it")
+        # quantize within a context: the default one holds 28 digits, numeric(38,s) needs more.
+        return value.quantize(Decimal(f"1E{-scale}"), context=EXACT_CONTEXT)
     if k == "timetz":
         return value.isoformat() if isinstance(value, time) else str(value)
     if k in ("string", "uuid", "enum"):

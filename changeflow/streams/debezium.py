@@ -51,16 +51,29 @@ MAX_DECIMAL_SCALE = 16383
 MAX_DECIMAL_DIGITS = 131072 + 16383
 
 
-def _decimal_from_bytes(raw: str, scale: int) -> Decimal:
+def decimal_bytes_bound(precision: int) -> int:
+    """The most bytes a two's-complement unscaled value of ``precision`` digits takes (10^p - 1 needs
+    p·log2(10) bits, plus the sign)."""
+    return (precision * 3322 // 1000 + 1) // 8 + 1
+
+
+def _decimal_from_bytes(raw: str, scale: int, precision: int | None = None) -> Decimal:
     if not -MAX_DECIMAL_DIGITS <= scale <= MAX_DECIMAL_SCALE:
         raise DecodeError(f"Decimal scale {scale} is outside what PostgreSQL's numeric can hold")
     if len(raw) > MAX_DECIMAL_DIGITS:
         raise DecodeError(f"Decimal bytes of {len(raw)} characters are longer than any numeric")
+    # Bounded by the column's precision before any conversion: an oversized value costs microseconds to
+    # refuse, where turning it into digits costs seconds (the conversion is quadratic in its length).
+    if precision is not None and len(raw) > 4 * ((decimal_bytes_bound(precision) + 2) // 3):
+        raise DecodeError(f"Decimal bytes of {len(raw)} characters are longer than decimal({precision},{scale}) "
+                          "can be")
     try:
         data = base64.b64decode(raw, validate=True)  # without validate, "!!!!" decodes to b"" (0.00)
     except ValueError:
         raise DecodeError(f"Decimal bytes are not base64: {raw[:40]!r}") from None
     unscaled = int.from_bytes(data, "big", signed=True)
+    if precision is not None and unscaled and abs(unscaled).bit_length() > precision * 3322 // 1000 + 1:
+        raise DecodeError(f"Decimal value has more digits than decimal({precision},{scale}) holds")
     # From text, not `scaleb`: arithmetic rounds to the context's 28 digits, a constructor never does
     # (an unconstrained numeric of 32 digits lost its last four that way).
     return Decimal(f"{unscaled}E{-scale}")
@@ -97,7 +110,8 @@ def convert_value(value: Any, schema: Mapping[str, Any], fast: bool = False) -> 
             scale = params.get("scale") if isinstance(params, dict) else None
             if scale is None:  # Connect always writes it: guessing 0 would scale every value wrong
                 raise DecodeError("Decimal field without a scale parameter")
-            return _decimal_from_bytes(value, int(scale))
+            precision = params.get("connect.decimal.precision")  # type: ignore[union-attr]
+            return _decimal_from_bytes(value, int(scale), int(precision) if precision is not None else None)
         if isinstance(value, bool) or not isinstance(value, int | float | Decimal):
             raise DecodeError(f"Decimal value is {type(value).__name__}")
         return value if isinstance(value, Decimal) else Decimal(str(value))  # decimal.format=NUMERIC

@@ -98,6 +98,16 @@ def _binary(value: Mapping[str, Any]) -> str:
     return data
 
 
+def _uuid(text: Any) -> str:
+    """Extended JSON v2's ``{"$uuid": "<hex with dashes>"}``: the same value as a subtype-4 ``$binary``."""
+    if not isinstance(text, str) or len(text) != 36:
+        raise ExtendedJsonError(f"bad $uuid {text!r}")
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        raise ExtendedJsonError(f"bad $uuid {text!r}") from None
+
+
 def _wrapper(value: dict[str, Any]) -> Any:
     keys = set(value)
     if keys == {"$oid"}:
@@ -125,6 +135,8 @@ def _wrapper(value: dict[str, Any]) -> Any:
             raise ExtendedJsonError(f"bad $numberDouble {value['$numberDouble']!r}") from None
     if keys in ({"$binary"}, {"$binary", "$type"}):
         return _binary(value)
+    if keys == {"$uuid"}:
+        return _uuid(value["$uuid"])
     if keys == {"$timestamp"} and isinstance(value["$timestamp"], dict):
         ts = value["$timestamp"]
         return (int(ts["t"]) << 32) | int(ts["i"])
@@ -195,6 +207,8 @@ def key_string(raw_id: Any) -> str:
             payload = raw_id["$binary"]
             subtype = int(str(payload.get("subType") if isinstance(payload, dict) else raw_id.get("$type")), 16)
             return f"uuid:{value}" if subtype in (3, 4) else f"binary:{subtype:02x}:{value}"
+        if keys == {"$uuid"}:
+            return f"uuid:{value}"
         if keys == {"$timestamp"}:
             return f"timestamp:{value}"
     if isinstance(value, str):

@@ -7,9 +7,11 @@ says how it was made. The ``malformed_*`` ones are derived from those by breakin
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import math
+import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -397,3 +399,17 @@ def test_a_document_field_called_id_never_replaces_the_key() -> None:
     data = fixture("insert_string_id")
     data["value"]["payload"]["after"] = '{"id": "legacy-7", "_id": "u-42", "email": "x@example.com"}'
     assert record(data).after == {"id": "u-42", "email": "x@example.com"}
+
+
+def test_a_uuid_in_extended_json_v2_form_decodes_like_the_binary_subtype_4_form() -> None:
+    """Issue 20 §11: `{"$uuid": ...}` was a dead letter ("unsupported extended JSON type")."""
+    from changeflow.streams.mongodb import key_string
+
+    text = "0b6f2c9e-3d1a-4c55-9a7e-2f1d0c3b4a59"
+    binary = {"$binary": {"base64": base64.b64encode(uuid.UUID(text).bytes).decode(), "subType": "04"}}
+    assert parse_extended_json(orjson.dumps({"u": {"$uuid": text}}).decode(), "after") == {"u": text}
+    assert parse_extended_json(orjson.dumps({"u": binary}).decode(), "after") == {"u": text}
+    assert key_string({"$uuid": text}) == key_string(binary) == f"uuid:{text}"
+    for bad in ("0b6f2c9e3d1a4c559a7e2f1d0c3b4a59", "not-a-uuid-at-all-0000-000000000000", 42):
+        with pytest.raises(ValueError, match=r"bad \$uuid"):
+            parse_extended_json(orjson.dumps({"u": {"$uuid": bad}}).decode(), "after")

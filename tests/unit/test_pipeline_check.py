@@ -158,3 +158,21 @@ def test_commerce_passes_against_its_own_schema() -> None:
     }
     assert check(commerce, Catalog("commerce", ("public",), tables)) == []
     assert Problem("a.b", "c").__str__() == "a.b: c"
+
+
+def test_a_hashed_key_column_is_refused_because_the_key_would_carry_it_in_clear() -> None:
+    """Issue 20 §3: with `key: [email]` and `hash: [email]`, every store's key held alice@example.com."""
+    message = ("entities.orders.fields.hash: {col!r} is a key column: the row's key (every store's key, the Kafka "
+               "key, the changelog, the dead letters) would still carry its clear value; key the entity by another "
+               "column (`key: [...]`) or leave this one unhashed")
+    assert problems("""\
+  orders:
+    table: public.orders
+    key: [email]
+    fields: {hash: [email], salt: "${env:SALT}"}
+""") == [message.format(col="email")]
+    assert problems("""\
+  orders:
+    table: public.orders
+    fields: {hash: [id, email], salt: "${env:SALT}"}
+""") == [message.format(col="id")]
