@@ -7,6 +7,7 @@ passed down; no other module reads the environment, so every knob is visible her
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import quote
 
 from pydantic import SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -33,6 +34,9 @@ class Settings(BaseSettings):
     pg_port: int = 5432
     pg_database: str = "commerce"
     pg_superuser: str = "postgres"
+    # Every TCP connection to the stack's PostgreSQL needs a password (scram), the superuser's included.
+    # Unset: the native stack generates one under <state_dir>/secrets/pg_superuser_password.
+    pg_superuser_password: SecretStr | None = None
     # Debezium's replication role; its password is passed to Kafka Connect through the
     # environment (EnvVarConfigProvider), never written into a committed file. Unset: the native stack
     # generates one under <state_dir>/secrets/ (changeflow/deploy/secrets.py).
@@ -49,6 +53,8 @@ class Settings(BaseSettings):
     # Derived stores.
     redis_host: str = "127.0.0.1"
     redis_port: int = 6379
+    # Redis runs with protected mode and this password. Unset: generated under <state_dir>/secrets/redis_password.
+    redis_password: SecretStr | None = None
     search_host: str = "127.0.0.1"
     search_port: int = 9200
     search_transport_port: int = 9300
@@ -67,15 +73,22 @@ class Settings(BaseSettings):
     def _absolute_state_dir(cls, value: Path) -> Path:
         return value.expanduser().resolve()
 
+    def stored_secret(self, name: str) -> SecretStr | None:
+        """A secret the native stack generated under ``<state_dir>/secrets/`` (deploy/secrets.py), if any."""
+        try:
+            stored = (self.state / "secrets" / name).read_text().strip()
+        except OSError:
+            return None
+        return SecretStr(stored) if stored else None
+
     @model_validator(mode="after")
-    def _clickhouse_password_from_state(self) -> Settings:
+    def _passwords_from_state(self) -> Settings:
         if not self.clickhouse_password.get_secret_value():
-            try:
-                stored = (self.state / "secrets" / "clickhouse_password").read_text().strip()
-            except OSError:
-                stored = ""
-            if stored:
-                self.clickhouse_password = SecretStr(stored)
+            self.clickhouse_password = self.stored_secret("clickhouse_password") or self.clickhouse_password
+        if self.pg_superuser_password is None:
+            self.pg_superuser_password = self.stored_secret("pg_superuser_password")
+        if self.redis_password is None:
+            self.redis_password = self.stored_secret("redis_password")
         return self
 
     clickhouse_database: str = "changeflow"
@@ -101,7 +114,11 @@ class Settings(BaseSettings):
 
     @property
     def pg_dsn(self) -> str:
-        return f"postgresql://{self.pg_superuser}@{self.pg_host}:{self.pg_port}/{self.pg_database}"
+        """The stack's superuser on its database, with its password (the DSN is a secret: never logged)."""
+        user = quote(self.pg_superuser, safe="")
+        if self.pg_superuser_password is not None:
+            user += ":" + quote(self.pg_superuser_password.get_secret_value(), safe="")
+        return f"postgresql://{user}@{self.pg_host}:{self.pg_port}/{quote(self.pg_database, safe='')}"
 
     @property
     def kafka_bootstrap(self) -> str:
@@ -113,7 +130,9 @@ class Settings(BaseSettings):
 
     @property
     def redis_url(self) -> str:
-        return f"redis://{self.redis_host}:{self.redis_port}/0"
+        """With the password, when there is one (the URL is a secret: never logged)."""
+        auth = f":{quote(self.redis_password.get_secret_value(), safe='')}@" if self.redis_password else ""
+        return f"redis://{auth}{self.redis_host}:{self.redis_port}/0"
 
     @property
     def search_url(self) -> str:

@@ -23,7 +23,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import (
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    NewTopic,
+    ResourceType,
+)
 
 from changeflow import metrics
 from changeflow.pipelines.spec import Pipeline
@@ -41,6 +48,21 @@ EXIT_FAILED = 1
 __all__ = ["EXIT_CRASH_LOOP", "EXIT_FAILED", "EXIT_OK", "EXIT_SINK_FATAL", "ensure_topics", "run"]
 
 
+# Dead letters are kept until replayed or dropped on purpose (`changeflow dlq`), never expired by the broker's
+# 7-day default: a quarantined record is a change no store holds yet.
+DLQ_CONFIG = {"retention.ms": "-1", "retention.bytes": "-1"}
+
+
+def keep_dlq(admin: AdminClient, topic: str, *, created: bool) -> None:
+    """An existing DLQ topic (made by an earlier version, with the broker's retention) gets DLQ_CONFIG too."""
+    if created:
+        return  # made below with it
+    resource = ConfigResource(ResourceType.TOPIC, topic, incremental_configs=[
+        ConfigEntry(name, value, incremental_operation=AlterConfigOpType.SET) for name, value in DLQ_CONFIG.items()])
+    for future in admin.incremental_alter_configs([resource]).values():
+        future.result()
+
+
 def ensure_topics(settings: Settings, pipeline: Pipeline) -> None:
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
     wanted = {name: CANONICAL_PARTITIONS for name in pipeline.raw_topics()}
@@ -48,7 +70,9 @@ def ensure_topics(settings: Settings, pipeline: Pipeline) -> None:
     wanted.update({topic: CANONICAL_PARTITIONS for topic in pipeline.event_topics()})  # declared events only
     wanted[pipeline.dlq_topic] = 1
     existing = set(admin.list_topics(timeout=15).topics)
-    missing = [NewTopic(n, num_partitions=p, replication_factor=1) for n, p in wanted.items() if n not in existing]
+    keep_dlq(admin, pipeline.dlq_topic, created=pipeline.dlq_topic not in existing)
+    missing = [NewTopic(n, num_partitions=p, replication_factor=1, config=DLQ_CONFIG if n == pipeline.dlq_topic else {})
+               for n, p in wanted.items() if n not in existing]
     if not missing:
         return
     for name, future in admin.create_topics(missing, operation_timeout=15).items():

@@ -1944,7 +1944,10 @@ class Handler(BaseHTTPRequestHandler):
                 basic_user, _, basic_password = decoded.partition(":")
                 user, password = user or basic_user, password or basic_password
         user = user or "default"
-        if user != self.server.user or not hmac.compare_digest(password, self.server.password):
+        # Compared as bytes: compare_digest refuses str with non-ASCII characters (a TypeError that dropped
+        # the connection instead of answering 516).
+        given, expected = password.encode("utf-8", "surrogateescape"), self.server.password.encode("utf-8")
+        if user != self.server.user or not hmac.compare_digest(given, expected):
             raise ch_error(
                 516,
                 "AUTHENTICATION_FAILED",

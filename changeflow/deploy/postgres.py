@@ -30,8 +30,9 @@ from pathlib import Path
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
-from changeflow.deploy.secrets import replication_password
+from changeflow.deploy.secrets import pg_superuser_password, replication_password
 from changeflow.deploy.service import PRIVATE_MODE, Service, ServiceError, private_dir, secure_state
 
 PG_MAJOR = "15"
@@ -188,10 +189,28 @@ class PostgresService(Service):
                 continue
             shutil.rmtree(cluster, ignore_errors=True)
 
+    def _write_hba(self) -> None:
+        """Every role needs its password on TCP (scram), the superuser's included: no local process becomes
+        superuser for free (and runs ``COPY ... TO PROGRAM``). The Unix socket stays trusted for the stack's
+        own administration: its folder is 0700, the server user's (or yours) alone. Written at every start,
+        so a cluster made by an earlier version gets it too."""
+        hba = self.data_dir / "pg_hba.conf"
+        hba.write_text(
+            "local all all trust\n"
+            "host all all 127.0.0.1/32 scram-sha-256\n"
+            "host all all ::1/128 scram-sha-256\n"
+            "host replication all 127.0.0.1/32 scram-sha-256\n"
+            "host replication all ::1/128 scram-sha-256\n"
+        )
+        os.chmod(hba, 0o600)
+        self._as_server(hba)
+
     def prepare(self) -> None:
         self._prepare_cluster_dir()
+        pg_superuser_password(self.settings)  # generated before any client needs it
         if (self.data_dir / "PG_VERSION").exists():
             os.chmod(self.data_dir, PRIVATE_MODE)
+            self._write_hba()
             return
         if self.data_dir.exists():
             shutil.rmtree(self.data_dir)
@@ -208,18 +227,6 @@ class PostgresService(Service):
         result = subprocess.run(cmd, capture_output=True, text=True, user=self._run_as(), cwd=self.cluster_dir)
         if result.returncode != 0:
             raise ServiceError(f"initdb failed:\n{result.stdout}\n{result.stderr}")
-        s = self.settings
-        # Loopback only. The superuser is trusted on loopback for local development (psql without a
-        # password, as the README promises); every other role, Debezium's included, needs its password.
-        (self.data_dir / "pg_hba.conf").write_text(
-            "local all all trust\n"
-            f"host all {s.pg_superuser} 127.0.0.1/32 trust\n"
-            f"host all {s.pg_superuser} ::1/128 trust\n"
-            "host all all 127.0.0.1/32 scram-sha-256\n"
-            "host all all ::1/128 scram-sha-256\n"
-            "host replication all 127.0.0.1/32 scram-sha-256\n"
-            "host replication all ::1/128 scram-sha-256\n"
-        )
         with (self.data_dir / "postgresql.conf").open("a") as conf:
             conf.write(
                 "\n# changeflow: logical decoding for Debezium (pgoutput); the per-start settings (port,\n"
@@ -232,6 +239,7 @@ class PostgresService(Service):
                 "max_connections = 200\n"
             )
         self._as_server(self.data_dir, recursive=True)
+        self._write_hba()
 
     def server_settings(self) -> dict[str, str]:
         """Given with ``-c`` at every start: they win over postgresql.conf, old clusters included."""
@@ -263,12 +271,18 @@ class PostgresService(Service):
             return False
 
     def _admin_dsn(self, database: str) -> str:
+        """The stack's own administration: the superuser over the Unix socket (0700), no password needed."""
         s = self.settings
-        return f"postgresql://{s.pg_superuser}@{s.pg_host}:{s.pg_port}/{database}"
+        return make_conninfo("", host=str(self.socket_dir), port=s.pg_port, user=s.pg_superuser, dbname=database)
 
     def after_start(self) -> None:
         s = self.settings
         with psycopg.connect(self._admin_dsn("postgres"), autocommit=True) as conn:
+            # The password every TCP client of the superuser uses (Settings.pg_dsn); pg_hba.conf as written
+            # at this start, for a server that was already running.
+            conn.execute(sql.SQL("ALTER ROLE {} WITH PASSWORD {}").format(
+                sql.Identifier(s.pg_superuser), sql.Literal(pg_superuser_password(s))))
+            conn.execute("SELECT pg_reload_conf()")
             exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (s.pg_database,)).fetchone()
             if not exists:
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(s.pg_database)))

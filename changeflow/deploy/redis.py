@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import redis
 
 from changeflow.deploy.postgres import apt_install
+from changeflow.deploy.secrets import redis_password
 from changeflow.deploy.service import Service
 
 
@@ -34,17 +36,25 @@ class RedisService(Service):
 
     def prepare(self) -> None:
         s = self.settings
-        # appendonly: a derived store that survives a restart keeps its versioned tombstones.
-        (self.home / "redis.conf").write_text(
-            f"bind {s.redis_host}\n"
-            f"port {s.redis_port}\n"
-            "protected-mode no\n"
-            "daemonize no\n"
-            f"dir {self.home}\n"
-            "appendonly yes\n"
-            "appendfsync everysec\n"
-            "save ''\n"
-        )
+        password = redis_password(s)
+        # appendonly: a derived store that survives a restart keeps its versioned tombstones. Protected mode
+        # and a password: no local process writes files through CONFIG SET without the stack's secret. The
+        # file holds the password, so it is the owner's alone (its folder is 0700 too).
+        conf = self.home / "redis.conf"
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(
+                f"bind {s.redis_host}\n"
+                f"port {s.redis_port}\n"
+                "protected-mode yes\n"
+                f'requirepass "{password}"\n'
+                "daemonize no\n"
+                f"dir {self.home}\n"
+                "appendonly yes\n"
+                "appendfsync everysec\n"
+                "save ''\n"
+            )
+        os.chmod(conf, 0o600)
 
     def command(self) -> list[str]:
         return [self._binary() or "redis-server", str(self.home / "redis.conf")]

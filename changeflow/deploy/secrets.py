@@ -53,3 +53,21 @@ def clickhouse_password(settings: Settings) -> str:
     value = _generated(settings, "clickhouse_password")
     settings.clickhouse_password = SecretStr(value)
     return value
+
+
+def pg_superuser_password(settings: Settings) -> str:
+    """The stack's PostgreSQL superuser password (scram on TCP); generated on first use, recorded in ``settings``."""
+    if settings.pg_superuser_password is not None:
+        return settings.pg_superuser_password.get_secret_value()
+    value = _generated(settings, "pg_superuser_password")
+    settings.pg_superuser_password = SecretStr(value)
+    return value
+
+
+def redis_password(settings: Settings) -> str:
+    """The stack's Redis password (``requirepass``); generated on first use, recorded in ``settings``."""
+    if settings.redis_password is not None:
+        return settings.redis_password.get_secret_value()
+    value = _generated(settings, "redis_password")
+    settings.redis_password = SecretStr(value)
+    return value

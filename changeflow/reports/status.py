@@ -167,6 +167,14 @@ def retention_gaps(settings: Settings, group: str, topics: list[str]) -> list[Re
         consumer.close()
 
 
+def decode_retention_warning(group: str, gaps: list[RetentionGap]) -> str:
+    where = ", ".join(f"{g.topic}[{g.partition}] committed {g.committed} < earliest {g.earliest}" for g in gaps)
+    total = sum(g.lost for g in gaps)
+    return (f"CHANGES LOST: the decode stage (group {group}) is behind the raw topics' retention: {total} "
+            f"change(s) were deleted before it decoded them ({where}). No store has them: run `changeflow "
+            "reconcile --repair`, or rebuild each store from the source (`changeflow rebuild <store>`)")
+
+
 def retention_warning(sink: str, group: str, gaps: list[RetentionGap]) -> str:
     where = ", ".join(f"{g.topic}[{g.partition}] committed {g.committed} < earliest {g.earliest}" for g in gaps)
     total = sum(g.lost for g in gaps)
@@ -322,6 +330,14 @@ def collect(settings: Settings, pipeline: Pipeline) -> Status:
                 quarantined={e: n for (st, e), n in sorted(held.items()) if st == name and n},
             )
         )
+    # The decode stage's own group on the raw topics: a gap there is changes Debezium wrote that no store got.
+    try:
+        decode_gaps = retention_gaps(settings, pipeline.decode_group, list(pipeline.raw_topics()))
+    except KafkaException as exc:
+        decode_gaps = []
+        errors.append(f"kafka: retention check of {pipeline.decode_group}: {exc}")
+    if decode_gaps:
+        errors.append(decode_retention_warning(pipeline.decode_group, decode_gaps))
     return Status(
         connectors=connectors,
         slots=slot_list,

@@ -124,7 +124,8 @@ class PostgresStore:
         self._server: dict[str, str | int] = {
             "host": own.host or settings.pg_host, "port": own.port or settings.pg_port,
             "user": own.user or settings.pg_superuser,
-            **({"password": own.password.get_secret_value()} if own.password else {}),
+            **({"password": password.get_secret_value()}
+               if (password := own.password or (None if own.user else settings.pg_superuser_password)) else {}),
         }
         self._maintenance = own.maintenance_database
         self._connections: dict[str, psycopg.Connection[Any]] = {}

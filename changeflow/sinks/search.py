@@ -17,6 +17,7 @@ closed index, a refused request) is a failure of the store and stops the sink, a
 
 from __future__ import annotations
 
+import hashlib
 import time
 import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
@@ -125,6 +126,27 @@ def mappings_for(spec: EntitySpec, types: Mapping[str, ColumnType]) -> dict[str,
     props = {name: overrides.get(name) or field_mapping(t) for name, t in types.items()}
     props.update({name: m for name, m in overrides.items() if name not in props})
     return {"properties": props}
+
+
+# The engine refuses an `_id` longer than 512 bytes. Such a key's document gets a deterministic id, its
+# SHA-256, and carries the full key in this field (reads map it back), so a long composite key is written,
+# never quarantined for its length.
+MAX_ID_BYTES = 512
+KEY_FIELD = "_changeflow_key"
+
+
+def doc_id(key: str) -> str:
+    """The document id of a canonical key: the key itself, or ``sha256:<hex>`` for one too long for an id."""
+    raw = key.encode("utf-8", "surrogatepass")
+    return key if len(raw) <= MAX_ID_BYTES else "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+def key_of(hit_id: str, source: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(canonical key, row) of a stored document: the long-key field is the key, not a column."""
+    if KEY_FIELD in source:
+        source = dict(source)
+        return str(source.pop(KEY_FIELD)), source
+    return hit_id, source
 
 
 def doc_path(index: str, doc_id: str) -> str:
@@ -288,14 +310,16 @@ class SearchStore:
             yield from self._record_actions(record, spec.search_index)
 
     def _record_actions(self, record: ChangeRecord, index: str) -> Iterator[dict[str, Any]]:
-        action: dict[str, Any] = {"_index": index, "_id": record.key, "version": record.version,
+        identifier = doc_id(record.key)
+        action: dict[str, Any] = {"_index": index, "_id": identifier, "version": record.version,
                                   "version_type": "external"}
         if record.after is None:
             action["_op_type"] = "delete"
         else:
             action["_op_type"] = "index"
             # Serialised by ``bulk_body`` with changeflow's JSON rules (exact decimals), for either engine.
-            action["_source"] = record.after
+            action["_source"] = record.after if identifier == record.key else {**record.after,
+                                                                                KEY_FIELD: record.key}
         yield action
 
     def _bulk(self, actions: Sequence[dict[str, Any]]) -> list[tuple[str, int | None, Any]]:
@@ -333,16 +357,17 @@ class SearchStore:
         spec = self.pipeline.entities[entity]
         if spec.search is None or not keys:
             return {}
+        ids = [doc_id(k) for k in keys]
         try:
             if self._engine == "opensearch":
-                found = self.client.mget(index=spec.search_index, body={"ids": keys})
+                found = self.client.mget(index=spec.search_index, body={"ids": ids})
             else:
-                found = self.client.mget(index=spec.search_index, ids=keys)
+                found = self.client.mget(index=spec.search_index, ids=ids)
         except Exception as exc:
             if _status(exc) == 404:
                 return {}
             raise _classify(exc) from exc
-        return {d["_id"]: d["_source"] for d in found["docs"] if d.get("found")}
+        return dict(key_of(d["_id"], d["_source"]) for d in found["docs"] if d.get("found"))
 
     def write_batch(self, records: Sequence[ChangeRecord]) -> list[Rejected]:
         if not records:
@@ -409,7 +434,8 @@ class SearchStore:
         try:
             while body["hits"]["hits"]:
                 for hit in body["hits"]["hits"]:
-                    yield hit["_id"], hit.get("_source") or {}, hit.get("_version")
+                    key, row = key_of(hit["_id"], hit.get("_source") or {})
+                    yield key, row, hit.get("_version")
                 response = self.http.post("/_search/scroll", json={"scroll": "2m", "scroll_id": scroll_id})
                 response.raise_for_status()
                 body = response.json()
@@ -421,13 +447,15 @@ class SearchStore:
     def fetch(self, spec: EntitySpec, keys: list[str]) -> dict[str, Versioned]:
         out: dict[str, Versioned] = {}
         for i in range(0, len(keys), BATCH):
-            response = self.http.post(f"{self._index_path(spec)}/_mget", json={"ids": keys[i : i + BATCH]})
+            ids = [doc_id(k) for k in keys[i : i + BATCH]]
+            response = self.http.post(f"{self._index_path(spec)}/_mget", json={"ids": ids})
             if response.status_code == 404:
                 return out
             response.raise_for_status()
             for doc in response.json()["docs"]:
                 if doc.get("found"):
-                    out[doc["_id"]] = Versioned(doc["_source"], doc.get("_version"))
+                    key, row = key_of(doc["_id"], doc["_source"])
+                    out[key] = Versioned(row, doc.get("_version"))
         return out
 
     def count(self, spec: EntitySpec) -> int:
@@ -441,7 +469,7 @@ class SearchStore:
 
     def delete(self, spec: EntitySpec, keys: list[str]) -> None:
         for key in keys:
-            response = self.http.delete(doc_path(spec.search_index, key))
+            response = self.http.delete(doc_path(spec.search_index, doc_id(key)))
             if response.status_code not in (200, 404):
                 response.raise_for_status()
         self.http.post(f"{self._index_path(spec)}/_refresh")

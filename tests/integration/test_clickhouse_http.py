@@ -9,6 +9,7 @@ with a password, as the stack's does; what it refuses is tested in test_clickhou
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import gzip
 import json
@@ -213,10 +214,18 @@ def test_errors_raise_database_error_with_clickhouse_message(ch: Client) -> None
     assert "nope" in str(info.value)
 
 
-def test_wrong_password_is_rejected(server: ServerProcess) -> None:
-    r = server.http.post(f"{server.url}/", content="SELECT 1", headers={"X-ClickHouse-Key": "wrong"})
-    assert r.status_code == 403
-    assert r.headers["X-ClickHouse-Exception-Code"] == "516"
+@pytest.mark.parametrize("password", ["wrong", "pässwörd", "密码", ""])
+def test_wrong_password_is_rejected(server: ServerProcess, password: str) -> None:
+    """Any wrong password, non-ASCII ones included (they dropped the connection), is answered 516, whichever
+    way it is sent: URL parameter, X-ClickHouse-Key, Basic."""
+    url = f"{server.url}/"
+    basic = base64.b64encode(f"default:{password}".encode()).decode()
+    for r in (httpx.post(url, content="SELECT 1", params={"user": "default", "password": password}, timeout=30),
+              httpx.post(url, content="SELECT 1", headers={"X-ClickHouse-User": "default",
+                                                           "X-ClickHouse-Key": password.encode().decode("latin-1")},
+                         timeout=30),
+              httpx.post(url, content="SELECT 1", headers={"Authorization": f"Basic {basic}"}, timeout=30)):
+        assert (r.status_code, r.headers["X-ClickHouse-Exception-Code"]) == (403, "516"), r.text
 
 
 def test_curl_style_inserts_and_compressed_bodies(server: ServerProcess) -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import psycopg
 import pytest
+import redis
 
 from changeflow.deploy import stack
 from changeflow.deploy.workload import run_products
@@ -38,13 +40,36 @@ def test_stack_up_is_idempotent_and_status_json_reports_every_service(live_stack
     assert by_name["clickhouse"]["url"].endswith(f":{live_stack.clickhouse_port}")
 
 
-def test_superuser_connects_without_password_on_loopback(live_stack: Settings) -> None:
-    result = subprocess.run(
-        ["psql", f"postgresql://postgres@127.0.0.1:{live_stack.pg_port}/commerce", "-tAc", "SHOW wal_level"],
-        capture_output=True, text=True, timeout=30,
-    )
+def test_the_superuser_needs_its_password_on_loopback_and_psql_is_one_line(live_stack: Settings) -> None:
+    """Issue 20 §2: no local process becomes superuser for free; README's psql line still works."""
+    url = f"postgresql://postgres@127.0.0.1:{live_stack.pg_port}/commerce"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    refused = subprocess.run(["psql", "-w", url, "-tAc", "SELECT 1"], capture_output=True, text=True, timeout=30,
+                             env=env)
+    assert refused.returncode != 0
+    assert "no password supplied" in refused.stderr or "password authentication failed" in refused.stderr
+    wrong = subprocess.run(["psql", "-w", url, "-tAc", "SELECT 1"], capture_output=True, text=True, timeout=30,
+                           env={**env, "PGPASSWORD": "guess"})
+    assert wrong.returncode != 0 and "password authentication failed" in wrong.stderr
+    # README: PGPASSWORD=$(cat .changeflow/secrets/pg_superuser_password) psql postgresql://postgres@...
+    secret = (live_stack.state / "secrets" / "pg_superuser_password").read_text().strip()
+    assert (live_stack.state / "secrets" / "pg_superuser_password").stat().st_mode & 0o777 == 0o600
+    result = subprocess.run(["psql", url, "-tAc", "SHOW wal_level"], capture_output=True, text=True, timeout=30,
+                            env={**env, "PGPASSWORD": secret})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "logical"
+
+
+def test_redis_requires_the_stacks_password_and_runs_protected(live_stack: Settings) -> None:
+    """Issue 20 §2: without the password no command runs (so no CONFIG SET dir writes files as root)."""
+    anonymous = redis.Redis(host=live_stack.redis_host, port=live_stack.redis_port, socket_timeout=5)
+    with pytest.raises(redis.AuthenticationError):
+        anonymous.config_set("dir", "/tmp")
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(host=live_stack.redis_host, port=live_stack.redis_port, password="guess").ping()
+    client = redis.Redis.from_url(live_stack.redis_url)
+    assert client.config_get("protected-mode") == {b"protected-mode": b"yes"}
+    assert (live_stack.state / "redis" / "redis.conf").stat().st_mode & 0o777 == 0o600
 
 
 def test_replication_role_needs_its_password(live_stack: Settings) -> None:

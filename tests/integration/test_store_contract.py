@@ -138,3 +138,22 @@ def test_a_row_the_store_refuses_is_handed_back_and_the_rest_lands(contract: tup
     assert [(r.record.key, r.record.version) for r in refused] == [("3", 100)]
     assert "70000" in refused[0].reason or "range" in refused[0].reason.lower() or "short" in refused[0].reason
     assert set(held(store, pipeline)) == {"1", "2", "4", "5"}
+
+
+@pytest.mark.parametrize("contract", STORES, indirect=True)
+def test_a_key_longer_than_any_document_id_is_written_and_read_back(contract: tuple[Store, Pipeline, SchemaVersion]
+                                                                    ) -> None:
+    """Issue 20 §11: a key over search's 512-byte `_id` limit was always quarantined; every store takes it (search
+    under a deterministic hashed id, the full key kept in the document and given back by every read)."""
+    store, pipeline, sv = contract
+    long_key = "ключ/" * 130  # 650 characters, 1,300 bytes
+    record_long = ChangeRecord("postgres", "things", long_key, "c", 100, 1_700_000_000_000, None,
+                               row(1, "long"), key_columns=("id",), schema=sv)
+    assert not store.write_batch([record_long, record(sv, 2, 100, row(2, "short"), op="c")])
+    assert held(store, pipeline) == {long_key: ("long", 100), "2": ("short", 100)}
+    spec = pipeline.entity("things")
+    assert store.fetch(spec, [long_key])[long_key].row["name"] == "long"
+    gone = ChangeRecord("postgres", "things", long_key, "d", 110, 1_700_000_000_000, {"id": 1}, None,
+                        key_columns=("id",), schema=sv)
+    assert not store.write_batch([gone])
+    assert held(store, pipeline) == {"2": ("short", 100)}

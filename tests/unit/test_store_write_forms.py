@@ -36,3 +36,18 @@ def test_clickhouse_millisecond_ticks_are_the_drivers_own() -> None:
     for moment in (datetime(2026, 12, 2, 0, 1, 2, 345678, tzinfo=UTC), datetime(1970, 1, 1, tzinfo=UTC),
                    datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=UTC), datetime.now(UTC)):
         assert ticks_ms(moment) == column._datetime64_ticks(moment)
+
+
+def test_a_search_document_id_is_the_key_or_its_hash_when_the_key_is_too_long() -> None:
+    import hashlib
+
+    from changeflow.sinks.search import KEY_FIELD, MAX_ID_BYTES, doc_id, key_of
+
+    assert doc_id("42") == "42"
+    fits = "é" * (MAX_ID_BYTES // 2)  # 512 bytes exactly
+    assert doc_id(fits) == fits
+    long = fits + "x"
+    assert doc_id(long) == "sha256:" + hashlib.sha256(long.encode()).hexdigest()
+    assert doc_id(long) == doc_id(long) and doc_id(long) != doc_id(long + "y")
+    assert key_of(doc_id(long), {"id": 1, KEY_FIELD: long}) == (long, {"id": 1})
+    assert key_of("42", {"id": 42}) == ("42", {"id": 42})
