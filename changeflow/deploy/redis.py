@@ -19,7 +19,8 @@ class RedisService(Service):
 
     @property
     def url(self) -> str:
-        return self.settings.redis_url
+        """Where it listens, as `stack status` shows it: never with the password (Settings.redis_url has it)."""
+        return f"redis://{self.settings.redis_host}:{self.settings.redis_port}/0"
 
     def ports(self) -> list[int]:
         return [self.settings.redis_port]
@@ -61,6 +62,6 @@ class RedisService(Service):
 
     def healthy(self) -> bool:
         try:
-            return bool(redis.Redis.from_url(self.url, socket_timeout=1).ping())
+            return bool(redis.Redis.from_url(self.settings.redis_url, socket_timeout=1).ping())
         except redis.RedisError:
             return False

@@ -27,7 +27,7 @@ import dataclasses
 import importlib
 import importlib.metadata
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -97,6 +97,27 @@ def applied_through(records: Sequence[ChangeRecord]) -> dict[str, tuple[int, int
         if r.entity not in out or r.version > out[r.entity][0]:
             out[r.entity] = (r.version, r.ts_ms)
     return out
+
+
+def stored_name(name: str, reserved: Collection[str]) -> str:
+    """A source column's name in a store whose own names are ``reserved``: the name itself, or, when it is one
+    of them (or one of them followed by underscores), one more ``_`` at its end. Any source name works in every
+    store, and the mapping is reversible (``source_name``): ``_version`` → ``_version_``, ``_version_`` →
+    ``_version__``."""
+    return name + "_" if name.rstrip("_") in reserved else name
+
+
+def source_name(name: str, reserved: Collection[str]) -> str:
+    """The inverse of ``stored_name`` for a data column's stored name."""
+    return name[:-1] if name.endswith("_") and name.rstrip("_") in reserved else name
+
+
+def stored_row(row: Mapping[str, Any], reserved: Collection[str]) -> dict[str, Any]:
+    return {stored_name(k, reserved): v for k, v in row.items()}
+
+
+def source_row(row: Mapping[str, Any], reserved: Collection[str]) -> dict[str, Any]:
+    return {source_name(k, reserved): v for k, v in row.items()}
 
 
 @dataclass(frozen=True)

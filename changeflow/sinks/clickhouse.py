@@ -44,6 +44,9 @@ from changeflow.sinks.base import (
     applied_through,
     bisect_rejects,
     fill_partials,
+    source_name,
+    source_row,
+    stored_name,
 )
 from changeflow.streams.records import ChangeRecord
 
@@ -192,15 +195,22 @@ def column_type(t: ColumnType, nullable: bool = True) -> str:
     return f"Nullable({base})" if nullable else base
 
 
+def col(name: str) -> str:
+    """A source column's name in the table: its own, unless it is one of the store's (META_COLUMNS)."""
+    return stored_name(name, META_COLUMNS)
+
+
 def table_columns(spec: EntitySpec, columns: Mapping[str, ColumnType], key_columns: Sequence[str]) -> dict[str, str]:
+    """Stored column name → ClickHouse type."""
     overrides = spec.clickhouse.types if spec.clickhouse is not None else {}
-    return {name: overrides.get(name) or column_type(t, nullable=name not in key_columns)
+    return {col(name): overrides.get(name) or column_type(t, nullable=name not in key_columns)
             for name, t in columns.items()}
 
 
 def table_ddl(spec: EntitySpec, columns: Mapping[str, str], key_columns: Sequence[str]) -> str:
     cols = ",\n  ".join(f"{q(n)} {t}" for n, t in {**columns, **META_COLUMNS}.items())
-    order = (spec.clickhouse.order_by if spec.clickhouse is not None else None) or list(key_columns) or ["_key"]
+    order = [col(c) for c in (spec.clickhouse.order_by if spec.clickhouse is not None else None) or key_columns]
+    order = order or ["_key"]
     return (
         f"CREATE TABLE IF NOT EXISTS {q(spec.clickhouse_database)}.{q(spec.clickhouse_table)} (\n  {cols}\n)\n"
         f"ENGINE = ReplacingMergeTree(_version, _is_deleted)\nORDER BY ({', '.join(q(c) for c in order)})"
@@ -443,7 +453,8 @@ class ClickHouseStore:
         if column is None or column not in self._tables.get(entity, {}):
             return ""
         image = record.after if record.after is not None else (record.before or {})
-        return f" (column `{column}` {self._tables[entity][column]}, value {repr(image.get(column))[:200]})"
+        value = image.get(source_name(column, META_COLUMNS))
+        return f" (column `{column}` {self._tables[entity][column]}, value {repr(value)[:200]})"
 
     def _insert_bisected(self, records: list[ChangeRecord], insert: Any) -> list[tuple[ChangeRecord, str]]:
         refused = bisect_rejects(records, insert, row_rejection, every=refuses_every_row)
@@ -465,7 +476,7 @@ class ClickHouseStore:
             [r.ts_ms for r in group],
             [ticks_ms(now)] * len(group),
         ]
-        self.client.insert(table, columns, column_names=[*names, *META_COLUMNS], column_oriented=True)
+        self.client.insert(table, columns, column_names=[*map(col, names), *META_COLUMNS], column_oriented=True)
 
     def _insert_changelog(self, records: Sequence[ChangeRecord], now: datetime) -> None:
         changelog = [
@@ -510,7 +521,7 @@ class ClickHouseStore:
     def _select(self, spec: EntitySpec, where: str = "", parameters: dict[str, Any] | None = None) -> Any:
         # clickhouse-connect reads a String as text and turns bytes that are not UTF-8 into their hex: a
         # bytea column is read as bytes, as it was written.
-        binary = {n: "bytes" for n, t in self._read_types(spec).items() if t.kind == "bytes"}
+        binary = {col(n): "bytes" for n, t in self._read_types(spec).items() if t.kind == "bytes"}
         return self.client.query(
             f"SELECT * EXCEPT (_is_deleted, _ts_ms, _ingested_at), _version AS `__v` "
             f"FROM {self.table(spec)} FINAL WHERE _is_deleted = 0 {where}",
@@ -524,6 +535,8 @@ class ClickHouseStore:
             row = dict(zip(names, values, strict=True))
             version = row.pop("__v")
             key = row.pop("_key")
+            row.pop("_version", None)  # the store's own; a source column of that name is `_version_` here
+            row = source_row(row, META_COLUMNS)
             yield key, {k: from_column(v, types.get(k)) for k, v in row.items()}, int(version)
 
     def scan(self, spec: EntitySpec) -> Iterator[tuple[str, dict[str, Any], int | None]]:

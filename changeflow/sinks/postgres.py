@@ -43,6 +43,8 @@ from changeflow.sinks.base import (
     applied_through,
     bisect_rejects,
     fill_partials,
+    source_row,
+    stored_name,
 )
 from changeflow.streams.records import ChangeRecord
 
@@ -212,25 +214,22 @@ class PostgresStore:
             return
         table, database = self.table(spec), self.database(spec)
         existing = self._existing(spec)
-        clash = sorted(set(columns) & set(META_COLUMNS))
-        if clash:
-            raise FatalSinkError(f"postgres store: {spec.name} has source column(s) {clash} named like the store's "
-                                 f"own {sorted(META_COLUMNS)}; drop or rename them in the pipeline file")
 
         def create(conn: psycopg.Connection[Any]) -> None:
             with conn.transaction():
                 conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.place(spec)[0])))
                 if not existing:
-                    defs = [sql.SQL("{} {}").format(sql.Identifier(n), sql.SQL(column_type(t)))
+                    defs = [sql.SQL("{} {}").format(sql.Identifier(stored_name(n, META_COLUMNS)),
+                                                    sql.SQL(column_type(t)))
                             for n, t in columns.items()]
                     defs += [sql.SQL("{} {}").format(sql.Identifier(n), sql.SQL(d)) for n, d in META_COLUMNS.items()]
                     conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(table, sql.SQL(", ").join(defs)))
                     log.info("event=table_created store=postgres table=%s columns=%d", table.as_string(None),
                              len(columns))
                 for n, t in columns.items():
-                    if existing and n not in existing:
+                    if existing and stored_name(n, META_COLUMNS) not in existing:
                         conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
-                            table, sql.Identifier(n), sql.SQL(column_type(t))))
+                            table, sql.Identifier(stored_name(n, META_COLUMNS)), sql.SQL(column_type(t))))
                         log.info("event=column_added store=postgres table=%s column=%r", table.as_string(None), n)
 
         self._run(database, f"creating {table.as_string(None)}", create)
@@ -277,9 +276,10 @@ class PostgresStore:
         types = self._columns.get(spec.name, {})
         names = list(types)
         target = self.table(spec)
-        columns = sql.SQL(", ").join(sql.Identifier(n) for n in [*names, KEY, VERSION, DELETED, TS_MS])
+        stored = [stored_name(n, META_COLUMNS) for n in names]
+        columns = sql.SQL(", ").join(sql.Identifier(n) for n in [*stored, KEY, VERSION, DELETED, TS_MS])
         updates = sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(n))
-                                     for n in [*names, VERSION, DELETED, TS_MS])
+                                     for n in [*stored, VERSION, DELETED, TS_MS])
         statement = sql.SQL(
             "INSERT INTO {t} AS t ({columns}) VALUES ({values}) ON CONFLICT ({key}) DO UPDATE SET {updates} "
             "WHERE t.{version} < EXCLUDED.{version}"
@@ -325,7 +325,7 @@ class PostgresStore:
 
         for row in self._run(self.database(spec), "a read", read):
             key, version = row.pop("__cf_key"), row.pop("__cf_version")
-            yield str(key), row, int(version)
+            yield str(key), source_row(row, META_COLUMNS), int(version)
 
     def scan(self, spec: EntitySpec) -> Iterator[tuple[str, dict[str, Any], int | None]]:
         if self.config(spec) is not None:

@@ -36,6 +36,10 @@ from changeflow.sinks.base import (
     Versioned,
     applied_through,
     fill_partials,
+    source_name,
+    source_row,
+    stored_name,
+    stored_row,
 )
 from changeflow.streams.records import ChangeRecord
 
@@ -123,8 +127,8 @@ def field_mapping(t: ColumnType) -> dict[str, Any]:
 
 def mappings_for(spec: EntitySpec, types: Mapping[str, ColumnType]) -> dict[str, Any]:
     overrides = spec.search.mappings if spec.search is not None else {}
-    props = {name: overrides.get(name) or field_mapping(t) for name, t in types.items()}
-    props.update({name: m for name, m in overrides.items() if name not in props})
+    props = {stored_name(name, RESERVED): overrides.get(name) or field_mapping(t) for name, t in types.items()}
+    props.update({stored_name(name, RESERVED): m for name, m in overrides.items() if name not in types})
     return {"properties": props}
 
 
@@ -135,6 +139,14 @@ MAX_ID_BYTES = 512
 KEY_FIELD = "_changeflow_key"
 
 
+# The engine's metadata fields, which no document may carry (mapper_parsing_exception, measured on
+# OpenSearch 2.19), and the store's own long-key field: a source column of one of these names is stored with
+# one more `_` (sinks.base.stored_name) and given back under its own name.
+RESERVED = frozenset({"_id", "_index", "_source", "_routing", "_version", "_seq_no", "_primary_term", "_ignored",
+                      "_field_names", "_data_stream_timestamp", "_doc_count", "_tier", "_nested_path", "_type",
+                      "_uid", "_parent", "_all", KEY_FIELD})
+
+
 def doc_id(key: str) -> str:
     """The document id of a canonical key: the key itself, or ``sha256:<hex>`` for one too long for an id."""
     raw = key.encode("utf-8", "surrogatepass")
@@ -142,11 +154,10 @@ def doc_id(key: str) -> str:
 
 
 def key_of(hit_id: str, source: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """(canonical key, row) of a stored document: the long-key field is the key, not a column."""
-    if KEY_FIELD in source:
-        source = dict(source)
-        return str(source.pop(KEY_FIELD)), source
-    return hit_id, source
+    """(canonical key, row) of a stored document: the long-key field is the key, not a column, and source
+    columns named like the engine's own fields get their names back."""
+    row = source_row({k: v for k, v in source.items() if k != KEY_FIELD}, RESERVED)
+    return (str(source[KEY_FIELD]) if KEY_FIELD in source else hit_id), row
 
 
 def doc_path(index: str, doc_id: str) -> str:
@@ -244,7 +255,8 @@ class SearchStore:
         new = {n: t for n, t in types.items() if n not in known}
         if not new:
             return
-        body = {"properties": {k: v for k, v in mappings_for(spec, new)["properties"].items() if k in new}}
+        body = {"properties": {k: v for k, v in mappings_for(spec, new)["properties"].items()
+                               if source_name(k, RESERVED) in new}}
         if self._engine == "opensearch":
             self.client.indices.put_mapping(index=spec.search_index, body=body)
         else:
@@ -318,8 +330,8 @@ class SearchStore:
         else:
             action["_op_type"] = "index"
             # Serialised by ``bulk_body`` with changeflow's JSON rules (exact decimals), for either engine.
-            action["_source"] = record.after if identifier == record.key else {**record.after,
-                                                                                KEY_FIELD: record.key}
+            document = stored_row(record.after, RESERVED)
+            action["_source"] = document if identifier == record.key else {**document, KEY_FIELD: record.key}
         yield action
 
     def _bulk(self, actions: Sequence[dict[str, Any]]) -> list[tuple[str, int | None, Any]]:

@@ -36,6 +36,7 @@ from psycopg import sql
 from changeflow.pipelines.load import load
 from changeflow.pipelines.spec import EntitySpec
 from changeflow.settings import Settings
+from changeflow.sinks.base import create
 from changeflow.sinks.clickhouse import client_for
 from tests.integration.conftest import eventually, stop_process
 from tests.integration.test_own_database import _answers, _drop_everything
@@ -67,7 +68,15 @@ CREATE TABLE refunds (
 ) PARTITION BY LIST (reason);
 CREATE TABLE refunds_damaged PARTITION OF refunds FOR VALUES IN ('damaged');
 CREATE TABLE refunds_other PARTITION OF refunds DEFAULT;
+CREATE TABLE clashing (
+    id integer PRIMARY KEY, "_key" text, "_version" bigint, "_is_deleted" boolean, "_ingested_at" text,
+    "_id" text, "_source" text, "_index" integer, "_cf_key" text, "_changeflow_key" text, "_version_" integer
+);
 """
+# Issue 20 §5: columns named like every store's own (ClickHouse's meta columns, the search engine's metadata
+# fields, the PostgreSQL store's), and one named like an escaped form.
+CLASHING_ROW = {"id": 1, "_key": "k", "_version": 7, "_is_deleted": True, "_ingested_at": "then", "_id": "i",
+                "_source": "s", "_index": 3, "_cf_key": "c", "_changeflow_key": "x", "_version_": 8}
 
 
 def run(file: Path | None, *argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -131,6 +140,9 @@ def partitioned_database(live_stack: Settings) -> Iterator[tuple[str, str, Setti
                          (PAY_JAN, ORDER_A, PAY_FEB, ORDER_B))
             conn.execute("INSERT INTO refunds (id, payment_id, order_id, amount, reason) VALUES "
                          "(%s, %s, %s, 5.00, 'damaged')", (REFUND_1, PAY_FEB, ORDER_B))
+            conn.execute(sql.SQL("INSERT INTO clashing ({}) VALUES ({})").format(
+                sql.SQL(", ").join(map(sql.Identifier, CLASHING_ROW)),
+                sql.SQL(", ").join(sql.Placeholder() * len(CLASHING_ROW))), list(CLASHING_ROW.values()))
         yield database, name, settings
     finally:
         _drop_everything(settings, database, name)
@@ -150,7 +162,8 @@ def test_partitioned_tables_null_arrays_reports_and_late_tables_on_a_real_databa
     own = load(file)
     # The partitioned tables are one entity each; their partitions are none.
     assert {n: e.qualified_table for n, e in own.entities.items()} == {
-        "orders": "public.orders", "payments": "public.payments", "refunds": "public.refunds"}
+        "orders": "public.orders", "payments": "public.payments", "refunds": "public.refunds",
+        "clashing": "public.clashing"}
     assert "payments_2026_01" not in file.read_text() and "refunds_damaged" not in file.read_text()
 
     # A publication made by hand, the way it was before: partitions' changes under their own names.
@@ -165,7 +178,7 @@ def test_partitioned_tables_null_arrays_reports_and_late_tables_on_a_real_databa
             f"true), or ALTER PUBLICATION {own.publication} SET (publish_via_partition_root = true)"
             ) in result.stdout
     assert "entities.refunds.table: public.refunds is partitioned" in result.stdout
-    assert "entities.orders" not in result.stdout
+    assert "entities.orders" not in result.stdout and "entities.clashing" not in result.stdout
 
     # An entity naming a partition instead of its root is refused with the fix.
     partition_file = tmp_path / "partition.yml"
@@ -200,6 +213,23 @@ def test_partitioned_tables_null_arrays_reports_and_late_tables_on_a_real_databa
         every = {"redis": {jan, feb}, "search": {jan, feb}, "clickhouse": {jan, feb}}
         eventually(lambda: ids_in_every_store(settings, payments) == every, timeout=150, what="payments snapshot")
         eventually(lambda: ids_in_every_store(settings, refunds)["clickhouse"] == {str(REFUND_1)}, timeout=60)
+        # Columns named like the stores' own land under their own names in each store.
+        clashing = own.entity("clashing")
+        eventually(lambda: redis_rows(settings, clashing).get(1) == CLASHING_ROW, timeout=60, what="clashing, redis")
+        for store_name in ("search", "clickhouse"):
+            store = create(store_name, settings, own)
+            try:
+                eventually(lambda s=store: (v := s.fetch(clashing, ["1"]).get("1")) is not None
+                           and v.row == CLASHING_ROW, timeout=60, what=f"clashing, {store_name}")
+            finally:
+                store.close()
+        client = client_for(settings)
+        try:  # stored with one more `_` each: ClickHouse's own columns are there beside them
+            stored = {n for (n,) in client.query(f"SELECT name FROM system.columns WHERE database = '{name}' "
+                                                  "AND table = 'clashing'").result_rows}
+            assert {"_key", "_key_", "_version", "_version_", "_version__", "_ingested_at_", "_id"} <= stored
+        finally:
+            client.close()
 
         # The report views and tables exist before any report command ran (the views over this pipeline's
         # orders, payments and refunds; reconcile's history, still empty).
@@ -300,7 +330,7 @@ def test_partitioned_tables_null_arrays_reports_and_late_tables_on_a_real_databa
         assert {(r["entity"], r["store"]) for r in report["results"]} == {
             (e, s) for e in own.entities for s in ("redis", "search", "clickhouse")}
         assert {r["entity"]: r["source_count"] for r in report["results"]} == {
-            "orders": 4, "payments": 4, "refunds": 2}
+            "orders": 4, "payments": 4, "refunds": 2, "clashing": 1}
     finally:
         stop_process(worker)
         log.close()

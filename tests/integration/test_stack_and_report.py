@@ -69,6 +69,13 @@ def test_redis_requires_the_stacks_password_and_runs_protected(live_stack: Setti
         redis.Redis(host=live_stack.redis_host, port=live_stack.redis_port, password="guess").ping()
     client = redis.Redis.from_url(live_stack.redis_url)
     assert client.config_get("protected-mode") == {b"protected-mode": b"yes"}
+    # The secrets never show in what the stack prints.
+    shown = subprocess.run([sys.executable, "-m", "changeflow", "stack", "status", "--json"], capture_output=True,
+                           text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    for secret in ("redis_password", "pg_superuser_password", "clickhouse_password"):
+        value = (live_stack.state / "secrets" / secret).read_text().strip()
+        assert value and value not in shown.stdout, secret
     assert (live_stack.state / "redis" / "redis.conf").stat().st_mode & 0o777 == 0o600
 
 

@@ -157,3 +157,30 @@ def test_a_key_longer_than_any_document_id_is_written_and_read_back(contract: tu
                         key_columns=("id",), schema=sv)
     assert not store.write_batch([gone])
     assert held(store, pipeline) == {"2": ("short", 100)}
+
+
+CLASHING = ["_key", "_version", "_is_deleted", "_ts_ms", "_ingested_at", "_id", "_source", "_index", "_routing",
+            "_seq_no", "_cf_key", "_cf_version", "_cf_deleted", "_changeflow_key", "_version_", "_key__"]
+
+
+@pytest.mark.parametrize("contract", STORES, indirect=True)
+def test_source_columns_named_like_every_stores_own_are_kept_under_their_names(
+        contract: tuple[Store, Pipeline, SchemaVersion]) -> None:
+    """Issue 20 §5: a column named `_version` stopped the ClickHouse sink (DUPLICATE_COLUMN) and was refused by
+    search (a metadata field). Every store keeps each of these under its own name, the escaped forms too."""
+    store, pipeline, _ = contract
+    sv = make_version("things", 2, {"id": parse_type("int64"), "name": parse_type("string"),
+                                    **{c: parse_type("int64") for c in CLASHING}}, ("id",))
+    store.setup({"things": sv})
+    values = {c: 1000 + i for i, c in enumerate(CLASHING)}
+    assert not store.write_batch([record(sv, 1, 100, {"id": 1, "name": "one", **values}, op="c")])
+    spec = pipeline.entity("things")
+    (key, row, version), = list(store.scan(spec))
+    assert (key, version) == ("1", 100)
+    assert {k: row.get(k) for k in ["id", "name", *CLASHING]} == {"id": 1, "name": "one", **values}
+    assert store.fetch(spec, ["1"])["1"].row == row
+    # A partial change of one of them keeps the others; a delete removes the row.
+    assert not store.write_batch([record(sv, 1, 101, {"id": 1, "_version": 7}, partial=True)])
+    assert store.fetch(spec, ["1"])["1"].row == {**row, "_version": 7}
+    assert not store.write_batch([record(sv, 1, 102, None, op="d")])
+    assert store.count(spec) == 0
