@@ -91,10 +91,9 @@ def test_every_store_representation_of_a_product_compares_equal_to_the_source() 
     expected = comparable_row(canonical, PRODUCT_TYPES)
     redis_value = orjson.loads(json.dumps(canonical))  # what the Redis sink SETs
     search_source = json.loads(json.dumps(canonical))  # what the search sink indexes
-    clickhouse_row = {  # clickhouse-connect: typed columns, naive UTC datetimes, plus bookkeeping
+    clickhouse_row = {  # as the store gives it back: typed columns, naive UTC datetimes, its bookkeeping left out
         "id": 42, "sku": "SKU-42", "name": "lamp", "description": None, "category": "lighting",
         "price": Decimal("12.50"), "stock": 7, "updated_at": datetime(2026, 1, 2, 3, 5, 6, 789000),
-        "_version": 99, "_key": "42",
     }
     assert comparable_row(redis_value, PRODUCT_TYPES) == expected
     assert comparable_row(search_source, PRODUCT_TYPES) == expected
@@ -262,3 +261,10 @@ def test_nan_and_infinity_compare_as_the_json_stores_null() -> None:
     t = parse_type("float64")
     assert normalise_value(float("nan"), t) is None and normalise_value(float("-inf"), t) is None
     assert normalise_value(None, t) is None and normalise_value(1.5, t) == 1.5
+
+
+def test_a_source_column_named_like_a_stores_own_is_compared_like_any_other() -> None:
+    """Issue 20 §5: stores give rows back under the source's names, so `_version` is content, not bookkeeping."""
+    types = {"id": PRODUCT_TYPES["id"], "_version": PRODUCT_TYPES["stock"]}
+    assert comparable_row({"id": 1, "_version": 7}, types) == {"id": 1, "_version": 7}
+    assert comparable_row({"id": 1, "_version": 7}, types) != comparable_row({"id": 1, "_version": 8}, types)

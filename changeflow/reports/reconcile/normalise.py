@@ -25,8 +25,6 @@ from changeflow.pipelines.types import ColumnType
 from changeflow.schemas import EXACT_CONTEXT, float32_shortest
 
 Row = dict[str, Any]
-# Bookkeeping columns a store may return beside the row: never part of the content.
-META = frozenset({"_key", "_version", "_is_deleted", "_ts_ms", "_ingested_at"})
 Types = Mapping[str, ColumnType]
 
 
@@ -195,10 +193,12 @@ def normalise_value(value: Any, t: ColumnType | None) -> Any:
 
 
 def comparable_row(row: Mapping[str, Any], types: Types) -> Row:
-    """A row in the form every side is compared in; null fields are left out (null equals absent)."""
+    """A row in the form every side is compared in; null fields are left out (null equals absent). Stores give
+    rows back under the source's column names, their own bookkeeping left out (``sinks.base.stored_name``),
+    so a source column named like a store's own (``_version``) is compared like any other."""
     out: Row = {}
     for name, value in row.items():
-        if value is None or name in META:
+        if value is None:
             continue
         out[name] = normalise_value(value, types.get(name))
     return out
