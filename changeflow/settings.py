@@ -131,8 +131,11 @@ class Settings(BaseSettings):
     @property
     def redis_url(self) -> str:
         """With the password, when there is one (the URL is a secret: never logged)."""
+        return self.redis_db_url(0)
+
+    def redis_db_url(self, db: int) -> str:
         auth = f":{quote(self.redis_password.get_secret_value(), safe='')}@" if self.redis_password else ""
-        return f"redis://{auth}{self.redis_host}:{self.redis_port}/0"
+        return f"redis://{auth}{self.redis_host}:{self.redis_port}/{int(db)}"
 
     @property
     def search_url(self) -> str:

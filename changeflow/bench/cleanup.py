@@ -37,7 +37,7 @@ def freshness_sku_prefix(run_id: str) -> str:
 
 
 def _redis(settings: BenchSettings, run_id: str, db: int) -> int:
-    client = redis.Redis.from_url(f"redis://{settings.redis_host}:{settings.redis_port}/{db}")
+    client = redis.Redis.from_url(settings.redis_db_url(db))
     run_block = Isolation(run_id, "backlog").id_base // 10_000_000_000
     removed = 0
 

@@ -41,7 +41,7 @@ class BenchSettings(Settings):
 
     @property
     def redis_url(self) -> str:
-        return f"redis://{self.redis_host}:{self.redis_port}/{self.bench_redis_db}"
+        return self.redis_db_url(self.bench_redis_db)
 
 
 def new_run_id() -> str:

@@ -221,9 +221,8 @@ def test_wrong_password_is_rejected(server: ServerProcess, password: str) -> Non
     url = f"{server.url}/"
     basic = base64.b64encode(f"default:{password}".encode()).decode()
     for r in (httpx.post(url, content="SELECT 1", params={"user": "default", "password": password}, timeout=30),
-              httpx.post(url, content="SELECT 1", headers={"X-ClickHouse-User": "default",
-                                                           "X-ClickHouse-Key": password.encode().decode("latin-1")},
-                         timeout=30),
+              httpx.post(url, content="SELECT 1", headers={b"X-ClickHouse-User": b"default",
+                                                           b"X-ClickHouse-Key": password.encode()}, timeout=30),
               httpx.post(url, content="SELECT 1", headers={"Authorization": f"Basic {basic}"}, timeout=30)):
         assert (r.status_code, r.headers["X-ClickHouse-Exception-Code"]) == (403, "516"), r.text
 

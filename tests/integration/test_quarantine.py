@@ -144,6 +144,10 @@ def throwaway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Throwaway]:
         env["CHANGEFLOW_CLICKHOUSE_PASSWORD"] = settings.clickhouse_password.get_secret_value()
     if settings.pg_replication_password is not None:
         env["CHANGEFLOW_PG_REPLICATION_PASSWORD"] = settings.pg_replication_password.get_secret_value()
+    for name in ("redis_password", "pg_superuser_password"):  # README: a worker with its own state dir
+        secret = getattr(settings, name)
+        if secret is not None:
+            env[f"CHANGEFLOW_{name.upper()}"] = secret.get_secret_value()
     worker: subprocess.Popen[bytes] | None = None
     try:
         applied = changeflow(file, "connectors", "apply", "--timeout", "180")

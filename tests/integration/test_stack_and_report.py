@@ -68,7 +68,8 @@ def test_redis_requires_the_stacks_password_and_runs_protected(live_stack: Setti
     with pytest.raises(redis.AuthenticationError):
         redis.Redis(host=live_stack.redis_host, port=live_stack.redis_port, password="guess").ping()
     client = redis.Redis.from_url(live_stack.redis_url)
-    assert client.config_get("protected-mode") == {b"protected-mode": b"yes"}
+    assert {str(k, "utf-8") if isinstance(k, bytes) else k: str(v, "utf-8") if isinstance(v, bytes) else v
+            for k, v in client.config_get("protected-mode").items()} == {"protected-mode": "yes"}
     # The secrets never show in what the stack prints.
     shown = subprocess.run([sys.executable, "-m", "changeflow", "stack", "status", "--json"], capture_output=True,
                            text=True, timeout=60)
