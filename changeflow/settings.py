@@ -104,6 +104,11 @@ class Settings(BaseSettings):
     # (2026-12-02, two runs each): 50 -> 20 ms cut freshness p50 by ~20 ms in Redis and ClickHouse at 1k/s and
     # p99 at 5k/s by 60-250 ms, for ~6 % of backlog throughput (smaller bulks to the search engine).
     sink_batch_timeout_s: float = 0.02
+    # How long a sink waits, its batch uncommitted, for a canonical record's schema version that is not on the
+    # schema topic yet (re-reading it with backoff). The decode stage publishes a version before its first
+    # record, so one still missing after this is no version of the pipeline (corrupted bytes): a dead letter.
+    # A schema topic that cannot be read is waited for without a bound.
+    sink_schema_wait_s: float = 30.0
 
     # How long `stack up` waits for one service to become healthy.
     start_timeout_s: float = 180.0

@@ -50,6 +50,10 @@ class UnknownSchemaError(ValueError):
     pass
 
 
+class SchemaFetchError(RuntimeError):
+    """The schema topic could not be read: the store's runner waits and tries again; never a bad record."""
+
+
 class IncompatibleChangeError(ValueError):
     pass
 
@@ -566,7 +570,11 @@ class SchemaBook:
     def lookup(self, fp: bytes) -> SchemaVersion | None:
         sv = self.by_fingerprint.get(fp)
         if sv is None and self._fetch is not None:
-            self.add(self._fetch())
+            try:
+                fetched = self._fetch()
+            except Exception as exc:  # Kafka's errors of every kind: the topic is there, reading it failed
+                raise SchemaFetchError(f"the schema topic could not be read: {exc}") from exc
+            self.add(fetched)
             sv = self.by_fingerprint.get(fp)
         return sv
 

@@ -22,7 +22,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
 from tenacity import Retrying, retry_if_exception_type, wait_exponential
@@ -32,6 +33,42 @@ from changeflow.pipelines.spec import Pipeline
 from changeflow.schemas.book import schema_book
 from changeflow.sinks.base import FatalSinkError, Rejected, RetriableSinkError, Store
 from changeflow.streams.records import ChangeRecord
+
+# Default of Settings.sink_schema_wait_s (which says why).
+SCHEMA_WAIT_S = 30.0
+
+T = TypeVar("T")
+
+
+def decode_waiting(decode: Callable[[], T], stop: threading.Event, *, wait_s: float = SCHEMA_WAIT_S,
+                   sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic,
+                   what: str = "") -> T:
+    """``decode()``, waiting while the schema it needs cannot be had yet: a schema topic that cannot be read is
+    waited for as long as it takes (a store failing holds the stream, never drops it), a fingerprint not on
+    the topic for up to ``wait_s``. The batch stays uncommitted meanwhile; ``InterruptedError`` on stop."""
+    delay, unknown_since, said = 0.2, None, False
+    while True:
+        try:
+            return decode()
+        except schemas.SchemaFetchError as exc:
+            reason = str(exc)
+        except schemas.UnknownSchemaError as exc:
+            if not str(exc).startswith("unknown schema fingerprint"):
+                raise  # not a canonical record at all: a dead letter now
+            now = clock()
+            unknown_since = now if unknown_since is None else unknown_since
+            if now - unknown_since >= wait_s:
+                raise schemas.UnknownSchemaError(f"{exc}, still after {wait_s:.0f} s of re-reading the schema "
+                                                 "topic: no version of this pipeline") from None
+            reason = str(exc)
+        if stop.is_set():
+            raise InterruptedError(f"stopping while waiting for a schema version ({reason})")
+        if not said:
+            log.warning("event=schema_wait record=%s reason=%r", what, reason[:300])
+            said = True
+        sleep(delay)
+        delay = min(delay * 2, 10.0)
+
 
 # What a higher layer builds over a store once it is set up (reports.objects.ensure): called with the store.
 AfterSetup = Callable[[Store, Pipeline], None]
@@ -284,8 +321,13 @@ class SinkRunner:
                     if msg.value() is None:
                         continue
                     try:
-                        records.append(record_from_message(msg, self.book))
+                        records.append(decode_waiting(partial(record_from_message, msg, self.book), self.stop,
+                                                      wait_s=self.settings.sink_schema_wait_s,
+                                                      what=f"{msg.topic()}:{msg.partition()}:{msg.offset()}"))
                         by_origin[(msg.topic(), msg.partition(), msg.offset())] = msg  # type: ignore[index]
+                    except InterruptedError:
+                        log.info("sink=%s event=stopped_uncommitted reason=schema_wait", self.sink.name)
+                        return
                     except Exception as exc:  # any undecodable record is a dead letter, never a stopped sink
                         log.error(
                             "sink=%s event=dead_letter topic=%s partition=%s offset=%s reason=%r",
