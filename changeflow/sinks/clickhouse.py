@@ -183,8 +183,11 @@ def column_type(t: ColumnType, nullable: bool = True) -> str:
     if k == "array":
         assert t.item is not None
         return f"Array({column_type(t.item)})"  # arrays cannot be Nullable: a null array is []
+    # Integers as Int64 and floats as Float64 whatever their source width: a widening at the source (int16 →
+    # int32 → int64, real → double) keeps its Avro fingerprint and changes no column here, so a value that
+    # needs the new width must fit the column already made.
     base = {
-        "int16": "Int16", "int32": "Int32", "int64": "Int64", "float32": "Float32", "float64": "Float64",
+        "int16": "Int64", "int32": "Int64", "int64": "Int64", "float32": "Float64", "float64": "Float64",
         "bool": "Bool", "date": "Date32", "timestamp": "DateTime64(6, 'UTC')", "timestamptz": "DateTime64(6, 'UTC')",
         "interval": "Int64",
     }.get(k)

@@ -92,7 +92,10 @@ def column_type(t: ColumnType) -> str:
     if k == "decimal":
         return f"numeric({t.precision}, {t.scale or 0})" if t.precision is not None else "numeric"
     return {
-        "int16": "smallint", "int32": "integer", "int64": "bigint", "float32": "real", "float64": "double precision",
+        # Wide enough for every widening the source may make while running (int16 → int32 → int64, real →
+        # double): those keep their Avro fingerprint, so no new column type would reach this table.
+        "int16": "bigint", "int32": "bigint", "int64": "bigint", "float32": "double precision",
+        "float64": "double precision",
         "bool": "boolean", "string": "text", "uuid": "uuid", "enum": "text", "json": "jsonb", "bytes": "bytea",
         "date": "date", "time": "time", "timetz": "timetz", "timestamp": "timestamptz", "timestamptz": "timestamptz",
         "interval": "bigint",  # Debezium's microseconds, as every store holds them

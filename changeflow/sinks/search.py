@@ -108,8 +108,10 @@ def field_mapping(t: ColumnType) -> dict[str, Any]:
     if k == "array":
         assert t.item is not None
         return field_mapping(t.item)  # the engine's arrays are implicit
+    # `long` and `double` whatever the source width: an index's field type cannot change, and a widening at
+    # the source (int16 → int32 → int64, real → double) must not make later values unindexable.
     simple = {
-        "int16": "short", "int32": "integer", "int64": "long", "float32": "float", "float64": "double",
+        "int16": "long", "int32": "long", "int64": "long", "float32": "double", "float64": "double",
         "bool": "boolean", "uuid": "keyword", "enum": "keyword", "bytes": "binary", "interval": "long",
         "time": "keyword", "timetz": "keyword", "date": "date", "timestamp": "date", "timestamptz": "date",
     }
