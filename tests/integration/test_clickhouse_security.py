@@ -341,12 +341,28 @@ def test_execution_time_limit(limited: ServerProcess) -> None:
     assert "Setting max_execution_time shouldn't be greater than 2" in text
 
 
-def test_connection_limit(limited: ServerProcess) -> None:
+@pytest.fixture
+def three_connections(tmp_path: Path) -> Iterator[ServerProcess]:
+    """A server of its own with room for three connections: no other test's connection or session counts."""
+    srv = ServerProcess(tmp_path / "data", tmp_path / "server.log", extra_args=("--max-connections", "3"))
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.http.close()
+        if srv.proc is not None:
+            srv.stop()
+
+
+def test_connection_limit(three_connections: ServerProcess) -> None:
+    limited = three_connections
     limited.http.close()  # its keep-alive connection would hold a slot
     held: list[socket.socket] = []
     try:
-        for _ in range(3):  # idle connections hold the pool
-            held.append(socket.create_connection(("127.0.0.1", limited.port)))
+        for _ in range(3):  # connections in the middle of a request hold the pool
+            sock = socket.create_connection(("127.0.0.1", limited.port))
+            sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nSELECT")
+            held.append(sock)
         # They hold it once the server has accepted them, which a loaded machine may take a moment to do:
         # until then a fourth request is still served.
         deadline = time.monotonic() + 10
