@@ -108,7 +108,7 @@ class Settings(BaseSettings):
     # schema topic yet (re-reading it with backoff). The decode stage publishes a version before its first
     # record, so one still missing after this is no version of the pipeline (corrupted bytes): a dead letter.
     # A schema topic that cannot be read is waited for without a bound.
-    sink_schema_wait_s: float = 30.0
+    sink_schema_wait_s: float = 10.0
 
     # How long `stack up` waits for one service to become healthy.
     start_timeout_s: float = 180.0

@@ -35,7 +35,7 @@ from changeflow.sinks.base import FatalSinkError, Rejected, RetriableSinkError, 
 from changeflow.streams.records import ChangeRecord
 
 # Default of Settings.sink_schema_wait_s (which says why).
-SCHEMA_WAIT_S = 30.0
+SCHEMA_WAIT_S = 10.0
 
 T = TypeVar("T")
 

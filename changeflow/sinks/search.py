@@ -253,7 +253,9 @@ class SearchStore:
     def _ensure_mapped(self, spec: EntitySpec, types: Mapping[str, ColumnType]) -> None:
         """Fields of a new schema version get their derived mapping before the first document carries them
         (the engine would otherwise guess from the first value it sees)."""
-        known = self._mapped.setdefault(spec.name, set())
+        if spec.name not in self._mapped:
+            self._mapped[spec.name] = self._fields_mapped(spec)
+        known = self._mapped[spec.name]
         new = {n: t for n, t in types.items() if n not in known}
         if not new:
             return
@@ -264,6 +266,18 @@ class SearchStore:
         else:
             self.client.indices.put_mapping(index=spec.search_index, properties=body["properties"])
         known.update(new)
+
+    def _fields_mapped(self, spec: EntitySpec) -> set[str]:
+        """The source names of the fields the index already maps: a field's type cannot change in place, so
+        those are never put again (an index made by an earlier version keeps its narrower integer types)."""
+        response = self.http.get(f"{self._index_path(spec)}/_mapping")
+        if response.status_code == 404:
+            return set()
+        response.raise_for_status()
+        fields: set[str] = set()
+        for index in response.json().values():
+            fields.update(source_name(k, RESERVED) for k in (index.get("mappings", {}).get("properties") or {}))
+        return fields
 
     def _create_index(self, spec: EntitySpec) -> None:
         """Stores write to the alias ``<index>``; the physical index behind it can be rebuilt and swapped."""
