@@ -12,7 +12,6 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
-import socket
 import stat
 import subprocess
 import threading
@@ -355,26 +354,19 @@ def three_connections(tmp_path: Path) -> Iterator[ServerProcess]:
 
 
 def test_connection_limit(three_connections: ServerProcess) -> None:
+    """Three clients' idle keep-alive connections (each has had its answer and waits for the next request)
+    hold the pool of three: a fourth connection is answered 202 and closed; once they close, it is served."""
     limited = three_connections
     limited.http.close()  # its keep-alive connection would hold a slot
-    held: list[socket.socket] = []
+    holders = [httpx.Client(auth=("default", limited.password), timeout=30) for _ in range(3)]
     try:
-        for _ in range(3):  # connections in the middle of a request hold the pool
-            sock = socket.create_connection(("127.0.0.1", limited.port))
-            sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nSELECT")
-            held.append(sock)
-        # They hold it once the server has accepted them, which a loaded machine may take a moment to do:
-        # until then a fourth request is still served.
-        deadline = time.monotonic() + 10
-        while True:
-            r = httpx.post(f"{limited.url}/", content="SELECT 1", auth=("default", limited.password))
-            if r.status_code != 200 or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
+        for client in holders:
+            assert client.post(f"{limited.url}/", content="SELECT 1").text == "1\n"
+        r = httpx.post(f"{limited.url}/", content="SELECT 1", auth=("default", limited.password))
         assert "Too many simultaneous queries. Maximum: 3" in refusal(r, 202, "TOO_MANY_SIMULTANEOUS_QUERIES", 503)
     finally:
-        for sock in held:
-            sock.close()
+        for client in holders:
+            client.close()
     deadline = time.monotonic() + 10
     while True:  # slots come back as the server notices the closed connections
         r = httpx.post(f"{limited.url}/", content="SELECT 1", auth=("default", limited.password))
