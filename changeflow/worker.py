@@ -40,6 +40,7 @@ from changeflow.sinks import base as sink_base
 from changeflow.sinks.process import EXIT_CRASH_LOOP, EXIT_SINK_FATAL, SinkProcesses, default_jobs
 from changeflow.sinks.runner import AfterSetup
 from changeflow.streams.app import CANONICAL_PARTITIONS, create_app
+from changeflow.streams.views import ViewProcess
 
 log = logging.getLogger("changeflow.worker")
 
@@ -51,14 +52,18 @@ __all__ = ["EXIT_CRASH_LOOP", "EXIT_FAILED", "EXIT_OK", "EXIT_SINK_FATAL", "ensu
 # Dead letters are kept until replayed or dropped on purpose (`changeflow dlq`), never expired by the broker's
 # 7-day default: a quarantined record is a change no store holds yet.
 DLQ_CONFIG = {"retention.ms": "-1", "retention.bytes": "-1"}
+# A canonical topic keeps every row's latest change for good (a view added later is filled from it, not from
+# a new snapshot of the sources: streams.views), and every change for a week, as before, for sinks behind.
+CANONICAL_CONFIG = {"cleanup.policy": "compact", "min.compaction.lag.ms": str(7 * 24 * 3600 * 1000)}
 
 
-def keep_dlq(admin: AdminClient, topic: str, *, created: bool) -> None:
-    """An existing DLQ topic (made by an earlier version, with the broker's retention) gets DLQ_CONFIG too."""
+def keep_dlq(admin: AdminClient, topic: str, *, created: bool, config: dict[str, str] = DLQ_CONFIG) -> None:
+    """An existing topic made by an earlier version (the DLQ with the broker's retention, a canonical topic
+    without compaction) gets the configuration it is created with now."""
     if created:
         return  # made below with it
     resource = ConfigResource(ResourceType.TOPIC, topic, incremental_configs=[
-        ConfigEntry(name, value, incremental_operation=AlterConfigOpType.SET) for name, value in DLQ_CONFIG.items()])
+        ConfigEntry(name, value, incremental_operation=AlterConfigOpType.SET) for name, value in config.items()])
     for future in admin.incremental_alter_configs([resource]).values():
         future.result()
 
@@ -69,9 +74,14 @@ def ensure_topics(settings: Settings, pipeline: Pipeline) -> None:
     wanted.update({topic: CANONICAL_PARTITIONS for topic in pipeline.canonical_topics()})
     wanted.update({topic: CANONICAL_PARTITIONS for topic in pipeline.event_topics()})  # declared events only
     wanted[pipeline.dlq_topic] = 1
+    configs = {pipeline.dlq_topic: DLQ_CONFIG, **{t: CANONICAL_CONFIG for t in pipeline.canonical_topics()}}
+    if pipeline.views:
+        wanted[pipeline.views_lease_topic] = 1
     existing = set(admin.list_topics(timeout=15).topics)
     keep_dlq(admin, pipeline.dlq_topic, created=pipeline.dlq_topic not in existing)
-    missing = [NewTopic(n, num_partitions=p, replication_factor=1, config=DLQ_CONFIG if n == pipeline.dlq_topic else {})
+    for topic in pipeline.canonical_topics():
+        keep_dlq(admin, topic, created=topic not in existing, config=CANONICAL_CONFIG)
+    missing = [NewTopic(n, num_partitions=p, replication_factor=1, config=configs.get(n, {}))
                for n, p in wanted.items() if n not in existing]
     if not missing:
         return
@@ -128,6 +138,15 @@ def run(settings: Settings, pipeline: Pipeline, sink_names: list[str] | None = N
     sinks = SinkProcesses(settings, default_jobs(pipeline, names, after_setup=after_setup),
                           loglevel=loglevel, keep_fatal=True)
     sinks.start()
+    views: ViewProcess | None = None
+    view_failure = threading.Event()
+    if pipeline.views:
+        def views_exited(_code: int | None) -> None:
+            view_failure.set()
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        views = ViewProcess(settings, pipeline, loglevel, views_exited)
+        views.start()
     code: int | str | None = EXIT_OK
     try:
         app = create_app(settings, pipeline)
@@ -159,7 +178,12 @@ def run(settings: Settings, pipeline: Pipeline, sink_names: list[str] | None = N
             except SystemExit as exc:  # Faust always ends this way: 0 after a signal, 1 when it failed
                 code = exc.code
     finally:
+        if views is not None:
+            views.stop()
         sinks.stop()
+    if view_failure.is_set():
+        log.critical("event=worker_stopped stage=views exit_code=%d", EXIT_FAILED)
+        return EXIT_FAILED
     if sinks.fatal is not None:
         log.critical("event=worker_stopped sink=%s exit_code=%d error=%r", sinks.fatal.store, sinks.fatal.exit_code,
                      sinks.fatal.error)

@@ -8,8 +8,9 @@ What is checked: tables and columns named anywhere in an entity (key, fields, co
 order_by and types, the names read by derived fields and the filter) exist; a table without a primary
 key declares a key (and can be published: REPLICA IDENTITY); two entities never land on one store object
 or read one table; a hash has a salt; expressions compile and hooks import; sections that are planned
-but not implemented (views, outbox, erasure) are empty. An entity with a hook may add any field, so names
-it could add are not judged.
+but not implemented (outbox, erasure) are empty. Views: every entity, alias, column and group named
+exists, join columns are of a type the looked-up key can equal, lookups lead back to the root (no cycle).
+An entity with a hook may add any field, so names it could add are not judged.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from changeflow.pipelines.catalog import Catalog, Table
 from changeflow.pipelines.spec import EntitySpec, Pipeline, split_table
 from changeflow.pipelines.transform import ExpressionError, compile_expression, load_hook
+from changeflow.pipelines.types import from_postgres
+from changeflow.pipelines.views import ViewDef
 
 # The pipeline's own ClickHouse tables (pipelines.spec: P.changelog), which no entity may take.
 RESERVED_CLICKHOUSE_TABLES = frozenset({"changelog"})
@@ -52,12 +55,13 @@ def check(pipeline: Pipeline, catalog: Catalog | None = None, *, import_hooks: b
           hook_loader: Callable[..., object] = load_hook) -> list[Problem]:
     """Every problem found; empty means the pipeline may be registered."""
     problems: list[Problem] = []
-    for section in ("views", "outbox", "erasure"):
+    for section in ("outbox", "erasure"):
         if getattr(pipeline.file, section):
             problems.append(Problem(section, "planned, not yet supported; remove this section (changeflow would "
                                              "silently do less than the file says)"))
     base = pipeline.path.parent if pipeline.path is not None else None
-    for spec in pipeline.entities.values():
+    problems.extend(_views(pipeline, catalog))
+    for spec in pipeline.captured():
         problems.extend(_entity_own(spec, base, import_hooks, hook_loader))
         if catalog is not None and spec.source == "postgres":
             problems.extend(_entity_against_catalog(spec, catalog, pipeline.publication))
@@ -70,7 +74,7 @@ def uncaptured(pipeline: Pipeline, catalog: Catalog) -> list[Table]:
     changes never reach Kafka, because the connector's include list names the pipeline's tables only, so
     nothing else would ever say they are missing. Partitions are not tables of their own (their root is),
     and the pipeline's signal and heartbeat tables are its own."""
-    captured = {(e.source_schema, e.source_table) for e in pipeline.entities.values() if e.source == "postgres"}
+    captured = {(e.source_schema, e.source_table) for e in pipeline.captured() if e.source == "postgres"}
     own = {split_table(pipeline.signal_table), split_table(pipeline.heartbeat_table)}
     return [t for key, t in sorted(catalog.tables.items()) if key not in captured and key not in own]
 
@@ -273,4 +277,76 @@ def _collisions(pipeline: Pipeline) -> list[Problem]:
                 out.append(Problem(f"{at}.stores.clickhouse.table", f"{'.'.join(target)} is the pipeline's own "
                                                                     "table; choose another `table`"))
             clickhouse.setdefault(target, spec.name)
+    return out
+
+
+# Join columns and keys compare by their key text (streams.keys): these kinds give equal texts for equal values.
+_KEY_FAMILIES = {"int16": "integer", "int32": "integer", "int64": "integer", "string": "text", "enum": "text",
+                 "uuid": "text"}
+
+
+def _family(format_type: str) -> str:
+    try:
+        kind = from_postgres(format_type).kind
+    except ValueError:
+        return format_type
+    return _KEY_FAMILIES.get(kind, kind)
+
+
+def _views(pipeline: Pipeline, catalog: Catalog | None) -> list[Problem]:
+    """Each view against its entities: what resolving it found (unknown entity or alias, a cycle), then, for
+    PostgreSQL entities, its columns and join types against the catalog."""
+    out = [Problem(e.location, e.message) for e in pipeline.view_errors]
+    for name, view in pipeline.views.items():
+        at = f"views.{name}"
+        if view.filter is not None:
+            try:
+                unknown = sorted(compile_expression(view.filter).names - {f.name for f in view.fields})
+            except ExpressionError as exc:
+                out.append(Problem(f"{at}.filter", f"{exc}; write an expression over the view's fields, such as "
+                                                   "`city == 'New York'`"))
+            else:
+                if unknown:
+                    names = ", ".join(f.name for f in view.fields)
+                    out.append(Problem(f"{at}.filter", f"{unknown[0]!r} is not one of the view's fields; a filter "
+                                                       f"reads the names under `fields` ({names})"))
+        if catalog is None:
+            continue
+
+        def table_of(alias: str, view: ViewDef = view) -> Table | None:
+            spec = pipeline.entities[view.entity_of(alias)]
+            return catalog.table(spec.source_schema, spec.source_table) if spec.source == "postgres" else None
+
+        for f in view.fields:
+            table = table_of(f.alias)
+            if table is None:
+                continue
+            column = table.column(f.column)
+            where = f"{at}.fields.{f.name}"
+            if column is None:
+                out.append(_unknown_column(where, f.column, table))
+            elif f.nested and not column.format_type.startswith("json"):
+                out.append(Problem(where, f"{f.column!r} is {column.format_type}, not a document: a nested path "
+                                          "reads a json or jsonb column; name the column alone"))
+        for lk in view.lookups:
+            left, right = table_of(lk.left), table_of(lk.alias)
+            where = f"{at}.join.{lk.alias}.on"
+            right_spec = pipeline.entities[lk.entity]
+            right_key = right_spec.key_columns or (right.primary_key if right is not None else None)
+            if right_key is not None and len(right_key) != len(lk.on):
+                out.append(Problem(where, f"{lk.entity}'s key has {len(right_key)} column(s) ({', '.join(right_key)}); "
+                                          f"name as many columns of the left side, in key order"))
+                continue
+            for i, col in enumerate(lk.on):
+                lcol = left.column(col) if left is not None else None
+                if left is not None and lcol is None:
+                    out.append(_unknown_column(where, col, left))
+                    continue
+                if lcol is None or right is None or right_key is None:
+                    continue
+                rcol = right.column(right_key[i])
+                if rcol is not None and _family(lcol.format_type) != _family(rcol.format_type):
+                    out.append(Problem(where, f"{col!r} is {lcol.format_type} but {lk.entity}.{right_key[i]} is "
+                                              f"{rcol.format_type}: equal values would not match; join columns of "
+                                              "one kind (integers with integers, text with text)"))
     return out

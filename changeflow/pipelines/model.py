@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from changeflow.pipelines.types import UnknownTypeError, parse_type
+from changeflow.pipelines.views import View
 
 IDENTIFIER = r"^[a-z][a-z0-9_]*$"
 # A secret is never inline: `${env:VAR}` (the process environment) or `${file:/path}` (a file's content).
@@ -263,7 +264,8 @@ class PipelineFile(Strict):
     entities: dict[str, Entity]
     # Room for what comes next; refused by `pipeline check` until implemented, so a file never silently
     # means less than it says.
-    views: dict[str, Any] = Field(default_factory=dict, description="Read models joining entities (planned).")
+    views: dict[str, View] = Field(default_factory=dict, description="Read models joining entities, kept fresh "
+                                                                     "incrementally (README \"Read models\").")
     outbox: dict[str, Any] = Field(default_factory=dict, description="Outbox event router sources (planned).")
     erasure: dict[str, Any] = Field(default_factory=dict, description="Erasure of a person's data (planned).")
 
@@ -294,4 +296,10 @@ class PipelineFile(Strict):
                 raise ValueError(f"entities.{name}.collection: a postgres entity names a `table`")
             if entity.source == "mongodb" and entity.table is not None:
                 raise ValueError(f"entities.{name}.table: a mongodb entity names a `collection`")
+        for name in self.views:
+            if not re.match(IDENTIFIER, name):
+                raise ValueError(f"views.{name}: a view's name is a lower-case identifier (letters, digits, _)")
+            if name in self.entities:
+                raise ValueError(f"views.{name}: an entity has this name too; a view's topic, tables and index are "
+                                 "named like an entity's, so rename the view")
         return self

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from changeflow.pipelines.model import ClickHouseStore, Entity, PipelineFile, RedisStore, SearchStore
 from changeflow.pipelines.types import ColumnType, parse_type
+from changeflow.pipelines.views import ViewDef, ViewError, resolve
 
 Row = dict[str, Any]
 
@@ -101,7 +102,10 @@ class StackDefaults(Protocol):
 class Pipeline:
     file: PipelineFile
     path: Path | None
+    # Every projection the stores hold: captured entities and views (``source == "view"``), one namespace.
     entities: dict[str, EntitySpec]
+    views: dict[str, ViewDef] = field(default_factory=dict)
+    view_errors: tuple[ViewError, ...] = ()
 
     @property
     def name(self) -> str:
@@ -194,8 +198,17 @@ class Pipeline:
         return {f"{e.namespace}.{e.name}.{event}": (e, event)
                 for e in self.entities.values() for event in e.config.events}
 
+    def captured(self) -> list[EntitySpec]:
+        """The entities read from a source (a view is computed from them, not captured)."""
+        return [e for e in self.entities.values() if e.source != "view"]
+
+    @property
+    def views_lease_topic(self) -> str:
+        """One partition: the worker whose view stage holds it maintains the pipeline's views (streams.views)."""
+        return f"{self.namespace}.views.lease"
+
     def raw_topics(self) -> dict[str, EntitySpec]:
-        return {e.raw_topic: e for e in self.entities.values()}
+        return {e.raw_topic: e for e in self.captured()}
 
     def canonical_topics(self) -> list[str]:
         return [e.canonical_topic for e in self.entities.values()]
@@ -248,7 +261,23 @@ def build(file: PipelineFile, path: Path | None = None) -> Pipeline:
             key_columns=tuple(cfg.key) if cfg.key else None, raw_topic=raw_topic,
             canonical_topic=f"{namespace}.{name}", config=cfg, declared_types=declared,
         )
-    return Pipeline(file=file, path=path, entities=entities)
+    views: dict[str, ViewDef] = {}
+    errors: list[ViewError] = []
+    for name, view in file.views.items():
+        try:
+            views[name] = resolve(name, view, {n: e for n, e in entities.items() if e.source != "view"})
+        except ViewError as exc:
+            errors.append(exc)
+            continue
+        root = entities[view.root]
+        group = tuple(view.group_by)
+        entities[name] = EntitySpec(
+            name=name, pipeline=file.name, namespace=namespace, source="view", source_schema="",
+            source_table=name, key_columns=group or root.key_columns, raw_topic="",
+            canonical_topic=f"{namespace}.{name}",
+            config=Entity.model_validate({"stores": view.stores, **({"key": list(group)} if group else {})}),
+        )
+    return Pipeline(file=file, path=path, entities=entities, views=views, view_errors=tuple(errors))
 
 
 HookFn = Callable[[Row], Row]

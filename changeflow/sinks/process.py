@@ -17,8 +17,6 @@ after it is gone; a sink that stops again without its group having moved is cras
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import logging
 import multiprocessing
@@ -26,7 +24,6 @@ import os
 import queue
 import re
 import signal
-import sys
 import threading
 import time
 import traceback
@@ -36,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from changeflow import metrics
+from changeflow.runtime import die_with_parent
 
 if TYPE_CHECKING:
     from multiprocessing.context import SpawnProcess
@@ -47,7 +45,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("changeflow.sinks")
 
 REPORT_INTERVAL_S = 0.5
-_PR_SET_PDEATHSIG = 1
 
 # `changeflow worker`'s exit codes when a sink stops it (README "Operating it", exit codes).
 EXIT_SINK_FATAL = 3  # a sink stopped on a fatal store error, or its process died
@@ -221,17 +218,11 @@ class SinkJob:
     after_setup: Callable[[Store, Pipeline], None] | None = None
 
 
-def _die_with_parent() -> None:
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 def _child_main(job: SinkJob, settings: Settings, reports: Any, loglevel: str, parent: int) -> None:
     from changeflow.runtime import tune_gc
     from changeflow.sinks.runner import SinkRunner
 
-    _die_with_parent()
+    die_with_parent()
     if os.getppid() != parent:  # the worker died before the line above could take effect
         return
     # Reports go to a pipe the worker drains; a dead worker drains nothing, and a process waiting at exit

@@ -32,6 +32,7 @@ from changeflow import metrics, schemas
 from changeflow.pipelines.spec import Pipeline
 from changeflow.schemas.book import schema_book
 from changeflow.sinks.base import FatalSinkError, Rejected, RetriableSinkError, Store
+from changeflow.streams.canonical import record_from_bytes
 from changeflow.streams.records import ChangeRecord
 
 # Default of Settings.sink_schema_wait_s (which says why).
@@ -119,33 +120,6 @@ def quarantine_headers(store: str, rejected: Rejected) -> list[tuple[str, str | 
 
 def record_from_message(msg: Message, book: schemas.SchemaBook) -> ChangeRecord:
     return record_from_bytes(msg.value(), (msg.topic(), msg.partition(), msg.offset()), book)  # type: ignore[arg-type]
-
-
-def record_from_bytes(value: bytes, origin: tuple[str, int, int], book: schemas.SchemaBook) -> ChangeRecord:
-    sv, data = schemas.decode(value, book.lookup)
-    present = data.get("present")
-    after = data["after"]
-    carried = data.get("carried")
-    if after is not None and (present is not None or carried is not None):
-        kept = present if present is not None else carried
-        assert kept is not None
-        keep = set(kept)
-        after = {k: v for k, v in after.items() if k in keep}
-    return ChangeRecord(
-        source=data["source"],
-        entity=data["entity"],
-        key=data["key"],
-        op=data["op"],
-        version=data["version"],
-        ts_ms=data["ts_ms"],
-        before=data["before"],
-        after=after,
-        origin=origin,
-        partial=present is not None,
-        key_columns=sv.key_columns,
-        types=sv.columns,
-        schema=sv,
-    )
 
 
 class SinkRunner:

@@ -32,6 +32,7 @@ from changeflow.pipelines.spec import Pipeline
 from changeflow.pipelines.transform import Transformer, compile_pipeline
 from changeflow.runtime import tune_gc
 from changeflow.schemas.book import schema_book
+from changeflow.streams.canonical import to_avro
 from changeflow.streams.debezium import decode_postgres
 from changeflow.streams.derived import events as derived_events
 from changeflow.streams.mongodb import decode_mongodb
@@ -53,26 +54,6 @@ FEED_STOP_GRACE_S = 30.0
 
 def transformers(pipeline: Pipeline, source: str) -> dict[tuple[str, str], Transformer]:
     return compile_pipeline(pipeline, source)
-
-
-def to_avro(book: schemas.SchemaBook, record: ChangeRecord) -> bytes:
-    sv = book.for_columns(record.entity, record.types or {}, record.key_columns)
-    return schemas.encode(
-        sv,
-        {
-            "source": record.source,
-            "entity": record.entity,
-            "key": record.key,
-            "op": record.op,
-            "version": record.version,
-            "ts_ms": record.ts_ms,
-            "before": record.before,
-            "after": record.after,
-            "present": sorted(record.after) if record.partial and record.after is not None else None,
-            "carried": (sorted(record.after) if not record.partial and record.after is not None
-                        and len(record.after) < len(sv.columns) else None),
-        },
-    )
 
 
 def dead_letter_headers(letter: DeadLetter) -> dict[str, bytes]:

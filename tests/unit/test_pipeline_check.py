@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from changeflow.pipelines.catalog import Catalog, Column, Table
 from changeflow.pipelines.check import Problem, check
-from changeflow.pipelines.load import load, parse
+from changeflow.pipelines.load import PipelineError, load, parse
 
 
 def catalog() -> Catalog:
@@ -122,13 +124,13 @@ def test_bad_expression_hook_and_planned_sections(tmp_path: Path) -> None:
   lines:
     table: public.order_lines
     hook: hooks:fine
-views:
-  order_with_lines: {}
+outbox:
+  events: {}
 """
     path = tmp_path / "shop.yml"
     path.write_text(text)
     found = [str(p) for p in check(load(path), catalog())]
-    assert found[0] == ("views: planned, not yet supported; remove this section (changeflow would silently do less "
+    assert found[0] == ("outbox: planned, not yet supported; remove this section (changeflow would silently do less "
                         "than the file says)")
     assert found[1].startswith("entities.orders.derive.x.expr: expression 'total +' is not valid")
     assert found[2].startswith("entities.orders.hook: 'hooks:missing' does not import (ExpressionError: ")
@@ -176,3 +178,60 @@ def test_a_hashed_key_column_is_refused_because_the_key_would_carry_it_in_clear(
     table: public.orders
     fields: {hash: [id, email], salt: "${env:SALT}"}
 """) == [message.format(col="id")]
+
+
+VIEW_ENTITIES = """\
+  orders:
+    table: public.orders
+  lines:
+    table: public.order_lines
+views:
+"""
+
+
+def test_a_good_view_has_no_problems() -> None:
+    assert problems(VIEW_ENTITIES + """\
+  line_orders:
+    from: lines
+    join: {order: {entity: orders, on: order_id}}
+    fields: {qty: qty, status: order.status, total: order.total}
+    filter: "status == 'paid'"
+  totals:
+    from: orders
+    fields: {status: status, total: total}
+    group_by: [status]
+    aggregates: {n: count, revenue: {sum: total}}
+""") == []
+
+
+@pytest.mark.parametrize(("view", "expected"), [
+    ("{from: nope, fields: {a: a}}",
+     "views.v.from: unknown entity 'nope'; the pipeline's entities are: orders, lines"),
+    ("{from: lines, join: {o: {entity: orderz, on: order_id}}, fields: {a: qty}}",
+     "views.v.join.o.entity: unknown entity 'orderz'; the pipeline's entities are: orders, lines"),
+    ("{from: lines, join: {a: {entity: orders, on: x, from: b}, b: {entity: orders, on: y, from: a}}, "
+     "fields: {q: qty}}",
+     "views.v.join: the lookups a, b form a cycle through `from`; each lookup's `from` must lead back to the root"),
+    ("{from: lines, join: {o: {entity: orders, on: order_id}}, fields: {s: o.statuz}}",
+     "views.v.fields.s: column 'statuz' is not in public.orders; did you mean 'status'?"),
+    ("{from: lines, join: {o: {entity: orders, on: qty}}, fields: {s: o.status}}",
+     "views.v.join.o.on: 'qty' is integer but orders.id is uuid: equal values would not match; join columns of "
+     "one kind (integers with integers, text with text)"),
+    ("{from: orders, join: {l: {entity: lines, on: id}}, fields: {q: l.qty}}",
+     "views.v.join.l.on: lines's key has 2 column(s) (order_id, line_no); name as many columns of the left side, "
+     "in key order"),
+    ("{from: orders, fields: {s: status.city}}",
+     "views.v.fields.s: 'status' is text, not a document: a nested path reads a json or jsonb column; name the "
+     "column alone"),
+    ("{from: orders, fields: {s: status}, filter: \"city == 'NY'\"}",
+     "views.v.filter: 'city' is not one of the view's fields; a filter reads the names under `fields` (s)"),
+    ("{from: orders, fields: {s: status}, group_by: [t], aggregates: {n: count}}",
+     "views.v.group_by: 't' is not one of the view's fields (s); group by a field declared under `fields`"),
+])
+def test_view_problems_name_the_path_and_the_fix(view: str, expected: str) -> None:
+    assert problems(VIEW_ENTITIES + f"  v: {view}\n") == [expected]
+
+
+def test_a_view_named_like_an_entity_is_refused() -> None:
+    with pytest.raises(PipelineError, match=r"views\.orders: an entity has this name too"):
+        parse(HEAD + VIEW_ENTITIES + "  orders: {from: lines, fields: {q: qty}}\n", "shop.yml")
