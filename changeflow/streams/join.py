@@ -121,8 +121,9 @@ class ViewEngine:
         if prev is not None and record.version < prev[0]:
             return False  # late: a newer change of this row is already in
         old = prev[1] if prev is not None else None
-        if entity == self.view.root and record.key_columns:
+        if entity == self.view.root and record.key_columns and tuple(record.key_columns) != self.root_key_columns:
             self.root_key_columns = tuple(record.key_columns)
+            state.put(b"Srootkeys", self.root_key_columns)  # a restarted stage knows them before a root record
         new = self._image(record, old)
         self._ts_ms = max(self._ts_ms, record.ts_ms)
         state.put(rkey, (record.version, new))
@@ -215,19 +216,25 @@ class ViewEngine:
         return got[1] if got is not None else None
 
     def _recompute(self, state: State, root: str) -> None:
+        if not self.root_key_columns:
+            self.root_key_columns = tuple(state.get(b"Srootkeys") or ())
         out = self.joined(lambda e, k: self._row(state, e, k), self._row(state, self.view.root, root))
         okey = tk(b"O", root)
         if not self.view.aggregated:
-            if out != state.get(okey):
+            last = state.get(okey)
+            if out != last:
                 if out is None:
                     state.delete(okey)
                 else:
                     state.put(okey, out)
-                self._publish(state, root, out)
+                shown = out if out is not None else last
+                self._publish(state, root, out, {c: shown.get(c) for c in self.root_key_columns})
             return
         contribution = None
-        if out is not None:
-            group = [out[c] for c in self.view.group_by]
+        group = [out[c] for c in self.view.group_by] if out is not None else []
+        # A group is a key in every store, and no store keys on NULL: a row whose group is NULL is left out,
+        # like a row the filter leaves out (README "Read models").
+        if out is not None and all(v is not None for v in group):
             contribution = (key_text(group), group, {a.field: out[a.field] for a in self.view.aggregates if a.field})
         last = state.get(okey)
         if contribution == last:
@@ -256,7 +263,7 @@ class ViewEngine:
                     g[a.fn][a.name] = v
         state.put(tk(b"M", gk, root), inputs)
         state.put(tk(b"G", gk), g)
-        self._publish(state, gk, self._group_row(g))
+        self._publish(state, gk, self._group_row(g), self._group_key(g))
 
     def _retract(self, state: State, root: str, contribution: Any) -> None:
         gk, _group, inputs = contribution
@@ -267,7 +274,7 @@ class ViewEngine:
         g["n"] -= 1
         if g["n"] <= 0:
             state.delete(tk(b"G", gk))
-            self._publish(state, gk, None)
+            self._publish(state, gk, None, self._group_key(g))
             return
         stale = False
         for a in self.view.aggregates:
@@ -290,7 +297,10 @@ class ViewEngine:
                     else:
                         g[a.fn].pop(a.name, None)
         state.put(tk(b"G", gk), g)
-        self._publish(state, gk, self._group_row(g))
+        self._publish(state, gk, self._group_row(g), self._group_key(g))
+
+    def _group_key(self, g: dict[str, Any]) -> Row:
+        return dict(zip(self.view.group_by, g["group"], strict=True))
 
     def _group_row(self, g: dict[str, Any]) -> Row:
         row = dict(zip(self.view.group_by, g["group"], strict=True))
@@ -303,16 +313,32 @@ class ViewEngine:
                 row[a.name] = g[a.fn].get(a.name)
         return row
 
+    # --- after a rebuild -----------------------------------------------------------------------------
+    @staticmethod
+    def view_key(seen: bytes) -> str:
+        return parts(seen)[0]
+
+    def live(self, state: State, view_key: str) -> bool:
+        """Whether the state holds a view row under ``view_key`` (a root's output, or a group)."""
+        if self.view.aggregated:
+            return state.get(tk(b"G", view_key)) is not None
+        return state.get(tk(b"O", view_key)) is not None
+
+    def retire(self, state: State, view_key: str, key_row: Row) -> None:
+        """Publish the delete of a view row that stores hold and the state has not."""
+        self._publish(state, view_key, None, key_row)
+
     # --- output --------------------------------------------------------------------------------------
-    def _publish(self, state: State, view_key: str, row: Row | None) -> None:
+    def _publish(self, state: State, view_key: str, row: Row | None, key_row: Row) -> None:
+        """Note an output to publish; ``key_row`` holds the view key's columns (a delete's before-image)."""
         last = state.get(b"Sversion") or 0
         version = max(last + 1, self._clock())
         state.put(b"Sversion", version)
-        state.put(tk(b"P", view_key), (version, row, self._ts_ms))
+        state.put(tk(b"P", view_key), (version, row, self._ts_ms, key_row))
 
     @staticmethod
-    def pending(state: State) -> Iterator[tuple[bytes, str, int, Row | None, int]]:
-        """Outputs to publish: (state key, view key, version, row or None for a delete, ts_ms)."""
-        for pkey, (version, row, ts_ms) in state.scan(b"P"):
-            yield pkey, parts(pkey)[0], version, row, ts_ms
+    def pending(state: State) -> Iterator[tuple[bytes, str, int, Row | None, int, Row]]:
+        """Outputs to publish: (state key, view key, version, row or None for a delete, ts_ms, key columns)."""
+        for pkey, (version, row, ts_ms, key_row) in state.scan(b"P"):
+            yield pkey, parts(pkey)[0], version, row, ts_ms, key_row
 

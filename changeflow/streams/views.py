@@ -72,6 +72,7 @@ class ViewStage:
                               for view in pipeline.views.values() for e in view.entities})
         self.owned = False
         self.caught_up = False
+        self.rebuilt = False
         self.published = 0
         self.applied = 0
 
@@ -119,6 +120,7 @@ class ViewStage:
         last = self._last_acquisition()
         mine = state.get(b"Sacquired")
         continuous = last is not None and mine is not None and last == (mine, self.owner_id)
+        self.rebuilt = not continuous
         if not continuous and not state.empty():
             log.info("event=views_state_reset pipeline=%s reason=%r", self.pipeline.name,
                      "another worker maintained the views since this state was written")
@@ -205,10 +207,10 @@ class ViewStage:
                         break
                 if not chunk:
                     break
-                for _pkey, view_key, version, row, ts_ms in chunk:
+                for _pkey, view_key, version, row, ts_ms, key_row in chunk:
                     record = ChangeRecord(source="view", entity=name, key=view_key, op="d" if row is None else "u",
-                                          version=version, ts_ms=ts_ms, before=None, after=row, key_columns=keys,
-                                          types=types)
+                                          version=version, ts_ms=ts_ms, before=key_row if row is None else None,
+                                          after=row, key_columns=keys, types=types)
                     value = to_avro(book, record)
                     while True:
                         try:
@@ -224,6 +226,51 @@ class ViewStage:
                 total += len(chunk)
         self.published += total
         return total
+
+    def _retire(self, state: RocksState, book: schemas.SchemaBook) -> None:
+        """After a rebuild: a view row the stores hold (the view's own topic says so) that the rebuilt state
+        has not (its user moved away meanwhile, say) is deleted, as the previous owner would have."""
+        reader = Consumer({"bootstrap.servers": self.settings.kafka_bootstrap, "group.id": "changeflow-views-read",
+                           "enable.auto.commit": False, "enable.partition.eof": True})
+        try:
+            for name, engine in self.engines.items():
+                view_state = Prefixed(state, tk(b"V", name))
+                topic = self.pipeline.entities[name].canonical_topic
+                meta = reader.list_topics(topic, timeout=15).topics[topic]
+                ends = {p: reader.get_watermark_offsets(TopicPartition(topic, p), timeout=15)[1]
+                        for p in meta.partitions}
+                reader.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p, end in ends.items() if end > 0])
+                remaining = {p for p, end in ends.items() if end > 0}
+                while remaining:
+                    for msg in reader.consume(PUBLISH_CHUNK, 1.0):
+                        error, partition, offset = msg.error(), msg.partition() or 0, msg.offset() or 0
+                        if error is not None:
+                            if error.code() == KafkaError._PARTITION_EOF:
+                                remaining.discard(partition)
+                            continue
+                        if offset >= ends[partition] - 1:
+                            remaining.discard(partition)
+                        record = self._decode(book, msg) if msg.value() is not None else None
+                        if record is None:
+                            continue
+                        seen = tk(b"L", record.key)
+                        if record.is_delete:
+                            view_state.delete(seen)
+                        else:
+                            view_state.put(seen, {c: record.after.get(c) for c in record.key_columns}
+                                           if record.after else {})
+                    state.commit()
+                retired = 0
+                for seen, key_row in list(view_state.scan(b"L")):
+                    key = engine.view_key(seen)
+                    if not engine.live(view_state, key):
+                        engine.retire(view_state, key, key_row)
+                        retired += 1
+                    view_state.delete(seen)
+                state.commit()
+                log.info("event=views_retired view=%s rows=%d", name, retired)
+        finally:
+            reader.close()
 
     # --- the loop ------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -272,6 +319,9 @@ class ViewStage:
                 if not self.caught_up and self._caught_up(state, targets):
                     self.caught_up = True
                     log.info("event=views_caught_up pipeline=%s", self.pipeline.name)
+                    if self.rebuilt:
+                        self._retire(state, book)
+                        self.rebuilt = False
                 if self.caught_up:
                     self._publish(state, book, producer)
                 if not (moved or busy):

@@ -48,7 +48,8 @@ class Published:
         self.versions: dict[str, list[int]] = {}
 
     def take(self, state: Any) -> None:
-        for pkey, key, version, row, _ts in list(ViewEngine.pending(state)):
+        for pkey, key, version, row, _ts, key_row in list(ViewEngine.pending(state)):
+            assert key_row and all(v is not None or c == "user_id" for c, v in key_row.items())
             self.versions.setdefault(key, []).append(version)
             if key not in self.rows or self.rows[key][0] < version:
                 self.rows[key] = (version, row)
@@ -198,7 +199,7 @@ def _expected_row_view(users: dict[int, Any], orders: dict[int, Any]) -> dict[st
 def _expected_stats(orders: dict[int, Any]) -> dict[str, Any]:
     groups: dict[tuple[Any, str], list[Decimal]] = {}
     for o in orders.values():
-        if o is not None:
+        if o is not None and o["user_id"] is not None:
             groups.setdefault((o["user_id"], o["status"]), []).append(o["total"])
     from changeflow.streams.keys import key_text
 
