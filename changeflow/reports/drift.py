@@ -15,6 +15,8 @@ from rich.table import Table
 
 from changeflow.pipelines.catalog import count_rows
 from changeflow.pipelines.spec import EntitySpec, Pipeline
+from changeflow.reports.reconcile.source import Source
+from changeflow.reports.reconcile.views import unsupported
 from changeflow.sinks.base import Store, create, names, used_by
 
 if TYPE_CHECKING:
@@ -68,7 +70,8 @@ def _count(store: Store | None, spec: EntitySpec) -> int | None:
 
 
 def drift(settings: Settings, pipeline: Pipeline | None = None, entities: list[str] | None = None) -> list[DriftRow]:
-    """PostgreSQL entities (a MongoDB one only when asked for by name: its stores, no source count)."""
+    """PostgreSQL entities and the views computed from them (a MongoDB one only when asked for by name: its
+    stores, no source count)."""
     if pipeline is None:
         from changeflow.pipelines.load import load
 
@@ -87,10 +90,13 @@ def drift(settings: Settings, pipeline: Pipeline | None = None, entities: list[s
         for name, spec in pipeline.entities.items():
             if entities and name not in entities:
                 continue
-            if spec.source != "postgres" and not entities:
+            computed = spec.source == "view" and unsupported(pipeline, pipeline.views[name]) is None
+            if spec.source != "postgres" and not computed and not entities:
                 continue
             counts = {s: (_count(store, spec) if spec.stored_in(s) else NOT_MAPPED) for s, store in stores.items()}
             source = source_count(settings, pipeline, spec) if spec.source == "postgres" else None
+            if computed:  # a view: its rows computed at the source now (reports.reconcile.views)
+                source = Source(settings, pipeline).count(spec)
             rows.append(DriftRow(name, source, counts))
     finally:
         for store in stores.values():

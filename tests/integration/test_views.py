@@ -231,6 +231,22 @@ def test_views_follow_every_order_of_arrival_into_every_store(views: Views) -> N
     assert expected_ny(v)["2"]["user_name"] == "Ann" and "4" not in expected_ny(v) and "6" not in expected_ny(v)
     assert expected_ny(v)["100"]["user_name"] == "Cat again"
 
+    # reconcile --full computes both views at the source (SQL) and finds every key and value in every store.
+    result = changeflow(v.file, "reconcile", "--full", "--format", "json")
+    report = json.loads(result.stdout)
+    assert result.returncode == 0, [(r["store"], r["entity"], r["diffs"][:3], r["error"]) for r in report["results"]
+                                    if r["drift"] or r["error"]]
+    checked = {(r["entity"], r["store"]) for r in report["results"]}
+    assert checked == {(e, s) for e in ("users", "orders", "ny_orders", "order_stats")
+                       for s in ("redis", "search", "clickhouse")}
+    assert {r["entity"]: r["source_count"] for r in report["results"] if r["store"] == "redis"} == {
+        "users": 3, "orders": 20, "ny_orders": len(expected_ny(v)), "order_stats": len(expected_stats(v))}
+    assert not report["skipped"]
+    drift = changeflow(v.file, "report", "drift", "--format", "json")
+    assert drift.returncode == 0, drift.stdout + drift.stderr
+    assert {r["entity"]: r["source"] for r in json.loads(drift.stdout)} == {
+        "users": 3, "orders": 20, "ny_orders": len(expected_ny(v)), "order_stats": len(expected_stats(v))}
+
     # A clean restart keeps the state (nothing is rebuilt) and goes on.
     assert v.stop_worker(PORTS[0]) == 0
     v.sql("UPDATE users SET name = 'Ann B.' WHERE id = 1")

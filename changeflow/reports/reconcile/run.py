@@ -18,6 +18,7 @@ from changeflow.reports.reconcile.digest import KeyDiff, classify_content, diff_
 from changeflow.reports.reconcile.normalise import Row, comparable_row, fold_empty, row_digest
 from changeflow.reports.reconcile.result import Diff, Run, StoreResult
 from changeflow.reports.reconcile.source import Source
+from changeflow.reports.reconcile.views import unsupported
 from changeflow.schemas.book import schema_book
 from changeflow.sinks.base import Store, create, names, registry, used_by
 
@@ -42,7 +43,12 @@ def select_entities(pipeline: Pipeline, entities: list[str] | None) -> tuple[lis
     for name, spec in pipeline.entities.items():
         if entities and name not in entities:
             continue
-        if spec.source != "postgres":
+        if spec.source == "view":
+            why = unsupported(pipeline, pipeline.views[name])
+            if why is not None:
+                skipped[name] = f"view not computed at the source: {why}"
+                continue
+        elif spec.source != "postgres":
             skipped[name] = f"source {spec.source} is not read by reconcile"
             continue
         chosen.append(spec)

@@ -3,6 +3,7 @@ what the stores hold; keys are the stream's key text (``streams.keys.key_text``)
 
 from __future__ import annotations
 
+import random
 import uuid
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -15,7 +16,9 @@ from changeflow.pipelines.load import resolve_secret
 from changeflow.pipelines.spec import EntitySpec, Pipeline
 from changeflow.pipelines.transform import FILTERED, Transformer, compile_entity
 from changeflow.pipelines.types import ColumnType
+from changeflow.pipelines.views import output_type
 from changeflow.reports.reconcile.normalise import Row, comparable_row, debezium_typed
+from changeflow.reports.reconcile.views import view_rows
 from changeflow.streams.keys import key_parts, key_text
 
 if TYPE_CHECKING:
@@ -59,9 +62,12 @@ class Source:
         return self._catalog.table(spec.source_schema, spec.source_table)
 
     def key_columns(self, spec: EntitySpec) -> tuple[str, ...]:
-        """The entity's declared key, the canonical schema's, or else the table's primary key."""
+        """The entity's declared key, the canonical schema's, or else the table's primary key (a row view's is
+        its root's)."""
         if spec.key_columns:
             return spec.key_columns
+        if spec.source == "view" and spec.name not in self._keys:
+            self._keys[spec.name] = self.key_columns(self.pipeline.entities[self.pipeline.views[spec.name].root])
         if spec.name not in self._keys:
             table = self._table(spec)
             if table is None or not table.primary_key:
@@ -71,6 +77,14 @@ class Source:
 
     def types(self, spec: EntitySpec) -> Mapping[str, ColumnType]:
         """The canonical column types (from the schema topic when given), else the catalog's and the declared."""
+        if spec.name not in self._types and spec.source == "view":
+            view = self.pipeline.views[spec.name]
+
+            def column_type(alias: str, column: str) -> ColumnType | None:
+                return self.types(self.pipeline.entities[view.entity_of(alias)]).get(column)
+
+            names = [*(f.name for f in view.fields), *(a.name for a in view.aggregates)]
+            self._types[spec.name] = {n: output_type(view, n, column_type) for n in names}
         if spec.name not in self._types:
             from changeflow.pipelines.types import from_postgres
 
@@ -119,7 +133,16 @@ class Source:
         return sql.SQL("({}) IN (SELECT * FROM unnest({}))").format(lhs, rhs), tuple(columns)
 
     # --- reading --------------------------------------------------------------------------------------
+    def _view(self, spec: EntitySpec) -> dict[str, Row]:
+        """A view computed at the source now (reports.reconcile.views), as comparable rows."""
+        rows = view_rows(self.dsn, self.pipeline, self.pipeline.views[spec.name], self.key_columns)
+        types = self.types(spec)
+        return {k: comparable_row(r, types) for k, r in rows.items()}
+
     def scan(self, spec: EntitySpec) -> Iterator[tuple[str, Row]]:
+        if spec.source == "view":
+            yield from self._view(spec).items()
+            return
         with (
             psycopg.connect(self.dsn, connect_timeout=5) as conn,
             conn.transaction(),
@@ -135,6 +158,9 @@ class Source:
     def fetch(self, spec: EntitySpec, keys: list[str]) -> dict[str, Row]:
         if not keys:
             return {}
+        if spec.source == "view":
+            rows = self._view(spec)
+            return {k: rows[k] for k in keys if k in rows}
         cond, params = self.key_condition(spec, keys)
         query = sql.SQL("SELECT * FROM {} WHERE ").format(table_identifier(spec)) + cond
         out: dict[str, Row] = {}
@@ -147,6 +173,9 @@ class Source:
         return out
 
     def sample_keys(self, spec: EntitySpec, n: int) -> list[str]:
+        if spec.source == "view":
+            found = sorted(self._view(spec))
+            return random.sample(found, min(n, len(found)))
         cols = self.key_columns(spec)
         query = sql.SQL("SELECT {} FROM {} ORDER BY random() LIMIT %s").format(
             sql.SQL(", ").join(sql.Identifier(c) for c in cols), table_identifier(spec)
@@ -156,6 +185,8 @@ class Source:
             return [key_text([debezium_typed(r)[c] for c in cols]) for r in cur]
 
     def count(self, spec: EntitySpec) -> int:
+        if spec.source == "view":
+            return len(self._view(spec))
         with psycopg.connect(self.dsn, connect_timeout=5) as conn:
             row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table_identifier(spec))).fetchone()
         return int(row[0]) if row else 0
