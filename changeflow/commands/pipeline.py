@@ -97,4 +97,5 @@ def check(
         err.print(f"{len(problems)} problem(s) in pipeline {pipeline.name}", highlight=False)
         raise typer.Exit(EXIT_PROBLEMS)
     checked = "file and catalog" if catalog is not None else "file"
-    print(f"pipeline {pipeline.name}: {len(pipeline.entities)} entities, {checked} ok", file=sys.stdout)
+    views = f", {len(pipeline.views)} views" if pipeline.views else ""
+    print(f"pipeline {pipeline.name}: {len(pipeline.captured())} entities{views}, {checked} ok", file=sys.stdout)

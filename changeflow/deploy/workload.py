@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -141,3 +142,57 @@ def run_orders(
             progress("exceptions", 4)
     planted = ("payment_mismatch", "orphan_payment", "refund_exceeds_payment", "cancelled_but_paid")
     return OrdersResult(orders + 3, payments, refunds, planted)
+
+
+CITIES = ("New York", "Boston", "Chicago", "Denver")
+
+
+@dataclass(frozen=True)
+class UsersResult:
+    users: dict[str, dict[str, Any]]  # id -> the document as it now stands
+    events: int
+    moved: str  # the user who moved to New York after their first change
+
+
+def feed_users(bootstrap: str, topic: str, users: int = 50, seed: int = 11) -> UsersResult:
+    """The user service's MongoDB, as Debezium's MongoDB connector writes its changes to ``topic``: one
+    insert per user (``user-1`` .. ``user-N``, the ids the demo's orders carry), then one user moving to New
+    York (an update with its full document and its updateDescription). The native stack has no MongoDB server;
+    these are the records the connector writes (schemaless JsonConverter, Debezium 3.5's envelope), which the
+    decode stage reads like any other. Under docker-compose the connector itself writes them."""
+    import time
+
+    import orjson
+    from confluent_kafka import Producer
+
+    rng = random.Random(seed)
+    seconds = int(time.time())
+    docs: dict[str, dict[str, Any]] = {}
+    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True})
+
+    def send(op: str, doc: dict[str, Any], ordinal: int, updated: dict[str, Any] | None = None) -> None:
+        source = {"version": "3.5.0.Final", "connector": "mongodb", "name": "users", "ts_ms": seconds * 1000,
+                  "snapshot": "false", "db": "users", "sequence": None, "collection": "users", "ord": ordinal,
+                  "lsid": None, "txnNumber": None, "wallTime": seconds * 1000}
+        description = None if updated is None else {"removedFields": None, "truncatedArrays": None,
+                                                      "updatedFields": orjson.dumps(updated).decode()}
+        value = {"before": None, "after": orjson.dumps(doc).decode(), "updateDescription": description,
+                 "source": source, "op": op, "ts_ms": seconds * 1000, "transaction": None}
+        producer.produce(topic, key=orjson.dumps({"id": orjson.dumps(doc["_id"]).decode()}),
+                         value=orjson.dumps(value))
+
+    ordinal = 0
+    for n in range(1, users + 1):
+        uid = f"user-{n}"
+        city = rng.choice(CITIES)
+        doc = {"_id": uid, "email": f"{uid}@example.com", "name": f"User {n}", "status": "active",
+               "profile": {"address": {"city": city, "zip": f"{rng.randint(10000, 99999)}"}}}
+        ordinal += 1
+        send("c", doc, ordinal)
+        docs[uid] = doc
+    moved = next(uid for uid, d in docs.items() if d["profile"]["address"]["city"] != "New York")
+    docs[moved] = {**docs[moved], "profile": {"address": {"city": "New York", "zip": "10001"}}}
+    ordinal += 1
+    send("u", docs[moved], ordinal, {"profile.address": {"city": "New York", "zip": "10001"}})
+    producer.flush(30)
+    return UsersResult(docs, ordinal, moved)

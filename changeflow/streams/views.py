@@ -120,11 +120,18 @@ class ViewStage:
         last = self._last_acquisition()
         mine = state.get(b"Sacquired")
         continuous = last is not None and mine is not None and last == (mine, self.owner_id)
-        self.rebuilt = not continuous
-        if not continuous and not state.empty():
-            log.info("event=views_state_reset pipeline=%s reason=%r", self.pipeline.name,
-                     "another worker maintained the views since this state was written")
+        declared = sorted((name, repr(view)) for name, view in self.pipeline.views.items())
+        same_views = state.get(b"Sviews") == declared
+        self.rebuilt = not (continuous and same_views)
+        if self.rebuilt and not state.empty():
+            # A view added or changed is filled from the entities' current state (the compacted canonical
+            # topics), never from a new snapshot of the sources; the others are rebuilt with it, since the
+            # views share their input positions.
+            reason = ("another worker maintained the views since this state was written" if not continuous
+                      else "the pipeline's views changed")
+            log.info("event=views_state_reset pipeline=%s reason=%r", self.pipeline.name, reason)
             state.wipe()
+        state.put(b"Sviews", declared)
         offsets: list[int] = []
 
         def delivered(err: Any, msg: Any) -> None:

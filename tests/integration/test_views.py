@@ -274,3 +274,19 @@ def test_views_follow_every_order_of_arrival_into_every_store(views: Views) -> N
     eventually(lambda: in_every_store(v), timeout=120, what="after a takeover by the second worker")
     assert "views_state_reset" in (v.tmp / f"worker-{PORTS[1]}.log").read_text() or \
         "views_started" in (v.tmp / f"worker-{PORTS[1]}.log").read_text()
+
+    # A view added to the running pipeline is filled from the entities' current state (the compacted
+    # canonical topics), not from a new snapshot of the sources.
+    v.file.write_text(v.file.read_text() + """\
+  big_orders:
+    from: orders
+    fields: {total: total}
+    filter: "total > 5"
+""")
+    assert v.stop_worker(PORTS[1]) == 0
+    v.start_worker(PORTS[1])
+    big = {str(r["id"]): {"id": r["id"], "total": str(r["total"])}
+           for r in v.query("SELECT id, total FROM orders WHERE total > 5")}
+    eventually(lambda: v.redis_rows("big_orders") == big and in_every_store(v), timeout=120,
+               what="a view added while running")
+    assert "the pipeline's views changed" in (v.tmp / f"worker-{PORTS[1]}.log").read_text()
