@@ -35,9 +35,11 @@ def one_line(text: str) -> str:
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["report", "drift", "--entity", "bogus"],
-     "error: unknown entity 'bogus'; this pipeline (commerce) has: products, orders, payments, refunds, users"),
+     "error: unknown entity 'bogus'; this pipeline (commerce) has: products, orders, payments, refunds, users, "
+     "ny_orders, order_stats"),
     (["reconcile", "--entity", "bogus"],
-     "error: unknown entity 'bogus'; this pipeline (commerce) has: products, orders, payments, refunds, users"),
+     "error: unknown entity 'bogus'; this pipeline (commerce) has: products, orders, payments, refunds, users, "
+     "ny_orders, order_stats"),
     (["reconcile", "--entity", "payments", "--store", "redis"],
      "error: payments is not stored in redis; it is stored in clickhouse"),
     (["reconcile", "--entity", "payments", "--store", "redis", "--store", "search"],
@@ -59,7 +61,8 @@ def one_line(text: str) -> str:
     (["rebuild", "redis", "--entity", "payments"],
      "error: payments is not stored in redis; it is stored in clickhouse"),
     (["rebuild", "clickhouse", "--entity", "bogus"],
-     "error: unknown entity 'bogus'; this pipeline (commerce) has: products, orders, payments, refunds, users"),
+     "error: unknown entity 'bogus'; this pipeline (commerce) has: products, orders, payments, refunds, users, "
+     "ny_orders, order_stats"),
     (["sinks", "reset", "bogus", "--to-earliest"], f"error: unknown sink 'bogus'; registered: {STORES}, all"),
     (["sinks", "reset", "all"], "error: say where to: --to-earliest"),
     (["--pipeline", "/tmp/nope-changeflow.yml", "status"],

@@ -155,8 +155,10 @@ def test_commerce_passes_against_its_own_schema() -> None:
         ("public", "products"): Table("public", "products", tuple(Column(c, "text") for c in (
             "id", "sku", "name", "description", "category", "price_cents", "stock", "internal_notes", "updated_at")),
             ("id",), "f"),
-        **{("public", t): Table("public", t, (Column("id", "uuid"),), ("id",)) for t in ("orders", "payments",
-                                                                                        "refunds")},
+        ("public", "orders"): Table("public", "orders", (
+            Column("id", "uuid"), Column("user_id", "text"), Column("status", "text"),
+            Column("total_amount", "numeric(12,2)"), Column("items", "jsonb")), ("id",)),
+        **{("public", t): Table("public", t, (Column("id", "uuid"),), ("id",)) for t in ("payments", "refunds")},
     }
     assert check(commerce, Catalog("commerce", ("public",), tables)) == []
     assert Problem("a.b", "c").__str__() == "a.b: c"

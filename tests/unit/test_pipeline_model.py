@@ -99,7 +99,9 @@ def test_commerce_example_loads_with_the_demo_names() -> None:
     pipeline = load()
     assert pipeline.path == COMMERCE
     assert pipeline.name == "commerce" and pipeline.namespace == "changeflow"
-    assert set(pipeline.entities) == {"products", "orders", "payments", "refunds", "users"}
+    assert {e.name for e in pipeline.captured()} == {"products", "orders", "payments", "refunds", "users"}
+    assert set(pipeline.views) == {"ny_orders", "order_stats"}
+    assert set(pipeline.entities) == {*(e.name for e in pipeline.captured()), *pipeline.views}
     products = pipeline.entity("products")
     assert products.redis_key("7") == "product:7"
     assert products.search_index == "products"
