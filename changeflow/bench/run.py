@@ -9,14 +9,15 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from changeflow.bench import backlog, freshness, snapshot
+from changeflow.bench import backlog, freshness, snapshot, views
 from changeflow.bench.cleanup import cleanup, freshness_sku_prefix
 from changeflow.bench.common import BenchSettings, machine, new_run_id
 from changeflow.pipelines.spec import Pipeline
 from changeflow.settings import Settings
 
 Say = Callable[[str], None]
-STAGES = ("backlog", "snapshot", "freshness")
+STAGES = ("backlog", "snapshot", "freshness", "views")
+DEFAULT_STAGES = ("backlog", "snapshot", "freshness")
 
 
 @dataclass(frozen=True)
@@ -28,11 +29,13 @@ class Plan:
     freshness_s: float
     drain_timeout_s: float
     snapshot_rows: int
-    stages: tuple[str, ...] = field(default=STAGES)
+    view_orders: int = 1_000_000
+    view_hot: int = 100_000
+    stages: tuple[str, ...] = field(default=DEFAULT_STAGES)
 
 
 PLANS = {
-    "quick": Plan("quick", 20_000, 5, (1000, 5000), 5, 20, 20_000),
+    "quick": Plan("quick", 20_000, 5, (1000, 5000), 5, 20, 20_000, view_orders=100_000, view_hot=10_000),
     "default": Plan("default", 100_000, 10, (1000, 5000), 15, 60, 100_000),
     "full": Plan("full", 1_000_000, 20, (1000, 5000), 30, 120, 1_000_000),
 }
@@ -74,6 +77,9 @@ def run(settings: Settings, pipeline: Pipeline, plan: Plan, log_dir: Path, profi
                                          profile_dir, say)
         if "snapshot" in plan.stages:
             out["snapshot"] = snapshot.run(base, pipeline, run_id, plan.snapshot_rows, log_dir, say)
+        if "views" in plan.stages:
+            say(f"views: {plan.view_orders:,} orders through a two-way join, a user with {plan.view_hot:,} moving")
+            out["views"] = views.run_views(plan.view_orders, plan.view_hot)
         if "freshness" in plan.stages:
             out["freshness"] = freshness.run(settings, pipeline, freshness_sku_prefix(run_id),
                                              list(plan.freshness_rates), plan.freshness_s, plan.drain_timeout_s, say)

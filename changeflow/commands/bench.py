@@ -34,6 +34,8 @@ def _n(v: Any, unit: str = "") -> str:
 
 
 def _print(result: dict[str, Any]) -> None:
+    if result.get("views"):
+        _print_views(result["views"])
     b = result.get("backlog", {})
     if b:
         t = Table(title=f"Backlog: {b['changes']:,} Debezium changes already in Kafka → decode → redis + search + "
@@ -101,6 +103,21 @@ def _print(result: dict[str, Any]) -> None:
                   f"{m['date']}; run {result['run_id']} took {result['seconds']}s", highlight=False)
 
 
+def _print_views(v: dict[str, Any]) -> None:
+    t = Table(title=f"Views: {v['orders']:,} orders joined with {v['users']:,} users (\"orders of users in New "
+                    "York\"), the view stage's engine on RocksDB in one process")
+    for col in ("figure", "value", "how"):
+        t.add_column(col, justify="right" if col == "value" else "left")
+    t.add_row("records/s through the join", _n(v["apply_records_per_s"]),
+              f"apply + recompute + commit every {2000:,}, outputs taken ({v['load_seconds']} s)")
+    t.add_row("RSS with the state loaded", f"{v['rss_mb_with_state']} MB",
+              f"VmRSS of this process ({v['rss_mb_before']} MB before); state on disk {v['state_disk_mb']} MB")
+    t.add_row(f"fan-out of a user with {v['hot_user_orders']:,} orders", f"{v['hot_fanout_seconds']} s",
+              f"{v['hot_fanout_rows']:,} view rows published; longest step {v['hot_fanout_longest_step_ms']} ms "
+              f"({v['fanout_step']:,} referrers per step: what other keys wait at most)")
+    console.print(t)
+
+
 def _div(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a and b else None
 
@@ -119,7 +136,8 @@ def bench(
     freshness_seconds: Annotated[float | None, typer.Option(help="Seconds of each steady load.")] = None,
     rates: Annotated[str | None, typer.Option(help="Freshness loads, changes/s, comma-separated.")] = None,
     naive_seconds: Annotated[float | None, typer.Option(help="Time budget of the naive consumer.")] = None,
-    stages: Annotated[str | None, typer.Option(help="Only these: backlog,snapshot,freshness.")] = None,
+    stages: Annotated[str | None, typer.Option(help="Only these: backlog,snapshot,freshness,views (views is not "
+                                                    "in the default run).")] = None,
     clean_up: Annotated[str | None, typer.Option("--clean-up", help="Only remove what run RUN_ID left behind.")]
     = None,
 ) -> None:

@@ -46,9 +46,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("changeflow.views")
 
 INPUT_BATCH = 2000
-# Referrers a fan-out advances per step, between input batches: a user with 100,000 orders changing city is
+# Referrers a fan-out advances per step, between input batches (a step of 1,000 takes about 0.2 s here: what
+# another key waits at most); a user with 100,000 orders changing city is
 # worked off in steps this size while other keys' changes keep flowing.
-FANOUT_STEP = 5000
+FANOUT_STEP = 1000
 PUBLISH_CHUNK = 5000
 
 
