@@ -16,7 +16,7 @@ from changeflow.pipelines.spec import Pipeline
 from changeflow.settings import Settings
 
 Say = Callable[[str], None]
-STAGES = ("backlog", "snapshot", "freshness", "views")
+STAGES = ("backlog", "snapshot", "freshness", "views", "views-live")
 DEFAULT_STAGES = ("backlog", "snapshot", "freshness")
 
 
@@ -80,6 +80,9 @@ def run(settings: Settings, pipeline: Pipeline, plan: Plan, log_dir: Path, profi
         if "views" in plan.stages:
             say(f"views: {plan.view_orders:,} orders through a two-way join, a user with {plan.view_hot:,} moving")
             out["views"] = views.run_views(plan.view_orders, plan.view_hot)
+        if "views-live" in plan.stages:
+            out["views_live"] = views.run_views_live(settings, pipeline, backlog=min(plan.changes, 20_000),
+                                                     rate=1000, seconds=plan.freshness_s, say=say)
         if "freshness" in plan.stages:
             out["freshness"] = freshness.run(settings, pipeline, freshness_sku_prefix(run_id),
                                              list(plan.freshness_rates), plan.freshness_s, plan.drain_timeout_s, say)

@@ -119,3 +119,89 @@ def run_views(orders: int = 1_000_000, hot: int = 100_000, users: int = 10_000,
         }
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _visible(settings: Any, table: str, status: str) -> set[str]:
+    from changeflow.sinks.clickhouse import client_for
+
+    ch = client_for(settings)
+    try:
+        rows = ch.query(f"SELECT toString(id) FROM changeflow.`{table}` FINAL WHERE NOT _is_deleted "
+                        "AND status = {status:String}", parameters={"status": status}).result_rows
+        return {r[0] for r in rows}
+    except Exception:  # the view's table is made with its first row
+        return set()
+    finally:
+        ch.close()
+
+
+def run_views_live(settings: Any, pipeline: Any, backlog: int = 20_000, rate: int = 1000, seconds: float = 10.0,
+                   timeout: float = 300.0, say: Any = print) -> dict[str, Any]:
+    """The commerce pipeline's view ``ny_orders`` against its entity ``orders``, on the live stack (connector
+    and worker running), in one run: orders of New York users inserted at once (``backlog``), then at
+    ``rate`` per second for ``seconds``; each order's first visibility in ClickHouse polled every 50 ms in the
+    orders table and in the view. Throughput: orders over the time until the last is visible, view over
+    entity. Freshness: commit to visibility, per order (a 50 ms poll interval of over-estimate each)."""
+    import uuid as uuid_mod
+
+    import psycopg
+
+    from changeflow.bench.common import percentile
+    from changeflow.deploy.workload import feed_users
+
+    users = pipeline.entity("users")
+    fed = feed_users(settings.kafka_bootstrap, users.raw_topic)
+    ny = [u for u, d in fed.users.items() if d["profile"]["address"]["city"] == "New York"]
+    dsn = pipeline.source_dsn(settings)
+    tag = f"bench-{uuid_mod.uuid4().hex[:8]}"
+    out: dict[str, Any] = {"backlog_orders": backlog, "rate": rate, "seconds": seconds}
+
+    def insert(n: int, status: str) -> list[str]:
+        ids = [str(uuid_mod.uuid4()) for _ in range(n)]
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("INSERT INTO orders (id, user_id, status, total_amount) SELECT i::uuid, u, %s, 1.00 "
+                         "FROM unnest(%s::text[], %s::text[]) AS t(i, u)",
+                         (status, ids, [ny[k % len(ny)] for k in range(n)]))
+        return ids
+
+    def wait(status: str, expected: set[str], committed: dict[str, float]) -> dict[str, dict[str, float]]:
+        seen: dict[str, dict[str, float]] = {"orders": {}, "ny_orders": {}}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(len(s) < len(expected) for s in seen.values()):
+            for table in seen:
+                now = time.time()
+                for i in _visible(settings, table, status) & expected:
+                    seen[table].setdefault(i, now)
+            time.sleep(0.05)
+        return seen
+
+    try:
+        say(f"views: {backlog:,} orders of New York users at once")
+        started = time.time()
+        ids = set(insert(backlog, tag + "-b"))
+        committed = dict.fromkeys(ids, time.time())
+        seen = wait(tag + "-b", ids, committed)
+        for table in seen:
+            last = max(seen[table].values(), default=None)
+            out[f"backlog_{table}_changes_per_s"] = (round(len(seen[table]) / (last - started))
+                                                     if last and len(seen[table]) == len(ids) else None)
+        entity, view = out["backlog_orders_changes_per_s"], out["backlog_ny_orders_changes_per_s"]
+        out["backlog_view_vs_entity"] = round(view / entity, 2) if entity and view else None
+        say(f"views: {rate:,} orders/s for {seconds:.0f} s")
+        committed = {}
+        tick = 0.05
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            t0 = time.monotonic()
+            for i in insert(max(1, int(rate * tick)), tag + "-f"):
+                committed[i] = time.time()
+            time.sleep(max(0.0, tick - (time.monotonic() - t0)))
+        seen = wait(tag + "-f", set(committed), committed)
+        for table in seen:
+            lags = [(seen[table][i] - committed[i]) * 1000 for i in committed if i in seen[table]]
+            out[f"freshness_{table}_ms"] = {"p50": percentile(lags, 50), "p99": percentile(lags, 99),
+                                            "seen": len(lags), "sent": len(committed)}
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("DELETE FROM orders WHERE status LIKE %s", (tag + "-%",))
+    return out

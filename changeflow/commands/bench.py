@@ -36,6 +36,8 @@ def _n(v: Any, unit: str = "") -> str:
 def _print(result: dict[str, Any]) -> None:
     if result.get("views"):
         _print_views(result["views"])
+    if result.get("views_live"):
+        _print_views_live(result["views_live"])
     b = result.get("backlog", {})
     if b:
         t = Table(title=f"Backlog: {b['changes']:,} Debezium changes already in Kafka → decode → redis + search + "
@@ -118,6 +120,20 @@ def _print_views(v: dict[str, Any]) -> None:
     console.print(t)
 
 
+def _print_views_live(v: dict[str, Any]) -> None:
+    t = Table(title="Views on the live stack: commerce's ny_orders (orders joined with users) beside orders, "
+                    "to ClickHouse, in one run")
+    for col in ("figure", "orders (entity)", "ny_orders (view)", "view / entity"):
+        t.add_column(col, justify="left" if col == "figure" else "right")
+    t.add_row(f"{v['backlog_orders']:,} orders at once: changes/s", _n(v.get("backlog_orders_changes_per_s")),
+              _n(v.get("backlog_ny_orders_changes_per_s")), _n(v.get("backlog_view_vs_entity")))
+    fe, fv = v.get("freshness_orders_ms") or {}, v.get("freshness_ny_orders_ms") or {}
+    for q in ("p50", "p99"):
+        t.add_row(f"{v['rate']:,}/s for {v['seconds']:.0f} s: freshness {q} (ms)", _n(fe.get(q)), _n(fv.get(q)),
+                  _n(_div(fv.get(q), fe.get(q))))
+    console.print(t)
+
+
 def _div(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a and b else None
 
@@ -136,8 +152,8 @@ def bench(
     freshness_seconds: Annotated[float | None, typer.Option(help="Seconds of each steady load.")] = None,
     rates: Annotated[str | None, typer.Option(help="Freshness loads, changes/s, comma-separated.")] = None,
     naive_seconds: Annotated[float | None, typer.Option(help="Time budget of the naive consumer.")] = None,
-    stages: Annotated[str | None, typer.Option(help="Only these: backlog,snapshot,freshness,views (views is not "
-                                                    "in the default run).")] = None,
+    stages: Annotated[str | None, typer.Option(help="Only these: backlog,snapshot,freshness,views,views-live "
+                                                    "(the views are not in the default run).")] = None,
     clean_up: Annotated[str | None, typer.Option("--clean-up", help="Only remove what run RUN_ID left behind.")]
     = None,
 ) -> None:
