@@ -22,6 +22,7 @@ from changeflow.commands import dlq as dlq_commands
 from changeflow.commands import init as init_commands
 from changeflow.commands import pipeline as pipeline_commands
 from changeflow.commands import sinks as sinks_commands
+from changeflow.commands import views as views_commands
 from changeflow.commands.bench import bench as bench_command
 from changeflow.commands.finance import report_finance
 from changeflow.commands.rebuild import rebuild as rebuild_command
@@ -88,6 +89,7 @@ app.add_typer(init_commands.app, name="init")
 app.add_typer(report_app, name="report")
 app.add_typer(dlq_commands.app, name="dlq")
 app.add_typer(sinks_commands.app, name="sinks")
+app.add_typer(views_commands.app, name="views")
 app.command("rebuild")(rebuild_command)
 report_app.command("finance")(report_finance)
 app.command("reconcile")(reconcile_command)
