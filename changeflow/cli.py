@@ -348,12 +348,15 @@ def demo(
 
     started = time.monotonic()
     deadline = started + timeout
-    console.print("derived stores catching up (products: PostgreSQL / ClickHouse / Redis / search):")
+    named = False
     while True:
         rows = drift(s, pipeline(), ["products"])
         p = rows[0]
-        console.print(f"  +{time.monotonic() - started:4.1f}s  {p.source} / {p.clickhouse} / {p.redis} / {p.search}",
-                      highlight=False)
+        if not named:  # the columns: the source, then each registered store
+            console.print(f"derived stores catching up (products: PostgreSQL / {' / '.join(p.stores)}):")
+            named = True
+        console.print(f"  +{time.monotonic() - started:4.1f}s  {p.source} / "
+                      + " / ".join(str(c) for c in p.stores.values()), highlight=False)
         if p.drift == 0 or time.monotonic() > deadline:
             break
         time.sleep(0.5)

@@ -16,8 +16,10 @@ from typing import Any
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+from changeflow.pipelines.model import store_classes
 from changeflow.pipelines.spec import Pipeline, build
 from changeflow.settings import Settings
+from changeflow.sinks.base import Store, create, used_by
 
 # Redis databases the benchmark writes to: the sinks address keys as `<prefix>:<id>` and keep their version
 # hashes under fixed names, so a separate database is what keeps bench rows out of the live cache (and out of
@@ -103,12 +105,11 @@ class Isolation:
         entities = {}
         for name, cfg in file.entities.items():
             spec = base.entities[name]
-            stores = cfg.stores
-            entities[name] = cfg.model_copy(update={"stores": stores.model_copy(update={
-                "redis": stores.redis.model_copy(update={"prefix": spec.redis_prefix}),
-                "search": stores.search.model_copy(update={"index": self.search_prefix + spec.search_index}),
-                "clickhouse": stores.clickhouse.model_copy(update={"database": self.clickhouse_database}),
-            })})
+            stores = {store: cfg.stores.get(store) for store in store_classes()}
+            isolated = {store: isolate(spec, own, self.tag, self.namespace)
+                        for store, own in stores.items()
+                        if own is not None and (isolate := getattr(store_classes()[store], "isolate", None))}
+            entities[name] = cfg.model_copy(update={"stores": cfg.stores.model_copy(update=isolated)})
         model = file.model_copy(update={
             "name": self.namespace, "namespace": self.namespace,
             "sources": sources.model_copy(update=updates), "entities": entities,
@@ -288,3 +289,15 @@ def message_time_span(settings: Settings, tps: list[TopicPartition]) -> tuple[fl
         return (min(first), max(last)) if first and last else None
     finally:
         consumer.close()
+
+
+def readable_stores(settings: Settings, pipeline: Pipeline) -> dict[str, Store]:
+    """The pipeline's stores that say what a reader sees (``visible`` and ``visible_count``), by name."""
+    out: dict[str, Store] = {}
+    for name in used_by(pipeline):
+        store = create(name, settings, pipeline)
+        if callable(getattr(store, "visible", None)):
+            out[name] = store
+        else:
+            store.close()
+    return out

@@ -101,7 +101,7 @@ def naive(settings: BenchSettings, pipeline: Pipeline, topic: str, group: str, k
             result = decode_postgres(msg.value(), topic=msg.topic() or "", partition=msg.partition() or 0,
                                      offset=msg.offset() or 0, raw_key=msg.key(), entities=entities)
             if isinstance(result, ChangeRecord):
-                key = f"{key_prefix}{pipeline.entities[result.entity].redis_key(result.key)}"
+                key = f"{key_prefix}{result.entity}:{result.key}"  # the hand-written consumer's own key scheme
                 if result.after is None:
                     client.delete(key)
                 else:

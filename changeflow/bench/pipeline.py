@@ -14,9 +14,8 @@ from confluent_kafka.admin import AdminClient
 
 from changeflow.bench.common import BenchSettings, GroupProgress, Isolation, free_port, partitions
 from changeflow.pipelines.spec import Pipeline
+from changeflow.sinks.base import used_by
 from changeflow.sinks.runner import canonical_topics
-
-SINKS = ("redis", "search", "clickhouse")
 
 
 class BenchWorkerError(RuntimeError):
@@ -37,6 +36,8 @@ class BenchWorker:
         self.profile_dir = profile_dir
         self.proc: subprocess.Popen[bytes] | None = None
         self._progress: dict[str, GroupProgress] = {}
+        # The stores a worker of this pipeline runs a sink for (every registered one it uses).
+        self.sinks = used_by(pipeline)
 
     def start(self) -> None:
         env = self.iso.env(self.settings, self.port)
@@ -55,7 +56,7 @@ class BenchWorker:
     def wait_ready(self, timeout: float = 90.0) -> float:
         """Until Faust serves its web port and every consumer group is Stable; seconds taken."""
         started = time.monotonic()
-        groups = [self.iso.decode_group, *(self.iso.sink_group(s) for s in SINKS)]
+        groups = [self.iso.decode_group, *(self.iso.sink_group(s) for s in self.sinks)]
         admin = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap})
         while time.monotonic() - started < timeout:
             self._alive()
@@ -91,12 +92,12 @@ class BenchWorker:
         """Records each sink has written and committed (its group's committed offsets on the canonical topics)."""
         if not self._progress:
             tps = partitions(self.settings, canonical_topics(self.pipeline))
-            self._progress = {s: GroupProgress(self.settings, self.iso.sink_group(s), tps) for s in SINKS}
+            self._progress = {s: GroupProgress(self.settings, self.iso.sink_group(s), tps) for s in self.sinks}
         return {s: p.committed() for s, p in self._progress.items()}
 
     def wait_applied(self, expected: int, timeout: float, poll: float = 0.05) -> dict[str, float | None]:
         """Wall-clock time (epoch s) at which each sink had applied ``expected`` records; None if it did not."""
-        done: dict[str, float | None] = dict.fromkeys(SINKS)
+        done: dict[str, float | None] = dict.fromkeys(self.sinks)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and any(v is None for v in done.values()):
             self._alive()

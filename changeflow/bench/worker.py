@@ -23,12 +23,10 @@ from typing import Any
 
 from changeflow.bench.common import BenchSettings, Isolation
 from changeflow.pipelines.load import load
+from changeflow.sinks.base import used_by
 from changeflow.sinks.process import SinkProcesses, default_jobs
 
 log = logging.getLogger("changeflow.bench.worker")
-
-SINKS = ["redis", "search", "clickhouse"]
-
 
 def _profiled(target: Callable[[], None], name: str, out: Path | None) -> Callable[[], None]:
     if out is None:
@@ -62,7 +60,7 @@ def main() -> None:
     pipeline = iso.pipeline(load(settings.pipeline))
     profile_dir = Path(os.environ["CHANGEFLOW_BENCH_PROFILE"]) if os.environ.get("CHANGEFLOW_BENCH_PROFILE") else None
     ensure_topics(settings, pipeline)
-    sinks = SinkProcesses(settings, default_jobs(pipeline, SINKS))
+    sinks = SinkProcesses(settings, default_jobs(pipeline, used_by(pipeline)))
     sinks.start()
     app = create_app(settings, pipeline, decode_group=iso.decode_group)
 

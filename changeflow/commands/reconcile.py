@@ -15,6 +15,7 @@ from rich.table import Table
 from changeflow import context
 from changeflow.commands import args
 from changeflow.pipelines.spec import Pipeline
+from changeflow.reports import home
 from changeflow.settings import Settings
 
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -119,7 +120,7 @@ def _print_run(run: Any, label: str, database: str = "") -> None:
         console.print(f"skipped {name}: {reason}", highlight=False)
     diffs = [(r.entity, r.store, d) for r in run.results for d in r.diffs]
     if diffs:
-        table = Table(title=f"differing keys ({len(diffs)}; all in {database or context.pipeline().clickhouse_database}"
+        table = Table(title=f"differing keys ({len(diffs)}; all in {database or home.database(context.pipeline())}"
                                  ".reconciliation_diffs)")
         for col in ("entity", "store", "key", "kind", "detail"):
             table.add_column(col)

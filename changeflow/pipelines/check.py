@@ -4,10 +4,11 @@ Pure: the pipeline and a ``pipelines.catalog.Catalog`` (read by the caller) in, 
 each one line ``entities.orders.stores.search.index: what is wrong; what would be right``. A file that
 does not load never gets here (``pipelines.load`` refuses it with the same kind of message).
 
-What is checked: tables and columns named anywhere in an entity (key, fields, columns, ClickHouse
-order_by and types, the names read by derived fields and the filter) exist; a table without a primary
-key declares a key (and can be published: REPLICA IDENTITY); two entities never land on one store object
-or read one table; a hash has a salt; expressions compile and hooks import; sections that are planned
+What is checked: tables and columns named anywhere in an entity (key, fields, columns, the names read by
+derived fields and the filter, and those a store's configuration names: each registered store's
+``check_entity`` hook) exist; a table without a primary key declares a key (and can be published: REPLICA
+IDENTITY); two entities never read one table nor land on one store object (each store's ``check_pipeline``
+hook); a hash has a salt; expressions compile and hooks import; sections that are planned
 but not implemented (views, outbox, erasure) are empty. An entity with a hook may add any field, so names
 it could add are not judged.
 """
@@ -19,11 +20,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from changeflow.pipelines.catalog import Catalog, Table
+from changeflow.pipelines.model import store_classes
 from changeflow.pipelines.spec import EntitySpec, Pipeline, split_table
 from changeflow.pipelines.transform import ExpressionError, compile_expression, load_hook
-
-# The pipeline's own ClickHouse tables (pipelines.spec: P.changelog), which no entity may take.
-RESERVED_CLICKHOUSE_TABLES = frozenset({"changelog"})
 
 
 @dataclass(frozen=True)
@@ -33,6 +32,21 @@ class Problem:
 
     def __str__(self) -> str:
         return f"{self.location}: {self.message}"
+
+
+@dataclass(frozen=True)
+class StoredColumns:
+    """The columns of an entity that reach the stores (kept and derived ones), for a store's own
+    ``check_entity(spec, columns)`` hook: a column a store's configuration names must be one of them."""
+
+    stored: frozenset[str]
+    hooked: bool  # an entity with a hook may add any field: names it could add are not judged
+    table: Table
+
+    def unknown(self, where: str, column: str) -> Problem | None:
+        if column in self.stored or self.hooked:
+            return None
+        return _unknown_column(where, column, self.table)
 
 
 def _suggest(name: str, choices: Iterable[str]) -> str:
@@ -212,27 +226,19 @@ def _entity_against_catalog(spec: EntitySpec, catalog: Catalog, publication: str
                                    f"{col!r} is dropped, so no change of it reaches the stream; keep it or "
                                    "name another column"))
 
-    # ClickHouse columns: what reaches the store (kept columns and derived fields)
+    # what reaches the stores (kept columns and derived fields), against what each store's configuration names
     kept = (set(cfg.fields.allow) | set(cfg.key or table.primary_key)) if cfg.fields.allow is not None else columns
     stored = (kept - set(cfg.fields.drop)) | derived_names | set(cfg.columns)
-    ch = cfg.stores.clickhouse
-    if ch.enabled:
-        for col in ch.order_by or ():
-            if col in cfg.fields.drop:
-                out.append(Problem(f"{at}.stores.clickhouse.order_by", f"{col!r} is dropped; order by kept columns"))
-            elif col not in stored and not hooked:
-                out.append(_unknown_column(f"{at}.stores.clickhouse.order_by", col, table))
-        for col in ch.types:
-            if col not in stored and not hooked:
-                out.append(_unknown_column(f"{at}.stores.clickhouse.types.{col}", col, table))
+    reaching = StoredColumns(stored=frozenset(stored), hooked=hooked, table=table)
+    for name, store in store_classes().items():
+        entity_check = getattr(store, "check_entity", None)
+        if entity_check is not None and spec.stored_in(name):
+            out.extend(entity_check(spec, reaching))
     return out
 
 
 def _collisions(pipeline: Pipeline) -> list[Problem]:
     out: list[Problem] = []
-    redis: dict[str, str] = {}
-    search: dict[str, str] = {}
-    clickhouse: dict[tuple[str, str], str] = {}
     tables: dict[tuple[str, str, str], str] = {}
     for spec in pipeline.entities.values():
         at = f"entities.{spec.name}"
@@ -243,34 +249,11 @@ def _collisions(pipeline: Pipeline) -> list[Problem]:
                                                 f"{tables[where]!r}; one table maps to one entity"))
         else:
             tables[where] = spec.name
-        if spec.stored_in("redis"):
-            prefix = spec.redis_prefix
-            for other_prefix, other in redis.items():
-                if prefix == other_prefix:
-                    out.append(Problem(f"{at}.stores.redis.prefix", f"{prefix!r} is also entity {other!r}'s prefix; "
-                                                                    f"give each entity its own (default: "
-                                                                    f"{spec.namespace}:{spec.name})"))
-                elif prefix.startswith(other_prefix + ":") or other_prefix.startswith(prefix + ":"):
-                    out.append(Problem(f"{at}.stores.redis.prefix", f"{prefix!r} and entity {other!r}'s "
-                                                                    f"{other_prefix!r} share keys; use prefixes "
-                                                                    "where neither starts with the other and ':'"))
-            redis.setdefault(prefix, spec.name)
-        if spec.stored_in("search"):
-            index = spec.search_index
-            if index in search:
-                out.append(Problem(f"{at}.stores.search.index", f"{index!r} is also entity {search[index]!r}'s "
-                                                                f"index; give each entity its own (default: "
-                                                                f"{spec.namespace}-{spec.name})"))
-            search.setdefault(index, spec.name)
-        if spec.stored_in("clickhouse"):
-            target = (spec.clickhouse_database, spec.clickhouse_table)
-            if target in clickhouse:
-                out.append(Problem(f"{at}.stores.clickhouse.table", f"{'.'.join(target)} is also entity "
-                                                                    f"{clickhouse[target]!r}'s table; give each "
-                                                                    f"entity its own (default: "
-                                                                    f"{spec.namespace}.{spec.name})"))
-            elif target[0] == pipeline.clickhouse_database and target[1] in RESERVED_CLICKHOUSE_TABLES:
-                out.append(Problem(f"{at}.stores.clickhouse.table", f"{'.'.join(target)} is the pipeline's own "
-                                                                    "table; choose another `table`"))
-            clickhouse.setdefault(target, spec.name)
-    return out
+    # Two entities on one store object (a key prefix, an index, a table): each store says what collides.
+    for store in store_classes().values():
+        pipeline_check = getattr(store, "check_pipeline", None)
+        if pipeline_check is not None:
+            out.extend(pipeline_check(pipeline))
+    # Entity by entity, in the file's order (a stable sort: each entity's own problems keep theirs).
+    order = {f"entities.{name}": i for i, name in enumerate(pipeline.entities)}
+    return sorted(out, key=lambda p: order.get(".".join(p.location.split(".")[:2]), len(order)))

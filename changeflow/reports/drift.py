@@ -30,13 +30,6 @@ class DriftRow:
     source: int | None
     stores: dict[str, int | None] = field(default_factory=dict)  # store → count; None unreachable
 
-    def __getattr__(self, name: str) -> int | None:
-        # ``row.redis`` and the like, for a store by name (callers from before the store registry).
-        stores = self.__dict__.get("stores", {})
-        if name in stores:
-            return stores[name]
-        raise AttributeError(name)
-
     @property
     def drift(self) -> int | None:
         """The largest count difference between the source and a store; None if one is unreachable."""

@@ -24,14 +24,12 @@ Three outcomes of a write, kept apart by every store:
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.metadata
 import logging
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from functools import cache
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from changeflow.pipelines.model import store_classes
 from changeflow.pipelines.spec import EntitySpec, Pipeline
 from changeflow.streams.partial import merge_partial
 from changeflow.streams.records import ChangeRecord
@@ -234,23 +232,12 @@ class Store(Protocol):
 
 
 StoreFactory = Callable[["Settings", Pipeline], Store]
-ENTRY_POINTS = "changeflow.stores"
-# The stores that ship with changeflow, for a checkout run without being installed (entry points missing).
-BUILTIN = {"redis": "changeflow.sinks.redis:RedisStore", "search": "changeflow.sinks.search:SearchStore",
-           "clickhouse": "changeflow.sinks.clickhouse:ClickHouseStore"}
 
 
-def _load(ref: str) -> StoreFactory:
-    module, _, attr = ref.partition(":")
-    return getattr(importlib.import_module(module), attr)
-
-
-@cache
 def registry() -> dict[str, StoreFactory]:
     """Store name → its class, from the ``changeflow.stores`` entry points (a new store is one module and
-    one line in its package's entry points)."""
-    found = {ep.name: ep.value for ep in importlib.metadata.entry_points(group=ENTRY_POINTS)}
-    return {name: _load(ref) for name, ref in (found or BUILTIN).items()}
+    one line in its package's entry points; ``pipelines.model.store_classes`` reads them, once)."""
+    return store_classes()
 
 
 def names() -> list[str]:

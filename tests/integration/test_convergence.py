@@ -26,8 +26,9 @@ from changeflow.reports.status import collect
 from changeflow.schemas import SchemaVersion
 from changeflow.schemas.book import schema_book
 from changeflow.settings import Settings
-from changeflow.sinks.clickhouse import ClickHouseStore, client_for
-from changeflow.sinks.search import SearchStore
+from changeflow.sinks.clickhouse import ClickHouseStore, client_for, table_of
+from changeflow.sinks.redis import key_prefix, row_key
+from changeflow.sinks.search import SearchStore, index_name
 from changeflow.streams.records import ChangeRecord
 from tests.integration.conftest import eventually
 
@@ -126,7 +127,7 @@ def test_a_stopped_store_holds_its_sink_and_catches_up_without_loss(
     assert len(ids) == 48
     if sink == "redis":
         rds = redis.Redis.from_url(pipeline.redis_url, decode_responses=True)
-        values = rds.mget([commerce.entities["products"].redis_key(str(i)) for i in ids])
+        values = rds.mget([row_key(commerce.entities["products"], str(i)) for i in ids])
         assert all(v is not None and json.loads(v)["name"].startswith("outage ") for v in values)
     pg.execute("DELETE FROM products WHERE sku LIKE %s", (f"{sku_prefix}-%",))
 
@@ -134,20 +135,20 @@ def test_a_stopped_store_holds_its_sink_and_catches_up_without_loss(
 def store_state(settings: Settings, p: Pipeline) -> dict[str, Any]:
     rds = redis.Redis.from_url(settings.redis_url, decode_responses=True)
     products, orders = p.entities["products"], p.entities["orders"]
-    keys = (sorted(rds.scan_iter(match=f"{products.redis_prefix}:*", count=1000))
-            + sorted(rds.scan_iter(match=f"{orders.redis_prefix}:*", count=1000)))
+    keys = (sorted(rds.scan_iter(match=f"{key_prefix(products)}:*", count=1000))
+            + sorted(rds.scan_iter(match=f"{key_prefix(orders)}:*", count=1000)))
     client = client_for(settings)
     try:
         ch_rows = client.query(
             "SELECT id, sku, name, description, category, price, stock, _version "
-            f"FROM {products.clickhouse_database}.{products.clickhouse_table} FINAL ORDER BY id"
+            f"FROM {table_of(products)[0]}.{table_of(products)[1]} FINAL ORDER BY id"
         ).result_rows
         ch_orders = client.query("SELECT id, status, total_amount, _version "
-                                 f"FROM {orders.clickhouse_database}.{orders.clickhouse_table} FINAL ORDER BY id"
+                                 f"FROM {table_of(orders)[0]}.{table_of(orders)[1]} FINAL ORDER BY id"
                                  ).result_rows
     finally:
         client.close()
-    indexes = f"{products.search_index},{orders.search_index}"
+    indexes = f"{index_name(products)},{index_name(orders)}"
     httpx.post(f"{settings.search_url}/{indexes}/_refresh", timeout=10)
     hits = httpx.post(f"{settings.search_url}/{indexes}/_search",
                       json={"size": 10000, "version": True, "sort": ["_doc"]}, timeout=30).json()["hits"]["hits"]

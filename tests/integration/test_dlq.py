@@ -26,6 +26,7 @@ from confluent_kafka.admin import AdminClient
 from changeflow.pipelines.spec import Pipeline
 from changeflow.settings import Settings
 from changeflow.sinks.clickhouse import client_for
+from changeflow.sinks.redis import row_key
 from changeflow.streams.dlq import REPLAY_OF
 from tests.integration.conftest import eventually
 from tests.unit.envelopes import encoded, envelope, product_row
@@ -246,7 +247,7 @@ def test_fixed_dead_letter_replays_into_the_stores_once(
         ("changeflow.offset", str(origin_offset).encode()),
         ("changeflow.error", b"KeyError: 'price_cents'"),
     ])
-    redis_key = commerce.entities["products"].redis_key(str(pid))
+    redis_key = row_key(commerce.entities["products"], str(pid))
     versions_key = f"{commerce.namespace}:versions"
     try:
         entry: dict[str, Any] = eventually(lambda: dlq_list().get(dead_id) or {}, timeout=30,
