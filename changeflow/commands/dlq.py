@@ -182,7 +182,7 @@ def replay_(
                             f"{len(plan.skip)} skipped")
         for col in ("id", "store", "outcome", "detail"):
             table.add_column(col, overflow="fold")
-        colour = {"replayed": "green", "applied": "green", "superseded": "cyan", "rejected": "red"}
+        colour = {"replayed": "green", "applied": "green", "superseded": "cyan", "reread": "cyan", "rejected": "red"}
         for row in rows:
             table.add_row(escape(row["id"]), escape(row.get("store") or "-"),
                           f"[{colour[row['outcome']]}]{row['outcome']}[/]", escape(row["detail"]))

@@ -56,8 +56,10 @@ def fill_partials(records: Sequence[ChangeRecord], fetch: FetchCurrent) -> list[
     """Complete partial records (TOAST placeholders left out, MongoDB updateDescription) from the store.
 
     Earlier records of the same batch win over the store, so a batch holding an insert and then a
-    partial update of one row needs no round trip for it. A partial record whose row the store has
-    never seen is written with the fields it has; the placeholder itself never reaches a store.
+    partial update of one row needs no round trip for it. A partial record whose row the store does not
+    hold (never seen, expired, deleted) comes back still ``partial``: it must not be written as if complete
+    (its missing columns would be left out, or NULL), and a later partial record of that key in the batch
+    has no base either. The runner has those re-read from the source (``sinks.runner``).
     """
     if not any(r.partial for r in records):
         return list(records)
@@ -77,11 +79,10 @@ def fill_partials(records: Sequence[ChangeRecord], fetch: FetchCurrent) -> list[
         elif r.partial:
             base = known.get(k)
             if base is None:
-                log.warning("event=partial_without_base entity=%s key=%s version=%s", r.entity, r.key, r.version)
-                r = dataclasses.replace(r, partial=False)
+                known[k] = None
             else:
                 r = dataclasses.replace(r, after=merge_image(r, base), partial=False)
-            known[k] = r.after
+                known[k] = r.after
         else:
             known[k] = r.after
         out.append(r)

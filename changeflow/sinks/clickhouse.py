@@ -46,7 +46,6 @@ from changeflow.sinks.base import (
     Versioned,
     applied_through,
     bisect_rejects,
-    fill_partials,
     source_name,
     source_row,
     stored_name,
@@ -516,7 +515,7 @@ class ClickHouseStore:
 
     def fetch_current(self, entity: str, keys: list[str]) -> dict[str, dict[str, Any]]:
         spec = self.pipeline.entities[entity]
-        if config(spec) is None or spec.name not in self._tables:
+        if config(spec) is None:
             return {}
         try:
             return {k: v.row for k, v in self.fetch(spec, keys).items()}
@@ -534,7 +533,6 @@ class ClickHouseStore:
                     self._ensure_table(self.pipeline.entities[r.entity], r.schema.columns, r.schema.key_columns)
         except (OperationalError, DatabaseError) as exc:
             raise self._classify(exc, "a schema change") from exc
-        records = fill_partials(records, self.fetch_current)
         now = datetime.now(UTC)
         by_entity: dict[str, list[ChangeRecord]] = {}
         for record in records:

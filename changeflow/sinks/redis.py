@@ -25,7 +25,7 @@ from changeflow.pipelines.check import Problem
 from changeflow.pipelines.model import ON_REJECT_DOC, OnReject, Strict
 from changeflow.pipelines.spec import EntitySpec, Pipeline
 from changeflow.schemas import json
-from changeflow.sinks.base import FatalSinkError, Rejected, RetriableSinkError, Versioned, fill_partials
+from changeflow.sinks.base import FatalSinkError, Rejected, RetriableSinkError, Versioned
 from changeflow.streams.records import ChangeRecord
 
 if TYPE_CHECKING:
@@ -196,7 +196,6 @@ class RedisStore:
         return {k: json.loads(v) for k, v in zip(keys, values, strict=True) if v is not None}
 
     def write_batch(self, records: Sequence[ChangeRecord]) -> list[Rejected]:
-        records = fill_partials(records, self.fetch_current)
         by_entity: dict[str, list[ChangeRecord]] = {}
         for record in records:
             if config(self.pipeline.entities[record.entity]) is not None:

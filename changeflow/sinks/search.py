@@ -40,7 +40,6 @@ from changeflow.sinks.base import (
     RetriableSinkError,
     Versioned,
     applied_through,
-    fill_partials,
     source_name,
     source_row,
     stored_name,
@@ -436,7 +435,6 @@ class SearchStore:
                     self._ensure_mapped(spec, sv.columns)
         except SearchRefused as exc:
             raise FatalSinkError(str(exc)) from exc
-        records = fill_partials(records, self.fetch_current)
         actions = list(self._actions(records))
         owners = self._owners
         results = self._bulk(actions)

@@ -30,17 +30,11 @@ from changeflow.reports.reconcile.digest import (
 )
 from changeflow.reports.reconcile.normalise import comparable_row, debezium_typed, normalise_value, row_digest
 from changeflow.reports.reconcile.record import record_run
-from changeflow.reports.reconcile.repair import (
-    RepairPlan,
-    RepairReport,
-    key_filter,
-    plan_repair,
-    repair,
-    snapshot_signals,
-)
+from changeflow.reports.reconcile.repair import RepairPlan, RepairReport, plan_repair, repair
 from changeflow.reports.reconcile.result import KINDS, Diff, Run, StoreResult
 from changeflow.reports.reconcile.run import reconcile, reconcile_entity, run_mode, select_entities
 from changeflow.reports.reconcile.source import Source, source_row
+from changeflow.sinks.reread import key_filter, snapshot_signals
 
 __all__ = [
     "KINDS", "Diff", "KeyDiff", "RepairPlan", "RepairReport", "Run", "Source", "StoreResult", "bucket_checksums",
