@@ -24,26 +24,17 @@ from changeflow.sinks.base import Store, create, used_by
 # Redis databases the benchmark writes to: the sinks address keys as `<prefix>:<id>` and keep their version
 # hashes under fixed names, so a separate database is what keeps bench rows out of the live cache (and out of
 # the drift report). Ids are offset per run (`Isolation.id_base`) so two concurrent runs never collide.
-BENCH_REDIS_DB = 11
-BENCH_REDIS_DB_SNAPSHOT = 13
-BENCH_REDIS_DBS = (BENCH_REDIS_DB, BENCH_REDIS_DB_SNAPSHOT)
 
 
 class BenchSettings(Settings):
-    """Settings of an isolated bench worker: the live ones plus a Redis database and a search index prefix.
+    """Settings of an isolated bench worker: the live ones plus the run's id.
 
     Built from the live ``Settings``; the bench worker subprocess receives them as ``CHANGEFLOW_*`` environment
-    variables like any worker. Every name the worker creates (topics, groups, ClickHouse database, indexes) comes
-    from the run's own pipeline (``Isolation.pipeline``), not from settings.
+    variables like any worker. Every name the worker creates (topics, groups, and in each store its keys,
+    indexes and tables) comes from the run's own pipeline (``Isolation.pipeline``), not from settings.
     """
 
-    bench_redis_db: int = BENCH_REDIS_DB
-    bench_search_prefix: str = ""
     bench_run_id: str = ""
-
-    @property
-    def redis_url(self) -> str:
-        return self.redis_db_url(self.bench_redis_db)
 
 
 def new_run_id() -> str:
@@ -56,7 +47,6 @@ class Isolation:
 
     run_id: str
     stage: str
-    redis_db: int = BENCH_REDIS_DB
 
     @property
     def tag(self) -> str:
@@ -73,14 +63,6 @@ class Isolation:
         return f"{self.tag}-raw"
 
     @property
-    def clickhouse_database(self) -> str:
-        return self.namespace
-
-    @property
-    def search_prefix(self) -> str:
-        return f"{self.tag}-"
-
-    @property
     def decode_group(self) -> str:
         return self.namespace
 
@@ -89,9 +71,9 @@ class Isolation:
 
     def pipeline(self, base: Pipeline) -> Pipeline:
         """``base`` (the commerce pipeline) under this stage's names: its entities, transforms and hooks as they
-        are, with another name and namespace, raw topic prefixes of its own, indexes ``<search_prefix><index>``
-        and every ClickHouse table in the stage's database. Redis keys keep their names: the stage writes to a
-        Redis database of its own."""
+        are, with another name and namespace, raw topic prefixes of its own, and in each store objects of its
+        own (each store's ``isolate``: keys under the stage's tag, indexes named after it, tables in the
+        stage's namespace)."""
         file = base.file
         sources = file.sources
         updates: dict[str, Any] = {}
@@ -125,17 +107,13 @@ class Isolation:
 
     def settings(self, base: Settings) -> BenchSettings:
         data = base.model_dump()
-        data.update(
-            bench_search_prefix=self.search_prefix,
-            bench_run_id=self.run_id,
-            bench_redis_db=self.redis_db,
-        )
+        data.update(bench_run_id=self.run_id)
         return BenchSettings(**data)
 
     def env(self, settings: BenchSettings, web_port: int) -> dict[str, str]:
-        """The bench worker's environment: every CHANGEFLOW_* knob that differs from the live worker."""
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith("CHANGEFLOW_") or k.startswith("CHANGEFLOW_BENCH_")}
+        """The bench worker's environment: the live one (each store's own ``CHANGEFLOW_<STORE>_*`` included) with
+        the bench's settings over it."""
+        env = dict(os.environ)
         for name, value in settings.model_dump().items():
             if value is None:
                 continue  # unset (e.g. `pipeline`: the commerce example); "None" would be read as a value

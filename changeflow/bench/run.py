@@ -86,7 +86,7 @@ def run(settings: Settings, pipeline: Pipeline, plan: Plan, log_dir: Path, profi
                                              list(plan.freshness_rates), plan.freshness_s, plan.drain_timeout_s, say)
     finally:
         say("cleaning up bench topics, groups, connector, slot, database, indexes, tables and keys")
-        out["cleanup"] = cleanup(base, run_id)
+        out["cleanup"] = cleanup(base, run_id, pipeline)
     out["seconds"] = round(time.monotonic() - started, 1)
     headline(out)
     return out

@@ -27,7 +27,6 @@ from psycopg import sql
 
 from changeflow.bench.cleanup import snapshot_names
 from changeflow.bench.common import (
-    BENCH_REDIS_DB_SNAPSHOT,
     BenchSettings,
     Isolation,
     high_watermarks,
@@ -100,7 +99,7 @@ def store_counters(stores: dict[str, Store], products: EntitySpec) -> dict[str, 
 
 def run(base: BenchSettings, live: Pipeline, run_id: str, rows: int, log_dir: Path, say: Callable[[str], None],
         timeout: float | None = None) -> dict[str, Any]:
-    iso = Isolation(run_id, "snapshot", redis_db=BENCH_REDIS_DB_SNAPSHOT)
+    iso = Isolation(run_id, "snapshot")
     settings = iso.settings(base)
     pipeline = iso.pipeline(live)
     say(f"snapshot: creating database {snapshot_names(run_id)['database']} with {rows:,} products")

@@ -3,8 +3,8 @@
 Run as ``python -m changeflow.bench.worker`` with the ``CHANGEFLOW_*`` environment built by ``Isolation.env``. It is the
 production worker's code path, ``changeflow.worker.run``, on the live pipeline under another name
 (``Isolation.pipeline``) so it cannot meet the live worker: its raw, canonical, DLQ and schema topics, the decode
-stage's and the sinks' consumer groups, the Faust app id and data directory, the search index names and the
-ClickHouse database are the run's own, and it writes to a Redis database of its own.
+stage's and the sinks' consumer groups, the Faust app id and data directory, and what it writes in each store
+(keys, indexes, tables: each store's ``isolate``) are the run's own.
 
 With ``CHANGEFLOW_BENCH_PROFILE=<dir>`` the decode process's main thread (Faust's event loop and the decode agent)
 runs under pyinstrument and writes ``<dir>/faust-decode.txt`` when the worker stops.

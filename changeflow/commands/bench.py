@@ -133,7 +133,7 @@ def bench(
     if clean_up:
         from changeflow.bench.cleanup import cleanup
 
-        print(json.dumps(cleanup(BenchSettings(**settings.model_dump()), clean_up), indent=2))
+        print(json.dumps(cleanup(BenchSettings(**settings.model_dump()), clean_up, context.pipeline()), indent=2))
         return
     if quick and full:
         args.usage("choose --quick or --full")

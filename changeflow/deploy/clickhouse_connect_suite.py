@@ -171,12 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     host, port, password = args.host, args.port, ""
     try:
         if args.stack:
+            from changeflow.deploy.clickhouse import ClickHouseServerSettings
+            from changeflow.deploy.secrets import clickhouse_password
             from changeflow.settings import Settings
 
-            settings = Settings()
-            port = settings.clickhouse_port
-            secret = settings.clickhouse_password
-            password = secret.get_secret_value() if secret else ""
+            port = ClickHouseServerSettings().port
+            password = clickhouse_password(Settings())
         elif port:
             password = args.password_file.read_text().strip() if args.password_file else ""
         else:

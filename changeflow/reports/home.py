@@ -37,6 +37,19 @@ def client(settings: Settings) -> Any:
     return _store().client_for(settings)
 
 
+def where(settings: Settings) -> str:
+    """``host:port`` of the home store's server (for messages; no credentials)."""
+    own = _store().ClickHouseSettings.load(settings)
+    return f"{own.host}:{own.port}"
+
+
+def errors() -> tuple[type[Exception], type[Exception]]:
+    """The client's exceptions for (the server cannot be reached, the server refused the query)."""
+    from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
+
+    return OperationalError, DatabaseError
+
+
 def quote(identifier: str) -> str:
     return str(_store().q(identifier))
 

@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any, cast
 import clickhouse_connect
 from clickhouse_connect.driver.binding import quote_identifier
 from clickhouse_connect.driver.exceptions import DatabaseError, DataError, OperationalError, ProgrammingError
-from pydantic import Field
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings
 
 from changeflow.pipelines.check import Problem, StoredColumns
 from changeflow.pipelines.model import ON_REJECT_DOC, OnReject, Strict
@@ -39,6 +40,7 @@ from changeflow.pipelines.spec import EntitySpec, Pipeline
 from changeflow.pipelines.types import ColumnType
 from changeflow.schemas import json
 from changeflow.schemas.book import schema_book
+from changeflow.settings import env_config
 from changeflow.sinks.base import (
     FatalSinkError,
     Rejected,
@@ -65,6 +67,28 @@ CHUNK = 2000
 CHANGELOG_COLUMNS = ["entity", "key", "op", "version", "ts_ms", "before", "after", "ingested_at"]
 # The pipeline's own tables in its home database (changelog, applied-through), which no entity may take.
 RESERVED_TABLES = frozenset({"changelog"})
+
+
+class ClickHouseSettings(BaseSettings):
+    """Where the ClickHouse store connects: ``CHANGEFLOW_CLICKHOUSE_*``, the native stack's server by default."""
+
+    model_config = env_config("CHANGEFLOW_CLICKHOUSE_")
+
+    host: str = "127.0.0.1"
+    port: int = 8123
+    user: str = "default"
+    # Unset (or empty): the one the native stack's server was started with (<state_dir>/secrets/clickhouse_password).
+    password: SecretStr | None = None
+    # lz4 on inserts and results costs CPU at both ends and saves nothing over loopback (measured: a sixth
+    # of the ClickHouse sink's time); turn it on when ClickHouse is across a network.
+    compress: bool = False
+
+    @classmethod
+    def load(cls, settings: Settings) -> ClickHouseSettings:
+        own = cls()
+        if own.password is None or not own.password.get_secret_value():
+            own.password = settings.stored_secret("clickhouse_password")
+        return own
 
 
 class ClickHouseConfig(Strict):
@@ -227,15 +251,18 @@ def is_retriable(exc: Exception) -> bool:
     return match is not None and int(match.group(1)) in RETRIABLE_CODES
 
 
-def client_for(settings: Settings) -> Any:
+def client_for(settings: Settings, own: ClickHouseSettings | None = None) -> Any:
+    """A clickhouse-connect client of the store's server (``own``: other connection settings than the
+    environment's)."""
+    own = own or ClickHouseSettings.load(settings)
     return clickhouse_connect.get_client(
-        host=settings.clickhouse_host,
-        port=settings.clickhouse_port,
-        username=settings.clickhouse_user,
-        password=settings.clickhouse_password.get_secret_value() if settings.clickhouse_password else "",
+        host=own.host,
+        port=own.port,
+        username=own.user,
+        password=own.password.get_secret_value() if own.password else "",
         connect_timeout=10,
         send_receive_timeout=60,
-        compress=settings.clickhouse_compress,
+        compress=own.compress,
     )
 
 
@@ -393,8 +420,9 @@ class ClickHouseStore:
     # An Array column cannot be Nullable in ClickHouse: a NULL array is written as [] (to_column).
     null_is_empty = frozenset({"array"})
 
-    def __init__(self, settings: Settings, pipeline: Pipeline) -> None:
+    def __init__(self, settings: Settings, pipeline: Pipeline, own: ClickHouseSettings | None = None) -> None:
         self.settings = settings
+        self.own = own
         self.pipeline = pipeline
         self.database = home_database(pipeline)
         self._client: Any = None
@@ -407,7 +435,7 @@ class ClickHouseStore:
     def client(self) -> Any:
         if self._client is None:
             try:
-                self._client = client_for(self.settings)
+                self._client = client_for(self.settings, self.own)
             except (OperationalError, OSError) as exc:
                 raise RetriableSinkError(f"clickhouse unavailable: {exc}") from exc
         return self._client

@@ -17,14 +17,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import quote
 
 import redis
-from pydantic import Field
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings
 
 from changeflow.pipelines.check import Problem
 from changeflow.pipelines.model import ON_REJECT_DOC, OnReject, Strict
 from changeflow.pipelines.spec import EntitySpec, Pipeline
 from changeflow.schemas import json
+from changeflow.settings import env_config
 from changeflow.sinks.base import FatalSinkError, Rejected, RetriableSinkError, Versioned
 from changeflow.streams.records import ChangeRecord
 
@@ -32,6 +35,26 @@ if TYPE_CHECKING:
     from changeflow.settings import Settings
 
 BATCH = 1000
+
+
+class RedisSettings(BaseSettings):
+    """Where the Redis store connects: ``CHANGEFLOW_REDIS_*``, the native stack's Redis by default."""
+
+    model_config = env_config("CHANGEFLOW_REDIS_")
+
+    host: str = "127.0.0.1"
+    port: int = 6379
+    # Unset: the one the native stack generated (<state_dir>/secrets/redis_password).
+    password: SecretStr | None = None
+    db: int = 0
+
+
+def connection_url(settings: Settings, db: int | None = None) -> str:
+    """``redis://`` with the password, when there is one (the URL is a secret: never logged)."""
+    own = RedisSettings()
+    password = own.password or settings.stored_secret("redis_password")
+    auth = f":{quote(password.get_secret_value(), safe='')}@" if password is not None else ""
+    return f"redis://{auth}{own.host}:{own.port}/{int(own.db if db is None else db)}"
 
 
 class RedisConfig(Strict):
@@ -160,9 +183,8 @@ def check_prefixes(pipeline: Pipeline) -> list[Problem]:
 
 
 def isolate(spec: EntitySpec, cfg: RedisConfig, tag: str, namespace: str) -> RedisConfig:
-    """The configuration of an isolated copy of the entity (the bench's stages): the same keys, which the copy
-    writes to a Redis database of its own."""
-    return cfg.model_copy(update={"prefix": key_prefix(spec)})
+    """The configuration of an isolated copy of the entity (the bench's stages): its keys under ``<tag>:``."""
+    return cfg.model_copy(update={"prefix": f"{tag}:{key_prefix(spec)}"})
 
 
 class RedisStore:
@@ -175,7 +197,7 @@ class RedisStore:
         self.pipeline = pipeline
         self.versions_key = f"{pipeline.namespace}:versions"
         self.applied_key = f"{pipeline.namespace}:applied"
-        self.client = redis.Redis.from_url(settings.redis_url, socket_timeout=30, socket_connect_timeout=5)
+        self.client = redis.Redis.from_url(connection_url(settings), socket_timeout=30, socket_connect_timeout=5)
         self._script = self.client.register_script(APPLY_IF_NEWER)
 
     # --- the stream ---------------------------------------------------------------------------------

@@ -28,12 +28,14 @@ from typing import TYPE_CHECKING, Any, cast
 import httpx
 import orjson
 from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings
 
 from changeflow.pipelines.check import Problem
 from changeflow.pipelines.model import ON_REJECT_DOC, OnReject, Strict
 from changeflow.pipelines.spec import EntitySpec, Pipeline
 from changeflow.pipelines.types import ColumnType
 from changeflow.schemas import json
+from changeflow.settings import env_config
 from changeflow.sinks.base import (
     FatalSinkError,
     Rejected,
@@ -49,6 +51,22 @@ from changeflow.streams.records import ChangeRecord
 
 if TYPE_CHECKING:
     from changeflow.settings import Settings
+
+
+class SearchSettings(BaseSettings):
+    """Where the search store connects: ``CHANGEFLOW_SEARCH_*``, the native stack's engine by default."""
+
+    model_config = env_config("CHANGEFLOW_SEARCH_")
+
+    host: str = "127.0.0.1"
+    port: int = 9200
+    # How soon an indexed change becomes searchable. Visibility waits for the next refresh, so this bounds
+    # the search index's freshness; a longer interval costs the engine less under heavy write load.
+    refresh_interval: str = "100ms"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
 
 
 class SearchConfig(Strict):
@@ -240,7 +258,8 @@ class SearchStore:
     isolate = staticmethod(isolate)
 
     def __init__(self, settings: Settings, pipeline: Pipeline) -> None:
-        self.url = settings.search_url
+        own = SearchSettings()
+        self.url = own.url
         self.pipeline = pipeline
         # One document per entity holding the highest version applied, written with that version as its
         # external version, so the marker itself only ever moves forward.
@@ -248,7 +267,7 @@ class SearchStore:
         # entity → target index of a rebuild in progress; while a document is here every write of that
         # entity also goes to the target, under the same external version.
         self.rebuilds_index = f"{pipeline.namespace}-rebuilds"
-        self.refresh_interval = settings.search_refresh_interval
+        self.refresh_interval = own.refresh_interval
         self._targets: dict[str, str] = {}
         self._targets_read_at = 0.0
         self._mapped: dict[str, set[str]] = {}

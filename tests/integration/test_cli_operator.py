@@ -31,7 +31,7 @@ from changeflow.pipelines.spec import Pipeline
 from changeflow.settings import Settings
 from changeflow.sinks.clickhouse import client_for, home_database
 from changeflow.sinks.process import EXIT_CRASH_LOOP, EXIT_SINK_FATAL, committed_offsets, fatal_file
-from tests.integration.conftest import eventually
+from tests.integration.conftest import clickhouse_password, eventually, search_url
 
 pytestmark = pytest.mark.integration
 
@@ -54,7 +54,7 @@ class Throwaway:
             "CHANGEFLOW_STATE_DIR": str(self.state),
             "CHANGEFLOW_WORKER_WEB_PORT": str(self.port),
             # The state dir is a fresh one: the live stack's ClickHouse password is not in it.
-            "CHANGEFLOW_CLICKHOUSE_PASSWORD": self.live.clickhouse_password.get_secret_value(),
+            "CHANGEFLOW_CLICKHOUSE_PASSWORD": clickhouse_password(self.live),
             "PYTHONUNBUFFERED": "1",
         })
         env.update(extra)
@@ -118,7 +118,7 @@ entities:
         client.command(f"DROP DATABASE IF EXISTS {home_database(t.pipeline)}")
         client.close()
     with contextlib.suppress(httpx.HTTPError):
-        httpx.delete(f"{live_stack.search_url}/{name}-products*", timeout=30)
+        httpx.delete(f"{search_url(live_stack)}/{name}-products*", timeout=30)
 
 
 def produce(t: Throwaway, messages: list[tuple[bytes, bytes | None]]) -> None:

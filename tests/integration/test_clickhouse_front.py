@@ -72,12 +72,13 @@ def test_fetch_current_of_the_clickhouse_store_with_5000_keys(server: ServerProc
     from changeflow.pipelines.spec import build
     from changeflow.pipelines.types import ColumnType
     from changeflow.settings import Settings
-    from changeflow.sinks.clickhouse import ClickHouseStore, table_of
+    from changeflow.sinks.clickhouse import ClickHouseSettings, ClickHouseStore, table_of
 
     commerce = load()
     pipeline = build(commerce.file.model_copy(update={"namespace": f"front_{uuid.uuid4().hex[:8]}"}), commerce.path)
-    settings = Settings(clickhouse_port=server.port, clickhouse_password=SecretStr(server.password))
-    store = ClickHouseStore(settings, pipeline)
+    settings = Settings()
+    own = ClickHouseSettings(port=server.port, password=SecretStr(server.password))
+    store = ClickHouseStore(settings, pipeline, own)
     version = SimpleNamespace(columns={"id": ColumnType("uuid"), "email": ColumnType("string")}, key_columns=["id"])
     store.setup({"users": version})
     spec = pipeline.entities["users"]

@@ -20,7 +20,7 @@ from changeflow.pipelines.spec import Pipeline
 from changeflow.settings import Settings
 from changeflow.sinks.clickhouse import client_for, table_of
 from changeflow.sinks.redis import row_key
-from tests.integration.conftest import eventually
+from tests.integration.conftest import eventually, redis_url
 
 pytestmark = pytest.mark.integration
 
@@ -54,7 +54,7 @@ def test_a_hostile_column_name_is_one_quoted_column_and_drops_nothing(pipeline: 
                 (sku,)).fetchone()
             assert row is not None
             key = str(row[0])
-            rds = redis.Redis.from_url(pipeline.redis_url, decode_responses=True)
+            rds = redis.Redis.from_url(redis_url(pipeline), decode_responses=True)
             doc: dict[str, Any] = eventually(
                 lambda: (v := rds.get(row_key(products, key))) and json.loads(v), timeout=90, what="row in redis")
             assert HOSTILE in doc, doc

@@ -37,7 +37,7 @@ from changeflow.settings import Settings
 from changeflow.sinks.clickhouse import client_for, table_of
 from changeflow.sinks.redis import row_key
 from changeflow.sinks.search import index_name
-from tests.integration.conftest import eventually, stop_process
+from tests.integration.conftest import eventually, redis_url, search_url, stop_process
 
 pytestmark = pytest.mark.integration
 
@@ -177,11 +177,11 @@ def _drop_everything(settings: Settings, database: str, name: str) -> None:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database)))
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
             sql.Identifier(read_model_database(name))))
-    rds = redis.Redis.from_url(settings.redis_url)
+    rds = redis.Redis.from_url(redis_url(settings))
     keys = list(rds.scan_iter(match=f"{name}:*", count=1000))
     if keys:
         rds.delete(*keys)
-    httpx.delete(f"{settings.search_url}/{name}-*", timeout=30)
+    httpx.delete(f"{search_url(settings)}/{name}-*", timeout=30)
     ch = client_for(settings)
     try:
         ch.command(f"DROP DATABASE IF EXISTS `{name}`")
@@ -233,12 +233,12 @@ def _answers(port: int) -> bool:
 
 
 def redis_row(settings: Settings, key: str) -> Any:
-    value = redis.Redis.from_url(settings.redis_url).get(key)
+    value = redis.Redis.from_url(redis_url(settings)).get(key)
     return None if value is None else json.loads(value)
 
 
 def search_doc(settings: Settings, index: str, doc_id: str) -> Any:
-    response = httpx.get(f"{settings.search_url}/{index}/_doc/{httpx.URL('x/' + doc_id).raw_path.decode()[2:]}",
+    response = httpx.get(f"{search_url(settings)}/{index}/_doc/{httpx.URL('x/' + doc_id).raw_path.decode()[2:]}",
                          timeout=10)
     return response.json().get("_source") if response.status_code == 200 else None
 
@@ -359,8 +359,8 @@ def test_own_database_reaches_every_store_exactly_and_reconciles(
     assert f"search: index {index_name(every)}-000001 deleted" in purged.stdout
     assert f"kafka: topic {own.schema_topic} deleted" in purged.stdout
     assert f"connector {own.connector_name('postgres')}: offsets deleted" in purged.stdout
-    assert not list(redis.Redis.from_url(settings.redis_url).scan_iter(match=f"{own.namespace}:*"))
-    assert httpx.get(f"{settings.search_url}/_cat/indices/{own.namespace}-*?format=json", timeout=10).json() == []
+    assert not list(redis.Redis.from_url(redis_url(settings)).scan_iter(match=f"{own.namespace}:*"))
+    assert httpx.get(f"{search_url(settings)}/_cat/indices/{own.namespace}-*?format=json", timeout=10).json() == []
     ch = client_for(settings)
     try:
         assert ch.command("SELECT count() FROM system.databases WHERE name = {db:String}",

@@ -31,7 +31,7 @@ from changeflow.pipelines.spec import Pipeline
 from changeflow.settings import Settings
 from changeflow.sinks.clickhouse import table_of
 from changeflow.sinks.redis import row_key
-from tests.integration.conftest import eventually, stop_process
+from tests.integration.conftest import eventually, redis_url, stop_process
 from tests.integration.test_own_database import _answers, _drop_everything, changeflow, clickhouse_rows, redis_row
 
 pytestmark = pytest.mark.integration
@@ -83,7 +83,7 @@ def test_a_partial_update_of_a_row_redis_lost_lands_whole_after_a_reread(
     assert eventually(lambda: redis_row(settings, key), timeout=150, what="snapshot in redis") == whole
 
     # What a TTL does: the row goes, its version entry stays.
-    rds = redis.Redis.from_url(settings.redis_url)
+    rds = redis.Redis.from_url(redis_url(settings))
     assert rds.delete(key) == 1
     seen: list[Any] = []
     done = threading.Event()

@@ -16,7 +16,7 @@ from changeflow.settings import Settings
 from changeflow.sinks.clickhouse import client_for, table_of
 from changeflow.sinks.redis import row_key
 from changeflow.sinks.search import index_name
-from tests.integration.conftest import eventually
+from tests.integration.conftest import eventually, redis_url, search_url
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +28,7 @@ def pg(pipeline: Settings) -> Iterator[psycopg.Connection[Any]]:
 
 
 def search_source(settings: Settings, index: str, key: str) -> dict[str, Any] | None:
-    r = httpx.get(f"{settings.search_url}/{index}/_doc/{key}", timeout=5)
+    r = httpx.get(f"{search_url(settings)}/{index}/_doc/{key}", timeout=5)
     return r.json()["_source"] if r.status_code == 200 else None
 
 
@@ -41,7 +41,7 @@ def test_new_nullable_column_then_expand_contract_rename_reach_every_store(
     lost."""
     import uuid
 
-    rds = redis.Redis.from_url(pipeline.redis_url, decode_responses=True)
+    rds = redis.Redis.from_url(redis_url(pipeline), decode_responses=True)
     ch = client_for(pipeline)
     orders = commerce.entities["orders"]
     table, index = f"{table_of(orders)[0]}.{table_of(orders)[1]}", index_name(orders)
