@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import psycopg
@@ -10,6 +9,7 @@ from psycopg import sql
 
 from changeflow.bench.common import BenchSettings, Isolation, delete_groups_with_prefix, delete_topics_with_prefix
 from changeflow.bench.naive import forget_keys
+from changeflow.connectors.prepare import PrepareError, drop_slot
 from changeflow.pipelines.spec import Pipeline
 from changeflow.sinks.base import create, used_by
 
@@ -42,17 +42,10 @@ def cleanup(settings: BenchSettings, run_id: str, live: Pipeline) -> dict[str, A
     finally:
         client.close()
     with psycopg.connect(settings.pg_dsn, autocommit=True) as conn:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            row = conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s",
-                               (names["slot"],)).fetchone()
-            if row is None:
-                break
-            if not row[0]:
-                conn.execute("SELECT pg_drop_replication_slot(%s)", (names["slot"],))
-                done["slot_dropped"] = True
-                break
-            time.sleep(0.5)
+        try:
+            done["slot_dropped"] = drop_slot(conn, names["slot"], timeout=60).endswith("dropped")
+        except PrepareError as exc:  # said, and the rest is cleaned up regardless
+            done.setdefault("errors", []).append(str(exc))
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(names["database"])))
         deleted = conn.execute("DELETE FROM products WHERE sku LIKE %s", (freshness_sku_prefix(run_id) + "%",))
         done["freshness_rows_deleted"] = deleted.rowcount

@@ -6,20 +6,20 @@ import contextlib
 import math
 import os
 import platform
-import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Message, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from changeflow.pipelines.model import store_classes
 from changeflow.pipelines.spec import Pipeline, build
 from changeflow.settings import Settings
 from changeflow.sinks.base import Store, create, used_by
+from changeflow.waiting import WaitTimeout, wait_until
 
 # Redis databases the benchmark writes to: the sinks address keys as `<prefix>:<id>` and keep their version
 # hashes under fixed names, so a separate database is what keeps bench rows out of the live cache (and out of
@@ -258,15 +258,18 @@ def message_time_span(settings: Settings, tps: list[TopicPartition]) -> tuple[fl
                 continue
             for offset, into in ((low, first), (high - 1, last)):
                 consumer.assign([TopicPartition(tp.topic, tp.partition, offset)])
-                deadline = time.monotonic() + 10
-                while time.monotonic() < deadline:
-                    msg = consumer.poll(0.5)
-                    if msg is not None and msg.error() is None:
-                        into.append(msg.timestamp()[1] / 1000)
-                        break
+                with contextlib.suppress(WaitTimeout):  # a message gone meanwhile: the span is the others'
+                    msg = wait_until(lambda: _one_message(consumer), 10, interval=0,
+                                     what=f"the message at {tp.topic}:{tp.partition}:{offset}")
+                    into.append(msg.timestamp()[1] / 1000)
         return (min(first), max(last)) if first and last else None
     finally:
         consumer.close()
+
+
+def _one_message(consumer: Consumer) -> Message | None:
+    msg = consumer.poll(0.5)
+    return msg if msg is not None and msg.error() is None else None
 
 
 def readable_stores(settings: Settings, pipeline: Pipeline) -> dict[str, Store]:

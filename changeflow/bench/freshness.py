@@ -16,6 +16,7 @@ Rows not visible when the drain timeout expires are counted as `unseen` and ente
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
@@ -28,6 +29,7 @@ import psycopg
 from changeflow.bench.common import percentile, readable_stores
 from changeflow.pipelines.spec import Pipeline
 from changeflow.settings import Settings
+from changeflow.waiting import WaitTimeout, wait_until
 
 TICK_S = 0.05
 INSERT = (
@@ -120,9 +122,8 @@ def run_load(settings: Settings, pipeline: Pipeline, prefix: str, rate: int, sec
         p.start()
     try:
         inserted, elapsed = _generate(settings, tracker, prefix, rate, seconds)
-        deadline = time.monotonic() + drain_timeout
-        while time.monotonic() < deadline and not tracker.complete():
-            time.sleep(0.1)
+        with contextlib.suppress(WaitTimeout):  # rows still unseen are counted as such (censored)
+            wait_until(tracker.complete, drain_timeout, what="every row visible in every store", interval=0.1)
         ended = time.time()
     finally:
         tracker.done.set()

@@ -16,6 +16,7 @@ from changeflow.bench.common import BenchSettings, GroupProgress, Isolation, fre
 from changeflow.pipelines.spec import Pipeline
 from changeflow.sinks.base import used_by
 from changeflow.sinks.runner import canonical_topics
+from changeflow.waiting import WaitTimeout, wait_until
 
 
 class BenchWorkerError(RuntimeError):
@@ -58,24 +59,25 @@ class BenchWorker:
         started = time.monotonic()
         groups = [self.iso.decode_group, *(self.iso.sink_group(s) for s in self.sinks)]
         admin = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap})
-        while time.monotonic() - started < timeout:
+
+        def ready() -> bool:
             self._alive()
             try:
-                web = httpx.get(f"http://127.0.0.1:{self.port}/", timeout=2).status_code < 500
+                if httpx.get(f"http://127.0.0.1:{self.port}/", timeout=2).status_code >= 500:
+                    return False
             except httpx.HTTPError:
-                web = False
-            if web:
-                futures = admin.describe_consumer_groups(groups, request_timeout=10)
-                states = []
-                for future in futures.values():
-                    try:
-                        states.append(str(future.result().state).rsplit(".", 1)[-1].upper())
-                    except Exception:
-                        states.append("UNKNOWN")
-                if all(s == "STABLE" for s in states):
-                    return time.monotonic() - started
-            time.sleep(0.5)
-        raise BenchWorkerError(f"bench worker not ready after {timeout:.0f}s (log {self.log_path})")
+                return False
+            states = []
+            for future in admin.describe_consumer_groups(groups, request_timeout=10).values():
+                try:
+                    states.append(str(future.result().state).rsplit(".", 1)[-1].upper())
+                except Exception:
+                    states.append("UNKNOWN")
+            return all(s == "STABLE" for s in states)
+
+        wait_until(ready, timeout, what="bench worker ready", error=lambda _: BenchWorkerError(
+            f"bench worker not ready after {timeout:.0f}s (log {self.log_path})"))
+        return time.monotonic() - started
 
     def pids(self) -> dict[str, int]:
         """``decode`` (the worker process) and ``sink:<name>`` (each sink process, from the worker's web page)."""
@@ -98,14 +100,17 @@ class BenchWorker:
     def wait_applied(self, expected: int, timeout: float, poll: float = 0.05) -> dict[str, float | None]:
         """Wall-clock time (epoch s) at which each sink had applied ``expected`` records; None if it did not."""
         done: dict[str, float | None] = dict.fromkeys(self.sinks)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(v is None for v in done.values()):
+
+        def all_applied() -> bool:
             self._alive()
             now = time.time()
             for sink, count in self.applied().items():
                 if done[sink] is None and count >= expected:
                     done[sink] = now
-            time.sleep(poll)
+            return all(v is not None for v in done.values())
+
+        with contextlib.suppress(WaitTimeout):  # the sinks that did not get there stay None
+            wait_until(all_applied, timeout, what=f"every sink applied {expected} records", interval=poll)
         return done
 
     def stop(self) -> None:

@@ -17,6 +17,7 @@ held N messages).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +39,7 @@ from changeflow.bench.pipeline import BenchWorker
 from changeflow.connectors.client import CONNECTOR_DIR, ConnectorDefinition, KafkaConnectClient
 from changeflow.pipelines.spec import EntitySpec, Pipeline
 from changeflow.sinks.base import Store, used_by
+from changeflow.waiting import WaitTimeout, wait_until
 
 DDL = """
 CREATE TABLE products (
@@ -121,8 +123,9 @@ def run(base: BenchSettings, live: Pipeline, run_id: str, rows: int, log_dir: Pa
         counts = store_counters(stores, pipeline.entities["products"])
         raw_done: float | None = None
         done: dict[str, float | None] = dict.fromkeys(counts)
-        deadline = time.monotonic() + (timeout or max(120.0, rows / 100))
-        while time.monotonic() < deadline and (raw_done is None or any(v is None for v in done.values())):
+
+        def finished() -> bool:
+            nonlocal raw_done, raw_tps
             now = time.time()
             if raw_done is None:
                 raw_tps = raw_tps or partitions(settings, [raw_topic])
@@ -134,7 +137,10 @@ def run(base: BenchSettings, live: Pipeline, run_id: str, rows: int, log_dir: Pa
             for sink, count in counts.items():
                 if done[sink] is None and count() >= rows:
                     done[sink] = now
-            time.sleep(0.1)
+            return raw_done is not None and all(v is not None for v in done.values())
+
+        with contextlib.suppress(WaitTimeout):  # what did not finish is reported as such (None)
+            wait_until(finished, timeout or max(120.0, rows / 100), what="the snapshot in every store", interval=0.1)
         applied = {sink: count() for sink, count in counts.items()}
     finally:
         worker.stop()

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from changeflow import metrics
+from changeflow.waiting import WaitTimeout, wait_until
 
 if TYPE_CHECKING:
     from multiprocessing.context import SpawnProcess
@@ -273,9 +274,9 @@ def _child_main(job: SinkJob, settings: Settings, reports: Any, loglevel: str, p
 def _flush(reports: Any, timeout: float = 5.0) -> None:
     """Let the queue's feeder thread hand what was put to the pipe: with ``cancel_join_thread`` a process that
     exits at once would lose it (the worker would then only see the process gone, not the error)."""
-    deadline = time.monotonic() + timeout
-    while getattr(reports, "_buffer", None) and time.monotonic() < deadline and os.getppid() != 1:
-        time.sleep(0.01)
+    with contextlib.suppress(WaitTimeout):  # what is still buffered then is lost with the process, said or not
+        wait_until(lambda: not getattr(reports, "_buffer", None) or os.getppid() == 1, timeout,
+                   what="the sink's reports handed to the worker", interval=0.01)
     time.sleep(0.1)  # the item last taken from the buffer is being written
 
 

@@ -34,6 +34,7 @@ from changeflow.schemas.book import schema_book
 from changeflow.sinks.base import FatalSinkError, RetriableSinkError, Store, create, names, registry, used_by
 from changeflow.sinks.offsets import group_lag
 from changeflow.sinks.runner import canonical_topics
+from changeflow.waiting import wait_until
 
 if TYPE_CHECKING:
     from changeflow.settings import Settings
@@ -128,22 +129,8 @@ def rebuild(
         target = _hook(store, "begin_rebuild", spec, _types(settings, pipeline, spec, types)) if hooked else None
         try:
             signal_id = request_snapshot(settings, pipeline, [spec.qualified_table])
-            deadline = started + timeout
-            done, idle_polls = 0, 0
-            while True:
-                done = _snapshot_reads(counter, spec.name, since)
-                if progress:
-                    progress(spec.name, min(done, total), total)
-                state = snapshot_state(settings.kafka_bootstrap, pipeline.notifications_topic, signal_id)
-                if state in ("ABORTED", "STOPPED"):
-                    raise RebuildError(f"{spec.name}: Debezium reports the incremental snapshot {state}")
-                # Debezium says every chunk was emitted; done when the stream and the sink have drained it.
-                idle_polls = idle_polls + 1 if state == "COMPLETED" and _sink_idle(settings, pipeline, sink) else 0
-                if idle_polls >= 2:
-                    break
-                if time.monotonic() > deadline:
-                    raise RebuildError(f"{spec.name}: {done}/{total} rows re-read after {timeout:.0f}s")
-                time.sleep(0.5)
+            _wait_drained(settings, pipeline, sink, spec, signal_id, counter, since, total, timeout,
+                          started + timeout - time.monotonic(), progress)
             if progress:
                 progress(spec.name, total, total)
             if hooked:
@@ -158,6 +145,29 @@ def rebuild(
                 counter.close()
         results.append(RebuildResult(spec.name, total, time.monotonic() - started, target))
     return results
+
+
+def _wait_drained(settings: Settings, pipeline: Pipeline, sink: str, spec: EntitySpec, signal_id: str,
+                  counter: Store | None, since: datetime, total: int, timeout: float, left: float,
+                  progress: Progress | None) -> None:
+    """Until Debezium says the snapshot is COMPLETED and the stream and the sink have drained it (twice in a row),
+    showing the snapshot reads that reached the changelog; raises on an ABORTED or STOPPED snapshot, or after
+    ``left`` seconds."""
+    done, idle_polls = 0, 0
+
+    def drained() -> bool:
+        nonlocal done, idle_polls
+        done = _snapshot_reads(counter, spec.name, since)
+        if progress:
+            progress(spec.name, min(done, total), total)
+        state = snapshot_state(settings.kafka_bootstrap, pipeline.notifications_topic, signal_id)
+        if state in ("ABORTED", "STOPPED"):
+            raise RebuildError(f"{spec.name}: Debezium reports the incremental snapshot {state}")
+        idle_polls = idle_polls + 1 if state == "COMPLETED" and _sink_idle(settings, pipeline, sink) else 0
+        return idle_polls >= 2
+
+    wait_until(drained, max(0.0, left), what=f"{spec.name} rebuilt", error=lambda _: RebuildError(
+        f"{spec.name}: {done}/{total} rows re-read after {timeout:.0f}s"))
 
 
 def _hook(store: Store, hook: str, *args: Any) -> Any:

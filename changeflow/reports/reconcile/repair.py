@@ -3,6 +3,7 @@ incremental snapshot limited to those keys (signals in the pipeline's signal tab
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from changeflow.reports.reconcile.result import Run
 from changeflow.reports.reconcile.run import canonical_types, comparable, null_is_empty, open_stores
 from changeflow.reports.reconcile.source import Source
 from changeflow.sinks.reread import send_signals
+from changeflow.waiting import WaitTimeout, wait_until
 
 if TYPE_CHECKING:
     from changeflow.settings import Settings
@@ -108,8 +110,8 @@ def repair(
 
         total = len(plan.pairs)
         remaining = set(plan.pairs)
-        deadline = time.monotonic() + timeout_s
-        while remaining:
+
+        def converged() -> bool:
             for entity in sorted({e for (e, _, _) in remaining}):
                 spec = pipeline.entity(entity)
                 keys = sorted({k for (e, _, k) in remaining if e == entity})
@@ -126,9 +128,11 @@ def repair(
                             remaining.discard(pair)  # deleted in the source meanwhile, and gone from the store
             if progress:
                 progress(total - len(remaining), total)
-            if not remaining or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
+            return not remaining
+
+        with contextlib.suppress(WaitTimeout):  # what did not converge in time is reported as pending
+            if remaining:
+                wait_until(converged, timeout_s, what="the repaired keys converged")
         report.converged = total - len(remaining)
         report.pending = [f"{e}/{s}/{k}" for (e, s, k) in sorted(remaining)]
     finally:
