@@ -25,6 +25,7 @@ from changeflow.bench.pipeline import BenchWorker
 from changeflow.deploy import stack
 from changeflow.pipelines.spec import Pipeline
 from changeflow.sinks.runner import canonical_topics
+from changeflow.worker import ensure_topics
 
 Say = Callable[[str], None]
 
@@ -55,7 +56,6 @@ def run(base: BenchSettings, live: Pipeline, run_id: str, n: int, naive_budget_s
     settings = iso.settings(base)
     pipeline = iso.pipeline(live)
     topic = pipeline.entities["products"].raw_topic
-    from changeflow.worker import ensure_topics
 
     ensure_topics(settings, pipeline)
     say(f"backlog: producing {n:,} Debezium-shaped changes into {topic}")

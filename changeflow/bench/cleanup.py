@@ -9,6 +9,7 @@ from psycopg import sql
 
 from changeflow.bench.common import BenchSettings, Isolation, delete_groups_with_prefix, delete_topics_with_prefix
 from changeflow.bench.naive import forget_keys
+from changeflow.connectors.client import KafkaConnectClient
 from changeflow.connectors.prepare import PrepareError, drop_slot
 from changeflow.pipelines.spec import Pipeline
 from changeflow.sinks.base import create, used_by
@@ -34,7 +35,6 @@ def cleanup(settings: BenchSettings, run_id: str, live: Pipeline) -> dict[str, A
     in each store (its ``purge``), the naive consumer's keys and the freshness rows."""
     done: dict[str, Any] = {}
     names = snapshot_names(run_id)
-    from changeflow.connectors.client import KafkaConnectClient
 
     client = KafkaConnectClient(settings.connect_url, timeout=30)
     try:

@@ -6,6 +6,7 @@ import contextlib
 import math
 import os
 import platform
+import socket
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from confluent_kafka import Consumer, Message, TopicPartition
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import AdminClient, NewTopic
 
 from changeflow.pipelines.model import store_classes
 from changeflow.pipelines.spec import Pipeline, build
@@ -127,8 +128,6 @@ class Isolation:
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -173,8 +172,6 @@ def admin(settings: Settings) -> AdminClient:
 
 
 def create_topics(settings: Settings, names: dict[str, int]) -> None:
-    from confluent_kafka.admin import NewTopic
-
     client = admin(settings)
     existing = set(client.list_topics(timeout=15).topics)
     missing = [NewTopic(n, num_partitions=p, replication_factor=1) for n, p in names.items() if n not in existing]

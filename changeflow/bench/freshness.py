@@ -25,8 +25,10 @@ from typing import Any
 
 import orjson
 import psycopg
+from confluent_kafka import Consumer, TopicPartition
 
-from changeflow.bench.common import percentile, readable_stores
+from changeflow.bench.common import partitions, percentile, readable_stores
+from changeflow.deploy.worker import WorkerService
 from changeflow.pipelines.spec import Pipeline
 from changeflow.settings import Settings
 from changeflow.waiting import WaitTimeout, wait_until
@@ -149,9 +151,6 @@ def run_load(settings: Settings, pipeline: Pipeline, prefix: str, rate: int, sec
 def _topic_times(settings: Settings, topic: str, since_ms: int, ids: set[int], key_id: Callable[[bytes], int | None]
                  ) -> dict[int, float]:
     """First Kafka timestamp (s) of each id's message on ``topic`` since ``since_ms``: when a stage emitted it."""
-    from confluent_kafka import Consumer, TopicPartition
-
-    from changeflow.bench.common import partitions
 
     consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "bench-stage-times",
                          "enable.auto.commit": False})
@@ -215,7 +214,6 @@ def _ms(v: float | None) -> float | None:
 
 def run(settings: Settings, pipeline: Pipeline, sku_prefix: str, rates: list[int], seconds: float, drain_timeout: float,
         say: Callable[[str], None]) -> dict[str, Any]:
-    from changeflow.deploy.worker import WorkerService
 
     if not WorkerService(settings).healthy():
         raise RuntimeError("freshness needs the live worker: start it (see README) or use `changeflow demo`")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import warnings
@@ -21,10 +22,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from faust.worker import Worker
+
 from changeflow.bench.common import BenchSettings, Isolation
 from changeflow.pipelines.load import load
 from changeflow.sinks.base import used_by
 from changeflow.sinks.process import SinkProcesses, default_jobs
+from changeflow.streams.app import create_app
+from changeflow.worker import ensure_topics
 
 log = logging.getLogger("changeflow.bench.worker")
 
@@ -33,6 +38,7 @@ def _profiled(target: Callable[[], None], name: str, out: Path | None) -> Callab
         return target
 
     def run() -> None:
+        # Only with CHANGEFLOW_BENCH_PROFILE: pyinstrument costs ~130 ms to import (python -X importtime).
         from pyinstrument import Profiler
 
         profiler = Profiler(interval=0.001, async_mode="disabled")
@@ -48,11 +54,6 @@ def _profiled(target: Callable[[], None], name: str, out: Path | None) -> Callab
 
 
 def main() -> None:
-    from faust.worker import Worker
-
-    from changeflow.streams.app import create_app
-    from changeflow.worker import ensure_topics
-
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = BenchSettings()
     iso = Isolation(settings.bench_run_id, os.environ["CHANGEFLOW_BENCH_STAGE"])  # names only
@@ -78,7 +79,6 @@ def main() -> None:
         _profiled(worker.execute_from_commandline, "faust-decode", profile_dir)()
     finally:
         sinks.stop()
-        import shutil
 
         shutil.rmtree(datadir, ignore_errors=True)
 

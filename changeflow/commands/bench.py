@@ -124,6 +124,7 @@ def bench(
     = None,
 ) -> None:
     """Backlog throughput, freshness and snapshot speed, beside a naive consumer and the bare-loop ceiling."""
+    # Imported here, not at the top: start-up cost (changeflow/commands/__init__.py).
     from changeflow.bench import chart as chart_mod
     from changeflow.bench import run as run_mod
     from changeflow.bench.common import BenchSettings

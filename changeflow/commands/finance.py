@@ -51,6 +51,7 @@ def report_finance(
 
     Exits 1 when there are exceptions, 2 when ClickHouse cannot answer.
     """
+    # Imported here, not at the top: start-up cost (changeflow/commands/__init__.py).
     from changeflow.reports import home
     from changeflow.reports.finance import finance, to_csv, to_json
 
@@ -85,6 +86,7 @@ def _money(value: Decimal | None) -> str:
 
 
 def _print_tables(report: FinanceReport) -> None:
+    # Imported here, not at the top: start-up cost (changeflow/commands/__init__.py).
     from changeflow.reports.finance import GRACE_SECONDS
 
     daily = Table(title="finance per UTC day")

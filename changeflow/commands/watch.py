@@ -369,6 +369,7 @@ def watch(
     ] = None,
 ) -> None:
     """Live view: events/s, freshness and the newest changes per entity and sink."""
+    # Imported here, not at the top: start-up cost (changeflow/commands/__init__.py).
     from changeflow import context
     from changeflow.sinks import base as sink_base
 

@@ -41,6 +41,9 @@ import xml.etree.ElementTree as ET
 from base64 import b64encode
 from pathlib import Path
 
+from changeflow.deploy.clickhouse import ClickHouseServerSettings
+from changeflow.deploy.secrets import clickhouse_password
+from changeflow.settings import Settings
 from changeflow.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -170,9 +173,6 @@ def main(argv: list[str] | None = None) -> int:
     host, port, password = args.host, args.port, ""
     try:
         if args.stack:
-            from changeflow.deploy.clickhouse import ClickHouseServerSettings
-            from changeflow.deploy.secrets import clickhouse_password
-            from changeflow.settings import Settings
 
             port = ClickHouseServerSettings().port
             password = clickhouse_password(Settings())

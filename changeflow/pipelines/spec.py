@@ -141,6 +141,8 @@ class Pipeline:
     def source_dsn(self, stack: StackDefaults) -> str:
         """Where changeflow itself reads the source (reconcile, drift, rebuild, the catalog): the stack's
         role (``pg_dsn``) on the pipeline's database, host and port (else the stack's host and port)."""
+        # psycopg costs 60-600 ms to import (python -X importtime; the first figure on an idle machine), and every
+        # CLI command loads this module at start-up: only the commands that read the source pay it.
         from psycopg.conninfo import make_conninfo
 
         pg = self.file.sources.postgres

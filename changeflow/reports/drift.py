@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from rich.table import Table
 
 from changeflow.pipelines.catalog import count_rows
+from changeflow.pipelines.load import load
 from changeflow.pipelines.spec import EntitySpec, Pipeline
 from changeflow.sinks.base import Store, create, names, used_by
 
@@ -63,7 +64,6 @@ def _count(store: Store | None, spec: EntitySpec) -> int | None:
 def drift(settings: Settings, pipeline: Pipeline | None = None, entities: list[str] | None = None) -> list[DriftRow]:
     """PostgreSQL entities (a MongoDB one only when asked for by name: its stores, no source count)."""
     if pipeline is None:
-        from changeflow.pipelines.load import load
 
         pipeline = load(settings.pipeline)
     for e in entities or []:

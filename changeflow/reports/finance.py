@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from changeflow.pipelines.load import load
 from changeflow.reports import home
 
 if TYPE_CHECKING:
@@ -175,7 +176,6 @@ def finance(settings: Settings, start: date | None = None, end: date | None = No
             pipeline: Pipeline | None = None) -> FinanceReport:
     """``report`` for the given pipeline (default: the settings' pipeline file, else the commerce example)."""
     if pipeline is None:
-        from changeflow.pipelines.load import load
 
         pipeline = load(settings.pipeline)
     return report(settings, pipeline, start, end)

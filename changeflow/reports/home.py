@@ -45,7 +45,7 @@ def where(settings: Settings) -> str:
 
 def errors() -> tuple[type[Exception], type[Exception]]:
     """The client's exceptions for (the server cannot be reached, the server refused the query)."""
-    from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
+    from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError  # start-up cost: module docstring
 
     return OperationalError, DatabaseError
 

@@ -29,7 +29,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any, cast
 
 import clickhouse_connect
-from clickhouse_connect.driver.binding import quote_identifier
+from clickhouse_connect.driver.binding import format_query_value, quote_identifier
 from clickhouse_connect.driver.exceptions import DatabaseError, DataError, OperationalError, ProgrammingError
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings
@@ -691,7 +691,6 @@ class ClickHouseStore:
 
     def _key_cond(self, keys: list[str], column: str = "_key") -> str:
         """``col IN (...)`` with quoted literals: a long bound array is too long for a URL parameter."""
-        from clickhouse_connect.driver.binding import format_query_value
 
         return f"{q(column)} IN ({', '.join(format_query_value(k) for k in keys)})"
 

@@ -35,7 +35,14 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from confluent_kafka import Consumer, TopicPartition
+
 from changeflow import metrics
+from changeflow.runtime import tune_gc
+from changeflow.sinks import base
+from changeflow.sinks.base import FatalSinkError
+from changeflow.sinks.offsets import topic_partitions
+from changeflow.sinks.runner import SinkRunner, canonical_topics
 from changeflow.waiting import WaitTimeout, wait_until
 
 if TYPE_CHECKING:
@@ -143,9 +150,6 @@ def record_fatal(state: Path, pipeline: Pipeline, stop: FatalStop) -> FatalStop:
 
 def committed_offsets(settings: Settings, group: str, topics: Sequence[str]) -> dict[str, int | None]:
     """``topic:partition`` → the group's committed offset (None: nothing committed) over ``topics``."""
-    from confluent_kafka import Consumer
-
-    from changeflow.sinks.offsets import topic_partitions
 
     consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group,
                          "enable.auto.commit": False})
@@ -161,7 +165,6 @@ def committed_offsets(settings: Settings, group: str, topics: Sequence[str]) -> 
 
 def next_record(settings: Settings, committed: Mapping[str, int | None]) -> tuple[str, int, int] | None:
     """The first record a group with these committed offsets has still to read (None: it has read them all)."""
-    from confluent_kafka import Consumer, TopicPartition
 
     consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "changeflow-status"})
     try:
@@ -178,7 +181,6 @@ def next_record(settings: Settings, committed: Mapping[str, int | None]) -> tupl
 
 def one_line(exc: BaseException) -> str:
     """An exception as one line: a store's own message as it is, anything else with its type."""
-    from changeflow.sinks.base import FatalSinkError
 
     text = re.sub(r"\s+", " ", str(exc)).strip()[:600]
     return text if isinstance(exc, FatalSinkError) and text else f"{type(exc).__name__}: {text}".rstrip(": ")
@@ -229,9 +231,6 @@ def _die_with_parent() -> None:
 
 
 def _child_main(job: SinkJob, settings: Settings, reports: Any, loglevel: str, parent: int) -> None:
-    from changeflow.runtime import tune_gc
-    from changeflow.sinks.runner import SinkRunner
-
     _die_with_parent()
     if os.getppid() != parent:  # the worker died before the line above could take effect
         return
@@ -341,8 +340,6 @@ class SinkProcesses:
         self.on_fatal(name, detail)
 
     def _describe(self, name: str, report: dict[str, Any]) -> FatalStop:
-        from changeflow.sinks.runner import canonical_topics
-
         job = next(j for j in self.jobs if j.name == name)
         committed = committed_offsets(self.settings, job.group, canonical_topics(job.pipeline, name))
         first = report.get("first") or next_record(self.settings, committed)
@@ -392,7 +389,6 @@ class SinkProcesses:
 
 def default_jobs(pipeline: Pipeline, names: list[str],
                  after_setup: Callable[[Store, Pipeline], None] | None = None) -> list[SinkJob]:
-    from changeflow.sinks import base
 
     factories = base.registry()
     unknown = [n for n in names if n not in factories]

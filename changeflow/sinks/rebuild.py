@@ -18,6 +18,7 @@ a changelog (``snapshot_reads_since``) against the source's row count.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -70,7 +71,6 @@ def request_snapshot(settings: Settings, pipeline: Pipeline, tables: list[str],
                      where: dict[str, str] | None = None) -> str:
     """An ``execute-snapshot`` signal in the pipeline's signal table for ``tables`` (``schema.table``),
     optionally only rows matching a SQL condition per table; returns the signal id."""
-    import uuid
 
     data: dict[str, object] = {"data-collections": list(tables), "type": "incremental"}
     if where:

@@ -32,6 +32,7 @@ from tenacity import Retrying, retry_if_exception_type, wait_exponential
 from changeflow import metrics, schemas
 from changeflow.pipelines.spec import EntitySpec, Pipeline
 from changeflow.schemas.book import schema_book
+from changeflow.sinks import base
 from changeflow.sinks.base import FatalSinkError, Rejected, RetriableSinkError, Store, fill_partials
 from changeflow.sinks.reread import send_signals
 from changeflow.streams.records import ChangeRecord
@@ -459,7 +460,6 @@ def replay_into_store(settings: Settings, pipeline: Pipeline, store_name: str,
     """Write quarantined canonical records (their exact bytes and origin) into one store only, under its
     version guard: a record applies only if it is still newer than what the store holds. Nothing goes
     back to Kafka, so the other stores never see the replay. A failure of the store raises, as in a sink."""
-    from changeflow.sinks import base
     book = schema_book(settings, pipeline, writer=False)
     own = store is None
     target = store or base.create(store_name, settings, pipeline)

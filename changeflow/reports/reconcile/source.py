@@ -11,10 +11,11 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
+from changeflow.pipelines.catalog import read_dsn
 from changeflow.pipelines.load import resolve_secret
 from changeflow.pipelines.spec import EntitySpec, Pipeline
 from changeflow.pipelines.transform import FILTERED, Transformer, compile_entity
-from changeflow.pipelines.types import ColumnType
+from changeflow.pipelines.types import ColumnType, from_postgres
 from changeflow.reports.reconcile.normalise import Row, comparable_row, debezium_typed
 from changeflow.streams.keys import key_parts, key_text
 
@@ -52,7 +53,6 @@ class Source:
     # --- what the entity is ---------------------------------------------------------------------------
     def _table(self, spec: EntitySpec) -> Any:
         if self._catalog is None:
-            from changeflow.pipelines.catalog import read_dsn
 
             schemas = sorted({e.source_schema for e in self.pipeline.entities.values() if e.source == "postgres"})
             self._catalog = read_dsn(self.dsn, schemas)
@@ -72,7 +72,6 @@ class Source:
     def types(self, spec: EntitySpec) -> Mapping[str, ColumnType]:
         """The canonical column types (from the schema topic when given), else the catalog's and the declared."""
         if spec.name not in self._types:
-            from changeflow.pipelines.types import from_postgres
 
             table = self._table(spec)
             found: dict[str, ColumnType] = {}
