@@ -1,8 +1,9 @@
 """Search index projection, for Elasticsearch (docker-compose) and OpenSearch (the native stack).
 
-Both engines speak the same REST API for what we use, but each official client refuses or mistreats
-the other engine (elasticsearch-py's product check), so the engine is detected once from ``GET /`` and
-the matching official client and its bulk helper are used.
+Both engines speak the same REST API for what we use (indexes, aliases, mappings, ``_bulk``, ``_mget``,
+``_search``), so the store talks to either through one httpx client (:meth:`SearchStore._call`); each
+official client refuses or mistreats the other engine (elasticsearch-py's product check), and neither is
+needed. Bodies are changeflow's JSON (exact decimals), answers read back with exact numbers.
 
 Writes use external versioning with the canonical ``version``: the engine itself rejects a record that
 is not newer (409, counted as already applied). Deletes are versioned too and kept for
