@@ -30,6 +30,7 @@ import httpx
 import orjson
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from changeflow.pipelines.check import Problem
 from changeflow.pipelines.model import ON_REJECT_DOC, OnReject, Strict
@@ -113,6 +114,8 @@ def check_indexes(pipeline: Pipeline) -> list[Problem]:
 GC_DELETES = "7d"
 # How long a rebuild waits after registering its new index: the sinks re-read the registry every second.
 REBUILD_REGISTRY_WAIT_S = 2.5
+# Tries of one REST call (not a bulk write, which the runner retries whole) while the engine is busy or away.
+CALL_ATTEMPTS = 4
 RETRIABLE_STATUS = {429, 502, 503, 504}
 BATCH = 1000
 # Actions per _bulk request: a sink batch (5,000 records by default) in one or two requests.
@@ -284,7 +287,15 @@ class SearchStore:
 
     def _call(self, method: str, path: str, body: Any = None, ok: tuple[int, ...] = ()) -> Any:
         """One REST call; its answer parsed with changeflow's JSON (exact numbers), or None for a status in
-        ``ok``. The engine unreachable or throttling is retriable; any other refusal is the store's failure."""
+        ``ok``. The engine unreachable or throttling (429, 502-504) is tried again a few times, as the official
+        clients did, then retriable for the caller; any other refusal is the store's failure."""
+        for attempt in Retrying(stop=stop_after_attempt(CALL_ATTEMPTS), wait=wait_exponential(multiplier=0.2, max=2),
+                                retry=retry_if_exception_type(RetriableSinkError), reraise=True):
+            with attempt:
+                return self._call_once(method, path, body, ok)
+        raise AssertionError("unreachable: Retrying re-raises the last error")
+
+    def _call_once(self, method: str, path: str, body: Any, ok: tuple[int, ...]) -> Any:
         try:
             response = self.http.request(method, path, content=None if body is None else json.dumps(body),
                                          headers={"Content-Type": "application/json"})
