@@ -16,50 +16,13 @@ it could add are not judged.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
 
 from changeflow.pipelines.catalog import Catalog, Table
 from changeflow.pipelines.model import store_classes
+from changeflow.pipelines.problems import Problem, StoredColumns, suggest, unknown_column
 from changeflow.pipelines.spec import EntitySpec, Pipeline, split_table
 from changeflow.pipelines.transform import ExpressionError, compile_expression, load_hook
-
-
-@dataclass(frozen=True)
-class Problem:
-    location: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.location}: {self.message}"
-
-
-@dataclass(frozen=True)
-class StoredColumns:
-    """The columns of an entity that reach the stores (kept and derived ones), for a store's own
-    ``check_entity(spec, columns)`` hook: a column a store's configuration names must be one of them."""
-
-    stored: frozenset[str]
-    hooked: bool  # an entity with a hook may add any field: names it could add are not judged
-    table: Table
-
-    def unknown(self, where: str, column: str) -> Problem | None:
-        if column in self.stored or self.hooked:
-            return None
-        return _unknown_column(where, column, self.table)
-
-
-def _suggest(name: str, choices: Iterable[str]) -> str:
-    choices = list(choices)
-    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
-    if close:
-        return f"did you mean {close[0]!r}?"
-    shown = ", ".join(choices[:12]) + (", ..." if len(choices) > 12 else "")
-    return f"its columns are: {shown}" if shown else "it has no columns"
-
-
-def _unknown_column(where: str, column: str, table: Table, what: str = "column") -> Problem:
-    return Problem(where, f"{what} {column!r} is not in {table.qualified}; {_suggest(column, table.column_names)}")
 
 
 def check(pipeline: Pipeline, catalog: Catalog | None = None, *, import_hooks: bool = True,
@@ -165,7 +128,7 @@ def _entity_against_catalog(spec: EntitySpec, catalog: Catalog, publication: str
     if cfg.key:
         for col in cfg.key:
             if col not in columns:
-                out.append(_unknown_column(f"{at}.key", col, table, "key column"))
+                out.append(unknown_column(f"{at}.key", col, table, "key column"))
             elif col in cfg.fields.drop:
                 out.append(Problem(f"{at}.fields.drop", f"{col!r} is a key column and cannot be dropped"))
     elif not table.primary_key:
@@ -189,18 +152,18 @@ def _entity_against_catalog(spec: EntitySpec, catalog: Catalog, publication: str
     # field policy
     for col in cfg.fields.drop:
         if col not in columns:
-            out.append(_unknown_column(f"{at}.fields.drop", col, table))
+            out.append(unknown_column(f"{at}.fields.drop", col, table))
     for col in cfg.fields.hash:
         if col not in columns and not hooked and col not in derived_names:
-            out.append(_unknown_column(f"{at}.fields.hash", col, table))
+            out.append(unknown_column(f"{at}.fields.hash", col, table))
     for col in cfg.fields.allow or ():
         if col not in columns and not hooked and col not in derived_names:
-            out.append(_unknown_column(f"{at}.fields.allow", col, table))
+            out.append(unknown_column(f"{at}.fields.allow", col, table))
 
     # declared types
     for col in cfg.columns:
         if col not in columns and col not in derived_names and not hooked:
-            out.append(_unknown_column(f"{at}.columns.{col}", col, table))
+            out.append(unknown_column(f"{at}.columns.{col}", col, table))
 
     # derived fields: each reads source columns or the fields derived before it
     known = set(columns)
@@ -209,18 +172,18 @@ def _entity_against_catalog(spec: EntitySpec, catalog: Catalog, publication: str
             if not hooked:
                 out.append(Problem(f"{at}.derive.{name}.expr", f"reads {ref!r}, which is not a column of "
                                    f"{table.qualified} nor a field derived before it; "
-                                   f"{_suggest(ref, sorted(known))}"))
+                                   f"{suggest(ref, sorted(known))}"))
         known.add(name)
     if cfg.filter is not None and not hooked:
         for ref in sorted(_names_read(cfg.filter) - known):
             out.append(Problem(f"{at}.filter", f"reads {ref!r}, which is not a column of {table.qualified} nor a "
-                                               f"derived field; {_suggest(ref, sorted(known))}"))
+                                               f"derived field; {suggest(ref, sorted(known))}"))
 
     # derived events: the columns whose change emits them reach the stream
     for event_name, declared in cfg.events.items():
         for col in declared.when_changed:
             if col not in known and not hooked:
-                out.append(_unknown_column(f"{at}.events.{event_name}.when_changed", col, table))
+                out.append(unknown_column(f"{at}.events.{event_name}.when_changed", col, table))
             elif col in cfg.fields.drop:
                 out.append(Problem(f"{at}.events.{event_name}.when_changed",
                                    f"{col!r} is dropped, so no change of it reaches the stream; keep it or "

@@ -34,8 +34,8 @@ from clickhouse_connect.driver.exceptions import DatabaseError, DataError, Opera
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings
 
-from changeflow.pipelines.check import Problem, StoredColumns
 from changeflow.pipelines.model import ON_REJECT_DOC, OnReject, Strict
+from changeflow.pipelines.problems import Problem, StoredColumns
 from changeflow.pipelines.spec import EntitySpec, Pipeline
 from changeflow.pipelines.types import ColumnType
 from changeflow.schemas import json

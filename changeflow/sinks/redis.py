@@ -23,8 +23,8 @@ import redis
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings
 
-from changeflow.pipelines.check import Problem
 from changeflow.pipelines.model import ON_REJECT_DOC, OnReject, Strict
+from changeflow.pipelines.problems import Problem
 from changeflow.pipelines.spec import EntitySpec, Pipeline
 from changeflow.schemas import json
 from changeflow.settings import env_config

@@ -32,8 +32,8 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from changeflow.pipelines.check import Problem
 from changeflow.pipelines.model import ON_REJECT_DOC, OnReject, Strict
+from changeflow.pipelines.problems import Problem
 from changeflow.pipelines.spec import EntitySpec, Pipeline
 from changeflow.pipelines.types import ColumnType
 from changeflow.schemas import json
