@@ -350,12 +350,15 @@ def demo(
 
     started = time.monotonic()
     deadline = started + timeout
-    console.print("derived stores catching up (products: PostgreSQL / ClickHouse / Redis / search):")
+    named = False
     while True:
         rows = drift(s, pipeline(), ["products"])
         p = rows[0]
-        console.print(f"  +{time.monotonic() - started:4.1f}s  {p.source} / {p.clickhouse} / {p.redis} / {p.search}",
-                      highlight=False)
+        if not named:  # the columns: the source, then each registered store
+            console.print(f"derived stores catching up (products: PostgreSQL / {' / '.join(p.stores)}):")
+            named = True
+        console.print(f"  +{time.monotonic() - started:4.1f}s  {p.source} / "
+                      + " / ".join(str(c) for c in p.stores.values()), highlight=False)
         if p.drift == 0 or time.monotonic() > deadline:
             break
         time.sleep(0.5)
@@ -391,57 +394,51 @@ def demo(
 
 
 def _demo_read_model(s: Settings, timeout: float = 120.0) -> None:
-    """The seed's question answered from the stores: orders of users in New York (view ``ny_orders``)."""
-    import httpx
+    """The seed's question answered from the stores: orders of users in New York (view ``ny_orders``), read
+    back from every store that holds the view, through the store registry."""
     import psycopg
 
     from changeflow.deploy.workload import feed_users
-    from changeflow.sinks.clickhouse import client_for
+    from changeflow.sinks.base import create, used_by
 
-    spec = pipeline().entity("ny_orders")
-    users = pipeline().entity("users")
+    commerce = pipeline()
+    spec, users = commerce.entity("ny_orders"), commerce.entity("users")
     fed = feed_users(s.kafka_bootstrap, users.raw_topic)
     console.print(f"users: {fed.events} change events written to {users.raw_topic} as Debezium's MongoDB connector "
                   f"writes them (the native stack has no MongoDB server; under docker-compose the connector does "
                   f"it), {fed.moved} moving to New York last")
-    with psycopg.connect(pipeline().source_dsn(s)) as conn:
+    with psycopg.connect(commerce.source_dsn(s)) as conn:
         orders = conn.execute("SELECT id, user_id FROM orders").fetchall()
     expected = {str(oid) for oid, uid in orders
                 if fed.users.get(uid, {}).get("profile", {}).get("address", {}).get("city") == "New York"}
-
-    def in_search() -> set[str]:
-        httpx.post(f"{s.search_url}/{spec.search_index}/_refresh", timeout=30)
-        hits = httpx.post(f"{s.search_url}/{spec.search_index}/_search", timeout=30,
-                          json={"size": 10000, "_source": False})
-        return {h["_id"] for h in hits.json().get("hits", {}).get("hits", [])} if hits.status_code == 200 else set()
-
-    def in_clickhouse() -> list[tuple[Any, ...]]:
-        ch = client_for(s)
-        try:
-            return list(ch.query(
-                f"SELECT id, user_name, city, total_amount FROM `{spec.clickhouse_database}`.`{spec.clickhouse_table}` "
-                "FINAL WHERE NOT _is_deleted AND city = 'New York' ORDER BY id").result_rows)
-        finally:
-            ch.close()
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            found_search, found_ch = in_search(), in_clickhouse()
-        except Exception:  # the view's index or table is made with its first row
-            found_search, found_ch = set(), []
-        if (found_search == expected and {str(r[0]) for r in found_ch} == expected) or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    table = Table(title="orders of users in New York (view ny_orders, from ClickHouse)")
+    stores = {n: create(n, s, commerce) for n in used_by(commerce) if spec.stored_in(n)}
+    found: dict[str, dict[str, Any]] = {}
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            for name, store in stores.items():
+                try:
+                    found[name] = {key: row for key, row, _version in store.scan(spec)}
+                except Exception:  # the view's table or index is made with its first row
+                    found[name] = {}
+            if all(set(rows) == expected for rows in found.values()) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    finally:
+        for store in stores.values():
+            store.close()
+    table = Table(title="orders of users in New York (view ny_orders)")
     for col in ("order", "user", "city", "total"):
         table.add_column(col)
-    for row in found_ch[:8]:
-        table.add_row(*(str(v) for v in row))
+    shown = next(iter(found.values()), {})
+    for key in sorted(shown)[:8]:
+        row = shown[key]
+        table.add_row(key, str(row.get("user_name")), str(row.get("city")), str(row.get("total_amount")))
     console.print(table)
-    console.print(f"orders of users in New York: {len(found_search)} in search, {len(found_ch)} in ClickHouse, "
-                  f"{len(expected)} expected (PostgreSQL's orders joined with the users written above)")
-    if found_search != expected or {str(r[0]) for r in found_ch} != expected:
+    counts = ", ".join(f"{len(rows)} in {name}" for name, rows in found.items())
+    console.print(f"orders of users in New York: {counts}; {len(expected)} expected (PostgreSQL's orders joined with "
+                  "the users written above)")
+    if any(set(rows) != expected for rows in found.values()):
         raise fail("the ny_orders view did not converge; see the worker's log")
 
 

@@ -70,6 +70,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 if TYPE_CHECKING:
     from changeflow.pipelines.spec import Pipeline
@@ -206,7 +207,6 @@ def quarantined_counts(text: str | bytes | None = None) -> dict[tuple[str, str],
     """(store, entity) → records quarantined since the worker started, from ``/metrics`` text (a scrape of
     a worker's web port) or, without it, from this process and every sink process it absorbed. For
     ``status``: the durable count per store and entity is ``streams.dlq.quarantined_counts`` (the DLQ)."""
-    from prometheus_client.parser import text_string_to_metric_families
 
     raw = exposition() if text is None else text
     body = raw.decode() if isinstance(raw, bytes) else raw

@@ -1,7 +1,10 @@
-"""The one typed settings object.
+"""The core typed settings object, and the way every other settings class reads the environment.
 
 Loaded once by the CLI (``Settings()`` reads ``CHANGEFLOW_*`` environment variables and ``.env``) and
-passed down; no other module reads the environment, so every knob is visible here.
+passed down. What is a store's own (where its server is, its password) is in that store module's settings
+class (``changeflow.sinks.<store>``, ``CHANGEFLOW_<STORE>_*``), and where the local stack's servers listen in
+its module of ``changeflow.deploy``; each reads the same ``.env`` files through :func:`env_config`, so a
+variable set once reaches every reader of it.
 """
 
 from __future__ import annotations
@@ -15,12 +18,17 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # The checkout this package runs from (an editable install, as `make` sets up): its `.changeflow/` is the
 # default state directory whatever the current folder is.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# `.env` beside the project, then in the current folder (which wins).
+ENV_FILES = (PROJECT_ROOT / ".env", ".env")
+
+
+def env_config(prefix: str) -> SettingsConfigDict:
+    """The configuration of a settings class whose fields are ``<prefix><FIELD>`` variables."""
+    return SettingsConfigDict(env_prefix=prefix, env_file=ENV_FILES, extra="ignore")
 
 
 class Settings(BaseSettings):
-    # `.env` beside the project, then in the current folder (which wins).
-    model_config = SettingsConfigDict(env_prefix="CHANGEFLOW_", env_file=(PROJECT_ROOT / ".env", ".env"),
-                                      extra="ignore")
+    model_config = env_config("CHANGEFLOW_")
 
     # Where the native local stack keeps binaries, data, logs and pid files, and the worker its Faust data and
     # its last fatal error: CHANGEFLOW_STATE_DIR (a relative one is taken from the folder it is set in), else
@@ -50,24 +58,6 @@ class Settings(BaseSettings):
     connect_port: int = 8083
     connect_host: str = "127.0.0.1"
 
-    # Derived stores.
-    redis_host: str = "127.0.0.1"
-    redis_port: int = 6379
-    # Redis runs with protected mode and this password. Unset: generated under <state_dir>/secrets/redis_password.
-    redis_password: SecretStr | None = None
-    search_host: str = "127.0.0.1"
-    search_port: int = 9200
-    search_transport_port: int = 9300
-    # How soon an indexed change becomes searchable. Visibility waits for the next refresh, so this bounds
-    # the search index's freshness; a longer interval costs the engine less under heavy write load.
-    search_refresh_interval: str = "100ms"
-    clickhouse_host: str = "127.0.0.1"
-    clickhouse_port: int = 8123
-    clickhouse_user: str = "default"
-    # Unset (or empty): read from <state_dir>/secrets/clickhouse_password, which the native stack's
-    # ClickHouse service generates before its first start (changeflow/deploy/secrets.py: clickhouse_password).
-    clickhouse_password: SecretStr = SecretStr("")
-
     @field_validator("state_dir")
     @classmethod
     def _absolute_state_dir(cls, value: Path) -> Path:
@@ -83,18 +73,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _passwords_from_state(self) -> Settings:
-        if not self.clickhouse_password.get_secret_value():
-            self.clickhouse_password = self.stored_secret("clickhouse_password") or self.clickhouse_password
         if self.pg_superuser_password is None:
             self.pg_superuser_password = self.stored_secret("pg_superuser_password")
-        if self.redis_password is None:
-            self.redis_password = self.stored_secret("redis_password")
         return self
-
-    clickhouse_database: str = "changeflow"
-    # lz4 on inserts and results costs CPU at both ends and saves nothing over loopback (measured: a sixth
-    # of the ClickHouse sink's time); turn it on when ClickHouse is across a network.
-    clickhouse_compress: bool = False
 
     # Worker.
     worker_web_host: str = "127.0.0.1"
@@ -132,20 +113,3 @@ class Settings(BaseSettings):
     @property
     def connect_url(self) -> str:
         return f"http://{self.connect_host}:{self.connect_port}"
-
-    @property
-    def redis_url(self) -> str:
-        """With the password, when there is one (the URL is a secret: never logged)."""
-        return self.redis_db_url(0)
-
-    def redis_db_url(self, db: int) -> str:
-        auth = f":{quote(self.redis_password.get_secret_value(), safe='')}@" if self.redis_password else ""
-        return f"redis://{auth}{self.redis_host}:{self.redis_port}/{int(db)}"
-
-    @property
-    def search_url(self) -> str:
-        return f"http://{self.search_host}:{self.search_port}"
-
-    @property
-    def clickhouse_url(self) -> str:
-        return f"http://{self.clickhouse_host}:{self.clickhouse_port}"

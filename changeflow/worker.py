@@ -114,6 +114,8 @@ def web_port_taken(settings: Settings) -> str | None:
 def run(settings: Settings, pipeline: Pipeline, sink_names: list[str] | None = None, loglevel: str = "info",
         after_setup: AfterSetup | None = None) -> int:
     """Run until stopped; the exit code (module docstring): a sink's fatal stop wins over Faust's clean exit."""
+    # faust.worker costs ~1 s to import (python -X importtime): paid by running a worker only, not by the users of
+    # this module's helpers (ensure_topics, web_port_taken, the exit codes: the bench, the tests).
     from faust.worker import Worker
 
     # Before anything starts (topics, sinks, Faust): a second worker whose web port is taken stops here.

@@ -21,10 +21,11 @@ from changeflow.bench import naive as naive_mod
 from changeflow.bench.common import BenchSettings, Isolation, message_time_span, partitions
 from changeflow.bench.cpu import CpuMeter, per_change_us
 from changeflow.bench.envelopes import backlog
-from changeflow.bench.pipeline import SINKS, BenchWorker
+from changeflow.bench.pipeline import BenchWorker
 from changeflow.deploy import stack
 from changeflow.pipelines.spec import Pipeline
 from changeflow.sinks.runner import canonical_topics
+from changeflow.worker import ensure_topics
 
 Say = Callable[[str], None]
 
@@ -55,7 +56,6 @@ def run(base: BenchSettings, live: Pipeline, run_id: str, n: int, naive_budget_s
     settings = iso.settings(base)
     pipeline = iso.pipeline(live)
     topic = pipeline.entities["products"].raw_topic
-    from changeflow.worker import ensure_topics
 
     ensure_topics(settings, pipeline)
     say(f"backlog: producing {n:,} Debezium-shaped changes into {topic}")
@@ -113,7 +113,7 @@ def _worker_pass(base: BenchSettings, pipeline: Pipeline, iso: Isolation, n: int
     first, last = span
     per_sink = {s: (n / (t - first) if t is not None and t > first else None) for s, t in done.items()}
     finished = [t for t in done.values() if t is not None]
-    all_done = len(finished) == len(SINKS)
+    all_done = len(finished) == len(worker.sinks)
     total_s = (max(finished) - first) if all_done else None
     return {
         "throughput_changes_per_s": _r(n / total_s if total_s else None),
@@ -123,7 +123,7 @@ def _worker_pass(base: BenchSettings, pipeline: Pipeline, iso: Isolation, n: int
         "applied": applied,
         "complete": all_done,
         "worker_startup_s": round(ready_s, 2),
-        "cpu_us_per_change": per_change_us(cpu, n, own=("decode", *(f"sink:{s}" for s in SINKS))),
+        "cpu_us_per_change": per_change_us(cpu, n, own=("decode", *(f"sink:{s}" for s in worker.sinks))),
         "worker_log": str(worker.log_path),
     }
 

@@ -11,7 +11,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-STORE_COLOURS = {"redis": "#d62728", "search": "#1f77b4", "clickhouse": "#ff7f0e"}
+PALETTE = ("#d62728", "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b")
+
+
+def _colours(stores: Any) -> dict[str, str]:
+    """A colour per store, in the registry's order (the order the run's figures list them)."""
+    return {store: PALETTE[i % len(PALETTE)] for i, store in enumerate(stores)}
 
 
 def _label(ax: Any, bars: Any, fmt: str = "{:,.0f}") -> None:
@@ -53,20 +58,22 @@ def write(result: dict[str, Any], path: Path) -> Path:
     ax.text(2.45, 20_000, "target 20k", va="bottom", ha="right", fontsize=8)
     ax.set_ylim(0, max([20_000, *values]) * 1.12)
     ax.set_ylabel("changes/s")
-    ax.set_title(f"Backlog: {b.get('changes', 0):,} changes through decode + 3 sinks", fontsize=10)
+    ax.set_title(f"Backlog: {b.get('changes', 0):,} changes through decode + "
+                 f"{len(b.get('per_sink_changes_per_s') or {})} sinks", fontsize=10)
     ax.tick_params(axis="x", labelsize=8)
 
     ax = axes[1]
     fresh = result.get("freshness_ms", {})
     unseen = {load: v for load, v in result.get("freshness", {}).items()}
     loads = list(fresh)
-    width = 0.8 / 3
-    for i, store in enumerate(STORE_COLOURS):
-        xs = [j + (i - 1) * width for j in range(len(loads))]
+    colours = _colours(fresh[loads[0]] if loads else {})
+    width = 0.8 / max(1, len(colours))
+    for i, store in enumerate(colours):
+        xs = [j + (i - (len(colours) - 1) / 2) * width for j in range(len(loads))]
         p99 = [fresh[load][store]["p99"] or 0 for load in loads]
         p50 = [fresh[load][store]["p50"] or 0 for load in loads]
-        bars = ax.bar(xs, p99, width, color=STORE_COLOURS[store], alpha=0.45, label=f"{store} p99")
-        ax.bar(xs, p50, width, color=STORE_COLOURS[store], label=f"{store} p50")
+        bars = ax.bar(xs, p99, width, color=colours[store], alpha=0.45, label=f"{store} p99")
+        ax.bar(xs, p50, width, color=colours[store], label=f"{store} p50")
         for bar, load in zip(bars, loads, strict=True):
             censored = unseen.get(load, {}).get(store, {}).get("unseen", 0)
             prefix = "≥" if censored else ""
@@ -79,7 +86,7 @@ def write(result: dict[str, Any], path: Path) -> Path:
         ax.axhline(target, color=colour, linestyle="--", linewidth=1)
         ax.text(len(loads) - 0.55, target, f"{target} ms", va="bottom", ha="right", fontsize=8)
     ax.set_yscale("log")
-    top = max([1000.0, *(fresh[load][s]["p99"] or 0 for load in loads for s in STORE_COLOURS)])
+    top = max([1000.0, *(fresh[load][s]["p99"] or 0 for load in loads for s in colours)])
     ax.set_ylim(10, top * 8)
     ax.set_ylabel("ms from PostgreSQL commit to visible (log)")
     ax.set_title("Freshness, live pipeline (p50 solid, p99 light; ≥ = rows still unseen)", fontsize=10)
@@ -91,7 +98,7 @@ def write(result: dict[str, Any], path: Path) -> Path:
     ax = axes[2]
     snap = result.get("snapshot", {})
     per = snap.get("per_store_rows_per_s") or {}
-    bars = ax.bar(list(per), [v or 0 for v in per.values()], color=[STORE_COLOURS[s] for s in per])
+    bars = ax.bar(list(per), [v or 0 for v in per.values()], color=list(_colours(per).values()))
     _label(ax, bars)
     if snap.get("debezium_rows_per_s"):
         ax.axhline(snap["debezium_rows_per_s"], color="#9467bd", linestyle=":", linewidth=1.2)

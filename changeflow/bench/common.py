@@ -6,42 +6,36 @@ import contextlib
 import math
 import os
 import platform
-import time
+import socket
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from confluent_kafka import Consumer, TopicPartition
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import Consumer, Message, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
 
+from changeflow.pipelines.model import store_classes
 from changeflow.pipelines.spec import Pipeline, build
 from changeflow.settings import Settings
+from changeflow.sinks.base import Store, create, used_by
+from changeflow.waiting import WaitTimeout, wait_until
 
 # Redis databases the benchmark writes to: the sinks address keys as `<prefix>:<id>` and keep their version
 # hashes under fixed names, so a separate database is what keeps bench rows out of the live cache (and out of
 # the drift report). Ids are offset per run (`Isolation.id_base`) so two concurrent runs never collide.
-BENCH_REDIS_DB = 11
-BENCH_REDIS_DB_SNAPSHOT = 13
-BENCH_REDIS_DBS = (BENCH_REDIS_DB, BENCH_REDIS_DB_SNAPSHOT)
 
 
 class BenchSettings(Settings):
-    """Settings of an isolated bench worker: the live ones plus a Redis database and a search index prefix.
+    """Settings of an isolated bench worker: the live ones plus the run's id.
 
     Built from the live ``Settings``; the bench worker subprocess receives them as ``CHANGEFLOW_*`` environment
-    variables like any worker. Every name the worker creates (topics, groups, ClickHouse database, indexes) comes
-    from the run's own pipeline (``Isolation.pipeline``), not from settings.
+    variables like any worker. Every name the worker creates (topics, groups, and in each store its keys,
+    indexes and tables) comes from the run's own pipeline (``Isolation.pipeline``), not from settings.
     """
 
-    bench_redis_db: int = BENCH_REDIS_DB
-    bench_search_prefix: str = ""
     bench_run_id: str = ""
-
-    @property
-    def redis_url(self) -> str:
-        return self.redis_db_url(self.bench_redis_db)
 
 
 def new_run_id() -> str:
@@ -54,7 +48,6 @@ class Isolation:
 
     run_id: str
     stage: str
-    redis_db: int = BENCH_REDIS_DB
 
     @property
     def tag(self) -> str:
@@ -71,14 +64,6 @@ class Isolation:
         return f"{self.tag}-raw"
 
     @property
-    def clickhouse_database(self) -> str:
-        return self.namespace
-
-    @property
-    def search_prefix(self) -> str:
-        return f"{self.tag}-"
-
-    @property
     def decode_group(self) -> str:
         return self.namespace
 
@@ -87,9 +72,9 @@ class Isolation:
 
     def pipeline(self, base: Pipeline) -> Pipeline:
         """``base`` (the commerce pipeline) under this stage's names: its entities, transforms and hooks as they
-        are, with another name and namespace, raw topic prefixes of its own, indexes ``<search_prefix><index>``
-        and every ClickHouse table in the stage's database. Redis keys keep their names: the stage writes to a
-        Redis database of its own."""
+        are, with another name and namespace, raw topic prefixes of its own, and in each store objects of its
+        own (each store's ``isolate``: keys under the stage's tag, indexes named after it, tables in the
+        stage's namespace)."""
         file = base.file
         sources = file.sources
         updates: dict[str, Any] = {}
@@ -103,12 +88,11 @@ class Isolation:
         entities = {}
         for name, cfg in file.entities.items():
             spec = base.entities[name]
-            stores = cfg.stores
-            entities[name] = cfg.model_copy(update={"stores": stores.model_copy(update={
-                "redis": stores.redis.model_copy(update={"prefix": spec.redis_prefix}),
-                "search": stores.search.model_copy(update={"index": self.search_prefix + spec.search_index}),
-                "clickhouse": stores.clickhouse.model_copy(update={"database": self.clickhouse_database}),
-            })})
+            stores = {store: cfg.stores.get(store) for store in store_classes()}
+            isolated = {store: isolate(spec, own, self.tag, self.namespace)
+                        for store, own in stores.items()
+                        if own is not None and (isolate := getattr(store_classes()[store], "isolate", None))}
+            entities[name] = cfg.model_copy(update={"stores": cfg.stores.model_copy(update=isolated)})
         model = file.model_copy(update={
             "name": self.namespace, "namespace": self.namespace,
             "sources": sources.model_copy(update=updates), "entities": entities,
@@ -124,17 +108,13 @@ class Isolation:
 
     def settings(self, base: Settings) -> BenchSettings:
         data = base.model_dump()
-        data.update(
-            bench_search_prefix=self.search_prefix,
-            bench_run_id=self.run_id,
-            bench_redis_db=self.redis_db,
-        )
+        data.update(bench_run_id=self.run_id)
         return BenchSettings(**data)
 
     def env(self, settings: BenchSettings, web_port: int) -> dict[str, str]:
-        """The bench worker's environment: every CHANGEFLOW_* knob that differs from the live worker."""
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith("CHANGEFLOW_") or k.startswith("CHANGEFLOW_BENCH_")}
+        """The bench worker's environment: the live one (each store's own ``CHANGEFLOW_<STORE>_*`` included) with
+        the bench's settings over it."""
+        env = dict(os.environ)
         for name, value in settings.model_dump().items():
             if value is None:
                 continue  # unset (e.g. `pipeline`: the commerce example); "None" would be read as a value
@@ -148,8 +128,6 @@ class Isolation:
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -194,8 +172,6 @@ def admin(settings: Settings) -> AdminClient:
 
 
 def create_topics(settings: Settings, names: dict[str, int]) -> None:
-    from confluent_kafka.admin import NewTopic
-
     client = admin(settings)
     existing = set(client.list_topics(timeout=15).topics)
     missing = [NewTopic(n, num_partitions=p, replication_factor=1) for n, p in names.items() if n not in existing]
@@ -279,12 +255,27 @@ def message_time_span(settings: Settings, tps: list[TopicPartition]) -> tuple[fl
                 continue
             for offset, into in ((low, first), (high - 1, last)):
                 consumer.assign([TopicPartition(tp.topic, tp.partition, offset)])
-                deadline = time.monotonic() + 10
-                while time.monotonic() < deadline:
-                    msg = consumer.poll(0.5)
-                    if msg is not None and msg.error() is None:
-                        into.append(msg.timestamp()[1] / 1000)
-                        break
+                with contextlib.suppress(WaitTimeout):  # a message gone meanwhile: the span is the others'
+                    msg = wait_until(lambda: _one_message(consumer), 10, interval=0,
+                                     what=f"the message at {tp.topic}:{tp.partition}:{offset}")
+                    into.append(msg.timestamp()[1] / 1000)
         return (min(first), max(last)) if first and last else None
     finally:
         consumer.close()
+
+
+def _one_message(consumer: Consumer) -> Message | None:
+    msg = consumer.poll(0.5)
+    return msg if msg is not None and msg.error() is None else None
+
+
+def readable_stores(settings: Settings, pipeline: Pipeline) -> dict[str, Store]:
+    """The pipeline's stores that say what a reader sees (``visible`` and ``visible_count``), by name."""
+    out: dict[str, Store] = {}
+    for name in used_by(pipeline):
+        store = create(name, settings, pipeline)
+        if callable(getattr(store, "visible", None)):
+            out[name] = store
+        else:
+            store.close()
+    return out

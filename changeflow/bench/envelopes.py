@@ -7,6 +7,7 @@ Pure functions, no I/O.
 
 from __future__ import annotations
 
+import datetime as dt
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -89,7 +90,6 @@ WORDS = ("red", "quiet", "solid", "tiny", "golden", "rapid", "lamp", "kettle", "
 def product_row(rng: random.Random, pid: int, ts_us: int) -> dict[str, Any]:
     name = f"{rng.choice(WORDS)} {rng.choice(WORDS)}"
     seconds, micros = divmod(ts_us, 1_000_000)
-    import datetime as dt
 
     stamp = dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{micros:06d}Z"
     return {

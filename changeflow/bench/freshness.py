@@ -3,13 +3,10 @@
 Runs against the LIVE pipeline (the `commerce-postgres` connector and the background worker), as a user
 would see it. A generator inserts products with this run's SKU prefix at a steady rate, batched per 50 ms tick
 (one transaction per tick, `INSERT ... SELECT FROM unnest(...) RETURNING id`); the commit time of each row is the
-wall clock right after its transaction's COMMIT returned. One poller per store records when each row first
-becomes visible to a reader:
-
-* Redis: pipelined EXISTS on the oldest 2,000 pending keys, every 20 ms;
-* search: a `_search` (what users query, so after the index refresh) for this run's SKUs with ids above the
-  oldest pending one, every 50 ms;
-* ClickHouse: `SELECT DISTINCT id` for this run's SKUs above the oldest pending id, every 50 ms.
+wall clock right after its transaction's COMMIT returned. One poller per registered store records when each
+row first becomes visible to a reader: the store's own ``visible(spec, keys)`` on the oldest
+``visibility_batch`` pending keys, every ``visibility_poll_s`` (each store module says how a reader looks: a
+pipelined EXISTS, a ``_search`` after the index refresh, a ``SELECT``).
 
 So each figure carries up to one polling interval of over-estimate. Where the time goes is read from Kafka
 timestamps of the same rows: commit → raw topic (Debezium) and commit → canonical topic (plus the decode stage).
@@ -19,24 +16,24 @@ Rows not visible when the drain timeout expires are counted as `unseen` and ente
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-import httpx
 import orjson
 import psycopg
-import redis
+from confluent_kafka import Consumer, TopicPartition
 
-from changeflow.bench.common import percentile
+from changeflow.bench.common import partitions, percentile, readable_stores
+from changeflow.deploy.worker import WorkerService
 from changeflow.pipelines.spec import Pipeline
 from changeflow.settings import Settings
-from changeflow.sinks.clickhouse import client_for
+from changeflow.waiting import WaitTimeout, wait_until
 
 TICK_S = 0.05
-STORES = ("redis", "search", "clickhouse")
 INSERT = (
     "INSERT INTO products (sku, name, description, category, price_cents, stock, internal_notes) "
     "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::int[], %s::int[], %s::text[]) "
@@ -47,10 +44,10 @@ INSERT = (
 class Tracker:
     """Commit time of every generated row, and the first time each store showed it."""
 
-    def __init__(self) -> None:
+    def __init__(self, stores: list[str]) -> None:
         self.lock = threading.Lock()
         self.committed: dict[int, float] = {}
-        self.seen: dict[str, dict[int, float]] = {s: {} for s in STORES}
+        self.seen: dict[str, dict[int, float]] = {s: {} for s in stores}
         self.done = threading.Event()
 
     def add(self, ids: list[int], at: float) -> None:
@@ -73,7 +70,7 @@ class Tracker:
 
     def complete(self) -> bool:
         with self.lock:
-            return all(len(self.seen[s]) >= len(self.committed) for s in STORES)
+            return all(len(seen) >= len(self.committed) for seen in self.seen.values())
 
 
 def _generate(settings: Settings, tracker: Tracker, prefix: str, rate: int, seconds: float) -> tuple[int, float]:
@@ -101,71 +98,44 @@ def _generate(settings: Settings, tracker: Tracker, prefix: str, rate: int, seco
     return n, elapsed
 
 
-def _poll_loop(tracker: Tracker, store: str, interval: float, check: Callable[[list[int]], list[int]]) -> None:
+def _poll_loop(tracker: Tracker, name: str, store: Any, spec: Any) -> None:
+    interval, batch = store.visibility_poll_s, store.visibility_batch
     while not tracker.done.is_set():
         started = time.monotonic()
-        pending = tracker.pending(store, 2000 if store == "redis" else None)
+        pending = tracker.pending(name, batch)
         if pending:
             try:
-                visible = check(pending)
+                visible = [int(k) for k in store.visible(spec, [str(i) for i in pending])]
             except Exception:  # a store restarting mid-run: try again next round
                 visible = []
-            tracker.mark(store, visible, time.time())
+            tracker.mark(name, visible, time.time())
         time.sleep(max(0.0, interval - (time.monotonic() - started)))
 
 
 def run_load(settings: Settings, pipeline: Pipeline, prefix: str, rate: int, seconds: float,
              drain_timeout: float) -> dict[str, Any]:
-    tracker = Tracker()
+    stores = readable_stores(settings, pipeline)
+    tracker = Tracker(list(stores))
     since_ms = int(time.time() * 1000) - 1000
-    r = redis.Redis.from_url(settings.redis_url)
-    http = httpx.Client(base_url=settings.search_url, timeout=10)
-    ch = client_for(settings)
     products = pipeline.entities["products"]
-    index = products.search_index
-    table = f"{products.clickhouse_database}.{products.clickhouse_table}"
-
-    def redis_check(ids: list[int]) -> list[int]:
-        pipe = r.pipeline(transaction=False)
-        for i in ids:
-            pipe.exists(products.redis_key(str(i)))
-        return [i for i, found in zip(ids, pipe.execute(), strict=True) if found]
-
-    def search_check(ids: list[int]) -> list[int]:
-        body = {"size": 10_000, "_source": False, "sort": [{"id": "asc"}], "query": {"bool": {"filter": [
-            {"prefix": {"sku": prefix}}, {"range": {"id": {"gte": ids[0]}}}]}}}
-        hits = http.post(f"/{index}/_search", json=body).json()["hits"]["hits"]
-        return [int(h["_id"]) for h in hits]
-
-    def clickhouse_check(ids: list[int]) -> list[int]:
-        result = ch.query(f"SELECT DISTINCT id FROM {table} "
-                          f"WHERE id >= {int(ids[0])} AND sku LIKE '{prefix}%'")
-        return [int(row[0]) for row in result.result_rows]
-
-    pollers = [
-        threading.Thread(target=_poll_loop, args=(tracker, "redis", 0.02, redis_check), daemon=True),
-        threading.Thread(target=_poll_loop, args=(tracker, "search", 0.05, search_check), daemon=True),
-        threading.Thread(target=_poll_loop, args=(tracker, "clickhouse", 0.05, clickhouse_check), daemon=True),
-    ]
+    pollers = [threading.Thread(target=_poll_loop, args=(tracker, name, store, products), daemon=True)
+               for name, store in stores.items()]
     for p in pollers:
         p.start()
     try:
         inserted, elapsed = _generate(settings, tracker, prefix, rate, seconds)
-        deadline = time.monotonic() + drain_timeout
-        while time.monotonic() < deadline and not tracker.complete():
-            time.sleep(0.1)
+        with contextlib.suppress(WaitTimeout):  # rows still unseen are counted as such (censored)
+            wait_until(tracker.complete, drain_timeout, what="every row visible in every store", interval=0.1)
         ended = time.time()
     finally:
         tracker.done.set()
         for p in pollers:
             p.join(5)
-        r.close()
-        http.close()
-        ch.close()
+        for opened in stores.values():
+            opened.close()
     out: dict[str, Any] = {"target_per_s": rate, "rows": inserted, "achieved_per_s": round(inserted / elapsed),
                            "load_seconds": round(elapsed, 1)}
-    for store in STORES:
-        seen = tracker.seen[store]
+    for store, seen in tracker.seen.items():
         lat = [(seen[i] - t) * 1000 for i, t in tracker.committed.items() if i in seen]
         unseen = [(ended - t) * 1000 for i, t in tracker.committed.items() if i not in seen]
         values = lat + unseen
@@ -181,9 +151,6 @@ def run_load(settings: Settings, pipeline: Pipeline, prefix: str, rate: int, sec
 def _topic_times(settings: Settings, topic: str, since_ms: int, ids: set[int], key_id: Callable[[bytes], int | None]
                  ) -> dict[int, float]:
     """First Kafka timestamp (s) of each id's message on ``topic`` since ``since_ms``: when a stage emitted it."""
-    from confluent_kafka import Consumer, TopicPartition
-
-    from changeflow.bench.common import partitions
 
     consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "bench-stage-times",
                          "enable.auto.commit": False})
@@ -247,7 +214,6 @@ def _ms(v: float | None) -> float | None:
 
 def run(settings: Settings, pipeline: Pipeline, sku_prefix: str, rates: list[int], seconds: float, drain_timeout: float,
         say: Callable[[str], None]) -> dict[str, Any]:
-    from changeflow.deploy.worker import WorkerService
 
     if not WorkerService(settings).healthy():
         raise RuntimeError("freshness needs the live worker: start it (see README) or use `changeflow demo`")

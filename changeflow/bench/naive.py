@@ -18,6 +18,7 @@ from changeflow.bench.common import BenchSettings
 from changeflow.pipelines.spec import Pipeline
 from changeflow.pipelines.transform import compile_pipeline
 from changeflow.schemas.json import dumps
+from changeflow.sinks.redis import connection_url
 from changeflow.streams.debezium import decode_postgres
 from changeflow.streams.records import ChangeRecord
 
@@ -77,7 +78,7 @@ def naive(settings: BenchSettings, pipeline: Pipeline, topic: str, group: str, k
     """
     entities = compile_pipeline(pipeline, "postgres")
     consumer = _consumer(settings, group, topic)
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis.Redis.from_url(connection_url(settings))
     keys: set[str] = set()
     seen = changes = 0
     started: float | None = None
@@ -101,7 +102,7 @@ def naive(settings: BenchSettings, pipeline: Pipeline, topic: str, group: str, k
             result = decode_postgres(msg.value(), topic=msg.topic() or "", partition=msg.partition() or 0,
                                      offset=msg.offset() or 0, raw_key=msg.key(), entities=entities)
             if isinstance(result, ChangeRecord):
-                key = f"{key_prefix}{pipeline.entities[result.entity].redis_key(result.key)}"
+                key = f"{key_prefix}{result.entity}:{result.key}"  # the hand-written consumer's own key scheme
                 if result.after is None:
                     client.delete(key)
                 else:
@@ -115,3 +116,22 @@ def naive(settings: BenchSettings, pipeline: Pipeline, topic: str, group: str, k
         consumer.close()
         client.close()
     return LoopResult(changes, seen, elapsed), sorted(keys)
+
+
+def forget_keys(settings: BenchSettings, prefix: str) -> int:
+    """Delete the keys a naive consumer wrote under ``prefix`` (``bench-<run>-``); how many."""
+    client = redis.Redis.from_url(connection_url(settings))
+    pattern = "".join("\\" + ch if ch in "*?[]\\" else ch for ch in prefix) + "*"
+    removed = 0
+    try:
+        batch: list[bytes] = []
+        for key in client.scan_iter(match=pattern, count=5000):
+            batch.append(key)
+            if len(batch) >= 5000:
+                removed += client.delete(*batch)
+                batch = []
+        if batch:
+            removed += client.delete(*batch)
+    finally:
+        client.close()
+    return removed

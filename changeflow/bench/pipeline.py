@@ -14,9 +14,9 @@ from confluent_kafka.admin import AdminClient
 
 from changeflow.bench.common import BenchSettings, GroupProgress, Isolation, free_port, partitions
 from changeflow.pipelines.spec import Pipeline
+from changeflow.sinks.base import used_by
 from changeflow.sinks.runner import canonical_topics
-
-SINKS = ("redis", "search", "clickhouse")
+from changeflow.waiting import WaitTimeout, wait_until
 
 
 class BenchWorkerError(RuntimeError):
@@ -37,6 +37,8 @@ class BenchWorker:
         self.profile_dir = profile_dir
         self.proc: subprocess.Popen[bytes] | None = None
         self._progress: dict[str, GroupProgress] = {}
+        # The stores a worker of this pipeline runs a sink for (every registered one it uses).
+        self.sinks = used_by(pipeline)
 
     def start(self) -> None:
         env = self.iso.env(self.settings, self.port)
@@ -55,26 +57,27 @@ class BenchWorker:
     def wait_ready(self, timeout: float = 90.0) -> float:
         """Until Faust serves its web port and every consumer group is Stable; seconds taken."""
         started = time.monotonic()
-        groups = [self.iso.decode_group, *(self.iso.sink_group(s) for s in SINKS)]
+        groups = [self.iso.decode_group, *(self.iso.sink_group(s) for s in self.sinks)]
         admin = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap})
-        while time.monotonic() - started < timeout:
+
+        def ready() -> bool:
             self._alive()
             try:
-                web = httpx.get(f"http://127.0.0.1:{self.port}/", timeout=2).status_code < 500
+                if httpx.get(f"http://127.0.0.1:{self.port}/", timeout=2).status_code >= 500:
+                    return False
             except httpx.HTTPError:
-                web = False
-            if web:
-                futures = admin.describe_consumer_groups(groups, request_timeout=10)
-                states = []
-                for future in futures.values():
-                    try:
-                        states.append(str(future.result().state).rsplit(".", 1)[-1].upper())
-                    except Exception:
-                        states.append("UNKNOWN")
-                if all(s == "STABLE" for s in states):
-                    return time.monotonic() - started
-            time.sleep(0.5)
-        raise BenchWorkerError(f"bench worker not ready after {timeout:.0f}s (log {self.log_path})")
+                return False
+            states = []
+            for future in admin.describe_consumer_groups(groups, request_timeout=10).values():
+                try:
+                    states.append(str(future.result().state).rsplit(".", 1)[-1].upper())
+                except Exception:
+                    states.append("UNKNOWN")
+            return all(s == "STABLE" for s in states)
+
+        wait_until(ready, timeout, what="bench worker ready", error=lambda _: BenchWorkerError(
+            f"bench worker not ready after {timeout:.0f}s (log {self.log_path})"))
+        return time.monotonic() - started
 
     def pids(self) -> dict[str, int]:
         """``decode`` (the worker process) and ``sink:<name>`` (each sink process, from the worker's web page)."""
@@ -91,20 +94,23 @@ class BenchWorker:
         """Records each sink has written and committed (its group's committed offsets on the canonical topics)."""
         if not self._progress:
             tps = partitions(self.settings, canonical_topics(self.pipeline))
-            self._progress = {s: GroupProgress(self.settings, self.iso.sink_group(s), tps) for s in SINKS}
+            self._progress = {s: GroupProgress(self.settings, self.iso.sink_group(s), tps) for s in self.sinks}
         return {s: p.committed() for s, p in self._progress.items()}
 
     def wait_applied(self, expected: int, timeout: float, poll: float = 0.05) -> dict[str, float | None]:
         """Wall-clock time (epoch s) at which each sink had applied ``expected`` records; None if it did not."""
-        done: dict[str, float | None] = dict.fromkeys(SINKS)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(v is None for v in done.values()):
+        done: dict[str, float | None] = dict.fromkeys(self.sinks)
+
+        def all_applied() -> bool:
             self._alive()
             now = time.time()
             for sink, count in self.applied().items():
                 if done[sink] is None and count >= expected:
                     done[sink] = now
-            time.sleep(poll)
+            return all(v is not None for v in done.values())
+
+        with contextlib.suppress(WaitTimeout):  # the sinks that did not get there stay None
+            wait_until(all_applied, timeout, what=f"every sink applied {expected} records", interval=poll)
         return done
 
     def stop(self) -> None:

@@ -14,6 +14,7 @@ from changeflow.bench.cleanup import cleanup, freshness_sku_prefix
 from changeflow.bench.common import BenchSettings, machine, new_run_id
 from changeflow.pipelines.spec import Pipeline
 from changeflow.settings import Settings
+from changeflow.sinks.base import registry
 
 Say = Callable[[str], None]
 STAGES = ("backlog", "snapshot", "freshness", "views", "views-live")
@@ -46,8 +47,14 @@ TARGETS = {
     "ratio_vs_ceiling": 0.6,
     "freshness_p99_ms_at_1000_per_s": 250,
     "freshness_p99_ms_at_5000_per_s": 1000,
-    "snapshot_rows_per_s_clickhouse": 50_000,
 }
+
+
+def store_targets() -> dict[str, int]:
+    """``snapshot_rows_per_s_<store>``: a store's own snapshot target (``snapshot_target_rows_per_s`` on its
+    class), for each registered store that sets one."""
+    return {f"snapshot_rows_per_s_{name}": int(getattr(cls, "snapshot_target_rows_per_s", 0))
+            for name, cls in registry().items() if getattr(cls, "snapshot_target_rows_per_s", None)}
 
 
 def plan_for(mode: str, **overrides: Any) -> Plan:
@@ -88,7 +95,7 @@ def run(settings: Settings, pipeline: Pipeline, plan: Plan, log_dir: Path, profi
                                              list(plan.freshness_rates), plan.freshness_s, plan.drain_timeout_s, say)
     finally:
         say("cleaning up bench topics, groups, connector, slot, database, indexes, tables and keys")
-        out["cleanup"] = cleanup(base, run_id)
+        out["cleanup"] = cleanup(base, run_id, pipeline)
     out["seconds"] = round(time.monotonic() - started, 1)
     headline(out)
     return out
@@ -106,7 +113,8 @@ def headline(out: dict[str, Any]) -> None:
     out["ceiling_cpu_us_per_change"] = b.get("ceiling_cpu_us_per_change")
     fresh = out.get("freshness", {})
     out["freshness_ms"] = {
-        load: {s: {q: v[s][q] for q in ("p50", "p95", "p99")} for s in freshness.STORES}
+        load: {s: {q: v[s][q] for q in ("p50", "p95", "p99")} for s, per in v.items()
+               if isinstance(per, dict) and "p99" in per}
         for load, v in fresh.items()
     }
     snap = out.get("snapshot", {})
@@ -123,12 +131,13 @@ def headline(out: dict[str, Any]) -> None:
         "ratio_vs_ceiling": out["ratio_vs_ceiling"],
         "freshness_p99_ms_at_1000_per_s": p99("1000_per_s"),
         "freshness_p99_ms_at_5000_per_s": p99("5000_per_s"),
-        "snapshot_rows_per_s_clickhouse": (out["snapshot_rows_per_s_by_store"] or {}).get("clickhouse"),
+        **{name: (out["snapshot_rows_per_s_by_store"] or {}).get(name.removeprefix("snapshot_rows_per_s_"))
+           for name in store_targets()},
     }
     lower_is_better = {"freshness_p99_ms_at_1000_per_s", "freshness_p99_ms_at_5000_per_s"}
     out["targets"] = {
         name: {"target": target, "measured": measured[name],
                "met": None if measured[name] is None else (
                    measured[name] < target if name in lower_is_better else measured[name] >= target)}
-        for name, target in TARGETS.items()
+        for name, target in {**TARGETS, **store_targets()}.items()
     }

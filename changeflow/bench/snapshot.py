@@ -8,36 +8,38 @@ publication, slot, `snapshot.mode=initial`), snapshots it into its own raw topic
 decode agent and the three sink runners, the production code path) is already running and waiting.
 
 Progress is read from the stores themselves (decoding is at-least-once, so a consumer group's committed count
-can include redeliveries): distinct ids in ClickHouse, the search index's `_count` (visible, i.e. after a
-refresh) and the keys of the stage's own Redis database. Rows/s per store = N / (time the store held all N -
-time the connector was created), which includes Kafka Connect starting the task; the same rate from the first
-snapshot record in Kafka is reported too, and Debezium's own rate (N / time the raw topic held N messages).
+can include redeliveries): each store's ``visible_count``, the rows a reader sees (distinct keys of a table,
+an index's `_count` after its refresh, the keys under the entity's prefix). Rows/s per store = N / (time the
+store held all N - time the connector was created), which includes Kafka Connect starting the task; the same
+rate from the first snapshot record in Kafka is reported too, and Debezium's own rate (N / time the raw topic
+held N messages).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psycopg
-import redis
 from psycopg import sql
 
 from changeflow.bench.cleanup import snapshot_names
 from changeflow.bench.common import (
-    BENCH_REDIS_DB_SNAPSHOT,
     BenchSettings,
     Isolation,
     high_watermarks,
     message_time_span,
     partitions,
+    readable_stores,
 )
-from changeflow.bench.pipeline import SINKS, BenchWorker
+from changeflow.bench.pipeline import BenchWorker
 from changeflow.connectors.client import CONNECTOR_DIR, ConnectorDefinition, KafkaConnectClient
-from changeflow.pipelines.spec import Pipeline
+from changeflow.pipelines.spec import EntitySpec, Pipeline
+from changeflow.sinks.base import Store, used_by
+from changeflow.waiting import WaitTimeout, wait_until
 
 DDL = """
 CREATE TABLE products (
@@ -82,39 +84,24 @@ def connector(settings: BenchSettings, run_id: str, raw_prefix: str) -> Connecto
     return ConnectorDefinition(name=names["connector"], config=config)
 
 
-def store_counters(settings: BenchSettings, pipeline: Pipeline) -> dict[str, Callable[[], int]]:
-    """Rows of this stage visible in each store (its ClickHouse database, index and Redis database are its own)."""
-    from changeflow.sinks.clickhouse import client_for
+def store_counters(stores: dict[str, Store], products: EntitySpec) -> dict[str, Callable[[], int]]:
+    """Rows of this stage a reader sees in each store (``visible_count``: the stage's tables, indexes and keys
+    are its own), by store name."""
 
-    ch = client_for(settings)
-    r = redis.Redis.from_url(settings.redis_url)
-    products = pipeline.entities["products"]
-    index = products.search_index
-    table = f"{products.clickhouse_database}.{products.clickhouse_table}"
-    # The stage's version and applied-through hashes (RedisStore: `<namespace>:versions`, `:applied`).
-    hashes = (f"{pipeline.namespace}:versions", f"{pipeline.namespace}:applied")
+    def counter(store: Any) -> Callable[[], int]:
+        def count() -> int:
+            try:
+                return int(store.visible_count(products))
+            except Exception:  # a store restarting mid-run: counted again next round
+                return 0
+        return count
 
-    def clickhouse() -> int:
-        try:
-            return int(ch.command(f"SELECT uniqExact(id) FROM {table}"))
-        except Exception:  # the table is created with the entity's first batch
-            return 0
-
-    def search() -> int:
-        try:
-            return int(httpx.get(f"{settings.search_url}/{index}/_count", timeout=10).json().get("count", 0))
-        except (httpx.HTTPError, ValueError):
-            return 0
-
-    def redis_keys() -> int:
-        return int(r.dbsize()) - int(r.exists(*hashes))
-
-    return {"redis": redis_keys, "search": search, "clickhouse": clickhouse}
+    return {name: counter(store) for name, store in stores.items()}
 
 
 def run(base: BenchSettings, live: Pipeline, run_id: str, rows: int, log_dir: Path, say: Callable[[str], None],
         timeout: float | None = None) -> dict[str, Any]:
-    iso = Isolation(run_id, "snapshot", redis_db=BENCH_REDIS_DB_SNAPSHOT)
+    iso = Isolation(run_id, "snapshot")
     settings = iso.settings(base)
     pipeline = iso.pipeline(live)
     say(f"snapshot: creating database {snapshot_names(run_id)['database']} with {rows:,} products")
@@ -122,21 +109,23 @@ def run(base: BenchSettings, live: Pipeline, run_id: str, rows: int, log_dir: Pa
     prepare_database(base, run_id, rows, iso.id_base)
     fill_s = time.perf_counter() - started
     worker = BenchWorker(settings, pipeline, iso, log_dir)
+    stores = readable_stores(settings, pipeline)
     worker.start()
     client = KafkaConnectClient(settings.connect_url)
     raw_topic = pipeline.entities["products"].raw_topic
     try:
         worker.wait_ready()
-        say("snapshot: connector created; Debezium snapshot → Faust decode → redis/search/clickhouse")
+        say(f"snapshot: connector created; Debezium snapshot → Faust decode → {'/'.join(used_by(pipeline))}")
         definition = connector(settings, run_id, iso.raw_prefix)
         t0 = time.time()
         client.put_config(definition)
         raw_tps = partitions(settings, [raw_topic])
-        counts = store_counters(settings, pipeline)
+        counts = store_counters(stores, pipeline.entities["products"])
         raw_done: float | None = None
-        done: dict[str, float | None] = dict.fromkeys(SINKS)
-        deadline = time.monotonic() + (timeout or max(120.0, rows / 100))
-        while time.monotonic() < deadline and (raw_done is None or any(v is None for v in done.values())):
+        done: dict[str, float | None] = dict.fromkeys(counts)
+
+        def finished() -> bool:
+            nonlocal raw_done, raw_tps
             now = time.time()
             if raw_done is None:
                 raw_tps = raw_tps or partitions(settings, [raw_topic])
@@ -148,11 +137,16 @@ def run(base: BenchSettings, live: Pipeline, run_id: str, rows: int, log_dir: Pa
             for sink, count in counts.items():
                 if done[sink] is None and count() >= rows:
                     done[sink] = now
-            time.sleep(0.1)
+            return raw_done is not None and all(v is not None for v in done.values())
+
+        with contextlib.suppress(WaitTimeout):  # what did not finish is reported as such (None)
+            wait_until(finished, timeout or max(120.0, rows / 100), what="the snapshot in every store", interval=0.1)
         applied = {sink: count() for sink, count in counts.items()}
     finally:
         worker.stop()
         client.close()
+        for store in stores.values():
+            store.close()
     span = message_time_span(settings, partitions(settings, [raw_topic]))
     first = span[0] if span else t0
     per_store = {s: (round(rows / (t - t0)) if t else None) for s, t in done.items()}

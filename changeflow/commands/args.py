@@ -37,6 +37,7 @@ def usage(message: str) -> NoReturn:
 
 def pipeline() -> Pipeline:
     """The pipeline of this invocation; a file that does not load ends the command with its one-line error."""
+    # Imported here, not at the top: start-up cost (changeflow/commands/__init__.py).
     from changeflow.pipelines.load import PipelineError
 
     try:
@@ -46,6 +47,7 @@ def pipeline() -> Pipeline:
 
 
 def registered_stores() -> list[str]:
+    # Imported here, not at the top: start-up cost (changeflow/commands/__init__.py).
     from changeflow.sinks.base import names
 
     return names()

@@ -40,23 +40,22 @@ def _print(result: dict[str, Any]) -> None:
         _print_views_live(result["views_live"])
     b = result.get("backlog", {})
     if b:
-        t = Table(title=f"Backlog: {b['changes']:,} Debezium changes already in Kafka → decode → redis + search + "
-                        "clickhouse (one worker)")
+        per = b.get("per_sink_changes_per_s", {})
+        t = Table(title=f"Backlog: {b['changes']:,} Debezium changes already in Kafka → decode → {' + '.join(per)} "
+                        "(one worker)")
         for col in ("consumer", "changes/s", "x naive", "x ceiling", "how"):
             t.add_column(col, justify="left" if col in ("consumer", "how") else "right")
         t.add_row("changeflow worker", _n(result["throughput_changes_per_s"]), _n(result["ratio_vs_naive"]),
-                  _n(result["ratio_vs_ceiling"]), "Faust decode agent fed by a C consumer + 3 sink processes")
+                  _n(result["ratio_vs_ceiling"]), f"Faust decode agent fed by a C consumer + {len(per)} sink processes")
         t.add_row("naive consumer", _n(b["naive_changes_per_s"]), "1", _n(_div(b["naive_changes_per_s"],
                   b["ceiling_changes_per_s"])), f"one at a time → Redis SET, sync commit ({b['naive_seconds']}s)")
         t.add_row("ceiling", _n(b["ceiling_changes_per_s"]), _n(_div(b["ceiling_changes_per_s"],
                   b["naive_changes_per_s"])), "1", "bare confluent-kafka consume + decode, no writes")
         console.print(t)
         s = Table(title="Backlog stages (changes/s)")
-        for col in ("pass", "decode stage", "redis", "search", "clickhouse"):
+        for col in ("pass", "decode stage", *per):
             s.add_column(col, justify="right")
-        per = b.get("per_sink_changes_per_s", {})
-        s.add_row("worker", _n(b.get("decode_stage_changes_per_s")), _n(per.get("redis")), _n(per.get("search")),
-                  _n(per.get("clickhouse")))
+        s.add_row("worker", _n(b.get("decode_stage_changes_per_s")), *(_n(v) for v in per.values()))
         console.print(s)
         cpu = b.get("cpu_us_per_change") or {}
         if cpu:
@@ -74,8 +73,9 @@ def _print(result: dict[str, Any]) -> None:
         for col in ("load", "store", "p50", "p95", "p99", "unseen"):
             t.add_column(col, justify="right")
         for v in fresh.values():
-            for store in ("redis", "search", "clickhouse"):
-                q = v[store]
+            for store, q in v.items():
+                if not isinstance(q, dict) or "p50" not in q:
+                    continue
                 t.add_row(f"{v['achieved_per_s']:,}/s", store, _n(q["p50"]), _n(q["p95"]), _n(q["p99"]),
                           str(q["unseen"]))
             st = v.get("stages", {})
@@ -158,6 +158,7 @@ def bench(
     = None,
 ) -> None:
     """Backlog throughput, freshness and snapshot speed, beside a naive consumer and the bare-loop ceiling."""
+    # Imported here, not at the top: start-up cost (changeflow/commands/__init__.py).
     from changeflow.bench import chart as chart_mod
     from changeflow.bench import run as run_mod
     from changeflow.bench.common import BenchSettings
@@ -167,7 +168,7 @@ def bench(
     if clean_up:
         from changeflow.bench.cleanup import cleanup
 
-        print(json.dumps(cleanup(BenchSettings(**settings.model_dump()), clean_up), indent=2))
+        print(json.dumps(cleanup(BenchSettings(**settings.model_dump()), clean_up, context.pipeline()), indent=2))
         return
     if quick and full:
         args.usage("choose --quick or --full")

@@ -64,6 +64,7 @@ def print_connector(state: dict[str, Any]) -> None:
 
 def run_prepare(pipeline: Pipeline, dsn: str | None, *, required: bool) -> bool:
     """Run `prepare` on a connection that may; when it may not, say what to give a DBA. True when done."""
+    # Imported here, not at the top: start-up cost (changeflow/commands/__init__.py).
     import psycopg
 
     from changeflow.connectors import prepare
@@ -103,6 +104,7 @@ def apply(
 
     Exit codes: 0 every connector RUNNING; 1 Connect rejected a definition, a task failed or Connect is
     unreachable; 2 usage (a file that is missing, unreadable or not a connector definition)."""
+    # Imported here, not at the top: start-up cost (changeflow/commands/__init__.py).
     from changeflow.connectors.client import (
         ConnectorConfigError,
         ConnectorDefinition,
@@ -145,6 +147,7 @@ def apply(
 @app.command("status")
 def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """State of every registered connector and its tasks."""
+    # Imported here, not at the top: start-up cost (changeflow/commands/__init__.py).
     from changeflow.connectors.client import ConnectUnavailableError, KafkaConnectClient
 
     s = context.settings()
@@ -170,6 +173,7 @@ def render_(source: SourceOption = None) -> None:
     """Print the pipeline's connector definitions as Kafka Connect JSON. One connector is one object, so
     `changeflow connectors render | curl -X POST -H 'Content-Type: application/json' --data @-
     http://127.0.0.1:8083/connectors` registers it; several are printed as a JSON array."""
+    # Imported here, not at the top: start-up cost (changeflow/commands/__init__.py).
     from changeflow.connectors.render import RenderError, as_json, render
 
     pipeline = load_pipeline()
@@ -191,6 +195,7 @@ def prepare_(
 ) -> None:
     """Publication for exactly the pipeline's tables, signal and heartbeat tables, grants to the replication
     role: run now (a connection that may), or printed as SQL for a DBA."""
+    # Imported here, not at the top: start-up cost (changeflow/commands/__init__.py).
     from changeflow.connectors import prepare
 
     pipeline = load_pipeline()
@@ -214,6 +219,7 @@ def delete(
     their data (and the source its signal and heartbeat tables) unless --purge: then every registered
     store removes what the pipeline created in it, and the pipeline's topics and consumer groups go too
     (refused while a worker of the pipeline runs)."""
+    # Imported here, not at the top: start-up cost (changeflow/commands/__init__.py).
     import psycopg
 
     from changeflow.connectors import prepare
@@ -267,6 +273,7 @@ def delete(
 
 def pipeline_topics(pipeline: Pipeline) -> list[str]:
     """Every topic the pipeline's connectors and worker write (raw, canonical, DLQ, schemas, derived events)."""
+    # Imported here, not at the top: start-up cost (changeflow/commands/__init__.py).
     from changeflow.pipelines.spec import split_table, topic_part
 
     topics = {*pipeline.raw_topics(), *pipeline.canonical_topics(), pipeline.dlq_topic, pipeline.schema_topic,
@@ -293,6 +300,7 @@ def _await_deletions(kind: str, futures: dict[str, Any], failures: list[str]) ->
 
 def _purge_derived(pipeline: Pipeline) -> None:
     """Each registered store's objects of the pipeline, then its topics and consumer groups."""
+    # Imported here, not at the top: start-up cost (changeflow/commands/__init__.py).
     from confluent_kafka.admin import AdminClient
 
     from changeflow.sinks.base import create, names

@@ -38,6 +38,7 @@ def _size(data: bytes | None) -> str:
 
 
 def _check_store(store: str | None) -> None:
+    # Imported here, not at the top: start-up cost (changeflow/commands/__init__.py).
     from changeflow.sinks import base
 
     if store is not None and store not in base.names():
@@ -57,6 +58,7 @@ def list_(
 ) -> None:
     """Every dead letter on the DLQ topic (read from the beginning, nothing committed), oldest first; with
     ``--store S`` only the records store S refused (quarantined for it)."""
+    # Imported here, not at the top: start-up cost (changeflow/commands/__init__.py).
     from confluent_kafka import KafkaException
 
     from changeflow.streams.dlq import for_store, iso_ms, masked, read_dead_letters, read_replays
@@ -116,6 +118,7 @@ def replay_(
     handles them; a record a store quarantined is written into that store only, under its version guard
     (it applies only if still the newest). ``--store S`` alone replays everything S quarantined. Each
     replay is recorded, so running it again skips what is done."""
+    # Imported here, not at the top: start-up cost (changeflow/commands/__init__.py).
     from confluent_kafka import KafkaException
 
     from changeflow.sinks.base import FatalSinkError, RetriableSinkError
@@ -182,7 +185,7 @@ def replay_(
                             f"{len(plan.skip)} skipped")
         for col in ("id", "store", "outcome", "detail"):
             table.add_column(col, overflow="fold")
-        colour = {"replayed": "green", "applied": "green", "superseded": "cyan", "rejected": "red"}
+        colour = {"replayed": "green", "applied": "green", "superseded": "cyan", "reread": "cyan", "rejected": "red"}
         for row in rows:
             table.add_row(escape(row["id"]), escape(row.get("store") or "-"),
                           f"[{colour[row['outcome']]}]{row['outcome']}[/]", escape(row["detail"]))

@@ -51,22 +51,23 @@ def report_finance(
 
     Exits 1 when there are exceptions, 2 when ClickHouse cannot answer.
     """
-    from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
-
+    # Imported here, not at the top: start-up cost (changeflow/commands/__init__.py).
+    from changeflow.reports import home
     from changeflow.reports.finance import finance, to_csv, to_json
 
     if start and end and start > end:
         raise _fail(f"--from {start.date()} is after --to {end.date()}")
     settings = Settings()
+    unreachable, refused = home.errors()
     try:
         report = finance(settings, start.date() if start else None, end.date() if end else None)
-    except OperationalError as exc:
-        raise _fail(f"clickhouse unreachable at {settings.clickhouse_host}:{settings.clickhouse_port}: {exc}") from None
-    except DatabaseError as exc:
+    except unreachable as exc:
+        raise _fail(f"{home.name()} unreachable at {home.where(settings)}: {exc}") from None
+    except refused as exc:
         hint = ""
         if "UNKNOWN_TABLE" in str(exc) or "UNKNOWN_DATABASE" in str(exc):
             hint = " (the ClickHouse sink has not created its tables yet: start the worker first)"
-        raise _fail(f"clickhouse: {exc}{hint}") from None
+        raise _fail(f"{home.name()}: {exc}{hint}") from None
 
     if format is Format.json:
         print(to_json(report))
@@ -85,6 +86,7 @@ def _money(value: Decimal | None) -> str:
 
 
 def _print_tables(report: FinanceReport) -> None:
+    # Imported here, not at the top: start-up cost (changeflow/commands/__init__.py).
     from changeflow.reports.finance import GRACE_SECONDS
 
     daily = Table(title="finance per UTC day")

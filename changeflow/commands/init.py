@@ -40,6 +40,7 @@ def postgres(
 ) -> None:
     """Every table with a primary key becomes an entity in all three stores, with the catalog's types;
     tables without one are listed as comments. The DSN's password is never written."""
+    # Imported here, not at the top: start-up cost (changeflow/commands/__init__.py).
     import re
 
     import psycopg

@@ -34,6 +34,7 @@ def load_pipeline() -> Pipeline:
 def catalog_dsn(pipeline: Pipeline, dsn: str | None = None) -> str:
     """Where to read the source's catalog (or run `connectors prepare`): ``dsn``, else the stack's
     superuser on the pipeline's database (its host and port, else the stack's)."""
+    # Imported here, not at the top: start-up cost (changeflow/commands/__init__.py).
     from psycopg.conninfo import make_conninfo
 
     if dsn:
@@ -47,6 +48,7 @@ def catalog_dsn(pipeline: Pipeline, dsn: str | None = None) -> str:
 @app.command("schema")
 def schema() -> None:
     """Print the pipeline file's JSON Schema (point your editor's YAML support at it)."""
+    # Imported here, not at the top: start-up cost (changeflow/commands/__init__.py).
     from changeflow.pipelines.model import PipelineFile
 
     print(json.dumps(PipelineFile.model_json_schema(), indent=2))
@@ -61,6 +63,7 @@ def check(
     """Check the pipeline file, and against the live catalog: tables, columns, keys, store names, hooks.
 
     Exit code 0: ready to apply; 1: problems found (one line each); 2: the file does not load."""
+    # Imported here, not at the top: start-up cost (changeflow/commands/__init__.py).
     import psycopg
 
     from changeflow.pipelines import catalog as catalog_mod

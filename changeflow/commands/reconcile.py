@@ -15,6 +15,7 @@ from rich.table import Table
 from changeflow import context
 from changeflow.commands import args
 from changeflow.pipelines.spec import Pipeline
+from changeflow.reports import home
 from changeflow.settings import Settings
 
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -46,6 +47,7 @@ def reconcile(
 
     Exit codes: 0 no store drifts by more than --max-drift (after --repair: once repaired); 1 one does; 2 usage
     (an unknown entity or store, an entity none of the given stores holds)."""
+    # Imported here, not at the top: start-up cost (changeflow/commands/__init__.py).
     from changeflow.reports.reconcile import reconcile as run_reconcile
     from changeflow.reports.reconcile import repair
 
@@ -88,6 +90,7 @@ def reconcile(
 
 def _record(settings: Settings, pipeline: Pipeline, run: Any) -> None:
     """History is kept in ClickHouse; when it is down the run is still reported (and ClickHouse drift shows)."""
+    # Imported here, not at the top: start-up cost (changeflow/commands/__init__.py).
     from changeflow.reports.reconcile import record_run
 
     try:
@@ -119,7 +122,7 @@ def _print_run(run: Any, label: str, database: str = "") -> None:
         console.print(f"skipped {name}: {reason}", highlight=False)
     diffs = [(r.entity, r.store, d) for r in run.results for d in r.diffs]
     if diffs:
-        table = Table(title=f"differing keys ({len(diffs)}; all in {database or context.pipeline().clickhouse_database}"
+        table = Table(title=f"differing keys ({len(diffs)}; all in {database or home.database(context.pipeline())}"
                                  ".reconciliation_diffs)")
         for col in ("entity", "store", "key", "kind", "detail"):
             table.add_column(col)

@@ -18,6 +18,7 @@ console = Console(width=None if sys.stdout.isatty() else 200)
 
 def active_groups(groups: list[str]) -> dict[str, list[str]]:
     """group → its members (client id @ host), for the groups that have any."""
+    # Imported here, not at the top: start-up cost (changeflow/commands/__init__.py).
     from confluent_kafka.admin import AdminClient
 
     # log_level 3: librdkafka's informational lines ("Purging 1 unserved events") are not the user's business.
@@ -41,6 +42,7 @@ def reset(
     sink is checked first and none is reset while any of them has a running consumer.
 
     Exit codes: 0 reset; 1 a worker still consumes (nothing reset) or Kafka failed; 2 usage."""
+    # Imported here, not at the top: start-up cost (changeflow/commands/__init__.py).
     from confluent_kafka import KafkaException
 
     from changeflow.deploy.worker import WorkerService

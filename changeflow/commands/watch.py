@@ -34,6 +34,7 @@ from rich.table import Table
 from rich.text import Text
 
 from changeflow.metrics import stores
+from changeflow.reports import home
 
 if TYPE_CHECKING:
     from changeflow.pipelines.spec import Pipeline
@@ -296,11 +297,9 @@ def scrape(client: httpx.Client, url: str) -> Scrape:
 
 
 def newest_changes(client: Any, database: str, limit: int) -> list[Change]:
-    from changeflow.sinks.clickhouse import q
-
     rows = client.query(
         "SELECT entity, key, op, version, ts_ms, toUnixTimestamp64Milli(ingested_at) AS at_ms "
-        f"FROM {q(database)}.changelog ORDER BY ingested_at DESC, version DESC LIMIT {int(limit)}"
+        f"FROM {home.quote(database)}.changelog ORDER BY ingested_at DESC, version DESC LIMIT {int(limit)}"
     ).result_rows
     return [Change(str(e), str(k), str(o), int(v), int(t), int(a)) for e, k, o, v, t, a in rows]
 
@@ -327,10 +326,8 @@ class Watcher:
             return [], None
         try:
             if self._ch is None:
-                from changeflow.sinks.clickhouse import client_for
-
-                self._ch = client_for(self.settings)
-            return newest_changes(self._ch, self.pipeline.clickhouse_database, self.limit), None
+                self._ch = home.client(self.settings)
+            return newest_changes(self._ch, home.database(self.pipeline), self.limit), None
         except Exception as exc:  # a store that is down is shown, not fatal to the view
             self._ch = None
             return [], str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
@@ -372,6 +369,7 @@ def watch(
     ] = None,
 ) -> None:
     """Live view: events/s, freshness and the newest changes per entity and sink."""
+    # Imported here, not at the top: start-up cost (changeflow/commands/__init__.py).
     from changeflow import context
     from changeflow.sinks import base as sink_base
 

@@ -11,8 +11,8 @@ Applying an unchanged definition does not touch the running connector.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import time
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +21,8 @@ from typing import Any
 
 import httpx
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
+
+from changeflow.waiting import WaitTimeout, wait_until
 
 CONNECTOR_DIR = Path(__file__).parent
 
@@ -159,12 +161,9 @@ class KafkaConnectClient:
         again under this name snapshots from the start instead of resuming where this one stopped."""
         if self._request("PUT", f"/connectors/{_path(name)}/stop").status_code not in (200, 202, 204):
             return False
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            state = (self.status(name) or {}).get("connector", {}).get("state")
-            if state == "STOPPED":
-                break
-            time.sleep(0.5)
+        with contextlib.suppress(WaitTimeout):  # the offsets call then says what Connect thinks
+            wait_until(lambda: (self.status(name) or {}).get("connector", {}).get("state") == "STOPPED", timeout,
+                       what=f"connector {name} STOPPED")
         return self._request("DELETE", f"/connectors/{_path(name)}/offsets").status_code in (200, 204)
 
     def delete(self, name: str) -> bool:
@@ -189,25 +188,24 @@ class KafkaConnectClient:
         on_poll: Callable[[dict[str, Any] | None], None] | None = None,
     ) -> dict[str, Any]:
         """Until the connector and all its tasks are RUNNING; a FAILED one raises with its trace."""
-        deadline = time.monotonic() + timeout
-        state: dict[str, Any] | None = None
-        while time.monotonic() < deadline:
-            state = self.status(name)
+        last: list[dict[str, Any] | None] = [None]
+
+        def running() -> dict[str, Any] | None:
+            state = last[0] = self.status(name)
             if on_poll:
                 on_poll(state)
-            if state is not None:
-                failed = [
-                    t for t in [state.get("connector", {}), *state.get("tasks", [])] if t.get("state") == "FAILED"
-                ]
-                if failed:
-                    trace = failed[0].get("trace", "(no trace)")
-                    raise ConnectorFailedError(f"connector {name} FAILED:\n{trace}")
-                tasks = state.get("tasks", [])
-                if (
-                    state.get("connector", {}).get("state") == "RUNNING"
-                    and tasks
-                    and all(t.get("state") == "RUNNING" for t in tasks)
-                ):
-                    return state
-            time.sleep(1.0)
-        raise ConnectorFailedError(f"connector {name} not RUNNING after {timeout:.0f}s; last status: {state}")
+            if state is None:
+                return None
+            failed = [t for t in [state.get("connector", {}), *state.get("tasks", [])] if t.get("state") == "FAILED"]
+            if failed:
+                trace = failed[0].get("trace", "(no trace)")
+                raise ConnectorFailedError(f"connector {name} FAILED:\n{trace}")
+            tasks = state.get("tasks", [])
+            if state.get("connector", {}).get("state") == "RUNNING" and tasks and all(
+                t.get("state") == "RUNNING" for t in tasks
+            ):
+                return state
+            return None
+
+        return wait_until(running, timeout, what=f"connector {name} RUNNING", interval=1.0, error=lambda _: (
+            ConnectorFailedError(f"connector {name} not RUNNING after {timeout:.0f}s; last status: {last[0]}")))

@@ -16,13 +16,13 @@ Identifiers are quoted with ``psycopg.sql.Identifier`` and values bound, so any 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import psycopg
 from psycopg import sql
 
 from changeflow.pipelines.spec import Pipeline, split_table
+from changeflow.waiting import wait_until
 
 _DOLLAR_TAG = "$changeflow_prepare$"
 
@@ -186,29 +186,32 @@ def apply(conn: psycopg.Connection, pipeline: Pipeline) -> list[str]:
     return done
 
 
+def drop_slot(conn: psycopg.Connection, slot: str, timeout: float = 30.0) -> str:
+    """Drop a replication slot once its connector lets go of it (an active slot cannot be dropped); what was
+    done. Raises ``PrepareError`` when it is still in use after ``timeout`` s."""
+    def released() -> str | None:
+        row = conn.execute("SELECT active FROM pg_catalog.pg_replication_slots WHERE slot_name = %s",
+                           (slot,)).fetchone()
+        conn.commit()
+        if row is None:
+            return f"replication slot {slot}: absent"
+        if not row[0]:
+            conn.execute("SELECT pg_catalog.pg_drop_replication_slot(%s)", (slot,))
+            conn.commit()
+            return f"replication slot {slot}: dropped"
+        return None
+
+    return wait_until(released, timeout, what=f"replication slot {slot} released", error=lambda _: PrepareError(
+        f"replication slot {slot} is still in use after {timeout:.0f}s; is the connector still running?"))
+
+
 def drop(conn: psycopg.Connection, pipeline: Pipeline, timeout: float = 30.0) -> list[str]:
     """Drop the pipeline's replication slot (waiting for its connector to let go) and its publication.
     The signal and heartbeat tables stay (they are tables in the user's database)."""
     o = objects(pipeline)
     done: list[str] = []
-    deadline = time.monotonic() + timeout
+    done.append(drop_slot(conn, pipeline.slot, timeout))
     with conn.cursor() as cur:
-        while True:
-            row = cur.execute("SELECT active FROM pg_catalog.pg_replication_slots WHERE slot_name = %s",
-                              (pipeline.slot,)).fetchone()
-            conn.commit()
-            if row is None:
-                done.append(f"replication slot {pipeline.slot}: absent")
-                break
-            if not row[0]:
-                cur.execute("SELECT pg_catalog.pg_drop_replication_slot(%s)", (pipeline.slot,))
-                conn.commit()
-                done.append(f"replication slot {pipeline.slot}: dropped")
-                break
-            if time.monotonic() > deadline:
-                raise PrepareError(f"replication slot {pipeline.slot} is still in use after {timeout:.0f}s; "
-                                   "is the connector still running?")
-            time.sleep(0.5)
         existed = _current_publication(cur, o.publication) is not None
         cur.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(o.publication)))
         conn.commit()

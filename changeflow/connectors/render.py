@@ -30,6 +30,7 @@ used: the native Connect worker has them in its environment (``changeflow/deploy
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import PurePosixPath
 
@@ -213,6 +214,5 @@ def render(pipeline: Pipeline, settings: Settings | None = None,
 
 def as_json(definition: ConnectorDefinition) -> str:
     """Kafka Connect's own form (``{"name": ..., "config": {...}}``), as ``changeflow/connectors/*.json`` hold it."""
-    import json
 
     return json.dumps({"name": definition.name, "config": definition.config}, indent=2) + "\n"

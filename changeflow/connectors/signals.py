@@ -15,6 +15,7 @@ from __future__ import annotations
 import uuid
 
 import orjson
+from confluent_kafka import Consumer, TopicPartition
 
 
 class SnapshotFailedError(RuntimeError):
@@ -24,7 +25,6 @@ class SnapshotFailedError(RuntimeError):
 def snapshot_state(bootstrap: str, topic: str, signal_id: str) -> str | None:
     """The latest notification type Debezium sent for this signal (STARTED, IN_PROGRESS, COMPLETED,
     ABORTED...), read from the connector's notification topic (`notification.enabled.channels=sink`)."""
-    from confluent_kafka import Consumer, TopicPartition
 
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"changeflow-notifications-{uuid.uuid4().hex}",
                          "enable.auto.commit": False})

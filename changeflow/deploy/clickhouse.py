@@ -14,26 +14,45 @@ import sys
 from pathlib import Path
 
 import httpx
+from pydantic_settings import BaseSettings
 
 from changeflow.deploy import secrets
 from changeflow.deploy.service import Service, ServiceError, private_dir
+from changeflow.settings import env_config
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+class ClickHouseServerSettings(BaseSettings):
+    """Where the stack's ClickHouse server listens and for whom: ``CHANGEFLOW_CLICKHOUSE_*`` (the ClickHouse
+    store's connection settings read the same variables, changeflow/sinks/clickhouse.py)."""
+
+    model_config = env_config("CHANGEFLOW_CLICKHOUSE_")
+
+    host: str = "127.0.0.1"
+    port: int = 8123
+    user: str = "default"
+    # Created at the first start: the example pipeline's namespace.
+    database: str = "changeflow"
 
 
 class ClickHouseService(Service):
     name = "clickhouse"
 
     @property
+    def server(self) -> ClickHouseServerSettings:
+        return ClickHouseServerSettings()
+
+    @property
     def url(self) -> str:
-        return self.settings.clickhouse_url
+        return f"http://{self.server.host}:{self.server.port}"
 
     @property
     def data_dir(self) -> Path:
         return self.home / "data"
 
     def ports(self) -> list[int]:
-        return [self.settings.clickhouse_port]
+        return [self.server.port]
 
     def private_dirs(self) -> list[Path]:
         return [self.home, self.data_dir]
@@ -59,19 +78,19 @@ class ClickHouseService(Service):
             private_dir(folder)
 
     def command(self) -> list[str]:
-        s = self.settings
+        s = self.server
         return [
             sys.executable,
             "-m",
             "changeflow.deploy.clickhouse_server",
             "--host",
-            s.clickhouse_host,
+            s.host,
             "--port",
-            str(s.clickhouse_port),
+            str(s.port),
             "--data-dir",
             str(self.data_dir),
             "--user",
-            s.clickhouse_user,
+            s.user,
         ]
 
     def env(self) -> dict[str, str]:
@@ -83,8 +102,7 @@ class ClickHouseService(Service):
         return env
 
     def _auth_headers(self) -> dict[str, str]:
-        s = self.settings
-        return {"X-ClickHouse-User": s.clickhouse_user, "X-ClickHouse-Key": secrets.clickhouse_password(s)}
+        return {"X-ClickHouse-User": self.server.user, "X-ClickHouse-Key": secrets.clickhouse_password(self.settings)}
 
     def healthy(self) -> bool:
         try:
@@ -97,7 +115,7 @@ class ClickHouseService(Service):
             return False
 
     def after_start(self) -> None:
-        database = self.settings.clickhouse_database.replace("\\", "\\\\").replace("`", "\\`")
+        database = self.server.database.replace("\\", "\\\\").replace("`", "\\`")
         response = httpx.post(
             f"{self.url}/",
             content=f"CREATE DATABASE IF NOT EXISTS `{database}`",

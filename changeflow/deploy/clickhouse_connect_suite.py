@@ -41,6 +41,11 @@ import xml.etree.ElementTree as ET
 from base64 import b64encode
 from pathlib import Path
 
+from changeflow.deploy.clickhouse import ClickHouseServerSettings
+from changeflow.deploy.secrets import clickhouse_password
+from changeflow.settings import Settings
+from changeflow.waiting import wait_until
+
 ROOT = Path(__file__).resolve().parents[2]
 TEST_DEPS = [
     "pytest", "pytest-asyncio", "pytest-mock", "pytest-dotenv", "pytest-timeout", "numpy", "pandas", "pyarrow",
@@ -104,17 +109,14 @@ class OwnServer:
                  str(self.data)],
                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )  # fmt: skip
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
+        def answers() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
                 raise SystemExit(f"server exited: {self.log.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/ping", timeout=1) as resp:
-                    if resp.read() == b"Ok.\n":
-                        return
-            except OSError:
-                time.sleep(0.3)
-        raise SystemExit("server did not start in 90 s")
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/ping", timeout=1) as resp:
+                return bool(resp.read() == b"Ok.\n")
+
+        wait_until(answers, 90, what="the ClickHouse server answering /ping", interval=0.3, retry_on=(OSError,),
+                   error=lambda _: SystemExit("server did not start in 90 s"))
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -171,12 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     host, port, password = args.host, args.port, ""
     try:
         if args.stack:
-            from changeflow.settings import Settings
 
-            settings = Settings()
-            port = settings.clickhouse_port
-            secret = settings.clickhouse_password
-            password = secret.get_secret_value() if secret else ""
+            port = ClickHouseServerSettings().port
+            password = clickhouse_password(Settings())
         elif port:
             password = args.password_file.read_text().strip() if args.password_file else ""
         else:

@@ -6,24 +6,41 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from urllib.parse import quote
 
 import redis
+from pydantic_settings import BaseSettings
 
 from changeflow.deploy.postgres import apt_install
 from changeflow.deploy.secrets import redis_password
 from changeflow.deploy.service import Service
+from changeflow.settings import env_config
+
+
+class RedisServerSettings(BaseSettings):
+    """Where the stack's Redis listens: ``CHANGEFLOW_REDIS_HOST``, ``CHANGEFLOW_REDIS_PORT`` (the Redis store's
+    connection settings read the same variables, changeflow/sinks/redis.py)."""
+
+    model_config = env_config("CHANGEFLOW_REDIS_")
+
+    host: str = "127.0.0.1"
+    port: int = 6379
 
 
 class RedisService(Service):
     name = "redis"
 
     @property
+    def server(self) -> RedisServerSettings:
+        return RedisServerSettings()
+
+    @property
     def url(self) -> str:
-        """Where it listens, as `stack status` shows it: never with the password (Settings.redis_url has it)."""
-        return f"redis://{self.settings.redis_host}:{self.settings.redis_port}/0"
+        """Where it listens, as `stack status` shows it: never with the password."""
+        return f"redis://{self.server.host}:{self.server.port}/0"
 
     def ports(self) -> list[int]:
-        return [self.settings.redis_port]
+        return [self.server.port]
 
     @staticmethod
     def _binary() -> str | None:
@@ -36,8 +53,8 @@ class RedisService(Service):
             apt_install("redis-server")
 
     def prepare(self) -> None:
-        s = self.settings
-        password = redis_password(s)
+        s = self.server
+        password = redis_password(self.settings)
         # appendonly: a derived store that survives a restart keeps its versioned tombstones. Protected mode
         # and a password: no local process writes files through CONFIG SET without the stack's secret. The
         # file holds the password, so it is the owner's alone (its folder is 0700 too).
@@ -45,8 +62,8 @@ class RedisService(Service):
         fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(
-                f"bind {s.redis_host}\n"
-                f"port {s.redis_port}\n"
+                f"bind {s.host}\n"
+                f"port {s.port}\n"
                 "protected-mode yes\n"
                 f'requirepass "{password}"\n'
                 "daemonize no\n"
@@ -62,6 +79,8 @@ class RedisService(Service):
 
     def healthy(self) -> bool:
         try:
-            return bool(redis.Redis.from_url(self.settings.redis_url, socket_timeout=1).ping())
+            password = quote(redis_password(self.settings), safe="")
+            url = f"redis://:{password}@{self.server.host}:{self.server.port}/0"
+            return bool(redis.Redis.from_url(url, socket_timeout=1).ping())
         except redis.RedisError:
             return False

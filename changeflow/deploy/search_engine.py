@@ -33,6 +33,7 @@ import subprocess
 from pathlib import Path
 
 import httpx
+from pydantic_settings import BaseSettings
 
 from changeflow.deploy.jvm import (
     BASE_JVM_OPTS,
@@ -47,6 +48,7 @@ from changeflow.deploy.jvm import (
     write_if_changed,
 )
 from changeflow.deploy.service import Service, ServiceError, private_dir
+from changeflow.settings import env_config
 
 OPENSEARCH_VERSION = "2.19.6"
 POM = JVM_DIR / "search" / "pom.xml"
@@ -58,6 +60,17 @@ LOG4J2 = JVM_DIR / "search" / "log4j2.properties"
 # thousand; Lucene also uses the page cache outside the heap.
 SEARCH_HEAP = "768m"
 CLUSTER_NAME = "changeflow"
+
+
+class SearchServerSettings(BaseSettings):
+    """Where the stack's search engine listens: ``CHANGEFLOW_SEARCH_HOST``, ``_PORT``, ``_TRANSPORT_PORT`` (the
+    search store's connection settings read the same variables, changeflow/sinks/search.py)."""
+
+    model_config = env_config("CHANGEFLOW_SEARCH_")
+
+    host: str = "127.0.0.1"
+    port: int = 9200
+    transport_port: int = 9300
 
 
 class SearchEngineService(Service):
@@ -82,10 +95,14 @@ class SearchEngineService(Service):
 
     @property
     def url(self) -> str:
-        return self.settings.search_url
+        return f"http://{self.server.host}:{self.server.port}"
+
+    @property
+    def server(self) -> SearchServerSettings:
+        return SearchServerSettings()
 
     def ports(self) -> list[int]:
-        return [self.settings.search_port, self.settings.search_transport_port]
+        return [self.server.port, self.server.transport_port]
 
     # -- install -----------------------------------------------------------------------------------
     def _stamp(self) -> str:
@@ -116,16 +133,16 @@ class SearchEngineService(Service):
 
     # -- configuration -----------------------------------------------------------------------------
     def node_settings(self) -> dict[str, object]:
-        s = self.settings
+        s = self.server
         return {
             "cluster.name": CLUSTER_NAME,
             "node.name": "changeflow-search",
             "path.home": self.home,
             "path.data": self.home / "data",
             "path.logs": self.home / "logs",
-            "network.host": s.search_host,
-            "http.port": s.search_port,
-            "transport.port": s.search_transport_port,
+            "network.host": s.host,
+            "http.port": s.port,
+            "transport.port": s.transport_port,
             "http.type": "netty4",
             "transport.type": "netty4",
             "discovery.type": "single-node",

@@ -1,10 +1,10 @@
 """Local secrets of the native stack: generated once, kept under the state directory, never committed.
 
-A value set through the settings wins (``CHANGEFLOW_PG_REPLICATION_PASSWORD``,
-``CHANGEFLOW_CLICKHOUSE_PASSWORD``); otherwise the first ``stack up`` generates a random password into
-``<state>/secrets/`` (folder 0700, file 0600). PostgreSQL's replication role and the Kafka Connect
-worker's environment take theirs from there; the local ClickHouse server's password is read back by
-``Settings`` itself, so every client (sinks, reports, tests) authenticates through the one settings object.
+A value set through the environment wins (``CHANGEFLOW_PG_REPLICATION_PASSWORD``,
+``CHANGEFLOW_CLICKHOUSE_PASSWORD``, ``CHANGEFLOW_REDIS_PASSWORD``); otherwise the first ``stack up`` generates a
+random password into ``<state>/secrets/`` (folder 0700, file 0600). PostgreSQL's replication role and the Kafka
+Connect worker's environment take theirs from there; every client of a local server (a store's connection
+settings, ``Settings.pg_dsn``) reads it back from there (``Settings.stored_secret``).
 """
 
 from __future__ import annotations
@@ -14,8 +14,18 @@ import secrets
 from pathlib import Path
 
 from pydantic import SecretStr
+from pydantic_settings import BaseSettings
 
-from changeflow.settings import Settings
+from changeflow.settings import Settings, env_config
+
+
+class Configured(BaseSettings):
+    """The servers' passwords set through the environment (or ``.env``): they win over generated ones."""
+
+    model_config = env_config("CHANGEFLOW_")
+
+    clickhouse_password: SecretStr | None = None
+    redis_password: SecretStr | None = None
 
 
 def _generated(settings: Settings, name: str) -> str:
@@ -41,18 +51,11 @@ def replication_password(settings: Settings) -> str:
 
 
 def clickhouse_password(settings: Settings) -> str:
-    """The local ClickHouse server's password; generated on first use and recorded in ``settings``.
-
-    ``Settings`` fills ``clickhouse_password`` from the file when it exists; a settings object made before
-    the first ``stack up`` created it gets the generated value here, so later clients in the same process
-    authenticate too.
-    """
-    value = settings.clickhouse_password.get_secret_value()
-    if value:
-        return value
-    value = _generated(settings, "clickhouse_password")
-    settings.clickhouse_password = SecretStr(value)
-    return value
+    """The local ClickHouse server's password; generated on first use (its clients read it from the file)."""
+    configured = Configured().clickhouse_password
+    if configured is not None and configured.get_secret_value():
+        return configured.get_secret_value()
+    return _generated(settings, "clickhouse_password")
 
 
 def pg_superuser_password(settings: Settings) -> str:
@@ -65,9 +68,8 @@ def pg_superuser_password(settings: Settings) -> str:
 
 
 def redis_password(settings: Settings) -> str:
-    """The stack's Redis password (``requirepass``); generated on first use, recorded in ``settings``."""
-    if settings.redis_password is not None:
-        return settings.redis_password.get_secret_value()
-    value = _generated(settings, "redis_password")
-    settings.redis_password = SecretStr(value)
-    return value
+    """The stack's Redis password (``requirepass``); generated on first use (its clients read it from the file)."""
+    configured = Configured().redis_password
+    if configured is not None:
+        return configured.get_secret_value()
+    return _generated(settings, "redis_password")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from changeflow.settings import Settings
+from changeflow.waiting import WaitTimeout, wait_until
 
 
 class ServiceError(RuntimeError):
@@ -212,19 +213,17 @@ class Service(ABC):
         # `stack up` waits for every service, started now or long running: its folders are tightened here.
         if self.home.exists():
             self.secure()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def healthy() -> bool:
             if self.healthy():
-                return
+                return True
             if not self.running():
                 raise ServiceError(
                     f"{self.name} exited during start; last lines of {self.log_file}:\n{tail(self.log_file)}"
                 )
-            time.sleep(0.5)
-        raise ServiceError(
-            f"{self.name} not healthy after {timeout:.0f}s; last lines of {self.log_file}:\n"
-            f"{tail(self.log_file)}"
-        )
+            return False
+
+        wait_until(healthy, timeout, what=f"{self.name} healthy", error=lambda _: ServiceError(
+            f"{self.name} not healthy after {timeout:.0f}s; last lines of {self.log_file}:\n{tail(self.log_file)}"))
 
     def stop(self, timeout: float = 30.0) -> bool:
         """Stop the process group we started; returns False when nothing of ours was running."""
@@ -234,9 +233,8 @@ class Service(ABC):
             return False
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.pid() is not None:
-            time.sleep(0.2)
+        with contextlib.suppress(WaitTimeout):  # then it is killed
+            wait_until(lambda: self.pid() is None, timeout, what=f"{self.name} stopped", interval=0.2)
         if self.pid() is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)

@@ -10,18 +10,19 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 
+from changeflow.deploy.clickhouse import ClickHouseService
+from changeflow.deploy.connect import ConnectService
+from changeflow.deploy.kafka import KafkaService
+from changeflow.deploy.postgres import PostgresService
+from changeflow.deploy.redis import RedisService
+from changeflow.deploy.search_engine import SearchEngineService
 from changeflow.deploy.service import Service, ServiceError, ServiceStatus, tail
+from changeflow.deploy.worker import WorkerService
 from changeflow.settings import Settings
 
 
 def all_services(settings: Settings) -> list[Service]:
     """In start order; `down` stops them in reverse."""
-    from changeflow.deploy.clickhouse import ClickHouseService
-    from changeflow.deploy.connect import ConnectService
-    from changeflow.deploy.kafka import KafkaService
-    from changeflow.deploy.postgres import PostgresService
-    from changeflow.deploy.redis import RedisService
-    from changeflow.deploy.search_engine import SearchEngineService
 
     return [
         PostgresService(settings),
@@ -91,7 +92,6 @@ def down(settings: Settings, names: list[str] | None = None, say: Callable[[str]
 
 def status(settings: Settings) -> list[ServiceStatus]:
     """Every service, then the worker: any worker answering on the web port, whoever started it."""
-    from changeflow.deploy.worker import WorkerService
 
     return [*(s.status() for s in all_services(settings)), WorkerService(settings).status()]
 

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import psycopg
+from psycopg import sql
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,6 @@ def read(conn: psycopg.Connection, schemas: Sequence[str], publication: str | No
 
 def count_rows(dsn: str, schema: str, table: str) -> int:
     """``count(*)`` of one table (drift, rebuild's progress); the names are quoted identifiers."""
-    from psycopg import sql
 
     with psycopg.connect(dsn, connect_timeout=5) as conn:
         row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, table))).fetchone()

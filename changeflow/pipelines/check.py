@@ -4,10 +4,11 @@ Pure: the pipeline and a ``pipelines.catalog.Catalog`` (read by the caller) in, 
 each one line ``entities.orders.stores.search.index: what is wrong; what would be right``. A file that
 does not load never gets here (``pipelines.load`` refuses it with the same kind of message).
 
-What is checked: tables and columns named anywhere in an entity (key, fields, columns, ClickHouse
-order_by and types, the names read by derived fields and the filter) exist; a table without a primary
-key declares a key (and can be published: REPLICA IDENTITY); two entities never land on one store object
-or read one table; a hash has a salt; expressions compile and hooks import; sections that are planned
+What is checked: tables and columns named anywhere in an entity (key, fields, columns, the names read by
+derived fields and the filter, and those a store's configuration names: each registered store's
+``check_entity`` hook) exist; a table without a primary key declares a key (and can be published: REPLICA
+IDENTITY); two entities never read one table nor land on one store object (each store's ``check_pipeline``
+hook); a hash has a salt; expressions compile and hooks import; sections that are planned
 but not implemented (outbox, erasure) are empty. Views: every entity, alias, column and group named
 exists, join columns are of a type the looked-up key can equal, lookups lead back to the root (no cycle).
 An entity with a hook may add any field, so names it could add are not judged.
@@ -16,39 +17,15 @@ An entity with a hook may add any field, so names it could add are not judged.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
 
 from changeflow.pipelines.catalog import Catalog, Table
+from changeflow.pipelines.model import store_classes
+from changeflow.pipelines.problems import Problem, StoredColumns, suggest, unknown_column
 from changeflow.pipelines.spec import EntitySpec, Pipeline, split_table
 from changeflow.pipelines.transform import ExpressionError, compile_expression, load_hook
 from changeflow.pipelines.types import from_postgres
 from changeflow.pipelines.views import ViewDef
-
-# The pipeline's own ClickHouse tables (pipelines.spec: P.changelog), which no entity may take.
-RESERVED_CLICKHOUSE_TABLES = frozenset({"changelog"})
-
-
-@dataclass(frozen=True)
-class Problem:
-    location: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.location}: {self.message}"
-
-
-def _suggest(name: str, choices: Iterable[str]) -> str:
-    choices = list(choices)
-    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
-    if close:
-        return f"did you mean {close[0]!r}?"
-    shown = ", ".join(choices[:12]) + (", ..." if len(choices) > 12 else "")
-    return f"its columns are: {shown}" if shown else "it has no columns"
-
-
-def _unknown_column(where: str, column: str, table: Table, what: str = "column") -> Problem:
-    return Problem(where, f"{what} {column!r} is not in {table.qualified}; {_suggest(column, table.column_names)}")
 
 
 def check(pipeline: Pipeline, catalog: Catalog | None = None, *, import_hooks: bool = True,
@@ -155,7 +132,7 @@ def _entity_against_catalog(spec: EntitySpec, catalog: Catalog, publication: str
     if cfg.key:
         for col in cfg.key:
             if col not in columns:
-                out.append(_unknown_column(f"{at}.key", col, table, "key column"))
+                out.append(unknown_column(f"{at}.key", col, table, "key column"))
             elif col in cfg.fields.drop:
                 out.append(Problem(f"{at}.fields.drop", f"{col!r} is a key column and cannot be dropped"))
     elif not table.primary_key:
@@ -179,18 +156,18 @@ def _entity_against_catalog(spec: EntitySpec, catalog: Catalog, publication: str
     # field policy
     for col in cfg.fields.drop:
         if col not in columns:
-            out.append(_unknown_column(f"{at}.fields.drop", col, table))
+            out.append(unknown_column(f"{at}.fields.drop", col, table))
     for col in cfg.fields.hash:
         if col not in columns and not hooked and col not in derived_names:
-            out.append(_unknown_column(f"{at}.fields.hash", col, table))
+            out.append(unknown_column(f"{at}.fields.hash", col, table))
     for col in cfg.fields.allow or ():
         if col not in columns and not hooked and col not in derived_names:
-            out.append(_unknown_column(f"{at}.fields.allow", col, table))
+            out.append(unknown_column(f"{at}.fields.allow", col, table))
 
     # declared types
     for col in cfg.columns:
         if col not in columns and col not in derived_names and not hooked:
-            out.append(_unknown_column(f"{at}.columns.{col}", col, table))
+            out.append(unknown_column(f"{at}.columns.{col}", col, table))
 
     # derived fields: each reads source columns or the fields derived before it
     known = set(columns)
@@ -199,44 +176,36 @@ def _entity_against_catalog(spec: EntitySpec, catalog: Catalog, publication: str
             if not hooked:
                 out.append(Problem(f"{at}.derive.{name}.expr", f"reads {ref!r}, which is not a column of "
                                    f"{table.qualified} nor a field derived before it; "
-                                   f"{_suggest(ref, sorted(known))}"))
+                                   f"{suggest(ref, sorted(known))}"))
         known.add(name)
     if cfg.filter is not None and not hooked:
         for ref in sorted(_names_read(cfg.filter) - known):
             out.append(Problem(f"{at}.filter", f"reads {ref!r}, which is not a column of {table.qualified} nor a "
-                                               f"derived field; {_suggest(ref, sorted(known))}"))
+                                               f"derived field; {suggest(ref, sorted(known))}"))
 
     # derived events: the columns whose change emits them reach the stream
     for event_name, declared in cfg.events.items():
         for col in declared.when_changed:
             if col not in known and not hooked:
-                out.append(_unknown_column(f"{at}.events.{event_name}.when_changed", col, table))
+                out.append(unknown_column(f"{at}.events.{event_name}.when_changed", col, table))
             elif col in cfg.fields.drop:
                 out.append(Problem(f"{at}.events.{event_name}.when_changed",
                                    f"{col!r} is dropped, so no change of it reaches the stream; keep it or "
                                    "name another column"))
 
-    # ClickHouse columns: what reaches the store (kept columns and derived fields)
+    # what reaches the stores (kept columns and derived fields), against what each store's configuration names
     kept = (set(cfg.fields.allow) | set(cfg.key or table.primary_key)) if cfg.fields.allow is not None else columns
     stored = (kept - set(cfg.fields.drop)) | derived_names | set(cfg.columns)
-    ch = cfg.stores.clickhouse
-    if ch.enabled:
-        for col in ch.order_by or ():
-            if col in cfg.fields.drop:
-                out.append(Problem(f"{at}.stores.clickhouse.order_by", f"{col!r} is dropped; order by kept columns"))
-            elif col not in stored and not hooked:
-                out.append(_unknown_column(f"{at}.stores.clickhouse.order_by", col, table))
-        for col in ch.types:
-            if col not in stored and not hooked:
-                out.append(_unknown_column(f"{at}.stores.clickhouse.types.{col}", col, table))
+    reaching = StoredColumns(stored=frozenset(stored), hooked=hooked, table=table)
+    for name, store in store_classes().items():
+        entity_check = getattr(store, "check_entity", None)
+        if entity_check is not None and spec.stored_in(name):
+            out.extend(entity_check(spec, reaching))
     return out
 
 
 def _collisions(pipeline: Pipeline) -> list[Problem]:
     out: list[Problem] = []
-    redis: dict[str, str] = {}
-    search: dict[str, str] = {}
-    clickhouse: dict[tuple[str, str], str] = {}
     tables: dict[tuple[str, str, str], str] = {}
     for spec in pipeline.entities.values():
         at = f"entities.{spec.name}"
@@ -247,37 +216,14 @@ def _collisions(pipeline: Pipeline) -> list[Problem]:
                                                 f"{tables[where]!r}; one table maps to one entity"))
         else:
             tables[where] = spec.name
-        if spec.stored_in("redis"):
-            prefix = spec.redis_prefix
-            for other_prefix, other in redis.items():
-                if prefix == other_prefix:
-                    out.append(Problem(f"{at}.stores.redis.prefix", f"{prefix!r} is also entity {other!r}'s prefix; "
-                                                                    f"give each entity its own (default: "
-                                                                    f"{spec.namespace}:{spec.name})"))
-                elif prefix.startswith(other_prefix + ":") or other_prefix.startswith(prefix + ":"):
-                    out.append(Problem(f"{at}.stores.redis.prefix", f"{prefix!r} and entity {other!r}'s "
-                                                                    f"{other_prefix!r} share keys; use prefixes "
-                                                                    "where neither starts with the other and ':'"))
-            redis.setdefault(prefix, spec.name)
-        if spec.stored_in("search"):
-            index = spec.search_index
-            if index in search:
-                out.append(Problem(f"{at}.stores.search.index", f"{index!r} is also entity {search[index]!r}'s "
-                                                                f"index; give each entity its own (default: "
-                                                                f"{spec.namespace}-{spec.name})"))
-            search.setdefault(index, spec.name)
-        if spec.stored_in("clickhouse"):
-            target = (spec.clickhouse_database, spec.clickhouse_table)
-            if target in clickhouse:
-                out.append(Problem(f"{at}.stores.clickhouse.table", f"{'.'.join(target)} is also entity "
-                                                                    f"{clickhouse[target]!r}'s table; give each "
-                                                                    f"entity its own (default: "
-                                                                    f"{spec.namespace}.{spec.name})"))
-            elif target[0] == pipeline.clickhouse_database and target[1] in RESERVED_CLICKHOUSE_TABLES:
-                out.append(Problem(f"{at}.stores.clickhouse.table", f"{'.'.join(target)} is the pipeline's own "
-                                                                    "table; choose another `table`"))
-            clickhouse.setdefault(target, spec.name)
-    return out
+    # Two entities on one store object (a key prefix, an index, a table): each store says what collides.
+    for store in store_classes().values():
+        pipeline_check = getattr(store, "check_pipeline", None)
+        if pipeline_check is not None:
+            out.extend(pipeline_check(pipeline))
+    # Entity by entity, in the file's order (a stable sort: each entity's own problems keep theirs).
+    order = {f"entities.{name}": i for i, name in enumerate(pipeline.entities)}
+    return sorted(out, key=lambda p: order.get(".".join(p.location.split(".")[:2]), len(order)))
 
 
 # Join columns and keys compare by their key text (streams.keys): these kinds give equal texts for equal values.
@@ -324,7 +270,7 @@ def _views(pipeline: Pipeline, catalog: Catalog | None) -> list[Problem]:
             column = table.column(f.column)
             where = f"{at}.fields.{f.name}"
             if column is None:
-                out.append(_unknown_column(where, f.column, table))
+                out.append(unknown_column(where, f.column, table))
             elif f.nested and not column.format_type.startswith("json"):
                 out.append(Problem(where, f"{f.column!r} is {column.format_type}, not a document: a nested path "
                                           "reads a json or jsonb column; name the column alone"))
@@ -340,7 +286,7 @@ def _views(pipeline: Pipeline, catalog: Catalog | None) -> list[Problem]:
             for i, col in enumerate(lk.on):
                 lcol = left.column(col) if left is not None else None
                 if left is not None and lcol is None:
-                    out.append(_unknown_column(where, col, left))
+                    out.append(unknown_column(where, col, left))
                     continue
                 if lcol is None or right is None or right_key is None:
                     continue

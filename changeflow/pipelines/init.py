@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from changeflow.pipelines.catalog import Catalog, Table
+from changeflow.pipelines.model import store_classes
 from changeflow.pipelines.types import from_postgres
 
 PASSWORD_REF = "${env:CHANGEFLOW_PG_REPLICATION_PASSWORD}"
@@ -84,7 +85,7 @@ def starter(catalog: Catalog, *, name: str, source: Mapping[str, Any]) -> str:
         entities[names[(table.schema, table.name)]] = {
             "table": f"{table.schema}.{table.name}",
             "columns": {c.name: str(from_postgres(c.format_type, is_enum=c.is_enum)) for c in table.columns},
-            "stores": {"redis": True, "search": True, "clickhouse": True},
+            "stores": {store: True for store, cls in store_classes().items() if not getattr(cls, "opt_in", False)},
         }
     document = {"name": name, "sources": {"postgres": dict(source)}, "entities": entities}
     header = [

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from changeflow.pipelines.model import SECRET_REF, PipelineFile
+from changeflow.pipelines.model import SECRET_REF, PipelineFile, StoreConfigError
 from changeflow.pipelines.spec import Pipeline, build
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -26,13 +26,21 @@ class PipelineError(ValueError):
         super().__init__(f"{path}: {location + ': ' if location else ''}{message}")
 
 
-def _location(loc: tuple[Any, ...]) -> str:
-    # pydantic puts the name of a union/function validator into `loc`; the user's path has only keys.
-    return ".".join(str(part) for part in loc if not str(part).startswith("function-"))
+def _location(err: Any) -> str:
+    # pydantic puts the name of a union/function validator into `loc`; the user's path has only keys. A store's
+    # own model (validated by the registry, below `stores`) says where inside it.
+    parts = [str(part) for part in err["loc"] if not str(part).startswith("function-")]
+    inner = (err.get("ctx") or {}).get("error")
+    if isinstance(inner, StoreConfigError):
+        parts.append(inner.location)
+    return ".".join(parts)
 
 
 def _message(err: Any) -> str:
     kind, msg = err["type"], err["msg"].removeprefix("Value error, ")
+    inner = (err.get("ctx") or {}).get("error")
+    if isinstance(inner, StoreConfigError):
+        return inner.message
     if kind == "extra_forbidden":
         return "unknown field; check the spelling against `changeflow pipeline schema`"
     if kind == "missing":
@@ -100,7 +108,7 @@ def parse(text: str, path: Path | str = "<pipeline>") -> Pipeline:
         model = PipelineFile.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise PipelineError(path, _location(first["loc"]), _message(first)) from None
+        raise PipelineError(path, _location(first), _message(first)) from None
     return build(model, Path(path) if not isinstance(path, Path) else path)
 
 

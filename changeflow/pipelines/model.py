@@ -12,7 +12,7 @@ import re
 from functools import cache
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from changeflow.pipelines.types import UnknownTypeError, parse_type
 from changeflow.pipelines.views import View
@@ -124,85 +124,77 @@ ON_REJECT_DOC = (
 OnReject = Literal["quarantine", "stop"]
 
 
-class RedisStore(Strict):
-    enabled: bool = True
-    prefix: str | None = Field(None, description="Keys are `<prefix>:<key>`; default: <namespace>:<entity>.")
-    ttl_s: int | None = Field(None, gt=0, description="Expire cached rows after this many seconds.")
-    on_reject: OnReject = Field("quarantine", description=ON_REJECT_DOC)
-
-
-class SearchStore(Strict):
-    enabled: bool = True
-    index: str | None = Field(None,
-                              description="Index (an alias over a rebuildable index); default: <namespace>-<entity>.")
-    mappings: dict[str, Any] = Field(default_factory=dict, description="Field mappings merged over the derived ones.")
-    on_reject: OnReject = Field("quarantine", description=ON_REJECT_DOC)
-
-    @field_validator("index")
-    @classmethod
-    def _index_name(cls, v: str | None) -> str | None:
-        if v is not None and not re.match(r"^[a-z0-9][a-z0-9_.-]*$", v):
-            raise ValueError(f"{v!r} is not a valid index name; use lower-case letters, digits, '-', '_' or '.'")
-        return v
-
-
-class ClickHouseStore(Strict):
-    enabled: bool = True
-    database: str | None = Field(None, description="Default: the namespace.")
-    table: str | None = Field(None, description="Default: the entity name.")
-    order_by: list[str] | None = Field(None, description="Default: the key columns.")
-    types: dict[str, str] = Field(default_factory=dict,
-                                  description="ClickHouse column types that override the derived ones.")
-    on_reject: OnReject = Field("quarantine", description=ON_REJECT_DOC)
-
-
-def _store_shorthand(v: Any) -> Any:
+def store_shorthand(v: Any) -> Any:
+    """``redis: true`` / ``postgres: false`` for a store's default configuration, on or off."""
     return {"enabled": v} if isinstance(v, bool) else v
 
 
 @cache
-def plugin_store_configs() -> dict[str, type[BaseModel]]:
-    """Store name → the typed configuration model of each store registered under the ``changeflow.stores``
-    entry points beyond the three above: a store module carries its own ``config_model`` (Redpanda Connect's
-    way: a component registers with its typed config spec), so adding a store changes no file here. The
-    entry point is loaded by name at run time: the registry, not an import, ties this layer to a store."""
+def store_classes() -> dict[str, Any]:
+    """Store name → its class, from the ``changeflow.stores`` entry points, in their order. Each store module
+    carries its own typed ``config_model`` (Redpanda Connect's way: a component registers with its typed
+    config spec), so adding a store changes no file here. The entry points are loaded by name at run time:
+    the registry, not an import, ties this layer to a store (``changeflow.sinks.base.registry`` reads this)."""
+    found = {ep.name: ep for ep in importlib.metadata.entry_points(group="changeflow.stores")}
+    if not found:
+        raise RuntimeError("no store is registered under the `changeflow.stores` entry points: changeflow is not "
+                           "installed; run `pip install -e .` (or `make`) in the checkout")
+    return {name: ep.load() for name, ep in found.items()}
+
+
+def store_configs() -> dict[str, type[BaseModel]]:
+    """Store name → the typed model of ``entities.<e>.stores.<name>``."""
     out: dict[str, type[BaseModel]] = {}
-    for ep in importlib.metadata.entry_points(group="changeflow.stores"):
-        if ep.name in EntityStores.model_fields:
-            continue
-        model = getattr(ep.load(), "config_model", None)
+    for name, cls in store_classes().items():
+        model = getattr(cls, "config_model", None)
         if isinstance(model, type) and issubclass(model, BaseModel):
-            out[ep.name] = model
+            out[name] = model
     return out
 
 
-class EntityStores(Strict):
-    """Per store, whether and how an entity lands in it. Stores beyond these three are named by their
-    registry name and validated by their own ``config_model`` (off unless the entity names them)."""
+class StoreConfigError(ValueError):
+    """A store's own configuration is wrong: ``location`` continues the path below ``stores``."""
 
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    def __init__(self, location: str, message: str) -> None:
+        self.location, self.message = location, message
+        super().__init__(f"{location}: {message}")
 
-    redis: Annotated[RedisStore, Field(default_factory=RedisStore)]
-    search: Annotated[SearchStore, Field(default_factory=SearchStore)]
-    clickhouse: Annotated[ClickHouseStore, Field(default_factory=ClickHouseStore)]
 
-    _shorthand = field_validator("redis", "search", "clickhouse", mode="before")(
-        classmethod(lambda cls, v: _store_shorthand(v))
-    )
+def _store_schemas(schema: dict[str, Any]) -> None:
+    schema["properties"] = {name: model.model_json_schema() for name, model in store_configs().items()}
+    schema["additionalProperties"] = False
+
+
+class EntityStores(BaseModel):
+    """Per registered store, whether and how an entity lands in it, validated by the store's own
+    ``config_model``. A store whose class says ``opt_in = True`` (one that needs a target the user names) is
+    off unless the entity names it; every other store is on with its defaults."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True, json_schema_extra=_store_schemas)
 
     @model_validator(mode="after")
-    def _plugin_stores(self) -> EntityStores:
-        extra = self.__pydantic_extra__ or {}
-        if not extra:
-            return self
-        models = plugin_store_configs()
+    def _registered_stores(self) -> EntityStores:
+        extra = self.__pydantic_extra__
+        assert extra is not None
+        models = store_configs()
         for name, value in list(extra.items()):
             model = models.get(name)
             if model is None:
-                known = ", ".join([*type(self).model_fields, *models])
-                raise ValueError(f"unknown store {name!r}; the registered stores are: {known}")
-            extra[name] = model.model_validate(_store_shorthand(value))
+                raise ValueError(f"unknown store {name!r}; the registered stores are: {', '.join(models)}")
+            try:
+                extra[name] = model.model_validate(store_shorthand(value))
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(part) for part in (name, *first["loc"]))
+                raise StoreConfigError(where, first["msg"].removeprefix("Value error, ")) from None
+        for name, model in models.items():
+            if name not in extra and not getattr(store_classes()[name], "opt_in", False):
+                extra[name] = model.model_validate({})
         return self
+
+    def get(self, name: str) -> Any | None:
+        """The store's configuration (None when the store is not registered)."""
+        return (self.__pydantic_extra__ or {}).get(name)
 
 
 class DerivedEvent(Strict):

@@ -2,8 +2,8 @@
 and the connectors all read. Pure data (no I/O): built once from the file by ``pipelines.load``.
 
 Defaults for pipeline namespace P and entity E (README "Pipeline file" and "Defaults"): canonical topic
-``P.E``, dead letters ``P.dlq``, ClickHouse table ``P.E`` and ``P.changelog``, search index ``P-E``,
-Redis key ``P:E:<key>``, decode group ``P``, sink groups ``P-sink-<store>``.
+``P.E``, dead letters ``P.dlq``, decode group ``P``, sink groups ``P-sink-<store>``. What a store names
+inside itself (keys, indexes, tables) its own module derives from ``EntitySpec.store(name)``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from changeflow.pipelines.model import ClickHouseStore, Entity, PipelineFile, RedisStore, SearchStore
+from changeflow.pipelines.model import Entity, PipelineFile
 from changeflow.pipelines.types import ColumnType, parse_type
 from changeflow.pipelines.views import ViewDef, ViewError, resolve
 
@@ -38,41 +38,15 @@ class EntitySpec:
     # Declared column types (file `columns` and derived fields): they win over what the source says.
     declared_types: Mapping[str, ColumnType] = field(default_factory=dict)
 
-    @property
-    def redis(self) -> RedisStore | None:
-        return self.config.stores.redis if self.config.stores.redis.enabled else None
-
-    @property
-    def search(self) -> SearchStore | None:
-        return self.config.stores.search if self.config.stores.search.enabled else None
-
-    @property
-    def clickhouse(self) -> ClickHouseStore | None:
-        return self.config.stores.clickhouse if self.config.stores.clickhouse.enabled else None
+    def store(self, name: str) -> Any | None:
+        """The entity's configuration for the registered store ``name`` (its module's ``config_model``), or
+        None when the entity does not land in it. Names inside a store (keys, indexes, tables) are the store
+        module's to derive."""
+        cfg = self.config.stores.get(name)
+        return cfg if cfg is not None and cfg.enabled else None
 
     def stored_in(self, store: str) -> bool:
-        cfg = getattr(self.config.stores, store, None)
-        return bool(cfg is not None and cfg.enabled)
-
-    @property
-    def redis_prefix(self) -> str:
-        r = self.config.stores.redis
-        return r.prefix or f"{self.namespace}:{self.name}"
-
-    def redis_key(self, key: str) -> str:
-        return f"{self.redis_prefix}:{key}"
-
-    @property
-    def search_index(self) -> str:
-        return self.config.stores.search.index or f"{self.namespace}-{self.name}"
-
-    @property
-    def clickhouse_database(self) -> str:
-        return self.config.stores.clickhouse.database or self.namespace
-
-    @property
-    def clickhouse_table(self) -> str:
-        return self.config.stores.clickhouse.table or self.name
+        return self.store(store) is not None
 
     @property
     def dropped(self) -> frozenset[str]:
@@ -137,11 +111,6 @@ class Pipeline:
         return f"{self.namespace}.debezium.notifications"
 
     @property
-    def clickhouse_database(self) -> str:
-        """The database of the pipeline's own bookkeeping tables (changelog, applied_through, reconcile)."""
-        return self.namespace
-
-    @property
     def postgres_topic_prefix(self) -> str:
         pg = self.file.sources.postgres
         return (pg.topic_prefix if pg else None) or self.namespace
@@ -176,6 +145,8 @@ class Pipeline:
     def source_dsn(self, stack: StackDefaults) -> str:
         """Where changeflow itself reads the source (reconcile, drift, rebuild, the catalog): the stack's
         role (``pg_dsn``) on the pipeline's database, host and port (else the stack's host and port)."""
+        # psycopg costs 60-600 ms to import (python -X importtime; the first figure on an idle machine), and every
+        # CLI command loads this module at start-up: only the commands that read the source pay it.
         from psycopg.conninfo import make_conninfo
 
         pg = self.file.sources.postgres

@@ -12,6 +12,7 @@ missing is left to the stored row: the field is not computed and the row is kept
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import hmac
 import importlib
@@ -25,6 +26,7 @@ from typing import Any
 
 import simpleeval
 
+from changeflow.pipelines.load import resolve_secret
 from changeflow.pipelines.spec import EntitySpec, Pipeline, Row
 
 FILTERED = object()
@@ -83,7 +85,6 @@ class Expression:
 
 def compile_expression(text: str) -> Expression:
     """Parse once; refuse what simpleeval would refuse at run time, at load time."""
-    import ast
 
     evaluator = simpleeval.EvalWithCompoundTypes(functions=FUNCTIONS)
     try:
@@ -198,7 +199,6 @@ def compile_entity(spec: EntitySpec, base: Path | None, secret: Callable[[str, s
 
 def compile_pipeline(pipeline: Pipeline, source: str) -> dict[tuple[str, str], Transformer]:
     """(schema or database, table or collection) → the entity's compiled transform, for one source."""
-    from changeflow.pipelines.load import resolve_secret
 
     base = pipeline.path.parent if pipeline.path is not None else None
     return {k: compile_entity(spec, base, resolve_secret) for k, spec in pipeline.by_source_table(source).items()}

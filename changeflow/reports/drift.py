@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from rich.table import Table
 
 from changeflow.pipelines.catalog import count_rows
+from changeflow.pipelines.load import load
 from changeflow.pipelines.spec import EntitySpec, Pipeline
 from changeflow.reports.reconcile.source import Source
 from changeflow.reports.reconcile.views import unsupported
@@ -31,13 +32,6 @@ class DriftRow:
     entity: str
     source: int | None
     stores: dict[str, int | None] = field(default_factory=dict)  # store → count; None unreachable
-
-    def __getattr__(self, name: str) -> int | None:
-        # ``row.redis`` and the like, for a store by name (callers from before the store registry).
-        stores = self.__dict__.get("stores", {})
-        if name in stores:
-            return stores[name]
-        raise AttributeError(name)
 
     @property
     def drift(self) -> int | None:
@@ -73,7 +67,6 @@ def drift(settings: Settings, pipeline: Pipeline | None = None, entities: list[s
     """PostgreSQL entities and the views computed from them (a MongoDB one only when asked for by name: its
     stores, no source count)."""
     if pipeline is None:
-        from changeflow.pipelines.load import load
 
         pipeline = load(settings.pipeline)
     for e in entities or []:

@@ -21,6 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from changeflow.pipelines.load import load
+from changeflow.reports import home
+
 if TYPE_CHECKING:
     from changeflow.pipelines.spec import Pipeline
     from changeflow.settings import Settings
@@ -157,10 +160,8 @@ def report(settings: Settings, pipeline: Pipeline, start: date | None = None,
            end: date | None = None) -> FinanceReport:
     """Both halves of the report from one connection; the views are (re)created first, in the pipeline's
     ClickHouse database."""
-    from changeflow.sinks.clickhouse import client_for
-
-    database = pipeline.clickhouse_database
-    client = client_for(settings)
+    database = home.database(pipeline)
+    client = home.client(settings)
     try:
         ensure_views(client, database)
         return FinanceReport(
@@ -175,7 +176,6 @@ def finance(settings: Settings, start: date | None = None, end: date | None = No
             pipeline: Pipeline | None = None) -> FinanceReport:
     """``report`` for the given pipeline (default: the settings' pipeline file, else the commerce example)."""
     if pipeline is None:
-        from changeflow.pipelines.load import load
 
         pipeline = load(settings.pipeline)
     return report(settings, pipeline, start, end)

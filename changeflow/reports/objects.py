@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from changeflow.pipelines.spec import Pipeline
-from changeflow.reports import finance
+from changeflow.reports import finance, home
 
 
 def finance_entities_present(pipeline: Pipeline, store: str) -> bool:
@@ -20,9 +20,7 @@ def finance_entities_present(pipeline: Pipeline, store: str) -> bool:
     pipeline without all three (every pipeline but commerce-like ones) has no finance report."""
     for name in finance.ENTITIES:
         spec = pipeline.entities.get(name)
-        if spec is None or not spec.stored_in(store) or spec.clickhouse is None:
-            return False
-        if (spec.clickhouse_database, spec.clickhouse_table) != (pipeline.clickhouse_database, name):
+        if spec is None or not spec.stored_in(store) or home.table_of(spec) != (home.database(pipeline), name):
             return False
     return True
 
@@ -34,5 +32,5 @@ def ensure(store: Any, pipeline: Pipeline) -> None:
     if not getattr(store, "reports_queried_here", False):
         return
     if finance_entities_present(pipeline, store.name):
-        for statement in finance.view_statements(pipeline.clickhouse_database):
+        for statement in finance.view_statements(home.database(pipeline)):
             store.create_report_view(statement)

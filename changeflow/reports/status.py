@@ -26,11 +26,15 @@ import httpx
 import psycopg
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
+from changeflow.connectors.client import ConnectUnavailableError, KafkaConnectClient
+from changeflow.pipelines.catalog import read_dsn
+from changeflow.pipelines.check import uncaptured
 from changeflow.pipelines.spec import Pipeline
 from changeflow.sinks.base import create, used_by
 from changeflow.sinks.offsets import group_lag, topic_partitions
 from changeflow.sinks.process import FatalStop, committed_offsets, read_fatal
 from changeflow.sinks.runner import canonical_topics
+from changeflow.streams.dlq import read_quarantined_counts
 
 if TYPE_CHECKING:
     from changeflow.settings import Settings
@@ -248,8 +252,6 @@ def describe_stop(stop: FatalStop) -> str:
 
 def not_captured(settings: Settings, pipeline: Pipeline) -> list[str]:
     """Tables of the pipeline's PostgreSQL schemas that no entity captures (one created after ``init``)."""
-    from changeflow.pipelines.catalog import read_dsn
-    from changeflow.pipelines.check import uncaptured
 
     pg = pipeline.file.sources.postgres
     if pg is None:
@@ -259,8 +261,6 @@ def not_captured(settings: Settings, pipeline: Pipeline) -> list[str]:
 
 
 def collect(settings: Settings, pipeline: Pipeline) -> Status:
-    from changeflow.connectors.client import ConnectUnavailableError, KafkaConnectClient
-
     errors: list[str] = []
     connectors: list[dict[str, Any]] = []
     client = KafkaConnectClient(settings.connect_url, timeout=5)
@@ -294,7 +294,6 @@ def collect(settings: Settings, pipeline: Pipeline) -> Status:
     positions, _unreachable = applied_through(settings, pipeline)
     stops = fatal_stops(settings, pipeline)
     try:
-        from changeflow.streams.dlq import read_quarantined_counts
 
         held = read_quarantined_counts(settings, pipeline)
     except Exception as exc:  # the DLQ unreadable: said, and the rest of the status still shown

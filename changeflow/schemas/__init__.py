@@ -40,6 +40,7 @@ from fastavro.schema import fingerprint, parse_schema, to_parsing_canonical_form
 from changeflow.pipelines.catalog import Table
 from changeflow.pipelines.spec import EntitySpec
 from changeflow.pipelines.types import ColumnType, from_postgres, parse_type, widens
+from changeflow.schemas.json import dumps, loads
 
 MAGIC = b"\xc3\x01"
 EXACT_CONTEXT = Context(prec=MAX_PREC, Emax=MAX_EMAX, Emin=MIN_EMIN)
@@ -255,8 +256,6 @@ def catalog_columns(spec: EntitySpec, table: Table) -> tuple[dict[str, ColumnTyp
 
 
 def _dump_json(value: Any) -> str:
-    from changeflow.schemas.json import dumps
-
     return dumps(value).decode()
 
 
@@ -323,9 +322,7 @@ def _from_wire(value: Any, t: ColumnType) -> Any:
     if k == "float32" and isinstance(value, float):
         return float32_shortest(value)
     if k == "json":
-        from changeflow.schemas.json import loads  # exact: orjson alone would round long numbers to floats
-
-        return loads(value)
+        return loads(value)  # changeflow's: orjson alone would round long numbers to floats
     if k == "decimal" and t.precision is None:
         return Decimal(value)
     if k == "array" and t.item is not None:

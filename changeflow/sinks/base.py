@@ -24,14 +24,12 @@ Three outcomes of a write, kept apart by every store:
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.metadata
 import logging
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from functools import cache
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from changeflow.pipelines.model import store_classes
 from changeflow.pipelines.spec import EntitySpec, Pipeline
 from changeflow.streams.partial import merge_partial
 from changeflow.streams.records import ChangeRecord
@@ -58,8 +56,10 @@ def fill_partials(records: Sequence[ChangeRecord], fetch: FetchCurrent) -> list[
     """Complete partial records (TOAST placeholders left out, MongoDB updateDescription) from the store.
 
     Earlier records of the same batch win over the store, so a batch holding an insert and then a
-    partial update of one row needs no round trip for it. A partial record whose row the store has
-    never seen is written with the fields it has; the placeholder itself never reaches a store.
+    partial update of one row needs no round trip for it. A partial record whose row the store does not
+    hold (never seen, expired, deleted) comes back still ``partial``: it must not be written as if complete
+    (its missing columns would be left out, or NULL), and a later partial record of that key in the batch
+    has no base either. The runner has those re-read from the source (``sinks.runner``).
     """
     if not any(r.partial for r in records):
         return list(records)
@@ -79,11 +79,10 @@ def fill_partials(records: Sequence[ChangeRecord], fetch: FetchCurrent) -> list[
         elif r.partial:
             base = known.get(k)
             if base is None:
-                log.warning("event=partial_without_base entity=%s key=%s version=%s", r.entity, r.key, r.version)
-                r = dataclasses.replace(r, partial=False)
+                known[k] = None
             else:
                 r = dataclasses.replace(r, after=merge_image(r, base), partial=False)
-            known[k] = r.after
+                known[k] = r.after
         else:
             known[k] = r.after
         out.append(r)
@@ -234,23 +233,12 @@ class Store(Protocol):
 
 
 StoreFactory = Callable[["Settings", Pipeline], Store]
-ENTRY_POINTS = "changeflow.stores"
-# The stores that ship with changeflow, for a checkout run without being installed (entry points missing).
-BUILTIN = {"redis": "changeflow.sinks.redis:RedisStore", "search": "changeflow.sinks.search:SearchStore",
-           "clickhouse": "changeflow.sinks.clickhouse:ClickHouseStore"}
 
 
-def _load(ref: str) -> StoreFactory:
-    module, _, attr = ref.partition(":")
-    return getattr(importlib.import_module(module), attr)
-
-
-@cache
 def registry() -> dict[str, StoreFactory]:
     """Store name → its class, from the ``changeflow.stores`` entry points (a new store is one module and
-    one line in its package's entry points)."""
-    found = {ep.name: ep.value for ep in importlib.metadata.entry_points(group=ENTRY_POINTS)}
-    return {name: _load(ref) for name, ref in (found or BUILTIN).items()}
+    one line in its package's entry points; ``pipelines.model.store_classes`` reads them, once)."""
+    return store_classes()
 
 
 def names() -> list[str]:

@@ -26,16 +26,21 @@ import struct
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime, time
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import clickhouse_connect
-from clickhouse_connect.driver.binding import quote_identifier
+from clickhouse_connect.driver.binding import format_query_value, quote_identifier
 from clickhouse_connect.driver.exceptions import DatabaseError, DataError, OperationalError, ProgrammingError
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings
 
+from changeflow.pipelines.model import ON_REJECT_DOC, OnReject, Strict
+from changeflow.pipelines.problems import Problem, StoredColumns
 from changeflow.pipelines.spec import EntitySpec, Pipeline
 from changeflow.pipelines.types import ColumnType
 from changeflow.schemas import json
 from changeflow.schemas.book import schema_book
+from changeflow.settings import env_config
 from changeflow.sinks.base import (
     FatalSinkError,
     Rejected,
@@ -43,7 +48,6 @@ from changeflow.sinks.base import (
     Versioned,
     applied_through,
     bisect_rejects,
-    fill_partials,
     source_name,
     source_row,
     stored_name,
@@ -61,6 +65,92 @@ META_COLUMNS = {"_key": "String", "_version": "UInt64", "_is_deleted": "UInt8", 
                 "_ingested_at": "DateTime64(3, 'UTC')"}
 CHUNK = 2000
 CHANGELOG_COLUMNS = ["entity", "key", "op", "version", "ts_ms", "before", "after", "ingested_at"]
+# The pipeline's own tables in its home database (changelog, applied-through), which no entity may take.
+RESERVED_TABLES = frozenset({"changelog"})
+
+
+class ClickHouseSettings(BaseSettings):
+    """Where the ClickHouse store connects: ``CHANGEFLOW_CLICKHOUSE_*``, the native stack's server by default."""
+
+    model_config = env_config("CHANGEFLOW_CLICKHOUSE_")
+
+    host: str = "127.0.0.1"
+    port: int = 8123
+    user: str = "default"
+    # Unset (or empty): the one the native stack's server was started with (<state_dir>/secrets/clickhouse_password).
+    password: SecretStr | None = None
+    # lz4 on inserts and results costs CPU at both ends and saves nothing over loopback (measured: a sixth
+    # of the ClickHouse sink's time); turn it on when ClickHouse is across a network.
+    compress: bool = False
+
+    @classmethod
+    def load(cls, settings: Settings) -> ClickHouseSettings:
+        own = cls()
+        if own.password is None or not own.password.get_secret_value():
+            own.password = settings.stored_secret("clickhouse_password")
+        return own
+
+
+class ClickHouseConfig(Strict):
+    """``entities.<e>.stores.clickhouse``: on by default."""
+
+    enabled: bool = True
+    database: str | None = Field(None, description="Default: the namespace.")
+    table: str | None = Field(None, description="Default: the entity name.")
+    order_by: list[str] | None = Field(None, description="Default: the key columns.")
+    types: dict[str, str] = Field(default_factory=dict,
+                                  description="ClickHouse column types that override the derived ones.")
+    on_reject: OnReject = Field("quarantine", description=ON_REJECT_DOC)
+
+
+def config(spec: EntitySpec) -> ClickHouseConfig | None:
+    """The entity's ClickHouse configuration, or None when it does not land in ClickHouse."""
+    return cast("ClickHouseConfig | None", spec.store(ClickHouseStore.name))
+
+
+def home_database(pipeline: Pipeline) -> str:
+    """The database of the pipeline's own tables (changelog, applied_through, reconcile's history and the
+    report views): ClickHouse is the reports' home store (ARCHITECTURE.md)."""
+    return pipeline.namespace
+
+
+def table_of(spec: EntitySpec) -> tuple[str, str]:
+    """(database, table) of the entity: default (``<namespace>``, ``<entity>``)."""
+    cfg = spec.config.stores.get(ClickHouseStore.name)
+    return ((cfg.database if cfg is not None else None) or spec.namespace,
+            (cfg.table if cfg is not None else None) or spec.name)
+
+
+def check_columns(spec: EntitySpec, columns: StoredColumns) -> list[Problem]:
+    """``order_by`` and ``types`` name columns that reach the store."""
+    cfg = config(spec)
+    if cfg is None:
+        return []
+    at = f"entities.{spec.name}.stores.clickhouse"
+    out: list[Problem] = []
+    for name in cfg.order_by or ():
+        if name in spec.dropped:
+            out.append(Problem(f"{at}.order_by", f"{name!r} is dropped; order by kept columns"))
+        elif (problem := columns.unknown(f"{at}.order_by", name)) is not None:
+            out.append(problem)
+    for name in cfg.types:
+        if (problem := columns.unknown(f"{at}.types.{name}", name)) is not None:
+            out.append(problem)
+    return out
+
+
+def check_tables(pipeline: Pipeline) -> list[Problem]:
+    out: list[Problem] = []
+    seen: dict[tuple[str, str], str] = {}
+    for spec in pipeline.stored_in(ClickHouseStore.name):
+        at, target = f"entities.{spec.name}.stores.clickhouse.table", table_of(spec)
+        if target in seen:
+            out.append(Problem(at, f"{'.'.join(target)} is also entity {seen[target]!r}'s table; give each entity "
+                                   f"its own (default: {spec.namespace}.{spec.name})"))
+        elif target[0] == home_database(pipeline) and target[1] in RESERVED_TABLES:
+            out.append(Problem(at, f"{'.'.join(target)} is the pipeline's own table; choose another `table`"))
+        seen.setdefault(target, spec.name)
+    return out
 
 
 # Server error codes that say "not now" rather than "never": the server is shutting down or overloaded, a
@@ -161,20 +251,29 @@ def is_retriable(exc: Exception) -> bool:
     return match is not None and int(match.group(1)) in RETRIABLE_CODES
 
 
-def client_for(settings: Settings) -> Any:
+def client_for(settings: Settings, own: ClickHouseSettings | None = None) -> Any:
+    """A clickhouse-connect client of the store's server (``own``: other connection settings than the
+    environment's)."""
+    own = own or ClickHouseSettings.load(settings)
     return clickhouse_connect.get_client(
-        host=settings.clickhouse_host,
-        port=settings.clickhouse_port,
-        username=settings.clickhouse_user,
-        password=settings.clickhouse_password.get_secret_value() if settings.clickhouse_password else "",
+        host=own.host,
+        port=own.port,
+        username=own.user,
+        password=own.password.get_secret_value() if own.password else "",
         connect_timeout=10,
         send_receive_timeout=60,
-        compress=settings.clickhouse_compress,
+        compress=own.compress,
     )
 
 
 def q(name: str) -> str:
     return quote_identifier(name)
+
+
+def qualified(spec: EntitySpec) -> str:
+    """The entity's table, quoted: ``` `database`.`table` ```."""
+    database, table = table_of(spec)
+    return f"{q(database)}.{q(table)}"
 
 
 def column_type(t: ColumnType, nullable: bool = True) -> str:
@@ -205,17 +304,19 @@ def col(name: str) -> str:
 
 def table_columns(spec: EntitySpec, columns: Mapping[str, ColumnType], key_columns: Sequence[str]) -> dict[str, str]:
     """Stored column name → ClickHouse type."""
-    overrides = spec.clickhouse.types if spec.clickhouse is not None else {}
+    cfg = config(spec)
+    overrides = cfg.types if cfg is not None else {}
     return {col(name): overrides.get(name) or column_type(t, nullable=name not in key_columns)
             for name, t in columns.items()}
 
 
 def table_ddl(spec: EntitySpec, columns: Mapping[str, str], key_columns: Sequence[str]) -> str:
     cols = ",\n  ".join(f"{q(n)} {t}" for n, t in {**columns, **META_COLUMNS}.items())
-    order = [col(c) for c in (spec.clickhouse.order_by if spec.clickhouse is not None else None) or key_columns]
+    cfg = config(spec)
+    order = [col(c) for c in (cfg.order_by if cfg is not None else None) or key_columns]
     order = order or ["_key"]
     return (
-        f"CREATE TABLE IF NOT EXISTS {q(spec.clickhouse_database)}.{q(spec.clickhouse_table)} (\n  {cols}\n)\n"
+        f"CREATE TABLE IF NOT EXISTS {qualified(spec)} (\n  {cols}\n)\n"
         f"ENGINE = ReplacingMergeTree(_version, _is_deleted)\nORDER BY ({', '.join(q(c) for c in order)})"
     )
 
@@ -302,15 +403,28 @@ def from_column(value: Any, t: ColumnType | None) -> Any:
     return value
 
 
+def isolate(spec: EntitySpec, cfg: ClickHouseConfig, tag: str, namespace: str) -> ClickHouseConfig:
+    """The configuration of an isolated copy of the entity (the bench's stages): its table in the copy's
+    namespace database."""
+    return cfg.model_copy(update={"database": namespace})
+
+
 class ClickHouseStore:
     name = "clickhouse"
+    config_model = ClickHouseConfig
+    check_entity = staticmethod(check_columns)
+    check_pipeline = staticmethod(check_tables)
+    isolate = staticmethod(isolate)
+    # The bench's target for a fresh table's snapshot into this store (`changeflow bench`, snapshot stage).
+    snapshot_target_rows_per_s = 50_000
     # An Array column cannot be Nullable in ClickHouse: a NULL array is written as [] (to_column).
     null_is_empty = frozenset({"array"})
 
-    def __init__(self, settings: Settings, pipeline: Pipeline) -> None:
+    def __init__(self, settings: Settings, pipeline: Pipeline, own: ClickHouseSettings | None = None) -> None:
         self.settings = settings
+        self.own = own
         self.pipeline = pipeline
-        self.database = pipeline.clickhouse_database
+        self.database = home_database(pipeline)
         self._client: Any = None
         # entity → {column: ClickHouse type} as the table has it (read once, kept up to date by ALTERs)
         self._tables: dict[str, dict[str, str]] = {}
@@ -321,7 +435,7 @@ class ClickHouseStore:
     def client(self) -> Any:
         if self._client is None:
             try:
-                self._client = client_for(self.settings)
+                self._client = client_for(self.settings, self.own)
             except (OperationalError, OSError) as exc:
                 raise RetriableSinkError(f"clickhouse unavailable: {exc}") from exc
         return self._client
@@ -334,7 +448,7 @@ class ClickHouseStore:
         return FatalSinkError(f"clickhouse rejected {what}: {exc}")
 
     def table(self, spec: EntitySpec) -> str:
-        return f"{q(spec.clickhouse_database)}.{q(spec.clickhouse_table)}"
+        return qualified(spec)
 
     def setup(self, known: Mapping[str, Any] | None = None) -> None:
         # clickhouse-connect imports pandas on a process's first insert (seconds of CPU): paid here, before
@@ -343,7 +457,7 @@ class ClickHouseStore:
 
         _ = options.pd
         try:
-            databases = {self.database} | {s.clickhouse_database for s in self.pipeline.stored_in(self.name)}
+            databases = {self.database} | {table_of(s)[0] for s in self.pipeline.stored_in(self.name)}
             for db in sorted(databases):
                 self.client.command(f"CREATE DATABASE IF NOT EXISTS {q(db)}")
             # The pipeline's own tables, reconcile's history among them: queryable before any command ran.
@@ -351,7 +465,7 @@ class ClickHouseStore:
                 self.client.command(ddl(self.database))
             for entity, sv in (known or {}).items():
                 spec = self.pipeline.entities.get(entity)
-                if spec is not None and spec.clickhouse is not None:
+                if spec is not None and config(spec) is not None:
                     self._ensure_table(spec, sv.columns, sv.key_columns)
         except OperationalError as exc:
             raise RetriableSinkError(f"clickhouse: {exc}") from exc
@@ -360,7 +474,7 @@ class ClickHouseStore:
         rows = self.client.query(
             "SELECT name, type FROM system.columns WHERE database = {db:String} AND table = {t:String} "
             "ORDER BY position",
-            parameters={"db": spec.clickhouse_database, "t": spec.clickhouse_table},
+            parameters=dict(zip(("db", "t"), table_of(spec), strict=True)),
         ).result_rows
         return {name: t for name, t in rows}
 
@@ -387,6 +501,31 @@ class ClickHouseStore:
         self._tables[spec.name] = existing
         types.update(columns)
 
+    # --- what a reader sees now (the bench's freshness and snapshot figures) -----------------------------
+    visibility_poll_s = 0.05
+    visibility_batch = 10_000
+
+    def visible(self, spec: EntitySpec, keys: list[str]) -> set[str]:
+        """The keys a query finds (without FINAL: a row is there as soon as its insert is)."""
+        rows = self.client.query(f"SELECT DISTINCT _key FROM {qualified(spec)} WHERE _key IN {{keys:Array(String)}}",
+                                 parameters={"keys": keys}).result_rows
+        return {str(k) for (k,) in rows}
+
+    def visible_count(self, spec: EntitySpec) -> int:
+        try:
+            return int(self.client.command(f"SELECT uniqExact(_key) FROM {qualified(spec)}"))
+        except DatabaseError:  # the table is created with the entity's first batch
+            return 0
+
+    def snapshot_reads_since(self, entity: str, since: datetime) -> int:
+        """Distinct keys of the entity that a snapshot read brought to the changelog since ``since``
+        (``changeflow rebuild``'s progress)."""
+        return int(self.client.command(
+            f"SELECT uniqExact(key) FROM {q(self.database)}.changelog "
+            "WHERE entity = {e:String} AND op = 'r' AND ingested_at >= {t:DateTime64(3, 'UTC')}",
+            parameters={"e": entity, "t": since},
+        ))
+
     # The store users query reports in: report modules create their views here (reports.objects), through
     # this one method, once the store has set up its tables.
     reports_queried_here = True
@@ -404,7 +543,7 @@ class ClickHouseStore:
 
     def fetch_current(self, entity: str, keys: list[str]) -> dict[str, dict[str, Any]]:
         spec = self.pipeline.entities[entity]
-        if spec.clickhouse is None or spec.name not in self._tables:
+        if config(spec) is None:
             return {}
         try:
             return {k: v.row for k, v in self.fetch(spec, keys).items()}
@@ -413,7 +552,7 @@ class ClickHouseStore:
             raise RetriableSinkError(f"clickhouse: {exc}") from exc
 
     def write_batch(self, records: Sequence[ChangeRecord]) -> list[Rejected]:
-        records = [r for r in records if self.pipeline.entities[r.entity].clickhouse is not None]
+        records = [r for r in records if config(self.pipeline.entities[r.entity]) is not None]
         if not records:
             return []
         try:
@@ -422,7 +561,6 @@ class ClickHouseStore:
                     self._ensure_table(self.pipeline.entities[r.entity], r.schema.columns, r.schema.key_columns)
         except (OperationalError, DatabaseError) as exc:
             raise self._classify(exc, "a schema change") from exc
-        records = fill_partials(records, self.fetch_current)
         now = datetime.now(UTC)
         by_entity: dict[str, list[ChangeRecord]] = {}
         for record in records:
@@ -431,7 +569,7 @@ class ClickHouseStore:
         try:
             for entity, group in by_entity.items():
                 spec = self.pipeline.entities[entity]
-                table = f"{spec.clickhouse_database}.{spec.clickhouse_table}"
+                table = ".".join(table_of(spec))
                 for r, reason in self._insert_bisected(
                     group, lambda part, e=entity, t=table: self._insert_entity(t, e, part, now)
                 ):
@@ -553,7 +691,6 @@ class ClickHouseStore:
 
     def _key_cond(self, keys: list[str], column: str = "_key") -> str:
         """``col IN (...)`` with quoted literals: a long bound array is too long for a URL parameter."""
-        from clickhouse_connect.driver.binding import format_query_value
 
         return f"{q(column)} IN ({', '.join(format_query_value(k) for k in keys)})"
 
@@ -617,7 +754,7 @@ class ClickHouseStore:
         views in its database (reports over those tables); the database itself only once nothing else
         is left in it, so a table a user made there survives."""
         done: list[str] = []
-        ours = {(s.clickhouse_database, s.clickhouse_table) for s in self.pipeline.stored_in(self.name)}
+        ours = {table_of(s) for s in self.pipeline.stored_in(self.name)}
         ours |= {(self.database, t) for t in ("changelog", "applied_through", "reconciliation_runs",
                                               "reconciliation_diffs")}
         databases = sorted({db for db, _ in ours})

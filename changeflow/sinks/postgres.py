@@ -42,7 +42,6 @@ from changeflow.sinks.base import (
     Versioned,
     applied_through,
     bisect_rejects,
-    fill_partials,
     source_row,
     stored_name,
 )
@@ -245,7 +244,6 @@ class PostgresStore:
         for r in records:
             if r.schema is not None:
                 self._ensure_table(self.pipeline.entities[r.entity], r.schema.columns, r.schema.key_columns)
-        records = fill_partials(records, self.fetch_current)
         by_entity: dict[str, list[ChangeRecord]] = {}
         for record in records:
             by_entity.setdefault(record.entity, []).append(record)

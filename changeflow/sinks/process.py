@@ -17,6 +17,7 @@ after it is gone; a sink that stops again without its group having moved is cras
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -32,8 +33,15 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from confluent_kafka import Consumer, TopicPartition
+
 from changeflow import metrics
-from changeflow.runtime import die_with_parent
+from changeflow.runtime import die_with_parent, tune_gc
+from changeflow.sinks import base
+from changeflow.sinks.base import FatalSinkError
+from changeflow.sinks.offsets import topic_partitions
+from changeflow.sinks.runner import SinkRunner, canonical_topics
+from changeflow.waiting import WaitTimeout, wait_until
 
 if TYPE_CHECKING:
     from multiprocessing.context import SpawnProcess
@@ -139,9 +147,6 @@ def record_fatal(state: Path, pipeline: Pipeline, stop: FatalStop) -> FatalStop:
 
 def committed_offsets(settings: Settings, group: str, topics: Sequence[str]) -> dict[str, int | None]:
     """``topic:partition`` → the group's committed offset (None: nothing committed) over ``topics``."""
-    from confluent_kafka import Consumer
-
-    from changeflow.sinks.offsets import topic_partitions
 
     consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group,
                          "enable.auto.commit": False})
@@ -157,7 +162,6 @@ def committed_offsets(settings: Settings, group: str, topics: Sequence[str]) -> 
 
 def next_record(settings: Settings, committed: Mapping[str, int | None]) -> tuple[str, int, int] | None:
     """The first record a group with these committed offsets has still to read (None: it has read them all)."""
-    from confluent_kafka import Consumer, TopicPartition
 
     consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "changeflow-status"})
     try:
@@ -174,7 +178,6 @@ def next_record(settings: Settings, committed: Mapping[str, int | None]) -> tupl
 
 def one_line(exc: BaseException) -> str:
     """An exception as one line: a store's own message as it is, anything else with its type."""
-    from changeflow.sinks.base import FatalSinkError
 
     text = re.sub(r"\s+", " ", str(exc)).strip()[:600]
     return text if isinstance(exc, FatalSinkError) and text else f"{type(exc).__name__}: {text}".rstrip(": ")
@@ -219,9 +222,6 @@ class SinkJob:
 
 
 def _child_main(job: SinkJob, settings: Settings, reports: Any, loglevel: str, parent: int) -> None:
-    from changeflow.runtime import tune_gc
-    from changeflow.sinks.runner import SinkRunner
-
     die_with_parent()
     if os.getppid() != parent:  # the worker died before the line above could take effect
         return
@@ -264,9 +264,9 @@ def _child_main(job: SinkJob, settings: Settings, reports: Any, loglevel: str, p
 def _flush(reports: Any, timeout: float = 5.0) -> None:
     """Let the queue's feeder thread hand what was put to the pipe: with ``cancel_join_thread`` a process that
     exits at once would lose it (the worker would then only see the process gone, not the error)."""
-    deadline = time.monotonic() + timeout
-    while getattr(reports, "_buffer", None) and time.monotonic() < deadline and os.getppid() != 1:
-        time.sleep(0.01)
+    with contextlib.suppress(WaitTimeout):  # what is still buffered then is lost with the process, said or not
+        wait_until(lambda: not getattr(reports, "_buffer", None) or os.getppid() == 1, timeout,
+                   what="the sink's reports handed to the worker", interval=0.01)
     time.sleep(0.1)  # the item last taken from the buffer is being written
 
 
@@ -331,8 +331,6 @@ class SinkProcesses:
         self.on_fatal(name, detail)
 
     def _describe(self, name: str, report: dict[str, Any]) -> FatalStop:
-        from changeflow.sinks.runner import canonical_topics
-
         job = next(j for j in self.jobs if j.name == name)
         committed = committed_offsets(self.settings, job.group, canonical_topics(job.pipeline, name))
         first = report.get("first") or next_record(self.settings, committed)
@@ -382,7 +380,6 @@ class SinkProcesses:
 
 def default_jobs(pipeline: Pipeline, names: list[str],
                  after_setup: Callable[[Store, Pipeline], None] | None = None) -> list[SinkJob]:
-    from changeflow.sinks import base
 
     factories = base.registry()
     unknown = [n for n in names if n not in factories]

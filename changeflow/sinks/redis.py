@@ -17,18 +17,68 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import quote
 
 import redis
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings
 
+from changeflow.pipelines.model import ON_REJECT_DOC, OnReject, Strict
+from changeflow.pipelines.problems import Problem
 from changeflow.pipelines.spec import EntitySpec, Pipeline
 from changeflow.schemas import json
-from changeflow.sinks.base import FatalSinkError, Rejected, RetriableSinkError, Versioned, fill_partials
+from changeflow.settings import env_config
+from changeflow.sinks.base import FatalSinkError, Rejected, RetriableSinkError, Versioned
 from changeflow.streams.records import ChangeRecord
 
 if TYPE_CHECKING:
     from changeflow.settings import Settings
 
 BATCH = 1000
+
+
+class RedisSettings(BaseSettings):
+    """Where the Redis store connects: ``CHANGEFLOW_REDIS_*``, the native stack's Redis by default."""
+
+    model_config = env_config("CHANGEFLOW_REDIS_")
+
+    host: str = "127.0.0.1"
+    port: int = 6379
+    # Unset: the one the native stack generated (<state_dir>/secrets/redis_password).
+    password: SecretStr | None = None
+    db: int = 0
+
+
+def connection_url(settings: Settings, db: int | None = None) -> str:
+    """``redis://`` with the password, when there is one (the URL is a secret: never logged)."""
+    own = RedisSettings()
+    password = own.password or settings.stored_secret("redis_password")
+    auth = f":{quote(password.get_secret_value(), safe='')}@" if password is not None else ""
+    return f"redis://{auth}{own.host}:{own.port}/{int(own.db if db is None else db)}"
+
+
+class RedisConfig(Strict):
+    """``entities.<e>.stores.redis``: on by default."""
+
+    enabled: bool = True
+    prefix: str | None = Field(None, description="Keys are `<prefix>:<key>`; default: <namespace>:<entity>.")
+    ttl_s: int | None = Field(None, gt=0, description="Expire cached rows after this many seconds.")
+    on_reject: OnReject = Field("quarantine", description=ON_REJECT_DOC)
+
+
+def config(spec: EntitySpec) -> RedisConfig | None:
+    """The entity's Redis configuration, or None when it does not land in Redis."""
+    return cast("RedisConfig | None", spec.store(RedisStore.name))
+
+
+def key_prefix(spec: EntitySpec) -> str:
+    cfg = spec.config.stores.get(RedisStore.name)
+    return (cfg.prefix if cfg is not None else None) or f"{spec.namespace}:{spec.name}"
+
+
+def row_key(spec: EntitySpec, key: str) -> str:
+    """The Redis key of the entity's row ``key``: ``<prefix>:<key>``."""
+    return f"{key_prefix(spec)}:{key}"
 
 # KEYS[1] = versions hash, KEYS[2] = applied-through hash, KEYS[3..] = row keys.
 # ARGV = entity name, TTL in seconds ("" for none), then per row key (padded version, value; "" = delete).
@@ -115,14 +165,39 @@ def pad(version: int) -> str:
     return f"{version:020d}"
 
 
+def check_prefixes(pipeline: Pipeline) -> list[Problem]:
+    """Two entities whose keys could meet: one prefix, or one prefix starting with the other and ``:``."""
+    out: list[Problem] = []
+    seen: dict[str, str] = {}
+    for spec in pipeline.stored_in(RedisStore.name):
+        at, mine = f"entities.{spec.name}.stores.redis.prefix", key_prefix(spec)
+        for other_prefix, other in seen.items():
+            if mine == other_prefix:
+                out.append(Problem(at, f"{mine!r} is also entity {other!r}'s prefix; give each entity its own "
+                                       f"(default: {spec.namespace}:{spec.name})"))
+            elif mine.startswith(other_prefix + ":") or other_prefix.startswith(mine + ":"):
+                out.append(Problem(at, f"{mine!r} and entity {other!r}'s {other_prefix!r} share keys; use prefixes "
+                                       "where neither starts with the other and ':'"))
+        seen.setdefault(mine, spec.name)
+    return out
+
+
+def isolate(spec: EntitySpec, cfg: RedisConfig, tag: str, namespace: str) -> RedisConfig:
+    """The configuration of an isolated copy of the entity (the bench's stages): its keys under ``<tag>:``."""
+    return cfg.model_copy(update={"prefix": f"{tag}:{key_prefix(spec)}"})
+
+
 class RedisStore:
     name = "redis"
+    config_model = RedisConfig
+    check_pipeline = staticmethod(check_prefixes)
+    isolate = staticmethod(isolate)
 
     def __init__(self, settings: Settings, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
         self.versions_key = f"{pipeline.namespace}:versions"
         self.applied_key = f"{pipeline.namespace}:applied"
-        self.client = redis.Redis.from_url(settings.redis_url, socket_timeout=30, socket_connect_timeout=5)
+        self.client = redis.Redis.from_url(connection_url(settings), socket_timeout=30, socket_connect_timeout=5)
         self._script = self.client.register_script(APPLY_IF_NEWER)
 
     # --- the stream ---------------------------------------------------------------------------------
@@ -134,30 +209,30 @@ class RedisStore:
 
     def fetch_current(self, entity: str, keys: list[str]) -> dict[str, dict[str, Any]]:
         spec = self.pipeline.entities[entity]
-        if spec.redis is None or not keys:
+        if config(spec) is None or not keys:
             return {}
         try:
-            values = self.client.mget([spec.redis_key(k) for k in keys])
+            values = self.client.mget([row_key(spec, k) for k in keys])
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise RetriableSinkError(f"redis: {exc}") from exc
         return {k: json.loads(v) for k, v in zip(keys, values, strict=True) if v is not None}
 
     def write_batch(self, records: Sequence[ChangeRecord]) -> list[Rejected]:
-        records = fill_partials(records, self.fetch_current)
         by_entity: dict[str, list[ChangeRecord]] = {}
         for record in records:
-            if self.pipeline.entities[record.entity].redis is not None:
+            if config(self.pipeline.entities[record.entity]) is not None:
                 by_entity.setdefault(record.entity, []).append(record)
         groups: list[list[ChangeRecord]] = []
         try:
             pipe = self.client.pipeline(transaction=False)
             for entity, group in by_entity.items():
                 spec = self.pipeline.entities[entity]
-                ttl = spec.redis.ttl_s if spec.redis is not None else None
+                cfg = config(spec)
+                ttl = cfg.ttl_s if cfg is not None else None
                 keys = [self.versions_key, self.applied_key]
                 args: list[str | bytes] = [entity, "" if ttl is None else str(ttl)]
                 for record in group:
-                    keys.append(spec.redis_key(record.key))
+                    keys.append(row_key(spec, record.key))
                     args.append(pad(record.version))
                     args.append(b"" if record.after is None else json.dumps(record.after))
                 self._script(keys=keys, args=args, client=pipe)
@@ -179,7 +254,7 @@ class RedisStore:
     def _rows(self, spec: EntitySpec, keys: list[str]) -> Iterator[tuple[str, dict[str, Any], int | None]]:
         for i in range(0, len(keys), BATCH):
             chunk = keys[i : i + BATCH]
-            names = [spec.redis_key(k) for k in chunk]
+            names = [row_key(spec, k) for k in chunk]
             pipe = self.client.pipeline(transaction=False)
             pipe.mget(names)
             pipe.hmget(self.versions_key, names)
@@ -194,7 +269,7 @@ class RedisStore:
                 yield key, row, None if version is None else int(version)
 
     def _keys(self, spec: EntitySpec) -> list[str]:
-        prefix = f"{spec.redis_prefix}:"
+        prefix = f"{key_prefix(spec)}:"
         # Redis MATCH patterns treat * ? [ ] \ specially: a prefix from configuration is escaped.
         pattern = "".join("\\" + ch if ch in "*?[]\\" else ch for ch in prefix) + "*"
         return [n.decode()[len(prefix):] for n in self.client.scan_iter(match=pattern, count=BATCH)]
@@ -209,24 +284,38 @@ class RedisStore:
         return len(self._keys(spec))
 
     def version_entries(self, spec: EntitySpec, keys: list[str]) -> dict[str, int]:
-        raw = self.client.hmget(self.versions_key, [spec.redis_key(k) for k in keys]) if keys else []
+        raw = self.client.hmget(self.versions_key, [row_key(spec, k) for k in keys]) if keys else []
         return {k: int(v) for k, v in zip(keys, raw, strict=True) if v is not None}
 
     def delete(self, spec: EntitySpec, keys: list[str]) -> None:
         # The value only: the version entry stays as a tombstone, as after any delete.
         if keys:
-            self.client.delete(*[spec.redis_key(k) for k in keys])
+            self.client.delete(*[row_key(spec, k) for k in keys])
 
     def drop_versions_above(self, spec: EntitySpec, keys: list[str], position: int) -> list[str]:
         ahead = [k for k, v in self.version_entries(spec, keys).items() if v > position]
         if ahead:
-            self.client.hdel(self.versions_key, *[spec.redis_key(k) for k in ahead])
+            self.client.hdel(self.versions_key, *[row_key(spec, k) for k in ahead])
         return ahead
 
     def applied_through(self) -> dict[str, int]:
         # The client is made without decode_responses, so hash fields come back as bytes.
         raw = cast("dict[bytes, bytes]", self.client.hgetall(self.applied_key))
         return {k.decode(): int(v) for k, v in raw.items()}
+
+    # --- what a reader sees now (the bench's freshness and snapshot figures) -----------------------------
+    visibility_poll_s = 0.02  # a lookup costs microseconds: polled every 20 ms, the oldest keys first
+    visibility_batch = 2000
+
+    def visible(self, spec: EntitySpec, keys: list[str]) -> set[str]:
+        """The keys a reader finds: pipelined EXISTS."""
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.exists(row_key(spec, key))
+        return {k for k, found in zip(keys, pipe.execute(), strict=True) if found}
+
+    def visible_count(self, spec: EntitySpec) -> int:
+        return self.count(spec)
 
     def purge(self) -> list[str]:
         """Exactly the keys this pipeline wrote: every one of them has its version in ``<ns>:versions``

@@ -25,13 +25,16 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import psycopg
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
 from tenacity import Retrying, retry_if_exception_type, wait_exponential
 
 from changeflow import metrics, schemas
-from changeflow.pipelines.spec import Pipeline
+from changeflow.pipelines.spec import EntitySpec, Pipeline
 from changeflow.schemas.book import schema_book
-from changeflow.sinks.base import FatalSinkError, Rejected, RetriableSinkError, Store
+from changeflow.sinks import base
+from changeflow.sinks.base import FatalSinkError, Rejected, RetriableSinkError, Store, fill_partials
+from changeflow.sinks.reread import send_signals
 from changeflow.streams.canonical import record_from_bytes
 from changeflow.streams.records import ChangeRecord
 
@@ -69,6 +72,74 @@ def decode_waiting(decode: Callable[[], T], stop: threading.Event, *, wait_s: fl
             said = True
         sleep(delay)
         delay = min(delay * 2, 10.0)
+
+
+# --- partial records: completed here, for every store ---------------------------------------------------
+# entity, the partial records of it whose row the store does not hold → the source re-reads those rows
+Reread = Callable[[EntitySpec, Sequence[ChangeRecord]], None]
+
+NOT_REREADABLE = ("a partial change (only the fields it changed) whose row this store does not hold; its other "
+                  "columns cannot be re-read from a {source} source, so it is not written as if complete; "
+                  "`changeflow dlq replay --store {store}` once the row is back, or re-send the whole row")
+
+
+def complete_partials(store: Store, pipeline: Pipeline, records: Sequence[ChangeRecord], reread: Reread
+                      ) -> tuple[list[ChangeRecord], list[Rejected]]:
+    """The records to write into ``store``, every partial one completed from an earlier record of the batch or
+    from the row the store holds (``sinks.base.fill_partials``, the store's ``fetch_current``); and the
+    records handed back as rejected.
+
+    A partial record whose row the store does not hold (never seen, expired, removed) stays partial: it is
+    never written as if complete, which would leave its missing columns out (or NULL). For a PostgreSQL
+    entity the row is re-read from the source by the repair path (``reread``: an incremental snapshot of
+    those keys), whose read travels the normal path with a newer version and lands in its place; the
+    partial record itself is left out. A source that cannot be re-read (MongoDB) hands the record back as
+    rejected, quarantined for this store with the reason. A failure to reach the store or the source raises
+    (the batch is retried, nothing committed).
+    """
+    mine = [r for r in records if pipeline.entities[r.entity].stored_in(store.name)]
+    if not any(r.partial for r in mine):
+        return list(records), []
+    filled = iter(fill_partials(mine, store.fetch_current))
+    out: list[ChangeRecord] = []
+    unresolved: dict[str, list[ChangeRecord]] = {}
+    for r in records:
+        if not pipeline.entities[r.entity].stored_in(store.name):
+            out.append(r)
+            continue
+        done = next(filled)
+        if done.partial:
+            unresolved.setdefault(done.entity, []).append(done)
+        else:
+            out.append(done)
+    rejected: list[Rejected] = []
+    for entity, held_back in unresolved.items():
+        spec = pipeline.entities[entity]
+        if spec.source == "postgres":
+            reread(spec, held_back)
+            log.warning("sink=%s event=partial_reread entity=%s records=%d", store.name, entity, len(held_back))
+        else:
+            rejected += [Rejected(r, NOT_REREADABLE.format(source=spec.source, store=store.name)) for r in held_back]
+    return out, rejected
+
+
+def reread_from_source(settings: Settings, pipeline: Pipeline) -> Reread:
+    """The repair path for partial records: one incremental snapshot signal per entity for their keys."""
+    def reread(spec: EntitySpec, held_back: Sequence[ChangeRecord]) -> None:
+        first = held_back[0]
+        columns = first.key_columns
+        image = first.after or {}
+        numeric = len(columns) == 1 and isinstance(image.get(columns[0]), int) \
+            and not isinstance(image.get(columns[0]), bool)
+        keys = sorted({r.key for r in held_back})
+        try:
+            send_signals(settings, pipeline, spec, columns, keys, numeric)
+        except psycopg.OperationalError as exc:
+            raise RetriableSinkError(f"re-reading {len(keys)} rows of {spec.name} from the source: {exc}") from exc
+        except psycopg.Error as exc:
+            raise FatalSinkError(f"re-reading {len(keys)} rows of {spec.name} from the source (the signal table "
+                                 f"{pipeline.signal_table}; `changeflow connectors apply` prepares it): {exc}") from exc
+    return reread
 
 
 # What a higher layer builds over a store once it is set up (reports.objects.ensure): called with the store.
@@ -141,6 +212,7 @@ class SinkRunner:
         self.failing_since: float | None = None
         self.last_batch_at: float | None = None
         self.quarantined = 0
+        self.reread = reread_from_source(settings, pipeline)
         self.consumer = Consumer(
             {
                 "bootstrap.servers": settings.kafka_bootstrap,
@@ -181,7 +253,8 @@ class SinkRunner:
             if self.stop.is_set() and attempt.retry_state.attempt_number > 1:
                 raise InterruptedError("stopping while the store is down; batch left uncommitted")
             with attempt:
-                rejected = self.sink.write_batch(records) or []
+                writable, held_back = complete_partials(self.sink, self.pipeline, records, self.reread)
+                rejected = held_back + (self.sink.write_batch(writable) or [])
         self.last_error = None
         self.failing_since = None
         self.last_batch_at = time.time()
@@ -349,7 +422,9 @@ class StoreReplay:
     entity: str
     key: str
     version: int
-    outcome: str  # "applied" | "superseded" (the store holds a newer version) | "rejected" (refused again)
+    # "applied" | "superseded" (the store holds a newer version) | "rejected" (refused again) | "reread" (a
+    # partial record whose row the store does not hold: the row is re-read from the source instead)
+    outcome: str
     detail: str
 
 
@@ -359,7 +434,6 @@ def replay_into_store(settings: Settings, pipeline: Pipeline, store_name: str,
     """Write quarantined canonical records (their exact bytes and origin) into one store only, under its
     version guard: a record applies only if it is still newer than what the store holds. Nothing goes
     back to Kafka, so the other stores never see the replay. A failure of the store raises, as in a sink."""
-    from changeflow.sinks import base
     book = schema_book(settings, pipeline, writer=False)
     own = store is None
     target = store or base.create(store_name, settings, pipeline)
@@ -368,7 +442,13 @@ def replay_into_store(settings: Settings, pipeline: Pipeline, store_name: str,
         target.setup(book.latest)
         for value, origin in messages:
             record = record_from_bytes(value, origin, book)
-            refused = target.write_batch([record]) or []
+            writable, refused = complete_partials(target, pipeline, [record], reread_from_source(settings, pipeline))
+            if not writable and not refused:  # a partial record the store has no row for: re-read instead
+                out.append(StoreReplay(record.entity, record.key, record.version, "reread",
+                                       f"{store_name} does not hold the row this partial change needs; the whole "
+                                       "row is re-read from the source"))
+                continue
+            refused += (target.write_batch(writable) or []) if writable else []
             if refused:
                 out.append(StoreReplay(record.entity, record.key, record.version, "rejected", refused[0].reason))
                 continue

@@ -1,8 +1,9 @@
 """Search index projection, for Elasticsearch (docker-compose) and OpenSearch (the native stack).
 
-Both engines speak the same REST API for what we use, but each official client refuses or mistreats
-the other engine (elasticsearch-py's product check), so the engine is detected once from ``GET /`` and
-the matching official client and its bulk helper are used.
+Both engines speak the same REST API for what we use (indexes, aliases, mappings, ``_bulk``, ``_mget``,
+``_search``), so the store talks to either through one httpx client (:meth:`SearchStore._call`); each
+official client refuses or mistreats the other engine (elasticsearch-py's product check), and neither is
+needed. Bodies are changeflow's JSON (exact decimals), answers read back with exact numbers.
 
 Writes use external versioning with the canonical ``version``: the engine itself rejects a record that
 is not newer (409, counted as already applied). Deletes are versioned too and kept for
@@ -18,24 +19,31 @@ closed index, a refused request) is a failure of the store and stops the sink, a
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, cast
 
 import httpx
 import orjson
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
+from changeflow.pipelines.model import ON_REJECT_DOC, OnReject, Strict
+from changeflow.pipelines.problems import Problem
 from changeflow.pipelines.spec import EntitySpec, Pipeline
 from changeflow.pipelines.types import ColumnType
 from changeflow.schemas import json
+from changeflow.settings import env_config
 from changeflow.sinks.base import (
     FatalSinkError,
     Rejected,
     RetriableSinkError,
     Versioned,
     applied_through,
-    fill_partials,
     source_name,
     source_row,
     stored_name,
@@ -46,7 +54,68 @@ from changeflow.streams.records import ChangeRecord
 if TYPE_CHECKING:
     from changeflow.settings import Settings
 
+
+class SearchSettings(BaseSettings):
+    """Where the search store connects: ``CHANGEFLOW_SEARCH_*``, the native stack's engine by default."""
+
+    model_config = env_config("CHANGEFLOW_SEARCH_")
+
+    host: str = "127.0.0.1"
+    port: int = 9200
+    # How soon an indexed change becomes searchable. Visibility waits for the next refresh, so this bounds
+    # the search index's freshness; a longer interval costs the engine less under heavy write load.
+    refresh_interval: str = "100ms"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+class SearchConfig(Strict):
+    """``entities.<e>.stores.search``: on by default."""
+
+    enabled: bool = True
+    index: str | None = Field(None,
+                              description="Index (an alias over a rebuildable index); default: <namespace>-<entity>.")
+    mappings: dict[str, Any] = Field(default_factory=dict, description="Field mappings merged over the derived ones.")
+    on_reject: OnReject = Field("quarantine", description=ON_REJECT_DOC)
+
+    @field_validator("index")
+    @classmethod
+    def _index_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^[a-z0-9][a-z0-9_.-]*$", v):
+            raise ValueError(f"{v!r} is not a valid index name; use lower-case letters, digits, '-', '_' or '.'")
+        return v
+
+
+def config(spec: EntitySpec) -> SearchConfig | None:
+    """The entity's search configuration, or None when it does not land in the index."""
+    return cast("SearchConfig | None", spec.store(SearchStore.name))
+
+
+def index_name(spec: EntitySpec) -> str:
+    """The entity's index: an alias over a rebuildable physical index (default ``<namespace>-<entity>``)."""
+    cfg = spec.config.stores.get(SearchStore.name)
+    return (cfg.index if cfg is not None else None) or f"{spec.namespace}-{spec.name}"
+
+
+def check_indexes(pipeline: Pipeline) -> list[Problem]:
+    out: list[Problem] = []
+    seen: dict[str, str] = {}
+    for spec in pipeline.stored_in(SearchStore.name):
+        index = index_name(spec)
+        if index in seen:
+            out.append(Problem(f"entities.{spec.name}.stores.search.index",
+                               f"{index!r} is also entity {seen[index]!r}'s index; give each entity its own "
+                               f"(default: {spec.namespace}-{spec.name})"))
+        seen.setdefault(index, spec.name)
+    return out
+
 GC_DELETES = "7d"
+# How long a rebuild waits after registering its new index: the sinks re-read the registry every second.
+REBUILD_REGISTRY_WAIT_S = 2.5
+# Tries of one REST call (not a bulk write, which the runner retries whole) while the engine is busy or away.
+CALL_ATTEMPTS = 4
 RETRIABLE_STATUS = {429, 502, 503, 504}
 BATCH = 1000
 # Actions per _bulk request: a sink batch (5,000 records by default) in one or two requests.
@@ -128,7 +197,8 @@ def field_mapping(t: ColumnType) -> dict[str, Any]:
 
 
 def mappings_for(spec: EntitySpec, types: Mapping[str, ColumnType]) -> dict[str, Any]:
-    overrides = spec.search.mappings if spec.search is not None else {}
+    cfg = config(spec)
+    overrides = cfg.mappings if cfg is not None else {}
     props = {stored_name(name, RESERVED): overrides.get(name) or field_mapping(t) for name, t in types.items()}
     props.update({stored_name(name, RESERVED): m for name, m in overrides.items() if name not in types})
     return {"properties": props}
@@ -167,36 +237,6 @@ def doc_path(index: str, doc_id: str) -> str:
     return f"/{urllib.parse.quote(index, safe='')}/_doc/{urllib.parse.quote(doc_id, safe='')}"
 
 
-def detect_engine(url: str) -> str:
-    """'opensearch' or 'elasticsearch', from the root endpoint's version block."""
-    try:
-        info = httpx.get(url, timeout=5).json()
-    except (httpx.HTTPError, ValueError) as exc:
-        raise RetriableSinkError(f"search engine at {url} unavailable: {exc}") from exc
-    return "opensearch" if info.get("version", {}).get("distribution") == "opensearch" else "elasticsearch"
-
-
-def make_client(url: str, engine: str) -> Any:
-    if engine == "opensearch":
-        from opensearchpy import OpenSearch
-        from opensearchpy.serializer import JSONSerializer
-
-        class OrjsonSerializer(JSONSerializer):
-            """changeflow's JSON (orjson; exact decimals as strings, ISO-8601 UTC times, exact numbers read
-            back) for the client's requests; the sink's bulk writes build their own body (``bulk_body``)."""
-
-            def dumps(self, data: Any) -> Any:
-                return data if isinstance(data, str) else json.dumps(data).decode()
-
-            def loads(self, s: str) -> Any:
-                return json.loads(s)
-
-        return OpenSearch(hosts=[url], timeout=30, serializer=OrjsonSerializer())
-    from elasticsearch import Elasticsearch
-
-    return Elasticsearch(url, request_timeout=30)
-
-
 def bulk_body(actions: Sequence[dict[str, Any]]) -> bytes:
     """The NDJSON body of a ``_bulk`` request: each action's metadata line, then its document (not for a delete)."""
     lines: list[bytes] = []
@@ -210,11 +250,20 @@ def bulk_body(actions: Sequence[dict[str, Any]]) -> bytes:
     return b"\n".join(lines)
 
 
+def isolate(spec: EntitySpec, cfg: SearchConfig, tag: str, namespace: str) -> SearchConfig:
+    """The configuration of an isolated copy of the entity (the bench's stages): its index under ``<tag>-``."""
+    return cfg.model_copy(update={"index": f"{tag}-{index_name(spec)}"})
+
+
 class SearchStore:
     name = "search"
+    config_model = SearchConfig
+    check_pipeline = staticmethod(check_indexes)
+    isolate = staticmethod(isolate)
 
     def __init__(self, settings: Settings, pipeline: Pipeline) -> None:
-        self.url = settings.search_url
+        own = SearchSettings()
+        self.url = own.url
         self.pipeline = pipeline
         # One document per entity holding the highest version applied, written with that version as its
         # external version, so the marker itself only ever moves forward.
@@ -222,21 +271,44 @@ class SearchStore:
         # entity → target index of a rebuild in progress; while a document is here every write of that
         # entity also goes to the target, under the same external version.
         self.rebuilds_index = f"{pipeline.namespace}-rebuilds"
-        self.refresh_interval = settings.search_refresh_interval
-        self._engine: str | None = None
-        self._client: Any = None
+        self.refresh_interval = own.refresh_interval
         self._targets: dict[str, str] = {}
         self._targets_read_at = 0.0
         self._mapped: dict[str, set[str]] = {}
         self._http: httpx.Client | None = None
         self._owners: list[int | None] = []
 
+    # --- the one HTTP client: the REST API both engines (OpenSearch, Elasticsearch) answer alike -------
     @property
-    def client(self) -> Any:
-        if self._client is None:
-            self._engine = detect_engine(self.url)
-            self._client = make_client(self.url, self._engine)
-        return self._client
+    def http(self) -> httpx.Client:
+        if self._http is None:
+            self._http = httpx.Client(base_url=self.url, timeout=60)
+        return self._http
+
+    def _call(self, method: str, path: str, body: Any = None, ok: tuple[int, ...] = ()) -> Any:
+        """One REST call; its answer parsed with changeflow's JSON (exact numbers), or None for a status in
+        ``ok``. The engine unreachable or throttling (429, 502-504) is tried again a few times, as the official
+        clients did, then retriable for the caller; any other refusal is the store's failure."""
+        for attempt in Retrying(stop=stop_after_attempt(CALL_ATTEMPTS), wait=wait_exponential(multiplier=0.2, max=2),
+                                retry=retry_if_exception_type(RetriableSinkError), reraise=True):
+            with attempt:
+                return self._call_once(method, path, body, ok)
+        raise AssertionError("unreachable: Retrying re-raises the last error")
+
+    def _call_once(self, method: str, path: str, body: Any, ok: tuple[int, ...]) -> Any:
+        try:
+            response = self.http.request(method, path, content=None if body is None else json.dumps(body),
+                                         headers={"Content-Type": "application/json"})
+        except httpx.HTTPError as exc:
+            raise RetriableSinkError(f"search {method} {path}: {exc}") from exc
+        if response.status_code in ok:
+            return None
+        if response.status_code in RETRIABLE_STATUS:
+            raise RetriableSinkError(f"search {method} {path}: {response.status_code} {response.text[:300]}")
+        if response.status_code >= 400:
+            raise SearchRefused(response.status_code, f"search {method} {path}: {response.status_code} "
+                                                      f"{response.text[:300]}")
+        return json.loads(response.content) if response.content else None
 
     def create_index(self, spec: EntitySpec, name: str, alias: str | None = None,
                      types: Mapping[str, ColumnType] | None = None) -> None:
@@ -244,11 +316,7 @@ class SearchStore:
                               "refresh_interval": self.refresh_interval}}
         aliases = {alias: {"is_write_index": True}} if alias else {}
         mappings = mappings_for(spec, types or {})
-        if self._engine == "opensearch":
-            body = {"settings": settings, "mappings": mappings, "aliases": aliases}
-            self.client.indices.create(index=name, body=body)
-        else:
-            self.client.indices.create(index=name, settings=settings, mappings=mappings, aliases=aliases)
+        self._call("PUT", _path(name), {"settings": settings, "mappings": mappings, "aliases": aliases})
 
     def _ensure_mapped(self, spec: EntitySpec, types: Mapping[str, ColumnType]) -> None:
         """Fields of a new schema version get their derived mapping before the first document carries them
@@ -261,10 +329,7 @@ class SearchStore:
             return
         body = {"properties": {k: v for k, v in mappings_for(spec, new)["properties"].items()
                                if source_name(k, RESERVED) in new}}
-        if self._engine == "opensearch":
-            self.client.indices.put_mapping(index=spec.search_index, body=body)
-        else:
-            self.client.indices.put_mapping(index=spec.search_index, properties=body["properties"])
+        self._call("PUT", f"{self._index_path(spec)}/_mapping", body)
         known.update(new)
 
     def _fields_mapped(self, spec: EntitySpec) -> set[str]:
@@ -281,15 +346,12 @@ class SearchStore:
 
     def _create_index(self, spec: EntitySpec) -> None:
         """Stores write to the alias ``<index>``; the physical index behind it can be rebuilt and swapped."""
-        if self.client.indices.exists(index=spec.search_index):  # true for an alias too
+        if self._exists(spec):  # true for an alias too
             # A changed `search_refresh_interval` applies to indexes made before it, too.
-            wanted = {"index": {"refresh_interval": self.refresh_interval}}
-            if self._engine == "opensearch":
-                self.client.indices.put_settings(index=spec.search_index, body=wanted)
-            else:
-                self.client.indices.put_settings(index=spec.search_index, settings=wanted)
+            self._call("PUT", f"{self._index_path(spec)}/_settings",
+                       {"index": {"refresh_interval": self.refresh_interval}})
             return
-        self.create_index(spec, f"{spec.search_index}-000001", alias=spec.search_index)
+        self.create_index(spec, f"{index_name(spec)}-000001", alias=index_name(spec))
 
     def rebuild_targets(self) -> dict[str, str]:
         """entity → the new physical index a running rebuild fills (`changeflow rebuild search`)."""
@@ -297,31 +359,27 @@ class SearchStore:
         if now - self._targets_read_at > 1.0:
             self._targets_read_at = now
             try:
-                if self._engine == "opensearch":
-                    found = self.client.search(index=self.rebuilds_index, body={"size": 100})
-                else:
-                    found = self.client.search(index=self.rebuilds_index, size=100)
-                self._targets = {h["_id"]: h["_source"]["target"] for h in found["hits"]["hits"]}
-            except Exception as exc:
-                if _status(exc) != 404:
-                    raise _classify(exc) from exc
-                self._targets = {}
+                found = self._call("POST", f"{_path(self.rebuilds_index)}/_search", {"size": 100}, ok=(404,))
+            except SearchRefused as exc:
+                raise FatalSinkError(str(exc)) from exc
+            hits = found["hits"]["hits"] if found is not None else []
+            self._targets = {h["_id"]: h["_source"]["target"] for h in hits}
         return self._targets
 
     def setup(self, known: Mapping[str, Any] | None = None) -> None:
         try:
             for spec in self.pipeline.stored_in(self.name):
                 self._create_index(spec)
-        except Exception as exc:
-            if _status(exc) == 400 and "resource_already_exists" in str(exc):
+        except SearchRefused as exc:
+            if exc.status == 400 and "resource_already_exists" in str(exc):
                 return
-            raise _classify(exc) from exc
+            raise FatalSinkError(str(exc)) from exc
 
     def _actions(self, records: Sequence[ChangeRecord]) -> Iterator[dict[str, Any]]:
         """The bulk actions; ``self._owners`` gets, per action, the index of its record in ``records``
         (None for the applied-through markers), so each bulk item is traced back to its record."""
         self._owners = []
-        searchable = [(i, r) for i, r in enumerate(records) if self.pipeline.entities[r.entity].search is not None]
+        searchable = [(i, r) for i, r in enumerate(records) if config(self.pipeline.entities[r.entity]) is not None]
         for entity, (version, ts_ms) in applied_through([r for _, r in searchable]).items():
             self._owners.append(None)
             yield {
@@ -335,7 +393,7 @@ class SearchStore:
                 self._owners.append(i)
                 yield from self._record_actions(record, targets[record.entity])
             self._owners.append(i)
-            yield from self._record_actions(record, spec.search_index)
+            yield from self._record_actions(record, index_name(spec))
 
     def _record_actions(self, record: ChangeRecord, index: str) -> Iterator[dict[str, Any]]:
         identifier = doc_id(record.key)
@@ -383,24 +441,20 @@ class SearchStore:
 
     def fetch_current(self, entity: str, keys: list[str]) -> dict[str, dict[str, Any]]:
         spec = self.pipeline.entities[entity]
-        if spec.search is None or not keys:
+        if config(spec) is None or not keys:
             return {}
         ids = [doc_id(k) for k in keys]
         try:
-            if self._engine == "opensearch":
-                found = self.client.mget(index=spec.search_index, body={"ids": ids})
-            else:
-                found = self.client.mget(index=spec.search_index, ids=ids)
-        except Exception as exc:
-            if _status(exc) == 404:
-                return {}
-            raise _classify(exc) from exc
+            found = self._call("POST", f"{self._index_path(spec)}/_mget", {"ids": ids}, ok=(404,))
+        except SearchRefused as exc:
+            raise FatalSinkError(str(exc)) from exc
+        if found is None:
+            return {}
         return dict(key_of(d["_id"], d["_source"]) for d in found["docs"] if d.get("found"))
 
     def write_batch(self, records: Sequence[ChangeRecord]) -> list[Rejected]:
         if not records:
             return []
-        _ = self.client  # detects the engine, which the mapping calls below need
         newest: dict[str, Any] = {}
         for r in records:
             if r.schema is not None and (r.entity not in newest or r.schema.version > newest[r.entity].version):
@@ -408,11 +462,10 @@ class SearchStore:
         try:
             for entity, sv in newest.items():
                 spec = self.pipeline.entities[entity]
-                if spec.search is not None:
+                if config(spec) is not None:
                     self._ensure_mapped(spec, sv.columns)
-        except Exception as exc:
-            raise _classify(exc) from exc
-        records = fill_partials(records, self.fetch_current)
+        except SearchRefused as exc:
+            raise FatalSinkError(str(exc)) from exc
         actions = list(self._actions(records))
         owners = self._owners
         results = self._bulk(actions)
@@ -437,15 +490,9 @@ class SearchStore:
             raise FatalSinkError(f"search rejected {len(failures)} documents: {failures[:3]}")
         return [rejected[i] for i in sorted(rejected)]
 
-    # --- the tools (REST API directly: the same calls against either engine) -------------------------
-    @property
-    def http(self) -> httpx.Client:
-        if self._http is None:
-            self._http = httpx.Client(base_url=self.url, timeout=60)
-        return self._http
-
+    # --- the tools ----------------------------------------------------------------------------------
     def _index_path(self, spec: EntitySpec) -> str:
-        return "/" + urllib.parse.quote(spec.search_index, safe="")
+        return _path(index_name(spec))
 
     def scan(self, spec: EntitySpec) -> Iterator[tuple[str, dict[str, Any], int | None]]:
         index = self._index_path(spec)
@@ -497,7 +544,7 @@ class SearchStore:
 
     def delete(self, spec: EntitySpec, keys: list[str]) -> None:
         for key in keys:
-            response = self.http.delete(doc_path(spec.search_index, doc_id(key)))
+            response = self.http.delete(doc_path(index_name(spec), doc_id(key)))
             if response.status_code not in (200, 404):
                 response.raise_for_status()
         self.http.post(f"{self._index_path(spec)}/_refresh")
@@ -511,7 +558,7 @@ class SearchStore:
         ahead = [k for k, v in self.versions(spec, keys).items() if v > position]
         if ahead:
             raise UnrepairableError(
-                f"search {spec.search_index}: documents {ahead[:5]} carry versions beyond the source position "
+                f"search {index_name(spec)}: documents {ahead[:5]} carry versions beyond the source position "
                 f"{position}; the index keeps that version for gc_deletes, reindex them to repair"
             )
         return []
@@ -527,10 +574,10 @@ class SearchStore:
         done: list[str] = []
         for spec in self.pipeline.stored_in(self.name):
             # The entity's alias (or index) and every physical index behind it (rebuilds make new ones).
-            response = self.http.get(f"/_alias/{urllib.parse.quote(spec.search_index, safe='')}")
+            response = self.http.get(f"/_alias/{urllib.parse.quote(index_name(spec), safe='')}")
             names = sorted(response.json()) if response.status_code == 200 else []
             if not names and self.http.head(self._index_path(spec)).status_code == 200:
-                names = [spec.search_index]
+                names = [index_name(spec)]
             for name in names:
                 if self.http.delete("/" + urllib.parse.quote(name, safe="")).status_code == 200:
                     done.append(f"search: index {name} deleted")
@@ -538,9 +585,67 @@ class SearchStore:
             done.append(f"search: index {self.applied_index} deleted")
         return done
 
+    # --- what a reader sees now (the bench's freshness and snapshot figures) -----------------------------
+    visibility_poll_s = 0.05
+    visibility_batch = 10_000
+
+    def visible(self, spec: EntitySpec, keys: list[str]) -> set[str]:
+        """The keys a search finds: a ``_search`` (what users query, so after the index refresh), not a GET."""
+        ids = {doc_id(k): k for k in keys}
+        found = self._call("POST", f"{self._index_path(spec)}/_search",
+                           {"size": len(ids), "_source": False, "query": {"ids": {"values": list(ids)}}}, ok=(404,))
+        return {ids[h["_id"]] for h in (found["hits"]["hits"] if found else []) if h["_id"] in ids}
+
+    def visible_count(self, spec: EntitySpec) -> int:
+        """Documents a search counts now (``_count`` without a refresh of its own)."""
+        found = self._call("GET", f"{self._index_path(spec)}/_count", ok=(404,))
+        return int(found["count"]) if found else 0
+
+    # --- rebuild (sinks.rebuild): a new physical index beside the live one, then an atomic alias swap ---
+    def begin_rebuild(self, spec: EntitySpec, types: Mapping[str, ColumnType]) -> str:
+        """Create the new index and register it, so every write of the entity goes to both from now on;
+        returns its name."""
+        self.setup()
+        target = f"{index_name(spec)}-{datetime.now(UTC):%Y%m%d%H%M%S%f}"
+        self.create_index(spec, target, types=types)
+        self._call("PUT", f"{doc_path(self.rebuilds_index, spec.name)}?refresh=true", {"target": target})
+        # The sink re-reads the rebuild registry every second: wait before the snapshot starts so that no
+        # change between now and the snapshot reaches only the old index.
+        time.sleep(REBUILD_REGISTRY_WAIT_S)
+        return target
+
+    def finish_rebuild(self, spec: EntitySpec, target: str) -> None:
+        """Point the alias at ``target`` in one request, then drop the index (or indexes) it replaced."""
+        alias = index_name(spec)
+        current = self._call("GET", f"/_alias/{urllib.parse.quote(alias, safe='')}", ok=(404,))
+        actions: list[dict[str, Any]] = [{"add": {"index": target, "alias": alias, "is_write_index": True}}]
+        # No alias of that name: `alias` is still a concrete index from before aliases.
+        old_indices = list(current or {}) or ([alias] if self._exists(spec) else [])
+        if alias in old_indices:  # a concrete index from before aliases: replaced by the alias atomically
+            actions.append({"remove_index": {"index": alias}})
+        else:
+            actions += [{"remove": {"index": old, "alias": alias}} for old in old_indices]
+        self._call("POST", "/_aliases", {"actions": actions})
+        self._call("DELETE", f"{doc_path(self.rebuilds_index, spec.name)}?refresh=true")
+        for old in old_indices:
+            if old != alias:
+                self._call("DELETE", _path(old))
+
+    def abandon_rebuild(self, spec: EntitySpec, target: str) -> None:
+        self._call("DELETE", f"{doc_path(self.rebuilds_index, spec.name)}?refresh=true", ok=(404,))
+        self._call("DELETE", _path(target), ok=(404,))
+
+    def _exists(self, spec: EntitySpec) -> bool:
+        """The entity's index or alias exists."""
+        try:
+            status = self.http.head(self._index_path(spec)).status_code
+        except httpx.HTTPError as exc:
+            raise RetriableSinkError(f"search HEAD {self._index_path(spec)}: {exc}") from exc
+        if status in RETRIABLE_STATUS:
+            raise RetriableSinkError(f"search HEAD {self._index_path(spec)}: {status}")
+        return status == 200
+
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
         if self._http is not None:
             self._http.close()
 
@@ -549,16 +654,13 @@ class UnrepairableError(RuntimeError):
     """Drift that a snapshot cannot fix and that this tool will not fix behind the store's back."""
 
 
-def _status(exc: Exception) -> int | None:
-    status = getattr(exc, "status_code", None) or getattr(exc, "status", None)
-    meta = getattr(exc, "meta", None)
-    if status is None and meta is not None:
-        status = getattr(meta, "status", None)
-    return status if isinstance(status, int) else None
+class SearchRefused(RuntimeError):
+    """The engine refused a request (a status of 400 or more, not a throttling one)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        super().__init__(message)
 
 
-def _classify(exc: Exception) -> Exception:
-    status = _status(exc)
-    if status is None or status in RETRIABLE_STATUS:
-        return RetriableSinkError(f"search: {exc}")
-    return FatalSinkError(f"search: {exc}")
+def _path(index: str) -> str:
+    return "/" + urllib.parse.quote(index, safe="")

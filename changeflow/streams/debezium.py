@@ -20,8 +20,12 @@ from changeflow.pipelines.transform import FILTERED, Transformer
 from changeflow.pipelines.types import ColumnType, from_connect, from_value
 from changeflow.schemas.json import exact_loads
 from changeflow.schemas.json import loads as json_loads
+from changeflow.streams.envelope import open_envelope, unwrap
 from changeflow.streams.keys import key_text
 from changeflow.streams.records import ChangeRecord, DeadLetter, Decoded, Op, Skip, bounded
+
+# Ops of pgoutput beyond c/u/d/r: a logical decoding message is skipped, a truncate is a dead letter.
+SPECIAL_OPS: dict[str, Skip | str] = {"m": Skip("logical decoding message"), "t": "truncate is not supported"}
 
 UNAVAILABLE = "__debezium_unavailable_value"
 # The placeholder as Debezium writes it into a bytea column (its bytes, base64 in JSON) and into arrays.
@@ -336,19 +340,13 @@ def output_types(row: Mapping[str, Any], source: Mapping[str, ColumnType],
     return out
 
 
-def _key_payload(key: Any) -> Any:
-    if isinstance(key, dict) and "payload" in key and "schema" in key:
-        return key["payload"]
-    return key
-
-
 def message_key(raw_key: bytes | None) -> dict[str, Any] | None:
     """The Debezium message key's columns (the primary key, or `message.key.columns`), numbers exact."""
     if raw_key is None:
         return None
-    key = _key_payload(orjson.loads(raw_key))
+    key = unwrap(orjson.loads(raw_key))
     if isinstance(key, dict) and float in map(type, key.values()):
-        key = _key_payload(exact_loads(raw_key))  # orjson reads an integer beyond 64 bits as a float
+        key = unwrap(exact_loads(raw_key))  # orjson reads an integer beyond 64 bits as a float
     if not isinstance(key, dict) or not key:
         raise DecodeError("message key is not an object of key columns")
     return key
@@ -416,33 +414,12 @@ def _decode(raw_value: bytes, topic: str, partition: int, offset: int, raw_key: 
         message = parse_message(raw_value, exact)
     except ValueError as exc:
         return dead(f"not JSON: {exc}")
-    if not isinstance(message, dict):
-        return dead("not a JSON object")
-    payload = message.get("payload", message) if "schema" in message else message
-    schema = message.get("schema") or {}
-    if not isinstance(payload, dict):
-        return dead("payload is not an object")
-    if not isinstance(schema, dict):
-        return dead("schema is not an object")
-    if payload.get("status") in ("BEGIN", "END") and "op" not in payload:
-        return Skip("transaction metadata")
-    schema_name = schema.get("name")
-    if isinstance(schema_name, str) and schema_name.endswith(".Heartbeat"):
-        return Skip("heartbeat")
-    op = payload.get("op")
-    if op is None and "source" not in payload:
-        if "schema" not in message and set(payload) == {"ts_ms"} and _is_heartbeat_key(raw_key):
-            return Skip("heartbeat")  # a heartbeat without schemas (schemas.enable=false): its key names it
-        return dead("neither op nor source: not a change event (a heartbeat has a schema named *.Heartbeat)")
-    if op == "m":
-        return Skip("logical decoding message")
-    if op == "t":
-        return dead("truncate is not supported")
-    if op not in ("c", "u", "d", "r"):
-        return dead(f"unknown op {op!r}")
-    source = payload.get("source")
-    if not isinstance(source, dict):
-        return dead("source block missing")
+    envelope = open_envelope(message, raw_key, SPECIAL_OPS)
+    if isinstance(envelope, Skip):
+        return envelope
+    if isinstance(envelope, str):
+        return dead(envelope)
+    payload, op, source, schema = envelope.payload, envelope.op, envelope.source, envelope.schema
     table = source.get("table")
     if not isinstance(table, str):
         return dead("source.table missing")
@@ -518,17 +495,6 @@ def _decode(raw_value: bytes, topic: str, partition: int, offset: int, raw_key: 
         key_columns=tuple(key_columns),
         types=out_types,
     )
-
-
-def _is_heartbeat_key(raw_key: bytes | None) -> bool:
-    """Debezium keys its heartbeats by the connector's logical name: ``{"serverName": ...}``."""
-    if raw_key is None:
-        return False
-    try:
-        key = _key_payload(orjson.loads(raw_key))
-    except orjson.JSONDecodeError:
-        return False
-    return isinstance(key, dict) and set(key) == {"serverName"}
 
 
 def message_key_schema(raw_key: bytes | None) -> Mapping[str, Any] | None:

@@ -33,6 +33,16 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient, NewTopic
 
 if TYPE_CHECKING:
     from changeflow.pipelines.spec import Pipeline
@@ -387,8 +397,6 @@ def replay_headers(entry: DeadLetterEntry, now_ms: int) -> list[tuple[str, str |
 
 # --- Kafka I/O --------------------------------------------------------------------------------------
 def _reader(settings: Settings) -> Any:
-    from confluent_kafka import Consumer
-
     # Partitions are assigned by hand and nothing is committed, so a listing never moves anyone's
     # offsets and is repeatable; the group id is only a required config value.
     return Consumer({
@@ -402,7 +410,6 @@ def _reader(settings: Settings) -> Any:
 
 def read_topic(settings: Settings, topic: str, timeout: float = 30.0) -> list[Any]:
     """Every message of ``topic`` from its beginning up to its end as of now (a missing topic is empty)."""
-    from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
 
     consumer = _reader(settings)
     try:
@@ -466,7 +473,6 @@ def read_quarantined_counts(settings: Settings, pipeline: Pipeline) -> dict[tupl
 def record_store_replays(settings: Settings, pipeline: Pipeline, entries: Sequence[DeadLetterEntry],
                          timeout: float = 30.0) -> list[ReplayRecord]:
     """Remember quarantined entries written back into their store (``<id>@<store>``, topic ``store:<S>``)."""
-    from confluent_kafka import KafkaException, Producer
 
     if not entries:
         return []
@@ -485,16 +491,12 @@ def record_store_replays(settings: Settings, pipeline: Pipeline, entries: Sequen
 
 
 def _timestamp(msg: Any) -> int | None:
-    from confluent_kafka import TIMESTAMP_NOT_AVAILABLE
-
     kind, ms = msg.timestamp()
     return None if kind == TIMESTAMP_NOT_AVAILABLE else int(ms)
 
 
 def ensure_replay_topic(settings: Settings, pipeline: Pipeline, timeout: float = 30.0) -> None:
     """The replay log is compacted: it only needs the latest record per id, forever."""
-    from confluent_kafka import KafkaError, KafkaException
-    from confluent_kafka.admin import AdminClient, NewTopic
 
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
     name = replayed_topic_name(pipeline.dlq_topic)
@@ -513,8 +515,6 @@ def ensure_replay_topic(settings: Settings, pipeline: Pipeline, timeout: float =
 
 
 def _partition_count(settings: Settings, topic: str, timeout: float) -> int:
-    from confluent_kafka.admin import AdminClient
-
     info = AdminClient({"bootstrap.servers": settings.kafka_bootstrap}).list_topics(topic, timeout=timeout).topics.get(
         topic
     )
@@ -530,7 +530,6 @@ def replay(
     partition no longer exists the producer picks one by key. Raises on any delivery failure: a replay
     that is not acknowledged is not recorded, so it can simply be run again.
     """
-    from confluent_kafka import KafkaException, Producer
 
     if not entries:
         return []

@@ -49,12 +49,12 @@ import orjson
 from changeflow.pipelines.transform import FILTERED, Transformer
 from changeflow.schemas.json import dumps
 from changeflow.streams.debezium import output_types
+from changeflow.streams.envelope import open_envelope
 from changeflow.streams.partial import TRUNCATE
 from changeflow.streams.records import ChangeRecord, DeadLetter, Decoded, Op, Skip, bounded
 
 SOURCE = "mongodb"
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_OPS = ("c", "u", "d", "r")
 _UINT32 = 1 << 32
 
 
@@ -341,15 +341,6 @@ def decode_mongodb(
         return DeadLetter(raw_key, raw_value, topic, partition, offset, bounded(f"{type(exc).__name__}: {exc}"))
 
 
-def _is_heartbeat_key(raw_key: bytes | None) -> bool:
-    """Debezium keys its heartbeats by the connector's logical name: ``{"serverName": ...}``."""
-    try:
-        key = _payload(raw_key, "message key")
-    except ExtendedJsonError:
-        return False
-    return set(key) == {"serverName"}
-
-
 def _decode(raw_value: bytes, topic: str, partition: int, offset: int, raw_key: bytes | None,
             entities: Mapping[tuple[str, str], Transformer] | None) -> Decoded:
     def dead(reason: str) -> DeadLetter:
@@ -359,27 +350,12 @@ def _decode(raw_value: bytes, topic: str, partition: int, offset: int, raw_key: 
         message = orjson.loads(raw_value)
     except orjson.JSONDecodeError as exc:
         return dead(f"not JSON: {exc}")
-    if not isinstance(message, dict):
-        return dead("not a JSON object")
-    schema = message.get("schema") if "schema" in message else None
-    payload = message.get("payload") if "schema" in message else message
-    if not isinstance(payload, dict):
-        return dead("payload is not an object")
-    schema_name = schema.get("name") if isinstance(schema, dict) else None
-    if isinstance(schema_name, str) and schema_name.endswith(".Heartbeat"):
-        return Skip("heartbeat")
-    if payload.get("status") in ("BEGIN", "END") and "id" in payload and "op" not in payload:
-        return Skip("transaction metadata")
-    op = payload.get("op")
-    if op is None and "source" not in payload:
-        if schema is None and set(payload) == {"ts_ms"} and _is_heartbeat_key(raw_key):
-            return Skip("heartbeat")  # a heartbeat without schemas (schemas.enable=false): its key names it
-        return dead("neither op nor source: not a change event (a heartbeat has a schema named *.Heartbeat)")
-    if op not in _OPS:
-        return dead(f"unknown op {op!r}")
-    source = payload.get("source")
-    if not isinstance(source, dict):
-        return dead("source block missing")
+    envelope = open_envelope(message, raw_key)
+    if isinstance(envelope, Skip):
+        return envelope
+    if isinstance(envelope, str):
+        return dead(envelope)
+    payload, op, source = envelope.payload, envelope.op, envelope.source
     collection = source.get("collection")
     if not isinstance(collection, str):
         return dead("source.collection missing")

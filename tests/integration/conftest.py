@@ -21,6 +21,9 @@ from changeflow.deploy.worker import WorkerService
 from changeflow.pipelines.load import load
 from changeflow.pipelines.spec import Pipeline
 from changeflow.settings import Settings
+from changeflow.sinks.clickhouse import ClickHouseSettings
+from changeflow.sinks.redis import connection_url
+from changeflow.sinks.search import SearchSettings
 
 T = TypeVar("T")
 
@@ -94,3 +97,18 @@ def stop_process(process: subprocess.Popen[Any], timeout: float = 60.0) -> int:
         except subprocess.TimeoutExpired:
             process.kill()
     return process.wait()
+
+
+# --- where the stores of the local stack answer (each store module's own connection settings) -------------
+def redis_url(settings: Settings) -> str:
+    """The Redis store's URL, with the stack's password."""
+    return connection_url(settings)
+
+
+def search_url(settings: Settings) -> str:
+    return SearchSettings().url
+
+
+def clickhouse_password(settings: Settings) -> str:
+    secret = ClickHouseSettings.load(settings).password
+    return secret.get_secret_value() if secret is not None else ""

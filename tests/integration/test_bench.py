@@ -16,6 +16,7 @@ from confluent_kafka.admin import AdminClient
 
 from changeflow.settings import Settings
 from changeflow.sinks.clickhouse import client_for
+from tests.integration.conftest import search_url
 
 CHANGES = 3000
 SNAPSHOT_ROWS = 2000
@@ -82,7 +83,7 @@ def test_bench_quick_small(pipeline: Settings, tmp_path: Path) -> None:
     groups = admin.list_consumer_groups(request_timeout=15).result().valid
     assert not [g.group_id for g in groups if g.group_id.startswith(ours)]
     assert f"bench-{run}-snapshot" not in httpx.get(f"{pipeline.connect_url}/connectors", timeout=10).json()
-    assert httpx.get(f"{pipeline.search_url}/_cat/indices/bench-{run}-*?format=json", timeout=10).json() == []
+    assert httpx.get(f"{search_url(pipeline)}/_cat/indices/bench-{run}-*?format=json", timeout=10).json() == []
     with psycopg.connect(pipeline.pg_dsn) as conn:
         assert conn.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s",
                             (f"bench_{run}",)).fetchone() == (0,)

@@ -29,9 +29,9 @@ from changeflow.bench.envelopes import backlog
 from changeflow.pipelines.load import load
 from changeflow.pipelines.spec import Pipeline
 from changeflow.settings import Settings
-from changeflow.sinks.clickhouse import client_for
+from changeflow.sinks.clickhouse import client_for, home_database
 from changeflow.sinks.process import EXIT_CRASH_LOOP, EXIT_SINK_FATAL, committed_offsets, fatal_file
-from tests.integration.conftest import eventually
+from tests.integration.conftest import clickhouse_password, eventually, search_url
 
 pytestmark = pytest.mark.integration
 
@@ -54,7 +54,7 @@ class Throwaway:
             "CHANGEFLOW_STATE_DIR": str(self.state),
             "CHANGEFLOW_WORKER_WEB_PORT": str(self.port),
             # The state dir is a fresh one: the live stack's ClickHouse password is not in it.
-            "CHANGEFLOW_CLICKHOUSE_PASSWORD": self.live.clickhouse_password.get_secret_value(),
+            "CHANGEFLOW_CLICKHOUSE_PASSWORD": clickhouse_password(self.live),
             "PYTHONUNBUFFERED": "1",
         })
         env.update(extra)
@@ -115,10 +115,10 @@ entities:
     delete_topics_with_prefix(live_stack, name)
     with contextlib.suppress(Exception):
         client = client_for(live_stack)
-        client.command(f"DROP DATABASE IF EXISTS {t.pipeline.clickhouse_database}")
+        client.command(f"DROP DATABASE IF EXISTS {home_database(t.pipeline)}")
         client.close()
     with contextlib.suppress(httpx.HTTPError):
-        httpx.delete(f"{live_stack.search_url}/{name}-products*", timeout=30)
+        httpx.delete(f"{search_url(live_stack)}/{name}-products*", timeout=30)
 
 
 def produce(t: Throwaway, messages: list[tuple[bytes, bytes | None]]) -> None:
@@ -163,7 +163,7 @@ def test_a_fatal_store_error_stops_the_worker_non_zero_and_status_says_why_then_
         eventually(lambda: t.applied("clickhouse") >= 1, timeout=150, what="first change committed by clickhouse")
         # 2. Mid-stream the store loses a table it writes every batch to: the next batch fails fatally.
         client = client_for(t.live)
-        client.command(f"DROP TABLE {t.pipeline.clickhouse_database}.changelog")
+        client.command(f"DROP TABLE {home_database(t.pipeline)}.changelog")
         client.close()
         before = t.committed("clickhouse")
         produce(t, changes[1:2])

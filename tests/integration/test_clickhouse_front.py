@@ -1,4 +1,5 @@
 """Where clients depend on ClickHouse's HTTP interface beyond the basics (issue 14).
+from changeflow.sinks.clickhouse import table_of
 
 A server of its own (``deploy.clickhouse_server`` on a free port, temporary data directory), driven by
 clickhouse-connect and raw HTTP: multipart bodies (clickhouse-connect switches to one once bound parameters
@@ -71,26 +72,27 @@ def test_fetch_current_of_the_clickhouse_store_with_5000_keys(server: ServerProc
     from changeflow.pipelines.spec import build
     from changeflow.pipelines.types import ColumnType
     from changeflow.settings import Settings
-    from changeflow.sinks.clickhouse import ClickHouseStore
+    from changeflow.sinks.clickhouse import ClickHouseSettings, ClickHouseStore, table_of
 
     commerce = load()
     pipeline = build(commerce.file.model_copy(update={"namespace": f"front_{uuid.uuid4().hex[:8]}"}), commerce.path)
-    settings = Settings(clickhouse_port=server.port, clickhouse_password=SecretStr(server.password))
-    store = ClickHouseStore(settings, pipeline)
+    settings = Settings()
+    own = ClickHouseSettings(port=server.port, password=SecretStr(server.password))
+    store = ClickHouseStore(settings, pipeline, own)
     version = SimpleNamespace(columns={"id": ColumnType("uuid"), "email": ColumnType("string")}, key_columns=["id"])
     store.setup({"users": version})
     spec = pipeline.entities["users"]
     keys = [str(uuid.uuid4()) for _ in range(5000)]
     client = server.client()
     client.insert(
-        f"{spec.clickhouse_database}.{spec.clickhouse_table}",
+        f"{table_of(spec)[0]}.{table_of(spec)[1]}",
         [[k, f"{k}@example.com", k, 1, 0, 0] for k in keys],
         column_names=["id", "email", "_key", "_version", "_is_deleted", "_ts_ms"],
     )
     found = store.fetch_current("users", keys)
     assert set(found) == set(keys)
     assert found[keys[0]]["email"] == f"{keys[0]}@example.com"
-    client.command(f"DROP DATABASE IF EXISTS {spec.clickhouse_database}")
+    client.command(f"DROP DATABASE IF EXISTS {table_of(spec)[0]}")
     client.close()
     store.close()
 

@@ -27,7 +27,9 @@ clickhouse_connect = pytest.importorskip("clickhouse_connect")
 from clickhouse_connect.driver.exceptions import DatabaseError  # noqa: E402
 
 from changeflow.deploy import secrets  # noqa: E402
+from changeflow.deploy.clickhouse import ClickHouseService  # noqa: E402
 from changeflow.settings import Settings  # noqa: E402
+from tests.integration.conftest import clickhouse_password  # noqa: E402
 from tests.integration.test_clickhouse_http import ServerProcess  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -405,24 +407,27 @@ def test_state_directories_are_private(server: ServerProcess) -> None:
             assert stat.S_IMODE((Path(root) / name).stat().st_mode) & 0o077 == 0, Path(root) / name
 
 
-# -- the password through Settings --------------------------------------------------------------------------
+# -- the password through the store's connection settings -------------------------------------------------
 
 
-def test_password_is_generated_once_private_and_read_by_settings(
+def test_password_is_generated_once_private_and_read_by_the_stores_settings(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from changeflow.sinks.clickhouse import ClickHouseSettings
+
     monkeypatch.delenv("CHANGEFLOW_CLICKHOUSE_PASSWORD", raising=False)
     settings = Settings(state_dir=tmp_path / "state")
-    assert settings.clickhouse_password.get_secret_value() == ""
+    assert ClickHouseSettings.load(settings).password is None
     password = secrets.clickhouse_password(settings)
-    assert len(password) >= 24 and settings.clickhouse_password.get_secret_value() == password
+    assert len(password) >= 24
     path = tmp_path / "state" / "secrets" / "clickhouse_password"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
-    assert Settings(state_dir=tmp_path / "state").clickhouse_password.get_secret_value() == password
+    assert clickhouse_password(settings) == password  # a settings object made before the file finds it too
+    assert clickhouse_password(Settings(state_dir=tmp_path / "state")) == password
     assert secrets.clickhouse_password(Settings(state_dir=tmp_path / "state")) == password  # generated once
     monkeypatch.setenv("CHANGEFLOW_CLICKHOUSE_PASSWORD", "from-env")
-    assert Settings(state_dir=tmp_path / "state").clickhouse_password.get_secret_value() == "from-env"
+    assert clickhouse_password(Settings(state_dir=tmp_path / "state")) == "from-env"
     assert secrets.clickhouse_password(Settings(state_dir=tmp_path / "state")) == "from-env"
 
 
@@ -432,11 +437,11 @@ def test_live_stack_clickhouse_requires_the_generated_password(live_stack: Setti
     client = client_for(Settings())  # a fresh settings object finds the password on its own
     assert client.command("SELECT 1") == 1
     client.close()
-    url = live_stack.clickhouse_url
+    url = ClickHouseService(live_stack).url
     r = httpx.post(f"{url}/", content="SELECT 1")
     refusal(r, 516, "AUTHENTICATION_FAILED", 403)
     r = httpx.post(f"{url}/", content="SELECT * FROM file('/etc/passwd', 'LineAsString')",
-                   auth=(live_stack.clickhouse_user, live_stack.clickhouse_password.get_secret_value()))  # fmt: skip
+                   auth=("default", clickhouse_password(live_stack)))  # fmt: skip
     refusal(r, 497, "ACCESS_DENIED", 403)
     home = live_stack.state / "clickhouse"
     assert stat.S_IMODE(home.stat().st_mode) == 0o700

@@ -26,10 +26,11 @@ from changeflow.reports.status import collect
 from changeflow.schemas import SchemaVersion
 from changeflow.schemas.book import schema_book
 from changeflow.settings import Settings
-from changeflow.sinks.clickhouse import ClickHouseStore, client_for
-from changeflow.sinks.search import SearchStore
+from changeflow.sinks.clickhouse import ClickHouseStore, client_for, table_of
+from changeflow.sinks.redis import key_prefix, row_key
+from changeflow.sinks.search import SearchStore, index_name
 from changeflow.streams.records import ChangeRecord
-from tests.integration.conftest import eventually
+from tests.integration.conftest import eventually, redis_url, search_url
 
 pytestmark = pytest.mark.integration
 
@@ -60,7 +61,7 @@ def test_stale_records_change_nothing_in_search_and_clickhouse(pipeline: Setting
         for sink in (search, ch):
             sink.write_batch([product(sv, key, 200, "new")])
             sink.write_batch([product(sv, key, 100, "old")])  # an older record arrives late
-        doc = httpx.get(f"{pipeline.search_url}/products/_doc/{key}", timeout=5).json()
+        doc = httpx.get(f"{search_url(pipeline)}/products/_doc/{key}", timeout=5).json()
         assert doc["_source"]["name"] == "new" and doc["_version"] == 200
         rows = client.query("SELECT name, _version FROM changeflow.products FINAL WHERE id = {k:Int64}",
                             parameters={"k": int(key)}).result_rows
@@ -68,7 +69,7 @@ def test_stale_records_change_nothing_in_search_and_clickhouse(pipeline: Setting
         for sink in (search, ch):
             sink.write_batch([product(sv, key, 300, "", op="d")])
             sink.write_batch([product(sv, key, 250, "resurrected")])  # older than the delete
-        assert httpx.get(f"{pipeline.search_url}/products/_doc/{key}", timeout=5).status_code == 404
+        assert httpx.get(f"{search_url(pipeline)}/products/_doc/{key}", timeout=5).status_code == 404
         assert client.query("SELECT count() FROM changeflow.products FINAL WHERE id = {k:Int64}",
                             parameters={"k": int(key)}).result_rows == [(0,)]
     finally:
@@ -125,31 +126,31 @@ def test_a_stopped_store_holds_its_sink_and_catches_up_without_loss(
     ids = [r[0] for r in pg.execute("SELECT id FROM products WHERE sku LIKE %s", (f"{sku_prefix}-%",)).fetchall()]
     assert len(ids) == 48
     if sink == "redis":
-        rds = redis.Redis.from_url(pipeline.redis_url, decode_responses=True)
-        values = rds.mget([commerce.entities["products"].redis_key(str(i)) for i in ids])
+        rds = redis.Redis.from_url(redis_url(pipeline), decode_responses=True)
+        values = rds.mget([row_key(commerce.entities["products"], str(i)) for i in ids])
         assert all(v is not None and json.loads(v)["name"].startswith("outage ") for v in values)
     pg.execute("DELETE FROM products WHERE sku LIKE %s", (f"{sku_prefix}-%",))
 
 
 def store_state(settings: Settings, p: Pipeline) -> dict[str, Any]:
-    rds = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    rds = redis.Redis.from_url(redis_url(settings), decode_responses=True)
     products, orders = p.entities["products"], p.entities["orders"]
-    keys = (sorted(rds.scan_iter(match=f"{products.redis_prefix}:*", count=1000))
-            + sorted(rds.scan_iter(match=f"{orders.redis_prefix}:*", count=1000)))
+    keys = (sorted(rds.scan_iter(match=f"{key_prefix(products)}:*", count=1000))
+            + sorted(rds.scan_iter(match=f"{key_prefix(orders)}:*", count=1000)))
     client = client_for(settings)
     try:
         ch_rows = client.query(
             "SELECT id, sku, name, description, category, price, stock, _version "
-            f"FROM {products.clickhouse_database}.{products.clickhouse_table} FINAL ORDER BY id"
+            f"FROM {table_of(products)[0]}.{table_of(products)[1]} FINAL ORDER BY id"
         ).result_rows
         ch_orders = client.query("SELECT id, status, total_amount, _version "
-                                 f"FROM {orders.clickhouse_database}.{orders.clickhouse_table} FINAL ORDER BY id"
+                                 f"FROM {table_of(orders)[0]}.{table_of(orders)[1]} FINAL ORDER BY id"
                                  ).result_rows
     finally:
         client.close()
-    indexes = f"{products.search_index},{orders.search_index}"
-    httpx.post(f"{settings.search_url}/{indexes}/_refresh", timeout=10)
-    hits = httpx.post(f"{settings.search_url}/{indexes}/_search",
+    indexes = f"{index_name(products)},{index_name(orders)}"
+    httpx.post(f"{search_url(settings)}/{indexes}/_refresh", timeout=10)
+    hits = httpx.post(f"{search_url(settings)}/{indexes}/_search",
                       json={"size": 10000, "version": True, "sort": ["_doc"]}, timeout=30).json()["hits"]["hits"]
     return {
         "redis": {k: rds.get(k) for k in keys},

@@ -26,8 +26,9 @@ from confluent_kafka.admin import AdminClient
 from changeflow.pipelines.spec import Pipeline
 from changeflow.settings import Settings
 from changeflow.sinks.clickhouse import client_for
+from changeflow.sinks.redis import row_key
 from changeflow.streams.dlq import REPLAY_OF
-from tests.integration.conftest import eventually
+from tests.integration.conftest import eventually, redis_url, search_url
 from tests.unit.envelopes import encoded, envelope, product_row
 
 pytestmark = pytest.mark.integration
@@ -98,7 +99,7 @@ def pg(pipeline: Settings) -> Iterator[psycopg.Connection[Any]]:
 
 @pytest.fixture
 def rds(pipeline: Settings) -> redis.Redis:
-    return redis.Redis.from_url(pipeline.redis_url, decode_responses=True)
+    return redis.Redis.from_url(redis_url(pipeline), decode_responses=True)
 
 
 @pytest.fixture
@@ -196,7 +197,7 @@ def test_a_corrupted_canonical_message_is_a_dead_letter_of_each_sink_and_the_sto
     pid = int(row[0])
     try:
         eventually(lambda: redis_text(rds, f"product:{pid}"), timeout=90, what="product after corruption in redis")
-        eventually(lambda: httpx.get(f"{pipeline.search_url}/products/_doc/{pid}", timeout=5).status_code == 200,
+        eventually(lambda: httpx.get(f"{search_url(pipeline)}/products/_doc/{pid}", timeout=5).status_code == 200,
                    timeout=90, what="product in search")
         ch = client_for(pipeline)
         try:
@@ -246,7 +247,7 @@ def test_fixed_dead_letter_replays_into_the_stores_once(
         ("changeflow.offset", str(origin_offset).encode()),
         ("changeflow.error", b"KeyError: 'price_cents'"),
     ])
-    redis_key = commerce.entities["products"].redis_key(str(pid))
+    redis_key = row_key(commerce.entities["products"], str(pid))
     versions_key = f"{commerce.namespace}:versions"
     try:
         entry: dict[str, Any] = eventually(lambda: dlq_list().get(dead_id) or {}, timeout=30,
@@ -299,5 +300,5 @@ def test_fixed_dead_letter_replays_into_the_stores_once(
         eventually(lambda: rds.get(redis_key) is None, timeout=90, what="retracted from redis")
         eventually(lambda: not ch.query("SELECT 1 FROM changeflow.products FINAL WHERE id = {id:Int64}",
                                         parameters={"id": pid}).result_rows, timeout=90, what="retracted from ch")
-        eventually(lambda: httpx.get(f"{pipeline.search_url}/products/_doc/{pid}", timeout=10).status_code == 404,
+        eventually(lambda: httpx.get(f"{search_url(pipeline)}/products/_doc/{pid}", timeout=10).status_code == 404,
                    timeout=90, what="retracted from search")

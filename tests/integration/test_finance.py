@@ -29,7 +29,7 @@ from changeflow.pipelines.spec import Pipeline, build
 from changeflow.reports.finance import GRACE_SECONDS, ensure_views, read_daily, read_exceptions, report
 from changeflow.schemas.book import schema_book
 from changeflow.settings import Settings
-from changeflow.sinks.clickhouse import META_COLUMNS, ClickHouseStore, client_for
+from changeflow.sinks.clickhouse import META_COLUMNS, ClickHouseStore, client_for, home_database
 from tests.integration.conftest import eventually
 
 pytestmark = pytest.mark.integration
@@ -190,7 +190,7 @@ def as_tuple(exc: dict[str, Any]) -> Exc:
 
 
 def my_exceptions(ch: Any, settings: Settings, p: Planted) -> set[Exc]:
-    found = [e.as_dict() for e in read_exceptions(ch, load().clickhouse_database)]
+    found = [e.as_dict() for e in read_exceptions(ch, home_database(load()))]
     mine = [as_tuple(e) for e in found if p.mine(e)]
     assert len(mine) == len(set(mine)), f"duplicate exception rows: {mine}"
     return set(mine)
@@ -242,7 +242,7 @@ def daily_rows(p: Planted) -> list[dict[str, Any]]:
 def test_report_finds_exactly_the_planted_exceptions_and_exact_daily_figures(
     pipeline: Settings, pg: psycopg.Connection[Any], ch: Any, planted: Planted
 ) -> None:
-    p, db = planted, load().clickhouse_database
+    p, db = planted, home_database(load())
     plant(pg, p)
     eventually(lambda: views_ready(ch, db), timeout=90, interval=0.1, what="the finance views")
 
@@ -334,7 +334,7 @@ def scratch(live_stack: Settings) -> Iterator[tuple[Pipeline, Any]]:
     report(live_stack, scratch_pipeline)  # creates the views, as every report run does
     client = client_for(live_stack)
     yield scratch_pipeline, client
-    client.command(f"DROP DATABASE IF EXISTS {scratch_pipeline.clickhouse_database}")
+    client.command(f"DROP DATABASE IF EXISTS {home_database(scratch_pipeline)}")
     client.close()
     store.close()
 
@@ -343,11 +343,11 @@ def test_the_report_creates_the_views_with_the_grace_window_stated(scratch: tupl
     scratch_pipeline, client = scratch
     rows = client.query(
         "SELECT name, comment FROM system.tables WHERE database = {db:String} AND engine = 'View' ORDER BY name",
-        parameters={"db": scratch_pipeline.clickhouse_database},
+        parameters={"db": home_database(scratch_pipeline)},
     ).result_rows
     assert [name for name, _ in rows] == ["finance_daily", "finance_exceptions"]
     assert f"at least {GRACE_SECONDS} s ago by _ingested_at" in dict(rows)["finance_exceptions"]
-    columns = client.query(f"DESCRIBE {scratch_pipeline.clickhouse_database}.finance_exceptions").result_rows
+    columns = client.query(f"DESCRIBE {home_database(scratch_pipeline)}.finance_exceptions").result_rows
     assert [(c[0], c[1]) for c in columns] == [
         ("kind", "String"), ("order_id", "Nullable(String)"), ("payment_id", "Nullable(String)"),
         ("refund_id", "Nullable(String)"), ("expected", "Nullable(Decimal(38, 2))"),
@@ -363,7 +363,7 @@ def test_grace_window_holds_back_rows_of_a_transaction_still_arriving(scratch: t
     it depends on is older than the window.
     """
     scratch_pipeline, client = scratch
-    db = scratch_pipeline.clickhouse_database
+    db = home_database(scratch_pipeline)
     now = datetime.now(UTC)
     old, recent = now - timedelta(seconds=60), now
     meta = list(META_COLUMNS)

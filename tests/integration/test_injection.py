@@ -18,8 +18,9 @@ from psycopg import sql
 
 from changeflow.pipelines.spec import Pipeline
 from changeflow.settings import Settings
-from changeflow.sinks.clickhouse import client_for
-from tests.integration.conftest import eventually
+from changeflow.sinks.clickhouse import client_for, table_of
+from changeflow.sinks.redis import row_key
+from tests.integration.conftest import eventually, redis_url
 
 pytestmark = pytest.mark.integration
 
@@ -53,17 +54,17 @@ def test_a_hostile_column_name_is_one_quoted_column_and_drops_nothing(pipeline: 
                 (sku,)).fetchone()
             assert row is not None
             key = str(row[0])
-            rds = redis.Redis.from_url(pipeline.redis_url, decode_responses=True)
+            rds = redis.Redis.from_url(redis_url(pipeline), decode_responses=True)
             doc: dict[str, Any] = eventually(
-                lambda: (v := rds.get(products.redis_key(key))) and json.loads(v), timeout=90, what="row in redis")
+                lambda: (v := rds.get(row_key(products, key))) and json.loads(v), timeout=90, what="row in redis")
             assert HOSTILE in doc, doc
             assert doc[HOSTILE] == "payload" and doc[BACKSLASH] == "tail" and doc["name"] == "kept"
             columns = eventually(
-                lambda: (c := clickhouse_columns(pipeline, products.clickhouse_database, products.clickhouse_table))
+                lambda: (c := clickhouse_columns(pipeline, table_of(products)[0], table_of(products)[1]))
                 and HOSTILE in c and BACKSLASH in c and c, timeout=90, what="the columns in clickhouse")
             assert "name" in columns and "pwned" not in columns
             assert columns[HOSTILE] == "Nullable(String)" and columns[BACKSLASH] == "Nullable(String)"
-            table = f"{quote_identifier(products.clickhouse_database)}.{quote_identifier(products.clickhouse_table)}"
+            table = f"{quote_identifier(table_of(products)[0])}.{quote_identifier(table_of(products)[1])}"
             ch = client_for(pipeline)
             try:
                 found = eventually(lambda: ch.query(

@@ -20,6 +20,7 @@ from changeflow.deploy.kafka import KafkaService
 from changeflow.deploy.search_engine import SearchEngineService
 from changeflow.deploy.service import Service
 from changeflow.settings import Settings
+from tests.integration.conftest import search_url
 
 pytestmark = pytest.mark.integration
 
@@ -31,16 +32,19 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     state: Path = tmp_path_factory.mktemp("jvm-state")
-    return Settings(
-        state_dir=state,
-        kafka_port=free_port(),
-        kafka_controller_port=free_port(),
-        connect_port=free_port(),
-        search_port=free_port(),
-        search_transport_port=free_port(),
-    )
+    # The search engine's ports are its own settings (CHANGEFLOW_SEARCH_*: deploy/search_engine.py), read by the
+    # service and by the search store alike.
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("CHANGEFLOW_SEARCH_PORT", str(free_port()))
+        env.setenv("CHANGEFLOW_SEARCH_TRANSPORT_PORT", str(free_port()))
+        yield Settings(
+            state_dir=state,
+            kafka_port=free_port(),
+            kafka_controller_port=free_port(),
+            connect_port=free_port(),
+        )
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +123,7 @@ def test_connect_lists_both_debezium_connectors(services: dict, settings: Settin
 
 
 def test_search_external_versions_bulk_and_aliases(services: dict, settings: Settings) -> None:
-    url = settings.search_url
+    url = search_url(settings)
     with httpx.Client(base_url=url, timeout=30) as client:
         assert client.put("/smoke_v1", json={"aliases": {"smoke": {}}}).status_code == 200
         lines = [

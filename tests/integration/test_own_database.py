@@ -34,8 +34,10 @@ from changeflow.pipelines.load import load
 from changeflow.pipelines.spec import Pipeline
 from changeflow.schemas.topic import read_versions
 from changeflow.settings import Settings
-from changeflow.sinks.clickhouse import client_for
-from tests.integration.conftest import eventually, stop_process
+from changeflow.sinks.clickhouse import client_for, table_of
+from changeflow.sinks.redis import row_key
+from changeflow.sinks.search import index_name
+from tests.integration.conftest import eventually, redis_url, search_url, stop_process
 
 pytestmark = pytest.mark.integration
 
@@ -175,11 +177,11 @@ def _drop_everything(settings: Settings, database: str, name: str) -> None:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database)))
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
             sql.Identifier(read_model_database(name))))
-    rds = redis.Redis.from_url(settings.redis_url)
+    rds = redis.Redis.from_url(redis_url(settings))
     keys = list(rds.scan_iter(match=f"{name}:*", count=1000))
     if keys:
         rds.delete(*keys)
-    httpx.delete(f"{settings.search_url}/{name}-*", timeout=30)
+    httpx.delete(f"{search_url(settings)}/{name}-*", timeout=30)
     ch = client_for(settings)
     try:
         ch.command(f"DROP DATABASE IF EXISTS `{name}`")
@@ -231,12 +233,12 @@ def _answers(port: int) -> bool:
 
 
 def redis_row(settings: Settings, key: str) -> Any:
-    value = redis.Redis.from_url(settings.redis_url).get(key)
+    value = redis.Redis.from_url(redis_url(settings)).get(key)
     return None if value is None else json.loads(value)
 
 
 def search_doc(settings: Settings, index: str, doc_id: str) -> Any:
-    response = httpx.get(f"{settings.search_url}/{index}/_doc/{httpx.URL('x/' + doc_id).raw_path.decode()[2:]}",
+    response = httpx.get(f"{search_url(settings)}/{index}/_doc/{httpx.URL('x/' + doc_id).raw_path.decode()[2:]}",
                          timeout=10)
     return response.json().get("_source") if response.status_code == 200 else None
 
@@ -260,10 +262,10 @@ def test_own_database_reaches_every_store_exactly_and_reconciles(
     every, lines, customers = own.entity("everything"), own.entity("order_lines"), own.entity("customers")
 
     # The snapshot: every type, exactly, in every store.
-    assert eventually(lambda: redis_row(settings, every.redis_key("1")), timeout=120, what="snapshot in redis") \
+    assert eventually(lambda: redis_row(settings, row_key(every, "1")), timeout=120, what="snapshot in redis") \
         == expected_json(1)
-    assert eventually(lambda: search_doc(settings, every.search_index, "1"), timeout=60) == expected_json(1)
-    rows = eventually(lambda: clickhouse_rows(settings, every.clickhouse_database, every.clickhouse_table, "id"),
+    assert eventually(lambda: search_doc(settings, index_name(every), "1"), timeout=60) == expected_json(1)
+    rows = eventually(lambda: clickhouse_rows(settings, table_of(every)[0], table_of(every)[1], "id"),
                       timeout=60, what="snapshot in clickhouse")
     assert len(rows) == 1
     assert {k: v for k, v in rows[0].items() if expected_clickhouse(1).get(k, "absent") != v} == {}
@@ -271,11 +273,11 @@ def test_own_database_reaches_every_store_exactly_and_reconciles(
 
     # A composite key is one unambiguous text in Redis and search; typed key columns in ClickHouse.
     line_key = f'["{UID}","1"]'  # README "Keys": the JSON array of the values' texts
-    assert eventually(lambda: redis_row(settings, lines.redis_key(line_key)), timeout=60) == {
+    assert eventually(lambda: redis_row(settings, row_key(lines, line_key)), timeout=60) == {
         "order_id": str(UID), "line no": 1, "qty": "2.500", "note": "first"}
-    assert search_doc(settings, lines.search_index, line_key) == {
+    assert search_doc(settings, index_name(lines), line_key) == {
         "order_id": str(UID), "line no": 1, "qty": "2.500", "note": "first"}
-    assert eventually(lambda: redis_row(settings, customers.redis_key(ODD_CODE)), timeout=60) == {
+    assert eventually(lambda: redis_row(settings, row_key(customers, ODD_CODE)), timeout=60) == {
         "code": ODD_CODE, "name": "Bob"}
 
     # Live changes: insert, update, delete, and a composite-key row moved by an update of its key.
@@ -288,24 +290,24 @@ def test_own_database_reaches_every_store_exactly_and_reconciles(
                      ("moved",))
         conn.execute(sql.SQL("DELETE FROM {}.customers WHERE code = 'C-1'").format(s))
 
-    assert eventually(lambda: redis_row(settings, every.redis_key("2")), timeout=60) == expected_json(2, "two")
-    eventually(lambda: redis_row(settings, every.redis_key("1")) == expected_json(1, "changed ✓"), timeout=60,
+    assert eventually(lambda: redis_row(settings, row_key(every, "2")), timeout=60) == expected_json(2, "two")
+    eventually(lambda: redis_row(settings, row_key(every, "1")) == expected_json(1, "changed ✓"), timeout=60,
                what="update in redis")
-    eventually(lambda: search_doc(settings, every.search_index, "1") == expected_json(1, "changed ✓"), timeout=60,
+    eventually(lambda: search_doc(settings, index_name(every), "1") == expected_json(1, "changed ✓"), timeout=60,
                what="update in search")
-    eventually(lambda: clickhouse_rows(settings, every.clickhouse_database, every.clickhouse_table, "id")
+    eventually(lambda: clickhouse_rows(settings, table_of(every)[0], table_of(every)[1], "id")
                == [expected_clickhouse(1, "changed ✓"), expected_clickhouse(2, "two")], timeout=60,
                what="insert and update in clickhouse")
-    eventually(lambda: redis_row(settings, customers.redis_key("C-1")) is None
-               and search_doc(settings, customers.search_index, "C-1") is None, timeout=60, what="delete")
+    eventually(lambda: redis_row(settings, row_key(customers, "C-1")) is None
+               and search_doc(settings, index_name(customers), "C-1") is None, timeout=60, what="delete")
     moved = f'["{UID}","3"]'
-    eventually(lambda: redis_row(settings, lines.redis_key(moved)) is not None
-               and redis_row(settings, lines.redis_key(f'["{UID}","2"]')) is None, timeout=60,
+    eventually(lambda: redis_row(settings, row_key(lines, moved)) is not None
+               and redis_row(settings, row_key(lines, f'["{UID}","2"]')) is None, timeout=60,
                what="key change")
-    assert clickhouse_rows(settings, lines.clickhouse_database, lines.clickhouse_table, "`line no`") == [
+    assert clickhouse_rows(settings, table_of(lines)[0], table_of(lines)[1], "`line no`") == [
         {"order_id": str(UID), "line no": 1, "qty": Decimal("2.500"), "note": "first"},
         {"order_id": str(UID), "line no": 3, "qty": Decimal("1.000"), "note": "moved"}]
-    assert clickhouse_rows(settings, customers.clickhouse_database, customers.clickhouse_table, "code") == [
+    assert clickhouse_rows(settings, table_of(customers)[0], table_of(customers)[1], "code") == [
         {"code": ODD_CODE, "name": "Bob"}]
     # The PostgreSQL store: typed tables, the source's own types and values, the same deletes and key moves.
     eventually(lambda: postgres_store_rows(settings, own.namespace, "customers", "code")
@@ -354,11 +356,11 @@ def test_own_database_reaches_every_store_exactly_and_reconciles(
     assert f"clickhouse: database {own.namespace} dropped" in purged.stdout
     assert f"postgres: table {read_model_database(own.namespace)}.public.everything dropped" in purged.stdout
     assert postgres_store_rows(settings, own.namespace, "everything", "id") == []
-    assert f"search: index {every.search_index}-000001 deleted" in purged.stdout
+    assert f"search: index {index_name(every)}-000001 deleted" in purged.stdout
     assert f"kafka: topic {own.schema_topic} deleted" in purged.stdout
     assert f"connector {own.connector_name('postgres')}: offsets deleted" in purged.stdout
-    assert not list(redis.Redis.from_url(settings.redis_url).scan_iter(match=f"{own.namespace}:*"))
-    assert httpx.get(f"{settings.search_url}/_cat/indices/{own.namespace}-*?format=json", timeout=10).json() == []
+    assert not list(redis.Redis.from_url(redis_url(settings)).scan_iter(match=f"{own.namespace}:*"))
+    assert httpx.get(f"{search_url(settings)}/_cat/indices/{own.namespace}-*?format=json", timeout=10).json() == []
     ch = client_for(settings)
     try:
         assert ch.command("SELECT count() FROM system.databases WHERE name = {db:String}",
@@ -384,9 +386,9 @@ def test_own_database_reaches_every_store_exactly_and_reconciles(
         worker = subprocess.Popen([sys.executable, "-m", "changeflow", "--pipeline", str(file), "worker"],
                                   cwd=file.parent, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        assert eventually(lambda: redis_row(settings, every.redis_key("1")), timeout=150,
+        assert eventually(lambda: redis_row(settings, row_key(every, "1")), timeout=150,
                           what="row 1 snapshotted again") == expected_json(1, "changed ✓")
-        eventually(lambda: redis_row(settings, customers.redis_key(ODD_CODE)) is not None, timeout=60,
+        eventually(lambda: redis_row(settings, row_key(customers, ODD_CODE)) is not None, timeout=60,
                    what="customers snapshotted again")
     finally:
         stop_process(worker)

@@ -15,7 +15,7 @@ import redis
 from changeflow.pipelines.spec import Pipeline
 from changeflow.settings import Settings
 from changeflow.sinks.clickhouse import client_for
-from tests.integration.conftest import eventually
+from tests.integration.conftest import eventually, redis_url, search_url
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +28,7 @@ def pg(pipeline: Settings) -> Iterator[psycopg.Connection[Any]]:
 
 @pytest.fixture
 def rds(pipeline: Settings) -> redis.Redis:
-    return redis.Redis.from_url(pipeline.redis_url, decode_responses=True)
+    return redis.Redis.from_url(redis_url(pipeline), decode_responses=True)
 
 
 @pytest.fixture
@@ -39,7 +39,7 @@ def ch(pipeline: Settings) -> Iterator[Any]:
 
 
 def search_doc(settings: Settings, pid: int) -> dict[str, Any] | None:
-    response = httpx.get(f"{settings.search_url}/products/_doc/{pid}", timeout=5)
+    response = httpx.get(f"{search_url(settings)}/products/_doc/{pid}", timeout=5)
     if response.status_code == 404:
         return None
     response.raise_for_status()
@@ -48,8 +48,8 @@ def search_doc(settings: Settings, pid: int) -> dict[str, Any] | None:
 
 
 def search_ids(settings: Settings, query: dict[str, Any]) -> list[str]:
-    httpx.post(f"{settings.search_url}/products/_refresh", timeout=10)
-    response = httpx.post(f"{settings.search_url}/products/_search", json={"query": query}, timeout=10)
+    httpx.post(f"{search_url(settings)}/products/_refresh", timeout=10)
+    response = httpx.post(f"{search_url(settings)}/products/_search", json={"query": query}, timeout=10)
     response.raise_for_status()
     return sorted(hit["_id"] for hit in response.json()["hits"]["hits"])
 

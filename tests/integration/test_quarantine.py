@@ -33,9 +33,11 @@ from changeflow.pipelines.load import load
 from changeflow.pipelines.spec import Pipeline
 from changeflow.schemas.book import schema_book
 from changeflow.settings import Settings
-from changeflow.sinks.clickhouse import ClickHouseStore, client_for
+from changeflow.sinks.clickhouse import ClickHouseStore, client_for, table_of
+from changeflow.sinks.redis import row_key
+from changeflow.sinks.search import index_name
 from changeflow.streams.records import ChangeRecord
-from tests.integration.conftest import eventually, stop_process
+from tests.integration.conftest import clickhouse_password, eventually, redis_url, search_url, stop_process
 
 pytestmark = pytest.mark.integration
 
@@ -78,18 +80,18 @@ class Throwaway:
                     sql.Identifier(self.schema)), (id_, json.dumps(attrs), qty, label))
 
     def redis_row(self, key: int) -> dict[str, Any] | None:
-        raw = redis.Redis.from_url(self.settings.redis_url).get(self.items.redis_key(str(key)))
+        raw = redis.Redis.from_url(redis_url(self.settings)).get(row_key(self.items, str(key)))
         return json.loads(raw) if raw else None
 
     def search_doc(self, key: int) -> dict[str, Any] | None:
-        r = httpx.get(f"{self.settings.search_url}/{self.items.search_index}/_doc/{key}", timeout=5)
+        r = httpx.get(f"{search_url(self.settings)}/{index_name(self.items)}/_doc/{key}", timeout=5)
         return r.json() if r.status_code == 200 and r.json().get("found") else None
 
     def ch_rows(self, *keys: int) -> dict[int, tuple[Any, ...]]:
         client = client_for(self.settings)
         try:
             rows = client.query(
-                f"SELECT id, qty, label, attrs, _version FROM `{self.items.clickhouse_database}`.`items` FINAL "
+                f"SELECT id, qty, label, attrs, _version FROM `{table_of(self.items)[0]}`.`items` FINAL "
                 f"WHERE id IN ({', '.join(str(k) for k in keys)})").result_rows
         except Exception:  # the table is made by the sink's first batch
             return {}
@@ -140,14 +142,14 @@ def throwaway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Throwaway]:
     log = root / "worker.log"
     env = {**os.environ, "CHANGEFLOW_STATE_DIR": str(root / "state"), "CHANGEFLOW_WORKER_WEB_PORT": str(port),
            "PYTHONUNBUFFERED": "1"}
-    if settings.clickhouse_password is not None:  # the stack's secret lives in the shared state dir
-        env["CHANGEFLOW_CLICKHOUSE_PASSWORD"] = settings.clickhouse_password.get_secret_value()
+    # The stack's secrets live in the shared state dir, not in this one (README: a worker with its own state dir).
+    env["CHANGEFLOW_CLICKHOUSE_PASSWORD"] = clickhouse_password(settings)
     if settings.pg_replication_password is not None:
         env["CHANGEFLOW_PG_REPLICATION_PASSWORD"] = settings.pg_replication_password.get_secret_value()
-    for name in ("redis_password", "pg_superuser_password"):  # README: a worker with its own state dir
-        secret = getattr(settings, name)
+    for name in ("redis_password", "pg_superuser_password"):
+        secret = settings.stored_secret(name)
         if secret is not None:
-            env[f"CHANGEFLOW_{name.upper()}"] = secret.get_secret_value()
+            env.setdefault(f"CHANGEFLOW_{name.upper()}", secret.get_secret_value())
     worker: subprocess.Popen[bytes] | None = None
     try:
         applied = changeflow(file, "connectors", "apply", "--timeout", "180")
@@ -189,13 +191,13 @@ def throwaway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Throwaway]:
             conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
             for table in (pipeline.signal_table, pipeline.heartbeat_table):
                 conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(*table.split("."))))
-        httpx.delete(f"{settings.search_url}/{name}-*", timeout=30)
+        httpx.delete(f"{search_url(settings)}/{name}-*", timeout=30)
         ch = client_for(settings)
         try:
             ch.command(f"DROP DATABASE IF EXISTS `{name}`")
         finally:
             ch.close()
-        rds = redis.Redis.from_url(settings.redis_url)
+        rds = redis.Redis.from_url(redis_url(settings))
         for key in rds.scan_iter(match=f"{name}:*", count=1000):
             rds.delete(key)
 
@@ -243,7 +245,7 @@ def test_mapping_conflict_is_quarantined_for_search_only_and_replays_after_the_f
     data = yaml.safe_load(t.file.read_text())
     data["entities"]["items"]["stores"]["search"]["mappings"]["attrs"] = {"type": "object", "enabled": False}
     t.file.write_text(yaml.safe_dump(data, sort_keys=False))
-    base, alias = t.settings.search_url, t.items.search_index
+    base, alias = search_url(t.settings), index_name(t.items)
     old = next(iter(httpx.get(f"{base}/{alias}/_alias", timeout=10).json()))
     mapping = httpx.get(f"{base}/{old}/_mapping", timeout=10).json()[old]["mappings"]
     mapping["properties"]["attrs"] = {"type": "object", "enabled": False}
@@ -321,7 +323,7 @@ def test_a_row_the_clickhouse_server_refuses_is_quarantined_with_the_servers_rea
     eventually(lambda: t.ch_rows(10), timeout=FRESH, what="the items table exists")
     client = client_for(t.settings)
     try:
-        client.command(f"ALTER TABLE `{t.items.clickhouse_database}`.`items` "
+        client.command(f"ALTER TABLE `{table_of(t.items)[0]}`.`items` "
                        "ADD CONSTRAINT label_allowed CHECK ifNull(label, '') != 'forbidden'")
         t.insert((40, {"n": 40}, 1, "fine"), (41, {"n": 41}, 2, "forbidden"), (42, {"n": 42}, 3, "fine too"))
         eventually(lambda: set(t.ch_rows(40, 42)) == {40, 42}, timeout=FRESH, what="rows 40 and 42 in clickhouse")
@@ -333,5 +335,5 @@ def test_a_row_the_clickhouse_server_refuses_is_quarantined_with_the_servers_rea
         t.alive()
     finally:
         with contextlib.suppress(Exception):
-            client.command(f"ALTER TABLE `{t.items.clickhouse_database}`.`items` DROP CONSTRAINT label_allowed")
+            client.command(f"ALTER TABLE `{table_of(t.items)[0]}`.`items` DROP CONSTRAINT label_allowed")
         client.close()

@@ -37,8 +37,10 @@ from changeflow.pipelines.load import load
 from changeflow.pipelines.spec import EntitySpec
 from changeflow.settings import Settings
 from changeflow.sinks.base import create
-from changeflow.sinks.clickhouse import client_for
-from tests.integration.conftest import eventually, stop_process
+from changeflow.sinks.clickhouse import client_for, table_of
+from changeflow.sinks.redis import key_prefix
+from changeflow.sinks.search import index_name
+from tests.integration.conftest import eventually, redis_url, search_url, stop_process
 from tests.integration.test_own_database import _answers, _drop_everything
 
 pytestmark = pytest.mark.integration
@@ -87,15 +89,15 @@ def run(file: Path | None, *argv: str, env: dict[str, str] | None = None) -> sub
 
 def redis_rows(settings: Settings, spec: EntitySpec) -> dict[str, Any]:
     """Every row of the entity in Redis, by its ``id`` column."""
-    client = redis.Redis.from_url(settings.redis_url)
-    rows = [json.loads(v) for k in client.scan_iter(match=f"{spec.redis_prefix}:*", count=1000)
+    client = redis.Redis.from_url(redis_url(settings))
+    rows = [json.loads(v) for k in client.scan_iter(match=f"{key_prefix(spec)}:*", count=1000)
             if (v := client.get(k)) is not None]
     return {row["id"]: row for row in rows}
 
 
 def search_rows(settings: Settings, spec: EntitySpec) -> dict[str, Any]:
-    httpx.post(f"{settings.search_url}/{spec.search_index}/_refresh", timeout=30)
-    response = httpx.get(f"{settings.search_url}/{spec.search_index}/_search", params={"size": 100}, timeout=30)
+    httpx.post(f"{search_url(settings)}/{index_name(spec)}/_refresh", timeout=30)
+    response = httpx.get(f"{search_url(settings)}/{index_name(spec)}/_search", params={"size": 100}, timeout=30)
     if response.status_code != 200:  # the index is made (and its shard started) when the first record lands
         return {}
     return {hit["_source"]["id"]: hit["_source"] for hit in response.json()["hits"]["hits"]}
@@ -106,7 +108,7 @@ def clickhouse_rows(settings: Settings, spec: EntitySpec) -> dict[str, Any]:
     try:
         try:
             result = client.query(f"SELECT * EXCEPT (_key, _version, _is_deleted, _ts_ms, _ingested_at) FROM "
-                                  f"`{spec.clickhouse_database}`.`{spec.clickhouse_table}` FINAL WHERE NOT _is_deleted")
+                                  f"`{table_of(spec)[0]}`.`{table_of(spec)[1]}` FINAL WHERE NOT _is_deleted")
         except DatabaseError as exc:  # before the sink has set up: no database or table yet
             if "UNKNOWN_DATABASE" in str(exc) or "UNKNOWN_TABLE" in str(exc):
                 return {}

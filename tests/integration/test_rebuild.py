@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from changeflow.settings import Settings
-from tests.integration.conftest import eventually
+from tests.integration.conftest import eventually, redis_url, search_url
 
 pytestmark = pytest.mark.integration
 
@@ -69,7 +69,7 @@ def source_prices(settings: Settings, prefix: str) -> dict[str, str]:
 def test_search_rebuild_during_writes_swaps_the_alias_to_a_complete_index(
     pipeline: Settings, sku_prefix: str
 ) -> None:
-    base = pipeline.search_url
+    base = search_url(pipeline)
     before = httpx.get(f"{base}/_alias/products", timeout=5)
     with WritesDuring(pipeline, sku_prefix) as writes:
         result = changeflow("rebuild", "search", "--entity", "products")
@@ -101,7 +101,7 @@ def test_search_rebuild_during_writes_swaps_the_alias_to_a_complete_index(
 
 
 def test_redis_rebuild_restores_deleted_and_corrupted_keys(pipeline: Settings, sku_prefix: str) -> None:
-    rds = redis.Redis.from_url(pipeline.redis_url, decode_responses=True)
+    rds = redis.Redis.from_url(redis_url(pipeline), decode_responses=True)
     with psycopg.connect(pipeline.pg_dsn, autocommit=True) as conn:
         conn.execute(
             "INSERT INTO products (sku, name, price_cents, stock) "

@@ -22,7 +22,7 @@ import redis
 from changeflow.pipelines.load import load
 from changeflow.settings import Settings
 from changeflow.sinks.clickhouse import client_for
-from tests.integration.conftest import eventually
+from tests.integration.conftest import eventually, redis_url, search_url
 
 N = 5
 VERSIONS_KEY = f"{load().namespace}:versions"  # the Redis store's version hash
@@ -67,7 +67,7 @@ def stray(pipeline: Settings) -> Iterator[str]:
     """A product key no source row can have (product ids are positive)."""
     key = str(-int(uuid.uuid4().int % 10**12) - 1)
     yield key
-    redis.Redis.from_url(pipeline.redis_url).delete(f"product:{key}")
+    redis.Redis.from_url(redis_url(pipeline)).delete(f"product:{key}")
 
 
 def test_reconcile_reports_exactly_the_corrupted_keys_and_repair_fixes_them(
@@ -75,8 +75,8 @@ def test_reconcile_reports_exactly_the_corrupted_keys_and_repair_fixes_them(
 ) -> None:
     s = pipeline
     ids = [p["id"] for p in products]
-    r = redis.Redis.from_url(s.redis_url)
-    http = httpx.Client(base_url=s.search_url, timeout=30)
+    r = redis.Redis.from_url(redis_url(s))
+    http = httpx.Client(base_url=search_url(s), timeout=30)
     ch = client_for(s)
 
     def everywhere() -> bool:

@@ -21,7 +21,7 @@ from changeflow.pipelines.spec import Pipeline
 from changeflow.reports.status import collect
 from changeflow.settings import Settings
 from changeflow.sinks.clickhouse import client_for
-from tests.integration.conftest import eventually
+from tests.integration.conftest import eventually, redis_url, search_url
 
 pytestmark = pytest.mark.integration
 
@@ -80,7 +80,7 @@ def test_two_workers_split_partitions_and_a_sigkilled_one_loses_nothing(
                 ).fetchall()
             }
         assert set(expected) == set(written)
-        rds = redis.Redis.from_url(pipeline.redis_url, decode_responses=True)
+        rds = redis.Redis.from_url(redis_url(pipeline), decode_responses=True)
 
         def redis_prices() -> dict[int, str | None]:
             values = rds.mget([f"product:{i}" for i in written])
@@ -101,9 +101,9 @@ def test_two_workers_split_partitions_and_a_sigkilled_one_loses_nothing(
             ch.close()
 
         def search_prices() -> dict[int, str]:
-            httpx.post(f"{pipeline.search_url}/products/_refresh", timeout=10)
+            httpx.post(f"{search_url(pipeline)}/products/_refresh", timeout=10)
             hits = httpx.post(
-                f"{pipeline.search_url}/products/_search",
+                f"{search_url(pipeline)}/products/_search",
                 json={"size": 1000, "query": {"prefix": {"sku": f"{sku_prefix}-"}}},
                 timeout=10,
             ).json()["hits"]["hits"]

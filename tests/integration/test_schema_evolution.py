@@ -13,8 +13,10 @@ import redis
 
 from changeflow.pipelines.spec import Pipeline
 from changeflow.settings import Settings
-from changeflow.sinks.clickhouse import client_for
-from tests.integration.conftest import eventually
+from changeflow.sinks.clickhouse import client_for, table_of
+from changeflow.sinks.redis import row_key
+from changeflow.sinks.search import index_name
+from tests.integration.conftest import eventually, redis_url, search_url
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +28,7 @@ def pg(pipeline: Settings) -> Iterator[psycopg.Connection[Any]]:
 
 
 def search_source(settings: Settings, index: str, key: str) -> dict[str, Any] | None:
-    r = httpx.get(f"{settings.search_url}/{index}/_doc/{key}", timeout=5)
+    r = httpx.get(f"{search_url(settings)}/{index}/_doc/{key}", timeout=5)
     return r.json()["_source"] if r.status_code == 200 else None
 
 
@@ -39,10 +41,10 @@ def test_new_nullable_column_then_expand_contract_rename_reach_every_store(
     lost."""
     import uuid
 
-    rds = redis.Redis.from_url(pipeline.redis_url, decode_responses=True)
+    rds = redis.Redis.from_url(redis_url(pipeline), decode_responses=True)
     ch = client_for(pipeline)
     orders = commerce.entities["orders"]
-    table, index = f"{orders.clickhouse_database}.{orders.clickhouse_table}", orders.search_index
+    table, index = f"{table_of(orders)[0]}.{table_of(orders)[1]}", index_name(orders)
     first, second = str(uuid.uuid4()), str(uuid.uuid4())
     try:
         pg.execute("ALTER TABLE orders ADD COLUMN IF NOT EXISTS channel text")
@@ -55,7 +57,7 @@ def test_new_nullable_column_then_expand_contract_rename_reach_every_store(
         )
 
         def in_redis(key: str, field: str, value: Any) -> dict[str, Any] | None:
-            raw = rds.get(orders.redis_key(key))
+            raw = rds.get(row_key(orders, key))
             doc = json.loads(raw) if raw else None
             return doc if doc and doc.get(field) == value else None
 
@@ -80,7 +82,7 @@ def test_new_nullable_column_then_expand_contract_rename_reach_every_store(
         assert eventually(lambda: ch_value(first, "priority"), what="integer column in clickhouse") == 3
         column_types = dict(ch.query(
             "SELECT name, type FROM system.columns WHERE database = {db:String} AND table = {t:String}",
-            parameters={"db": orders.clickhouse_database, "t": orders.clickhouse_table}).result_rows)
+            parameters={"db": table_of(orders)[0], "t": table_of(orders)[1]}).result_rows)
         # Types from the source, not Nullable(String) for whatever arrives later; integers as Int64, wide enough
         # for any widening the source may make while running.
         assert column_types["priority"] == "Nullable(Int64)"

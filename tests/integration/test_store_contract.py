@@ -3,14 +3,15 @@
 Parametrised over the store registry, so a store added as one module and one entry point is held to them
 with no test of its own to write: a write lands and reads back exactly (scan, fetch, count); an older
 version never overwrites a newer one; a delete removes the row and remembers its version, so a late older
-update cannot bring it back; a partial record is completed from what the store holds; a batch with a row
+update cannot bring it back; a partial record is completed from what the store holds (by the runner), and one
+whose row the store lacks is re-read, never written incomplete; a batch with a row
 the store refuses writes every other row and hands the refused one back; purge removes what was made.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -20,11 +21,12 @@ import yaml
 from psycopg import sql
 
 from changeflow.pipelines.load import parse
-from changeflow.pipelines.spec import Pipeline
+from changeflow.pipelines.spec import EntitySpec, Pipeline
 from changeflow.pipelines.types import parse_type
 from changeflow.schemas import SchemaVersion, make_version
 from changeflow.settings import Settings
 from changeflow.sinks.base import Store, create, names, registry
+from changeflow.sinks.runner import complete_partials
 from changeflow.streams.records import ChangeRecord
 from tests.integration.conftest import eventually
 
@@ -112,7 +114,11 @@ def test_a_delete_is_remembered_so_a_late_update_cannot_resurrect(contract: tupl
 def test_a_partial_record_is_completed_from_the_stored_row(contract: tuple[Store, Pipeline, SchemaVersion]) -> None:
     store, pipeline, sv = contract
     assert not store.write_batch([record(sv, 1, 100, row(1, "one", price="9.99", tags=["x", "y"]), op="c")])
-    assert not store.write_batch([record(sv, 1, 101, {"id": 1, "name": "renamed"}, partial=True)])
+    # The runner completes partial records from the store before the store writes (#19 §2: a store only writes).
+    writable, refused = complete_partials(store, pipeline, [record(sv, 1, 101, {"id": 1, "name": "renamed"},
+                                                                   partial=True)], no_reread)
+    assert refused == [] and [r.partial for r in writable] == [False]
+    assert not store.write_batch(writable)
     spec = pipeline.entity("things")
     version = store.fetch(spec, ["1"])["1"]
     assert version.version == 101
@@ -120,6 +126,26 @@ def test_a_partial_record_is_completed_from_the_stored_row(contract: tuple[Store
         {"name": "renamed", "price": Decimal("9.99"), "tags": ["x", "y"]},
         {"name": "renamed", "price": "9.99", "tags": ["x", "y"]},  # the JSON stores keep exact decimals as text
     )
+
+
+def no_reread(spec: EntitySpec, held: Sequence[ChangeRecord]) -> None:
+    raise AssertionError(f"no re-read expected, got {[r.key for r in held]}")
+
+
+@pytest.mark.parametrize("contract", STORES, indirect=True)
+def test_a_partial_record_whose_row_the_store_lacks_is_reread_never_written(
+    contract: tuple[Store, Pipeline, SchemaVersion]
+) -> None:
+    """#20 §9: the store has no row for the key (a Redis TTL expired, a row removed): the partial record is not
+    written with its columns missing; its row is re-read from the source instead."""
+    store, pipeline, sv = contract
+    assert not store.write_batch([record(sv, 2, 100, row(2, "two"), op="c")])
+    rereads: list[tuple[str, list[str]]] = []
+    writable, refused = complete_partials(
+        store, pipeline, [record(sv, 1, 101, {"id": 1, "name": "renamed"}, partial=True)],
+        lambda spec, held: rereads.append((spec.name, [r.key for r in held])))
+    assert (writable, refused, rereads) == ([], [], [("things", ["1"])])
+    assert held(store, pipeline) == {"2": ("two", 100)}
 
 
 @pytest.mark.parametrize("contract", STORES, indirect=True)
@@ -180,7 +206,9 @@ def test_source_columns_named_like_every_stores_own_are_kept_under_their_names(
     assert {k: row.get(k) for k in ["id", "name", *CLASHING]} == {"id": 1, "name": "one", **values}
     assert store.fetch(spec, ["1"])["1"].row == row
     # A partial change of one of them keeps the others; a delete removes the row.
-    assert not store.write_batch([record(sv, 1, 101, {"id": 1, "_version": 7}, partial=True)])
+    writable, refused = complete_partials(store, pipeline, [record(sv, 1, 101, {"id": 1, "_version": 7},
+                                                                   partial=True)], no_reread)
+    assert refused == [] and not store.write_batch(writable)
     assert store.fetch(spec, ["1"])["1"].row == {**row, "_version": 7}
     assert not store.write_batch([record(sv, 1, 102, None, op="d")])
     assert store.count(spec) == 0

@@ -18,7 +18,7 @@ from changeflow.pipelines.spec import Pipeline
 from changeflow.settings import Settings
 from changeflow.sinks.clickhouse import client_for
 from changeflow.streams.debezium import UNAVAILABLE
-from tests.integration.conftest import eventually
+from tests.integration.conftest import eventually, redis_url, search_url
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +43,7 @@ def test_unchanged_toasted_column_is_never_written_as_the_placeholder(
         "SELECT pg_column_size(items) < octet_length(items::text) FROM orders WHERE id = %s", (order_id,)
     ).fetchone()
     assert toasted is not None
-    rds = redis.Redis.from_url(pipeline.redis_url, decode_responses=True)
+    rds = redis.Redis.from_url(redis_url(pipeline), decode_responses=True)
     ch = client_for(pipeline)
     try:
         eventually(lambda: rds.get(f"order:{order_id}"), what="order in redis")
@@ -68,7 +68,7 @@ def test_unchanged_toasted_column_is_never_written_as_the_placeholder(
         def search_doc() -> dict[str, Any] | None:
             import httpx
 
-            r = httpx.get(f"{pipeline.search_url}/orders/_doc/{order_id}", timeout=5)
+            r = httpx.get(f"{search_url(pipeline)}/orders/_doc/{order_id}", timeout=5)
             doc = r.json().get("_source") if r.status_code == 200 else None
             return doc if doc and doc.get("status") == "confirmed" else None
 
@@ -134,7 +134,7 @@ def test_primary_key_change_moves_the_row_in_every_store(
     assert row is not None
     old = int(row[0])
     new = old + 900_000_000
-    rds = redis.Redis.from_url(pipeline.redis_url, decode_responses=True)
+    rds = redis.Redis.from_url(redis_url(pipeline), decode_responses=True)
     ch = client_for(pipeline)
     try:
         eventually(lambda: rds.get(f"product:{old}"), what="old key in redis")
@@ -144,7 +144,7 @@ def test_primary_key_change_moves_the_row_in_every_store(
         eventually(lambda: rds.get(f"product:{old}") is None, what="old key gone from redis")
 
         def doc(key: int) -> int:
-            return httpx.get(f"{pipeline.search_url}/products/_doc/{key}", timeout=5).status_code
+            return httpx.get(f"{search_url(pipeline)}/products/_doc/{key}", timeout=5).status_code
 
         eventually(lambda: doc(new) == 200 and doc(old) == 404, what="search moved")
 

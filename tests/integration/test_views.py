@@ -25,7 +25,7 @@ from psycopg import sql
 from changeflow.settings import Settings
 from changeflow.sinks.clickhouse import client_for
 from changeflow.streams.keys import key_text
-from tests.integration.conftest import eventually, stop_process
+from tests.integration.conftest import eventually, redis_url, search_url, stop_process
 from tests.integration.test_own_database import _answers, _drop_everything, changeflow
 
 pytestmark = pytest.mark.integration
@@ -118,15 +118,15 @@ class Views:
 
     # --- what the stores hold -------------------------------------------------------------------------
     def redis_rows(self, view: str) -> dict[str, Any]:
-        rds = redis.Redis.from_url(self.settings.redis_url)
+        rds = redis.Redis.from_url(redis_url(self.settings))
         prefix = f"{self.name}:{view}:"
         return {k.decode()[len(prefix):]: json.loads(rds.get(k) or b"null")
                 for k in rds.scan_iter(match=f"{prefix}*", count=1000) if rds.type(k) == b"string"}
 
     def search_rows(self, view: str) -> dict[str, Any]:
         index = f"{self.name}-{view}"
-        httpx.post(f"{self.settings.search_url}/{index}/_refresh", timeout=30)
-        response = httpx.post(f"{self.settings.search_url}/{index}/_search", json={"size": 10000}, timeout=30)
+        httpx.post(f"{search_url(self.settings)}/{index}/_refresh", timeout=30)
+        response = httpx.post(f"{search_url(self.settings)}/{index}/_search", json={"size": 10000}, timeout=30)
         if response.status_code == 404:
             return {}
         return {hit["_id"]: hit["_source"] for hit in response.json()["hits"]["hits"]}

@@ -19,7 +19,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from changeflow.settings import Settings
-from tests.integration.conftest import eventually
+from tests.integration.conftest import eventually, redis_url, search_url
 
 pytestmark = pytest.mark.integration
 
@@ -86,7 +86,7 @@ def landed(settings: Settings, pid: int) -> dict[str, bool]:
     """Whether product ``pid`` is in each store (what a user would look at)."""
     from changeflow.sinks.clickhouse import client_for
 
-    rds = redis.Redis.from_url(settings.redis_url)
+    rds = redis.Redis.from_url(redis_url(settings))
     ch = client_for(settings)
     try:
         in_clickhouse = ch.query(
@@ -99,7 +99,7 @@ def landed(settings: Settings, pid: int) -> dict[str, bool]:
         rds.close()
     return {
         "redis": in_redis,
-        "search": httpx.get(f"{settings.search_url}/products/_doc/{pid}", timeout=5).status_code == 200,
+        "search": httpx.get(f"{search_url(settings)}/products/_doc/{pid}", timeout=5).status_code == 200,
         "clickhouse": bool(in_clickhouse),
     }
 

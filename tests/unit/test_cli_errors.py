@@ -70,7 +70,7 @@ def one_line(text: str) -> str:
     (["bench", "--quick", "--full"], "error: choose --quick or --full"),
     (["bench", "--rates", "fast"],
      "error: --rates 'fast': give changes/s as whole numbers, comma-separated (e.g. 1000,5000)"),
-    (["bench", "--stages", "backlog,warp"], "error: unknown stages warp; known: backlog, snapshot, freshness"),
+    (["bench", "--stages", "backlog,warp"], "error: unknown stages warp; known: backlog, snapshot, freshness, views, views-live"),
     (["stack", "up", "nope"],
      "error: unknown service 'nope'; the stack has: postgres, redis, clickhouse, search, kafka, connect"),
     (["stack", "down", "nope"],

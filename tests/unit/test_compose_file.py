@@ -19,8 +19,16 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from pydantic_settings import BaseSettings
 
+from changeflow.deploy.clickhouse import ClickHouseServerSettings
+from changeflow.deploy.redis import RedisServerSettings
+from changeflow.deploy.search_engine import SearchServerSettings
 from changeflow.settings import Settings
+from changeflow.sinks.clickhouse import ClickHouseSettings
+from changeflow.sinks.postgres import PostgresStoreSettings
+from changeflow.sinks.redis import RedisSettings
+from changeflow.sinks.search import SearchSettings
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
@@ -35,16 +43,21 @@ SECRETS = {
     "CHANGEFLOW_GRAFANA_ADMIN_PASSWORD": "sentinel-grafana-admin",
 }
 
-# README "The native local stack": default ports: service -> (Settings field, port).
-DESIGN_PORTS = {
-    "postgres": ("pg_port", 5432),
-    "kafka": ("kafka_port", 9092),
-    "connect": ("connect_port", 8083),
-    "redis": ("redis_port", 6379),
-    "elasticsearch": ("search_port", 9200),
-    "clickhouse": ("clickhouse_port", 8123),
-    "worker": ("worker_web_port", 6066),
+# README "The native local stack": default ports: service -> (its settings class, its field, port). The stores'
+# servers have settings classes of their own (changeflow/deploy/<server>.py), read from the same variables.
+DESIGN_PORTS: dict[str, tuple[type[BaseSettings], str, int]] = {
+    "postgres": (Settings, "pg_port", 5432),
+    "kafka": (Settings, "kafka_port", 9092),
+    "connect": (Settings, "connect_port", 8083),
+    "redis": (RedisServerSettings, "port", 6379),
+    "elasticsearch": (SearchServerSettings, "port", 9200),
+    "clickhouse": (ClickHouseServerSettings, "port", 8123),
+    "worker": (Settings, "worker_web_port", 6066),
 }
+
+
+def variable(cls: type[BaseSettings], field: str) -> str:
+    return f"{cls.model_config.get('env_prefix', '')}{field}".upper()
 
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|CREDENTIAL", re.IGNORECASE)
 
@@ -220,9 +233,8 @@ def test_every_dependency_waits_for_health(model: dict) -> None:
 
 
 def test_published_ports_are_the_design_defaults_on_loopback(model: dict) -> None:
-    defaults = Settings.model_fields
-    for name, (field, port) in DESIGN_PORTS.items():
-        assert defaults[field].default == port, f"Settings.{field} disagrees with the default ports"
+    for name, (cls, field, port) in DESIGN_PORTS.items():
+        assert cls.model_fields[field].default == port, f"{cls.__name__}.{field} disagrees with the default ports"
         published = _published(_service(model, name))
         assert published.get(port) == ("127.0.0.1", port), f"{name}: {published}"
     for name, service in model["services"].items():
@@ -231,9 +243,9 @@ def test_published_ports_are_the_design_defaults_on_loopback(model: dict) -> Non
 
 
 def test_ports_move_with_the_same_variables_as_the_native_stack(compose_binary: str, tmp_path: Path) -> None:
-    moved = {f"CHANGEFLOW_{field.upper()}": port + 10000 for field, port in DESIGN_PORTS.values()}
+    moved = {variable(cls, field): port + 10000 for cls, field, port in DESIGN_PORTS.values()}
     m = _model(tmp_path, {**SECRETS, **{k: str(v) for k, v in moved.items()}})
-    for name, (_field, port) in DESIGN_PORTS.items():
+    for name, (_cls, _field, port) in DESIGN_PORTS.items():
         assert _published(m["services"][name])[port] == ("127.0.0.1", port + 10000), name
     # The host listener is advertised with the moved port, or host clients would be sent to 9092.
     advertised = _env(m["services"]["kafka"])["KAFKA_ADVERTISED_LISTENERS"]
@@ -380,10 +392,13 @@ def test_worker_is_built_here_and_configured_through_settings(model: dict) -> No
     assert worker["command"] == ["changeflow", "worker"]
 
     env = _env(worker)
-    fields = Settings.model_fields
+    # The core settings, each store's connection settings and the stack servers' (the same variables).
+    classes = [Settings, RedisSettings, SearchSettings, ClickHouseSettings, PostgresStoreSettings,
+               RedisServerSettings, SearchServerSettings, ClickHouseServerSettings]
+    known = {variable(cls, field) for cls in classes for field in cls.model_fields}
     for key in env:
         if key.startswith("CHANGEFLOW_"):
-            assert key.removeprefix("CHANGEFLOW_").lower() in fields, f"{key} is not a Settings field"
+            assert key in known, f"{key} is not a field of any settings class"
     # Every *_HOST names a service, and the matching *_PORT is one that service listens on.
     for key, host in env.items():
         if not (key.startswith("CHANGEFLOW_") and key.endswith("_HOST")):

@@ -76,14 +76,26 @@ def test_fill_partials_prefers_an_earlier_record_of_the_same_batch() -> None:
     assert fill_partials(batch, fetch)[1].after == {"id": "a", "status": "shipped", "items": ["fresh"]}
 
 
-def test_fill_partials_after_a_delete_in_the_batch_has_no_base() -> None:
+def test_fill_partials_after_a_delete_in_the_batch_has_no_base_and_stays_partial() -> None:
     def fetch(entity: str, keys: list[str]) -> dict[str, dict[str, Any]]:
         return {"a": {"id": "a", "status": "old", "items": ["old"]}}
 
     batch = [rec("a", 1, None, op="d"), rec("a", 2, {"id": "a", "status": "x"}, partial=True)]
     out = fill_partials(batch, fetch)
-    assert out[1].after == {"id": "a", "status": "x"}
-    assert out[1].partial is False
+    assert out[1] == rec("a", 2, {"id": "a", "status": "x"}, partial=True)
+
+
+def test_a_partial_record_without_a_base_stays_partial_and_so_does_the_next_one_of_its_key() -> None:
+    """#20 §9: a row the store does not hold (a Redis TTL expired) never turns a partial record into a
+    complete one; a full record of the key later in the batch is a base again."""
+    def fetch(entity: str, keys: list[str]) -> dict[str, dict[str, Any]]:
+        return {}
+
+    batch = [rec("a", 2, {"id": "a", "status": "x"}, partial=True),
+             rec("a", 3, {"id": "a", "status": "y"}, partial=True),
+             rec("a", 4, {"id": "a", "status": "z", "items": []}),
+             rec("a", 5, {"id": "a", "status": "w"}, partial=True)]
+    assert fill_partials(batch, fetch) == [*batch[:3], rec("a", 5, {"id": "a", "status": "w", "items": []})]
 
 
 def test_batches_without_partials_do_not_touch_the_store() -> None:

@@ -102,12 +102,13 @@ def test_two_entities_on_one_store_object() -> None:
     stores: {redis: false, search: false, clickhouse: {table: changelog}}
 """)
     assert found == [
+        # each store's own check, in the registry's order
+        "entities.b.stores.clickhouse.table: shop.t is also entity 'a''s table; give each entity its own "
+        "(default: shop.b)",
         "entities.b.stores.redis.prefix: 'shop:b' and entity 'a''s 'shop' share keys; use prefixes where neither "
         "starts with the other and ':'",
         "entities.b.stores.search.index: 'shared' is also entity 'a''s index; give each entity its own "
         "(default: shop-b)",
-        "entities.b.stores.clickhouse.table: shop.t is also entity 'a''s table; give each entity its own "
-        "(default: shop.b)",
         "entities.c.table: public.orders is already read by entity 'a'; one table maps to one entity",
         "entities.c.stores.clickhouse.table: shop.changelog is the pipeline's own table; choose another `table`",
     ]

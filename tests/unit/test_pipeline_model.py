@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 from changeflow.pipelines.load import COMMERCE, PipelineError, load, parse
+from changeflow.sinks.clickhouse import table_of
+from changeflow.sinks.redis import row_key
+from changeflow.sinks.search import index_name
 
 BASE = """\
 name: shop
@@ -103,9 +106,9 @@ def test_commerce_example_loads_with_the_demo_names() -> None:
     assert set(pipeline.views) == {"ny_orders", "order_stats"}
     assert set(pipeline.entities) == {*(e.name for e in pipeline.captured()), *pipeline.views}
     products = pipeline.entity("products")
-    assert products.redis_key("7") == "product:7"
-    assert products.search_index == "products"
-    assert (products.clickhouse_database, products.clickhouse_table) == ("changeflow", "products")
+    assert row_key(products, "7") == "product:7"
+    assert index_name(products) == "products"
+    assert (table_of(products)[0], table_of(products)[1]) == ("changeflow", "products")
     assert products.canonical_topic == "changeflow.products"
     assert products.raw_topic == "commerce.public.products"
     assert pipeline.slot == "changeflow_commerce" and pipeline.publication == "changeflow_pub"

@@ -17,6 +17,7 @@ from clickhouse_connect.driver.exceptions import DatabaseError, DataError, Opera
 from changeflow.pipelines.load import load
 from changeflow.pipelines.model import PipelineFile
 from changeflow.pipelines.spec import Pipeline, build
+from changeflow.settings import Settings
 from changeflow.sinks import runner as runner_mod
 from changeflow.sinks.base import FatalSinkError, Rejected, RetriableSinkError, bisect_rejects
 from changeflow.sinks.clickhouse import refuses_every_row, row_rejection
@@ -134,10 +135,7 @@ def pipeline() -> Pipeline:
 
 def fake_search(pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch, answers: list[tuple[int, Any]]) -> SearchStore:
     """A search store whose bulk requests answer each action in turn (the applied-through marker first)."""
-    store = SearchStore.__new__(SearchStore)
-    SearchStore.__init__(store, type("S", (), {"search_url": "http://x", "search_refresh_interval": "1s"})(),
-                         pipeline)  # type: ignore[arg-type]
-    store._engine, store._client = "opensearch", object()
+    store = SearchStore(Settings(), pipeline)
     store._targets_read_at = time.monotonic() + 3600  # no rebuild lookups
 
     def bulk(actions: list[dict[str, Any]]) -> list[tuple[str, int | None, Any]]:

@@ -144,7 +144,7 @@ def test_redis_config_is_loopback_with_its_data_in_its_private_home(settings: Se
     private_dir(svc.home)
     svc.prepare()
     conf = (svc.home / "redis.conf").read_text()
-    assert f"bind {settings.redis_host}\n" in conf and f"dir {svc.home}\n" in conf
+    assert f"bind {svc.server.host}\n" in conf and f"dir {svc.home}\n" in conf
     assert mode(svc.home) == 0o700
 
 

@@ -29,23 +29,17 @@ from changeflow.reports.reconcile.digest import (
     sort_key,
 )
 from changeflow.reports.reconcile.normalise import comparable_row, debezium_typed, normalise_value, row_digest
-from changeflow.reports.reconcile.record import diffs_ddl, record_run, runs_ddl
-from changeflow.reports.reconcile.repair import (
-    RepairPlan,
-    RepairReport,
-    key_filter,
-    plan_repair,
-    repair,
-    snapshot_signals,
-)
+from changeflow.reports.reconcile.record import record_run
+from changeflow.reports.reconcile.repair import RepairPlan, RepairReport, plan_repair, repair
 from changeflow.reports.reconcile.result import KINDS, Diff, Run, StoreResult
 from changeflow.reports.reconcile.run import reconcile, reconcile_entity, run_mode, select_entities
 from changeflow.reports.reconcile.source import Source, source_row
+from changeflow.sinks.reread import key_filter, snapshot_signals
 
 __all__ = [
     "KINDS", "Diff", "KeyDiff", "RepairPlan", "RepairReport", "Run", "Source", "StoreResult", "bucket_checksums",
-    "bucket_of", "classify_content", "comparable_row", "debezium_typed", "diff_keys", "diffs_ddl",
+    "bucket_of", "classify_content", "comparable_row", "debezium_typed", "diff_keys",
     "field_differences", "key_filter", "normalise_value", "plan_repair", "reconcile", "reconcile_entity",
-    "record_run", "repair", "row_digest", "run_mode", "runs_ddl", "select_entities", "snapshot_signals",
+    "record_run", "repair", "row_digest", "run_mode", "select_entities", "snapshot_signals",
     "sort_key", "source_row",
 ]

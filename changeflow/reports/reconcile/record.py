@@ -5,12 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from changeflow.pipelines.spec import Pipeline
+from changeflow.reports import home
 from changeflow.reports.reconcile.result import Run
-
-# The tables are the ClickHouse store's own (its setup creates them, so they can be queried from the first
-# minute); re-exported here for the reconcile package's callers.
-from changeflow.sinks.clickhouse import reconciliation_diffs_ddl as diffs_ddl
-from changeflow.sinks.clickhouse import reconciliation_runs_ddl as runs_ddl
 
 if TYPE_CHECKING:
     from changeflow.settings import Settings
@@ -18,13 +14,13 @@ if TYPE_CHECKING:
 
 def record_run(settings: Settings, pipeline: Pipeline, run: Run) -> None:
     """Append the run and its differing keys, so drift history is a ClickHouse query away."""
-    from changeflow.sinks.clickhouse import client_for
-
-    db = pipeline.clickhouse_database
-    client = client_for(settings)
+    db = home.database(pipeline)
+    client = home.client(settings)
     try:
-        client.command(runs_ddl(db))
-        client.command(diffs_ddl(db))
+        # The tables are the home store's own (its setup creates them, so they can be queried from the first
+        # minute); made here too for a run before any sink did.
+        for ddl in home.reconciliation_ddl(db):
+            client.command(ddl)
         duration_ms = int(run.duration_s * 1000)
         rows = []
         for r in run.results:

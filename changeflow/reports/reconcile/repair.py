@@ -3,28 +3,23 @@ incremental snapshot limited to those keys (signals in the pipeline's signal tab
 
 from __future__ import annotations
 
+import contextlib
 import time
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import orjson
-import psycopg
-from psycopg import sql
-
-from changeflow.pipelines.spec import EntitySpec, Pipeline
+from changeflow.pipelines.spec import Pipeline
 from changeflow.reports.reconcile.normalise import fold_empty
 from changeflow.reports.reconcile.result import Run
 from changeflow.reports.reconcile.run import canonical_types, comparable, null_is_empty, open_stores
 from changeflow.reports.reconcile.source import Source
-from changeflow.streams.keys import key_parts
+from changeflow.sinks.reread import send_signals
+from changeflow.waiting import WaitTimeout, wait_until
 
 if TYPE_CHECKING:
     from changeflow.settings import Settings
 
-SIGNAL_KEYS = 2000  # keys per snapshot signal
-SIGNAL_CHARS = 60_000  # the signal's data text at most (debezium_signal.data is text; Debezium parses it whole)
 
 
 @dataclass
@@ -73,55 +68,6 @@ class RepairReport:
         }
 
 
-def key_filter(columns: Sequence[str], keys: Sequence[str], numeric: bool) -> sql.Composable:
-    """A condition selecting exactly these keys: identifiers quoted, values as literals."""
-    if len(columns) == 1:
-        values = [sql.Literal(int(k)) if numeric else sql.Literal(k) for k in keys]
-        col = sql.Identifier(columns[0]) if numeric else sql.SQL("{}::text").format(sql.Identifier(columns[0]))
-        return sql.SQL("{} IN ({})").format(col, sql.SQL(", ").join(values))
-    lhs = sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c)) for c in columns)
-    rows = [sql.SQL("({})").format(sql.SQL(", ").join(sql.Literal(p) for p in key_parts(k, len(columns))))
-            for k in keys]
-    return sql.SQL("({}) IN ({})").format(lhs, sql.SQL(", ").join(rows))
-
-
-def snapshot_signals(conn: psycopg.Connection[Any] | None, collection: str, columns: Sequence[str], keys: Sequence[str],
-                     numeric: bool) -> list[str]:
-    """The ``execute-snapshot`` signals' data for these keys: as few as fit SIGNAL_KEYS and SIGNAL_CHARS."""
-    out: list[str] = []
-
-    def data(chunk: Sequence[str]) -> str:
-        cond = key_filter(columns, chunk, numeric).as_string(conn)
-        return orjson.dumps({"data-collections": [collection], "type": "incremental",
-                             "additional-conditions": [{"data-collection": collection, "filter": cond}]}).decode()
-
-    pending = list(keys)
-    while pending:
-        n = min(SIGNAL_KEYS, len(pending))
-        text = data(pending[:n])
-        while len(text) > SIGNAL_CHARS and n > 1:
-            n //= 2
-            text = data(pending[:n])
-        out.append(text)
-        pending = pending[n:]
-    return out
-
-
-def send_signals(settings: Settings, pipeline: Pipeline, spec: EntitySpec, columns: Sequence[str],
-                 keys: Sequence[str], numeric: bool) -> list[str]:
-    """Insert the snapshot signals into the pipeline's signal table; returns their ids."""
-    schema, _, table = pipeline.signal_table.rpartition(".")
-    target = sql.Identifier(schema, table) if schema else sql.Identifier(table)
-    ids = []
-    with psycopg.connect(pipeline.source_dsn(settings), autocommit=True) as conn:
-        for text in snapshot_signals(conn, spec.qualified_table, columns, keys, numeric):
-            signal_id = f"changeflow-{uuid.uuid4()}"
-            conn.execute(sql.SQL("INSERT INTO {} (id, type, data) VALUES (%s, 'execute-snapshot', %s)").format(target),
-                         (signal_id, text))
-            ids.append(signal_id)
-    return ids
-
-
 def repair(
     settings: Settings,
     pipeline: Pipeline,
@@ -164,8 +110,8 @@ def repair(
 
         total = len(plan.pairs)
         remaining = set(plan.pairs)
-        deadline = time.monotonic() + timeout_s
-        while remaining:
+
+        def converged() -> bool:
             for entity in sorted({e for (e, _, _) in remaining}):
                 spec = pipeline.entity(entity)
                 keys = sorted({k for (e, _, k) in remaining if e == entity})
@@ -182,9 +128,11 @@ def repair(
                             remaining.discard(pair)  # deleted in the source meanwhile, and gone from the store
             if progress:
                 progress(total - len(remaining), total)
-            if not remaining or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
+            return not remaining
+
+        with contextlib.suppress(WaitTimeout):  # what did not converge in time is reported as pending
+            if remaining:
+                wait_until(converged, timeout_s, what="the repaired keys converged")
         report.converged = total - len(remaining)
         report.pending = [f"{e}/{s}/{k}" for (e, s, k) in sorted(remaining)]
     finally:

@@ -12,10 +12,11 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
+from changeflow.pipelines.catalog import read_dsn
 from changeflow.pipelines.load import resolve_secret
 from changeflow.pipelines.spec import EntitySpec, Pipeline
 from changeflow.pipelines.transform import FILTERED, Transformer, compile_entity
-from changeflow.pipelines.types import ColumnType
+from changeflow.pipelines.types import ColumnType, from_postgres
 from changeflow.pipelines.views import output_type
 from changeflow.reports.reconcile.normalise import Row, comparable_row, debezium_typed
 from changeflow.reports.reconcile.views import view_rows
@@ -55,7 +56,6 @@ class Source:
     # --- what the entity is ---------------------------------------------------------------------------
     def _table(self, spec: EntitySpec) -> Any:
         if self._catalog is None:
-            from changeflow.pipelines.catalog import read_dsn
 
             schemas = sorted({e.source_schema for e in self.pipeline.entities.values() if e.source == "postgres"})
             self._catalog = read_dsn(self.dsn, schemas)
@@ -86,7 +86,6 @@ class Source:
             names = [*(f.name for f in view.fields), *(a.name for a in view.aggregates)]
             self._types[spec.name] = {n: output_type(view, n, column_type) for n in names}
         if spec.name not in self._types:
-            from changeflow.pipelines.types import from_postgres
 
             table = self._table(spec)
             found: dict[str, ColumnType] = {}
