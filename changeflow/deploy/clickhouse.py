@@ -1,7 +1,7 @@
 """ClickHouse for the local stack: the chdb engine behind ClickHouse's HTTP interface.
 
 No ClickHouse server package installs here, but PyPI's ``chdb`` is the ClickHouse engine in-process
-and only one process may open its data directory. ``deploy.clickhouse_server`` owns that directory
+and only one process may open its data directory. ``deploy.clickhouse_server`` (a package) owns that directory
 (``<state>/clickhouse/data``) and serves the HTTP interface on ``clickhouse_port``, so the sinks,
 reports and tests use ``clickhouse-connect`` exactly as they would against a real server.
 """

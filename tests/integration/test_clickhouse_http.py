@@ -364,7 +364,7 @@ def test_statement_analysis(
     sql: bytes, kind: str, output_format: str | None, insert_format: str | None, data: bytes | None
 ) -> None:
     """The server's small lexer must not be fooled by strings, comments, or binary INSERT data."""
-    from changeflow.deploy.clickhouse_server import analyze
+    from changeflow.deploy.clickhouse_server.lexer import analyze
 
     stmt = analyze(sql)
     assert (stmt.kind, stmt.output_format, stmt.insert_format) == (kind, output_format, insert_format)

@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import pytest
 
-from changeflow.deploy.clickhouse_server import (
-    ClickHouseError,
+from changeflow.deploy.clickhouse_server.errors import ClickHouseError
+from changeflow.deploy.clickhouse_server.guard import (
     Policy,
-    analyze,
     ast_violation,
     check_settings_policy,
     guard,
     settings_clauses,
-    tokens,
-    valid_query_id,
 )
+from changeflow.deploy.clickhouse_server.handler import valid_query_id
+from changeflow.deploy.clickhouse_server.lexer import analyze, tokens
 
 POLICY = Policy(user="default", max_execution_time=300)
 

@@ -1,0 +1,188 @@
+"""A small ClickHouse SQL scanner: tokens, the statement's kind and clauses the HTTP layer needs, quoting."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+# -- a small SQL scanner ---------------------------------------------------------------------------
+# Only enough of the lexer to find statement kind, a trailing FORMAT clause, the point where an
+# INSERT's inline data starts, and SET assignments, without being fooled by strings or comments.
+
+
+@dataclass(frozen=True)
+class Token:
+    kind: str  # word, string, ident (quoted identifier), number, punct
+    start: int
+    end: int
+    depth: int  # bracket depth at the token
+
+
+_WORD = re.compile(rb"[A-Za-z_][A-Za-z0-9_$]*")
+_NUMBER = re.compile(rb"[0-9][0-9A-Za-z_.]*")
+_SPACE = b" \t\r\n\f\v"
+
+
+def tokens(buf: bytes, start: int = 0) -> Iterator[Token]:
+    """Lazily, so an INSERT's binary data after its FORMAT clause is never scanned."""
+    i, n, depth = start, len(buf), 0
+    while i < n:
+        c = buf[i : i + 1]
+        if c in (b" ", b"\t", b"\r", b"\n", b"\f", b"\v"):
+            i += 1
+        elif buf.startswith(b"--", i) or buf.startswith(b"# ", i) or buf.startswith(b"#!", i):
+            j = buf.find(b"\n", i)
+            i = n if j < 0 else j + 1
+        elif buf.startswith(b"/*", i):
+            j = buf.find(b"*/", i + 2)
+            i = n if j < 0 else j + 2
+        elif c in (b"'", b'"', b"`"):
+            j = i + 1
+            while j < n:
+                d = buf[j : j + 1]
+                if d == b"\\":
+                    j += 2
+                    continue
+                if d == c:
+                    if buf[j + 1 : j + 2] == c:  # doubled quote
+                        j += 2
+                        continue
+                    break
+                j += 1
+            yield Token("string" if c == b"'" else "ident", i, min(j + 1, n), depth)
+            i = j + 1
+        elif c in (b"(", b"["):
+            yield Token("punct", i, i + 1, depth)
+            depth += 1
+            i += 1
+        elif c in (b")", b"]"):
+            depth = max(0, depth - 1)
+            yield Token("punct", i, i + 1, depth)
+            i += 1
+        elif (m := _WORD.match(buf, i)) is not None:
+            yield Token("word", i, m.end(), depth)
+            i = m.end()
+        elif (m := _NUMBER.match(buf, i)) is not None:
+            yield Token("number", i, m.end(), depth)
+            i = m.end()
+        else:
+            yield Token("punct", i, i + 1, depth)
+            i += 1
+
+
+def _word(buf: bytes, tok: Token | None) -> str:
+    return buf[tok.start : tok.end].decode("ascii").upper() if tok is not None and tok.kind == "word" else ""
+
+
+@dataclass
+class Statement:
+    """What the HTTP layer needs to know about one statement before the engine sees it."""
+
+    kind: str = ""
+    output_format: str | None = None  # from a trailing FORMAT clause (non-INSERT)
+    insert_head: bytes | None = None  # INSERT with inline data: the SQL before FORMAT/VALUES
+    insert_format: str | None = None
+    data_offset: int = 0
+    assignments: list[tuple[str, str]] = field(default_factory=list)  # SET name = value
+    use_database: str | None = None
+
+
+def _data_start(buf: bytes, pos: int) -> int:
+    """ClickHouse: data starts after the newline, if there is one, or after all whitespace otherwise."""
+    n = len(buf)
+    while pos < n and buf[pos] in _SPACE:
+        if buf[pos] == 0x0A:
+            return pos + 1
+        pos += 1
+    return pos
+
+
+def analyze(buf: bytes) -> Statement:
+    stream = tokens(buf)
+    first = next(stream, None)
+    if first is None:
+        return Statement()
+    # "(SELECT ...) UNION ALL ..." starts with a bracket
+    opens_bracket = first.kind == "punct" and buf[first.start : first.end] == b"("
+    stmt = Statement(kind="SELECT" if opens_bracket else _word(buf, first))
+    kind = stmt.kind
+    if kind == "INSERT":
+        prev: Token | None = None
+        for tok in stream:
+            word = _word(buf, tok) if tok.depth == 0 else ""
+            if word in ("SELECT", "WITH"):
+                return stmt
+            if word == "VALUES" and _word(buf, prev) != "FORMAT":
+                stmt.insert_head, stmt.insert_format, stmt.data_offset = buf[: tok.start], "Values", tok.end
+                return stmt
+            if word == "FORMAT":
+                name = next(stream, None)
+                if name is not None and name.kind == "word":
+                    stmt.insert_head = buf[: tok.start]
+                    stmt.insert_format = buf[name.start : name.end].decode("ascii")
+                    stmt.data_offset = _data_start(buf, name.end)
+                    return stmt
+            prev = tok
+        return stmt
+    rest = [t for t in stream if t.depth == 0]
+    if kind == "SET":
+        stmt.assignments = _assignments(buf, rest)
+    elif kind == "USE" and rest:
+        stmt.use_database = buf[rest[0].start : rest[-1].end].decode().rstrip(";").strip()
+    for i, tok in enumerate(rest[:-1]):
+        if _word(buf, tok) != "FORMAT" or rest[i + 1].kind != "word":
+            continue
+        after = rest[i + 2] if i + 2 < len(rest) else None
+        if after is None or buf[after.start : after.end] == b";" or _word(buf, after) == "SETTINGS":
+            stmt.output_format = buf[rest[i + 1].start : rest[i + 1].end].decode("ascii")
+    return stmt
+
+
+def _assignments(buf: bytes, toks: list[Token]) -> list[tuple[str, str]]:
+    """``SET a = 1, b = 'x'`` -> [(a, "1"), (b, "'x'")], values kept as SQL literals."""
+    out: list[tuple[str, str]] = []
+    groups: list[list[Token]] = [[]]
+    for tok in toks:
+        text = buf[tok.start : tok.end]
+        if tok.kind == "punct" and text == b",":
+            groups.append([])
+        elif not (tok.kind == "punct" and text == b";"):
+            groups[-1].append(tok)
+    for group in groups:
+        if len(group) >= 3 and buf[group[1].start : group[1].end] == b"=":
+            name = buf[group[0].start : group[0].end].decode()
+            value = buf[group[2].start : group[-1].end].decode()
+            out.append((name, value))
+    return out
+
+
+def quote_literal(value: str) -> str:
+    """Setting values from URLs are text; quoting always is safe (ClickHouse converts them)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+_IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def quote_identifier(name: str) -> str:
+    return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"
+
+
+def _text(buf: bytes, tok: Token) -> str:
+    return buf[tok.start : tok.end].decode("utf-8", "replace")
+
+
+def _name(buf: bytes, tok: Token | None) -> str:
+    """A word, or a quoted identifier without its quotes (ClickHouse accepts both as function names)."""
+    if tok is None:
+        return ""
+    if tok.kind == "word":
+        return _text(buf, tok)
+    if tok.kind == "ident":
+        return _text(buf, tok)[1:-1].replace("\\", "")
+    return ""
+
+
+def _is(buf: bytes, tok: Token | None, text: bytes) -> bool:
+    return tok is not None and tok.kind == "punct" and buf[tok.start : tok.end] == text
