@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from changeflow.deploy.clickhouse_server.errors import ClickHouseError, ch_error
-from changeflow.deploy.clickhouse_server.guard import ALLOWED_ENGINES, ALLOWED_TABLE_FUNCTIONS, DENIED_FUNCTIONS
+from changeflow.deploy.clickhouse_server.guard import (
+    ALLOWED_ENGINES,
+    ALLOWED_TABLE_FUNCTIONS,
+    DENIED_FUNCTIONS,
+    MAX_QUERY_SIZE,
+    query_too_large,
+)
 from changeflow.deploy.clickhouse_server.lexer import _IDENT_RE, _is, _word, quote_identifier, quote_literal, tokens
 
 if TYPE_CHECKING:
@@ -40,9 +46,6 @@ class ExternalTable:
 
 # -- the engine --------------------------------------------------------------------------------------
 
-# Longer statements (a reconcile's long IN list) rely on the token guard alone: the parse tree of a huge
-# literal list costs as much as the query, and the engine's own max_query_size is of this order.
-AST_CHECK_MAX = 256 << 10
 
 # Output formats whose per-block outputs concatenate into one valid result (no document prefix/suffix,
 # no header per block), so a result can leave block by block. Any other format is built whole first:
@@ -323,16 +326,20 @@ class Engine:
                 raise ch_error(115, "UNKNOWN_SETTING", f"Unknown setting '{name}'")
 
     def _check(self, conn: Conn, sql: bytes, params: dict[str, str] | None = None) -> None:
-        """The engine parses the client's statement (without running it) for the guard.
+        """The engine parses the client's statement (without running it) for the guard's second layer.
 
-        A statement EXPLAIN AST cannot parse fails the same way when run, after the token guard passed it.
+        Only ever a statement the token guard has passed (one statement: chdb runs every ``;``-separated
+        statement it is given, inside ``EXPLAIN AST`` too). Fails closed: a statement over the size limit, one
+        the parser refuses (its own error, e.g. 62 or 306) or whose tree cannot be read in full is refused.
         """
-        if self.check_ast is None or len(sql) > AST_CHECK_MAX:
-            return
+        if self.check_ast is None:
+            raise ch_error(1001, "STD_EXCEPTION", "The server has no statement check: nothing runs without one")
+        if len(sql) > MAX_QUERY_SIZE:
+            raise query_too_large(len(sql))
         try:
             ast = bytes(conn.raw.query(b"EXPLAIN AST " + sql, "TabSeparatedRaw", params=params or {}).bytes())
-        except Exception:
-            return
+        except Exception as exc:
+            raise ClickHouseError.from_engine(exc) from None  # what the parser refuses is refused
         violation = self.check_ast(ast.decode("utf-8", "replace"))
         if violation is not None:
             raise violation
@@ -453,7 +460,9 @@ class Engine:
             for table in tables:
                 name = quote_identifier(table.name)
                 conn.raw.query(f"DROP TEMPORARY TABLE IF EXISTS {name}", "TabSeparated")
-                conn.raw.query(f"CREATE TEMPORARY TABLE {name} ({table.structure}) ENGINE = Memory", "TabSeparated")
+                ddl = f"CREATE TEMPORARY TABLE {name} ({table.structure}) ENGINE = Memory".encode()
+                self._check(conn, ddl)  # the client's column list is in it: parsed and checked first
+                conn.raw.query(ddl, "TabSeparated")
                 made.append(table.name)
                 if table.data:
                     self._insert(conn, f"INSERT INTO {name}".encode(), table.fmt, table.data)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +67,27 @@ ACCESS_SETTINGS = frozenset(
         "format_schema", "format_schema_source", "format_template_resultset", "format_template_row",
         "output_format_schema", "format_avro_schema_registry_url", "into_outfile_create_parent_directories",
         "s3_allow_server_credentials_in_user_queries", "max_execution_time_leaf",
+    }
+)  # fmt: skip
+# The parser's limits are the server's, fixed at the engine's defaults: a client who could raise them could
+# send what the guard refuses to read in full (``max_query_size``) or what the parser cannot bound.
+PARSER_SETTINGS = frozenset(
+    {
+        "max_query_size", "max_parser_depth", "max_parser_backtracks", "max_ast_depth", "max_ast_elements",
+        "max_expanded_ast_elements", "max_subquery_depth", "max_recursive_cte_evaluation_depth",
+        "implicit_select", "allow_settings_after_format_in_insert", "compatibility",
+    }
+)  # fmt: skip
+FIXED_SETTINGS = ACCESS_SETTINGS | PARSER_SETTINGS
+# The most SQL the guard and the engine's parser read: ClickHouse's own max_query_size default. The client's
+# SQL is refused beyond it (an INSERT's inline data is data, not SQL, except Values rows: see the handler).
+MAX_QUERY_SIZE = 256 << 10
+# Statement kinds this server knows how to check; any other first word is refused before the engine sees it.
+KNOWN_KINDS = frozenset(
+    {
+        "SELECT", "WITH", "FROM", "INSERT", "CREATE", "ALTER", "DROP", "TRUNCATE", "OPTIMIZE", "RENAME",
+        "EXCHANGE", "SHOW", "DESCRIBE", "DESC", "EXISTS", "EXPLAIN", "CHECK", "USE", "SET", "DELETE",
+        "UPDATE", "DETACH", "ATTACH", "UNDROP", "REPLACE", "VALUES",
     }
 )  # fmt: skip
 ACCESS_KINDS = {  # statement kind -> the grant ClickHouse names when a user lacks it
@@ -149,7 +171,7 @@ def check_settings_policy(assignments: list[tuple[str, str]], readonly: bool, po
     """URL parameters, ``SET`` and ``SETTINGS`` clauses alike: access settings are fixed, time is capped."""
     for name, value in assignments:
         low = name.lower()
-        if low in ACCESS_SETTINGS:
+        if low in FIXED_SETTINGS:
             raise setting_error(name, readonly)
         if low == "max_execution_time":
             try:
@@ -163,15 +185,31 @@ def check_settings_policy(assignments: list[tuple[str, str]], readonly: bool, po
                 )
 
 
+def query_too_large(size: int) -> ClickHouseError:
+    return ch_error(
+        62,
+        "SYNTAX_ERROR",
+        f"Syntax error: failed at position {MAX_QUERY_SIZE + 1}: Max query size exceeded: the query is {size} "
+        f"bytes, this server's max_query_size is {MAX_QUERY_SIZE} (fixed)",
+    )
+
+
 def settings_clauses(buf: bytes, toks: list[Token]) -> list[tuple[str, str]]:
-    """Every ``SETTINGS a = 1, b = 'x'`` clause of a statement, at any depth, as (name, value)."""
+    """Every ``SETTINGS a = 1, b = 'x'`` clause of a statement, at any depth, as (name, value).
+
+    A name without ``= value`` is the engine's shorthand for true (``SETTINGS use_query_cache``): ("name", "1").
+    """
     out: list[tuple[str, str]] = []
     for i, tok in enumerate(toks):
         if _word(buf, tok) != "SETTINGS":
             continue
         j, depth = i + 1, tok.depth
-        while j + 1 < len(toks) and toks[j].depth == depth and toks[j].kind in ("word", "ident"):
-            if not _is(buf, toks[j + 1], b"="):
+        while j < len(toks) and toks[j].depth == depth and toks[j].kind in ("word", "ident"):
+            if j + 1 >= len(toks) or not _is(buf, toks[j + 1], b"="):
+                out.append((_name(buf, toks[j]), "1"))
+                if j + 1 < len(toks) and _is(buf, toks[j + 1], b","):
+                    j += 2
+                    continue
                 break
             name, k = _name(buf, toks[j]), j + 2
             while k < len(toks) and toks[k].depth >= depth and not (toks[k].depth == depth and _is(buf, toks[k], b",")):
@@ -198,14 +236,19 @@ def guard(
     everything before the data, and the data too for ``Values``, whose rows are SQL expressions).
     """
     user, kind = policy.user, stmt.kind
-    toks = list(tokens(buf))
-    # One statement: nothing but a trailing semicolon after the first top-level one.
+    toks = list(tokens(buf))  # the whole statement, or a syntax error (62): nothing is left unread
+    # One statement: after the first semicolon (at any depth), nothing but semicolons.
+    first = next((i for i, tok in enumerate(toks) if _is(buf, tok, b";")), len(toks))
+    if any(not _is(buf, t, b";") for t in toks[first:]):
+        raise multi_statement_error(buf, toks[first].start)
     for i, tok in enumerate(toks):
-        if tok.depth == 0 and _is(buf, tok, b";") and any(not _is(buf, t, b";") for t in toks[i + 1 :]):
-            raise multi_statement_error(buf, tok.start)
         if tok.depth == 0 and _word(buf, tok) == "PARALLEL" and i + 1 < len(toks) and _word(buf, toks[i + 1]) == "WITH":
             raise multi_statement_error(buf, tok.start)
     words = [_word(buf, t) if t.depth == 0 else "" for t in toks[:6]]
+    if kind and kind not in KNOWN_KINDS and kind not in ACCESS_KINDS:
+        raise ch_error(
+            62, "SYNTAX_ERROR", f"Syntax error: failed at position 1: this server does not run {kind[:64]} statements"
+        )
     if kind in ACCESS_KINDS:
         raise access_denied(user, f"{ACCESS_KINDS[kind]} ON *.*")
     if kind in ("CREATE", "ALTER", "DROP", "ATTACH", "DETACH", "SHOW", "REPLACE") or kind == "SET":
@@ -215,6 +258,10 @@ def guard(
             raise access_denied(user, "ACCESS MANAGEMENT ON *.*")
         if kind == "SET" and rest[:1] in (["ROLE"], ["DEFAULT"]):
             raise access_denied(user, "ACCESS MANAGEMENT ON *.*")
+    for i, tok in enumerate(toks[:-1]):
+        # A fixed setting assigned anywhere (SET, SETTINGS, a nested query's SETTINGS, however quoted).
+        if tok.kind in ("word", "ident") and _is(buf, toks[i + 1], b"=") and _name(buf, tok).lower() in FIXED_SETTINGS:
+            raise setting_error(_name(buf, tok), readonly)
     if readonly and kind not in READONLY_KINDS:
         raise ch_error(
             164,
@@ -244,9 +291,10 @@ def guard(
             if source not in ("CLICKHOUSE", "NULL"):
                 raise source_denied(user, source.lower())
             end = next((k for k, t in enumerate(toks[i + 3 :]) if t.depth <= tok.depth), len(toks))
-            inner = [t for t in toks[i + 3 : i + 3 + end] if t.depth == tok.depth + 2 and t.kind == "word"]
+            # Keys compared unquoted: the engine takes `QUERY` and "query" for QUERY.
+            inner = [t for t in toks[i + 3 : i + 3 + end] if t.depth == tok.depth + 2 and t.kind in ("word", "ident")]
             for key in inner:
-                if _word(buf, key) not in _LOCAL_DICTIONARY_KEYS:
+                if _name(buf, key).upper() not in _LOCAL_DICTIONARY_KEYS:
                     raise source_denied(user, "remote")
         name = _name(buf, tok)
         if name and _is(buf, nxt, b"(") and name.lower() in policy.denied_functions:
@@ -258,6 +306,42 @@ def guard(
     check_settings_policy(assignments, readonly, policy)
 
 
+_CHILDREN_RE = re.compile(r"\(children (\d+)\)$")
+
+
+def ast_complete(ast: str) -> bool:
+    """The parse tree as ``EXPLAIN AST`` printed it is whole: one root, each node indented one step below its
+    parent, and as many children under each node as it declares (``(children N)``). Anything else (a
+    truncated result, an output format other than the tree) cannot be checked."""
+    stack: list[list[int]] = []  # [indent, declared, seen]
+    roots = 0
+    for raw in ast.splitlines():
+        if not raw.strip():
+            continue
+        indent = len(raw) - len(raw.lstrip(" "))
+        if not raw[indent].isascii() or not raw[indent].isalpha():  # every node line starts with its type
+            return False
+        while stack and stack[-1][0] >= indent:
+            done = stack.pop()
+            if done[1] != done[2]:
+                return False
+        if stack:
+            if indent != stack[-1][0] + 1:
+                return False
+            stack[-1][2] += 1
+        elif indent != 0 or roots:
+            return False
+        else:
+            roots = 1
+        declared = _CHILDREN_RE.search(raw.rstrip())
+        stack.append([indent, int(declared.group(1)) if declared else 0, 0])
+    return roots == 1 and all(node[1] == node[2] for node in stack)
+
+
+def unreadable_tree() -> ClickHouseError:
+    return ch_error(62, "SYNTAX_ERROR", "Syntax error: this server could not read the statement's parse tree in full")
+
+
 def ast_violation(ast: str, policy: Policy) -> ClickHouseError | None:
     """The second layer: the engine's own parse tree, which spelling cannot disguise.
 
@@ -266,6 +350,8 @@ def ast_violation(ast: str, policy: Policy) -> ClickHouseError | None:
     ``Function`` under ``Storage definition``, a dictionary source ``FunctionWithKeyValueArguments``, and
     ``INTO OUTFILE`` / ``FROM INFILE`` a bare ``Literal`` child of the query node.
     """
+    if not ast_complete(ast):
+        return unreadable_tree()
     user = policy.user
     parents: list[list[Any]] = []  # [indent, line, children seen so far]
     for raw in ast.splitlines():

@@ -6,7 +6,6 @@ import base64
 import contextlib
 import hmac
 import json
-import re
 import socket
 import threading
 import time
@@ -31,8 +30,16 @@ from changeflow.deploy.clickhouse_server.bodies import (
 )
 from changeflow.deploy.clickhouse_server.engine import Engine, Outcome
 from changeflow.deploy.clickhouse_server.errors import ClickHouseError, ch_error
-from changeflow.deploy.clickhouse_server.guard import RESULT_KINDS, Policy, ast_violation, check_settings_policy, guard
-from changeflow.deploy.clickhouse_server.lexer import analyze, quote_identifier, quote_literal
+from changeflow.deploy.clickhouse_server.guard import (
+    MAX_QUERY_SIZE,
+    RESULT_KINDS,
+    Policy,
+    ast_violation,
+    check_settings_policy,
+    guard,
+    query_too_large,
+)
+from changeflow.deploy.clickhouse_server.lexer import Statement, analyze, quote_identifier, quote_literal
 from changeflow.deploy.clickhouse_server.sessions import Session, Sessions
 
 DISPLAY_NAME = socket.gethostname() or "changeflow-chdb"
@@ -71,12 +78,18 @@ def valid_query_id(value: str) -> str:
     return value
 
 
-_HIDES_SQL = re.compile(rb"[A-Za-z_`\"][A-Za-z0-9_`\"$]*\s*\(|;|/\*|--|#")
-
-
-def _may_hide_sql(values: bytes) -> bool:
-    """Cheap pre-check of Values rows: only a call, a comment or a semicolon needs the full token guard."""
-    return _HIDES_SQL.search(values) is not None
+def read_statement(sql: bytes) -> Statement:
+    """The request's statement, read before anything else: refused when its SQL is over the fixed size limit
+    (an INSERT's inline data after ``FORMAT``/``VALUES`` is not SQL the parser reads) or cannot be tokenized."""
+    if len(sql) <= MAX_QUERY_SIZE:
+        return analyze(sql)
+    try:
+        stmt = analyze(sql[: MAX_QUERY_SIZE + 1])
+    except ClickHouseError:
+        raise query_too_large(len(sql)) from None
+    if stmt.insert_head is None or stmt.data_offset > MAX_QUERY_SIZE:
+        raise query_too_large(len(sql))
+    return analyze(sql)
 
 
 def _truthy(value: str | None) -> bool:
@@ -284,7 +297,10 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def _log(self, status: int, started: float, query: bytes, outcome: Outcome | None, err: str = "") -> None:
-        stmt = analyze(query[:4096])
+        try:
+            stmt = analyze(query[:4096])
+        except ClickHouseError:  # a refused statement, or one cut at 4096 bytes: logged as text
+            stmt = Statement()
         if stmt.insert_head is not None:  # never the inline data, which may be binary
             tail = "VALUES ..." if stmt.insert_format == "Values" else f"FORMAT {stmt.insert_format}"
             query = stmt.insert_head + tail.encode()
@@ -503,7 +519,7 @@ class Handler(BaseHTTPRequestHandler):
         cleanup: contextlib.ExitStack,
     ) -> tuple[Outcome, dict]:
         engine = self.server.engine
-        stmt = analyze(sql)
+        stmt = read_statement(sql)
         if not stmt.kind:
             raise ch_error(62, "SYNTAX_ERROR", "Empty query")
         database = (
@@ -523,12 +539,10 @@ class Handler(BaseHTTPRequestHandler):
         check_settings_policy(list(url_settings.items()), readonly, self.server.policy)
         engine.check_settings(list(url_settings))
         # The statement as the engine will parse it: an INSERT's inline data is data, except Values rows,
-        # which are SQL expressions (the Values parser evaluates them).
+        # which are SQL expressions (the Values parser evaluates them): those are read in full, always.
         checked = sql
-        if stmt.insert_head is not None:
-            is_values = (stmt.insert_format or "").lower() == "values"
-            if not is_values or not _may_hide_sql(sql[stmt.data_offset :]):
-                checked = sql[: stmt.data_offset]
+        if stmt.insert_head is not None and (stmt.insert_format or "").lower() != "values":
+            checked = sql[: stmt.data_offset]
         guard(checked, stmt, readonly, self.server.policy)
         for table in external:  # our own DDL from the client's column list: the same guard
             ddl = f"CREATE TEMPORARY TABLE {quote_identifier(table.name)} ({table.structure}) ENGINE = Memory".encode()

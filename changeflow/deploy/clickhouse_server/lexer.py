@@ -6,9 +6,15 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-# -- a small SQL scanner ---------------------------------------------------------------------------
-# Only enough of the lexer to find statement kind, a trailing FORMAT clause, the point where an
-# INSERT's inline data starts, and SET assignments, without being fooled by strings or comments.
+from changeflow.deploy.clickhouse_server.errors import ClickHouseError, ch_error
+
+# -- the scanner ----------------------------------------------------------------------------------------
+# ClickHouse's own lexer (src/Parsers/Lexer.cpp), token for token, where a token can hide or fake another:
+# strings with backslash escapes and doubled quotes, backquoted and double-quoted identifiers (the same
+# rules), heredoc strings ``$tag$...$tag$``, nested ``/* /* */ */`` comments, ``--`` and ``# `` / ``#!``
+# comments. Fail closed: what it cannot read the way the engine reads it (an unterminated string or
+# comment, a ``$`` that starts no heredoc, a ``#`` that starts no comment, a byte outside printable ASCII
+# outside a string, identifier or comment) is a syntax error, never a guess.
 
 
 @dataclass(frozen=True)
@@ -22,41 +28,63 @@ class Token:
 _WORD = re.compile(rb"[A-Za-z_][A-Za-z0-9_$]*")
 _NUMBER = re.compile(rb"[0-9][0-9A-Za-z_.]*")
 _SPACE = b" \t\r\n\f\v"
+# Possessive (no backtracking): a doubled quote is always an escaped quote, as in the engine's lexer.
+_QUOTED = {q: re.compile(rb"%s(?:[^%s\\]|\\.|%s%s)*+%s" % (q, q, q, q, q), re.DOTALL) for q in (b"'", b'"', b"`")}
+_HEREDOC_TAG = re.compile(rb"\$[A-Za-z0-9_]*\$")
+_PUNCT = frozenset(b"!%&*+,-./:;<=>?@^|~{}")
+
+
+def lex_error(buf: bytes, at: int, what: str) -> ClickHouseError:
+    snippet = buf[at : at + 32].decode("utf-8", "replace").replace("\n", " ")
+    return ch_error(62, "SYNTAX_ERROR", f"Syntax error: failed at position {at + 1} ({snippet!r}): {what}")
 
 
 def tokens(buf: bytes, start: int = 0) -> Iterator[Token]:
-    """Lazily, so an INSERT's binary data after its FORMAT clause is never scanned."""
+    """Lazily, so an INSERT's binary data after its FORMAT clause is never scanned.
+
+    Raises ``SYNTAX_ERROR`` (62) at the first byte it cannot read the way the engine does.
+    """
     i, n, depth = start, len(buf), 0
     while i < n:
-        c = buf[i : i + 1]
-        if c in (b" ", b"\t", b"\r", b"\n", b"\f", b"\v"):
+        c = buf[i]
+        if c in _SPACE:
             i += 1
-        elif buf.startswith(b"--", i) or buf.startswith(b"# ", i) or buf.startswith(b"#!", i):
+        elif (c == 0x2D and buf.startswith(b"--", i)) or (c == 0x23 and buf[i + 1 : i + 2] in (b" ", b"!")):
             j = buf.find(b"\n", i)
             i = n if j < 0 else j + 1
-        elif buf.startswith(b"/*", i):
-            j = buf.find(b"*/", i + 2)
-            i = n if j < 0 else j + 2
-        elif c in (b"'", b'"', b"`"):
-            j = i + 1
-            while j < n:
-                d = buf[j : j + 1]
-                if d == b"\\":
-                    j += 2
-                    continue
-                if d == c:
-                    if buf[j + 1 : j + 2] == c:  # doubled quote
-                        j += 2
-                        continue
-                    break
-                j += 1
-            yield Token("string" if c == b"'" else "ident", i, min(j + 1, n), depth)
-            i = j + 1
-        elif c in (b"(", b"["):
+        elif c == 0x23:  # '#' that starts no comment: the engine's lexer has no such token
+            raise lex_error(buf, i, "'#' starts a comment only when followed by a space or '!'")
+        elif c == 0x2F and buf.startswith(b"/*", i):  # nested, as the SQL standard and the engine have them
+            j, level = i + 2, 1
+            while level:
+                k = buf.find(b"*/", j)
+                if k < 0:
+                    raise lex_error(buf, i, "Multiline comment is not closed")
+                opened = buf.find(b"/*", j, k + 1)
+                if opened >= 0:
+                    j, level = opened + 2, level + 1
+                else:
+                    j, level = k + 2, level - 1
+            i = j
+        elif c in (0x27, 0x22, 0x60):  # ' " `
+            m = _QUOTED[bytes((c,))].match(buf, i)
+            if m is None:
+                raise lex_error(buf, i, "Unmatched quotes" if c != 0x60 else "Unmatched backquote")
+            yield Token("string" if c == 0x27 else "ident", i, m.end(), depth)
+            i = m.end()
+        elif c == 0x24:  # '$': a heredoc string, or nothing this server accepts
+            tag = _HEREDOC_TAG.match(buf, i)
+            close = buf.find(tag.group(), tag.end()) if tag is not None else -1
+            if tag is None or close < 0:
+                raise lex_error(buf, i, "'$' starts no heredoc string ($tag$ ... $tag$)")
+            end = close + len(tag.group())
+            yield Token("string", i, end, depth)
+            i = end
+        elif c in (0x28, 0x5B):  # ( [
             yield Token("punct", i, i + 1, depth)
             depth += 1
             i += 1
-        elif c in (b")", b"]"):
+        elif c in (0x29, 0x5D):  # ) ]
             depth = max(0, depth - 1)
             yield Token("punct", i, i + 1, depth)
             i += 1
@@ -66,9 +94,11 @@ def tokens(buf: bytes, start: int = 0) -> Iterator[Token]:
         elif (m := _NUMBER.match(buf, i)) is not None:
             yield Token("number", i, m.end(), depth)
             i = m.end()
-        else:
+        elif c in _PUNCT:
             yield Token("punct", i, i + 1, depth)
             i += 1
+        else:  # a control byte, or a byte past ASCII outside a string (the engine skips some as spaces)
+            raise lex_error(buf, i, f"unexpected byte 0x{c:02x} outside a string, identifier or comment")
 
 
 def _word(buf: bytes, tok: Token | None) -> str:
