@@ -13,6 +13,7 @@ from typing import Any
 from changeflow.deploy.clickhouse_server.bodies import DEFAULT_MAX_BODY
 from changeflow.deploy.clickhouse_server.engine import Engine
 from changeflow.deploy.clickhouse_server.handler import ClickHouseHTTPServer, Limits
+from changeflow.deploy.clickhouse_server.privileges import drop_privileges
 
 PASSWORD_ENV = "CLICKHOUSE_PASSWORD"
 
@@ -23,8 +24,9 @@ PASSWORD_ENV = "CLICKHOUSE_PASSWORD"
 def serve(host: str, port: int, data_dir: Path, user: str, password: str, limits: Limits | None = None) -> None:
     """Run until SIGTERM/SIGINT, then close chdb so the next start can open the directory."""
     os.umask(0o077)  # every file and directory the engine creates is ours alone
+    opened = drop_privileges(data_dir)  # started as root: from here on, the server's own user
     try:
-        engine = Engine(data_dir.resolve(), (limits or Limits()).max_concurrent_queries)
+        engine = Engine(opened.resolve(), (limits or Limits()).max_concurrent_queries)
     except RuntimeError as exc:
         # chdb's only word for "another process has this directory open" is this generic error.
         print(
@@ -47,7 +49,8 @@ def serve(host: str, port: int, data_dir: Path, user: str, password: str, limits
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     print(
-        f"event=listening host={host} port={port} data_dir={data_dir} engine={engine.version} "
+        f"event=listening host={host} port={port} data_dir={data_dir} opened={opened} uid={os.getuid()} "
+        f"engine={engine.version} "
         f"timezone={engine.timezone} pid={os.getpid()}",
         flush=True,
     )

@@ -6,6 +6,7 @@ import base64
 import contextlib
 import hmac
 import json
+import select
 import socket
 import threading
 import time
@@ -133,8 +134,6 @@ class ClientWatch:
                 self._watched.pop(sock, None)
 
     def _run(self) -> None:
-        import select
-
         while not self._stop.is_set():
             with self._lock:
                 socks = list(self._watched)
