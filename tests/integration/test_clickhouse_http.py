@@ -10,6 +10,7 @@ with a password, as the stack's does; what it refuses is tested in test_clickhou
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import gzip
 import json
@@ -100,6 +101,17 @@ class ServerProcess:
         code = self.proc.wait(timeout=30)
         self.proc = None
         return code
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[ServerProcess]:
+        """Started for the block, stopped (SIGTERM, the clean path) after it."""
+        self.start()
+        try:
+            yield self
+        finally:
+            self.http.close()
+            if self.proc is not None:
+                self.stop()
 
     def client(self, **kwargs: object) -> Client:
         kwargs.setdefault("password", self.password)
@@ -220,10 +232,16 @@ def test_wrong_password_is_rejected(server: ServerProcess, password: str) -> Non
     way it is sent: URL parameter, X-ClickHouse-Key, Basic."""
     url = f"{server.url}/"
     basic = base64.b64encode(f"default:{password}".encode()).decode()
-    for r in (httpx.post(url, content="SELECT 1", params={"user": "default", "password": password}, timeout=30),
-              httpx.post(url, content="SELECT 1", headers={b"X-ClickHouse-User": b"default",
-                                                           b"X-ClickHouse-Key": password.encode()}, timeout=30),
-              httpx.post(url, content="SELECT 1", headers={"Authorization": f"Basic {basic}"}, timeout=30)):
+    for r in (
+        httpx.post(url, content="SELECT 1", params={"user": "default", "password": password}, timeout=30),
+        httpx.post(
+            url,
+            content="SELECT 1",
+            headers={b"X-ClickHouse-User": b"default", b"X-ClickHouse-Key": password.encode()},
+            timeout=30,
+        ),
+        httpx.post(url, content="SELECT 1", headers={"Authorization": f"Basic {basic}"}, timeout=30),
+    ):
         assert (r.status_code, r.headers["X-ClickHouse-Exception-Code"]) == (403, "516"), r.text
 
 

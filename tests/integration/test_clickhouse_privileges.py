@@ -32,14 +32,8 @@ ROOT = os.geteuid() == 0
 def server(tmp_path: Path) -> Iterator[ServerProcess]:
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
-    srv = ServerProcess(state / "data", tmp_path / "server.log")
-    srv.start()
-    try:
+    with ServerProcess(state / "data", tmp_path / "server.log").running() as srv:
         yield srv
-    finally:
-        srv.http.close()
-        if srv.proc is not None:
-            srv.stop()
 
 
 def credentials(pid: int) -> dict[str, list[str]]:

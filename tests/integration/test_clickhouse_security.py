@@ -58,14 +58,8 @@ def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]
     base = tmp_path_factory.mktemp("clickhouse-limits")
     args = ("--max-body-size", str(1 << 20), "--max-decompressed-size", str(2 << 20), "--max-connections", "3",
             "--max-execution-time", "2")  # fmt: skip
-    srv = ServerProcess(base / "data", base / "server.log", extra_args=args)
-    srv.start()
-    try:
+    with ServerProcess(base / "data", base / "server.log", extra_args=args).running() as srv:
         yield srv
-    finally:
-        srv.http.close()
-        if srv.proc is not None:
-            srv.stop()
 
 
 def refusal(r: httpx.Response, code: int, name: str, status: int) -> str:
@@ -343,14 +337,10 @@ def test_execution_time_limit(limited: ServerProcess) -> None:
 @pytest.fixture
 def three_connections(tmp_path: Path) -> Iterator[ServerProcess]:
     """A server of its own with room for three connections: no other test's connection or session counts."""
-    srv = ServerProcess(tmp_path / "data", tmp_path / "server.log", extra_args=("--max-connections", "3"))
-    srv.start()
-    try:
+    with ServerProcess(
+        tmp_path / "data", tmp_path / "server.log", extra_args=("--max-connections", "3")
+    ).running() as srv:
         yield srv
-    finally:
-        srv.http.close()
-        if srv.proc is not None:
-            srv.stop()
 
 
 def test_connection_limit(three_connections: ServerProcess) -> None:
