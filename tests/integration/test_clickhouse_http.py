@@ -232,16 +232,10 @@ def test_wrong_password_is_rejected(server: ServerProcess, password: str) -> Non
     way it is sent: URL parameter, X-ClickHouse-Key, Basic."""
     url = f"{server.url}/"
     basic = base64.b64encode(f"default:{password}".encode()).decode()
-    for r in (
-        httpx.post(url, content="SELECT 1", params={"user": "default", "password": password}, timeout=30),
-        httpx.post(
-            url,
-            content="SELECT 1",
-            headers={b"X-ClickHouse-User": b"default", b"X-ClickHouse-Key": password.encode()},
-            timeout=30,
-        ),
-        httpx.post(url, content="SELECT 1", headers={"Authorization": f"Basic {basic}"}, timeout=30),
-    ):
+    for r in (httpx.post(url, content="SELECT 1", params={"user": "default", "password": password}, timeout=30),
+              httpx.post(url, content="SELECT 1", headers={b"X-ClickHouse-User": b"default",
+                                                           b"X-ClickHouse-Key": password.encode()}, timeout=30),
+              httpx.post(url, content="SELECT 1", headers={"Authorization": f"Basic {basic}"}, timeout=30)):
         assert (r.status_code, r.headers["X-ClickHouse-Exception-Code"]) == (403, "516"), r.text
 
 

@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--max-concurrent-queries", type=int, default=16, help="statements running at once; the next ones wait"
     )
+    parser.add_argument(
+        "--max-sessions", type=int, default=256, help="sessions kept; past it the least recently used idle one goes"
+    )
     args = parser.parse_args(argv)
     # The password comes from the environment, never the command line (visible in ps).
     password = os.environ.get(PASSWORD_ENV, "")
@@ -90,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         max_connections=args.max_connections,
         max_execution_time=args.max_execution_time,
         max_concurrent_queries=args.max_concurrent_queries,
+        max_sessions=args.max_sessions,
     )
     serve(args.host, args.port, args.data_dir, args.user, password, limits)
     return 0

@@ -180,8 +180,8 @@ class ClickHouseHTTPServer(ThreadingHTTPServer):
         self.engine = engine
         self.user = user
         self.password = password
-        self.sessions = Sessions(on_expire=engine.drop)
         self.limits = limits or Limits()
+        self.sessions = Sessions(on_expire=engine.drop, max_sessions=self.limits.max_sessions)
         self.watch = ClientWatch(engine.kill)
         self.policy = Policy(
             user=user, denied_functions=engine.denied_functions, max_execution_time=self.limits.max_execution_time
@@ -224,6 +224,7 @@ class Limits:
     max_connections: int = 128
     max_execution_time: float = 300.0  # seconds; clients may ask for less, never more
     max_concurrent_queries: int = 16  # statements running at once in the engine; the next ones wait
+    max_sessions: int = 256  # sessions kept; past it the least recently used idle one is evicted
 
 
 class Handler(BaseHTTPRequestHandler):
