@@ -37,15 +37,25 @@ It behaves like a locked-down ClickHouse server, not like a root shell (ARCHITEC
 
 * a password (``CLICKHOUSE_PASSWORD`` in its environment; it refuses to start without one), checked for
   URL, ``X-ClickHouse-User/Key`` and Basic credentials alike (516 AUTHENTICATION_FAILED);
-* one statement per request (62 "Multi-statements are not allowed"), GET read-only (164 READONLY);
-  access settings (``readonly``, ``allow_ddl``, ``profile``, file-path settings...) fixed (452, or 164
-  on GET), ``max_execution_time`` capped (452 above the cap, 159 TIMEOUT_EXCEEDED when reached);
+* fail closed, decided before anything runs: the scanner (``lexer``) reads SQL as the engine's lexer does
+  (heredocs, nested comments, quoted identifiers) and refuses what it cannot read (62); one statement per
+  request (62 "Multi-statements are not allowed"), at most 256 KiB of SQL (62, ``max_query_size`` fixed),
+  known statement kinds only, GET read-only (164 READONLY); access and parser-limit settings (``readonly``,
+  ``allow_ddl``, ``profile``, ``max_query_size``, ``max_parser_depth``, file-path settings...) fixed (452,
+  or 164 on GET), ``max_execution_time`` capped (452 above the cap, 159 TIMEOUT_EXCEEDED when reached);
 * nothing that reaches outside the engine: table functions and engines other than an allow-list, files,
   dictionary sources other than local tables, ``SYSTEM``, ``KILL``, ``BACKUP``/``RESTORE``, access
   management (497 ACCESS_DENIED), ``INTO OUTFILE`` (358), ``FROM INFILE`` (78), ``ATTACH ... FROM`` a
-  path (481). The token guard (``guard``) reads every statement, then the engine's own ``EXPLAIN AST``
-  (parsed, never executed) is checked again (``ast_violation``);
+  path (481). The token guard (``guard``) reads every statement; only a statement it passed goes to the
+  engine's own ``EXPLAIN AST`` (parsed, never executed), whose errors are the answer and whose tree must be
+  whole and is checked again (``ast_violation``);
+* started as root, it runs as the system user ``changeflow-ch``, which reaches only its own data folder
+  (``privileges``);
 * no browser: a request with ``Origin`` or a cross-site ``Sec-Fetch-Site`` is refused (403);
 * limits: request body and decompressed body (256 MiB each by default), open connections (a bounded
   pool, 202 TOO_MANY_SIMULTANEOUS_QUERIES), and values echoed as headers are validated.
+
+Files, one job each: ``errors`` (ClickHouse's error text), ``lexer`` (scanner), ``guard`` (pure checks),
+``engine`` (chdb connections, parse check, spooled inserts), ``sessions``, ``bodies`` (compression, multipart),
+``handler`` (HTTP), ``privileges`` (dropping root), ``__main__`` (arguments, serve loop).
 """
