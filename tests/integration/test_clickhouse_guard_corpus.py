@@ -127,16 +127,20 @@ CORPUS = [
     a("SYSTEM behind a block comment", "/* x */ SYSTEM RELOAD CONFIG", *DENIED),
     a("SYSTEM behind line comments", "-- c\n# d\nsystem drop dns cache", *DENIED),
     a("shebang comment, then file()", f"#!/bin/sh\nSELECT * FROM {FILE_FN}", *DENIED),
-    # Odd unicode and whitespace: the engine's lexer skips some as spaces; this server refuses them.
-    a("no-break spaces", f"SELECT\u00a0*\u00a0FROM\u00a0{FILE_FN}", *SYNTAX),
-    a("no-break space before OUTFILE", f"SELECT 1 INTO\u00a0OUTFILE '{OUT}'", *SYNTAX),
+    # Odd unicode and whitespace: read as the engine reads them (some Unicode spaces are spaces), or refused.
+    a("no-break spaces", f"SELECT\u00a0*\u00a0FROM\u00a0{FILE_FN}", *DENIED),
+    a("no-break space before OUTFILE", f"SELECT 1 INTO\u00a0OUTFILE '{OUT}'", 358, "INTO_OUTFILE_NOT_ALLOWED"),
+    a("byte-order mark before SYSTEM", "\ufeffSYSTEM SHUTDOWN", *DENIED),
+    a("ogham space (no space to the engine)", f"SELECT\u1680*\u1680FROM {FILE_FN}", *SYNTAX),
     a("ideographic space before a statement", "SELECT 1\u3000; DROP TABLE changeflow.canary", *SYNTAX),
     a("zero-width space in a name", f"SELECT * FROM fi\u200ble('{HOST_FILE}')", *SYNTAX),
     a("fullwidth SYSTEM", "\uff33\uff39\uff33\uff34\uff25\uff2d SHUTDOWN", *SYNTAX),
     a("NUL byte", "SELECT 1\x00; DROP TABLE changeflow.canary", *SYNTAX),
     a("a '#' that starts no comment", f"SELECT 1 #x\nSELECT * FROM {FILE_FN}", *SYNTAX),
     a("Values row with a no-break space", f"INSERT INTO changeflow.canary VALUES (length(file\u00a0('{HOST_FILE}')))",
-      *SYNTAX),
+      *DENIED),
+    a("a parameter named like a heredoc's tag, the tag again later", "SELECT {$x$:String}, * FROM " + FILE_FN +
+      " -- $x$", *SYNTAX, params={"param_$x$": "a"}),  # a heredoc to the engine as to the scanner: no call
     # Unknown constructs and what the parser cannot bound.
     a("unknown statement", "PREPARE x AS SELECT 1", *SYNTAX),
     a("very deep nesting", "SELECT " + "(" * DEEP + "1" + ")" * DEEP, 306, "TOO_DEEP_RECURSION"),
@@ -223,6 +227,7 @@ def test_legitimate_traffic_still_works_beside_the_corpus(server: ServerProcess)
         got = client.query("SELECT note FROM orders FINAL WHERE key = {k:String}", parameters={"k": "k7"})
         assert got.result_rows == [("it's; a /* note */ $$ 7 -- #",)]
         assert client.command("SELECT $$a;b$$ || 'c' /* nested /* comment */ */ -- tail") == "a;bc"
+        assert client.command("SELECT {$x:Int32} + 1;\u00a0", parameters={"$x": 41}) == 42
         assert client.command("SELECT count() FROM numbers(10) SETTINGS max_threads = 1, max_execution_time = 5") == 10
         in_list = ", ".join(f"'k{i}'" for i in range(5000))  # a reconcile's long IN list, under the size limit
         assert client.command(f"SELECT count() FROM orders FINAL WHERE key IN ({in_list})") == 2000

@@ -31,7 +31,14 @@ _SPACE = b" \t\r\n\f\v"
 # Possessive (no backtracking): a doubled quote is always an escaped quote, as in the engine's lexer.
 _QUOTED = {q: re.compile(rb"%s(?:[^%s\\]|\\.|%s%s)*+%s" % (q, q, q, q, q), re.DOTALL) for q in (b"'", b'"', b"`")}
 _HEREDOC_TAG = re.compile(rb"\$[A-Za-z0-9_]*\$")
+_DOLLAR_WORD = re.compile(rb"\$[A-Za-z0-9_$]*")
+# The Unicode spaces the engine's lexer skips like ASCII ones (measured on this chdb: U+0085, U+00A0, U+180E,
+# U+2000..U+200B, U+2028, U+2029, U+202F, U+205F, U+3000, U+FEFF; not U+1680), as UTF-8.
+_UTF8_SPACE = re.compile(
+    rb"\xc2[\x85\xa0]|\xe1\xa0\x8e|\xe2\x80[\x80-\x8b\xa8\xa9\xaf]|\xe2\x81\x9f|\xe3\x80\x80|\xef\xbb\xbf"
+)
 _PUNCT = frozenset(b"!%&*+,-./:;<=>?@^|~{}")
+_WORD_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
 
 
 def lex_error(buf: bytes, at: int, what: str) -> ClickHouseError:
@@ -72,14 +79,24 @@ def tokens(buf: bytes, start: int = 0) -> Iterator[Token]:
                 raise lex_error(buf, i, "Unmatched quotes" if c != 0x60 else "Unmatched backquote")
             yield Token("string" if c == 0x27 else "ident", i, m.end(), depth)
             i = m.end()
-        elif c == 0x24:  # '$': a heredoc string, or nothing this server accepts
-            tag = _HEREDOC_TAG.match(buf, i)
-            close = buf.find(tag.group(), tag.end()) if tag is not None else -1
-            if tag is None or close < 0:
-                raise lex_error(buf, i, "'$' starts no heredoc string ($tag$ ... $tag$)")
-            end = close + len(tag.group())
-            yield Token("string", i, end, depth)
-            i = end
+        elif c == 0x24:  # '$': as the engine decides it
+            # A heredoc when the text up to the next '$' appears again later (any text: the engine takes it).
+            nxt = buf.find(b"$", i + 1)
+            close = buf.find(buf[i : nxt + 1], nxt + 1) if nxt >= 0 else -1
+            if close >= 0:
+                if _HEREDOC_TAG.fullmatch(buf, i, nxt + 1) is None:  # a tag of other characters: refused
+                    raise lex_error(buf, i, "a heredoc tag other than $[A-Za-z0-9_]*$")
+                end = close + nxt + 1 - i
+                yield Token("string", i, end, depth)
+                i = end
+            elif i + 1 < n and (buf[i + 1] in _WORD_BYTES):  # a bare word starting with '$' ({$x:Int32})
+                m = _DOLLAR_WORD.match(buf, i)
+                assert m is not None
+                yield Token("word", i, m.end(), depth)
+                i = m.end()
+            else:  # a lone '$'
+                yield Token("punct", i, i + 1, depth)
+                i += 1
         elif c in (0x28, 0x5B):  # ( [
             yield Token("punct", i, i + 1, depth)
             depth += 1
@@ -97,7 +114,9 @@ def tokens(buf: bytes, start: int = 0) -> Iterator[Token]:
         elif c in _PUNCT:
             yield Token("punct", i, i + 1, depth)
             i += 1
-        else:  # a control byte, or a byte past ASCII outside a string (the engine skips some as spaces)
+        elif (m := _UTF8_SPACE.match(buf, i)) is not None:
+            i = m.end()
+        else:  # a control byte, or a byte past ASCII outside a string
             raise lex_error(buf, i, f"unexpected byte 0x{c:02x} outside a string, identifier or comment")
 
 

@@ -117,6 +117,7 @@ def place_data_dir(data_dir: Path, entry: pwd.struct_passwd) -> Path:
     (cluster / "owner").write_text(f"{data_dir}\n")
     os.chmod(cluster / "owner", 0o600)
     if not data_dir.is_symlink():
+        data_dir.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         data_dir.symlink_to(data)
     collect_orphans(keep=cluster)
     return data
