@@ -65,6 +65,7 @@ CORPUS = [
     # Nested comments.
     a("nested comment closes later", f"SELECT /* /* */ 1 */ * FROM {FILE_FN}", *DENIED),
     a("nested comment then a second statement", "SELECT 1 /* /* */ */ ; DROP TABLE changeflow.canary", *SYNTAX),
+    a("a // comment hides a quote", f"SELECT 1 // '\n, * FROM {FILE_FN} -- '", *DENIED),
     a("nested comment never closed", "SELECT 1 /* /* */ ; DROP TABLE changeflow.canary", *SYNTAX),
     # Padding past the size limit.
     a("padding before file()", f"SELECT '{PAD}' AS pad, * FROM {FILE_FN}", *SYNTAX),
@@ -228,6 +229,7 @@ def test_legitimate_traffic_still_works_beside_the_corpus(server: ServerProcess)
         assert got.result_rows == [("it's; a /* note */ $$ 7 -- #",)]
         assert client.command("SELECT $$a;b$$ || 'c' /* nested /* comment */ */ -- tail") == "a;bc"
         assert client.command("SELECT {$x:Int32} + 1;\u00a0", parameters={"$x": 41}) == 42
+        assert client.command("SELECT length('a\x1cb\u0085c\u2028d') // a comment") == 10  # raw breaks
         assert client.command("SELECT count() FROM numbers(10) SETTINGS max_threads = 1, max_execution_time = 5") == 10
         in_list = ", ".join(f"'k{i}'" for i in range(5000))  # a reconcile's long IN list, under the size limit
         assert client.command(f"SELECT count() FROM orders FINAL WHERE key IN ({in_list})") == 2000

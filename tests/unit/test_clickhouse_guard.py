@@ -334,6 +334,8 @@ def test_heredocs_and_nested_comments_are_read_as_the_engine_reads_them() -> Non
     assert refused(buf.decode()).code == 497
     assert refused("SELECT $$'$$; DROP TABLE t --'").code == 62
     assert refused("SELECT (1; DROP TABLE t)").code == 62  # a semicolon at any depth
+    buf = b"SELECT 1 // ; DROP TABLE t '\n, 2"  # a C++-style comment, as the engine has it
+    assert [buf[t.start : t.end] for t in tokens(buf)] == [b"SELECT", b"1", b",", b"2"]
 
 
 @pytest.mark.parametrize("key", ["`QUERY`", '"query"', "`Query`", "QUERY", "`HOST`", "NAME"])
@@ -362,6 +364,11 @@ def test_unknown_statement_kinds_are_refused() -> None:
     for sql in ("FOO BAR", "PREPARE x", "BEGIN TRANSACTION", "WATCH lv"):
         err = refused(sql)
         assert (err.code, err.name) == (62, "SYNTAX_ERROR"), sql
+
+
+def test_a_literal_with_raw_line_breaks_other_than_newline_is_one_node() -> None:
+    tree = "SelectWithUnionQuery (children 1)\n ExpressionList (children 1)\n  Literal 'a\x1cb\x85c\u2028d'\n"
+    assert ast_violation(tree, POLICY) is None
 
 
 def test_an_incomplete_parse_tree_is_refused() -> None:

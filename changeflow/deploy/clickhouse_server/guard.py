@@ -315,7 +315,7 @@ def ast_complete(ast: str) -> bool:
     truncated result, an output format other than the tree) cannot be checked."""
     stack: list[list[int]] = []  # [indent, declared, seen]
     roots = 0
-    for raw in ast.splitlines():
+    for raw in ast.split("\n"):  # only a newline ends a node's line (a literal keeps other breaks raw)
         if not raw.strip():
             continue
         indent = len(raw) - len(raw.lstrip(" "))
@@ -354,7 +354,7 @@ def ast_violation(ast: str, policy: Policy) -> ClickHouseError | None:
         return unreadable_tree()
     user = policy.user
     parents: list[list[Any]] = []  # [indent, line, children seen so far]
-    for raw in ast.splitlines():
+    for raw in ast.split("\n"):  # only a newline ends a node's line (a literal keeps other breaks raw)
         if not raw.strip():
             continue
         indent = len(raw) - len(raw.lstrip(" "))

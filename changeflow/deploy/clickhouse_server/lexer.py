@@ -11,7 +11,7 @@ from changeflow.deploy.clickhouse_server.errors import ClickHouseError, ch_error
 # -- the scanner ----------------------------------------------------------------------------------------
 # ClickHouse's own lexer (src/Parsers/Lexer.cpp), token for token, where a token can hide or fake another:
 # strings with backslash escapes and doubled quotes, backquoted and double-quoted identifiers (the same
-# rules), heredoc strings ``$tag$...$tag$``, nested ``/* /* */ */`` comments, ``--`` and ``# `` / ``#!``
+# rules), heredoc strings ``$tag$...$tag$``, nested ``/* /* */ */`` comments, ``--``, ``//`` and ``# `` / ``#!``
 # comments. Fail closed: what it cannot read the way the engine reads it (an unterminated string or
 # comment, a ``$`` that starts no heredoc, a ``#`` that starts no comment, a byte outside printable ASCII
 # outside a string, identifier or comment) is a syntax error, never a guess.
@@ -56,7 +56,9 @@ def tokens(buf: bytes, start: int = 0) -> Iterator[Token]:
         c = buf[i]
         if c in _SPACE:
             i += 1
-        elif (c == 0x2D and buf.startswith(b"--", i)) or (c == 0x23 and buf[i + 1 : i + 2] in (b" ", b"!")):
+        elif (c in (0x2D, 0x2F) and buf[i + 1 : i + 2] == bytes((c,))) or (
+            c == 0x23 and buf[i + 1 : i + 2] in (b" ", b"!")
+        ):
             j = buf.find(b"\n", i)
             i = n if j < 0 else j + 1
         elif c == 0x23:  # '#' that starts no comment: the engine's lexer has no such token
