@@ -1,7 +1,7 @@
 """ClickHouse for the local stack: the chdb engine behind ClickHouse's HTTP interface.
 
 No ClickHouse server package installs here, but PyPI's ``chdb`` is the ClickHouse engine in-process
-and only one process may open its data directory. ``deploy.clickhouse_server`` owns that directory
+and only one process may open its data directory. ``deploy.clickhouse_server`` (a package) owns that directory
 (``<state>/clickhouse/data``) and serves the HTTP interface on ``clickhouse_port``, so the sinks,
 reports and tests use ``clickhouse-connect`` exactly as they would against a real server.
 """
@@ -55,7 +55,9 @@ class ClickHouseService(Service):
         return [self.server.port]
 
     def private_dirs(self) -> list[Path]:
-        return [self.home, self.data_dir]
+        # Started as root, the server runs as its own user with its data in that user's home, and the data
+        # directory here is a link to it (clickhouse_server/privileges.py): that folder is the server's to keep.
+        return [self.home] if self.data_dir.is_symlink() else [self.home, self.data_dir]
 
     def install(self) -> None:
         """chdb is a pip dependency of the project; check that its engine really loads."""
@@ -72,9 +74,10 @@ class ClickHouseService(Service):
             raise ServiceError(f"clickhouse: chdb does not import:\n{check.stderr[-2000:]}")
 
     def prepare(self) -> None:
-        """Nobody but us reads the warehouse: ``<state>/clickhouse`` and its data directory are 0700."""
+        """Nobody but us reads the warehouse: ``<state>/clickhouse`` and its data directory are 0700 (the data
+        directory, when the server drops root, is its user's own 0700 folder behind a link)."""
         secrets.clickhouse_password(self.settings)  # generated before the server's first start
-        for folder in (self.home, self.data_dir):
+        for folder in self.private_dirs():
             private_dir(folder)
 
     def command(self) -> list[str]:

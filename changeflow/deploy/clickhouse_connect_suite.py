@@ -1,5 +1,5 @@
 """Run clickhouse-connect's own integration suite against our ClickHouse HTTP front
-(changeflow/deploy/clickhouse_server.py).
+(the changeflow/deploy/clickhouse_server/ package).
 
     S="-m changeflow.deploy.clickhouse_connect_suite --mirror CHECKOUT"
     .venv/bin/python $S                                        # own server instance, temporary data dir

@@ -10,6 +10,7 @@ with a password, as the stack's does; what it refuses is tested in test_clickhou
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import gzip
 import json
@@ -100,6 +101,17 @@ class ServerProcess:
         code = self.proc.wait(timeout=30)
         self.proc = None
         return code
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[ServerProcess]:
+        """Started for the block, stopped (SIGTERM, the clean path) after it."""
+        self.start()
+        try:
+            yield self
+        finally:
+            self.http.close()
+            if self.proc is not None:
+                self.stop()
 
     def client(self, **kwargs: object) -> Client:
         kwargs.setdefault("password", self.password)
@@ -364,7 +376,7 @@ def test_statement_analysis(
     sql: bytes, kind: str, output_format: str | None, insert_format: str | None, data: bytes | None
 ) -> None:
     """The server's small lexer must not be fooled by strings, comments, or binary INSERT data."""
-    from changeflow.deploy.clickhouse_server import analyze
+    from changeflow.deploy.clickhouse_server.lexer import analyze
 
     stmt = analyze(sql)
     assert (stmt.kind, stmt.output_format, stmt.insert_format) == (kind, output_format, insert_format)

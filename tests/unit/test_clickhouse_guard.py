@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import pytest
 
-from changeflow.deploy.clickhouse_server import (
-    ClickHouseError,
+from changeflow.deploy.clickhouse_server.errors import ClickHouseError
+from changeflow.deploy.clickhouse_server.guard import (
     Policy,
-    analyze,
     ast_violation,
     check_settings_policy,
     guard,
     settings_clauses,
-    tokens,
-    valid_query_id,
 )
+from changeflow.deploy.clickhouse_server.handler import valid_query_id
+from changeflow.deploy.clickhouse_server.lexer import analyze, tokens
 
 POLICY = Policy(user="default", max_execution_time=300)
 
@@ -265,7 +264,7 @@ def test_ast_layer_engines_outfile_infile_system() -> None:
     assert (err := ast_violation(infile, POLICY)) is not None and err.code == 78
     assert (err := ast_violation("SYSTEM query\n", POLICY)) is not None and err.code == 497
     dictionary = (
-        "CreateQuery d (children 2)\n Dictionary definition (children 1)\n  FunctionWithKeyValueArguments  mysql\n"
+        "CreateQuery d (children 1)\n Dictionary definition (children 1)\n  FunctionWithKeyValueArguments  mysql\n"
     )
     assert (err := ast_violation(dictionary, POLICY)) is not None and "READ ON MYSQL" in err.message
 
@@ -285,7 +284,94 @@ def test_describe_of_a_table_function_is_not_taken_for_a_table_name() -> None:
 
 def test_a_column_named_engine_in_a_select_is_no_storage_definition() -> None:
     """`engine` of system.tables is a column: reading it is allowed (a real server allows it)."""
-    buf = (b"SELECT database, name, engine FROM system.tables WHERE database IN ['x'] "
-           b"ORDER BY engine = 'View' DESC, name")
+    buf = (
+        b"SELECT database, name, engine FROM system.tables WHERE database IN ['x'] ORDER BY engine = 'View' DESC, name"
+    )
     guard(buf, analyze(buf), False, POLICY)  # no ClickHouseError
     assert refused("CREATE TABLE t (x Int8) ENGINE = File(TSV)").code == 497
+
+
+# -- fail closed (#20 §1) ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sql", "what"),
+    [
+        ("SELECT 'open", "Unmatched quotes"),
+        ("SELECT `open", "Unmatched backquote"),
+        ("SELECT /* /* */ 1", "Multiline comment is not closed"),
+        ("SELECT $a b$ 1 $a b$", "a heredoc tag other than $[A-Za-z0-9_]*$"),
+        ("SELECT #x", "'#' starts a comment only when followed by a space or '!'"),
+        ("SELECT\u16801", "unexpected byte 0xe1"),  # Ogham space: the engine does not skip it either
+        ("SELECT 1\x00", "unexpected byte 0x00"),
+        ("SELECT \\ 1", "unexpected byte 0x5c"),
+    ],
+)
+def test_what_the_scanner_cannot_read_as_the_engine_does_is_a_syntax_error(sql: str, what: str) -> None:
+    with pytest.raises(ClickHouseError) as info:
+        list(tokens(sql.encode()))
+    assert (info.value.code, info.value.name) == (62, "SYNTAX_ERROR")
+    assert what in info.value.message
+
+
+def test_dollars_and_unicode_spaces_are_read_as_the_engine_reads_them() -> None:
+    """Measured on this chdb: ``{$x:Int32}`` is a parameter named ``$x`` (a bare word), a lone ``$`` a token of its
+    own, and U+00A0, U+2000..U+200B, U+3000, U+FEFF... are spaces, as in ``SELECT 13;\u00a0``."""
+    buf = "SELECT {$x:Int32}, {$x$:String}, $ FROM t\u00a0WHERE\u200ba\u3000=\ufeff1;\u00a0".encode()
+    assert [buf[t.start : t.end] for t in tokens(buf)] == [
+        b"SELECT", b"{", b"$x", b":", b"Int32", b"}", b",", b"{", b"$x$", b":", b"String", b"}", b",", b"$",
+        b"FROM", b"t", b"WHERE", b"a", b"=", b"1", b";",
+    ]  # fmt: skip
+    assert refused("SELECT 1 INTO\u00a0OUTFILE '/tmp/x'").code == 358
+    assert refused("SELECT * FROM\u2003file('/etc/passwd')").code == 497
+
+
+def test_heredocs_and_nested_comments_are_read_as_the_engine_reads_them() -> None:
+    buf = b"SELECT $$'$$ AS x, $t$ ; $t$ /* /* ; */ ; */ FROM file('/etc/hostname') -- '"
+    assert [buf[t.start : t.end] for t in tokens(buf)] == [
+        b"SELECT", b"$$'$$", b"AS", b"x", b",", b"$t$ ; $t$", b"FROM", b"file", b"(", b"'/etc/hostname'", b")",
+    ]  # fmt: skip
+    assert refused(buf.decode()).code == 497
+    assert refused("SELECT $$'$$; DROP TABLE t --'").code == 62
+    assert refused("SELECT (1; DROP TABLE t)").code == 62  # a semicolon at any depth
+    buf = b"SELECT 1 // ; DROP TABLE t '\n, 2"  # a C++-style comment, as the engine has it
+    assert [buf[t.start : t.end] for t in tokens(buf)] == [b"SELECT", b"1", b",", b"2"]
+
+
+@pytest.mark.parametrize("key", ["`QUERY`", '"query"', "`Query`", "QUERY", "`HOST`", "NAME"])
+def test_dictionary_source_keys_are_compared_unquoted(key: str) -> None:
+    sql = (f"CREATE DICTIONARY d (k UInt64) PRIMARY KEY k SOURCE(CLICKHOUSE({key} 'x' TABLE 't')) "
+           "LAYOUT(FLAT()) LIFETIME(0)")  # fmt: skip
+    err = refused(sql)
+    assert (err.code, err.name) == (497, "ACCESS_DENIED")
+
+
+@pytest.mark.parametrize("name", ["max_query_size", "max_parser_depth", "max_parser_backtracks", "max_ast_depth",
+                                  "max_ast_elements", "max_expanded_ast_elements", "readonly",
+                                  "allow_ddl"])  # fmt: skip
+def test_parser_limits_are_fixed_wherever_they_are_set(name: str) -> None:
+    for sql in (f"SET {name} = 1", f"SELECT 1 SETTINGS {name} = 1", f"SELECT 1 SETTINGS `{name}` = 1",
+                f'SELECT * FROM (SELECT 1 SETTINGS "{name}"=1)', f"SELECT 1 SETTINGS max_threads = 1, {name}",
+                f"SELECT 1 SETTINGS {name}"):  # fmt: skip
+        err = refused(sql)
+        assert (err.code, err.name) == (452, "SETTING_CONSTRAINT_VIOLATION"), sql
+    with pytest.raises(ClickHouseError) as info:
+        check_settings_policy([(name, "'1000000000'")], False, POLICY)  # a URL parameter
+    assert info.value.code == 452
+
+
+def test_unknown_statement_kinds_are_refused() -> None:
+    for sql in ("FOO BAR", "PREPARE x", "BEGIN TRANSACTION", "WATCH lv"):
+        err = refused(sql)
+        assert (err.code, err.name) == (62, "SYNTAX_ERROR"), sql
+
+
+def test_a_literal_with_raw_line_breaks_other_than_newline_is_one_node() -> None:
+    tree = "SelectWithUnionQuery (children 1)\n ExpressionList (children 1)\n  Literal 'a\x1cb\x85c\u2028d'\n"
+    assert ast_violation(tree, POLICY) is None
+
+
+def test_an_incomplete_parse_tree_is_refused() -> None:
+    err = ast_violation("SelectWithUnionQuery (children 2)\n ExpressionList (children 1)\n", POLICY)
+    assert err is not None and (err.code, err.name) == (62, "SYNTAX_ERROR")
+    assert ast_violation("\x00\x01binary", POLICY) is not None
