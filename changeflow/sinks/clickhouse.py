@@ -749,6 +749,13 @@ class ClickHouseStore:
         ).result_rows
         return {e: int(v) for e, v in rows}
 
+    def drop_entity(self, spec: EntitySpec) -> list[str]:
+        """One entity's table (a view dropped: `changeflow views drop`); the pipeline's own tables stay."""
+        database, table = table_of(spec)
+        self.client.command(f"DROP TABLE IF EXISTS {q(database)}.{q(table)} SYNC")
+        self._tables.pop(spec.name, None)
+        return [f"clickhouse: table {database}.{table} dropped"]
+
     def purge(self) -> list[str]:
         """The pipeline's tables (its entities', changelog, applied-through, reconciliation runs) and the
         views in its database (reports over those tables); the database itself only once nothing else

@@ -377,15 +377,20 @@ class PostgresStore:
             out.update({str(e): int(v) for e, v in self._run(database, "the applied-through marker", read)})
         return out
 
+    def drop_entity(self, spec: EntitySpec) -> list[str]:
+        """One entity's table (a view dropped: `changeflow views drop`)."""
+        if not self._existing(spec):
+            return []
+        self._run(self.database(spec), "DROP TABLE", lambda c, s=spec: c.execute(
+            sql.SQL("DROP TABLE IF EXISTS {}").format(self.table(s))))
+        return [f"postgres: table {self.database(spec)}.{'.'.join(self.place(spec))} dropped"]
+
     def purge(self) -> list[str]:
         """The entities' tables and the pipeline's applied-through rows; the databases stay (a read model's
         database may hold what the pipeline did not create)."""
         done: list[str] = []
         for spec in self._entities():
-            if self._existing(spec):
-                self._run(self.database(spec), "DROP TABLE", lambda c, s=spec: c.execute(
-                    sql.SQL("DROP TABLE IF EXISTS {}").format(self.table(s))))
-                done.append(f"postgres: table {self.database(spec)}.{'.'.join(self.place(spec))} dropped")
+            done += self.drop_entity(spec)
         for database in sorted({self.database(s) for s in self._entities()}):
             try:
                 self._run(database, "the applied-through rows", lambda c: c.execute(sql.SQL(

@@ -570,17 +570,22 @@ class SearchStore:
         response.raise_for_status()
         return {h["_id"]: int(h["_source"]["version"]) for h in response.json()["hits"]["hits"]}
 
+    def drop_entity(self, spec: EntitySpec) -> list[str]:
+        """The entity's alias (or index) and every physical index behind it (rebuilds make new ones)."""
+        done: list[str] = []
+        response = self.http.get(f"/_alias/{urllib.parse.quote(index_name(spec), safe='')}")
+        names = sorted(response.json()) if response.status_code == 200 else []
+        if not names and self.http.head(self._index_path(spec)).status_code == 200:
+            names = [index_name(spec)]
+        for name in names:
+            if self.http.delete("/" + urllib.parse.quote(name, safe="")).status_code == 200:
+                done.append(f"search: index {name} deleted")
+        return done
+
     def purge(self) -> list[str]:
         done: list[str] = []
         for spec in self.pipeline.stored_in(self.name):
-            # The entity's alias (or index) and every physical index behind it (rebuilds make new ones).
-            response = self.http.get(f"/_alias/{urllib.parse.quote(index_name(spec), safe='')}")
-            names = sorted(response.json()) if response.status_code == 200 else []
-            if not names and self.http.head(self._index_path(spec)).status_code == 200:
-                names = [index_name(spec)]
-            for name in names:
-                if self.http.delete("/" + urllib.parse.quote(name, safe="")).status_code == 200:
-                    done.append(f"search: index {name} deleted")
+            done += self.drop_entity(spec)
         if self.http.delete("/" + urllib.parse.quote(self.applied_index, safe="")).status_code == 200:
             done.append(f"search: index {self.applied_index} deleted")
         return done

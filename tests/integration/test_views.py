@@ -290,3 +290,17 @@ def test_views_follow_every_order_of_arrival_into_every_store(views: Views) -> N
     eventually(lambda: v.redis_rows("big_orders") == big and in_every_store(v), timeout=120,
                what="a view added while running")
     assert "the pipeline's views changed" in (v.tmp / f"worker-{PORTS[1]}.log").read_text()
+
+    # Dropping a view removes what it created: refused while the worker runs, then its rows, table, index and
+    # topic go; the other views stay.
+    refused = changeflow(v.file, "views", "drop", "big_orders", "--yes")
+    assert refused.returncode == 1 and "is running" in refused.stderr and "nothing was removed" in refused.stderr
+    assert v.stop_worker(PORTS[1]) == 0
+    dropped = changeflow(v.file, "views", "drop", "big_orders", "--yes")
+    assert dropped.returncode == 0, dropped.stdout + dropped.stderr
+    assert f"clickhouse: table {v.name}.big_orders dropped" in dropped.stdout
+    assert f"search: index {v.name}-big_orders" in dropped.stdout
+    assert f"kafka: topic {v.name}.big_orders deleted" in dropped.stdout
+    assert v.redis_rows("big_orders") == {} and v.search_rows("big_orders") == {}
+    assert v.clickhouse_rows("big_orders") == {}
+    assert v.redis_rows("ny_orders") == {k: {c: _json(x) for c, x in r.items()} for k, r in expected_ny(v).items()}
