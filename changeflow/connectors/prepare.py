@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
+from changeflow.pipelines import outbox
 from changeflow.pipelines.spec import Pipeline, split_table
 
 _DOLLAR_TAG = "$changeflow_prepare$"
@@ -53,8 +54,9 @@ def objects(pipeline: Pipeline) -> SourceObjects:
     pg = pipeline.file.sources.postgres
     if pg is None:
         raise PrepareError(f"pipeline {pipeline.name} has no postgres source: nothing to prepare")
-    tables = tuple(dict.fromkeys((e.source_schema, e.source_table) for e in pipeline.entities.values()
-                                 if e.source == "postgres"))
+    tables = tuple(dict.fromkeys([*((e.source_schema, e.source_table) for e in pipeline.entities.values()
+                                    if e.source == "postgres"),
+                                  *((o.source_schema, o.source_table) for o in outbox.specs(pipeline))]))
     return SourceObjects(database=pg.database, role=pg.user, publication=pipeline.publication, tables=tables,
                          signal=split_table(pipeline.signal_table), heartbeat=split_table(pipeline.heartbeat_table))
 

@@ -34,6 +34,7 @@ import re
 from pathlib import PurePosixPath
 
 from changeflow.connectors.client import ConnectorDefinition
+from changeflow.pipelines import outbox
 from changeflow.pipelines.model import SECRET_REF
 from changeflow.pipelines.spec import Pipeline, split_table
 from changeflow.settings import Settings
@@ -123,7 +124,9 @@ def postgres(pipeline: Pipeline) -> ConnectorDefinition:
     if not entities:
         raise RenderError(f"pipeline {pipeline.name} has no postgres entity")
     signal, heartbeat = split_table(pipeline.signal_table), split_table(pipeline.heartbeat_table)
-    captured = [(e.source_schema, e.source_table) for e in entities] + [signal, heartbeat]
+    outboxes = outbox.specs(pipeline)
+    captured = ([(e.source_schema, e.source_table) for e in entities] + [signal, heartbeat]
+                + [(o.source_schema, o.source_table) for o in outboxes])
     excluded = [regex(e.source_schema, e.source_table, col) for e in entities for col in e.config.fields.drop]
     keyed = [f"{regex(e.source_schema, e.source_table)}:{','.join(e.key_columns)}"
              for e in entities if e.key_columns]
@@ -162,8 +165,61 @@ def postgres(pipeline: Pipeline) -> ConnectorDefinition:
         "notification.sink.topic.name": pipeline.notifications_topic,
         **_CONVERTERS,
         **_TOPIC_CREATION,
+        **outbox_transforms(outboxes),
     })
     return ConnectorDefinition(name=pipeline.connector_name("postgres"), config=config)
+
+
+def outbox_transforms(outboxes: list[outbox.OutboxSpec]) -> dict[str, str]:
+    """Debezium's outbox event router on each outbox table's topic only (a ``TopicNameMatches`` predicate; every
+    other table's changes pass untouched), then the unroutable events (``pipelines.outbox``: an aggregate type
+    that is no legal topic name part) moved to the outbox DLQ with the reason in a header. Kept to Debezium's
+    defaults otherwise: ``c`` and snapshot ``r`` rows are events, ``d`` is skipped; an UPDATE of an outbox row
+    is dropped with a warning in Connect's log (``table.op.invalid.behavior=warn``); never ``fatal``, which
+    would stop the connector for every table."""
+    config: dict[str, str] = {}
+    transforms: list[str] = []
+    predicates: list[str] = []
+    for o in outboxes:
+        t, table, bad = f"outbox_{o.name}", f"outbox_{o.name}_table", f"outbox_{o.name}_unroutable"
+        c = o.config.columns
+        placement = [f"{c.aggregate_type}:header:aggregate_type"]
+        if c.type is not None:
+            placement.append(f"{c.type}:header:type")
+        placement += [f"{h}:header:{h}" for h in o.config.headers]
+        config.update({
+            f"transforms.{t}.type": "io.debezium.transforms.outbox.EventRouter",
+            f"transforms.{t}.predicate": table,
+            f"transforms.{t}.table.field.event.id": c.id,
+            f"transforms.{t}.table.field.event.key": c.aggregate_id,
+            f"transforms.{t}.table.field.event.payload": c.payload,
+            f"transforms.{t}.route.by.field": c.aggregate_type,
+            f"transforms.{t}.route.topic.regex": o.route_regex,
+            f"transforms.{t}.route.topic.replacement": f"{o.topic_prefix}.${{routedByValue}}",
+            f"transforms.{t}.table.fields.additional.placement": ",".join(placement),
+            f"transforms.{t}.table.expand.json.payload": str(o.config.expand_json_payload).lower(),
+            f"transforms.{t}.table.op.invalid.behavior": "warn",
+            f"transforms.{t}_reason.type": "org.apache.kafka.connect.transforms.InsertHeader",
+            f"transforms.{t}_reason.predicate": bad,
+            f"transforms.{t}_reason.header": outbox.ERROR_HEADER,
+            f"transforms.{t}_reason.value.literal": outbox.unroutable_reason(o),
+            f"transforms.{t}_dlq.type": "org.apache.kafka.connect.transforms.RegexRouter",
+            f"transforms.{t}_dlq.predicate": bad,
+            f"transforms.{t}_dlq.regex": ".*",
+            f"transforms.{t}_dlq.replacement": o.dlq_topic,
+            f"predicates.{table}.type": "org.apache.kafka.connect.transforms.predicates.TopicNameMatches",
+            f"predicates.{table}.pattern": re.escape(o.raw_topic),
+            f"predicates.{bad}.type": "org.apache.kafka.connect.transforms.predicates.TopicNameMatches",
+            f"predicates.{bad}.pattern": re.escape(o.unroutable_topic),
+        })
+        if c.timestamp is not None:
+            config[f"transforms.{t}.table.field.event.timestamp"] = c.timestamp
+        transforms += [t, f"{t}_reason", f"{t}_dlq"]
+        predicates += [table, bad]
+    if transforms:
+        config["transforms"] = ",".join(transforms)
+        config["predicates"] = ",".join(predicates)
+    return config
 
 
 def mongodb(pipeline: Pipeline) -> ConnectorDefinition:

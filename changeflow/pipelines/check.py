@@ -8,8 +8,8 @@ What is checked: tables and columns named anywhere in an entity (key, fields, co
 order_by and types, the names read by derived fields and the filter) exist; a table without a primary
 key declares a key (and can be published: REPLICA IDENTITY); two entities never land on one store object
 or read one table; a hash has a salt; expressions compile and hooks import; sections that are planned
-but not implemented (views, outbox, erasure) are empty. An entity with a hook may add any field, so names
-it could add are not judged.
+but not implemented (views, erasure) are empty; outboxes are judged by ``pipelines.outbox.check``. An
+entity with a hook may add any field, so names it could add are not judged.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import difflib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from changeflow.pipelines import outbox
 from changeflow.pipelines.catalog import Catalog, Table
 from changeflow.pipelines.spec import EntitySpec, Pipeline, split_table
 from changeflow.pipelines.transform import ExpressionError, compile_expression, load_hook
@@ -52,7 +53,7 @@ def check(pipeline: Pipeline, catalog: Catalog | None = None, *, import_hooks: b
           hook_loader: Callable[..., object] = load_hook) -> list[Problem]:
     """Every problem found; empty means the pipeline may be registered."""
     problems: list[Problem] = []
-    for section in ("views", "outbox", "erasure"):
+    for section in ("views", "erasure"):
         if getattr(pipeline.file, section):
             problems.append(Problem(section, "planned, not yet supported; remove this section (changeflow would "
                                              "silently do less than the file says)"))
@@ -62,6 +63,7 @@ def check(pipeline: Pipeline, catalog: Catalog | None = None, *, import_hooks: b
         if catalog is not None and spec.source == "postgres":
             problems.extend(_entity_against_catalog(spec, catalog, pipeline.publication))
     problems.extend(_collisions(pipeline))
+    problems.extend(Problem(at, message) for at, message in outbox.check(pipeline, catalog))
     return problems
 
 
@@ -71,6 +73,7 @@ def uncaptured(pipeline: Pipeline, catalog: Catalog) -> list[Table]:
     nothing else would ever say they are missing. Partitions are not tables of their own (their root is),
     and the pipeline's signal and heartbeat tables are its own."""
     captured = {(e.source_schema, e.source_table) for e in pipeline.entities.values() if e.source == "postgres"}
+    captured |= {(o.source_schema, o.source_table) for o in outbox.specs(pipeline)}
     own = {split_table(pipeline.signal_table), split_table(pipeline.heartbeat_table)}
     return [t for key, t in sorted(catalog.tables.items()) if key not in captured and key not in own]
 

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from changeflow.pipelines.outbox import OutboxSection
 from changeflow.pipelines.types import UnknownTypeError, parse_type
 
 IDENTIFIER = r"^[a-z][a-z0-9_]*$"
@@ -264,7 +265,8 @@ class PipelineFile(Strict):
     # Room for what comes next; refused by `pipeline check` until implemented, so a file never silently
     # means less than it says.
     views: dict[str, Any] = Field(default_factory=dict, description="Read models joining entities (planned).")
-    outbox: dict[str, Any] = Field(default_factory=dict, description="Outbox event router sources (planned).")
+    outbox: OutboxSection = Field(default_factory=dict, description="Outbox tables published by Debezium's "
+                                                                    "outbox event router, by name.")
     erasure: dict[str, Any] = Field(default_factory=dict, description="Erasure of a person's data (planned).")
 
     @field_validator("entities")

@@ -1,0 +1,86 @@
+"""An outbox event as a consumer sees it, read from a Kafka message that Debezium's outbox router wrote.
+
+Pure: a message's topic, position, key, value and headers in, an :class:`Event` (or :class:`BadEvent`, a
+value naming why) out. What the router writes under changeflow's connector settings
+(``connectors.render.outbox_transforms``; Connect's JsonConverter with schemas):
+
+- key: ``{"schema": ..., "payload": <aggregate id>}``;
+- value: ``{"schema": ..., "payload": <payload>}``, the payload a string holding the JSON (a ``jsonb`` column
+  without ``expand_json_payload``) or the JSON itself (with it), or null for a null payload;
+- headers: ``id`` (the event id), ``aggregate_type``, ``type`` and each column of ``headers:``, as text.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+ID_HEADER = "id"
+
+Headers = Sequence[tuple[str, bytes | None]] | None
+
+
+class BadEvent(ValueError):
+    """A message that is no usable event (no event id); its reason is the message."""
+
+
+@dataclass(frozen=True)
+class Event:
+    id: str
+    topic: str
+    partition: int
+    offset: int
+    aggregate_id: str | None
+    aggregate_type: str | None
+    type: str | None
+    payload: Any  # the payload as sent: a dict/list when expanded, else the text (None for a null payload)
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def data(self) -> Any:
+        """The payload as JSON: parsed when it was sent as text (integers and decimals exact). Raises
+        ValueError for text that is not JSON (the outbox row held invalid JSON)."""
+        if isinstance(self.payload, str):
+            return json.loads(self.payload, parse_float=Decimal)
+        return self.payload
+
+
+def _unwrap(raw: bytes | None) -> Any:
+    """JsonConverter's ``{"schema", "payload"}`` envelope → the payload; bare JSON as it stands."""
+    if raw is None:
+        return None
+    value = json.loads(raw, parse_float=Decimal)
+    if isinstance(value, dict) and set(value) == {"schema", "payload"}:
+        return value["payload"]
+    return value
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("utf-8", errors="replace")
+
+
+def parse(topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None,
+          headers: Headers) -> Event:
+    """The event a message carries; BadEvent when it has no event id or is not JSON."""
+    hdrs = {name: _text(v) or "" for name, v in headers or ()}
+    event_id = hdrs.get(ID_HEADER)
+    if not event_id:
+        raise BadEvent(f"{topic}:{partition}:{offset}: no `{ID_HEADER}` header (not an outbox event)")
+    try:
+        aggregate_id = _unwrap(key)
+        payload = _unwrap(value)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadEvent(f"{topic}:{partition}:{offset}: not JSON ({exc})") from None
+    return Event(id=event_id, topic=topic, partition=partition, offset=offset,
+                 aggregate_id=None if aggregate_id is None else str(aggregate_id),
+                 aggregate_type=hdrs.get("aggregate_type"), type=hdrs.get("type"), payload=payload,
+                 headers=hdrs)
+
+
+def from_message(message: Any) -> Event:
+    """:func:`parse` over a confluent_kafka ``Message``."""
+    return parse(message.topic(), message.partition(), message.offset(), message.key(), message.value(),
+                 message.headers())

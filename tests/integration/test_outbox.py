@@ -1,0 +1,184 @@
+"""The outbox pattern end to end on the real stack (README "Outbox and events").
+
+A database of the test's own holds the example's orders and the seed's ``outbox_messages``; the example
+pipeline (examples/outbox/pipeline.yml, renamed) is applied with ``connectors apply``, so Debezium's outbox
+router publishes each event; the example consumer applies them through its inbox in a second database.
+Everything created is removed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import yaml
+from confluent_kafka import Consumer, TopicPartition
+from psycopg import sql
+
+from changeflow.connectors.client import KafkaConnectClient
+from changeflow.outbox.events import Event, from_message
+from changeflow.pipelines.load import load
+from changeflow.pipelines.outbox import specs
+from changeflow.pipelines.spec import Pipeline
+from changeflow.settings import Settings
+from tests.integration.conftest import eventually
+from tests.integration.test_own_database import _drop_everything
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "examples" / "outbox"
+
+
+@dataclass
+class Shop:
+    pipeline: Pipeline
+    file: Path
+    dsn: str  # the source database
+    consumer_dsn: str  # the consumer service's own database
+    settings: Settings
+
+    @property
+    def events_topic(self) -> str:
+        return f"{self.pipeline.namespace}.events.order"
+
+    @property
+    def dlq_topic(self) -> str:
+        return specs(self.pipeline)[0].dlq_topic
+
+    def place(self, order_id: int, customer: str = "ada", total: int = 1250, aggregate_type: str = "order",
+              aggregate_id: str | None = None, payload: Any = "default", commit: bool = True) -> str:
+        """An order and its event, written in one transaction (rolled back when not ``commit``); the event id."""
+        event_id = str(uuid.uuid4())
+        body = {"customer": customer, "total_cents": total, "order_id": order_id} if payload == "default" else payload
+        with psycopg.connect(self.dsn) as conn:
+            conn.execute("INSERT INTO public.orders (id, customer, total_cents) VALUES (%s, %s, %s)",
+                         (order_id, customer, total))
+            conn.execute("INSERT INTO public.outbox_messages (id, aggregate_type, aggregate_id, event_type, payload, "
+                         "trace_id) VALUES (%s, %s, %s, 'order_placed', %s, 'trace-1')",
+                         (event_id, aggregate_type, aggregate_id or str(order_id),
+                          None if body is None else json.dumps(body)))
+            if not commit:
+                conn.rollback()
+        return event_id
+
+
+def changeflow(file: Path | None, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    chosen = ["--pipeline", str(file)] if file is not None else []
+    return subprocess.run([sys.executable, "-m", "changeflow", *chosen, *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_topic(settings: Settings, topic: str, count: int, timeout: float = 60) -> list[Any]:
+    """The first ``count`` messages of a topic (every partition, from the beginning), nothing committed."""
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"t-{uuid.uuid4().hex}",
+                         "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+    out: list[Any] = []
+    try:
+        def assigned() -> list[TopicPartition]:
+            meta = consumer.list_topics(topic, timeout=10).topics[topic]
+            assert meta.error is None and meta.partitions, f"topic {topic} not there yet"
+            return [TopicPartition(topic, p, 0) for p in meta.partitions]
+        consumer.assign(eventually(assigned, timeout=timeout, what=f"topic {topic}"))
+        deadline = time.monotonic() + timeout
+        while len(out) < count and time.monotonic() < deadline:
+            message = consumer.poll(0.5)
+            if message is not None and message.error() is None:
+                out.append(message)
+    finally:
+        consumer.close()
+    assert len(out) >= count, f"{len(out)} of {count} messages on {topic}"
+    return out
+
+
+def events(settings: Settings, topic: str, count: int) -> list[Event]:
+    return sorted((from_message(m) for m in read_topic(settings, topic, count)), key=lambda e: e.offset)
+
+
+@pytest.fixture
+def shop(live_stack: Settings, tmp_path: Path) -> Iterator[Shop]:
+    settings = live_stack
+    tag = uuid.uuid4().hex[:8]
+    database, name = f"cf_ob_{tag}", f"ob_{tag}"
+    consumer_db = f"{name}_read"  # dropped with the own database's helpers
+    with psycopg.connect(settings.pg_dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(consumer_db)))
+    dsn = psycopg.conninfo.make_conninfo(settings.pg_dsn, dbname=database)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute((EXAMPLE / "schema.sql").read_text())
+        doc = yaml.safe_load((EXAMPLE / "pipeline.yml").read_text())
+        doc["name"] = name
+        doc["sources"]["postgres"]["database"] = database
+        file = tmp_path / "pipeline.yml"
+        file.write_text(yaml.safe_dump(doc))
+        result = changeflow(file, "pipeline", "check")
+        assert result.returncode == 0, result.stdout + result.stderr
+        result = changeflow(file, "connectors", "apply")
+        assert result.returncode == 0, result.stdout + result.stderr
+        yield Shop(load(file), file, dsn, psycopg.conninfo.make_conninfo(settings.pg_dsn, dbname=consumer_db),
+                   settings)
+    finally:
+        _drop_everything(settings, database, name)
+
+
+def task_states(settings: Settings, name: str) -> list[str]:
+    client = KafkaConnectClient(settings.connect_url)
+    try:
+        return [t["state"] for t in client.status(name)["tasks"]]
+    finally:
+        client.close()
+
+
+def test_an_order_and_its_event_written_in_one_transaction_reach_the_routed_topic(shop: Shop) -> None:
+    event_id = shop.place(1001, customer="ada", total=1250)
+    [event] = events(shop.settings, shop.events_topic, 1)
+    assert event.id == event_id
+    assert event.aggregate_id == "1001"
+    assert event.aggregate_type == "order"
+    assert event.type == "order_placed"
+    assert event.payload == {"customer": "ada", "total_cents": 1250, "order_id": 1001}
+    assert event.headers["trace_id"] == "trace-1"
+    assert {k for k in event.headers if not k.startswith("__debezium")} == {
+        "id", "aggregate_type", "type", "trace_id", "created_at"}
+    assert event.headers["created_at"].endswith("Z")  # timestamptz as Debezium's ZonedTimestamp text
+
+
+HOSTILE_TYPES = {
+    "spaces": "order line",
+    "long": "o" * 300,
+    "non-ASCII": "commande_é",
+    "newline": "order\nline",
+    "empty": "",
+}
+
+
+def test_an_aggregate_type_that_is_no_topic_name_is_a_dead_letter_and_the_task_stays_running(shop: Shop) -> None:
+    ids = {case: shop.place(2000 + i, aggregate_type=t) for i, (case, t) in enumerate(HOSTILE_TYPES.items())}
+    dotted = shop.place(2100, aggregate_type="..")  # legal after the prefix: <ns>.events...
+    after = shop.place(2101)  # the connector goes on after all of them
+    dead = {e.id: e for e in events(shop.settings, shop.dlq_topic, len(HOSTILE_TYPES))}
+    assert set(dead) == set(ids.values())
+    spec = specs(shop.pipeline)[0]
+    for case, aggregate_type in HOSTILE_TYPES.items():
+        event = dead[ids[case]]
+        assert event.aggregate_type == aggregate_type, case
+        assert event.headers["changeflow.error"] == (
+            f"outbox orders: the aggregate type is not a legal topic name part (1 to {spec.longest_type} "
+            "characters of A-Za-z0-9._-); the event is kept here, its type in the aggregate_type header")
+        assert event.payload["order_id"] == 2000 + list(HOSTILE_TYPES).index(case)
+    [legal] = events(shop.settings, f"{shop.pipeline.namespace}.events...", 1)
+    assert legal.id == dotted
+    [ok] = events(shop.settings, shop.events_topic, 1)
+    assert ok.id == after
+    assert task_states(shop.settings, shop.pipeline.connector_name("postgres")) == ["RUNNING"]
