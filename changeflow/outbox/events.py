@@ -13,7 +13,8 @@ value naming why) out. What the router writes under changeflow's connector setti
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -84,3 +85,68 @@ def from_message(message: Any) -> Event:
     """:func:`parse` over a confluent_kafka ``Message``."""
     return parse(message.topic(), message.partition(), message.offset(), message.key(), message.value(),
                  message.headers())
+
+
+def line(event: Event, width: int = 200) -> str:
+    """One event as one line for people: every value from data JSON-quoted (a newline or a terminal escape in an
+    aggregate id stays visible text), the payload cut at ``width`` characters."""
+    payload = json.dumps(event.payload, default=str, ensure_ascii=True, separators=(",", ":"))
+    if len(payload) > width:
+        payload = payload[:width] + "…"
+    parts = [f"{event.topic}[{event.partition}]@{event.offset}", f"id={json.dumps(event.id)}",
+             f"aggregate={json.dumps(event.aggregate_type)}/{json.dumps(event.aggregate_id)}",
+             f"type={json.dumps(event.type)}"]
+    if "changeflow.error" in event.headers:
+        parts.append(f"error={json.dumps(event.headers['changeflow.error'])}")
+    return " ".join(parts) + f" payload={payload}"
+
+
+def as_dict(event: Event) -> dict[str, Any]:
+    return {"topic": event.topic, "partition": event.partition, "offset": event.offset, "id": event.id,
+            "aggregate_type": event.aggregate_type, "aggregate_id": event.aggregate_id, "type": event.type,
+            "payload": event.payload, "headers": event.headers}
+
+
+def tail(bootstrap: str, topics: Sequence[str], *, from_beginning: bool, limit: int | None, idle_s: float | None,
+         emit: Callable[[Event | BadEvent], None]) -> int:
+    """Read ``topics`` (names, or ``^regex`` patterns) without committing anything, handing each event (or
+    BadEvent) to ``emit``, until ``limit`` were read or nothing came for ``idle_s``; the number read."""
+    import time
+
+    from confluent_kafka import Consumer
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"changeflow-tail-{uuid.uuid4().hex}",
+                         "enable.auto.commit": False, "auto.offset.reset": "earliest" if from_beginning else "latest",
+                         "topic.metadata.refresh.interval.ms": 2000, "log_level": 3})
+    read = 0
+    last = time.monotonic()
+    try:
+        consumer.subscribe(list(topics))
+        while (limit is None or read < limit) and (idle_s is None or time.monotonic() - last < idle_s):
+            message = next_message(consumer, 0.2)
+            if message is None:
+                continue
+            last = time.monotonic()
+            read += 1
+            try:
+                emit(from_message(message))
+            except BadEvent as exc:
+                emit(exc)
+    finally:
+        consumer.close()
+    return read
+
+
+def next_message(consumer: Any, poll_s: float) -> Any:
+    """The next message of a confluent_kafka consumer, None for none (or a passing error); a fatal error raises."""
+    from confluent_kafka import KafkaException
+
+    message = consumer.poll(poll_s)
+    if message is None:
+        return None
+    error = message.error()
+    if error is not None:
+        if error.fatal():
+            raise KafkaException(error)
+        return None
+    return message

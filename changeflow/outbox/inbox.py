@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from changeflow.outbox.events import BadEvent, Event, from_message
+from changeflow.outbox.events import BadEvent, Event, from_message, next_message
 
 log = logging.getLogger("changeflow.outbox.inbox")
 
@@ -79,7 +79,7 @@ def consume(bootstrap: str, group: str, topics: Sequence[str], conn: psycopg.Con
     """Apply every event of ``topics`` through ``inbox`` until ``stop(counts)`` is true, committing each
     message's offset after its transaction. A message that is no event (BadEvent) is counted, handed to
     ``on_bad`` (default: logged) and passed over; a handler's exception stops the loop uncommitted."""
-    from confluent_kafka import Consumer, KafkaException
+    from confluent_kafka import Consumer
 
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
                          "auto.offset.reset": offset_reset})
@@ -87,13 +87,8 @@ def consume(bootstrap: str, group: str, topics: Sequence[str], conn: psycopg.Con
     try:
         consumer.subscribe(list(topics))
         while not stop(counts):
-            message = consumer.poll(poll_s)
+            message = next_message(consumer, poll_s)
             if message is None:
-                continue
-            error = message.error()
-            if error is not None:
-                if error.fatal():
-                    raise KafkaException(error)
                 continue
             try:
                 event = from_message(message)

@@ -182,3 +182,114 @@ def test_an_aggregate_type_that_is_no_topic_name_is_a_dead_letter_and_the_task_s
     [ok] = events(shop.settings, shop.events_topic, 1)
     assert ok.id == after
     assert task_states(shop.settings, shop.pipeline.connector_name("postgres")) == ["RUNNING"]
+
+
+def run_consumer(shop: Shop, group: str) -> str:
+    """The example consumer as a program, until 4 s without a message; its closing counts line."""
+    result = subprocess.run([sys.executable, "-m", "examples.outbox.consumer", "--dsn", shop.consumer_dsn, "--topic",
+                             shop.events_topic, "--group", group, "--idle", "4"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1]
+
+
+def totals(shop: Shop) -> dict[str, tuple[int, int]]:
+    with psycopg.connect(shop.consumer_dsn) as conn:
+        rows = conn.execute("SELECT customer, total_cents, orders FROM public.customer_totals").fetchall()
+    return {c: (t, n) for c, t, n in rows}
+
+
+def connector(shop: Shop, method: str, path: str) -> None:
+    import httpx
+
+    name = shop.pipeline.connector_name("postgres")
+    response = httpx.request(method, f"{shop.settings.connect_url}/connectors/{name}{path}", timeout=30)
+    assert response.status_code < 300, response.text
+
+
+def wait_running(shop: Shop) -> None:
+    eventually(lambda: task_states(shop.settings, shop.pipeline.connector_name("postgres")) == ["RUNNING"],
+               timeout=120, what="connector task RUNNING")
+
+
+def test_the_example_consumer_applies_each_event_once_across_replays_a_restart_and_a_resnapshot(shop: Shop) -> None:
+    first = [shop.place(1, "ada", 1000), shop.place(2, "ada", 500), shop.place(3, "bob", 700)]
+    assert sorted(e.id for e in events(shop.settings, shop.events_topic, 3)) == sorted(first)
+    assert run_consumer(shop, "billing") == "applied=3 duplicates=0 bad=0"
+    assert totals(shop) == {"ada": (1500, 2), "bob": (700, 1)}
+    assert run_consumer(shop, "billing") == "applied=0 duplicates=0 bad=0"  # redelivery: nothing new
+    # An offset rewind: a group reading from offset 0 sees every event again and applies none.
+    assert run_consumer(shop, "billing-rewound") == "applied=0 duplicates=3 bad=0"
+    # A re-snapshot of the outbox table re-emits every retained row (op r) with the same event ids.
+    signal = sql.Identifier(*shop.pipeline.signal_table.split("."))
+    with psycopg.connect(shop.dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("INSERT INTO {} (id, type, data) VALUES (%s, 'execute-snapshot', %s)").format(signal),
+                     (str(uuid.uuid4()), json.dumps({"data-collections": ["public.outbox_messages"],
+                                                     "type": "incremental"})))
+    again = events(shop.settings, shop.events_topic, 6)
+    assert sorted(e.id for e in again) == sorted(first * 2)
+    assert run_consumer(shop, "billing") == "applied=0 duplicates=3 bad=0"
+    # A connector restart, then a new order: applied once.
+    connector(shop, "POST", "/restart?includeTasks=true")
+    wait_running(shop)
+    shop.place(4, "bob", 300)
+    events(shop.settings, shop.events_topic, 7)
+    assert run_consumer(shop, "billing") == "applied=1 duplicates=0 bad=0"
+    assert totals(shop) == {"ada": (1500, 2), "bob": (1000, 2)}
+    with psycopg.connect(shop.consumer_dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM public.inbox").fetchone() == (4,)
+
+
+def test_hostile_rows_rollbacks_updates_deletes_null_payloads_and_odd_keys(shop: Shop) -> None:
+    shop.place(10, commit=False)  # rolled back: nothing emitted
+    odd = 'A-"1"\\ \n\'x'
+    odd_id = shop.place(11, aggregate_id=odd)
+    null_id = shop.place(12, payload=None)
+    with psycopg.connect(shop.dsn, autocommit=True) as conn:
+        conn.execute("UPDATE public.outbox_messages SET event_type = 'changed' WHERE id = %s", (odd_id,))
+        conn.execute("DELETE FROM public.outbox_messages WHERE id = %s", (null_id,))
+    last = shop.place(13)
+    got = {e.id: e for e in events(shop.settings, shop.events_topic, 3)}
+    assert set(got) == {odd_id, null_id, last}  # no rolled-back, updated or deleted row became one
+    assert got[odd_id].aggregate_id == odd
+    assert (got[null_id].payload, got[null_id].type) == (None, "order_placed")
+    assert task_states(shop.settings, shop.pipeline.connector_name("postgres")) == ["RUNNING"]
+    tail = changeflow(shop.file, "events", "tail", "--from-beginning", "--limit", "3", "--idle", "30")
+    assert tail.returncode == 0, tail.stderr
+    lines = {line.split(" id=")[1].split(" ")[0]: line for line in tail.stdout.splitlines()}
+    assert len(lines) == 3
+    assert 'aggregate="order"/"A-\\"1\\"\\\\ \\n\'x" type="order_placed"' in lines[f'"{odd_id}"']
+    assert lines[f'"{null_id}"'].endswith(" payload=null")
+
+
+def outbox_count(shop: Shop) -> int:
+    with psycopg.connect(shop.dsn) as conn:
+        row = conn.execute("SELECT count(*) FROM public.outbox_messages").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_prune_deletes_captured_rows_and_never_one_the_slot_has_not_confirmed(shop: Shop) -> None:
+    shop.place(20)
+    shop.place(21)
+    events(shop.settings, shop.events_topic, 2)
+    result = changeflow(shop.file, "outbox", "prune", "--wait", "90")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("outbox orders: 2 captured row(s) deleted (slot confirmed ")
+    assert outbox_count(shop) == 0
+    # The connector paused: its slot confirms nothing more, so the new rows are not captured and stay.
+    connector(shop, "PUT", "/pause")
+    eventually(lambda: task_states(shop.settings, shop.pipeline.connector_name("postgres")) == ["PAUSED"],
+               what="connector paused")
+    late = shop.place(22)
+    result = changeflow(shop.file, "outbox", "prune", "--wait", "3")
+    assert result.returncode == 1
+    assert result.stdout.startswith("outbox orders: 1 row(s), none deleted: slot ")
+    assert outbox_count(shop) == 1
+    connector(shop, "PUT", "/resume")
+    wait_running(shop)
+    [event] = events(shop.settings, shop.events_topic, 3)[2:]
+    assert event.id == late
+    result = changeflow(shop.file, "outbox", "prune", "--wait", "90")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert outbox_count(shop) == 0
