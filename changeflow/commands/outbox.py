@@ -50,9 +50,14 @@ def tail(
         else:
             print(json.dumps(as_dict(item), default=str) if as_json else line(item), flush=True)
 
+    from confluent_kafka import KafkaException
+
     with contextlib.suppress(KeyboardInterrupt):
-        run_tail(context.settings().kafka_bootstrap, topics, from_beginning=from_beginning, limit=limit,
-                 idle_s=idle, emit=emit)
+        try:
+            run_tail(context.settings().kafka_bootstrap, topics, from_beginning=from_beginning, limit=limit,
+                     idle_s=idle, emit=emit)
+        except KafkaException as exc:
+            raise args.fail(f"Kafka: {exc}") from None
 
 
 @outbox_app.command("prune")
