@@ -37,9 +37,11 @@ class SourceObjects:
     database: str
     role: str
     publication: str
-    tables: tuple[tuple[str, str], ...]  # the entities' tables
+    tables: tuple[tuple[str, str], ...]  # the entities' and the outboxes' tables
     signal: tuple[str, str]
     heartbeat: tuple[str, str]
+    # (outbox table, payload column, constraint name, max bytes): pipelines.outbox's payload limits
+    payload_limits: tuple[tuple[tuple[str, str], str, str, int], ...] = ()
 
     @property
     def published(self) -> tuple[tuple[str, str], ...]:
@@ -57,8 +59,11 @@ def objects(pipeline: Pipeline) -> SourceObjects:
     tables = tuple(dict.fromkeys([*((e.source_schema, e.source_table) for e in pipeline.entities.values()
                                     if e.source == "postgres"),
                                   *((o.source_schema, o.source_table) for o in outbox.specs(pipeline))]))
+    limits = tuple(((o.source_schema, o.source_table), o.config.columns.payload, o.payload_constraint,
+                    o.config.max_payload_bytes) for o in outbox.specs(pipeline) if o.config.max_payload_bytes)
     return SourceObjects(database=pg.database, role=pg.user, publication=pipeline.publication, tables=tables,
-                         signal=split_table(pipeline.signal_table), heartbeat=split_table(pipeline.heartbeat_table))
+                         signal=split_table(pipeline.signal_table), heartbeat=split_table(pipeline.heartbeat_table),
+                         payload_limits=limits)
 
 
 def _ident(qualified: tuple[str, str]) -> sql.Identifier:
@@ -84,6 +89,12 @@ def grants_and_tables(o: SourceObjects) -> list[sql.Composed]:
         out.append(sql.SQL("GRANT SELECT ON TABLE {} TO {}").format(_table_list(o.tables), role))
     out.append(sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE {}, {} TO {}").format(
         _ident(o.signal), _ident(o.heartbeat), role))
+    # An outbox payload bigger than one Kafka message fails the connector's task (every table stops): it is
+    # refused in the writer's own transaction instead (NOT VALID: rows already there are not scanned).
+    for table, column, name, limit in o.payload_limits:
+        out.append(sql.SQL("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(_ident(table), sql.Identifier(name)))
+        out.append(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} CHECK (octet_length({}::text) <= {}) NOT VALID").format(
+            _ident(table), sql.Identifier(name), sql.Identifier(column), sql.Literal(limit)))
     return out
 
 
@@ -162,6 +173,8 @@ def apply(conn: psycopg.Connection, pipeline: Pipeline) -> list[str]:
             cur.execute(statement)
         done.append(f"signal table {'.'.join(o.signal)}, heartbeat table {'.'.join(o.heartbeat)}: present")
         done.append(f"role {o.role}: SELECT on {len(o.tables)} table(s), writes on the signal and heartbeat tables")
+        for table, column, name, limit in o.payload_limits:
+            done.append(f"outbox table {'.'.join(table)}: {column} limited to {limit} bytes (constraint {name})")
         current = _current_publication(cur, o.publication)
         wanted = set(o.published)
         pub, tables = sql.Identifier(o.publication), _table_list(o.published)

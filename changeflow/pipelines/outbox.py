@@ -64,6 +64,11 @@ class Outbox(Strict):
     expand_json_payload: bool = Field(False, description="Send a JSON payload as JSON (a `jsonb` or JSON text "
                                                          "payload becomes the message's JSON value) rather than "
                                                          "as a string holding JSON.")
+    max_payload_bytes: int | None = Field(
+        262_144, ge=1, le=900_000,
+        description="`connectors prepare` adds a CHECK constraint refusing a larger payload (as JSON text) in the "
+                    "writer's transaction: one that does not fit in a Kafka message (1 MiB with its headers and "
+                    "schema) would fail the connector's task for every table; null: no constraint.")
     topic_prefix: str | None = Field(None, pattern=rf"^[{TOPIC_CHARS}]+$",
                                      description="Events go to <topic_prefix>.<aggregate type>; "
                                                  "default: <namespace>.events.")
@@ -95,6 +100,10 @@ class OutboxSpec:
     @property
     def qualified_table(self) -> str:
         return f"{self.source_schema}.{self.source_table}"
+
+    @property
+    def payload_constraint(self) -> str:
+        return f"changeflow_{self.name}_payload_size"
 
     @property
     def longest_type(self) -> int:

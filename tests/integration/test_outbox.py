@@ -248,6 +248,8 @@ def test_hostile_rows_rollbacks_updates_deletes_null_payloads_and_odd_keys(shop:
     with psycopg.connect(shop.dsn, autocommit=True) as conn:
         conn.execute("UPDATE public.outbox_messages SET event_type = 'changed' WHERE id = %s", (odd_id,))
         conn.execute("DELETE FROM public.outbox_messages WHERE id = %s", (null_id,))
+    with pytest.raises(psycopg.errors.CheckViolation, match="changeflow_orders_payload_size"):
+        shop.place(14, payload={"blob": "x" * 300_000})  # larger than a Kafka message takes: refused, order too
     last = shop.place(13)
     got = {e.id: e for e in events(shop.settings, shop.events_topic, 3)}
     assert set(got) == {odd_id, null_id, last}  # no rolled-back, updated or deleted row became one

@@ -9,6 +9,7 @@ from decimal import Decimal
 
 import pytest
 
+from changeflow.connectors.prepare import script
 from changeflow.connectors.render import as_json, render
 from changeflow.outbox.events import BadEvent, parse
 from changeflow.pipelines.catalog import Catalog, Column, Table
@@ -170,3 +171,13 @@ def test_an_event_is_parsed_from_what_the_router_writes() -> None:
         parse("t", 0, 4, None, b"{nope", [("id", b"x")])
     with pytest.raises(ValueError):
         _ = parse("t", 0, 5, None, b'{"schema": {}, "payload": "{nope"}', [("id", b"x")]).data
+
+
+def test_prepare_limits_the_payload_in_the_writers_transaction() -> None:
+    text = script(parse_pipeline(SEED, "shop.yml"))
+    assert ('ALTER TABLE "public"."outbox_messages" DROP CONSTRAINT IF EXISTS "changeflow_orders_payload_size";\n'
+            'ALTER TABLE "public"."outbox_messages" ADD CONSTRAINT "changeflow_orders_payload_size" CHECK '
+            '(octet_length("payload"::text) <= 262144) NOT VALID;') in text
+    assert "GRANT SELECT ON TABLE \"public\".\"orders\", \"public\".\"outbox_messages\" TO" in text
+    unlimited = script(parse_pipeline(SEED + "    max_payload_bytes: null\n", "shop.yml"))
+    assert "payload_size" not in unlimited
