@@ -59,6 +59,14 @@ def _unwrap(raw: bytes | None) -> Any:
     return value
 
 
+def _key(raw: bytes | None) -> Any:
+    """The router's key is Connect JSON; a derived event's (``streams.derived``) is the entity's key text."""
+    try:
+        return _unwrap(raw)
+    except ValueError:
+        return _text(raw)
+
+
 def _text(value: bytes | None) -> str | None:
     return None if value is None else value.decode("utf-8", errors="replace")
 
@@ -71,7 +79,7 @@ def parse(topic: str, partition: int, offset: int, key: bytes | None, value: byt
     if not event_id:
         raise BadEvent(f"{topic}:{partition}:{offset}: no `{ID_HEADER}` header (not an outbox event)")
     try:
-        aggregate_id = _unwrap(key)
+        aggregate_id = _key(key)
         payload = _unwrap(value)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadEvent(f"{topic}:{partition}:{offset}: not JSON ({exc})") from None

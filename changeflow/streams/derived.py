@@ -2,7 +2,12 @@
 
 Declared per entity in the pipeline file (``events:``, ``pipelines.model.DerivedEvent``): an update that
 changes any of an event's ``when_changed`` columns emits ``{"type", "id", "old_<c>", "new_<c>", ...,
-"version", "ts_ms"}``. The commerce demo's ``product.price_changed`` is one such declaration.
+"version", "ts_ms", "event_id"}``. The commerce demo's ``product.price_changed`` is one such declaration.
+
+``event_id`` is stable: ``<entity>.<event>:<kafka key>@<version>``, the change's source position (its LSN)
+and its key, so a redelivered, replayed or re-decoded change gives the same id. It also travels in the
+``id`` header (with ``aggregate_type`` and ``type``), as an outbox event's does, so a consumer dedupes
+derived events with the same inbox (``changeflow.outbox.inbox``).
 """
 
 from __future__ import annotations
@@ -43,7 +48,18 @@ def event(record: ChangeRecord, name: str, spec: DerivedEvent) -> dict[str, Any]
         out[f"new_{c}"] = _json_value(record.after[c])
     out["version"] = record.version
     out["ts_ms"] = record.ts_ms
+    out["event_id"] = event_id(record, name)
     return out
+
+
+def event_id(record: ChangeRecord, name: str) -> str:
+    return f"{record.entity}.{name}:{record.kafka_key}@{record.version}"
+
+
+def headers(payload: dict[str, Any], entity: str) -> list[tuple[str, bytes]]:
+    """The headers an event travels with: those of an outbox event (``id``, ``aggregate_type``, ``type``)."""
+    return [("id", str(payload["event_id"]).encode()), ("aggregate_type", entity.encode()),
+            ("type", str(payload["type"]).encode())]
 
 
 def events(record: ChangeRecord, declared: dict[str, tuple[str, DerivedEvent]]) -> Iterator[tuple[str, dict[str, Any]]]:

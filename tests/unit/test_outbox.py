@@ -181,3 +181,15 @@ def test_prepare_limits_the_payload_in_the_writers_transaction() -> None:
     assert "GRANT SELECT ON TABLE \"public\".\"orders\", \"public\".\"outbox_messages\" TO" in text
     unlimited = script(parse_pipeline(SEED + "    max_payload_bytes: null\n", "shop.yml"))
     assert "payload_size" not in unlimited
+
+
+def test_a_derived_event_parses_like_an_outbox_event_with_its_stable_id() -> None:
+    from changeflow.streams.derived import headers
+
+    payload = {"type": "product.price_changed", "id": "5", "version": 77,
+               "event_id": "products.price_changed:products:5@77"}
+    event = parse("changeflow.products.price_changed", 0, 3, b"products:5", json.dumps(payload).encode(),
+                  headers(payload, "products"))
+    assert (event.id, event.aggregate_id, event.aggregate_type, event.type) == (
+        "products.price_changed:products:5@77", "products:5", "products", "product.price_changed")
+    assert event.payload == payload

@@ -108,7 +108,8 @@ def test_price_changed_event_from_full_before_image() -> None:
                              entities=POSTGRES_ENTITIES)
     assert isinstance(result, ChangeRecord)
     assert price_changed(result) == {"type": "product.price_changed", "id": "5", "old_price": "10.00",
-                                     "new_price": "12.50", "version": 77, "ts_ms": 1_795_000_000_000}
+                                     "new_price": "12.50", "version": 77, "ts_ms": 1_795_000_000_000,
+                                     "event_id": "products.price_changed:products:5@77"}
     same = decode_postgres(encoded(envelope("u", before, product_row(5, price_cents=1000, stock=1))), topic="t",
                            partition=0, offset=2, entities=POSTGRES_ENTITIES)
     assert isinstance(same, ChangeRecord) and price_changed(same) is None
@@ -159,7 +160,8 @@ def test_derived_events_are_configuration_for_any_entity_and_columns() -> None:
     home = {"id": 7, "city": "Paris", "country": "FR", "name": "Ann"}
     assert list(events(change("u", home, {**home, "city": "New York", "country": "US"}), declared)) == [
         ("shop.users.moved", {"type": "users.moved", "id": "7", "old_city": "Paris", "new_city": "New York",
-                              "old_country": "FR", "new_country": "US", "version": 42, "ts_ms": 1000})]
+                              "old_country": "FR", "new_country": "US", "version": 42, "ts_ms": 1000,
+                              "event_id": "users.moved:users:7@42"})]
     assert list(events(change("u", home, {**home, "name": "Anne"}), declared)) == []  # another column
     assert list(events(change("c", None, home), declared)) == []  # an insert moves nothing
     assert list(events(change("d", home, None), declared)) == []
