@@ -101,3 +101,35 @@ def prune(
         raise args.fail(str(exc).strip()) from None
     if behind:
         raise typer.Exit(1)
+
+
+@outbox_app.command("eventlog")
+def eventlog(
+    name: Annotated[str | None, typer.Option("--outbox", help="Only this outbox (default: every one with "
+                                                               "`clickhouse: true`).")] = None,
+    idle: Annotated[float | None, typer.Option("--idle", min=0.1, help="Stop after S seconds without an event "
+                                                                       "(default: run until interrupted).")] = None,
+) -> None:
+    """Load outbox events into ClickHouse (`<database>.outbox_<name>`, one row per event id), committing each
+    batch's offsets after its insert; outboxes with `clickhouse: true`, one after the other."""
+    from changeflow.outbox.eventlog import load, table_name
+    from changeflow.outbox.events import idle_stop
+    from changeflow.pipelines.outbox import specs
+    from changeflow.sinks.clickhouse import client_for
+
+    pipeline = args.pipeline()
+    chosen = [o for o in specs(pipeline) if o.config.clickhouse and (name is None or o.name == name)]
+    if not chosen:
+        raise args.fail(f"pipeline {pipeline.name} has no outbox {name + ' ' if name else ''}with "
+                        "`clickhouse: true`", code=2)
+    settings = context.settings()
+    client = client_for(settings)
+    try:
+        for spec in chosen:
+            with contextlib.suppress(KeyboardInterrupt):
+                rows = load(client, settings.kafka_bootstrap, pipeline.clickhouse_database, spec,
+                            f"{pipeline.namespace}-outbox-eventlog-{spec.name}", stop=idle_stop(idle))
+                console.print(f"outbox {spec.name}: {rows} event(s) loaded into "
+                              f"{pipeline.clickhouse_database}.{table_name(spec)}", highlight=False)
+    finally:
+        client.close()

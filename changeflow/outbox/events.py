@@ -158,3 +158,18 @@ def next_message(consumer: Any, poll_s: float) -> Any:
             raise KafkaException(error)
         return None
     return message
+
+
+def idle_stop(idle_s: float | None) -> Callable[[int], bool]:
+    """A ``stop`` for a loop reporting its progress as a count: true once the count has not moved for
+    ``idle_s`` seconds (never, for None)."""
+    import time
+
+    seen = {"n": -1, "at": time.monotonic()}
+
+    def stop(progress: int) -> bool:
+        if progress != seen["n"]:
+            seen.update(n=progress, at=time.monotonic())
+        return idle_s is not None and time.monotonic() - seen["at"] > idle_s
+
+    return stop

@@ -69,6 +69,8 @@ class Outbox(Strict):
         description="`connectors prepare` adds a CHECK constraint refusing a larger payload (as JSON text) in the "
                     "writer's transaction: one that does not fit in a Kafka message (1 MiB with its headers and "
                     "schema) would fail the connector's task for every table; null: no constraint.")
+    clickhouse: bool = Field(False, description="Also keep the events in ClickHouse, one row per event id "
+                                                "(`changeflow outbox eventlog` loads them).")
     topic_prefix: str | None = Field(None, pattern=rf"^[{TOPIC_CHARS}]+$",
                                      description="Events go to <topic_prefix>.<aggregate type>; "
                                                  "default: <namespace>.events.")
@@ -170,6 +172,14 @@ def check(pipeline: Pipeline, catalog: Catalog | None) -> list[tuple[str, str]]:
         if (spec.source_schema, spec.source_table) in entity_tables:
             out.append((f"{at}.table", f"{spec.qualified_table} is also an entity: the router would turn its "
                                        "changes into events; keep outbox tables out of `entities`"))
+        if spec.config.clickhouse:
+            taken = [e.name for e in pipeline.entities.values() if e.stored_in("clickhouse")
+                     and (e.clickhouse_database, e.clickhouse_table) == (pipeline.clickhouse_database,
+                                                                         f"outbox_{spec.name}")]
+            for entity in taken:
+                out.append((f"{at}.clickhouse", f"entity {entity} already lands in ClickHouse table "
+                                                f"{pipeline.clickhouse_database}.outbox_{spec.name}, this outbox's "
+                                                "event log; give the entity another `stores.clickhouse.table`"))
         if catalog is None:
             continue
         table = catalog.table(spec.source_schema, spec.source_table)

@@ -13,11 +13,10 @@ interrupted. It prints ``applied=N duplicates=N bad=N`` at the end.
 from __future__ import annotations
 
 import argparse
-import time
 
 import psycopg
 
-from changeflow.outbox.events import Event
+from changeflow.outbox.events import Event, idle_stop
 from changeflow.outbox.inbox import Counts, Inbox, consume
 from changeflow.settings import Settings
 
@@ -43,13 +42,10 @@ def main(argv: list[str] | None = None) -> Counts:
     parser.add_argument("--idle", type=float, default=None, help="Stop after this many idle seconds.")
     args = parser.parse_args(argv)
     inbox = Inbox("public.inbox")
-    last = {"n": -1, "at": time.monotonic()}
+    idle = idle_stop(args.idle)
 
     def stop(counts: Counts) -> bool:
-        seen = counts.applied + counts.duplicates + counts.bad
-        if seen != last["n"]:
-            last.update(n=seen, at=time.monotonic())
-        return args.idle is not None and time.monotonic() - last["at"] > args.idle
+        return idle(counts.applied + counts.duplicates + counts.bad)
 
     with psycopg.connect(args.dsn, autocommit=True) as conn:
         inbox.create(conn)

@@ -295,3 +295,30 @@ def test_prune_deletes_captured_rows_and_never_one_the_slot_has_not_confirmed(sh
     result = changeflow(shop.file, "outbox", "prune", "--wait", "90")
     assert result.returncode == 0, result.stdout + result.stderr
     assert outbox_count(shop) == 0
+
+
+def test_the_event_log_in_clickhouse_holds_one_row_per_event_id(shop: Shop) -> None:
+    from changeflow.outbox.eventlog import load as load_events
+    from changeflow.outbox.events import idle_stop
+    from changeflow.sinks.clickhouse import client_for
+
+    ids = [shop.place(30, "ada", 100), shop.place(31, "bob", 200)]
+    events(shop.settings, shop.events_topic, 2)
+    result = changeflow(shop.file, "outbox", "eventlog", "--idle", "4")
+    assert result.returncode == 0, result.stdout + result.stderr
+    database = shop.pipeline.clickhouse_database
+    assert result.stdout.strip() == f"outbox orders: 2 event(s) loaded into {database}.outbox_orders"
+    # A replay from offset 0 (another group) inserts both again: still one row per event id.
+    client = client_for(shop.settings)
+    try:
+        spec = specs(shop.pipeline)[0]
+        assert load_events(client, shop.settings.kafka_bootstrap, database, spec, f"{database}-again",
+                           stop=idle_stop(4)) == 2
+        rows = client.query(f"SELECT event_id, topic, aggregate_id, type, payload, headers FROM `{database}`."
+                            "`outbox_orders` FINAL ORDER BY aggregate_id").result_rows
+    finally:
+        client.close()
+    assert [r[0] for r in rows] == ids
+    assert rows[0][1:4] == (shop.events_topic, "30", "order_placed")
+    assert json.loads(rows[0][4]) == {"customer": "ada", "total_cents": 100, "order_id": 30}
+    assert rows[0][5]["trace_id"] == "trace-1" and rows[0][5]["id"] == ids[0]

@@ -193,3 +193,11 @@ def test_a_derived_event_parses_like_an_outbox_event_with_its_stable_id() -> Non
     assert (event.id, event.aggregate_id, event.aggregate_type, event.type) == (
         "products.price_changed:products:5@77", "products:5", "products", "product.price_changed")
     assert event.payload == payload
+
+
+def test_the_event_log_table_is_the_outboxs_own() -> None:
+    text = SEED.replace("  orders: {table: public.orders}\n", "  orders: {table: public.orders, stores: "
+                        "{clickhouse: {table: outbox_orders}}}\n") + "    clickhouse: true\n"
+    assert [str(p) for p in check(parse_pipeline(text, "shop.yml"))] == [
+        "outbox.orders.clickhouse: entity orders already lands in ClickHouse table shop.outbox_orders, this "
+        "outbox's event log; give the entity another `stores.clickhouse.table`"]
