@@ -214,6 +214,13 @@ def _entity_against_catalog(spec: EntitySpec, catalog: Catalog, publication: str
                 out.append(Problem(f"{at}.events.{event_name}.when_changed",
                                    f"{col!r} is dropped, so no change of it reaches the stream; keep it or "
                                    "name another column"))
+    if cfg.events and table.replica_identity != "f":
+        # An event compares the old value with the new: without the whole before-image none is ever emitted.
+        first = next(iter(cfg.events))
+        out.append(Problem(f"{at}.events.{first}", f"reads the old values, which {table.qualified} does not "
+                                                   "publish (its replica identity is not FULL), so no event "
+                                                   "would ever be emitted; run ALTER TABLE "
+                                                   f"{table.qualified} REPLICA IDENTITY FULL"))
 
     # ClickHouse columns: what reaches the store (kept columns and derived fields)
     kept = (set(cfg.fields.allow) | set(cfg.key or table.primary_key)) if cfg.fields.allow is not None else columns

@@ -181,4 +181,9 @@ def test_an_event_on_an_unknown_or_dropped_column_is_refused_by_check() -> None:
     assert [str(p) for p in check(pipeline, catalog)] == [
         "entities.users.events.moved.when_changed: column 'cty' is not in public.users; did you mean 'city'?",
         "entities.users.events.moved.when_changed: 'ssn' is dropped, so no change of it reaches the stream; keep "
-        "it or name another column"]
+        "it or name another column",
+        "entities.users.events.moved: reads the old values, which public.users does not publish (its replica "
+        "identity is not FULL), so no event would ever be emitted; run ALTER TABLE public.users REPLICA IDENTITY "
+        "FULL"]
+    full = Table("public", "users", table.columns, ("id",), "f")
+    assert len(check(pipeline, Catalog("shop", ("public",), {("public", "users"): full}))) == 2
