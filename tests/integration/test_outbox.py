@@ -182,6 +182,14 @@ def test_an_aggregate_type_that_is_no_topic_name_is_a_dead_letter_and_the_task_s
     [ok] = events(shop.settings, shop.events_topic, 1)
     assert ok.id == after
     assert task_states(shop.settings, shop.pipeline.connector_name("postgres")) == ["RUNNING"]
+    # `connectors delete --purge` removes the outbox's topics with the rest (routed ones found by prefix).
+    purged = changeflow(shop.file, "connectors", "delete", "--yes", "--purge")
+    assert purged.returncode == 0, purged.stdout + purged.stderr
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": shop.settings.kafka_bootstrap})
+    eventually(lambda: not [t for t in admin.list_topics(timeout=10).topics
+                            if t.startswith(f"{shop.pipeline.namespace}.")], what="the pipeline's topics gone")
 
 
 def run_consumer(shop: Shop, group: str) -> str:
