@@ -54,7 +54,9 @@ class Inbox:
 
     def apply(self, conn: psycopg.Connection, event: Event, handler: Handler) -> bool:
         """Run ``handler`` and record the event id in one transaction; False (and nothing run) when the id is
-        already recorded. An exception from the handler rolls both back and propagates."""
+        already recorded. An exception from the handler rolls both back and propagates. On a connection with no
+        transaction open this is its own transaction, committed on return; inside the caller's transaction it
+        is a savepoint, made durable by the caller's commit."""
         with conn.transaction(), conn.cursor() as cur:
             cur.execute(sql.SQL("INSERT INTO {} (event_id, topic, aggregate_id, event_type) VALUES (%s, %s, %s, %s) "
                                 "ON CONFLICT (event_id) DO NOTHING RETURNING event_id").format(self.table),
