@@ -14,5 +14,6 @@ CREATE TABLE IF NOT EXISTS public.outbox_messages (
   event_type text NOT NULL,
   payload jsonb,
   trace_id text,                    -- carried as a header
+  occurred_at timestamp NOT NULL DEFAULT (now() AT TIME ZONE 'UTC'),  -- the Kafka record's timestamp (UTC)
   created_at timestamptz NOT NULL DEFAULT now()
 );

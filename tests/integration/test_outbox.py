@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +143,13 @@ def task_states(settings: Settings, name: str) -> list[str]:
 
 def test_an_order_and_its_event_written_in_one_transaction_reach_the_routed_topic(shop: Shop) -> None:
     event_id = shop.place(1001, customer="ada", total=1250)
+    with psycopg.connect(shop.dsn) as conn:
+        row = conn.execute("SELECT occurred_at FROM public.outbox_messages WHERE id = %s", (event_id,)).fetchone()
+    assert row is not None
+    # The record's timestamp is the row's `timestamp` column (columns.timestamp), in milliseconds (UTC).
+    occurred = row[0].replace(tzinfo=UTC)
+    [message] = read_topic(shop.settings, shop.events_topic, 1)
+    assert message.timestamp()[1] == int(occurred.timestamp() * 1_000_000) // 1000
     [event] = events(shop.settings, shop.events_topic, 1)
     assert event.id == event_id
     assert event.aggregate_id == "1001"

@@ -201,3 +201,16 @@ def test_the_event_log_table_is_the_outboxs_own() -> None:
     assert [str(p) for p in check(parse_pipeline(text, "shop.yml"))] == [
         "outbox.orders.clickhouse: entity orders already lands in ClickHouse table shop.outbox_orders, this "
         "outbox's event log; give the entity another `stores.clickhouse.table`"]
+
+
+def test_the_example_pipeline_renders_its_timestamp_column_and_headers() -> None:
+    from pathlib import Path
+
+    from changeflow.pipelines.load import load
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "outbox" / "pipeline.yml"
+    [definition] = render(load(example), sources=["postgres"])
+    assert definition.config["transforms.outbox_orders.table.field.event.timestamp"] == "occurred_at"
+    assert definition.config["transforms.outbox_orders.table.fields.additional.placement"] == (
+        "aggregate_type:header:aggregate_type,event_type:header:type,trace_id:header:trace_id,"
+        "created_at:header:created_at")
