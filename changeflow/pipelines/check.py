@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from changeflow.pipelines import outbox
 from changeflow.pipelines.catalog import Catalog, Table
+from changeflow.pipelines.model import DerivedEvent
 from changeflow.pipelines.spec import EntitySpec, Pipeline, split_table
 from changeflow.pipelines.transform import ExpressionError, compile_expression, load_hook
 
@@ -98,6 +99,13 @@ def _entity_own(spec: EntitySpec, base: object, import_hooks: bool,
             compile_expression(cfg.filter)
         except ExpressionError as exc:
             out.append(Problem(f"{at}.filter", f"{exc}; write an expression such as `status != 'draft'`"))
+    for event_name, declared in cfg.events.items():
+        if declared.when is not None:
+            try:
+                compile_expression(declared.when)
+            except ExpressionError as exc:
+                out.append(Problem(f"{at}.events.{event_name}.when", f"{exc}; write an expression over old and "
+                                                                     "new such as `old.price != new.price`"))
     if cfg.hook is not None and import_hooks:
         try:
             hook_loader(cfg.hook, base)
@@ -113,6 +121,41 @@ def _names_read(text: str) -> frozenset[str]:
         return compile_expression(text).names
     except ExpressionError:
         return frozenset()  # reported by _entity_own
+
+
+def _event_rule(at: str, declared: DerivedEvent, known: set[str], dropped: list[str], table: Table,
+                hooked: bool) -> list[Problem]:
+    """A derived event's `when` (an expression over `old` and `new`), its carried `fields`, and the
+    before-image that reading `old` needs."""
+    import ast
+
+    out: list[Problem] = []
+    reads_old = bool(declared.when_changed)
+    if declared.when is not None:
+        try:
+            expression = compile_expression(declared.when)
+        except ExpressionError:
+            pass  # reported by _entity_own
+        else:
+            for name in sorted(expression.names - {"old", "new"}):
+                out.append(Problem(f"{at}.when", f"reads {name!r}; a `when` reads `old.<column>` and "
+                                                 "`new.<column>` only"))
+            reads_old = reads_old or "old" in expression.names
+            for node in ast.walk(expression._parsed):
+                if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                        and node.value.id in ("old", "new") and node.attr not in known and not hooked):
+                    out.append(_unknown_column(f"{at}.when", node.attr, table))
+    for col in declared.fields:
+        if col not in known and not hooked:
+            out.append(_unknown_column(f"{at}.fields", col, table))
+        elif col in dropped:
+            out.append(Problem(f"{at}.fields", f"{col!r} is dropped, so an event cannot carry it"))
+    if reads_old and table.replica_identity != "f":
+        # The old values come from the before-image: without all of it no event is ever emitted.
+        out.append(Problem(at, f"reads the old values, which {table.qualified} does not publish (its replica "
+                               "identity is not FULL), so no event would ever be emitted; run ALTER TABLE "
+                               f"{table.qualified} REPLICA IDENTITY FULL"))
+    return out
 
 
 def _entity_against_catalog(spec: EntitySpec, catalog: Catalog, publication: str) -> list[Problem]:
@@ -214,13 +257,7 @@ def _entity_against_catalog(spec: EntitySpec, catalog: Catalog, publication: str
                 out.append(Problem(f"{at}.events.{event_name}.when_changed",
                                    f"{col!r} is dropped, so no change of it reaches the stream; keep it or "
                                    "name another column"))
-    if cfg.events and table.replica_identity != "f":
-        # An event compares the old value with the new: without the whole before-image none is ever emitted.
-        first = next(iter(cfg.events))
-        out.append(Problem(f"{at}.events.{first}", f"reads the old values, which {table.qualified} does not "
-                                                   "publish (its replica identity is not FULL), so no event "
-                                                   "would ever be emitted; run ALTER TABLE "
-                                                   f"{table.qualified} REPLICA IDENTITY FULL"))
+        out.extend(_event_rule(f"{at}.events.{event_name}", declared, known, cfg.fields.drop, table, hooked))
 
     # ClickHouse columns: what reaches the store (kept columns and derived fields)
     kept = (set(cfg.fields.allow) | set(cfg.key or table.primary_key)) if cfg.fields.allow is not None else columns
