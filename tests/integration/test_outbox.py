@@ -338,3 +338,52 @@ def test_the_event_log_in_clickhouse_holds_one_row_per_event_id(shop: Shop) -> N
     assert rows[0][1:4] == (shop.events_topic, "30", "order_placed")
     assert json.loads(rows[0][4]) == {"customer": "ada", "total_cents": 100, "order_id": 30}
     assert rows[0][5]["trace_id"] == "trace-1" and rows[0][5]["id"] == ids[0]
+
+
+def test_a_declared_domain_event_has_a_stable_id_and_is_applied_once_through_the_inbox(
+        shop: Shop, tmp_path: Path) -> None:
+    """`events: shipped: {when: ..., fields: [...]}` on the orders entity, through a worker of the pipeline's
+    own: the event carries its fields and a stable id header, and the inbox applies it once."""
+    import os
+
+    from changeflow.outbox.inbox import Inbox
+    from tests.integration.conftest import stop_process
+
+    with psycopg.connect(shop.dsn, autocommit=True) as conn:
+        conn.execute("ALTER TABLE public.orders ADD COLUMN status text NOT NULL DEFAULT 'new'")
+        conn.execute("ALTER TABLE public.orders REPLICA IDENTITY FULL")
+    doc = yaml.safe_load(shop.file.read_text())
+    doc["entities"]["orders"]["events"] = {"shipped": {
+        "when": "old.status != 'shipped' and new.status == 'shipped'", "fields": ["customer", "total_cents"]}}
+    shop.file.write_text(yaml.safe_dump(doc))
+    assert changeflow(shop.file, "pipeline", "check").returncode == 0
+    assert changeflow(shop.file, "connectors", "apply").returncode == 0
+    env = {**os.environ, "CHANGEFLOW_WORKER_WEB_PORT": "6171", "PYTHONUNBUFFERED": "1"}
+    log = (tmp_path / "worker.log").open("w")
+    worker = subprocess.Popen([sys.executable, "-m", "changeflow", "--pipeline", str(shop.file), "worker",
+                               "--sinks", "redis"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        shop.place(40, "ada", 900)
+        with psycopg.connect(shop.dsn, autocommit=True) as conn:
+            conn.execute("UPDATE public.orders SET status = 'packed' WHERE id = 40")  # not shipped: no event
+            conn.execute("UPDATE public.orders SET status = 'shipped' WHERE id = 40")
+            conn.execute("UPDATE public.orders SET total_cents = 950 WHERE id = 40")  # shipped already
+        topic = f"{shop.pipeline.namespace}.orders.shipped"
+        [event] = events(shop.settings, topic, 1)
+    finally:
+        stop_process(worker)
+        log.close()
+    assert event.id.startswith("orders.shipped:orders:40@")
+    assert (event.aggregate_type, event.aggregate_id, event.type) == ("orders", "orders:40", "orders.shipped")
+    assert event.payload["fields"] == {"customer": "ada", "total_cents": 900}
+    assert event.id == event.payload["event_id"]
+    # The same event twice (a redelivery): applied once.
+    inbox = Inbox("public.inbox")
+    with psycopg.connect(shop.consumer_dsn, autocommit=True) as conn:
+        inbox.create(conn)
+        conn.execute("CREATE TABLE shipped (order_key text, n integer)")
+        again = events(shop.settings, topic, 1)[0]
+        applied = [inbox.apply(conn, e, lambda cur, e: cur.execute("INSERT INTO shipped VALUES (%s, 1)",
+                                                                   (e.aggregate_id,))) for e in (event, again)]
+        assert applied == [True, False]
+        assert conn.execute("SELECT order_key, n FROM shipped").fetchall() == [("orders:40", 1)]
