@@ -40,8 +40,7 @@ class SourceObjects:
     tables: tuple[tuple[str, str], ...]  # the entities' and the outboxes' tables
     signal: tuple[str, str]
     heartbeat: tuple[str, str]
-    # (outbox table, payload column, constraint name, max bytes): pipelines.outbox's payload limits
-    payload_limits: tuple[tuple[tuple[str, str], str, str, int], ...] = ()
+    outboxes: tuple[outbox.OutboxSpec, ...] = ()
 
     @property
     def published(self) -> tuple[tuple[str, str], ...]:
@@ -59,11 +58,9 @@ def objects(pipeline: Pipeline) -> SourceObjects:
     tables = tuple(dict.fromkeys([*((e.source_schema, e.source_table) for e in pipeline.entities.values()
                                     if e.source == "postgres"),
                                   *((o.source_schema, o.source_table) for o in outbox.specs(pipeline))]))
-    limits = tuple(((o.source_schema, o.source_table), o.config.columns.payload, o.payload_constraint,
-                    o.config.max_payload_bytes) for o in outbox.specs(pipeline) if o.config.max_payload_bytes)
     return SourceObjects(database=pg.database, role=pg.user, publication=pipeline.publication, tables=tables,
                          signal=split_table(pipeline.signal_table), heartbeat=split_table(pipeline.heartbeat_table),
-                         payload_limits=limits)
+                         outboxes=tuple(outbox.specs(pipeline)))
 
 
 def _ident(qualified: tuple[str, str]) -> sql.Identifier:
@@ -89,12 +86,43 @@ def grants_and_tables(o: SourceObjects) -> list[sql.Composed]:
         out.append(sql.SQL("GRANT SELECT ON TABLE {} TO {}").format(_table_list(o.tables), role))
     out.append(sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE {}, {} TO {}").format(
         _ident(o.signal), _ident(o.heartbeat), role))
-    # An outbox payload bigger than one Kafka message fails the connector's task (every table stops): it is
-    # refused in the writer's own transaction instead (NOT VALID: rows already there are not scanned).
-    for table, column, name, limit in o.payload_limits:
-        out.append(sql.SQL("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(_ident(table), sql.Identifier(name)))
+    for spec in o.outboxes:
+        out += outbox_statements(spec)
+    return out
+
+
+def outbox_statements(spec: outbox.OutboxSpec) -> list[sql.Composed]:
+    """What an outbox table gets (idempotent):
+
+    - a payload bigger than one Kafka message fails the connector's task (every table stops), so it is
+      refused in the writer's own transaction instead (``NOT VALID``: rows already there are not scanned);
+    - Debezium's router drops an UPDATE of an outbox row with a warning, so a trigger emits a transactional
+      logical decoding message (``pg_logical_emit_message``, prefix ``changeflow.outbox.<name>``) naming the
+      row, which the connector moves to the outbox DLQ with its reason (``connectors.render``)."""
+    table = sql.Identifier(spec.source_schema, spec.source_table)
+    out: list[sql.Composed] = []
+    if spec.config.max_payload_bytes:
+        name = sql.Identifier(spec.payload_constraint)
+        out.append(sql.SQL("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(table, name))
         out.append(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} CHECK (octet_length({}::text) <= {}) NOT VALID").format(
-            _ident(table), sql.Identifier(name), sql.Identifier(column), sql.Literal(limit)))
+            table, name, sql.Identifier(spec.config.columns.payload), sql.Literal(spec.config.max_payload_bytes)))
+    function = sql.Identifier(spec.source_schema, f"changeflow_outbox_{spec.name}_update")
+    trigger = sql.Identifier(f"changeflow_outbox_{spec.name}_update")
+    body = sql.SQL(
+        "BEGIN\n"
+        "    PERFORM pg_catalog.pg_logical_emit_message(true, {prefix}, pg_catalog.json_build_object("
+        "'outbox', {name}, 'id', NEW.{id}::text, 'reason', {reason})::text);\n"
+        "    RETURN NEW;\n"
+        "END").format(prefix=sql.Literal(spec.message_prefix), name=sql.Literal(spec.name),
+                      id=sql.Identifier(spec.config.columns.id), reason=sql.Literal(outbox.UPDATE_REASON))
+    text = body.as_string(None)
+    if _DOLLAR_TAG in text:
+        raise PrepareError(f"an outbox column name holds {_DOLLAR_TAG}; rename it")
+    out.append(sql.SQL("CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS {tag}\n{body}\n{tag}")
+               .format(function, tag=sql.SQL(_DOLLAR_TAG), body=sql.SQL(text)))
+    out.append(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(trigger, table))
+    out.append(sql.SQL("CREATE TRIGGER {} AFTER UPDATE ON {} FOR EACH ROW EXECUTE FUNCTION {}()").format(
+        trigger, table, function))
     return out
 
 
@@ -173,8 +201,11 @@ def apply(conn: psycopg.Connection, pipeline: Pipeline) -> list[str]:
             cur.execute(statement)
         done.append(f"signal table {'.'.join(o.signal)}, heartbeat table {'.'.join(o.heartbeat)}: present")
         done.append(f"role {o.role}: SELECT on {len(o.tables)} table(s), writes on the signal and heartbeat tables")
-        for table, column, name, limit in o.payload_limits:
-            done.append(f"outbox table {'.'.join(table)}: {column} limited to {limit} bytes (constraint {name})")
+        for spec in o.outboxes:
+            limit = spec.config.max_payload_bytes
+            done.append(f"outbox table {spec.qualified_table}: "
+                        + (f"{spec.config.columns.payload} limited to {limit} bytes, " if limit else "")
+                        + "an UPDATE of a row reported to the outbox DLQ")
         current = _current_publication(cur, o.publication)
         wanted = set(o.published)
         pub, tables = sql.Identifier(o.publication), _table_list(o.published)

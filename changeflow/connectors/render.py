@@ -165,18 +165,20 @@ def postgres(pipeline: Pipeline) -> ConnectorDefinition:
         "notification.sink.topic.name": pipeline.notifications_topic,
         **_CONVERTERS,
         **_TOPIC_CREATION,
-        **outbox_transforms(outboxes),
+        **outbox_transforms(outboxes, pipeline.postgres_topic_prefix),
     })
     return ConnectorDefinition(name=pipeline.connector_name("postgres"), config=config)
 
 
-def outbox_transforms(outboxes: list[outbox.OutboxSpec]) -> dict[str, str]:
+def outbox_transforms(outboxes: list[outbox.OutboxSpec], topic_prefix: str) -> dict[str, str]:
     """Debezium's outbox event router on each outbox table's topic only (a ``TopicNameMatches`` predicate; every
     other table's changes pass untouched), then the unroutable events (``pipelines.outbox``: an aggregate type
     that is no legal topic name part) moved to the outbox DLQ with the reason in a header. Kept to Debezium's
-    defaults otherwise: ``c`` and snapshot ``r`` rows are events, ``d`` is skipped; an UPDATE of an outbox row
-    is dropped with a warning in Connect's log (``table.op.invalid.behavior=warn``); never ``fatal``, which
-    would stop the connector for every table."""
+    defaults otherwise: ``c`` and snapshot ``r`` rows are events, ``d`` is skipped; the router drops an UPDATE of
+    an outbox row with a warning (``table.op.invalid.behavior=warn``; never ``fatal``, which would stop the
+    connector for every table), and the logical decoding message ``connectors.prepare``'s trigger emits for it
+    (``<topic prefix>.message``, only changeflow's outbox prefixes captured) is moved to the outbox DLQ with
+    its reason."""
     config: dict[str, str] = {}
     transforms: list[str] = []
     predicates: list[str] = []
@@ -216,6 +218,26 @@ def outbox_transforms(outboxes: list[outbox.OutboxSpec]) -> dict[str, str]:
             config[f"transforms.{t}.table.field.event.timestamp"] = c.timestamp
         transforms += [t, f"{t}_reason", f"{t}_dlq"]
         predicates += [table, bad]
+    if outboxes:
+        # An UPDATE of an outbox row, which the router drops: `connectors.prepare`'s trigger emits a logical
+        # decoding message for it, which Debezium publishes on <prefix>.message; moved to the DLQ with why.
+        first = outboxes[0]
+        messages = f"{topic_prefix}.message"
+        config.update({
+            "message.prefix.include.list": ",".join(re.escape(o.message_prefix) for o in outboxes),
+            "transforms.outbox_updates_reason.type": "org.apache.kafka.connect.transforms.InsertHeader",
+            "transforms.outbox_updates_reason.predicate": "outbox_updates",
+            "transforms.outbox_updates_reason.header": outbox.ERROR_HEADER,
+            "transforms.outbox_updates_reason.value.literal": outbox.UPDATE_REASON,
+            "transforms.outbox_updates_dlq.type": "org.apache.kafka.connect.transforms.RegexRouter",
+            "transforms.outbox_updates_dlq.predicate": "outbox_updates",
+            "transforms.outbox_updates_dlq.regex": ".*",
+            "transforms.outbox_updates_dlq.replacement": first.dlq_topic,
+            "predicates.outbox_updates.type": "org.apache.kafka.connect.transforms.predicates.TopicNameMatches",
+            "predicates.outbox_updates.pattern": re.escape(messages),
+        })
+        transforms += ["outbox_updates_reason", "outbox_updates_dlq"]
+        predicates.append("outbox_updates")
     if transforms:
         config["transforms"] = ",".join(transforms)
         config["predicates"] = ",".join(predicates)

@@ -12,12 +12,15 @@ value naming why) out. What the router writes under changeflow's connector setti
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
+
+from changeflow.pipelines.outbox import ERROR_HEADER
 
 ID_HEADER = "id"
 
@@ -59,6 +62,17 @@ def _unwrap(raw: bytes | None) -> Any:
     return value
 
 
+def _message_row(raw: bytes | None) -> str:
+    """The row a dead-lettered UPDATE names: the content of Debezium's logical decoding message (``op: m``)
+    that ``connectors.prepare``'s trigger emitted, ``{"outbox", "id", "reason"}``."""
+    try:
+        content = _unwrap(raw)["message"]["content"]
+        row = json.loads(base64.b64decode(content))
+        return f" (outbox {row['outbox']}, row id {json.dumps(row['id'])})"
+    except (ValueError, TypeError, KeyError):
+        return ""
+
+
 def _key(raw: bytes | None) -> Any:
     """The router's key is Connect JSON; a derived event's (``streams.derived``) is the entity's key text."""
     try:
@@ -77,7 +91,8 @@ def parse(topic: str, partition: int, offset: int, key: bytes | None, value: byt
     hdrs = {name: _text(v) or "" for name, v in headers or ()}
     event_id = hdrs.get(ID_HEADER)
     if not event_id:
-        raise BadEvent(f"{topic}:{partition}:{offset}: no `{ID_HEADER}` header (not an outbox event)")
+        why = f"; {ERROR_HEADER}: {hdrs[ERROR_HEADER]}{_message_row(value)}" if ERROR_HEADER in hdrs else ""
+        raise BadEvent(f"{topic}:{partition}:{offset}: no `{ID_HEADER}` header (not an outbox event){why}")
     try:
         aggregate_id = _key(key)
         payload = _unwrap(value)
@@ -104,8 +119,8 @@ def line(event: Event, width: int = 200) -> str:
     parts = [f"{event.topic}[{event.partition}]@{event.offset}", f"id={json.dumps(event.id)}",
              f"aggregate={json.dumps(event.aggregate_type)}/{json.dumps(event.aggregate_id)}",
              f"type={json.dumps(event.type)}"]
-    if "changeflow.error" in event.headers:
-        parts.append(f"error={json.dumps(event.headers['changeflow.error'])}")
+    if ERROR_HEADER in event.headers:
+        parts.append(f"error={json.dumps(event.headers[ERROR_HEADER])}")
     return " ".join(parts) + f" payload={payload}"
 
 

@@ -108,6 +108,11 @@ class OutboxSpec:
         return f"changeflow_{self.name}_payload_size"
 
     @property
+    def message_prefix(self) -> str:
+        """The prefix of the logical decoding message an UPDATE of a row emits (``connectors.prepare``)."""
+        return f"changeflow.outbox.{self.name}"
+
+    @property
     def longest_type(self) -> int:
         """The longest aggregate type whose topic name Kafka still accepts."""
         return TOPIC_MAX - len(self.topic_prefix) - 1
@@ -134,6 +139,10 @@ class OutboxSpec:
         c = self.config.columns
         named = [c.id, c.aggregate_type, c.aggregate_id, c.type, c.payload, c.timestamp, *self.config.headers]
         return [n for n in dict.fromkeys(named) if n is not None]
+
+
+UPDATE_REASON = ("an UPDATE of an outbox row: Debezium's router publishes a row once, when it is inserted, and "
+                 "drops its updates; insert a new event instead")
 
 
 def unroutable_reason(spec: OutboxSpec) -> str:

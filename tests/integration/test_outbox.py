@@ -26,7 +26,7 @@ from confluent_kafka import Consumer, TopicPartition
 from psycopg import sql
 
 from changeflow.connectors.client import KafkaConnectClient
-from changeflow.outbox.events import Event, from_message
+from changeflow.outbox.events import BadEvent, Event, from_message
 from changeflow.pipelines.load import load
 from changeflow.pipelines.outbox import specs
 from changeflow.pipelines.spec import Pipeline
@@ -269,12 +269,23 @@ def test_hostile_rows_rollbacks_updates_deletes_null_payloads_and_odd_keys(shop:
     last = shop.place(13)
     got = {e.id: e for e in events(shop.settings, shop.events_topic, 3)}
     assert set(got) == {odd_id, null_id, last}  # no rolled-back, updated or deleted row became one
+    # The UPDATE is a dead letter with its reason, naming the row (prepare's trigger, the connector's router).
+    [dead] = read_topic(shop.settings, shop.dlq_topic, 1)
+    headers = dict(dead.headers())
+    assert headers["changeflow.error"].decode() == (
+        "an UPDATE of an outbox row: Debezium's router publishes a row once, when it is inserted, and drops its "
+        "updates; insert a new event instead")
+    with pytest.raises(BadEvent) as bad:
+        from_message(dead)
+    assert str(bad.value).endswith(f'(outbox orders, row id "{odd_id}")')
     assert got[odd_id].aggregate_id == odd
     assert (got[null_id].payload, got[null_id].type) == (None, "order_placed")
     assert task_states(shop.settings, shop.pipeline.connector_name("postgres")) == ["RUNNING"]
-    tail = changeflow(shop.file, "events", "tail", "--from-beginning", "--limit", "3", "--idle", "30")
+    tail = changeflow(shop.file, "events", "tail", "--from-beginning", "--limit", "4", "--idle", "30")
     assert tail.returncode == 0, tail.stderr
-    lines = {line.split(" id=")[1].split(" ")[0]: line for line in tail.stdout.splitlines()}
+    [update] = [line for line in tail.stdout.splitlines() if line.startswith("not an event: ")]
+    assert update.endswith(f'insert a new event instead (outbox orders, row id "{odd_id}")')
+    lines = {line.split(" id=")[1].split(" ")[0]: line for line in tail.stdout.splitlines() if " id=" in line}
     assert len(lines) == 3
     assert 'aggregate="order"/"A-\\"1\\"\\\\ \\n\'x" type="order_placed"' in lines[f'"{odd_id}"']
     assert lines[f'"{null_id}"'].endswith(" payload=null")

@@ -109,8 +109,14 @@ def test_the_connector_applies_the_router_to_the_outbox_table_only() -> None:
     config = definition.config
     assert config["table.include.list"] == (r"public\.orders,public\.shop_signal,public\.shop_heartbeat,"
                                             r"public\.outbox_messages")
-    assert config["transforms"] == "outbox_orders,outbox_orders_reason,outbox_orders_dlq"
-    assert config["predicates"] == "outbox_orders_table,outbox_orders_unroutable"
+    assert config["transforms"] == ("outbox_orders,outbox_orders_reason,outbox_orders_dlq,outbox_updates_reason,"
+                                    "outbox_updates_dlq")
+    assert config["predicates"] == "outbox_orders_table,outbox_orders_unroutable,outbox_updates"
+    # An UPDATE of an outbox row: prepare's trigger emits a logical message, moved to the DLQ with why.
+    assert config["message.prefix.include.list"] == r"changeflow\.outbox\.orders"
+    assert config["predicates.outbox_updates.pattern"] == r"shop\.message"
+    assert config["transforms.outbox_updates_dlq.replacement"] == "shop.outbox.dlq"
+    assert config["transforms.outbox_updates_reason.value.literal"].startswith("an UPDATE of an outbox row: ")
     outbox = {k.removeprefix("transforms.outbox_orders."): v for k, v in config.items()
               if k.startswith("transforms.outbox_orders.")}
     assert outbox == {
@@ -179,6 +185,12 @@ def test_prepare_limits_the_payload_in_the_writers_transaction() -> None:
             'ALTER TABLE "public"."outbox_messages" ADD CONSTRAINT "changeflow_orders_payload_size" CHECK '
             '(octet_length("payload"::text) <= 262144) NOT VALID;') in text
     assert "GRANT SELECT ON TABLE \"public\".\"orders\", \"public\".\"outbox_messages\" TO" in text
+    assert ('CREATE OR REPLACE FUNCTION "public"."changeflow_outbox_orders_update"() RETURNS trigger LANGUAGE plpgsql '
+            "AS $changeflow_prepare$\nBEGIN\n    PERFORM pg_catalog.pg_logical_emit_message(true, "
+            "'changeflow.outbox.orders', pg_catalog.json_build_object('outbox', 'orders', 'id', NEW.\"id\"::text, "
+            "'reason', 'an UPDATE of an outbox row: ") in text
+    assert ('CREATE TRIGGER "changeflow_outbox_orders_update" AFTER UPDATE ON "public"."outbox_messages" FOR EACH ROW '
+            'EXECUTE FUNCTION "public"."changeflow_outbox_orders_update"();') in text
     unlimited = script(parse_pipeline(SEED + "    max_payload_bytes: null\n", "shop.yml"))
     assert "payload_size" not in unlimited
 
