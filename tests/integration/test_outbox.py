@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -398,3 +399,34 @@ def test_a_declared_domain_event_has_a_stable_id_and_is_applied_once_through_the
                                                                    (e.aggregate_id,))) for e in (event, again)]
         assert applied == [True, False]
         assert conn.execute("SELECT order_key, n FROM shipped").fetchall() == [("orders:40", 1)]
+
+
+def test_debeziums_default_column_names_and_empty_or_invalid_json_payloads(shop: Shop) -> None:
+    """A second outbox with Debezium's own column names and a `text` payload: empty, invalid JSON, JSON and
+    null payloads are each published (as the text they hold); `event.data` refuses the invalid ones."""
+    with psycopg.connect(shop.dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.outbox_raw (id uuid PRIMARY KEY, aggregatetype text NOT NULL, "
+                     "aggregateid text, type text, payload text)")
+    doc = yaml.safe_load(shop.file.read_text())
+    doc["outbox"]["raw"] = {"table": "public.outbox_raw", "expand_json_payload": True}
+    shop.file.write_text(yaml.safe_dump(doc))
+    checked = changeflow(shop.file, "pipeline", "check")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    applied = changeflow(shop.file, "connectors", "apply")
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    payloads = {"empty": "", "invalid": "{not json", "json": '{"n": 1.10}', "null": None}
+    ids = {}
+    with psycopg.connect(shop.dsn, autocommit=True) as conn:
+        for case, payload in payloads.items():
+            ids[case] = str(uuid.uuid4())
+            conn.execute("INSERT INTO public.outbox_raw VALUES (%s, 'text', 'k', %s, %s)", (ids[case], case, payload))
+    got = {e.type: e for e in events(shop.settings, f"{shop.pipeline.namespace}.events.text", 4)}
+    assert {case: got[case].id for case in payloads} == ids
+    # Expanded by the router: numbers pass through Connect's float64 (1.10 arrives as 1.1; README).
+    assert got["json"].payload == {"n": Decimal("1.1")}
+    assert got["null"].payload is None
+    for case in ("empty", "invalid"):
+        assert got[case].payload == payloads[case]  # kept as the text it was (Debezium warns in its log)
+        with pytest.raises(ValueError):
+            _ = got[case].data
+    assert task_states(shop.settings, shop.pipeline.connector_name("postgres")) == ["RUNNING"]
