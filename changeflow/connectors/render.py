@@ -183,7 +183,7 @@ def outbox_transforms(outboxes: list[outbox.OutboxSpec], topic_prefix: str) -> d
     transforms: list[str] = []
     predicates: list[str] = []
     for o in outboxes:
-        t, table, bad = f"outbox_{o.name}", f"outbox_{o.name}_table", f"outbox_{o.name}_unroutable"
+        t, table = f"outbox_{o.name}", f"outbox_{o.name}_table"
         c = o.config.columns
         placement = [f"{c.aggregate_type}:header:aggregate_type"]
         if c.type is not None:
@@ -201,6 +201,20 @@ def outbox_transforms(outboxes: list[outbox.OutboxSpec], topic_prefix: str) -> d
             f"transforms.{t}.table.fields.additional.placement": ",".join(placement),
             f"transforms.{t}.table.expand.json.payload": str(o.config.expand_json_payload).lower(),
             f"transforms.{t}.table.op.invalid.behavior": "warn",
+            f"predicates.{table}.type": "org.apache.kafka.connect.transforms.predicates.TopicNameMatches",
+            f"predicates.{table}.pattern": re.escape(o.raw_topic),
+        })
+        if c.timestamp is not None:
+            config[f"transforms.{t}.table.field.event.timestamp"] = c.timestamp
+        transforms.append(t)
+        predicates.append(table)
+    # After every router: the unroutable events of each topic prefix (outboxes may share one) to the DLQ.
+    first_of: dict[str, outbox.OutboxSpec] = {}
+    for o in outboxes:
+        first_of.setdefault(o.topic_prefix, o)
+    for o in first_of.values():
+        t, bad = f"outbox_{o.name}", f"outbox_{o.name}_unroutable"
+        config.update({
             f"transforms.{t}_reason.type": "org.apache.kafka.connect.transforms.InsertHeader",
             f"transforms.{t}_reason.predicate": bad,
             f"transforms.{t}_reason.header": outbox.ERROR_HEADER,
@@ -209,15 +223,11 @@ def outbox_transforms(outboxes: list[outbox.OutboxSpec], topic_prefix: str) -> d
             f"transforms.{t}_dlq.predicate": bad,
             f"transforms.{t}_dlq.regex": ".*",
             f"transforms.{t}_dlq.replacement": o.dlq_topic,
-            f"predicates.{table}.type": "org.apache.kafka.connect.transforms.predicates.TopicNameMatches",
-            f"predicates.{table}.pattern": re.escape(o.raw_topic),
             f"predicates.{bad}.type": "org.apache.kafka.connect.transforms.predicates.TopicNameMatches",
             f"predicates.{bad}.pattern": re.escape(o.unroutable_topic),
         })
-        if c.timestamp is not None:
-            config[f"transforms.{t}.table.field.event.timestamp"] = c.timestamp
-        transforms += [t, f"{t}_reason", f"{t}_dlq"]
-        predicates += [table, bad]
+        transforms += [f"{t}_reason", f"{t}_dlq"]
+        predicates.append(bad)
     if outboxes:
         # An UPDATE of an outbox row, which the router drops: `connectors.prepare`'s trigger emits a logical
         # decoding message for it, which Debezium publishes on <prefix>.message; moved to the DLQ with why.

@@ -146,8 +146,8 @@ UPDATE_REASON = ("an UPDATE of an outbox row: Debezium's router publishes a row 
 
 
 def unroutable_reason(spec: OutboxSpec) -> str:
-    return (f"outbox {spec.name}: the aggregate type is not a legal topic name part (1 to {spec.longest_type} "
-            f"characters of {TOPIC_CHARS}); the event is kept here, its type in the aggregate_type header")
+    return (f"the aggregate type is not a legal topic name part (1 to {spec.longest_type} characters of "
+            f"{TOPIC_CHARS}); the event is kept here, its type in the aggregate_type header")
 
 
 def specs(pipeline: Pipeline) -> list[OutboxSpec]:

@@ -183,8 +183,8 @@ def test_an_aggregate_type_that_is_no_topic_name_is_a_dead_letter_and_the_task_s
         event = dead[ids[case]]
         assert event.aggregate_type == aggregate_type, case
         assert event.headers["changeflow.error"] == (
-            f"outbox orders: the aggregate type is not a legal topic name part (1 to {spec.longest_type} "
-            "characters of A-Za-z0-9._-); the event is kept here, its type in the aggregate_type header")
+            f"the aggregate type is not a legal topic name part (1 to {spec.longest_type} characters of "
+            "A-Za-z0-9._-); the event is kept here, its type in the aggregate_type header")
         assert event.payload["order_id"] == 2000 + list(HOSTILE_TYPES).index(case)
     [legal] = events(shop.settings, f"{shop.pipeline.namespace}.events...", 1)
     assert legal.id == dotted

@@ -226,3 +226,15 @@ def test_the_example_pipeline_renders_its_timestamp_column_and_headers() -> None
     assert definition.config["transforms.outbox_orders.table.fields.additional.placement"] == (
         "aggregate_type:header:aggregate_type,event_type:header:type,trace_id:header:trace_id,"
         "created_at:header:created_at")
+
+
+def test_two_outboxes_sharing_a_prefix_route_first_then_share_one_dead_letter_path() -> None:
+    text = SEED + "  raw:\n    table: public.outbox_raw\n  other:\n    table: public.outbox_other\n" \
+                  "    topic_prefix: shop.other\n"
+    [definition] = render(parse_pipeline(text, "shop.yml"), sources=["postgres"])
+    assert definition.config["transforms"] == (
+        "outbox_orders,outbox_raw,outbox_other,outbox_orders_reason,outbox_orders_dlq,outbox_other_reason,"
+        "outbox_other_dlq,outbox_updates_reason,outbox_updates_dlq")
+    assert definition.config["predicates.outbox_other_unroutable.pattern"] == r"shop\.other\."
+    assert definition.config["message.prefix.include.list"] == (r"changeflow\.outbox\.orders,"
+                                                                r"changeflow\.outbox\.raw,changeflow\.outbox\.other")
