@@ -106,8 +106,8 @@ def outbox_statements(spec: outbox.OutboxSpec) -> list[sql.Composed]:
         out.append(sql.SQL("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(table, name))
         out.append(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} CHECK (octet_length({}::text) <= {}) NOT VALID").format(
             table, name, sql.Identifier(spec.config.columns.payload), sql.Literal(spec.config.max_payload_bytes)))
-    function = sql.Identifier(spec.source_schema, f"changeflow_outbox_{spec.name}_update")
-    trigger = sql.Identifier(f"changeflow_outbox_{spec.name}_update")
+    function = sql.Identifier(spec.source_schema, spec.update_trigger)
+    trigger = sql.Identifier(spec.update_trigger)
     body = sql.SQL(
         "BEGIN\n"
         "    PERFORM pg_catalog.pg_logical_emit_message(true, {prefix}, pg_catalog.json_build_object("
@@ -233,8 +233,9 @@ def apply(conn: psycopg.Connection, pipeline: Pipeline) -> list[str]:
 
 
 def drop(conn: psycopg.Connection, pipeline: Pipeline, timeout: float = 30.0) -> list[str]:
-    """Drop the pipeline's replication slot (waiting for its connector to let go) and its publication.
-    The signal and heartbeat tables stay (they are tables in the user's database)."""
+    """Drop the pipeline's replication slot (waiting for its connector to let go), its publication, and what
+    ``outbox_statements`` added to outbox tables. The signal and heartbeat tables stay (they are tables in the
+    user's database)."""
     o = objects(pipeline)
     done: list[str] = []
     deadline = time.monotonic() + timeout
@@ -259,4 +260,13 @@ def drop(conn: psycopg.Connection, pipeline: Pipeline, timeout: float = 30.0) ->
         cur.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(o.publication)))
         conn.commit()
         done.append(f"publication {o.publication}: {'dropped' if existed else 'absent'}")
+        for spec in o.outboxes:  # what `outbox_statements` added to the outbox table
+            table = sql.Identifier(spec.source_schema, spec.source_table)
+            cur.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(spec.update_trigger), table))
+            cur.execute(sql.SQL("DROP FUNCTION IF EXISTS {}()").format(
+                sql.Identifier(spec.source_schema, spec.update_trigger)))
+            cur.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(
+                table, sql.Identifier(spec.payload_constraint)))
+            conn.commit()
+            done.append(f"outbox table {spec.qualified_table}: changeflow's trigger and payload limit removed")
     return done

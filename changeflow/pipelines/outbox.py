@@ -108,6 +108,11 @@ class OutboxSpec:
         return f"changeflow_{self.name}_payload_size"
 
     @property
+    def update_trigger(self) -> str:
+        """The name of the trigger (and its function, in the table's schema) ``connectors.prepare`` adds."""
+        return f"changeflow_outbox_{self.name}_update"
+
+    @property
     def message_prefix(self) -> str:
         """The prefix of the logical decoding message an UPDATE of a row emits (``connectors.prepare``)."""
         return f"changeflow.outbox.{self.name}"

@@ -199,6 +199,12 @@ def test_an_aggregate_type_that_is_no_topic_name_is_a_dead_letter_and_the_task_s
     admin = AdminClient({"bootstrap.servers": shop.settings.kafka_bootstrap})
     eventually(lambda: not [t for t in admin.list_topics(timeout=10).topics
                             if t.startswith(f"{shop.pipeline.namespace}.")], what="the pipeline's topics gone")
+    # ... and what prepare added to the outbox table: the table is the user's again.
+    with psycopg.connect(shop.dsn) as conn:
+        assert conn.execute("SELECT tgname FROM pg_trigger WHERE tgrelid = 'public.outbox_messages'::regclass "
+                            "AND NOT tgisinternal").fetchall() == []
+        assert conn.execute("SELECT conname FROM pg_constraint WHERE conrelid = 'public.outbox_messages'::regclass "
+                            "AND contype = 'c'").fetchall() == []
 
 
 def run_consumer(shop: Shop, group: str) -> str:
