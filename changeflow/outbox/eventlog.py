@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from collections.abc import Callable
 from typing import Any
 
-from changeflow.outbox.events import BadEvent, Event, from_message, next_message
+from changeflow.outbox.events import BadEvent, Event, from_message, next_message, stopping
 from changeflow.pipelines.outbox import OutboxSpec
 
 log = logging.getLogger("changeflow.outbox.eventlog")
@@ -71,7 +72,8 @@ def load(client: Any, bootstrap: str, database: str, spec: OutboxSpec, group: st
     inserted = 0
     try:
         consumer.subscribe([f"^{re.escape(spec.topic_prefix)}\\..+", spec.dlq_topic])
-        while not stop(inserted):
+        started = time.monotonic()
+        while not stopping(consumer, stop, inserted, started):
             rows: list[list[Any]] = []
             last = None
             while len(rows) < batch:

@@ -188,3 +188,14 @@ def idle_stop(idle_s: float | None) -> Callable[[int], bool]:
         return idle_s is not None and time.monotonic() - seen["at"] > idle_s
 
     return stop
+
+
+def stopping(consumer: Any, stop: Callable[[Any], bool], progress: Any, started: float,
+             grace_s: float = 30.0) -> bool:
+    """``stop(progress)``, consulted only once the consumer has its partitions (or ``grace_s`` after ``started``): a
+    group's first join takes seconds (the broker's initial rebalance delay), which an idle stop must not count."""
+    import time
+
+    if not consumer.assignment() and time.monotonic() - started < grace_s:
+        return False
+    return stop(progress)

@@ -21,13 +21,14 @@ primary key: the second waits for the first's commit, then finds the id.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import psycopg
 from psycopg import sql
 
-from changeflow.outbox.events import BadEvent, Event, from_message, next_message
+from changeflow.outbox.events import BadEvent, Event, from_message, next_message, stopping
 
 log = logging.getLogger("changeflow.outbox.inbox")
 
@@ -88,7 +89,8 @@ def consume(bootstrap: str, group: str, topics: Sequence[str], conn: psycopg.Con
     counts = Counts()
     try:
         consumer.subscribe(list(topics))
-        while not stop(counts):
+        started = time.monotonic()
+        while not stopping(consumer, stop, counts, started):
             message = next_message(consumer, poll_s)
             if message is None:
                 continue
