@@ -1,5 +1,5 @@
 # The two commands of README.md. Both install what they need (apt, pip, Maven) themselves.
-.PHONY: demo test unit lint bootstrap down
+.PHONY: demo demo-outbox test unit lint bootstrap down
 
 bootstrap:
 	@bash changeflow/deploy/bootstrap.sh
@@ -7,6 +7,11 @@ bootstrap:
 ## Everything end to end: native stack, connector, worker, demo workload, zero-drift report.
 demo: bootstrap
 	.venv/bin/changeflow demo
+
+## The outbox pattern: orders and their events in one transaction, a consumer applying each once.
+demo-outbox: bootstrap
+	.venv/bin/changeflow stack up
+	.venv/bin/python -m examples.outbox.demo
 
 ## The whole test suite: unit tests, then integration tests against the live local stack.
 test: bootstrap

@@ -20,6 +20,7 @@ from changeflow.commands import args
 from changeflow.commands import connectors as connectors_commands
 from changeflow.commands import dlq as dlq_commands
 from changeflow.commands import init as init_commands
+from changeflow.commands import outbox as outbox_commands
 from changeflow.commands import pipeline as pipeline_commands
 from changeflow.commands import sinks as sinks_commands
 from changeflow.commands import views as views_commands
@@ -90,6 +91,8 @@ app.add_typer(report_app, name="report")
 app.add_typer(dlq_commands.app, name="dlq")
 app.add_typer(sinks_commands.app, name="sinks")
 app.add_typer(views_commands.app, name="views")
+app.add_typer(outbox_commands.events_app, name="events")
+app.add_typer(outbox_commands.outbox_app, name="outbox")
 app.command("rebuild")(rebuild_command)
 report_app.command("finance")(report_finance)
 app.command("reconcile")(reconcile_command)

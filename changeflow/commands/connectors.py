@@ -274,10 +274,13 @@ def delete(
 def pipeline_topics(pipeline: Pipeline) -> list[str]:
     """Every topic the pipeline's connectors and worker write (raw, canonical, DLQ, schemas, derived events)."""
     # Imported here, not at the top: start-up cost (changeflow/commands/__init__.py).
+    from changeflow.pipelines.outbox import specs
     from changeflow.pipelines.spec import split_table, topic_part
 
     topics = {*pipeline.raw_topics(), *pipeline.canonical_topics(), pipeline.dlq_topic, pipeline.schema_topic,
               *pipeline.event_topics(), pipeline.notifications_topic}
+    # Outboxes: the table's own topic and the DLQ (the routed topics are found by prefix: `_purge_derived`).
+    topics |= {t for o in specs(pipeline) for t in (o.raw_topic, o.dlq_topic)}
     if pipeline.file.sources.postgres is not None:
         prefix = pipeline.postgres_topic_prefix
         # Debezium's own: heartbeats, and the changes of the heartbeat and signal tables it writes to.
@@ -303,6 +306,7 @@ def _purge_derived(pipeline: Pipeline) -> None:
     # Imported here, not at the top: start-up cost (changeflow/commands/__init__.py).
     from confluent_kafka.admin import AdminClient
 
+    from changeflow.pipelines.outbox import specs
     from changeflow.sinks.base import create, names
 
     failures: list[str] = []
@@ -317,10 +321,13 @@ def _purge_derived(pipeline: Pipeline) -> None:
             store.close()
     admin = AdminClient({"bootstrap.servers": context.settings().kafka_bootstrap, "log_level": 3})
     existing = set(admin.list_topics(timeout=15).topics)
+    prefixes = tuple(f"{o.topic_prefix}." for o in specs(pipeline))
     topics = [t for t in pipeline_topics(pipeline) if t in existing]
+    topics += sorted(t for t in existing if prefixes and t.startswith(prefixes) and t not in topics)
     if topics:
         _await_deletions("topic", admin.delete_topics(topics, operation_timeout=30), failures)
-    groups = [pipeline.decode_group, *(pipeline.sink_group(n) for n in names())]
+    groups = [pipeline.decode_group, *(pipeline.sink_group(n) for n in names()),
+              *(f"{pipeline.namespace}-outbox-eventlog-{o.name}" for o in specs(pipeline))]
     known = {g.group_id for g in admin.list_consumer_groups(request_timeout=15).result().valid}
     wanted = [g for g in groups if g in known]
     if wanted:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
+from changeflow.pipelines import outbox
 from changeflow.pipelines.spec import Pipeline, split_table
 from changeflow.waiting import wait_until
 
@@ -36,9 +37,10 @@ class SourceObjects:
     database: str
     role: str
     publication: str
-    tables: tuple[tuple[str, str], ...]  # the entities' tables
+    tables: tuple[tuple[str, str], ...]  # the entities' and the outboxes' tables
     signal: tuple[str, str]
     heartbeat: tuple[str, str]
+    outboxes: tuple[outbox.OutboxSpec, ...] = ()
 
     @property
     def published(self) -> tuple[tuple[str, str], ...]:
@@ -53,10 +55,12 @@ def objects(pipeline: Pipeline) -> SourceObjects:
     pg = pipeline.file.sources.postgres
     if pg is None:
         raise PrepareError(f"pipeline {pipeline.name} has no postgres source: nothing to prepare")
-    tables = tuple(dict.fromkeys((e.source_schema, e.source_table) for e in pipeline.entities.values()
-                                 if e.source == "postgres"))
+    tables = tuple(dict.fromkeys([*((e.source_schema, e.source_table) for e in pipeline.entities.values()
+                                    if e.source == "postgres"),
+                                  *((o.source_schema, o.source_table) for o in outbox.specs(pipeline))]))
     return SourceObjects(database=pg.database, role=pg.user, publication=pipeline.publication, tables=tables,
-                         signal=split_table(pipeline.signal_table), heartbeat=split_table(pipeline.heartbeat_table))
+                         signal=split_table(pipeline.signal_table), heartbeat=split_table(pipeline.heartbeat_table),
+                         outboxes=tuple(outbox.specs(pipeline)))
 
 
 def _ident(qualified: tuple[str, str]) -> sql.Identifier:
@@ -82,6 +86,43 @@ def grants_and_tables(o: SourceObjects) -> list[sql.Composed]:
         out.append(sql.SQL("GRANT SELECT ON TABLE {} TO {}").format(_table_list(o.tables), role))
     out.append(sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE {}, {} TO {}").format(
         _ident(o.signal), _ident(o.heartbeat), role))
+    for spec in o.outboxes:
+        out += outbox_statements(spec)
+    return out
+
+
+def outbox_statements(spec: outbox.OutboxSpec) -> list[sql.Composed]:
+    """What an outbox table gets (idempotent):
+
+    - a payload bigger than one Kafka message fails the connector's task (every table stops), so it is
+      refused in the writer's own transaction instead (``NOT VALID``: rows already there are not scanned);
+    - Debezium's router drops an UPDATE of an outbox row with a warning, so a trigger emits a transactional
+      logical decoding message (``pg_logical_emit_message``, prefix ``changeflow.outbox.<name>``) naming the
+      row, which the connector moves to the outbox DLQ with its reason (``connectors.render``)."""
+    table = sql.Identifier(spec.source_schema, spec.source_table)
+    out: list[sql.Composed] = []
+    if spec.config.max_payload_bytes:
+        name = sql.Identifier(spec.payload_constraint)
+        out.append(sql.SQL("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(table, name))
+        out.append(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} CHECK (octet_length({}::text) <= {}) NOT VALID").format(
+            table, name, sql.Identifier(spec.config.columns.payload), sql.Literal(spec.config.max_payload_bytes)))
+    function = sql.Identifier(spec.source_schema, spec.update_trigger)
+    trigger = sql.Identifier(spec.update_trigger)
+    body = sql.SQL(
+        "BEGIN\n"
+        "    PERFORM pg_catalog.pg_logical_emit_message(true, {prefix}, pg_catalog.json_build_object("
+        "'outbox', {name}, 'id', NEW.{id}::text, 'reason', {reason})::text);\n"
+        "    RETURN NEW;\n"
+        "END").format(prefix=sql.Literal(spec.message_prefix), name=sql.Literal(spec.name),
+                      id=sql.Identifier(spec.config.columns.id), reason=sql.Literal(outbox.UPDATE_REASON))
+    text = body.as_string(None)
+    if _DOLLAR_TAG in text:
+        raise PrepareError(f"an outbox column name holds {_DOLLAR_TAG}; rename it")
+    out.append(sql.SQL("CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS {tag}\n{body}\n{tag}")
+               .format(function, tag=sql.SQL(_DOLLAR_TAG), body=sql.SQL(text)))
+    out.append(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(trigger, table))
+    out.append(sql.SQL("CREATE TRIGGER {} AFTER UPDATE ON {} FOR EACH ROW EXECUTE FUNCTION {}()").format(
+        trigger, table, function))
     return out
 
 
@@ -160,6 +201,11 @@ def apply(conn: psycopg.Connection, pipeline: Pipeline) -> list[str]:
             cur.execute(statement)
         done.append(f"signal table {'.'.join(o.signal)}, heartbeat table {'.'.join(o.heartbeat)}: present")
         done.append(f"role {o.role}: SELECT on {len(o.tables)} table(s), writes on the signal and heartbeat tables")
+        for spec in o.outboxes:
+            limit = spec.config.max_payload_bytes
+            done.append(f"outbox table {spec.qualified_table}: "
+                        + (f"{spec.config.columns.payload} limited to {limit} bytes, " if limit else "")
+                        + "an UPDATE of a row reported to the outbox DLQ")
         current = _current_publication(cur, o.publication)
         wanted = set(o.published)
         pub, tables = sql.Identifier(o.publication), _table_list(o.published)
@@ -206,8 +252,9 @@ def drop_slot(conn: psycopg.Connection, slot: str, timeout: float = 30.0) -> str
 
 
 def drop(conn: psycopg.Connection, pipeline: Pipeline, timeout: float = 30.0) -> list[str]:
-    """Drop the pipeline's replication slot (waiting for its connector to let go) and its publication.
-    The signal and heartbeat tables stay (they are tables in the user's database)."""
+    """Drop the pipeline's replication slot (waiting for its connector to let go), its publication, and what
+    ``outbox_statements`` added to outbox tables. The signal and heartbeat tables stay (they are tables in the
+    user's database)."""
     o = objects(pipeline)
     done: list[str] = []
     done.append(drop_slot(conn, pipeline.slot, timeout))
@@ -216,4 +263,13 @@ def drop(conn: psycopg.Connection, pipeline: Pipeline, timeout: float = 30.0) ->
         cur.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(o.publication)))
         conn.commit()
         done.append(f"publication {o.publication}: {'dropped' if existed else 'absent'}")
+        for spec in o.outboxes:  # what `outbox_statements` added to the outbox table
+            table = sql.Identifier(spec.source_schema, spec.source_table)
+            cur.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(spec.update_trigger), table))
+            cur.execute(sql.SQL("DROP FUNCTION IF EXISTS {}()").format(
+                sql.Identifier(spec.source_schema, spec.update_trigger)))
+            cur.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(
+                table, sql.Identifier(spec.payload_constraint)))
+            conn.commit()
+            done.append(f"outbox table {spec.qualified_table}: changeflow's trigger and payload limit removed")
     return done

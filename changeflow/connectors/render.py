@@ -35,6 +35,7 @@ import re
 from pathlib import PurePosixPath
 
 from changeflow.connectors.client import ConnectorDefinition
+from changeflow.pipelines import outbox
 from changeflow.pipelines.model import SECRET_REF
 from changeflow.pipelines.spec import Pipeline, split_table
 from changeflow.settings import Settings
@@ -124,7 +125,9 @@ def postgres(pipeline: Pipeline) -> ConnectorDefinition:
     if not entities:
         raise RenderError(f"pipeline {pipeline.name} has no postgres entity")
     signal, heartbeat = split_table(pipeline.signal_table), split_table(pipeline.heartbeat_table)
-    captured = [(e.source_schema, e.source_table) for e in entities] + [signal, heartbeat]
+    outboxes = outbox.specs(pipeline)
+    captured = ([(e.source_schema, e.source_table) for e in entities] + [signal, heartbeat]
+                + [(o.source_schema, o.source_table) for o in outboxes])
     excluded = [regex(e.source_schema, e.source_table, col) for e in entities for col in e.config.fields.drop]
     keyed = [f"{regex(e.source_schema, e.source_table)}:{','.join(e.key_columns)}"
              for e in entities if e.key_columns]
@@ -163,8 +166,93 @@ def postgres(pipeline: Pipeline) -> ConnectorDefinition:
         "notification.sink.topic.name": pipeline.notifications_topic,
         **_CONVERTERS,
         **_TOPIC_CREATION,
+        **outbox_transforms(outboxes, pipeline.postgres_topic_prefix),
     })
     return ConnectorDefinition(name=pipeline.connector_name("postgres"), config=config)
+
+
+def outbox_transforms(outboxes: list[outbox.OutboxSpec], topic_prefix: str) -> dict[str, str]:
+    """Debezium's outbox event router on each outbox table's topic only (a ``TopicNameMatches`` predicate; every
+    other table's changes pass untouched), then the unroutable events (``pipelines.outbox``: an aggregate type
+    that is no legal topic name part) moved to the outbox DLQ with the reason in a header. Kept to Debezium's
+    defaults otherwise: ``c`` and snapshot ``r`` rows are events, ``d`` is skipped; the router drops an UPDATE of
+    an outbox row with a warning (``table.op.invalid.behavior=warn``; never ``fatal``, which would stop the
+    connector for every table), and the logical decoding message ``connectors.prepare``'s trigger emits for it
+    (``<topic prefix>.message``, only changeflow's outbox prefixes captured) is moved to the outbox DLQ with
+    its reason."""
+    config: dict[str, str] = {}
+    transforms: list[str] = []
+    predicates: list[str] = []
+    for o in outboxes:
+        t, table = f"outbox_{o.name}", f"outbox_{o.name}_table"
+        c = o.config.columns
+        placement = [f"{c.aggregate_type}:header:aggregate_type"]
+        if c.type is not None:
+            placement.append(f"{c.type}:header:type")
+        placement += [f"{h}:header:{h}" for h in o.config.headers]
+        config.update({
+            f"transforms.{t}.type": "io.debezium.transforms.outbox.EventRouter",
+            f"transforms.{t}.predicate": table,
+            f"transforms.{t}.table.field.event.id": c.id,
+            f"transforms.{t}.table.field.event.key": c.aggregate_id,
+            f"transforms.{t}.table.field.event.payload": c.payload,
+            f"transforms.{t}.route.by.field": c.aggregate_type,
+            f"transforms.{t}.route.topic.regex": o.route_regex,
+            f"transforms.{t}.route.topic.replacement": f"{o.topic_prefix}.${{routedByValue}}",
+            f"transforms.{t}.table.fields.additional.placement": ",".join(placement),
+            f"transforms.{t}.table.expand.json.payload": str(o.config.expand_json_payload).lower(),
+            f"transforms.{t}.table.op.invalid.behavior": "warn",
+            f"predicates.{table}.type": "org.apache.kafka.connect.transforms.predicates.TopicNameMatches",
+            f"predicates.{table}.pattern": re.escape(o.raw_topic),
+        })
+        if c.timestamp is not None:
+            config[f"transforms.{t}.table.field.event.timestamp"] = c.timestamp
+        transforms.append(t)
+        predicates.append(table)
+    # After every router: the unroutable events of each topic prefix (outboxes may share one) to the DLQ.
+    first_of: dict[str, outbox.OutboxSpec] = {}
+    for o in outboxes:
+        first_of.setdefault(o.topic_prefix, o)
+    for o in first_of.values():
+        t, bad = f"outbox_{o.name}", f"outbox_{o.name}_unroutable"
+        config.update({
+            f"transforms.{t}_reason.type": "org.apache.kafka.connect.transforms.InsertHeader",
+            f"transforms.{t}_reason.predicate": bad,
+            f"transforms.{t}_reason.header": outbox.ERROR_HEADER,
+            f"transforms.{t}_reason.value.literal": outbox.unroutable_reason(o),
+            f"transforms.{t}_dlq.type": "org.apache.kafka.connect.transforms.RegexRouter",
+            f"transforms.{t}_dlq.predicate": bad,
+            f"transforms.{t}_dlq.regex": ".*",
+            f"transforms.{t}_dlq.replacement": o.dlq_topic,
+            f"predicates.{bad}.type": "org.apache.kafka.connect.transforms.predicates.TopicNameMatches",
+            f"predicates.{bad}.pattern": re.escape(o.unroutable_topic),
+        })
+        transforms += [f"{t}_reason", f"{t}_dlq"]
+        predicates.append(bad)
+    if outboxes:
+        # An UPDATE of an outbox row, which the router drops: `connectors.prepare`'s trigger emits a logical
+        # decoding message for it, which Debezium publishes on <prefix>.message; moved to the DLQ with why.
+        first = outboxes[0]
+        messages = f"{topic_prefix}.message"
+        config.update({
+            "message.prefix.include.list": ",".join(re.escape(o.message_prefix) for o in outboxes),
+            "transforms.outbox_updates_reason.type": "org.apache.kafka.connect.transforms.InsertHeader",
+            "transforms.outbox_updates_reason.predicate": "outbox_updates",
+            "transforms.outbox_updates_reason.header": outbox.ERROR_HEADER,
+            "transforms.outbox_updates_reason.value.literal": outbox.UPDATE_REASON,
+            "transforms.outbox_updates_dlq.type": "org.apache.kafka.connect.transforms.RegexRouter",
+            "transforms.outbox_updates_dlq.predicate": "outbox_updates",
+            "transforms.outbox_updates_dlq.regex": ".*",
+            "transforms.outbox_updates_dlq.replacement": first.dlq_topic,
+            "predicates.outbox_updates.type": "org.apache.kafka.connect.transforms.predicates.TopicNameMatches",
+            "predicates.outbox_updates.pattern": re.escape(messages),
+        })
+        transforms += ["outbox_updates_reason", "outbox_updates_dlq"]
+        predicates.append("outbox_updates")
+    if transforms:
+        config["transforms"] = ",".join(transforms)
+        config["predicates"] = ",".join(predicates)
+    return config
 
 
 def mongodb(pipeline: Pipeline) -> ConnectorDefinition:

@@ -9,8 +9,9 @@ derived fields and the filter, and those a store's configuration names: each reg
 ``check_entity`` hook) exist; a table without a primary key declares a key (and can be published: REPLICA
 IDENTITY); two entities never read one table nor land on one store object (each store's ``check_pipeline``
 hook); a hash has a salt; expressions compile and hooks import; sections that are planned
-but not implemented (outbox, erasure) are empty. Views: every entity, alias, column and group named
-exists, join columns are of a type the looked-up key can equal, lookups lead back to the root (no cycle).
+but not implemented (erasure) are empty; outboxes are judged by ``pipelines.outbox.check``. Views: every
+entity, alias, column and group named exists, join columns are of a type the looked-up key can equal,
+lookups lead back to the root (no cycle).
 An entity with a hook may add any field, so names it could add are not judged.
 """
 
@@ -19,8 +20,9 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 
+from changeflow.pipelines import outbox
 from changeflow.pipelines.catalog import Catalog, Table
-from changeflow.pipelines.model import store_classes
+from changeflow.pipelines.model import DerivedEvent, store_classes
 from changeflow.pipelines.problems import Problem, StoredColumns, suggest, unknown_column
 from changeflow.pipelines.spec import EntitySpec, Pipeline, split_table
 from changeflow.pipelines.transform import ExpressionError, compile_expression, load_hook
@@ -32,7 +34,7 @@ def check(pipeline: Pipeline, catalog: Catalog | None = None, *, import_hooks: b
           hook_loader: Callable[..., object] = load_hook) -> list[Problem]:
     """Every problem found; empty means the pipeline may be registered."""
     problems: list[Problem] = []
-    for section in ("outbox", "erasure"):
+    for section in ("erasure",):
         if getattr(pipeline.file, section):
             problems.append(Problem(section, "planned, not yet supported; remove this section (changeflow would "
                                              "silently do less than the file says)"))
@@ -43,6 +45,7 @@ def check(pipeline: Pipeline, catalog: Catalog | None = None, *, import_hooks: b
         if catalog is not None and spec.source == "postgres":
             problems.extend(_entity_against_catalog(spec, catalog, pipeline.publication))
     problems.extend(_collisions(pipeline))
+    problems.extend(Problem(at, message) for at, message in outbox.check(pipeline, catalog))
     return problems
 
 
@@ -52,6 +55,7 @@ def uncaptured(pipeline: Pipeline, catalog: Catalog) -> list[Table]:
     nothing else would ever say they are missing. Partitions are not tables of their own (their root is),
     and the pipeline's signal and heartbeat tables are its own."""
     captured = {(e.source_schema, e.source_table) for e in pipeline.captured() if e.source == "postgres"}
+    captured |= {(o.source_schema, o.source_table) for o in outbox.specs(pipeline)}
     own = {split_table(pipeline.signal_table), split_table(pipeline.heartbeat_table)}
     return [t for key, t in sorted(catalog.tables.items()) if key not in captured and key not in own]
 
@@ -76,6 +80,13 @@ def _entity_own(spec: EntitySpec, base: object, import_hooks: bool,
             compile_expression(cfg.filter)
         except ExpressionError as exc:
             out.append(Problem(f"{at}.filter", f"{exc}; write an expression such as `status != 'draft'`"))
+    for event_name, declared in cfg.events.items():
+        if declared.when is not None:
+            try:
+                compile_expression(declared.when)
+            except ExpressionError as exc:
+                out.append(Problem(f"{at}.events.{event_name}.when", f"{exc}; write an expression over old and "
+                                                                     "new such as `old.price != new.price`"))
     if cfg.hook is not None and import_hooks:
         try:
             hook_loader(cfg.hook, base)
@@ -91,6 +102,41 @@ def _names_read(text: str) -> frozenset[str]:
         return compile_expression(text).names
     except ExpressionError:
         return frozenset()  # reported by _entity_own
+
+
+def _event_rule(at: str, declared: DerivedEvent, known: set[str], dropped: list[str], table: Table,
+                hooked: bool) -> list[Problem]:
+    """A derived event's `when` (an expression over `old` and `new`), its carried `fields`, and the
+    before-image that reading `old` needs."""
+    import ast
+
+    out: list[Problem] = []
+    reads_old = bool(declared.when_changed)
+    if declared.when is not None:
+        try:
+            expression = compile_expression(declared.when)
+        except ExpressionError:
+            pass  # reported by _entity_own
+        else:
+            for name in sorted(expression.names - {"old", "new"}):
+                out.append(Problem(f"{at}.when", f"reads {name!r}; a `when` reads `old.<column>` and "
+                                                 "`new.<column>` only"))
+            reads_old = reads_old or "old" in expression.names
+            for node in ast.walk(expression._parsed):
+                if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                        and node.value.id in ("old", "new") and node.attr not in known and not hooked):
+                    out.append(unknown_column(f"{at}.when", node.attr, table))
+    for col in declared.fields:
+        if col not in known and not hooked:
+            out.append(unknown_column(f"{at}.fields", col, table))
+        elif col in dropped:
+            out.append(Problem(f"{at}.fields", f"{col!r} is dropped, so an event cannot carry it"))
+    if reads_old and table.replica_identity != "f":
+        # The old values come from the before-image: without all of it no event is ever emitted.
+        out.append(Problem(at, f"reads the old values, which {table.qualified} does not publish (its replica "
+                               "identity is not FULL), so no event would ever be emitted; run ALTER TABLE "
+                               f"{table.qualified} REPLICA IDENTITY FULL"))
+    return out
 
 
 def _entity_against_catalog(spec: EntitySpec, catalog: Catalog, publication: str) -> list[Problem]:
@@ -192,6 +238,7 @@ def _entity_against_catalog(spec: EntitySpec, catalog: Catalog, publication: str
                 out.append(Problem(f"{at}.events.{event_name}.when_changed",
                                    f"{col!r} is dropped, so no change of it reaches the stream; keep it or "
                                    "name another column"))
+        out.extend(_event_rule(f"{at}.events.{event_name}", declared, known, cfg.fields.drop, table, hooked))
 
     # what reaches the stores (kept columns and derived fields), against what each store's configuration names
     kept = (set(cfg.fields.allow) | set(cfg.key or table.primary_key)) if cfg.fields.allow is not None else columns

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from changeflow.pipelines.outbox import OutboxSection
 from changeflow.pipelines.types import UnknownTypeError, parse_type
 from changeflow.pipelines.views import View
 
@@ -198,13 +199,24 @@ class EntityStores(BaseModel):
 
 
 class DerivedEvent(Strict):
-    """A fact other services subscribe to, published when an update changes any of ``when_changed``: JSON on
-    ``<namespace>.<entity>.<event name>``, keyed like the entity's changes (so one row's events keep their
-    order), with ``old_<column>`` and ``new_<column>`` for each column. The old values come from the change's
-    before-image, so the table needs ``REPLICA IDENTITY FULL``."""
+    """A fact other services subscribe to, published when an update changes any of ``when_changed`` (and
+    ``when`` holds): JSON on ``<namespace>.<entity>.<event name>``, keyed like the entity's changes (so one row's
+    events keep their order), with ``old_<column>`` and ``new_<column>`` for each ``when_changed`` column and the
+    new value of each of ``fields``. The old values come from the change's before-image, so the table needs
+    ``REPLICA IDENTITY FULL``."""
 
     type: str | None = Field(None, description="The event's `type` field; default: `<entity>.<event name>`.")
-    when_changed: list[str] = Field(min_length=1, description="Columns whose change emits the event.")
+    when_changed: list[str] = Field(default_factory=list, description="Columns whose change emits the event.")
+    when: str | None = Field(None, description="An expression over `old` and `new` (the row before and after an "
+                                               "update), e.g. `old.price != new.price`; the event is emitted "
+                                               "when it is true (and any `when_changed` column changed).")
+    fields: list[str] = Field(default_factory=list, description="Columns the event carries (their new values).")
+
+    @model_validator(mode="after")
+    def _has_a_condition(self) -> DerivedEvent:
+        if not self.when_changed and self.when is None:
+            raise ValueError("an event needs `when_changed: [columns]` or `when: <expression over old and new>`")
+        return self
 
 
 class Entity(Strict):
@@ -258,7 +270,8 @@ class PipelineFile(Strict):
     # means less than it says.
     views: dict[str, View] = Field(default_factory=dict, description="Read models joining entities, kept fresh "
                                                                      "incrementally (README \"Read models\").")
-    outbox: dict[str, Any] = Field(default_factory=dict, description="Outbox event router sources (planned).")
+    outbox: OutboxSection = Field(default_factory=dict, description="Outbox tables published by Debezium's "
+                                                                    "outbox event router, by name.")
     erasure: dict[str, Any] = Field(default_factory=dict, description="Erasure of a person's data (planned).")
 
     @field_validator("entities")

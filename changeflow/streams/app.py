@@ -35,6 +35,7 @@ from changeflow.schemas.book import schema_book
 from changeflow.streams.canonical import to_avro
 from changeflow.streams.debezium import decode_postgres
 from changeflow.streams.derived import events as derived_events
+from changeflow.streams.derived import headers as event_headers
 from changeflow.streams.mongodb import decode_mongodb
 from changeflow.streams.records import ChangeRecord, DeadLetter, Skip, outcome
 
@@ -277,7 +278,7 @@ def create_app(settings: Settings, pipeline: Pipeline, decode_group: str | None 
             declared = declared_events.get(result.entity)
             if declared:
                 for event_topic, payload in derived_events(result, declared):
-                    produce(event_topic, key, orjson.dumps(payload))
+                    produce(event_topic, key, orjson.dumps(payload), event_headers(payload, result.entity))
         elif isinstance(result, DeadLetter):
             log.warning(
                 "event=dead_letter topic=%s partition=%s offset=%s reason=%r",

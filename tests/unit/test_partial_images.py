@@ -5,6 +5,8 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
+import pytest
+
 from changeflow.sinks.base import fill_partials
 from changeflow.streams.debezium import UNAVAILABLE, decode_postgres
 from changeflow.streams.records import ChangeRecord
@@ -120,7 +122,8 @@ def test_price_changed_event_from_full_before_image() -> None:
                              entities=POSTGRES_ENTITIES)
     assert isinstance(result, ChangeRecord)
     assert price_changed(result) == {"type": "product.price_changed", "id": "5", "old_price": "10.00",
-                                     "new_price": "12.50", "version": 77, "ts_ms": 1_795_000_000_000}
+                                     "new_price": "12.50", "version": 77, "ts_ms": 1_795_000_000_000,
+                                     "event_id": "products.price_changed:products:5@77"}
     same = decode_postgres(encoded(envelope("u", before, product_row(5, price_cents=1000, stock=1))), topic="t",
                            partition=0, offset=2, entities=POSTGRES_ENTITIES)
     assert isinstance(same, ChangeRecord) and price_changed(same) is None
@@ -171,7 +174,8 @@ def test_derived_events_are_configuration_for_any_entity_and_columns() -> None:
     home = {"id": 7, "city": "Paris", "country": "FR", "name": "Ann"}
     assert list(events(change("u", home, {**home, "city": "New York", "country": "US"}), declared)) == [
         ("shop.users.moved", {"type": "users.moved", "id": "7", "old_city": "Paris", "new_city": "New York",
-                              "old_country": "FR", "new_country": "US", "version": 42, "ts_ms": 1000})]
+                              "old_country": "FR", "new_country": "US", "version": 42, "ts_ms": 1000,
+                              "event_id": "users.moved:users:7@42"})]
     assert list(events(change("u", home, {**home, "name": "Anne"}), declared)) == []  # another column
     assert list(events(change("c", None, home), declared)) == []  # an insert moves nothing
     assert list(events(change("d", home, None), declared)) == []
@@ -191,4 +195,63 @@ def test_an_event_on_an_unknown_or_dropped_column_is_refused_by_check() -> None:
     assert [str(p) for p in check(pipeline, catalog)] == [
         "entities.users.events.moved.when_changed: column 'cty' is not in public.users; did you mean 'city'?",
         "entities.users.events.moved.when_changed: 'ssn' is dropped, so no change of it reaches the stream; keep "
-        "it or name another column"]
+        "it or name another column",
+        "entities.users.events.moved: reads the old values, which public.users does not publish (its replica "
+        "identity is not FULL), so no event would ever be emitted; run ALTER TABLE public.users REPLICA IDENTITY "
+        "FULL"]
+    full = Table("public", "users", table.columns, ("id",), "f")
+    assert len(check(pipeline, Catalog("shop", ("public",), {("public", "users"): full}))) == 2
+
+
+def test_an_event_declared_by_an_expression_over_old_and_new_carries_its_fields() -> None:
+    from changeflow.pipelines.load import PipelineError, parse
+    from changeflow.streams.derived import event
+
+    head = "name: shop\nsources:\n  postgres:\n    database: shop\nentities:\n  products:\n    table: public.products\n"
+    pipeline = parse(head + "    events:\n      price_up:\n        when: old.price < new.price and new.price > 10\n"
+                     "        fields: [sku, price]\n      restocked: {when: 'new.stock > 0'}\n", "shop.yml")
+    up = pipeline.entity("products").config.events["price_up"]
+    restocked = pipeline.entity("products").config.events["restocked"]
+
+    def change(before: dict[str, object] | None, after: dict[str, object]) -> ChangeRecord:
+        return ChangeRecord("postgres", "products", "5", "u", 9, 1000, before, after)  # type: ignore[arg-type]
+
+    row = {"id": 5, "sku": "A-1", "price": Decimal("12.50"), "stock": 0}
+    assert event(change(row, {**row, "price": Decimal("13.00")}), "price_up", up) == {
+        "type": "products.price_up", "id": "5", "fields": {"sku": "A-1", "price": "13.00"}, "version": 9,
+        "ts_ms": 1000, "event_id": "products.price_up:products:5@9"}
+    assert event(change(row, {**row, "price": Decimal("11.00")}), "price_up", up) is None  # down
+    assert event(change(None, {**row, "price": Decimal("13.00")}), "price_up", up) is None  # no before-image
+    assert event(change({"id": 5}, {**row, "price": Decimal("13.00")}), "price_up", up) is None  # old.price missing
+    # A `when` that reads only `new` needs no before-image.
+    assert event(change(None, {**row, "stock": 3}), "restocked", restocked) is not None
+    assert event(change(None, row), "restocked", restocked) is None
+    with pytest.raises(PipelineError, match="an event needs `when_changed: \\[columns\\]` or `when: "):
+        parse(head + "    events:\n      nothing: {fields: [sku]}\n", "shop.yml")
+
+
+def test_check_judges_an_events_when_fields_and_before_image() -> None:
+    from changeflow.pipelines.catalog import Catalog, Column, Table
+    from changeflow.pipelines.check import check
+    from changeflow.pipelines.load import parse
+
+    columns = (Column("id", "integer"), Column("sku", "text"), Column("price", "numeric"), Column("cost", "text"))
+    head = ("name: shop\nsources:\n  postgres:\n    database: shop\nentities:\n  products:\n"
+            "    table: public.products\n    fields: {drop: [cost]}\n    events:\n")
+    pipeline = parse(head + "      a: {when: 'old.prise != new.price and x', fields: [sku, colour, cost]}\n"
+                     "      b: {when: 'new.price >'}\n      c: {when: 'new.price > 10'}\n", "shop.yml")
+    default = Catalog("shop", ("public",), {("public", "products"): Table("public", "products", columns, ("id",))})
+    assert [str(p) for p in check(pipeline, default)] == [
+        "entities.products.events.b.when: expression 'new.price >' is not valid: invalid syntax; write an "
+        "expression over old and new such as `old.price != new.price`",
+        "entities.products.events.a.when: reads 'x'; a `when` reads `old.<column>` and `new.<column>` only",
+        "entities.products.events.a.when: column 'prise' is not in public.products; did you mean 'price'?",
+        "entities.products.events.a.fields: column 'colour' is not in public.products; its columns are: id, sku, "
+        "price, cost",
+        "entities.products.events.a.fields: 'cost' is dropped, so an event cannot carry it",
+        "entities.products.events.a: reads the old values, which public.products does not publish (its replica "
+        "identity is not FULL), so no event would ever be emitted; run ALTER TABLE public.products REPLICA "
+        "IDENTITY FULL",
+    ]
+    full = Catalog("shop", ("public",), {("public", "products"): Table("public", "products", columns, ("id",), "f")})
+    assert len(check(pipeline, full)) == 5

@@ -1,0 +1,221 @@
+"""``outbox:`` in the pipeline file: tables a service writes its events into (the transactional outbox),
+published by Debezium's outbox event router (``io.debezium.transforms.outbox.EventRouter``).
+
+The model (what a user writes), the names an outbox creates (its topics, the router's regular expression)
+and what ``pipeline check`` judges against the source's catalog: pure, no I/O. The connector's
+transforms are rendered in ``connectors.render``; the consumer side (inbox, tail, prune) is
+``changeflow.outbox``.
+
+Routing: an event goes to ``<topic_prefix>.<aggregate type>`` (``<namespace>.events.<type>`` by default),
+keyed by the aggregate id, so one aggregate's events keep their order. An aggregate type that cannot be part
+of a topic name (a character outside ``[A-Za-z0-9._-]``, empty, or too long for Kafka's 249 characters)
+never reaches a topic name, so it cannot stop the connector's task: the router's regular expression sends it
+to ``<namespace>.outbox.dlq`` with a ``changeflow.error`` header naming why.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+if TYPE_CHECKING:
+    from changeflow.pipelines.catalog import Catalog
+    from changeflow.pipelines.spec import Pipeline
+
+# Kafka: a topic name is at most 249 characters of [A-Za-z0-9._-] (and neither "." nor "..").
+TOPIC_MAX = 249
+TOPIC_CHARS = "A-Za-z0-9._-"
+# The header a dead-lettered event carries (the pipeline's DLQ uses the same name for its reason).
+ERROR_HEADER = "changeflow.error"
+# The column type Debezium's router accepts as the event timestamp under changeflow's connector settings
+# (time.precision.mode=adaptive_time_microseconds: `timestamp` arrives as Timestamp or MicroTimestamp).
+# `timestamptz` arrives as a ZonedTimestamp string, which the router refuses by failing the task.
+
+
+class Strict(BaseModel):
+    # pipelines.model's Strict, restated: that module imports this one for its `outbox` field.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class OutboxColumns(Strict):
+    """Which column holds what. The defaults are Debezium's own names; the seed's
+    ``outbox_messages(id, aggregate_type, aggregate_id, event_type, payload, created_at)`` maps them."""
+
+    id: str = Field("id", description="The event id (unique; the `id` header consumers dedupe on).")
+    aggregate_type: str = Field("aggregatetype", description="Routes the event: its topic is "
+                                                             "<topic_prefix>.<aggregate type>. NOT NULL.")
+    aggregate_id: str = Field("aggregateid", description="The Kafka key: one aggregate's events keep their order.")
+    type: str | None = Field("type", description="The event type, placed in the `type` header; null: none.")
+    payload: str = Field("payload", description="The message value.")
+    timestamp: str | None = Field(None, description="The Kafka record's timestamp (a `timestamp` column, "
+                                                    "not `timestamptz`); default: when Debezium read the change.")
+
+
+class Outbox(Strict):
+    """One outbox table and how its rows become events."""
+
+    table: str = Field(description="PostgreSQL `schema.table` (or `table` in the first captured schema).")
+    columns: OutboxColumns = Field(default_factory=lambda: OutboxColumns.model_validate({}))
+    headers: list[str] = Field(default_factory=list, description="Further columns each placed in a header "
+                                                                 "of the same name (trace ids, tenants).")
+    expand_json_payload: bool = Field(False, description="Send a JSON payload as JSON (a `jsonb` or JSON text "
+                                                         "payload becomes the message's JSON value) rather than "
+                                                         "as a string holding JSON.")
+    max_payload_bytes: int | None = Field(
+        262_144, ge=1, le=900_000,
+        description="`connectors prepare` adds a CHECK constraint refusing a larger payload (as JSON text) in the "
+                    "writer's transaction: one that does not fit in a Kafka message (1 MiB with its headers and "
+                    "schema) would fail the connector's task for every table; null: no constraint.")
+    clickhouse: bool = Field(False, description="Also keep the events in ClickHouse, one row per event id "
+                                                "(`changeflow outbox eventlog` loads them).")
+    topic_prefix: str | None = Field(None, pattern=rf"^[{TOPIC_CHARS}]+$",
+                                     description="Events go to <topic_prefix>.<aggregate type>; "
+                                                 "default: <namespace>.events.")
+
+    @field_validator("headers")
+    @classmethod
+    def _header_names(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+                raise ValueError(f"header column {name!r}: name a column of letters, digits and _")
+        return v
+
+
+OutboxSection = dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")], Outbox]
+
+
+@dataclass(frozen=True)
+class OutboxSpec:
+    """An outbox with every name resolved."""
+
+    name: str
+    config: Outbox
+    source_schema: str
+    source_table: str
+    raw_topic: str  # Debezium's topic for the table, which the router's predicate matches
+    topic_prefix: str
+    dlq_topic: str
+
+    @property
+    def qualified_table(self) -> str:
+        return f"{self.source_schema}.{self.source_table}"
+
+    @property
+    def payload_constraint(self) -> str:
+        return f"changeflow_{self.name}_payload_size"
+
+    @property
+    def update_trigger(self) -> str:
+        """The name of the trigger (and its function, in the table's schema) ``connectors.prepare`` adds."""
+        return f"changeflow_outbox_{self.name}_update"
+
+    @property
+    def message_prefix(self) -> str:
+        """The prefix of the logical decoding message an UPDATE of a row emits (``connectors.prepare``)."""
+        return f"changeflow.outbox.{self.name}"
+
+    @property
+    def longest_type(self) -> int:
+        """The longest aggregate type whose topic name Kafka still accepts."""
+        return TOPIC_MAX - len(self.topic_prefix) - 1
+
+    @property
+    def route_regex(self) -> str:
+        """The router's ``route.topic.regex`` (Java). Kafka's RegexRouter replaces the first match found, so
+        both branches are anchored; a type the first branch refuses leaves ``routedByValue`` unset and the
+        event on ``<topic_prefix>.`` (nothing else ends there), which the next transform moves to the DLQ."""
+        return rf"(?s)^(?<routedByValue>[{TOPIC_CHARS}]{{1,{self.longest_type}}})$|^.*$"
+
+    @property
+    def unroutable_topic(self) -> str:
+        return f"{self.topic_prefix}."
+
+    def topic(self, aggregate_type: str) -> str | None:
+        """The topic an aggregate type's events go to; None: the DLQ (the same rule as ``route_regex``)."""
+        if re.fullmatch(rf"[{TOPIC_CHARS}]{{1,{self.longest_type}}}", aggregate_type):
+            return f"{self.topic_prefix}.{aggregate_type}"
+        return None
+
+    @property
+    def columns(self) -> list[str]:
+        c = self.config.columns
+        named = [c.id, c.aggregate_type, c.aggregate_id, c.type, c.payload, c.timestamp, *self.config.headers]
+        return [n for n in dict.fromkeys(named) if n is not None]
+
+
+UPDATE_REASON = ("an UPDATE of an outbox row: Debezium's router publishes a row once, when it is inserted, and "
+                 "drops its updates; insert a new event instead")
+
+
+def unroutable_reason(spec: OutboxSpec) -> str:
+    return (f"the aggregate type is not a legal topic name part (1 to {spec.longest_type} characters of "
+            f"{TOPIC_CHARS}); the event is kept here, its type in the aggregate_type header")
+
+
+def specs(pipeline: Pipeline) -> list[OutboxSpec]:
+    from changeflow.pipelines.spec import split_table, topic_part
+
+    pg = pipeline.file.sources.postgres
+    out: list[OutboxSpec] = []
+    for name, cfg in pipeline.file.outbox.items():
+        schema, table = split_table(cfg.table, pg.schemas[0] if pg else "public")
+        prefix = pipeline.postgres_topic_prefix
+        out.append(OutboxSpec(
+            name=name, config=cfg, source_schema=schema, source_table=table,
+            raw_topic=f"{prefix}.{topic_part(schema)}.{topic_part(table)}",
+            topic_prefix=cfg.topic_prefix or f"{pipeline.namespace}.events",
+            dlq_topic=f"{pipeline.namespace}.outbox.dlq"))
+    return out
+
+
+def check(pipeline: Pipeline, catalog: Catalog | None) -> list[tuple[str, str]]:
+    """(location, message) for every problem of the outbox section; the catalog judges columns and types."""
+    out: list[tuple[str, str]] = []
+    outboxes = specs(pipeline)
+    if outboxes and pipeline.file.sources.postgres is None:
+        return [("outbox", "an outbox is a PostgreSQL table; declare `sources.postgres`")]
+    entity_tables = {(e.source_schema, e.source_table) for e in pipeline.entities.values() if e.source == "postgres"}
+    for spec in outboxes:
+        at = f"outbox.{spec.name}"
+        if spec.longest_type < 1:
+            out.append((f"{at}.topic_prefix", f"{spec.topic_prefix!r} leaves no room for an aggregate type in a "
+                                              f"{TOPIC_MAX}-character topic name; shorten it"))
+        if (spec.source_schema, spec.source_table) in entity_tables:
+            out.append((f"{at}.table", f"{spec.qualified_table} is also an entity: the router would turn its "
+                                       "changes into events; keep outbox tables out of `entities`"))
+        # The event log is the home store's <namespace>.outbox_<name>: an entity of that name lands there too.
+        if spec.config.clickhouse and f"outbox_{spec.name}" in pipeline.entities:
+            out.append((f"{at}.clickhouse", f"entity outbox_{spec.name} lands in the same table as this "
+                                            "outbox's event log; rename the entity or give it another table"))
+        if catalog is None:
+            continue
+        table = catalog.table(spec.source_schema, spec.source_table)
+        if table is None:
+            out.append((f"{at}.table", f"{spec.qualified_table} is not a table of database {catalog.database}"))
+            continue
+        c = spec.config.columns
+        named = [("columns.id", c.id), ("columns.aggregate_type", c.aggregate_type),
+                 ("columns.aggregate_id", c.aggregate_id), ("columns.type", c.type),
+                 ("columns.payload", c.payload), ("columns.timestamp", c.timestamp),
+                 *[("headers", h) for h in spec.config.headers]]
+        for where, col in named:
+            if col is None:
+                continue
+            column = table.column(col)
+            if column is None:
+                out.append((f"{at}.{where}", f"column {col!r} is not in {table.qualified}; its columns are: "
+                                             f"{', '.join(table.column_names)}"))
+            elif where == "columns.aggregate_type" and column.nullable:
+                out.append((f"{at}.{where}", f"{table.qualified}.{col} may be null, and a null aggregate type "
+                                             "stops the connector's task; run ALTER TABLE "
+                                             f"{table.qualified} ALTER COLUMN {col} SET NOT NULL"))
+            elif where == "columns.timestamp" and not (column.format_type.startswith("timestamp")
+                                                       and column.format_type.endswith("without time zone")):
+                out.append((f"{at}.{where}", f"{table.qualified}.{col} is {column.format_type}; the router "
+                                             "takes `timestamp` (without time zone) and fails the task on "
+                                             "anything else; place this column in `headers` instead, or leave "
+                                             "`timestamp` out"))
+    return out
