@@ -106,22 +106,22 @@ def prune(
 @outbox_app.command("eventlog")
 def eventlog(
     name: Annotated[str | None, typer.Option("--outbox", help="Only this outbox (default: every one with "
-                                                               "`clickhouse: true`).")] = None,
+                                                               "`event_log: true`).")] = None,
     idle: Annotated[float | None, typer.Option("--idle", min=0.1, help="Stop after S seconds without an event "
                                                                        "(default: run until interrupted).")] = None,
 ) -> None:
     """Load outbox events into ClickHouse (`<database>.outbox_<name>`, one row per event id), committing each
-    batch's offsets after its insert; outboxes with `clickhouse: true`, one after the other."""
+    batch's offsets after its insert; outboxes with `event_log: true`, one after the other."""
     from changeflow.outbox.eventlog import load, table_name
     from changeflow.outbox.events import idle_stop
     from changeflow.pipelines.outbox import specs
     from changeflow.reports import home
 
     pipeline = args.pipeline()
-    chosen = [o for o in specs(pipeline) if o.config.clickhouse and (name is None or o.name == name)]
+    chosen = [o for o in specs(pipeline) if o.config.event_log and (name is None or o.name == name)]
     if not chosen:
         raise args.fail(f"pipeline {pipeline.name} has no outbox {name + ' ' if name else ''}with "
-                        "`clickhouse: true`", code=2)
+                        "`event_log: true`", code=2)
     settings = context.settings()
     client = home.client(settings)
     database = home.database(pipeline)

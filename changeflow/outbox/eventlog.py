@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from changeflow.outbox.events import BadEvent, Event, from_message, next_message, stopping
-from changeflow.pipelines.outbox import OutboxSpec
+from changeflow.pipelines.outbox import OutboxSpec, event_log_table
 
 log = logging.getLogger("changeflow.outbox.eventlog")
 
@@ -34,7 +34,7 @@ def quote(name: str) -> str:
 
 
 def table_name(spec: OutboxSpec) -> str:
-    return f"outbox_{spec.name}"
+    return event_log_table(spec)
 
 
 def ddl(database: str, spec: OutboxSpec) -> list[str]:

@@ -69,7 +69,7 @@ class Outbox(Strict):
         description="`connectors prepare` adds a CHECK constraint refusing a larger payload (as JSON text) in the "
                     "writer's transaction: one that does not fit in a Kafka message (1 MiB with its headers and "
                     "schema) would fail the connector's task for every table; null: no constraint.")
-    clickhouse: bool = Field(False, description="Also keep the events in ClickHouse, one row per event id "
+    event_log: bool = Field(False, description="Also keep the events in ClickHouse, one row per event id "
                                                 "(`changeflow outbox eventlog` loads them).")
     topic_prefix: str | None = Field(None, pattern=rf"^[{TOPIC_CHARS}]+$",
                                      description="Events go to <topic_prefix>.<aggregate type>; "
@@ -155,6 +155,11 @@ def unroutable_reason(spec: OutboxSpec) -> str:
             f"{TOPIC_CHARS}); the event is kept here, its type in the aggregate_type header")
 
 
+def event_log_table(spec: OutboxSpec) -> str:
+    """The outbox's event log table in the home store's database (`event_log: true`)."""
+    return f"outbox_{spec.name}"
+
+
 def specs(pipeline: Pipeline) -> list[OutboxSpec]:
     from changeflow.pipelines.spec import split_table, topic_part
 
@@ -186,10 +191,6 @@ def check(pipeline: Pipeline, catalog: Catalog | None) -> list[tuple[str, str]]:
         if (spec.source_schema, spec.source_table) in entity_tables:
             out.append((f"{at}.table", f"{spec.qualified_table} is also an entity: the router would turn its "
                                        "changes into events; keep outbox tables out of `entities`"))
-        # The event log is the home store's <namespace>.outbox_<name>: an entity of that name lands there too.
-        if spec.config.clickhouse and f"outbox_{spec.name}" in pipeline.entities:
-            out.append((f"{at}.clickhouse", f"entity outbox_{spec.name} lands in the same table as this "
-                                            "outbox's event log; rename the entity or give it another table"))
         if catalog is None:
             continue
         table = catalog.table(spec.source_schema, spec.source_table)

@@ -35,6 +35,8 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings
 
 from changeflow.pipelines.model import ON_REJECT_DOC, OnReject, Strict
+from changeflow.pipelines.outbox import event_log_table
+from changeflow.pipelines.outbox import specs as outbox_specs
 from changeflow.pipelines.problems import Problem, StoredColumns
 from changeflow.pipelines.spec import EntitySpec, Pipeline
 from changeflow.pipelines.types import ColumnType
@@ -150,6 +152,13 @@ def check_tables(pipeline: Pipeline) -> list[Problem]:
         elif target[0] == home_database(pipeline) and target[1] in RESERVED_TABLES:
             out.append(Problem(at, f"{'.'.join(target)} is the pipeline's own table; choose another `table`"))
         seen.setdefault(target, spec.name)
+    # An outbox's event log is a table of the home database too (`outbox: <name>: event_log: true`).
+    for outbox in outbox_specs(pipeline):
+        target = (home_database(pipeline), event_log_table(outbox))
+        if outbox.config.event_log and target in seen:
+            out.append(Problem(f"outbox.{outbox.name}.event_log",
+                               f"entity {seen[target]} already lands in ClickHouse table {'.'.join(target)}, this "
+                               "outbox's event log; give the entity another `stores.clickhouse.table`"))
     return out
 
 

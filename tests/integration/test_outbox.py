@@ -349,13 +349,14 @@ def test_prune_deletes_captured_rows_and_never_one_the_slot_has_not_confirmed(sh
 def test_the_event_log_in_clickhouse_holds_one_row_per_event_id(shop: Shop) -> None:
     from changeflow.outbox.eventlog import load as load_events
     from changeflow.outbox.events import idle_stop
+    from changeflow.reports import home
     from changeflow.sinks.clickhouse import client_for
 
     ids = [shop.place(30, "ada", 100), shop.place(31, "bob", 200)]
     events(shop.settings, shop.events_topic, 2)
     result = changeflow(shop.file, "outbox", "eventlog", "--idle", "4")
     assert result.returncode == 0, result.stdout + result.stderr
-    database = shop.pipeline.clickhouse_database
+    database = home.database(shop.pipeline)
     assert result.stdout.strip() == f"outbox orders: 2 event(s) loaded into {database}.outbox_orders"
     # A replay from offset 0 (another group) inserts both again: still one row per event id.
     client = client_for(shop.settings)

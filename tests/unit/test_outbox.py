@@ -209,9 +209,9 @@ def test_a_derived_event_parses_like_an_outbox_event_with_its_stable_id() -> Non
 
 def test_the_event_log_table_is_the_outboxs_own() -> None:
     text = SEED.replace("  orders: {table: public.orders}\n", "  orders: {table: public.orders, stores: "
-                        "{clickhouse: {table: outbox_orders}}}\n") + "    clickhouse: true\n"
+                        "{clickhouse: {table: outbox_orders}}}\n") + "    event_log: true\n"
     assert [str(p) for p in check(parse_pipeline(text, "shop.yml"))] == [
-        "outbox.orders.clickhouse: entity orders already lands in ClickHouse table shop.outbox_orders, this "
+        "outbox.orders.event_log: entity orders already lands in ClickHouse table shop.outbox_orders, this "
         "outbox's event log; give the entity another `stores.clickhouse.table`"]
 
 

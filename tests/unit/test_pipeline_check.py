@@ -125,13 +125,13 @@ def test_bad_expression_hook_and_planned_sections(tmp_path: Path) -> None:
   lines:
     table: public.order_lines
     hook: hooks:fine
-outbox:
-  events: {}
+erasure:
+  users: {}
 """
     path = tmp_path / "shop.yml"
     path.write_text(text)
     found = [str(p) for p in check(load(path), catalog())]
-    assert found[0] == ("outbox: planned, not yet supported; remove this section (changeflow would silently do less "
+    assert found[0] == ("erasure: planned, not yet supported; remove this section (changeflow would silently do less "
                         "than the file says)")
     assert found[1].startswith("entities.orders.derive.x.expr: expression 'total +' is not valid")
     assert found[2].startswith("entities.orders.hook: 'hooks:missing' does not import (ExpressionError: ")
