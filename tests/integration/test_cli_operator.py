@@ -291,7 +291,8 @@ def test_usage_errors_that_need_the_stack_are_one_line_with_exit_code_2(pipeline
 
     for args, message in [
         (("report", "drift", "--entity", "bogus"),
-         "error: unknown entity 'bogus'; this pipeline (commerce) has: products, orders, payments, refunds, users"),
+         "error: unknown entity 'bogus'; this pipeline (commerce) has: products, orders, payments, refunds, users, "
+         "ny_orders, order_stats"),
         (("reconcile", "--entity", "payments", "--store", "redis"),
          "error: payments is not stored in redis; it is stored in clickhouse"),
         (("connectors", "apply", "/tmp/nope.json"), "error: connector file /tmp/nope.json: no such file"),
