@@ -4,9 +4,11 @@
 bootstrap:
 	@bash changeflow/deploy/bootstrap.sh
 
-## Everything end to end: native stack, connector, worker, demo workload, zero-drift report.
+## Everything end to end: native stack, connector, worker, demo workload, zero-drift report, the read model
+## "orders of users in New York" from the stores, then the outbox with a consumer applying each event once.
 demo: bootstrap
 	.venv/bin/changeflow demo
+	.venv/bin/python -m examples.outbox.demo
 
 ## The outbox pattern: orders and their events in one transaction, a consumer applying each once.
 demo-outbox: bootstrap
