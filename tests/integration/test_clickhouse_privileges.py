@@ -125,8 +125,11 @@ def test_an_earlier_data_folder_is_moved_and_an_orphan_removed(tmp_path: Path) -
         other.stop()
 
 
-def test_the_stacks_service_starts_reports_and_stops_the_server(tmp_path: Path) -> None:
-    settings = Settings(state_dir=tmp_path / "state", clickhouse_port=free_port())
+def test_the_stacks_service_starts_reports_and_stops_the_server(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # The server's port is the stack's ClickHouse settings' (CHANGEFLOW_CLICKHOUSE_PORT), not the core settings'.
+    monkeypatch.setenv("CHANGEFLOW_CLICKHOUSE_PORT", str(free_port()))
+    settings = Settings(state_dir=tmp_path / "state")
     service = ClickHouseService(settings)
     service.start()
     try:
