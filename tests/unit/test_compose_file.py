@@ -40,6 +40,7 @@ SECRETS = {
     "CHANGEFLOW_PG_SUPERUSER_PASSWORD": "sentinel-pg-superuser",
     "CHANGEFLOW_PG_REPLICATION_PASSWORD": "sentinel-pg-replication",
     "CHANGEFLOW_CLICKHOUSE_PASSWORD": "sentinel-clickhouse",
+    "CHANGEFLOW_REDIS_PASSWORD": "sentinel-redis",
     "CHANGEFLOW_GRAFANA_ADMIN_PASSWORD": "sentinel-grafana-admin",
 }
 
@@ -186,6 +187,7 @@ def test_secrets_reach_only_the_services_that_need_them(model: dict) -> None:
         "CHANGEFLOW_PG_SUPERUSER_PASSWORD": ["postgres", "worker"],
         "CHANGEFLOW_PG_REPLICATION_PASSWORD": ["connect", "postgres", "worker"],
         "CHANGEFLOW_CLICKHOUSE_PASSWORD": ["clickhouse", "worker"],
+        "CHANGEFLOW_REDIS_PASSWORD": ["redis", "worker"],
         "CHANGEFLOW_GRAFANA_ADMIN_PASSWORD": ["grafana"],
     }
 
