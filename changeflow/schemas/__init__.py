@@ -17,6 +17,7 @@ canonical topics").
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import io
 import json as stdjson
@@ -34,7 +35,6 @@ except ImportError:  # pragma: no cover - a checkout without the build
     _codec = None  # type: ignore[assignment]
 
 import fastavro
-import numpy
 from fastavro.schema import fingerprint, parse_schema, to_parsing_canonical_form
 
 from changeflow.pipelines.catalog import Table
@@ -312,7 +312,16 @@ def float32_shortest(value: float) -> float:
     loop over ``format`` precisions in Python (timeit, three runs each, one machine)."""
     if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:  # not a float32 value at all: left as it is
         return value
-    return float(str(numpy.float32(value)))
+    return float(str(_float32()(value)))
+
+
+@functools.cache
+def _float32() -> Any:
+    """numpy's float32, imported on the first ``real`` value: numpy costs 180 ms at import (``python -X
+    importtime``), which every CLI command would pay at start-up through this module."""
+    import numpy
+
+    return numpy.float32
 
 
 def _from_wire(value: Any, t: ColumnType) -> Any:
