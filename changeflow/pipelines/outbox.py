@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from changeflow.pipelines.names import split_table, topic_part
+
 if TYPE_CHECKING:
     from changeflow.pipelines.catalog import Catalog
     from changeflow.pipelines.spec import Pipeline
@@ -161,8 +163,6 @@ def event_log_table(spec: OutboxSpec) -> str:
 
 
 def specs(pipeline: Pipeline) -> list[OutboxSpec]:
-    from changeflow.pipelines.spec import split_table, topic_part
-
     pg = pipeline.file.sources.postgres
     out: list[OutboxSpec] = []
     for name, cfg in pipeline.file.outbox.items():

@@ -8,13 +8,13 @@ inside itself (keys, indexes, tables) its own module derives from ``EntitySpec.s
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from changeflow.pipelines.model import Entity, PipelineFile
+from changeflow.pipelines.names import split_table, topic_part
 from changeflow.pipelines.types import ColumnType, parse_type
 from changeflow.pipelines.views import ViewDef, ViewError, resolve
 
@@ -192,19 +192,6 @@ class Pipeline:
             return self.entities[name]
         except KeyError:
             raise KeyError(f"unknown entity {name!r}; this pipeline has: {', '.join(self.entities)}") from None
-
-
-def split_table(qualified: str, default_schema: str = "public") -> tuple[str, str]:
-    """``schema.table`` → (schema, table), split at the last dot (a schema name may hold dots, a table name
-    may not); a bare table is in ``default_schema``."""
-    schema, _, table = qualified.rpartition(".")
-    return (schema or default_schema), table
-
-
-def topic_part(name: str) -> str:
-    """Debezium's topic naming: a character outside ``[A-Za-z0-9._-]`` becomes ``_`` (measured: table
-    ``"cf Manual"."Order Lines"`` is written to ``<prefix>.cf_Manual.Order_Lines``)."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
 def build(file: PipelineFile, path: Path | None = None) -> Pipeline:
