@@ -257,7 +257,7 @@ class Engine:
             self._all.add(conn)
         return conn
 
-    def lease(self, session: Session | None = None, timeout: float = 300.0) -> Conn:
+    def lease(self, session: Session[Conn] | None = None, timeout: float = 300.0) -> Conn:
         """A connection for one request (``give_back`` it): the session's own, or an idle pooled one."""
         self._guard()
         if not self._slots.acquire(timeout=timeout):
@@ -275,7 +275,7 @@ class Engine:
             self._slots.release()
             raise
 
-    def give_back(self, conn: Conn, session: Session | None = None) -> None:
+    def give_back(self, conn: Conn, session: Session[Conn] | None = None) -> None:
         if session is None:
             with self._lock:
                 self._idle.append(conn)

@@ -4,28 +4,29 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Generic, TypeVar
 
 from changeflow.deploy.clickhouse_server.errors import ch_error
 
-if TYPE_CHECKING:
-    from changeflow.deploy.clickhouse_server.engine import Conn
+# The engine's connection (engine.Conn): a type parameter, so this module needs nothing from the engine's.
+C = TypeVar("C")
 
 # -- sessions ---------------------------------------------------------------------------------------
 
 
 @dataclass
-class Session:
+class Session(Generic[C]):
     database: str | None = None
     settings: dict[str, str] = field(default_factory=dict)
     timeout: float = 60.0
     last_used: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
-    conn: Conn | None = None  # its own engine connection: temporary tables are the session's
+    conn: C | None = None  # its own engine connection: temporary tables are the session's
 
 
-class Sessions:
+class Sessions(Generic[C]):
     """``session_id`` state: the database chosen by USE, settings chosen by SET, and an engine connection
     of its own, whose temporary tables live as long as the session (closed when it expires).
 
@@ -35,18 +36,18 @@ class Sessions:
     new one refused (202). A session is marked in use under the table's lock, so eviction cannot race it.
     """
 
-    def __init__(self, on_expire: Any = None, max_sessions: int = 256) -> None:
+    def __init__(self, on_expire: Callable[[C], None] | None = None, max_sessions: int = 256) -> None:
         self._lock = threading.Lock()
-        self._items: dict[str, Session] = {}
-        self._on_expire = on_expire  # (Conn) -> None
+        self._items: dict[str, Session[C]] = {}
+        self._on_expire = on_expire
         self.max_sessions = max(1, max_sessions)
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def acquire(self, session_id: str, timeout: float, check: bool) -> Session:
+    def acquire(self, session_id: str, timeout: float, check: bool) -> Session[C]:
         now = time.monotonic()
-        gone: list[Session] = []
+        gone: list[Session[C]] = []
         try:
             with self._lock:
                 for key in [k for k, s in self._items.items() if now - s.last_used > s.timeout]:
@@ -68,7 +69,7 @@ class Sessions:
                     self._on_expire(old.conn)
         return session
 
-    def _evict_idle(self) -> Session:
+    def _evict_idle(self) -> Session[C]:
         """The least recently used session that no request holds (the table's lock is held)."""
         idle = [(s.last_used, key) for key, s in self._items.items() if not s.lock.locked()]
         if not idle:
