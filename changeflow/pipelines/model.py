@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from changeflow.pipelines.outbox import OutboxSection
+from changeflow.pipelines.outbox_model import OutboxSection
 from changeflow.pipelines.types import UnknownTypeError, parse_type
 from changeflow.pipelines.views import View
 
