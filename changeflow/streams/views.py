@@ -74,8 +74,17 @@ class ViewStage:
         self.owned = False
         self.caught_up = False
         self.rebuilt = False
+        self._parts: dict[int, dict[str, Prefixed]] = {}
         self.published = 0
         self.applied = 0
+
+    def _part(self, state: RocksState, name: str) -> Prefixed:
+        """View ``name``'s part of the shared state, made once per state (not per record: the prefix is an
+        encoded key)."""
+        parts = self._parts.get(id(state))
+        if parts is None:
+            parts = self._parts[id(state)] = {n: Prefixed(state, tk(b"V", n)) for n in self.engines}
+        return parts[name]
 
     # --- ownership -----------------------------------------------------------------------------------
     def _lease_consumer(self) -> Consumer:
@@ -204,7 +213,7 @@ class ViewStage:
                 failures.append(str(err))
 
         for name, engine in self.engines.items():
-            view_state = Prefixed(state, tk(b"V", name))
+            view_state = self._part(state, name)
             types, keys = self._types(book, engine)
             topic = self.pipeline.entities[name].canonical_topic
             while True:
@@ -242,7 +251,7 @@ class ViewStage:
                            "enable.auto.commit": False, "enable.partition.eof": True})
         try:
             for name, engine in self.engines.items():
-                view_state = Prefixed(state, tk(b"V", name))
+                view_state = self._part(state, name)
                 topic = self.pipeline.entities[name].canonical_topic
                 meta = reader.list_topics(topic, timeout=15).topics[topic]
                 ends = {p: reader.get_watermark_offsets(TopicPartition(topic, p), timeout=15)[1]
@@ -321,8 +330,9 @@ class ViewStage:
                 moved = self._apply(state, book, messages)
                 busy = False
                 for name, engine in self.engines.items():
-                    busy = engine.work(Prefixed(state, tk(b"V", name)), FANOUT_STEP) > 0 or busy
-                    busy = engine.has_work(Prefixed(state, tk(b"V", name))) or busy
+                    part = self._part(state, name)
+                    busy = engine.work(part, FANOUT_STEP) > 0 or busy
+                    busy = engine.has_work(part) or busy
                 state.commit()
                 if not self.caught_up and self._caught_up(state, targets):
                     self.caught_up = True
@@ -347,7 +357,7 @@ class ViewStage:
             record = self._decode(book, msg) if msg.value() is not None else None
             if record is not None:
                 for name, engine in self.engines.items():
-                    engine.apply(Prefixed(state, tk(b"V", name)), record)
+                    engine.apply(self._part(state, name), record)
                 self.applied += 1
             state.put(tk(b"S", "offset", msg.topic(), str(msg.partition())), msg.offset() + 1)
             n += 1
