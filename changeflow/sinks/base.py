@@ -225,6 +225,27 @@ class Store(Protocol):
     def applied_through(self) -> dict[str, int]:
         """entity → the highest source version applied."""
 
+    # --- erasure (changeflow.erasure; README "Erasure") -------------------------------------------------
+    def keys_where(self, spec: EntitySpec, column: str, values: Sequence[str]) -> list[str]:
+        """Keys of the live rows whose source column ``column``, as text (``str(value)``), is one of ``values``:
+        how an erasure finds the rows that refer to a person (``orders.user_id``)."""
+
+    def forget(self, spec: EntitySpec, keys: list[str], keep: Mapping[str, int] | None = None) -> list[str]:
+        """Remove every trace the store holds of ``keys``: live rows, tombstones and the versions remembered
+        for deletes, history (ClickHouse's changelog and reconcile's differing keys), in every table or index
+        the entity's name leads to (every index behind a search alias). A key in ``keep`` keeps its row at
+        that version or newer (an anonymised row stays; its older images go). Synchronous: when it returns,
+        a read finds nothing of what it removed. Idempotent. A line per object it changed."""
+
+    def traces(self, spec: EntitySpec, keys: list[str], keep: Mapping[str, int] | None = None) -> int:
+        """How many traces of ``keys`` the store still holds, counting what ``forget`` removes (0: erased,
+        verified by reading back)."""
+
+    def expunge(self, spec: EntitySpec) -> tuple[str, float | None]:
+        """Physically drop what ``forget`` left marked deleted (merged parts, expunged segments, a rewritten
+        append-only file, vacuumed tuples): (what was done, seconds until it is certainly gone, or None when
+        it already is)."""
+
     def purge(self) -> list[str]:
         """Remove everything the pipeline created in this store (``connectors delete --purge``); a line
         per object removed. Idempotent: nothing left, nothing said."""
