@@ -19,6 +19,7 @@ from changeflow import context
 from changeflow.commands import args
 from changeflow.commands import connectors as connectors_commands
 from changeflow.commands import dlq as dlq_commands
+from changeflow.commands import erasure as erasure_commands
 from changeflow.commands import init as init_commands
 from changeflow.commands import outbox as outbox_commands
 from changeflow.commands import pipeline as pipeline_commands
@@ -93,6 +94,8 @@ app.add_typer(sinks_commands.app, name="sinks")
 app.add_typer(views_commands.app, name="views")
 app.add_typer(outbox_commands.events_app, name="events")
 app.add_typer(outbox_commands.outbox_app, name="outbox")
+app.add_typer(erasure_commands.app, name="erasure")
+app.command("erase")(erasure_commands.erase)
 app.command("rebuild")(rebuild_command)
 report_app.command("finance")(report_finance)
 app.command("reconcile")(reconcile_command)
@@ -215,13 +218,15 @@ def worker(
     from confluent_kafka import KafkaException
 
     from changeflow import worker as worker_mod
+    from changeflow.erasure import api as erasure_api
     from changeflow.reports import objects as report_objects
 
     chosen = args.store_list(sinks) if sinks is not None else None
     s, p = settings(), pipeline()
     try:
         # The report views exist as soon as the sink of the store they live in has set up (README "Reports").
-        code = worker_mod.run(s, p, chosen, loglevel=loglevel.value, after_setup=report_objects.ensure)
+        code = worker_mod.run(s, p, chosen, loglevel=loglevel.value, after_setup=report_objects.ensure,
+                              erasure=erasure_api.handler(s, p))
     except KafkaException as exc:
         raise fail(f"kafka at {s.kafka_bootstrap}: {exc.args[0] if exc.args else exc}",
                    worker_mod.EXIT_FAILED) from None

@@ -75,7 +75,18 @@ class Settings(BaseSettings):
     def _passwords_from_state(self) -> Settings:
         if self.pg_superuser_password is None:
             self.pg_superuser_password = self.stored_secret("pg_superuser_password")
+        if self.erasure_key is None:
+            self.erasure_key = self.stored_secret("erasure_key")
+        if self.erasure_token is None:
+            self.erasure_token = self.stored_secret("erasure_token")
         return self
+
+    # Erasure (README "Erasure"). The key of the marks (HMACs) that stand for an erased person in requests and
+    # the suppression list: every process of one deployment must share it. The token the worker's erasure
+    # endpoint requires (`Authorization: Bearer <token>`). Unset: the native stack generates both under
+    # <state_dir>/secrets/.
+    erasure_key: SecretStr | None = None
+    erasure_token: SecretStr | None = None
 
     # Worker.
     worker_web_host: str = "127.0.0.1"

@@ -12,7 +12,9 @@ a crash loop (``EXIT_CRASH_LOOP``). Faust's own data directory is kept under the
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import hmac
 import logging
 import os
 import signal
@@ -20,9 +22,11 @@ import socket
 import sys
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
 from confluent_kafka.admin import (
     AdminClient,
     AlterConfigOpType,
@@ -31,8 +35,10 @@ from confluent_kafka.admin import (
     NewTopic,
     ResourceType,
 )
+from faust.web import View
 
 from changeflow import metrics
+from changeflow.deploy.secrets import erasure_token
 from changeflow.pipelines.spec import Pipeline
 from changeflow.schemas.book import seed_versions
 from changeflow.settings import Settings
@@ -55,6 +61,8 @@ DLQ_CONFIG = {"retention.ms": "-1", "retention.bytes": "-1"}
 # A canonical topic keeps every row's latest change for good (a view added later is filled from it, not from
 # a new snapshot of the sources: streams.views), and every change for a week, as before, for sinks behind.
 CANONICAL_CONFIG = {"cleanup.policy": "compact", "min.compaction.lag.ms": str(7 * 24 * 3600 * 1000)}
+# Every erased row's mark, kept for good (streams.suppression); marks only, never a clear key.
+SUPPRESSION_CONFIG = {"cleanup.policy": "compact"}
 
 
 def keep_dlq(admin: AdminClient, topic: str, *, created: bool, config: dict[str, str] = DLQ_CONFIG) -> None:
@@ -77,6 +85,10 @@ def ensure_topics(settings: Settings, pipeline: Pipeline) -> None:
     configs = {pipeline.dlq_topic: DLQ_CONFIG, **{t: CANONICAL_CONFIG for t in pipeline.canonical_topics()}}
     if pipeline.views:
         wanted[pipeline.views_lease_topic] = 1
+    if pipeline.file.erasure.subjects:
+        wanted[pipeline.suppression_topic] = 1
+        wanted[pipeline.erasure_topic] = 1
+        configs[pipeline.suppression_topic] = SUPPRESSION_CONFIG
     existing = set(admin.list_topics(timeout=15).topics)
     keep_dlq(admin, pipeline.dlq_topic, created=pipeline.dlq_topic not in existing)
     for topic in pipeline.canonical_topics():
@@ -111,8 +123,45 @@ def web_port_taken(settings: Settings) -> str | None:
     return None
 
 
+# The erasure endpoint's body limit: a call is a few hundred bytes; anything far larger is refused unread.
+ERASURE_BODY_LIMIT = 65_536
+# What the endpoint runs once the caller is authenticated: (status, JSON) for the body (changeflow.erasure.api,
+# given by the CLI: the worker does not import the layer above it).
+ErasureHandler = Callable[[Any], tuple[int, dict[str, Any]]]
+
+
+def erasure_view(settings: Settings, handle: ErasureHandler) -> type:
+    """``POST /changeflow/erasure/``: deletes data, so it requires the stack's erasure token
+    (``Authorization: Bearer <token>``); without it, 401 and nothing changes. Fails closed: a body it cannot
+    read whole as one JSON object is refused before anything runs."""
+    expected = f"Bearer {erasure_token(settings)}".encode()
+
+    class ErasureEndpoint(View):
+        async def post(self, request: Any) -> Any:
+            given = str(request.headers.get("Authorization", "")).encode()
+            if not hmac.compare_digest(given, expected):
+                return self.json({"error": "unauthorized: send Authorization: Bearer <the stack's erasure token>"},
+                                 status=401, headers={"WWW-Authenticate": 'Bearer realm="changeflow"'})
+            length = request.headers.get("Content-Length")
+            if length is None or not length.isdigit() or int(length) > ERASURE_BODY_LIMIT:
+                return self.json({"error": f"a JSON body of at most {ERASURE_BODY_LIMIT} bytes, with its "
+                                           "Content-Length"}, status=413 if length and length.isdigit() else 411)
+            raw = await self.read_request_content(request)
+            try:
+                body = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                return self.json({"error": "the body is not JSON"}, status=400)
+            if not isinstance(body, dict):
+                return self.json({"error": "the body is not a JSON object"}, status=400)
+            loop = asyncio.get_running_loop()
+            status, out = await loop.run_in_executor(None, handle, body)
+            return self.json(out, status=status)
+
+    return ErasureEndpoint
+
+
 def run(settings: Settings, pipeline: Pipeline, sink_names: list[str] | None = None, loglevel: str = "info",
-        after_setup: AfterSetup | None = None) -> int:
+        after_setup: AfterSetup | None = None, erasure: ErasureHandler | None = None) -> int:
     """Run until stopped; the exit code (module docstring): a sink's fatal stop wins over Faust's clean exit."""
     # faust.worker costs ~1 s to import (python -X importtime): paid by running a worker only, not by the users of
     # this module's helpers (ensure_topics, web_port_taken, the exit codes: the bench, the tests).
@@ -167,6 +216,9 @@ def run(settings: Settings, pipeline: Pipeline, sink_names: list[str] | None = N
         @app.page("/changeflow/sinks/")
         async def sink_states(web: Any, request: Any) -> Any:
             return web.json(sinks.states())
+
+        if erasure is not None and pipeline.file.erasure.subjects:
+            app.page("/changeflow/erasure/")(erasure_view(settings, erasure))
 
         @app.page("/metrics")
         async def prometheus_metrics(web: Any, request: Any) -> Any:

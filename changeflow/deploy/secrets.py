@@ -73,3 +73,17 @@ def redis_password(settings: Settings) -> str:
     if configured is not None:
         return configured.get_secret_value()
     return _generated(settings, "redis_password")
+
+
+def erasure_key(settings: Settings) -> bytes:
+    """The key of erasure marks (``pipelines.erasure.mark``): set, or generated once into the state directory."""
+    if settings.erasure_key is not None and settings.erasure_key.get_secret_value():
+        return settings.erasure_key.get_secret_value().encode()
+    return _generated(settings, "erasure_key").encode()
+
+
+def erasure_token(settings: Settings) -> str:
+    """The bearer token of the worker's erasure endpoint: set, or generated once into the state directory."""
+    if settings.erasure_token is not None and settings.erasure_token.get_secret_value():
+        return settings.erasure_token.get_secret_value()
+    return _generated(settings, "erasure_token")

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 
+from changeflow.deploy import secrets
 from changeflow.deploy.clickhouse import ClickHouseService
 from changeflow.deploy.connect import ConnectService
 from changeflow.deploy.kafka import KafkaService
@@ -50,6 +51,9 @@ def select(settings: Settings, names: list[str] | None) -> list[Service]:
 
 def up(settings: Settings, names: list[str] | None = None, say: Callable[[str], None] = print) -> list[Service]:
     services = select(settings, names)
+    # The erasure key and token (README "Erasure"), generated before any process of the pipeline reads them.
+    secrets.erasure_key(settings)
+    secrets.erasure_token(settings)
     for service in services:
         started = time.monotonic()
         service.install()

@@ -8,8 +8,8 @@ What is checked: tables and columns named anywhere in an entity (key, fields, co
 derived fields and the filter, and those a store's configuration names: each registered store's
 ``check_entity`` hook) exist; a table without a primary key declares a key (and can be published: REPLICA
 IDENTITY); two entities never read one table nor land on one store object (each store's ``check_pipeline``
-hook); a hash has a salt; expressions compile and hooks import; sections that are planned
-but not implemented (erasure) are empty; outboxes are judged by ``pipelines.outbox.check``. Views: every
+hook); a hash has a salt; expressions compile and hooks import; outboxes are judged by
+``pipelines.outbox.check``, erasure subjects by ``pipelines.erasure.check``. Views: every
 entity, alias, column and group named exists, join columns are of a type the looked-up key can equal,
 lookups lead back to the root (no cycle).
 An entity with a hook may add any field, so names it could add are not judged.
@@ -20,7 +20,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 
-from changeflow.pipelines import outbox
+from changeflow.pipelines import erasure, outbox
 from changeflow.pipelines.catalog import Catalog, Table
 from changeflow.pipelines.model import DerivedEvent, store_classes
 from changeflow.pipelines.problems import Problem, StoredColumns, suggest, unknown_column
@@ -34,10 +34,6 @@ def check(pipeline: Pipeline, catalog: Catalog | None = None, *, import_hooks: b
           hook_loader: Callable[..., object] = load_hook) -> list[Problem]:
     """Every problem found; empty means the pipeline may be registered."""
     problems: list[Problem] = []
-    for section in ("erasure",):
-        if getattr(pipeline.file, section):
-            problems.append(Problem(section, "planned, not yet supported; remove this section (changeflow would "
-                                             "silently do less than the file says)"))
     base = pipeline.path.parent if pipeline.path is not None else None
     problems.extend(_views(pipeline, catalog))
     for spec in pipeline.captured():
@@ -46,6 +42,7 @@ def check(pipeline: Pipeline, catalog: Catalog | None = None, *, import_hooks: b
             problems.extend(_entity_against_catalog(spec, catalog, pipeline.publication))
     problems.extend(_collisions(pipeline))
     problems.extend(Problem(at, message) for at, message in outbox.check(pipeline, catalog))
+    problems.extend(Problem(at, message) for at, message in erasure.check(pipeline, catalog))
     return problems
 
 

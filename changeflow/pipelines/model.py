@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from changeflow.pipelines.erasure_model import ErasureSection
 from changeflow.pipelines.outbox_model import OutboxSection
 from changeflow.pipelines.types import UnknownTypeError, parse_type
 from changeflow.pipelines.views import View
@@ -272,7 +273,8 @@ class PipelineFile(Strict):
                                                                      "incrementally (README \"Read models\").")
     outbox: OutboxSection = Field(default_factory=dict, description="Outbox tables published by Debezium's "
                                                                     "outbox event router, by name.")
-    erasure: dict[str, Any] = Field(default_factory=dict, description="Erasure of a person's data (planned).")
+    erasure: ErasureSection = Field(default_factory=lambda: ErasureSection.model_validate({}),
+                                    description="Who can be erased, and what refers to them (README \"Erasure\").")
 
     @field_validator("entities")
     @classmethod

@@ -178,6 +178,16 @@ class Pipeline:
         """One partition: the worker whose view stage holds it maintains the pipeline's views (streams.views)."""
         return f"{self.namespace}.views.lease"
 
+    @property
+    def suppression_topic(self) -> str:
+        """Compacted, keyed by mark: the erased rows every write path consults (streams.erasure)."""
+        return f"{self.namespace}.erasure.suppressed"
+
+    @property
+    def erasure_topic(self) -> str:
+        """``erasure.requested`` events, for the services that hold a copy of the person (README "Erasure")."""
+        return f"{self.namespace}.erasure.requested"
+
     def raw_topics(self) -> dict[str, EntitySpec]:
         return {e.raw_topic: e for e in self.captured()}
 

@@ -37,6 +37,7 @@ from changeflow.sinks.base import FatalSinkError, Rejected, RetriableSinkError, 
 from changeflow.sinks.reread import send_signals
 from changeflow.streams.canonical import record_from_bytes
 from changeflow.streams.records import ChangeRecord
+from changeflow.streams.suppression import SuppressionFeed
 
 # Default of Settings.sink_schema_wait_s (which says why).
 SCHEMA_WAIT_S = 10.0
@@ -230,6 +231,14 @@ class SinkRunner:
             }
         )
         self.dlq = Producer({"bootstrap.servers": settings.kafka_bootstrap, "acks": "all"})
+        # The erased rows (README "Erasure"): consulted before every batch; None when nothing can be erased.
+        self.suppression = SuppressionFeed.for_pipeline(settings, pipeline)
+        self.suppressed = 0
+
+    def _suppressed(self, record: ChangeRecord) -> None:
+        # Never the key: it is an erased person's.
+        self.suppressed += 1
+        log.info("sink=%s event=suppressed entity=%s", self.sink.name, record.entity)
 
     def _write_with_retry(self, records: Sequence[ChangeRecord]) -> list[Rejected]:
         def before_sleep(state: object) -> None:
@@ -383,6 +392,8 @@ class SinkRunner:
                         self._to_dlq(msg, f"undecodable canonical record: {type(exc).__name__}: {str(exc)[:300]}")
                         metrics.count_dead_letter(self.sink.name)
                 metrics.observe_consumed(self.sink.name, records)
+                if self.suppression is not None:
+                    records = self.suppression.current().apply_all(records, dropped=self._suppressed)
                 started = time.perf_counter()
                 try:
                     rejected = self._write_with_retry(records)
@@ -411,6 +422,8 @@ class SinkRunner:
                 )
         finally:
             self.consumer.close()
+            if self.suppression is not None:
+                self.suppression.close()
             self.sink.close()
 
 
@@ -422,7 +435,8 @@ class StoreReplay:
     entity: str
     key: str
     version: int
-    # "applied" | "superseded" (the store holds a newer version) | "rejected" (refused again) | "reread" (a
+    # "applied" | "superseded" (the store holds a newer version) | "rejected" (refused again) | "suppressed" (the
+    # row was erased: README "Erasure") | "reread" (a
     # partial record whose row the store does not hold: the row is re-read from the source instead)
     outcome: str
     detail: str
@@ -438,10 +452,17 @@ def replay_into_store(settings: Settings, pipeline: Pipeline, store_name: str,
     own = store is None
     target = store or base.create(store_name, settings, pipeline)
     out: list[StoreReplay] = []
+    suppression = SuppressionFeed.for_pipeline(settings, pipeline)
     try:
         target.setup(book.latest)
         for value, origin in messages:
             record = record_from_bytes(value, origin, book)
+            kept = suppression.current().apply(record) if suppression is not None else record
+            if kept is None:
+                out.append(StoreReplay(record.entity, "(erased)", record.version, "suppressed",
+                                       "the row was erased (`changeflow erasure status`); not written"))
+                continue
+            record = kept
             writable, refused = complete_partials(target, pipeline, [record], reread_from_source(settings, pipeline))
             if not writable and not refused:  # a partial record the store has no row for: re-read instead
                 out.append(StoreReplay(record.entity, record.key, record.version, "reread",
@@ -460,6 +481,8 @@ def replay_into_store(settings: Settings, pipeline: Pipeline, store_name: str,
                 out.append(StoreReplay(record.entity, record.key, record.version, "applied",
                                        f"written into {store_name}" + (" (delete)" if record.is_delete else "")))
     finally:
+        if suppression is not None:
+            suppression.close()
         if own:
             target.close()
     return out

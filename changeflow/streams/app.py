@@ -19,7 +19,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import faust
@@ -36,8 +36,10 @@ from changeflow.streams.canonical import to_avro
 from changeflow.streams.debezium import decode_postgres
 from changeflow.streams.derived import events as derived_events
 from changeflow.streams.derived import headers as event_headers
+from changeflow.streams.erasure import Suppressor
 from changeflow.streams.mongodb import decode_mongodb
 from changeflow.streams.records import ChangeRecord, DeadLetter, Skip, outcome
+from changeflow.streams.suppression import SuppressionFeed
 
 if TYPE_CHECKING:
     from changeflow.settings import Settings
@@ -219,6 +221,9 @@ def create_app(settings: Settings, pipeline: Pipeline, decode_group: str | None 
                     "(about 3x the CPU per record): run `make bootstrap`, which compiles it with the editable install")
     unmapped_seen: set[str] = set()
     failures: list[str] = []
+    # The erased rows (README "Erasure"): a replay of the raw topics never publishes one again.
+    suppression = SuppressionFeed.for_pipeline(settings, pipeline)
+    suppressor: Suppressor | None = None
 
     def on_delivery(err: Any, _msg: Any) -> None:
         if err is not None:
@@ -265,6 +270,15 @@ def create_app(settings: Settings, pipeline: Pipeline, decode_group: str | None 
                 log.warning("event=unmapped_table table=%s topic=%s partition=%s offset=%s hint=%r", table, topic,
                             partition, offset, "add it to the pipeline's entities to capture it; counted in "
                             "/metrics as changeflow_unmapped_changes_total")
+        original = result
+        if isinstance(result, ChangeRecord):
+            if result.is_delete and result.before is not None and result.key_columns:
+                # A delete travels with its key only (README "Erasure"): a compacted topic keeps the last
+                # record of a key, and that must not be a deleted person's whole row.
+                result = replace(result, before={k: v for k, v in result.before.items() if k in result.key_columns})
+            if suppressor is not None and suppressor.judges(result.entity):
+                kept = suppressor.apply(result)
+                result = kept if kept is not None else Skip("an erased row (README \"Erasure\")")
         if isinstance(result, ChangeRecord):
             try:
                 encoded = to_avro(book, result)
@@ -276,8 +290,8 @@ def create_app(settings: Settings, pipeline: Pipeline, decode_group: str | None 
             key = result.kafka_key.encode()
             produce(canonical_names[result.entity], key, encoded)
             declared = declared_events.get(result.entity)
-            if declared:
-                for event_topic, payload in derived_events(result, declared):
+            if declared and isinstance(original, ChangeRecord):
+                for event_topic, payload in derived_events(original, declared):
                     produce(event_topic, key, orjson.dumps(payload), event_headers(payload, result.entity))
         elif isinstance(result, DeadLetter):
             log.warning(
@@ -294,8 +308,11 @@ def create_app(settings: Settings, pipeline: Pipeline, decode_group: str | None 
         the feed, which commits the batch's raw offsets only on success."""
         loop = asyncio.get_running_loop()
         tune_gc()  # the app is up: what it loaded leaves the collector's reach
+        nonlocal suppressor
         async for batch in stream:
             try:
+                if suppression is not None:
+                    suppressor = suppression.current()
                 counts: Counter[tuple[str, str]] = Counter()
                 for msg in batch.messages:
                     decode_one(msg, counts)

@@ -38,6 +38,7 @@ from changeflow.schemas.book import schema_book
 from changeflow.streams.canonical import record_from_bytes, to_avro
 from changeflow.streams.join import ViewEngine, tk
 from changeflow.streams.records import ChangeRecord
+from changeflow.streams.suppression import SuppressionFeed
 from changeflow.streams.viewstate import Prefixed, RocksState
 
 if TYPE_CHECKING:
@@ -77,6 +78,8 @@ class ViewStage:
         self._parts: dict[int, dict[str, Prefixed]] = {}
         self.published = 0
         self.applied = 0
+        # The erased rows (README "Erasure"): a rebuild from the canonical topics never brings one back.
+        self.suppression = SuppressionFeed.for_pipeline(settings, pipeline)
 
     def _part(self, state: RocksState, name: str) -> Prefixed:
         """View ``name``'s part of the shared state, made once per state (not per record: the prefix is an
@@ -355,9 +358,15 @@ class ViewStage:
                     log.warning("event=view_consume_error error=%s", msg.error())
                 continue
             record = self._decode(book, msg) if msg.value() is not None else None
+            suppressor = self.suppression.current() if self.suppression is not None else None
+            if record is not None and suppressor is not None:
+                record = suppressor.apply(record)
             if record is not None:
                 for name, engine in self.engines.items():
                     engine.apply(self._part(state, name), record)
+                    if record.is_delete and suppressor is not None and suppressor.erased(record.entity, record.key):
+                        # An erased row leaves no versioned delete behind (the suppression list stops late ones).
+                        self._part(state, name).delete(tk(b"R", record.entity, record.key))
                 self.applied += 1
             state.put(tk(b"S", "offset", msg.topic(), str(msg.partition())), msg.offset() + 1)
             n += 1

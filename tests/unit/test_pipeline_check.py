@@ -114,7 +114,7 @@ def test_two_entities_on_one_store_object() -> None:
     ]
 
 
-def test_bad_expression_hook_and_planned_sections(tmp_path: Path) -> None:
+def test_bad_expression_hook_and_an_unknown_erasure_subject_entity(tmp_path: Path) -> None:
     (tmp_path / "hooks.py").write_text("def fine(row):\n    return row\n")
     text = HEAD + """\
   orders:
@@ -126,15 +126,15 @@ def test_bad_expression_hook_and_planned_sections(tmp_path: Path) -> None:
     table: public.order_lines
     hook: hooks:fine
 erasure:
-  users: {}
+  subjects:
+    user: {entity: userz}
 """
     path = tmp_path / "shop.yml"
     path.write_text(text)
     found = [str(p) for p in check(load(path), catalog())]
-    assert found[0] == ("erasure: planned, not yet supported; remove this section (changeflow would silently do less "
-                        "than the file says)")
-    assert found[1].startswith("entities.orders.derive.x.expr: expression 'total +' is not valid")
-    assert found[2].startswith("entities.orders.hook: 'hooks:missing' does not import (ExpressionError: ")
+    assert found[0].startswith("entities.orders.derive.x.expr: expression 'total +' is not valid")
+    assert found[1].startswith("entities.orders.hook: 'hooks:missing' does not import (ExpressionError: ")
+    assert found[2] == "erasure.subjects.user.entity: unknown entity 'userz'; the entities are: orders, lines"
     assert len(found) == 3
 
 
