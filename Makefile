@@ -5,10 +5,12 @@ bootstrap:
 	@bash changeflow/deploy/bootstrap.sh
 
 ## Everything end to end: native stack, connector, worker, demo workload, zero-drift report, the read model
-## "orders of users in New York" from the stores, then the outbox with a consumer applying each event once.
+## "orders of users in New York" from the stores, the outbox with a consumer applying each event once, then
+## one user erased from every store, view and topic, the request tracked until every projection confirms.
 demo: bootstrap
 	.venv/bin/changeflow demo
 	.venv/bin/python -m examples.outbox.demo
+	.venv/bin/python -m examples.erasure.demo
 
 ## The outbox pattern: orders and their events in one transaction, a consumer applying each once.
 demo-outbox: bootstrap

@@ -4,6 +4,7 @@ what the stores hold; keys are the stream's key text (``streams.keys.key_text``)
 from __future__ import annotations
 
 import random
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -20,7 +21,10 @@ from changeflow.pipelines.types import ColumnType, from_postgres
 from changeflow.pipelines.views import output_type
 from changeflow.reports.reconcile.normalise import Row, comparable_row, debezium_typed
 from changeflow.reports.reconcile.views import view_rows
+from changeflow.streams.erasure import Suppressor
 from changeflow.streams.keys import key_parts, key_text
+from changeflow.streams.records import ChangeRecord
+from changeflow.streams.suppression import SuppressionFeed
 
 if TYPE_CHECKING:
     from changeflow.settings import Settings
@@ -52,6 +56,22 @@ class Source:
         self._keys: dict[str, tuple[str, ...]] = dict(keys or {})
         self._transforms: dict[str, Transformer] = {}
         self._catalog: Any = None
+        self._suppressor: Suppressor | None = None
+        self._suppressor_read = False
+
+    def suppressor(self) -> Suppressor | None:
+        """The erased rows (README "Erasure"), read once: a row the stream anonymises or drops is compared
+        as the stream writes it, so an erasure is not reported (nor repaired) as drift."""
+        if not self._suppressor_read:
+            feed = SuppressionFeed.for_pipeline(self.settings, self.pipeline)
+            if feed is not None:
+                try:
+                    feed.refresh(force=True)
+                    self._suppressor = feed.suppressor
+                finally:
+                    feed.close()
+            self._suppressor_read = True
+        return self._suppressor
 
     # --- what the entity is ---------------------------------------------------------------------------
     def _table(self, spec: EntitySpec) -> Any:
@@ -109,7 +129,17 @@ class Source:
         typed = debezium_typed(raw)
         key = key_text([typed[c] for c in self.key_columns(spec)])
         row = source_row(raw, self.transform(spec))
-        return None if row is None else (key, comparable_row(row, self.types(spec)))
+        if row is None:
+            return None
+        suppressor = self.suppressor()
+        if suppressor is not None and suppressor.judges(spec.name):
+            # As read now: a referring row the erasure found stays anonymised; one found later, or new, is whole.
+            kept = suppressor.apply(ChangeRecord(spec.source, spec.name, key, "r", 0, int(time.time() * 1000),
+                                                 None, row))
+            if kept is None or kept.after is None:
+                return None
+            row = kept.after
+        return key, comparable_row(row, self.types(spec))
 
     def key_condition(self, spec: EntitySpec, keys: list[str]) -> tuple[sql.Composable, tuple[Any, ...]]:
         """A condition selecting exactly these keys, and its parameters."""
