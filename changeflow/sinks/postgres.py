@@ -13,7 +13,8 @@ the stored version is older``, so replays, restarts and rebalances change nothin
 ``_cf_deleted`` is true and whose version is remembered, so a late older update cannot bring it back.
 A column the source adds gets its type by ``ALTER TABLE ... ADD COLUMN``. Identifiers are quoted by
 psycopg's ``sql.Identifier`` and values bound, never spliced. A row PostgreSQL refuses (a value out of its
-column's range, a constraint a user added) is bisected out and quarantined for this store only; a failure of
+column's range, a constraint a user added) refuses its transaction (``RefusedBatch``); the runner bisects it
+out and it is quarantined for this store only; a failure of
 the server itself is retried (connection) or stops the sink (anything else).
 """
 
@@ -37,11 +38,11 @@ from changeflow.pipelines.spec import EntitySpec, Pipeline
 from changeflow.pipelines.types import ColumnType
 from changeflow.sinks.base import (
     FatalSinkError,
+    RefusedBatch,
     Rejected,
     RetriableSinkError,
     Versioned,
     applied_through,
-    bisect_rejects,
     source_row,
     stored_name,
 )
@@ -247,15 +248,22 @@ class PostgresStore:
         by_entity: dict[str, list[ChangeRecord]] = {}
         for record in records:
             by_entity.setdefault(record.entity, []).append(record)
-        refused: list[Rejected] = []
         for entity, group in by_entity.items():
             spec = self.pipeline.entities[entity]
+            try:
+                self._upsert(spec, group)
+            except Exception as exc:
+                why = _row_rejection(exc)
+                if why is None:
+                    raise
+                # Refused as a whole (one transaction): the runner bisects (sinks.runner.write_bisecting), and
+                # handles every record of the call before the offsets commit, so the marker moves over them now.
+                self._mark_applied(records)
+                raise RefusedBatch(f"postgres {'.'.join(self.place(spec))}: {why}") from exc
+        self._mark_applied(records)
+        return []
 
-            def write(part: Sequence[ChangeRecord], spec: EntitySpec = spec) -> None:
-                self._upsert(spec, part)
-
-            for record, reason in bisect_rejects(group, write, _row_rejection):
-                refused.append(Rejected(record, f"postgres {'.'.join(self.place(spec))}: {reason}"))
+    def _mark_applied(self, records: Sequence[ChangeRecord]) -> None:
         marks = applied_through(records)
         mark = sql.SQL(
             "INSERT INTO public.{t} AS a VALUES (%s, %s, %s, %s) ON CONFLICT (namespace, entity) DO UPDATE "
@@ -270,7 +278,6 @@ class PostgresStore:
                     cur.executemany(mark, rows)
 
             self._run(database, "the applied-through marker", write_marks)
-        return refused
 
     def _upsert(self, spec: EntitySpec, records: Sequence[ChangeRecord]) -> None:
         """One transaction: each record under the version guard (a refusal rolls the whole part back)."""
