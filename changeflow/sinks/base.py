@@ -10,7 +10,9 @@ Three outcomes of a write, kept apart by every store:
 - **rejected records**: the store refused *these records* and nothing retrying could change (a search
   document whose field conflicts with the mapping, a ClickHouse row the server refuses, a Redis key whose
   script call failed). ``write_batch`` writes every other record of the batch first, then *returns* the
-  refused ones as :class:`Rejected` (record + the store's own error). The runner quarantines each for
+  refused ones as :class:`Rejected` (record + the store's own error); a store whose write is accepted or
+  refused as a whole raises :class:`RefusedBatch` instead, and the runner bisects the batch down to the
+  refused records (``sinks.runner.write_bisecting``). The runner quarantines each for
   that store only (dead-letter topic, ``on_reject: quarantine``, the default) or stops (``on_reject:
   stop``). A rejected record leaves the store's version guard as it was, so a later, newer record of the
   same key still applies, and a replay of the rejected one applies only if it is still the newest.
@@ -27,7 +29,7 @@ import dataclasses
 import logging
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol
 
 from changeflow.pipelines.model import store_classes
 from changeflow.pipelines.spec import EntitySpec, Pipeline
@@ -127,43 +129,20 @@ class Rejected:
     reason: str
 
 
-T = TypeVar("T")
+class RefusedBatch(Exception):
+    """Raised by ``write_batch`` when the store refused the *whole call* because of the data it carried (a
+    ClickHouse insert or a PostgreSQL transaction is accepted or refused as a whole), not because the store
+    failed. The runner (``sinks.runner.write_bisecting``) then splits the batch and writes each half again,
+    down to the single records refused, which become :class:`Rejected`. ``every``: the reason holds for every
+    record of the call, so splitting cannot help and all of them are rejected at once. A store that knows
+    *which* records it refuses returns them as ``Rejected`` instead (search bulk items, Redis script keys).
 
+    What the call wrote before the refusal may be written again by the halves: a store raising this keeps
+    such writes idempotent (its version guard)."""
 
-def bisect_rejects(
-    items: Sequence[T], write: Callable[[Sequence[T]], None], rejection: Callable[[Exception], str | None],
-    every: Callable[[Exception], bool] | None = None,
-) -> list[tuple[T, str]]:
-    """Write ``items`` with a store call that accepts or refuses a whole batch (a ClickHouse insert): on a
-    refusal, split the batch in halves and write each, down to the single items the store refuses.
-
-    ``rejection(exc)`` says whether an exception is the *data's* fault (its reason) or not (None: the store
-    itself failed, and the exception propagates, so the caller retries or stops as before). ``every(exc)``
-    says that the store refuses every item of the part for that reason (nothing to split). Returns
-    (item, reason) for each refused item, in order; every other item has been written. Each item is
-    written once when nothing is refused; a single refused item among n costs about 2·log2(n) more calls.
-    """
-    refused: list[tuple[T, str]] = []
-
-    def attempt(part: Sequence[T]) -> None:
-        if not part:
-            return
-        try:
-            write(part)
-            return
-        except Exception as exc:
-            reason = rejection(exc)
-            if reason is None:
-                raise
-            if len(part) == 1 or (every is not None and every(exc)):
-                refused.extend((item, reason) for item in part)
-                return
-        middle = len(part) // 2
-        attempt(part[:middle])
-        attempt(part[middle:])
-
-    attempt(items)
-    return refused
+    def __init__(self, reason: str, every: bool = False) -> None:
+        super().__init__(reason)
+        self.reason, self.every = reason, every
 
 
 class RetriableSinkError(RuntimeError):
@@ -201,8 +180,8 @@ class Store(Protocol):
 
     def write_batch(self, records: Sequence[ChangeRecord]) -> list[Rejected] | None:
         """Apply the records, version-guarded. Records the store refuses are returned as ``Rejected``
-        after every other record is written; a failure of the store itself raises RetriableSinkError or
-        FatalSinkError (module docstring)."""
+        after every other record is written, or the whole call is refused by ``RefusedBatch`` (the runner
+        bisects); a failure of the store itself raises RetriableSinkError or FatalSinkError (module docstring)."""
 
     def fetch_current(self, entity: str, keys: list[str]) -> dict[str, dict[str, Any]]:
         """The rows the store holds now for ``keys`` (to complete partial records)."""

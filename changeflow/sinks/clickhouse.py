@@ -11,10 +11,11 @@ column the source adds gets its real type by ``ALTER TABLE ... ADD COLUMN``. Ide
 clickhouse-connect's own quoting, never by hand.
 
 An insert is accepted or refused as a whole, so a batch holding one row ClickHouse cannot take (a value out
-of its column's range, a row the server refuses: :func:`row_rejection`) is bisected
-(``sinks.base.bisect_rejects``): the halves are inserted again down to the refused rows, which go back to
-the runner as rejected records, and every other row lands. A failure of the server itself (unreachable,
-authentication, a missing table or database, "not now" codes) is not bisected: retried or fatal as before.
+of its column's range, a row the server refuses: :func:`row_rejection`) is refused as a whole
+(``sinks.base.RefusedBatch``), and the runner bisects it (``sinks.runner.write_bisecting``): the halves are
+written again down to the refused rows, which are quarantined, and every other row lands. A failure of the
+server itself (unreachable, authentication, a missing table or database, "not now" codes) is not bisected:
+retried or fatal as before.
 """
 
 from __future__ import annotations
@@ -45,11 +46,11 @@ from changeflow.schemas.book import schema_book
 from changeflow.settings import env_config
 from changeflow.sinks.base import (
     FatalSinkError,
+    RefusedBatch,
     Rejected,
     RetriableSinkError,
     Versioned,
     applied_through,
-    bisect_rejects,
     source_name,
     source_row,
     stored_name,
@@ -579,22 +580,45 @@ class ClickHouseStore:
             for entity, group in by_entity.items():
                 spec = self.pipeline.entities[entity]
                 table = ".".join(table_of(spec))
-                for r, reason in self._insert_bisected(
-                    group, lambda part, e=entity, t=table: self._insert_entity(t, e, part, now)
-                ):
-                    refused[id(r)] = Rejected(r, f"clickhouse {table}: {reason}{self._which_value(entity, r, reason)}")
+                try:
+                    self._insert_entity(table, entity, group, now)
+                except Exception as exc:
+                    why = row_rejection(exc)
+                    if why is None:
+                        raise
+                    if not refuses_every_row(exc):  # the runner bisects the batch (sinks.runner.write_bisecting)
+                        which = self._which_value(entity, group[0], why) if len(group) == 1 else ""
+                        raise self._refused(f"clickhouse {table}: {why}{which}", records, now) from exc
+                    refused.update((id(r), Rejected(r, f"clickhouse {table}: {why}")) for r in group)
             kept = [r for r in records if id(r) not in refused]
-            for r, reason in self._insert_bisected(kept, lambda part: self._insert_changelog(part, now)):
-                refused[id(r)] = Rejected(r, f"clickhouse {self.database}.changelog: {reason}")
+            try:
+                if kept:
+                    self._insert_changelog(kept, now)
+            except Exception as exc:
+                why = row_rejection(exc)
+                if why is None:
+                    raise
+                raise self._refused(f"clickhouse {self.database}.changelog: {why}", records, now) from exc
             # Every record of the batch is handled (written, or quarantined by the runner): the marker moves.
-            self.client.insert(
-                f"{self.database}.applied_through",
-                [[e, v, t, now] for e, (v, t) in applied_through(records).items()],
-                column_names=["entity", "version", "ts_ms", "updated_at"],
-            )
+            self._mark_applied(records, now)
         except (OperationalError, DatabaseError) as exc:
             raise self._classify(exc, "the batch") from exc
         return [refused[id(r)] for r in records if id(r) in refused]
+
+    def _refused(self, reason: str, records: Sequence[ChangeRecord], now: datetime) -> RefusedBatch:
+        """The call refused for its rows. The marker moves over its records first, as for a written batch: the
+        runner writes each of them by a smaller part or quarantines it before the batch's offsets are committed,
+        so the marker ends where it did when this store bisected by itself, and is ahead of the rows only while
+        the batch is in flight (as the search store's, whose marker is the first action of its bulk request)."""
+        self._mark_applied(records, now)
+        return RefusedBatch(reason)
+
+    def _mark_applied(self, records: Sequence[ChangeRecord], now: datetime) -> None:
+        self.client.insert(
+            f"{self.database}.applied_through",
+            [[e, v, t, now] for e, (v, t) in applied_through(records).items()],
+            column_names=["entity", "version", "ts_ms", "updated_at"],
+        )
 
     def _which_value(self, entity: str, record: ChangeRecord, reason: str) -> str:
         """The refused value and its column's type, when the error names the column (the driver's does)."""
@@ -605,12 +629,6 @@ class ClickHouseStore:
         image = record.after if record.after is not None else (record.before or {})
         value = image.get(source_name(column, META_COLUMNS))
         return f" (column `{column}` {self._tables[entity][column]}, value {repr(value)[:200]})"
-
-    def _insert_bisected(self, records: list[ChangeRecord], insert: Any) -> list[tuple[ChangeRecord, str]]:
-        refused = bisect_rejects(records, insert, row_rejection, every=refuses_every_row)
-        if refused:
-            log.warning("event=rows_refused rows=%d of=%d reason=%r", len(refused), len(records), refused[0][1][:300])
-        return refused
 
     def _insert_entity(self, table: str, entity: str, group: Sequence[ChangeRecord], now: datetime) -> None:
         # Column-oriented: the Native format is columnar, so building columns here spares the client a

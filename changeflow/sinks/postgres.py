@@ -13,7 +13,8 @@ the stored version is older``, so replays, restarts and rebalances change nothin
 ``_cf_deleted`` is true and whose version is remembered, so a late older update cannot bring it back.
 A column the source adds gets its type by ``ALTER TABLE ... ADD COLUMN``. Identifiers are quoted by
 psycopg's ``sql.Identifier`` and values bound, never spliced. A row PostgreSQL refuses (a value out of its
-column's range, a constraint a user added) is bisected out and quarantined for this store only; a failure of
+column's range, a constraint a user added) refuses its transaction (``RefusedBatch``); the runner bisects it
+out and it is quarantined for this store only; a failure of
 the server itself is retried (connection) or stops the sink (anything else).
 """
 
@@ -24,31 +25,42 @@ from collections.abc import Iterator, Mapping, Sequence
 from datetime import time
 from typing import TYPE_CHECKING, Any
 
-import psycopg
-from psycopg import sql
-from psycopg.conninfo import make_conninfo
-from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from changeflow.lazy import lazy_import
 from changeflow.pipelines.model import ON_REJECT_DOC, OnReject, Strict
 from changeflow.pipelines.spec import EntitySpec, Pipeline
 from changeflow.pipelines.types import ColumnType
 from changeflow.sinks.base import (
     FatalSinkError,
+    RefusedBatch,
     Rejected,
     RetriableSinkError,
     Versioned,
     applied_through,
-    bisect_rejects,
     source_row,
     stored_name,
 )
 from changeflow.streams.records import ChangeRecord
 
 if TYPE_CHECKING:
+    import psycopg
+    from psycopg import conninfo, sql
+    from psycopg import rows as pgrows
+    from psycopg.types import json as pgjson
+
     from changeflow.settings import Settings
+else:  # the client library is imported on first use, since loading a pipeline imports this module; measured
+    # (python -X importtime, `load(examples/commerce/pipeline.yml)`, median of 7 cold runs on the 2-core dev box):
+    # 620 ms with redis, httpx and psycopg imported at the tops of the store modules and pipelines.catalog, 373 ms
+    # with them lazy (clickhouse_connect, ~95 ms, is still imported by the ClickHouse store: its exception classes
+    # are named bare in its except clauses)
+    psycopg = lazy_import("psycopg")
+    sql = lazy_import("psycopg.sql")
+    conninfo = lazy_import("psycopg.conninfo")
+    pgrows = lazy_import("psycopg.rows")
+    pgjson = lazy_import("psycopg.types.json")
 
 log = logging.getLogger("changeflow.sinks")
 
@@ -104,10 +116,10 @@ def column_type(t: ColumnType) -> str:
 def to_column(value: Any, t: ColumnType | None) -> Any:
     """A canonical value as psycopg binds it for its column."""
     if value is None or t is None:
-        return Jsonb(value) if t is None and isinstance(value, dict | list) else value
+        return pgjson.Jsonb(value) if t is None and isinstance(value, dict | list) else value
     k = t.kind
     if k == "json":
-        return Jsonb(value)
+        return pgjson.Jsonb(value)
     if k == "array" and isinstance(value, list):
         return [to_column(v, t.item) for v in value]
     if k in ("time", "timetz") and isinstance(value, time):
@@ -162,7 +174,7 @@ class PostgresStore:
         conn = self._connections.get(database)
         if conn is None or conn.closed:
             try:
-                conn = psycopg.connect(make_conninfo("", dbname=database, connect_timeout=10, **self._server),
+                conn = psycopg.connect(conninfo.make_conninfo("", dbname=database, connect_timeout=10, **self._server),
                                        autocommit=True)
             except psycopg.OperationalError as exc:
                 raise RetriableSinkError(f"postgres store: {exc}".strip()) from exc
@@ -247,15 +259,22 @@ class PostgresStore:
         by_entity: dict[str, list[ChangeRecord]] = {}
         for record in records:
             by_entity.setdefault(record.entity, []).append(record)
-        refused: list[Rejected] = []
         for entity, group in by_entity.items():
             spec = self.pipeline.entities[entity]
+            try:
+                self._upsert(spec, group)
+            except Exception as exc:
+                why = _row_rejection(exc)
+                if why is None:
+                    raise
+                # Refused as a whole (one transaction): the runner bisects (sinks.runner.write_bisecting), and
+                # handles every record of the call before the offsets commit, so the marker moves over them now.
+                self._mark_applied(records)
+                raise RefusedBatch(f"postgres {'.'.join(self.place(spec))}: {why}") from exc
+        self._mark_applied(records)
+        return []
 
-            def write(part: Sequence[ChangeRecord], spec: EntitySpec = spec) -> None:
-                self._upsert(spec, part)
-
-            for record, reason in bisect_rejects(group, write, _row_rejection):
-                refused.append(Rejected(record, f"postgres {'.'.join(self.place(spec))}: {reason}"))
+    def _mark_applied(self, records: Sequence[ChangeRecord]) -> None:
         marks = applied_through(records)
         mark = sql.SQL(
             "INSERT INTO public.{t} AS a VALUES (%s, %s, %s, %s) ON CONFLICT (namespace, entity) DO UPDATE "
@@ -270,7 +289,6 @@ class PostgresStore:
                     cur.executemany(mark, rows)
 
             self._run(database, "the applied-through marker", write_marks)
-        return refused
 
     def _upsert(self, spec: EntitySpec, records: Sequence[ChangeRecord]) -> None:
         """One transaction: each record under the version guard (a refusal rolls the whole part back)."""
@@ -321,7 +339,7 @@ class PostgresStore:
                                  deleted=sql.Identifier(DELETED)) + where
 
         def read(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
-            with conn.cursor(row_factory=dict_row) as cur:
+            with conn.cursor(row_factory=pgrows.dict_row) as cur:
                 return cur.execute(query, params).fetchall()
 
         for row in self._run(self.database(spec), "a read", read):

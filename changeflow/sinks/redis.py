@@ -19,10 +19,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import quote
 
-import redis
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings
 
+from changeflow.lazy import lazy_import
 from changeflow.pipelines.model import ON_REJECT_DOC, OnReject, Strict
 from changeflow.pipelines.problems import Problem
 from changeflow.pipelines.spec import EntitySpec, Pipeline
@@ -32,7 +32,15 @@ from changeflow.sinks.base import FatalSinkError, Rejected, RetriableSinkError, 
 from changeflow.streams.records import ChangeRecord
 
 if TYPE_CHECKING:
+    import redis
+
     from changeflow.settings import Settings
+else:  # the client library is imported on first use, since loading a pipeline imports this module; measured
+    # (python -X importtime, `load(examples/commerce/pipeline.yml)`, median of 7 cold runs on the 2-core dev box):
+    # 620 ms with redis, httpx and psycopg imported at the tops of the store modules and pipelines.catalog, 373 ms
+    # with them lazy (clickhouse_connect, ~95 ms, is still imported by the ClickHouse store: its exception classes
+    # are named bare in its except clauses)
+    redis = lazy_import("redis")
 
 BATCH = 1000
 

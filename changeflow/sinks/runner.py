@@ -6,12 +6,13 @@ holds the stream (nothing is committed, nothing dropped) until the store is back
 the runner loudly.
 
 A record the store *refuses* (``write_batch`` returns it as ``Rejected``: a mapping conflict, a value out
-of range, a key's script error; see ``sinks.base``) is quarantined for this store only: parked on the
-pipeline's dead-letter topic with the canonical message's exact bytes and headers naming the store, the
-entity, the key, the version, the canonical topic/partition/offset and the store's own error; the batch's
-other records are written and its offsets committed, and the other stores (their own consumer groups) get
-the record as usual. The per-store policy ``on_reject: stop`` in the pipeline file stops the worker on it
-instead. ``changeflow dlq replay --store S`` writes a quarantined record back into that store only
+of range, a key's script error; or the store refuses the whole call, ``RefusedBatch``, and the runner bisects
+the batch down to the refused records: :func:`write_bisecting`; see ``sinks.base``) is quarantined for this
+store only: parked on the pipeline's dead-letter topic with the canonical message's exact bytes and headers
+naming the store, the entity, the key, the version, the canonical topic/partition/offset and the store's own
+error; the batch's other records are written and its offsets committed, and the other stores (their own
+consumer groups) get the record as usual. The per-store policy ``on_reject: stop`` in the pipeline file stops
+the worker on it instead. ``changeflow dlq replay --store S`` writes a quarantined record back into that store only
 (:func:`replay_into_store`), under the store's version guard: it applies only if it is still the newest.
 """
 
@@ -33,7 +34,7 @@ from changeflow import metrics, schemas
 from changeflow.pipelines.spec import EntitySpec, Pipeline
 from changeflow.schemas.book import schema_book
 from changeflow.sinks import base
-from changeflow.sinks.base import FatalSinkError, Rejected, RetriableSinkError, Store, fill_partials
+from changeflow.sinks.base import FatalSinkError, RefusedBatch, Rejected, RetriableSinkError, Store, fill_partials
 from changeflow.sinks.reread import send_signals
 from changeflow.streams.canonical import record_from_bytes
 from changeflow.streams.records import ChangeRecord
@@ -122,6 +123,41 @@ def complete_partials(store: Store, pipeline: Pipeline, records: Sequence[Change
         else:
             rejected += [Rejected(r, NOT_REREADABLE.format(source=spec.source, store=store.name)) for r in held_back]
     return out, rejected
+
+
+# --- a batch the store refuses as a whole: bisected here, for every store ------------------------------------
+def write_bisecting(store: Store, records: Sequence[ChangeRecord]) -> list[Rejected]:
+    """``store.write_batch(records)``; when the store refuses the call as a whole because of its data
+    (:class:`sinks.base.RefusedBatch`: a ClickHouse insert, a PostgreSQL transaction), split it in halves and
+    write each, down to the single records refused, which come back as ``Rejected`` with the store's reason,
+    in batch order, with any the store returned itself. A refusal of ``every`` record of a part is not split.
+
+    Each record is written once when nothing is refused; a single refused record among n costs about 2·log2(n)
+    more calls. A failure of the store itself (RetriableSinkError, FatalSinkError, anything else) propagates:
+    the whole batch is retried or the sink stops, as for any write.
+    """
+    rejected: list[Rejected] = []
+
+    def attempt(part: Sequence[ChangeRecord]) -> None:
+        try:
+            rejected.extend(store.write_batch(part) or [])
+            return
+        except RefusedBatch as refused:
+            if len(part) <= 1 or refused.every:
+                rejected.extend(Rejected(r, refused.reason) for r in part)
+                return
+        middle = len(part) // 2
+        attempt(part[:middle])
+        attempt(part[middle:])
+
+    attempt(records)
+    if not rejected:
+        return []
+    order = {id(r): i for i, r in enumerate(records)}
+    rejected.sort(key=lambda rej: order.get(id(rej.record), len(order)))
+    log.warning("sink=%s event=rows_refused rows=%d of=%d reason=%r", store.name, len(rejected), len(records),
+                rejected[0].reason[:300])
+    return rejected
 
 
 def reread_from_source(settings: Settings, pipeline: Pipeline) -> Reread:
@@ -263,7 +299,7 @@ class SinkRunner:
                 raise InterruptedError("stopping while the store is down; batch left uncommitted")
             with attempt:
                 writable, held_back = complete_partials(self.sink, self.pipeline, records, self.reread)
-                rejected = held_back + (self.sink.write_batch(writable) or [])
+                rejected = held_back + write_bisecting(self.sink, writable)
         self.last_error = None
         self.failing_since = None
         self.last_batch_at = time.time()
@@ -469,7 +505,7 @@ def replay_into_store(settings: Settings, pipeline: Pipeline, store_name: str,
                                        f"{store_name} does not hold the row this partial change needs; the whole "
                                        "row is re-read from the source"))
                 continue
-            refused += (target.write_batch(writable) or []) if writable else []
+            refused += write_bisecting(target, writable) if writable else []
             if refused:
                 out.append(StoreReplay(record.entity, record.key, record.version, "rejected", refused[0].reason))
                 continue

@@ -35,6 +35,7 @@ from changeflow.schemas.book import schema_book
 from changeflow.settings import Settings
 from changeflow.sinks.clickhouse import ClickHouseStore, client_for, table_of
 from changeflow.sinks.redis import row_key
+from changeflow.sinks.runner import write_bisecting
 from changeflow.sinks.search import index_name
 from changeflow.streams.records import ChangeRecord
 from tests.integration.conftest import clickhouse_password, eventually, redis_url, search_url, stop_process
@@ -299,7 +300,8 @@ def test_a_row_clickhouse_refuses_is_quarantined_while_the_rest_of_its_batch_lan
     eventually(lambda: t.search_doc(11), timeout=FRESH, what="row 11 in search")
     t.alive()
 
-    # One batch for certain: the store itself returns exactly the refused row and writes the others.
+    # One batch for certain: the store refuses it as a whole, the runner's bisection hands back exactly the
+    # refused row and the others are written.
     sv = schema_book(t.settings, t.pipeline, writer=False).latest["items"]
 
     def record(key: int, qty: int) -> ChangeRecord:
@@ -309,7 +311,7 @@ def test_a_row_clickhouse_refuses_is_quarantined_while_the_rest_of_its_batch_lan
 
     store = ClickHouseStore(t.settings, t.pipeline)
     try:
-        rejected = store.write_batch([record(k, 40_000 if k == 23 else k) for k in range(20, 28)])
+        rejected = write_bisecting(store, [record(k, 40_000 if k == 23 else k) for k in range(20, 28)])
     finally:
         store.close()
     assert [r.record.key for r in rejected] == ["23"]

@@ -19,9 +19,10 @@ from changeflow.pipelines.model import PipelineFile
 from changeflow.pipelines.spec import Pipeline, build
 from changeflow.settings import Settings
 from changeflow.sinks import runner as runner_mod
-from changeflow.sinks.base import FatalSinkError, Rejected, RetriableSinkError, bisect_rejects
+from changeflow.sinks.base import FatalSinkError, RefusedBatch, Rejected, RetriableSinkError
 from changeflow.sinks.clickhouse import refuses_every_row, row_rejection
 from changeflow.sinks.redis import script_rejections
+from changeflow.sinks.runner import write_bisecting
 from changeflow.sinks.search import SearchStore, classify_item
 from changeflow.streams.dlq import (
     ReplayRecord,
@@ -39,54 +40,88 @@ def rec(key: str, version: int = 10, entity: str = "products", offset: int = 0) 
                         origin=(f"changeflow.{entity}", 0, offset))
 
 
-# --- bisection ----------------------------------------------------------------------------------------
+# --- bisection: the runner's, for a store that refuses a whole call ---------------------------------------
 class Refusing:
-    """An all-or-nothing store call: refuses any batch holding a bad item; records what it wrote."""
+    """A store whose write is all-or-nothing: refuses any call holding a bad key (``RefusedBatch``); records
+    what it wrote and every call."""
 
-    def __init__(self, bad: set[int], error: Exception | None = None) -> None:
-        self.bad, self.error = bad, error
-        self.calls = 0
-        self.written: list[int] = []
+    name = "fake"
 
-    def __call__(self, part: Sequence[int]) -> None:
-        self.calls += 1
-        if any(i in self.bad for i in part):
-            raise self.error or ValueError(f"bad value in {len(part)} rows")
-        self.written.extend(part)
+    def __init__(self, bad: set[str], error: Exception | None = None, every: bool = False) -> None:
+        self.bad, self.error, self.every = bad, error, every
+        self.calls: list[list[str]] = []
+        self.written: list[str] = []
+
+    def write_batch(self, records: Sequence[ChangeRecord]) -> list[Rejected]:
+        keys = [r.key for r in records]
+        self.calls.append(keys)
+        if any(k in self.bad for k in keys):
+            if self.error is not None:
+                raise self.error
+            raise RefusedBatch(f"bad value in {len(keys)} rows", every=self.every)
+        self.written.extend(keys)
+        return []
 
 
-def reason(exc: Exception) -> str | None:
-    return str(exc) if isinstance(exc, ValueError) else None
+def batch(n: int) -> list[ChangeRecord]:
+    return [rec(str(i), offset=i) for i in range(n)]
 
 
 def test_bisection_writes_a_clean_batch_once() -> None:
     store = Refusing(set())
-    assert bisect_rejects(list(range(100)), store, reason) == []
-    assert store.calls == 1 and store.written == list(range(100))
+    assert write_bisecting(store, batch(100)) == []  # type: ignore[arg-type]
+    assert len(store.calls) == 1 and store.written == [str(i) for i in range(100)]
 
 
 @pytest.mark.parametrize("bad", [{0}, {63}, {99}, {3, 4}, {0, 50, 99}])
 def test_bisection_finds_exactly_the_refused_rows_and_writes_every_other_row_once(bad: set[int]) -> None:
-    store = Refusing(bad)
-    refused = bisect_rejects(list(range(100)), store, reason)
-    assert [i for i, _ in refused] == sorted(bad)
-    assert all(why == "bad value in 1 rows" for _, why in refused)
-    assert sorted(store.written) == [i for i in range(100) if i not in bad]
+    store = Refusing({str(i) for i in bad})
+    records = batch(100)
+    refused = write_bisecting(store, records)  # type: ignore[arg-type]
+    assert [r.record for r in refused] == [records[i] for i in sorted(bad)]  # the very records, in batch order
+    assert all(r.reason == "bad value in 1 rows" for r in refused)
+    assert sorted(store.written, key=int) == [str(i) for i in range(100) if i not in bad]
     assert len(store.written) == len(set(store.written))  # nothing written twice
     if len(bad) == 1:
-        assert store.calls <= 2 * 7 + 1  # about 2·log2(n) calls for one bad row among n
+        assert len(store.calls) <= 2 * 7 + 1  # about 2·log2(n) calls for one bad row among n
+
+
+def test_the_runner_bisects_a_refused_batch_down_to_the_refused_records() -> None:
+    """8 records, keys 2 and 5 refused: [0..7] refused, [0..3] refused, [0,1] written, [2,3] refused, [2] refused,
+    [3] written, [4..7] refused, [4,5] refused, [4] written, [5] refused, [6,7] written: 11 calls."""
+    store = Refusing({"2", "5"})
+    records = batch(8)
+    refused = write_bisecting(store, records)  # type: ignore[arg-type]
+    assert [(r.record.key, r.reason) for r in refused] == [("2", "bad value in 1 rows"), ("5", "bad value in 1 rows")]
+    assert refused[0].record is records[2] and refused[1].record is records[5]
+    assert store.calls == [[str(i) for i in range(8)], ["0", "1", "2", "3"], ["0", "1"], ["2", "3"], ["2"], ["3"],
+                           ["4", "5", "6", "7"], ["4", "5"], ["4"], ["5"], ["6", "7"]]
+    assert store.written == ["0", "1", "3", "4", "6", "7"]
+
+
+def test_records_a_store_returns_itself_come_back_beside_the_bisected_ones_in_batch_order() -> None:
+    class Mixed(Refusing):
+        def write_batch(self, records: Sequence[ChangeRecord]) -> list[Rejected]:
+            own = [r for r in records if r.key == "0"]
+            super().write_batch([r for r in records if r.key != "0"])
+            return [Rejected(r, "per item") for r in own]
+
+    store = Mixed({"6"})
+    assert [(r.record.key, r.reason) for r in write_bisecting(store, batch(8))] == [  # type: ignore[arg-type]
+        ("0", "per item"), ("6", "bad value in 1 rows")]
 
 
 def test_bisection_lets_a_failure_of_the_store_itself_through() -> None:
-    store = Refusing({5}, error=ConnectionError("server gone"))
-    with pytest.raises(ConnectionError):
-        bisect_rejects(list(range(10)), store, reason)
+    store = Refusing({"5"}, error=RetriableSinkError("server gone"))
+    with pytest.raises(RetriableSinkError):
+        write_bisecting(store, batch(10))  # type: ignore[arg-type]
+    assert len(store.calls) == 1
 
 
 def test_a_refusal_of_every_row_is_not_split() -> None:
-    store = Refusing(set(range(64)), error=ValueError("Unrecognized column"))
-    refused = bisect_rejects(list(range(64)), store, reason, every=lambda exc: "Unrecognized" in str(exc))
-    assert len(refused) == 64 and store.calls == 1
+    store = Refusing({str(i) for i in range(64)}, every=True)
+    refused = write_bisecting(store, batch(64))  # type: ignore[arg-type]
+    assert len(refused) == 64 and len(store.calls) == 1
 
 
 # --- search: per-item errors of a bulk response --------------------------------------------------------
