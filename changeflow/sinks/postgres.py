@@ -20,6 +20,7 @@ the server itself is retried (connection) or stops the sink (anything else).
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import time
 from typing import TYPE_CHECKING, Any
@@ -456,11 +457,20 @@ class PostgresStore:
         self._connections.clear()
 
 
+_QUOTED = re.compile(r'"[^"]*"')
+HIDDEN = '"…"'
+
+
 def _row_rejection(exc: Exception) -> str | None:
     """The data's fault (a value out of range, a constraint, text that is no value of the column's type): the
     row is quarantined. Anything else is the store's: None, and it propagates."""
     if isinstance(exc, psycopg.errors.DataError | psycopg.errors.IntegrityError):
-        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
+        # The server's first line, without what it quotes (`invalid input syntax for type uuid: "…"`): a reason
+        # reaches dead-letter headers and logs, which carry keys and reasons, never row values. The DETAIL line
+        # ("Failing row contains (...)") is left out.
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        column = f" (column {exc.diag.column_name})" if exc.diag.column_name else ""
+        return f"{type(exc).__name__}: {_QUOTED.sub(HIDDEN, first)[:300]}{column}"
     if isinstance(exc, psycopg.Error) and not isinstance(exc, psycopg.OperationalError):
         raise FatalSinkError(f"postgres store refused the batch: {str(exc).strip()[:300]}") from exc
     return None

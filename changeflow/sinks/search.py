@@ -153,10 +153,11 @@ def classify_item(op_type: str, status: int | None, error: Any) -> tuple[str, st
         return "ok", None
     kind = error.get("type") if isinstance(error, dict) else None
     reason = error.get("reason") if isinstance(error, dict) else (str(error) if error else None)
+    reason = without_values(reason)
     text = f"{kind}: {reason}" if kind else (reason or f"status {status}")
     if isinstance(error, dict) and isinstance(error.get("caused_by"), dict):
-        cause = error["caused_by"]
-        text += f" (caused by {cause.get('type')}: {cause.get('reason')})"
+        # The cause's type only: its reason quotes the value ("Numeric value (…) out of range of long").
+        text += f" (caused by {error['caused_by'].get('type')})"
     if status in RETRIABLE_STATUS or kind in ("es_rejected_execution_exception", "unavailable_shards_exception"):
         return "retry", text
     if status == 400 and kind == "illegal_argument_exception" and not _about_the_document(text):
@@ -166,6 +167,15 @@ def classify_item(op_type: str, status: int | None, error: Any) -> tuple[str, st
     if status == 400 and kind is not None and (kind in REJECTED_TYPES or kind.endswith("_parsing_exception")):
         return "rejected", text
     return "fatal", text
+
+
+_PREVIEW = re.compile(r"(Preview of field's value: ).*$", re.S)
+
+
+def without_values(reason: str | None) -> str | None:
+    """The engine's reason without the value it quotes: a rejection reason reaches dead-letter headers and logs,
+    which carry keys and reasons, never row values. The field and its type stay named."""
+    return None if reason is None else _PREVIEW.sub(r"\1(not shown)", reason)
 
 
 def _about_the_document(text: str) -> bool:
