@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+import redis
 import yaml
 from psycopg import sql
 
@@ -28,10 +29,11 @@ from changeflow.pipelines.types import parse_type
 from changeflow.schemas import SchemaVersion, make_version
 from changeflow.settings import Settings
 from changeflow.sinks.base import Store, create, names, registry
+from changeflow.sinks.redis import row_key
 from changeflow.sinks.runner import complete_partials
 from changeflow.sinks.search import index_name
 from changeflow.streams.records import ChangeRecord
-from tests.integration.conftest import eventually, search_url
+from tests.integration.conftest import eventually, redis_url, search_url
 
 pytestmark = pytest.mark.integration
 
@@ -403,3 +405,36 @@ def test_search_forget_removes_the_document_from_every_index_behind_the_alias(
     assert store.forget(spec, ["1", "3"]) == []
     what, _seconds = store.expunge(spec)  # type: ignore[attr-defined]
     assert f"{alias}-000001" in what and second in what
+
+
+@pytest.mark.parametrize("contract", STORES, indirect=True)
+def test_a_delete_leaves_the_key_and_its_version_never_a_value_of_the_row(
+        contract: tuple[Store, Pipeline, SchemaVersion], live_stack: Settings) -> None:
+    """Issue 23 §6: what a store remembers of a deleted row (a tombstone row, a version entry) is its key and
+    version, read here from each store's own storage, not through the store's reads (which skip deletes)."""
+    store, pipeline, sv = contract
+    spec = pipeline.entity("things")
+    assert not store.write_batch([record(sv, 1, 100, row(1, "alice@example.com", small=7, tags=["x"]), op="c")])
+    delete = ChangeRecord("postgres", "things", "1", "d", 120, 1_700_000_000_000,
+                          row(1, "alice@example.com", small=7, tags=["x"]), None, key_columns=("id",), schema=sv)
+    assert not store.write_batch([delete])
+    assert held(store, pipeline) == {}
+    if store.name == "clickhouse":
+        client, table = store.client, store.table(spec)  # type: ignore[attr-defined]
+        # Without FINAL (which hides a delete's row): the row the delete wrote.
+        assert client.query(f"SELECT id, name, small, price, tags, _version FROM {table} "
+                            "WHERE _key = '1' AND _is_deleted = 1").result_rows == [(1, None, None, None, [], 120)]
+    elif store.name == "postgres":
+        with psycopg.connect(live_stack.pg_dsn, dbname=f"{pipeline.namespace}_read") as conn:
+            assert conn.execute("SELECT id, name, small, price, tags, _cf_version, _cf_deleted FROM public.things"
+                                ).fetchall() == [(1, None, None, None, None, Decimal(120), True)]
+    elif store.name == "redis":
+        client = redis.Redis.from_url(redis_url(live_stack))
+        assert client.get(row_key(spec, "1")) is None
+        assert client.hget(f"{pipeline.namespace}:versions", row_key(spec, "1")) == b"%020d" % 120
+    elif store.name == "search":
+        for index in store.indexes(spec):  # type: ignore[attr-defined]
+            found = httpx.get(f"{search_url(live_stack)}/{index}/_doc/1", timeout=30).json()
+            assert found["found"] is False and "_source" not in found
+    else:
+        pytest.fail(f"no reading of {store.name}'s own storage here: add one")
