@@ -515,8 +515,7 @@ class SearchStore:
         self.http.post(f"{index}/_refresh")
         response = self.http.post(
             f"{index}/_search", params={"scroll": "2m"},
-            content=json.dumps({"size": BATCH, "version": True, "sort": ["_doc"], "query": query}),
-            headers={"Content-Type": "application/json"},
+            json={"size": BATCH, "version": True, "sort": ["_doc"], "query": query},
         )
         if response.status_code == 404:
             return
