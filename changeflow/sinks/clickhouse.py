@@ -51,7 +51,6 @@ from changeflow.sinks.base import (
     RetriableSinkError,
     Versioned,
     applied_through,
-    source_name,
     source_row,
     stored_name,
 )
@@ -413,6 +412,12 @@ def from_column(value: Any, t: ColumnType | None) -> Any:
     return value
 
 
+def tombstone_image(record: ChangeRecord) -> dict[str, Any]:
+    """The columns a delete's row carries: its key columns, from the before image (nothing else of it)."""
+    before = record.before or {}
+    return {c: before.get(c) for c in record.key_columns}
+
+
 def isolate(spec: EntitySpec, cfg: ClickHouseConfig, tag: str, namespace: str) -> ClickHouseConfig:
     """The configuration of an isolated copy of the entity (the bench's stages): its table in the copy's
     namespace database."""
@@ -621,21 +626,23 @@ class ClickHouseStore:
         )
 
     def _which_value(self, entity: str, record: ChangeRecord, reason: str) -> str:
-        """The refused value and its column's type, when the error names the column (the driver's does)."""
+        """The refused column and its type, when the error names the column (the driver's does). Never the
+        value: a reason reaches dead-letter headers and logs, which carry keys and reasons, not row values."""
         match = re.search(r"column `([^`]+)`", reason)
         column = match.group(1) if match else None
         if column is None or column not in self._tables.get(entity, {}):
             return ""
-        image = record.after if record.after is not None else (record.before or {})
-        value = image.get(source_name(column, META_COLUMNS))
-        return f" (column `{column}` {self._tables[entity][column]}, value {repr(value)[:200]})"
+        return f" (column `{column}` {self._tables[entity][column]})"
 
     def _insert_entity(self, table: str, entity: str, group: Sequence[ChangeRecord], now: datetime) -> None:
         # Column-oriented: the Native format is columnar, so building columns here spares the client a
         # row-to-column pivot of every batch.
         types = self._types.get(entity, {})
         names = list(types)
-        images = [r.after if r.after is not None else (r.before or {}) for r in group]
+        # A delete's row (the tombstone ReplacingMergeTree keeps until a merge with cleanup) holds the key
+        # columns only: every other column is NULL (or its default), so no value of the deleted row outlives
+        # it in the table, not even through OPTIMIZE ... FINAL.
+        images = [r.after if r.after is not None else tombstone_image(r) for r in group]
         columns: list[list[Any]] = [[to_column(image.get(col), types[col]) for image in images] for col in names]
         columns += [
             [r.key for r in group],
@@ -756,6 +763,93 @@ class ClickHouseStore:
                 self.client.command(f"ALTER TABLE {self.table(spec)} DELETE WHERE {where} SETTINGS mutations_sync = 2")
             ahead += found
         return ahead
+
+    # --- erasure (changeflow.erasure) ---------------------------------------------------------------
+    def keys_where(self, spec: EntitySpec, column: str, values: Sequence[str]) -> list[str]:
+        stored = col(column)
+        if not values or not self._known(spec) or stored not in self._tables.get(spec.name, {}):
+            return []
+        found: set[str] = set()
+        for chunk in self._chunks(sorted(set(values))):
+            found.update(str(k) for (k,) in self.client.query(
+                f"SELECT DISTINCT _key FROM {self.table(spec)} FINAL WHERE _is_deleted = 0 "
+                f"AND toString({q(stored)}) IN ({', '.join(format_query_value(v) for v in chunk)})"
+            ).result_rows)
+        return sorted(found)
+
+    def _has_table(self, database: str, table: str) -> bool:
+        return bool(int(self.client.command(
+            "SELECT count() FROM system.tables WHERE database = {db:String} AND name = {t:String}",
+            parameters={"db": database, "t": table})))
+
+    def _erasure_conds(self, keys: list[str], keep: Mapping[str, int] | None, key: str, version: str
+                       ) -> Iterator[str]:
+        """WHERE conditions (quoted literals) selecting what ``forget`` removes: every row of a key not in
+        ``keep``, the rows older than the kept version of a key in it (``keep`` None: every row of every key)."""
+        keep = keep or {}
+        whole = [k for k in keys if k not in keep]
+        for chunk in self._chunks(whole):
+            yield self._key_cond(chunk, key)
+        kept = [k for k in keys if k in keep]
+        for i in range(0, len(kept), 200):
+            yield " OR ".join(f"({q(key)} = {format_query_value(k)} AND {q(version)} < {int(keep[k])})"
+                              for k in kept[i : i + 200])
+
+    def _erasure_targets(self, spec: EntitySpec) -> list[tuple[str, str, str, str, str]]:
+        """(label, table, entity filter, key column, version column) of every table holding traces of a key:
+        the entity's table (all its rows: live, older versions, tombstones), the changelog's rows of the
+        entity, reconcile's differing keys of the entity (history: removed for a kept key too)."""
+        out: list[tuple[str, str, str, str, str]] = []
+        if self._known(spec):
+            out.append((".".join(table_of(spec)), self.table(spec), "1", "_key", "_version"))
+        entity = format_query_value(spec.name)
+        if self._has_table(self.database, "changelog"):
+            out.append((f"{self.database}.changelog", f"{q(self.database)}.changelog", f"entity = {entity}", "key",
+                        "version"))
+        if self._has_table(self.database, "reconciliation_diffs"):
+            out.append((f"{self.database}.reconciliation_diffs", f"{q(self.database)}.reconciliation_diffs",
+                        f"entity = {entity}", "key", ""))
+        return out
+
+    def _traces_by_table(self, spec: EntitySpec, keys: list[str], keep: Mapping[str, int] | None
+                         ) -> list[tuple[str, str, str, int]]:
+        out: list[tuple[str, str, str, int]] = []
+        for label, table, entity, key, version in self._erasure_targets(spec):
+            # reconcile's history has no version: all of it goes, for a kept key too
+            for cond in self._erasure_conds(keys, keep if version else None, key, version):
+                # Without FINAL: every stored row counts, older versions and tombstones included.
+                n = int(self.client.command(f"SELECT count() FROM {table} WHERE {entity} AND ({cond})"))
+                if n:
+                    out.append((label, table, f"{entity} AND ({cond})", n))
+        return out
+
+    def traces(self, spec: EntitySpec, keys: list[str], keep: Mapping[str, int] | None = None) -> int:
+        if not keys:
+            return 0
+        return sum(n for *_, n in self._traces_by_table(spec, keys, keep))
+
+    def forget(self, spec: EntitySpec, keys: list[str], keep: Mapping[str, int] | None = None) -> list[str]:
+        """``ALTER TABLE ... DELETE`` (a mutation, waited for: ``mutations_sync = 2``) in the entity's table, the
+        changelog and reconcile's differing keys. The mutation rewrites the parts without those rows; the parts
+        it replaced stay on disk until ``old_parts_lifetime`` (``expunge``)."""
+        done: dict[str, int] = {}
+        for label, table, where, n in self._traces_by_table(spec, keys, keep):
+            self.client.command(f"ALTER TABLE {table} DELETE WHERE {where} SETTINGS mutations_sync = 2")
+            done[label] = done.get(label, 0) + n
+        return [f"clickhouse {label}: {n} rows deleted" for label, n in done.items()]
+
+    def expunge(self, spec: EntitySpec) -> tuple[str, float | None]:
+        """``OPTIMIZE TABLE ... FINAL`` of the entity's table, the changelog and reconcile's differing keys:
+        their parts are merged into new ones; the replaced parts linger for the server's
+        ``old_parts_lifetime`` (480 s by default), the seconds returned."""
+        tables = self._erasure_targets(spec)
+        for _label, table, *_ in tables:
+            self.client.command(f"OPTIMIZE TABLE {table} FINAL")
+        found = self.client.query(
+            "SELECT value FROM system.merge_tree_settings WHERE name = 'old_parts_lifetime'").result_rows
+        lifetime = float(found[0][0]) if found else 480.0
+        return (f"clickhouse: OPTIMIZE TABLE ... FINAL on {', '.join(label for label, *_ in tables)}; the replaced "
+                f"parts are removed after old_parts_lifetime ({lifetime:.0f} s)", lifetime)
 
     def changelog(self, spec: EntitySpec, keys: list[str]) -> dict[str, dict[int, dict[str, Any]]]:
         """The pipeline's own images of these keys, by version (what each store should hold at it)."""

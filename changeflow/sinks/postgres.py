@@ -21,6 +21,7 @@ the server itself is retried (connection) or stops the sink (anything else).
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import time
 from typing import TYPE_CHECKING, Any
@@ -382,6 +383,55 @@ class PostgresStore:
             (keys, position)).fetchall())
         return [str(k) for (k,) in rows]
 
+    # --- erasure (changeflow.erasure) ---------------------------------------------------------------
+    def keys_where(self, spec: EntitySpec, column: str, values: Sequence[str]) -> list[str]:
+        stored = stored_name(column, META_COLUMNS)
+        if self.config(spec) is None or not values or stored not in self._existing(spec):
+            return []
+        rows = self._run(self.database(spec), "finding keys", lambda c: c.execute(sql.SQL(
+            "SELECT {key} FROM {t} WHERE NOT {deleted} AND {col}::text = ANY(%s) ORDER BY {key}").format(
+            key=sql.Identifier(KEY), t=self.table(spec), deleted=sql.Identifier(DELETED),
+            col=sql.Identifier(stored)), (list(values),)).fetchall())
+        return [str(k) for (k,) in rows]
+
+    def _erasure_where(self, keys: list[str], keep: Mapping[str, int] | None) -> tuple[sql.Composable, list[Any]]:
+        """Every row of a key not in ``keep`` (live or a remembered delete), the row of a kept key only while
+        it is older than the kept version (the table holds one row per key: nothing older to remove)."""
+        keep = keep or {}
+        whole = [k for k in keys if k not in keep]
+        kept = [k for k in keys if k in keep]
+        where = sql.SQL("{key} = ANY(%s) OR EXISTS (SELECT FROM unnest(%s::text[], %s::numeric[]) AS u(k, v) "
+                        "WHERE u.k = {key} AND {version} < u.v)").format(
+            key=sql.Identifier(KEY), version=sql.Identifier(VERSION))
+        return where, [whole, kept, [keep[k] for k in kept]]
+
+    def traces(self, spec: EntitySpec, keys: list[str], keep: Mapping[str, int] | None = None) -> int:
+        """Rows of the keys, a remembered delete (``_cf_deleted``: key and version) counting as one."""
+        if self.config(spec) is None or not keys or not self._existing(spec):
+            return 0
+        where, params = self._erasure_where(keys, keep)
+        row = self._run(self.database(spec), "counting traces", lambda c: c.execute(
+            sql.SQL("SELECT count(*) FROM {} WHERE ").format(self.table(spec)) + where, params).fetchone())
+        return int(row[0])
+
+    def forget(self, spec: EntitySpec, keys: list[str], keep: Mapping[str, int] | None = None) -> list[str]:
+        if self.config(spec) is None or not keys or not self._existing(spec):
+            return []
+        where, params = self._erasure_where(keys, keep)
+        n = self._run(self.database(spec), "forgetting keys", lambda c: c.execute(
+            sql.SQL("DELETE FROM {} WHERE ").format(self.table(spec)) + where, params).rowcount)
+        return [f"postgres {self.database(spec)}.{'.'.join(self.place(spec))}: {n} rows deleted"] if n else []
+
+    def expunge(self, spec: EntitySpec) -> tuple[str, float | None]:
+        """``VACUUM`` of the entity's table (the connection is in autocommit, as VACUUM needs): the dead tuples
+        that ``forget`` and every update left are pruned from the table's pages."""
+        if self.config(spec) is None or not self._existing(spec):
+            return "postgres: no table, nothing to vacuum", None
+        self._run(self.database(spec), "VACUUM", lambda c: c.execute(
+            sql.SQL("VACUUM {}").format(self.table(spec))))
+        return (f"postgres {self.database(spec)}.{'.'.join(self.place(spec))}: VACUUM (dead tuples pruned; "
+                "the server's WAL segments hold them until they are recycled)", None)
+
     def applied_through(self) -> dict[str, int]:
         def read(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
             found = conn.execute("SELECT to_regclass(%s)", (f"public.{APPLIED_TABLE}",)).fetchone()
@@ -425,11 +475,20 @@ class PostgresStore:
         self._connections.clear()
 
 
+_QUOTED = re.compile(r'"[^"]*"')
+HIDDEN = '"…"'
+
+
 def _row_rejection(exc: Exception) -> str | None:
     """The data's fault (a value out of range, a constraint, text that is no value of the column's type): the
     row is quarantined. Anything else is the store's: None, and it propagates."""
     if isinstance(exc, psycopg.errors.DataError | psycopg.errors.IntegrityError):
-        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
+        # The server's first line, without what it quotes (`invalid input syntax for type uuid: "…"`): a reason
+        # reaches dead-letter headers and logs, which carry keys and reasons, never row values. The DETAIL line
+        # ("Failing row contains (...)") is left out.
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        column = f" (column {exc.diag.column_name})" if exc.diag.column_name else ""
+        return f"{type(exc).__name__}: {_QUOTED.sub(HIDDEN, first)[:300]}{column}"
     if isinstance(exc, psycopg.Error) and not isinstance(exc, psycopg.OperationalError):
         raise FatalSinkError(f"postgres store refused the batch: {str(exc).strip()[:300]}") from exc
     return None

@@ -15,6 +15,7 @@ whole batch as before: retried, or fatal.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import quote
@@ -43,6 +44,8 @@ else:  # the client library is imported on first use, since loading a pipeline i
     redis = lazy_import("redis")
 
 BATCH = 1000
+# How long ``expunge`` waits for Redis to rewrite its append-only file.
+EXPUNGE_WAIT_S = 60.0
 
 
 class RedisSettings(BaseSettings):
@@ -127,6 +130,25 @@ end
 return {applied, failed}
 """
 
+# KEYS[1] = versions hash, KEYS[2..] = row keys; ARGV[i - 1] = the padded version a row key keeps ("" for none).
+# Removes each row key and its version entry (the memory of a delete included), unless it keeps a version and
+# the one stored is at least that. One script: a write between the check and the removal cannot slip in.
+# Returns {rows removed, version entries removed}.
+FORGET = """
+local vh = KEYS[1]
+local rows = 0
+local entries = 0
+for i = 2, #KEYS do
+  local keep = ARGV[i - 1]
+  local cur = redis.call('HGET', vh, KEYS[i])
+  if keep == '' or (not cur) or cur < keep then
+    rows = rows + redis.call('DEL', KEYS[i])
+    entries = entries + redis.call('HDEL', vh, KEYS[i])
+  end
+end
+return {rows, entries}
+"""
+
 # Error prefixes that are about the server, never one key: retried (the first group) or fatal (the second).
 SERVER_ERRORS_RETRIABLE = ("OOM", "READONLY", "MISCONF", "BUSY", "LOADING", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN",
                            "NOREPLICAS")
@@ -207,6 +229,7 @@ class RedisStore:
         self.applied_key = f"{pipeline.namespace}:applied"
         self.client = redis.Redis.from_url(connection_url(settings), socket_timeout=30, socket_connect_timeout=5)
         self._script = self.client.register_script(APPLY_IF_NEWER)
+        self._forget = self.client.register_script(FORGET)
 
     # --- the stream ---------------------------------------------------------------------------------
     def setup(self, known: Mapping[str, Any] | None = None) -> None:
@@ -305,6 +328,70 @@ class RedisStore:
         if ahead:
             self.client.hdel(self.versions_key, *[row_key(spec, k) for k in ahead])
         return ahead
+
+    # --- erasure (changeflow.erasure) ---------------------------------------------------------------
+    def keys_where(self, spec: EntitySpec, column: str, values: Sequence[str]) -> list[str]:
+        """Redis has no secondary index: every row key of the entity is scanned (SCAN, then MGET in pipelined
+        batches) and its JSON compared, so this is O(rows of the entity), not O(matches)."""
+        wanted = set(values)
+        found: list[str] = []
+        if not wanted:
+            return found
+        for key, row, _version in self.scan(spec):
+            if column in row and row[column] is not None and str(row[column]) in wanted:
+                found.append(key)
+        return sorted(found)
+
+    def _keep_args(self, keys: list[str], keep: Mapping[str, int] | None) -> list[str]:
+        return [pad(keep[k]) if keep and k in keep else "" for k in keys]
+
+    def traces(self, spec: EntitySpec, keys: list[str], keep: Mapping[str, int] | None = None) -> int:
+        """Row keys and version entries (a delete's remembered version included) ``forget`` would remove."""
+        total = 0
+        for i in range(0, len(keys), BATCH):
+            chunk = keys[i : i + BATCH]
+            names = [row_key(spec, k) for k in chunk]
+            pipe = self.client.pipeline(transaction=False)
+            for name in names:
+                pipe.exists(name)
+            pipe.hmget(self.versions_key, names)
+            *exists, versions = pipe.execute()
+            for found, version, keeps in zip(exists, versions, self._keep_args(chunk, keep), strict=True):
+                if keeps and version is not None and version.decode() >= keeps:
+                    continue  # the row at the kept version (or newer): stays
+                total += int(found) + (version is not None)
+        return total
+
+    def forget(self, spec: EntitySpec, keys: list[str], keep: Mapping[str, int] | None = None) -> list[str]:
+        rows = entries = 0
+        for i in range(0, len(keys), BATCH):
+            chunk = keys[i : i + BATCH]
+            result = self._forget(keys=[self.versions_key, *(row_key(spec, k) for k in chunk)],
+                                  args=self._keep_args(chunk, keep))
+            rows, entries = rows + int(result[0]), entries + int(result[1])
+        done: list[str] = []
+        if rows:
+            done.append(f"redis {key_prefix(spec)}:*: {rows} row keys deleted")
+        if entries:
+            done.append(f"redis {self.versions_key}: {entries} version entries removed")
+        return done
+
+    def expunge(self, spec: EntitySpec) -> tuple[str, float | None]:
+        """``BGREWRITEAOF`` when the append-only file is on (it still holds the commands that wrote the rows),
+        waited for; else there is nothing on disk to rewrite but the RDB snapshots."""
+        persistence = cast("dict[str, Any]", self.client.info("persistence"))
+        if not int(persistence.get("aof_enabled", 0)):
+            return ("redis: append-only file off: the data was in memory (gone) and in RDB snapshots, which the "
+                    "next save rewrites without it", None)
+        self.client.bgrewriteaof()
+        deadline = time.monotonic() + EXPUNGE_WAIT_S
+        while time.monotonic() < deadline:
+            persistence = cast("dict[str, Any]", self.client.info("persistence"))
+            if not int(persistence.get("aof_rewrite_in_progress", 0)) \
+                    and not int(persistence.get("aof_rewrite_scheduled", 0)):
+                return "redis: append-only file rewritten (BGREWRITEAOF)", None
+            time.sleep(0.2)
+        return (f"redis: BGREWRITEAOF started, still running after {EXPUNGE_WAIT_S:.0f} s", EXPUNGE_WAIT_S)
 
     def applied_through(self) -> dict[str, int]:
         # The client is made without decode_responses, so hash fields come back as bytes.

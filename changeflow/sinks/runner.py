@@ -421,9 +421,12 @@ class SinkRunner:
                         log.info("sink=%s event=stopped_uncommitted reason=schema_wait", self.sink.name)
                         return
                     except Exception as exc:  # any undecodable record is a dead letter, never a stopped sink
+                        # The error's type only: a decoder's message may quote the value it could not read
+                        # (logs carry keys and reasons, never row values); the full reason travels with the
+                        # record itself, in the dead-letter topic.
                         log.error(
-                            "sink=%s event=dead_letter topic=%s partition=%s offset=%s reason=%r",
-                            self.sink.name, msg.topic(), msg.partition(), msg.offset(), str(exc),
+                            "sink=%s event=dead_letter topic=%s partition=%s offset=%s error=%s",
+                            self.sink.name, msg.topic(), msg.partition(), msg.offset(), type(exc).__name__,
                         )
                         self._to_dlq(msg, f"undecodable canonical record: {type(exc).__name__}: {str(exc)[:300]}")
                         metrics.count_dead_letter(self.sink.name)

@@ -126,6 +126,9 @@ REBUILD_REGISTRY_WAIT_S = 2.5
 CALL_ATTEMPTS = 4
 RETRIABLE_STATUS = {429, 502, 503, 504}
 BATCH = 1000
+# How often a shard's history retention lease moves on (its background sync): what a merge must wait for before
+# it can drop soft-deleted documents (``expunge``).
+RETENTION_SYNC_S = 30.0
 # Actions per _bulk request: a sink batch (5,000 records by default) in one or two requests.
 BULK_ACTIONS = 5000
 # The only parts of a bulk answer the sink reads.
@@ -158,10 +161,11 @@ def classify_item(op_type: str, status: int | None, error: Any) -> tuple[str, st
         return "ok", None
     kind = error.get("type") if isinstance(error, dict) else None
     reason = error.get("reason") if isinstance(error, dict) else (str(error) if error else None)
+    reason = without_values(reason)
     text = f"{kind}: {reason}" if kind else (reason or f"status {status}")
     if isinstance(error, dict) and isinstance(error.get("caused_by"), dict):
-        cause = error["caused_by"]
-        text += f" (caused by {cause.get('type')}: {cause.get('reason')})"
+        # The cause's type only: its reason quotes the value ("Numeric value (…) out of range of long").
+        text += f" (caused by {error['caused_by'].get('type')})"
     if status in RETRIABLE_STATUS or kind in ("es_rejected_execution_exception", "unavailable_shards_exception"):
         return "retry", text
     if status == 400 and kind == "illegal_argument_exception" and not _about_the_document(text):
@@ -171,6 +175,15 @@ def classify_item(op_type: str, status: int | None, error: Any) -> tuple[str, st
     if status == 400 and kind is not None and (kind in REJECTED_TYPES or kind.endswith("_parsing_exception")):
         return "rejected", text
     return "fatal", text
+
+
+_PREVIEW = re.compile(r"(Preview of field's value: ).*$", re.S)
+
+
+def without_values(reason: str | None) -> str | None:
+    """The engine's reason without the value it quotes: a rejection reason reaches dead-letter headers and logs,
+    which carry keys and reasons, never row values. The field and its type stay named."""
+    return None if reason is None else _PREVIEW.sub(r"\1(not shown)", reason)
 
 
 def _about_the_document(text: str) -> bool:
@@ -503,11 +516,14 @@ class SearchStore:
         return _path(index_name(spec))
 
     def scan(self, spec: EntitySpec) -> Iterator[tuple[str, dict[str, Any], int | None]]:
+        yield from self._scroll(spec, {"match_all": {}})
+
+    def _scroll(self, spec: EntitySpec, query: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any], int | None]]:
         index = self._index_path(spec)
         self.http.post(f"{index}/_refresh")
         response = self.http.post(
             f"{index}/_search", params={"scroll": "2m"},
-            json={"size": BATCH, "version": True, "sort": ["_doc"], "query": {"match_all": {}}},
+            json={"size": BATCH, "version": True, "sort": ["_doc"], "query": query},
         )
         if response.status_code == 404:
             return
@@ -570,6 +586,111 @@ class SearchStore:
                 f"{position}; the index keeps that version for gc_deletes, reindex them to repair"
             )
         return []
+
+    # --- erasure (changeflow.erasure) ---------------------------------------------------------------
+    def indexes(self, spec: EntitySpec) -> list[str]:
+        """Every physical index the entity's name leads to: each one behind its alias (a rebuild swaps in a new
+        one; an alias may span several), the concrete index of that name from before aliases, and the target
+        of a rebuild in progress."""
+        alias = index_name(spec)
+        behind = self._call("GET", f"/_alias/{urllib.parse.quote(alias, safe='')}", ok=(404,))
+        names = set(behind or {})
+        if not names and self._exists(spec):
+            names.add(alias)
+        target = self.rebuild_targets().get(spec.name)
+        if target is not None and self.http.head(_path(target)).status_code == 200:
+            names.add(target)
+        return sorted(names)
+
+    def keys_where(self, spec: EntitySpec, column: str, values: Sequence[str]) -> list[str]:
+        """A lenient ``match`` per value (a text field matches its words, a number field ignores what is no
+        number), then each hit's source value compared as text: exactly the documents whose value it is."""
+        wanted = set(values)
+        field = stored_name(column, RESERVED)
+        found: set[str] = set()
+        ordered = sorted(wanted)
+        for i in range(0, len(ordered), 500):
+            query = {"bool": {"minimum_should_match": 1, "should": [
+                {"match": {field: {"query": v, "lenient": True, "operator": "and"}}} for v in ordered[i : i + 500]]}}
+            for key, row, _version in self._scroll(spec, query):
+                if row.get(column) is not None and str(row[column]) in wanted:
+                    found.add(key)
+        return sorted(found)
+
+    def _held(self, index: str, keys: list[str], keep: Mapping[str, int] | None
+              ) -> list[tuple[str, dict[str, Any]]]:
+        """(key, the document's metadata) of each of ``keys`` the index holds that ``forget`` removes: read by
+        ``_mget``, which is real-time (no refresh needed); a kept key's document only while it is older."""
+        out: list[tuple[str, dict[str, Any]]] = []
+        for i in range(0, len(keys), BATCH):
+            chunk = keys[i : i + BATCH]
+            found = self._call("POST", f"{_path(index)}/_mget", {"ids": [doc_id(k) for k in chunk]}, ok=(404,))
+            for key, doc in zip(chunk, (found or {}).get("docs") or [], strict=False):
+                if not doc.get("found"):
+                    continue
+                if keep and key in keep and int(doc.get("_version") or 0) >= keep[key]:
+                    continue
+                out.append((key, doc))
+        return out
+
+    def traces(self, spec: EntitySpec, keys: list[str], keep: Mapping[str, int] | None = None) -> int:
+        """Documents of the keys in every index behind the alias. The engine's own memory of a delete (the
+        document's id and version, no field of it, for ``index.gc_deletes``) has no API to read it by id:
+        not counted, and not removed by ``forget`` (it expires by itself)."""
+        return sum(len(self._held(index, keys, keep)) for index in self.indexes(spec)) if keys else 0
+
+    def forget(self, spec: EntitySpec, keys: list[str], keep: Mapping[str, int] | None = None) -> list[str]:
+        """Deletes by id in each index behind the alias (not through the alias, which writes to one index),
+        then a refresh, so a search finds nothing of them when this returns. A kept key's older document is
+        deleted only while it is still the one held (``if_seq_no``): a newer write in between stays."""
+        done: list[str] = []
+        for index in self.indexes(spec):
+            held = self._held(index, keys, keep)
+            if not held:
+                continue
+            lines: list[bytes] = []
+            for key, doc in held:
+                meta: dict[str, Any] = {"_index": index, "_id": doc_id(key)}
+                if keep and key in keep:
+                    meta |= {"if_seq_no": doc["_seq_no"], "if_primary_term": doc["_primary_term"]}
+                lines.append(orjson.dumps({"delete": meta}))
+            for start in range(0, len(lines), BULK_ACTIONS):
+                response = self.http.post("/_bulk", content=b"\n".join([*lines[start : start + BULK_ACTIONS], b""]),
+                                          params={"filter_path": BULK_FILTER},
+                                          headers={"Content-Type": "application/x-ndjson"})
+                if response.status_code >= 400:
+                    raise SearchRefused(response.status_code, f"search: delete in {index} refused "
+                                                              f"({response.status_code})")
+                for item in orjson.loads(response.content).get("items") or []:
+                    status = next(iter(item.values())).get("status")
+                    if status not in (200, 404, 409):  # 409: a kept key written anew meanwhile
+                        raise SearchRefused(int(status or 0), f"search: a delete in {index} answered {status}")
+            self._call("POST", f"{_path(index)}/_refresh")
+            done.append(f"search {index}: {len(held)} documents deleted")
+        return done
+
+    def expunge(self, spec: EntitySpec) -> tuple[str, float | None]:
+        """``_forcemerge?only_expunge_deletes=true`` on every index behind the alias, waited for. The merge policy
+        skips a segment whose deleted share is under ``expunge_deletes_allowed`` (10 % by default): it is set to
+        0 for the merge, then given back."""
+        indexes = self.indexes(spec)
+        setting = "index.merge.policy.expunge_deletes_allowed"
+        retained = 0
+        for index in indexes:
+            self._call("PUT", f"{_path(index)}/_settings", {setting: 0})
+            try:
+                self._call("POST", f"{_path(index)}/_forcemerge?only_expunge_deletes=true")
+            finally:
+                self._call("PUT", f"{_path(index)}/_settings", {setting: None})
+            stats = self._call("GET", f"{_path(index)}/_stats/docs")
+            retained += int(stats["_all"]["primaries"]["docs"]["deleted"])
+        done = f"search: forcemerge only_expunge_deletes on {', '.join(indexes) or 'no index'}"
+        if not retained:
+            return done, None
+        # Soft-deleted documents the shard's history retention lease still covers survive a merge (measured on
+        # OpenSearch 2.19: the lease moves on at its next background sync, about 30 s later).
+        return (f"{done}; {retained} deleted documents (of any key) still retained by the shard's history retention "
+                f"lease: expunge again in {RETENTION_SYNC_S:.0f} s", RETENTION_SYNC_S)
 
     def applied_through(self) -> dict[str, int]:
         response = self.http.post(f"/{self.applied_index}/_search", json={"size": 1000})

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
+import redis
 import yaml
 from psycopg import sql
 
@@ -26,9 +29,11 @@ from changeflow.pipelines.types import parse_type
 from changeflow.schemas import SchemaVersion, make_version
 from changeflow.settings import Settings
 from changeflow.sinks.base import Store, create, names, registry
+from changeflow.sinks.redis import row_key
 from changeflow.sinks.runner import complete_partials, write_bisecting
+from changeflow.sinks.search import index_name
 from changeflow.streams.records import ChangeRecord
-from tests.integration.conftest import eventually
+from tests.integration.conftest import eventually, redis_url, search_url
 
 pytestmark = pytest.mark.integration
 
@@ -162,7 +167,10 @@ def test_a_row_the_store_refuses_is_handed_back_and_the_rest_lands(contract: tup
         assert set(held(store, pipeline)) == {"1", "2", "3", "4", "5"}
         return
     assert [(r.record.key, r.record.version) for r in refused] == [("3", 100)]
-    assert str(2**70) in refused[0].reason or "range" in refused[0].reason.lower(), refused[0].reason
+    # The reason (dead-letter headers, logs) names the column or the range, never the value (issue 23 §6).
+    reason = refused[0].reason
+    assert str(2**70) not in reason and ("`small`" in reason or "[small]" in reason or "range" in reason.lower()), \
+        reason
     assert set(held(store, pipeline)) == {"1", "2", "4", "5"}
 
 
@@ -230,3 +238,203 @@ def test_a_value_that_needs_a_widened_type_lands(contract: tuple[Store, Pipeline
         assert not store.write_batch([record(sv, 1, version, {"id": 1, "n": big, "f": 1e300})])
         assert {k: store.fetch(pipeline.entity("things"), ["1"])["1"].row[k] for k in ("n", "f")} == {
             "n": big, "f": 1e300}
+
+
+# --- erasure (issue 23): keys_where, forget, traces, expunge ------------------------------------------------
+def erasure_rows(store: Store, sv: SchemaVersion) -> None:
+    """Person "p1" in keys 1 (two versions), 2 (deleted: a tombstone or a remembered version) and 4 (anonymised
+    at version 130); person "p2" in key 3. One batch per version, so a store that keeps older rows has them."""
+    batches = [
+        [record(sv, 1, 100, row(1, "p1"), op="c"), record(sv, 2, 100, row(2, "p1"), op="c"),
+         record(sv, 3, 100, row(3, "p2", small=3), op="c"), record(sv, 4, 100, row(4, "p1"), op="c")],
+        [record(sv, 1, 110, row(1, "p1", small=2))],
+        [ChangeRecord("postgres", "things", "2", "d", 120, 1_700_000_000_000, row(2, "p1"), None,  # a full before
+                      key_columns=("id",), schema=sv)],
+        [record(sv, 4, 130, row(4, "anon", small=4, price="0.00", tags=["-"]))],
+    ]
+    for batch in batches:
+        assert not store.write_batch(batch)
+
+
+@pytest.mark.parametrize("contract", STORES, indirect=True)
+def test_erasure_finds_the_rows_of_a_person_and_forgets_every_trace_of_them(
+        contract: tuple[Store, Pipeline, SchemaVersion]) -> None:
+    store, pipeline, sv = contract
+    spec = pipeline.entity("things")
+    erasure_rows(store, sv)
+    assert held(store, pipeline) == {"1": ("p1", 110), "3": ("p2", 100), "4": ("anon", 130)}
+    # Live rows only, by a column that is not the key, compared as text (an integer column too).
+    assert store.keys_where(spec, "name", ["p1"]) == ["1"]
+    assert store.keys_where(spec, "name", ["p1", "anon", "nobody"]) == ["1", "4"]
+    assert store.keys_where(spec, "small", ["2", "3"]) == ["1", "3"]
+    assert store.keys_where(spec, "name", []) == []
+    # The deleted key leaves a trace: a tombstone row, a remembered version. Search's memory of a delete is the
+    # engine's own (id and version for index.gc_deletes), which no API reads by id: it counts no trace there.
+    tombstone = store.traces(spec, ["2"])
+    assert (tombstone == 0) if store.name == "search" else (tombstone >= 1), tombstone
+    assert store.traces(spec, ["1", "2", "4"]) > store.traces(spec, ["1", "2", "4"], keep={"4": 130}) > 0
+
+    done = store.forget(spec, ["1", "2", "4"], keep={"4": 130})
+    assert done and all(line.startswith(store.name) for line in done), done
+    assert not any("p1" in line or "anon" in line for line in done), done
+    assert store.traces(spec, ["1", "2", "4"], keep={"4": 130}) == 0
+    assert store.traces(spec, ["1", "2"]) == 0
+    # The kept row is still there, exactly, at its version (and so are its traces, without `keep`).
+    assert store.traces(spec, ["4"]) >= 1
+    assert held(store, pipeline) == {"3": ("p2", 100), "4": ("anon", 130)}
+    kept = store.fetch(spec, ["4"])["4"]
+    assert kept.version == 130
+    assert {k: kept.row[k] for k in COLUMNS} in (
+        {"id": 4, "name": "anon", "small": 4, "price": Decimal("0.00"), "tags": ["-"]},
+        {"id": 4, "name": "anon", "small": 4, "price": "0.00", "tags": ["-"]},  # the JSON stores' exact decimals
+    )
+    other = store.fetch(spec, ["3"])["3"]
+    assert (other.version, other.row["name"], other.row["small"]) == (100, "p2", 3)
+    assert store.keys_where(spec, "name", ["p1"]) == []
+    # Idempotent: nothing left to change, nothing said.
+    assert store.forget(spec, ["1", "2", "4"], keep={"4": 130}) == []
+    assert store.traces(spec, ["1", "2", "4"], keep={"4": 130}) == 0
+
+    what, seconds = store.expunge(spec)
+    assert what.startswith(store.name) and (seconds is None or seconds >= 0), (what, seconds)
+
+
+@pytest.mark.parametrize("contract", STORES, indirect=True)
+def test_after_forget_the_store_no_longer_refuses_a_late_older_write(
+        contract: tuple[Store, Pipeline, SchemaVersion]) -> None:
+    """The store's version memory of a forgotten key is gone with it, so a late, older change of that key is
+    written again: what stops it is the erasure's suppression list upstream, not the store. Search is the
+    exception: forget deletes the document (the engine versions that delete one above it) and the engine keeps
+    that version, and a delete's, for index.gc_deletes (7 days), id and version only, so it still refuses."""
+    store, pipeline, sv = contract
+    spec = pipeline.entity("things")
+    erasure_rows(store, sv)
+    assert store.forget(spec, ["1", "2"])
+    assert store.traces(spec, ["1", "2"]) == 0
+    assert not store.write_batch([record(sv, 1, 90, row(1, "late one")), record(sv, 2, 110, row(2, "late two"))])
+    if store.name == "search":
+        assert held(store, pipeline) == {"3": ("p2", 100), "4": ("anon", 130)}
+        # A newer change than the engine's remembered version is written, as any newer change.
+        assert not store.write_batch([record(sv, 1, 112, row(1, "newer"))])
+        assert held(store, pipeline) == {"1": ("newer", 112), "3": ("p2", 100), "4": ("anon", 130)}
+    else:
+        assert held(store, pipeline) == {"1": ("late one", 90), "2": ("late two", 110), "3": ("p2", 100),
+                                         "4": ("anon", 130)}
+
+
+@pytest.mark.parametrize("contract", ["clickhouse"], indirect=True)
+def test_clickhouse_tombstone_holds_only_the_key_and_forget_expunge_leave_nothing(
+        contract: tuple[Store, Pipeline, SchemaVersion]) -> None:
+    """Issue 23: `(1, 'alice@example.com', 'Alice', ...)` survived `OPTIMIZE ... FINAL` as a delete's row, and the
+    changelog and reconcile's differing keys kept the key after the row was gone."""
+    store, pipeline, sv = contract
+    spec = pipeline.entity("things")
+    client = store.client  # type: ignore[attr-defined]
+    table = store.table(spec)  # type: ignore[attr-defined]
+    database = pipeline.namespace
+    assert not store.write_batch([record(sv, 1, 100, row(1, "alice@example.com", small=7, tags=["x"]), op="c"),
+                                  record(sv, 2, 100, row(2, "bob"), op="c")])
+    # Debezium's delete carries the whole row as it was (its before image).
+    delete = ChangeRecord("postgres", "things", "1", "d", 120, 1_700_000_000_000,
+                          row(1, "alice@example.com", small=7, tags=["x"]), None, key_columns=("id",), schema=sv)
+    assert not store.write_batch([delete])
+    client.command(f"OPTIMIZE TABLE {table} FINAL")
+    # Without FINAL: every row the table stores for the key. The delete's row carries the key columns only.
+    rows = client.query(f"SELECT id, name, small, price, tags, _version, _is_deleted FROM {table} WHERE _key = '1'"
+                        ).result_rows
+    assert rows == [(1, None, None, None, [], 120, 1)]
+    diffs = f"{database}.reconciliation_diffs"
+    client.insert(diffs, [["run1", datetime.now(UTC), "things", "clickhouse", k, "stale", "d", None] for k in "12"],
+                  column_names=["run_id", "run_at", "entity", "store", "key", "kind", "detail", "store_version"])
+    changelog = f"{database}.changelog"
+
+    def left(key: str) -> tuple[int, int, int]:
+        return tuple(int(client.command(f"SELECT count() FROM {t} WHERE {c} = '{key}'" + extra))  # type: ignore[return-value]
+                     for t, c, extra in ((table, "_key", ""), (changelog, "key", " AND entity = 'things'"),
+                                         (diffs, "key", " AND entity = 'things'")))
+
+    assert left("1") == (1, 2, 1)
+    assert store.traces(spec, ["1"]) == 4
+    assert store.forget(spec, ["1"]) == [f"clickhouse {database}.things: 1 rows deleted",
+                                         f"clickhouse {changelog}: 2 rows deleted",
+                                         f"clickhouse {diffs}: 1 rows deleted"]
+    what, seconds = store.expunge(spec)
+    assert "OPTIMIZE TABLE" in what and seconds is not None and seconds >= 0
+    assert left("1") == (0, 0, 0)
+    assert store.traces(spec, ["1"]) == 0
+    assert client.query(f"SELECT count() FROM {table} WHERE name = 'alice@example.com'").result_rows == [(0,)]
+    assert client.query(f"SELECT count() FROM {changelog} WHERE position(ifNull(before, '') || ifNull(after, ''), "
+                        "'alice@example.com') > 0").result_rows == [(0,)]
+    # The other key: untouched, everywhere.
+    assert left("2") == (1, 1, 1)
+    assert held(store, pipeline) == {"2": ("bob", 100)}
+
+
+@pytest.mark.parametrize("contract", ["search"], indirect=True)
+def test_search_forget_removes_the_document_from_every_index_behind_the_alias(
+        contract: tuple[Store, Pipeline, SchemaVersion], live_stack: Settings) -> None:
+    """An alias spanning two indexes (a rebuild's new index beside the old, both aliased): the document of a
+    forgotten key goes from both, not only from the write index the alias leads writes to."""
+    store, pipeline, sv = contract
+    spec = pipeline.entity("things")
+    alias = index_name(spec)
+    second = f"{alias}-000002"
+    store.create_index(spec, second, types=sv.columns)  # type: ignore[attr-defined]
+    base = search_url(live_stack)
+    httpx.post(f"{base}/_aliases", json={"actions": [{"add": {"index": second, "alias": alias}}]},
+               timeout=30).raise_for_status()
+    assert store.indexes(spec) == [f"{alias}-000001", second]  # type: ignore[attr-defined]
+    assert not store.write_batch([record(sv, 1, 100, row(1, "p1"), op="c"), record(sv, 2, 100, row(2, "p2"), op="c")])
+    for key, name in (("1", "p1 copy"), ("3", "p1 only here")):
+        httpx.put(f"{base}/{second}/_doc/{key}", params={"version": 100, "version_type": "external", "refresh": "true"},
+                  json={"id": int(key), "name": name}, timeout=30).raise_for_status()
+
+    def in_index(index: str) -> dict[str, str]:
+        found = httpx.post(f"{base}/{index}/_search", json={"size": 100}, timeout=30).json()["hits"]["hits"]
+        return {h["_id"]: h["_source"]["name"] for h in found}
+
+    assert in_index(f"{alias}-000001") == {"1": "p1", "2": "p2"}
+    assert in_index(second) == {"1": "p1 copy", "3": "p1 only here"}
+    assert store.keys_where(spec, "name", ["p1", "p1 only here"]) == ["1", "3"]
+    assert store.traces(spec, ["1", "3"]) == 3
+    assert store.forget(spec, ["1", "3"]) == [f"search {alias}-000001: 1 documents deleted",
+                                              f"search {second}: 2 documents deleted"]
+    assert store.traces(spec, ["1", "3"]) == 0
+    assert in_index(f"{alias}-000001") == {"2": "p2"}
+    assert in_index(second) == {}
+    assert store.forget(spec, ["1", "3"]) == []
+    what, _seconds = store.expunge(spec)  # type: ignore[attr-defined]
+    assert f"{alias}-000001" in what and second in what
+
+
+@pytest.mark.parametrize("contract", STORES, indirect=True)
+def test_a_delete_leaves_the_key_and_its_version_never_a_value_of_the_row(
+        contract: tuple[Store, Pipeline, SchemaVersion], live_stack: Settings) -> None:
+    """Issue 23 §6: what a store remembers of a deleted row (a tombstone row, a version entry) is its key and
+    version, read here from each store's own storage, not through the store's reads (which skip deletes)."""
+    store, pipeline, sv = contract
+    spec = pipeline.entity("things")
+    assert not store.write_batch([record(sv, 1, 100, row(1, "alice@example.com", small=7, tags=["x"]), op="c")])
+    delete = ChangeRecord("postgres", "things", "1", "d", 120, 1_700_000_000_000,
+                          row(1, "alice@example.com", small=7, tags=["x"]), None, key_columns=("id",), schema=sv)
+    assert not store.write_batch([delete])
+    assert held(store, pipeline) == {}
+    if store.name == "clickhouse":
+        client, table = store.client, store.table(spec)  # type: ignore[attr-defined]
+        # Without FINAL (which hides a delete's row): the row the delete wrote.
+        assert client.query(f"SELECT id, name, small, price, tags, _version FROM {table} "
+                            "WHERE _key = '1' AND _is_deleted = 1").result_rows == [(1, None, None, None, [], 120)]
+    elif store.name == "postgres":
+        with psycopg.connect(live_stack.pg_dsn, dbname=f"{pipeline.namespace}_read") as conn:
+            assert conn.execute("SELECT id, name, small, price, tags, _cf_version, _cf_deleted FROM public.things"
+                                ).fetchall() == [(1, None, None, None, None, Decimal(120), True)]
+    elif store.name == "redis":
+        client = redis.Redis.from_url(redis_url(live_stack))
+        assert client.get(row_key(spec, "1")) is None
+        assert client.hget(f"{pipeline.namespace}:versions", row_key(spec, "1")) == b"%020d" % 120
+    elif store.name == "search":
+        for index in store.indexes(spec):  # type: ignore[attr-defined]
+            found = httpx.get(f"{search_url(live_stack)}/{index}/_doc/1", timeout=30).json()
+            assert found["found"] is False and "_source" not in found
+    else:
+        pytest.fail(f"no reading of {store.name}'s own storage here: add one")

@@ -155,12 +155,22 @@ def test_bulk_items_are_told_apart(op: str, status: int, error: Any, outcome: st
         assert why and error["type"] in why
 
 
-def test_the_engines_reason_and_its_cause_travel_with_a_rejection() -> None:
+def test_the_engines_reason_and_its_cause_travel_with_a_rejection_without_the_value() -> None:
+    """Issue 23 §6: a rejection reason reaches dead-letter headers and logs: the field and the cause's type
+    travel, the value the engine quotes does not."""
     _, why = classify_item("index", 400, {**MAPPING_CONFLICT, "caused_by": {"type": "illegal_argument_exception",
                                                                            "reason": "For input string: \"x\""}})
     assert why is not None
     assert why.startswith("mapper_parsing_exception: object mapping for [attrs]")
-    assert 'caused by illegal_argument_exception: For input string: "x"' in why
+    assert why.endswith("(caused by illegal_argument_exception)")
+    assert "For input string" not in why
+    _, why = classify_item("index", 400, {
+        "type": "mapper_parsing_exception",
+        "reason": "failed to parse field [email] of type [date] in document with id '3'. Preview of field's value: "
+                  "'alice@example.com'",
+        "caused_by": {"type": "illegal_argument_exception", "reason": "failed to parse date 'alice@example.com'"}})
+    assert why == ("mapper_parsing_exception: failed to parse field [email] of type [date] in document with id '3'. "
+                   "Preview of field's value: (not shown) (caused by illegal_argument_exception)")
 
 
 @pytest.fixture
