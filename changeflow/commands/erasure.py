@@ -36,6 +36,17 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(1)
 
 
+def _failures() -> tuple[type[Exception], ...]:
+    """What stops an erasure command with a message (the request stays open; running it again resumes it):
+    its own errors, and the home store, Kafka or the source failing."""
+    import psycopg
+    from confluent_kafka import KafkaException
+
+    from changeflow.reports import home
+
+    return (_run().ErasureError, *home.errors(), KafkaException, psycopg.Error, TimeoutError)
+
+
 def erase(
     subject: Annotated[str, typer.Argument(help="A subject of the pipeline's `erasure:` section (e.g. user).")],
     subject_id: Annotated[str, typer.Argument(metavar="ID", help="The person's key in the subject's entity.")],
@@ -56,7 +67,7 @@ def erase(
     try:
         request = run.erase(settings, pipeline, subject, subject_id, wait_source_s=wait_source,
                             source_deleted=source_deleted, apply_timeout_s=timeout, say=say)
-    except run.ErasureError as exc:
+    except _failures() as exc:
         _fail(exc)
         return
     if as_json:
@@ -89,7 +100,7 @@ def status(
     run = _run()
     try:
         found = run.status(context.settings(), context.pipeline(), request_id)
-    except run.ErasureError as exc:
+    except _failures() as exc:
         _fail(exc)
         return
     if as_json:
@@ -111,7 +122,7 @@ def confirm(
     run = _run()
     try:
         request = run.confirm(context.settings(), context.pipeline(), request_id, projection, by="cli")
-    except run.ErasureError as exc:
+    except _failures() as exc:
         _fail(exc)
         return
     console.print(f"{escape(projection)}: confirmed; request {request.id} is {request.state}", highlight=False)

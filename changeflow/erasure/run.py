@@ -21,12 +21,14 @@ request for the same subject is found by its mark):
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -300,6 +302,34 @@ def _held_version(stores: dict[str, base.Store], spec: EntitySpec, keys: list[st
     return out
 
 
+def key_image(types: dict[str, Any], key_columns: tuple[str, ...], key: str) -> dict[str, Any]:
+    """The key columns' typed values of a canonical key text (``streams.keys.part_text`` undone): the image a
+    delete travels with, which a store's tombstone holds."""
+    out: dict[str, Any] = {}
+    for column, part in zip(key_columns, key_parts(key, len(key_columns)), strict=True):
+        kind = getattr(types.get(column), "kind", "string")
+        try:
+            if kind in ("int16", "int32", "int64"):
+                out[column] = int(part)
+            elif kind == "decimal":
+                out[column] = Decimal(part)
+            elif kind in ("float32", "float64"):
+                out[column] = float(part)
+            elif kind == "bool":
+                out[column] = part == "true"
+            elif kind == "date":
+                out[column] = date.fromisoformat(part)
+            elif kind in ("timestamp", "timestamptz"):
+                out[column] = datetime.fromisoformat(part)
+            elif kind == "bytes":
+                out[column] = base64.b64decode(part)
+            else:
+                out[column] = part
+        except (ValueError, ArithmeticError):
+            out[column] = part
+    return out
+
+
 def _publish_changes(settings: Settings, pipeline: Pipeline, stores: dict[str, base.Store], subject: SubjectSpec,
                      found: Plan) -> dict[tuple[str, str], int]:
     """A delete per erased row, a partial update per anonymised row, each above the newest version any store
@@ -321,7 +351,7 @@ def _publish_changes(settings: Settings, pipeline: Pipeline, stores: dict[str, b
             anonymise = k in found.anonymise.get(entity, set())
             record = ChangeRecord(
                 source=spec.source, entity=entity, key=k, op="u" if anonymise else "d", version=version,
-                ts_ms=now_ms, before=None,
+                ts_ms=now_ms, before=None if anonymise else key_image(sv.columns, sv.key_columns, k),
                 after={c: None for c in ref.cleared if c in sv.columns} if anonymise and ref is not None else None,
                 partial=anonymise, key_columns=sv.key_columns, types=sv.columns)
             producer.produce(spec.canonical_topic, key=record.kafka_key.encode(), value=to_avro(book, record))

@@ -1,6 +1,7 @@
 """Erasure requests and their projections, kept in the reports' home store (``erasure_requests``).
 
-One row per (request, projection), replaced as the projection moves ``pending`` → ``erased`` → ``purged``;
+One row per (request, projection), replaced as the projection moves ``pending`` → ``erased`` → ``purged``
+(the column is ``projection_name``: PROJECTION is a ClickHouse keyword);
 the row whose projection is empty is the request itself (``open`` → ``closed``). A request names its subject
 by mark (an HMAC), never by the clear id. Reads use ``FINAL``: the newest state of each row.
 """
@@ -14,7 +15,7 @@ from typing import Any
 from changeflow.reports import home
 
 TABLE = "erasure_requests"
-COLUMNS = ["request", "subject", "mark", "projection", "kind", "state", "detail", "purge_due", "requested_at",
+COLUMNS = ["request", "subject", "mark", "projection_name", "kind", "state", "detail", "purge_due", "requested_at",
            "source_position", "updated_at"]
 # The order a projection's state moves in; a request closes once every projection is at least erased.
 STATES = ("pending", "erased", "purged")
@@ -23,11 +24,11 @@ STATES = ("pending", "erased", "purged")
 def ddl(database: str) -> str:
     return (
         f"CREATE TABLE IF NOT EXISTS {home.quote(database)}.{TABLE} (\n"
-        "  request String, subject LowCardinality(String), mark String, projection String,\n"
+        "  request String, subject LowCardinality(String), mark String, projection_name String,\n"
         "  kind LowCardinality(String), state LowCardinality(String), detail String,\n"
         "  purge_due Nullable(DateTime64(3, 'UTC')), requested_at DateTime64(3, 'UTC'),\n"
         "  source_position String, updated_at DateTime64(3, 'UTC')\n"
-        ")\nENGINE = ReplacingMergeTree(updated_at)\nORDER BY (request, projection)"
+        ")\nENGINE = ReplacingMergeTree(updated_at)\nORDER BY (request, projection_name)"
     )
 
 
@@ -98,7 +99,8 @@ class Tracker:
 
     def _rows(self, where: str, parameters: dict[str, Any]) -> list[tuple[Any, ...]]:
         return list(self.client.query(
-            f"SELECT {', '.join(COLUMNS)} FROM {self.table} FINAL WHERE {where} ORDER BY request, kind, projection",
+            f"SELECT {', '.join(COLUMNS)} FROM {self.table} FINAL WHERE {where} "
+            "ORDER BY request, kind, projection_name",
             parameters=parameters).result_rows)
 
     @staticmethod
@@ -110,14 +112,14 @@ class Tracker:
             at = values["requested_at"]
             at = at.replace(tzinfo=UTC) if at.tzinfo is None else at
             req = out.get(rid) or Request(rid, values["subject"], values["mark"], at, values["source_position"])
-            if values["projection"] == "":
+            if values["projection_name"] == "":
                 req = replace(req, state=values["state"], detail=values["detail"])
             else:
                 due = values["purge_due"]
                 if due is not None and due.tzinfo is None:
                     due = due.replace(tzinfo=UTC)
                 req = replace(req, projections=(*req.projections, Projection(
-                    values["projection"], values["kind"], values["state"], values["detail"], due)))
+                    values["projection_name"], values["kind"], values["state"], values["detail"], due)))
             out[rid] = req
         return list(out.values())
 
