@@ -48,6 +48,7 @@ from changeflow.streams.dlq import (
     entry_from_message,
     read_to_end,
 )
+from changeflow.streams.suppression import SuppressionFeed
 
 if TYPE_CHECKING:
     from changeflow.pipelines.spec import Pipeline
@@ -216,6 +217,20 @@ def redact(settings: Settings, pipeline: Pipeline, doomed: Doomed, say: Say = la
         + (f"; {late} parked meanwhile are left for the next run" if late else ""))
     return Redaction(kept=len(keep), removed=sum(removed.values()), unreadable=unreadable, highs=highs, lows=lows,
                      late=late)
+
+
+def redact_suppressed(settings: Settings, pipeline: Pipeline, say: Say = lambda _line: None,
+                      timeout: float = 30.0) -> Redaction | None:
+    """What the erasure calls once the suppression list holds its rows: the suppression topic read to its end,
+    then :func:`redact` with :func:`doomed_by` it. None for a pipeline that declares no erasure subject."""
+    feed = SuppressionFeed.for_pipeline(settings, pipeline)
+    if feed is None:
+        return None
+    try:
+        feed.refresh(force=True)
+        return redact(settings, pipeline, doomed_by(feed.suppressor), say, timeout)
+    finally:
+        feed.close()
 
 
 def _verify(settings: Settings, pipeline: Pipeline, doomed: Doomed, highs: dict[int, int],

@@ -8,10 +8,13 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import orjson
 import pytest
 from confluent_kafka import Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from changeflow.deploy.secrets import erasure_key
+from changeflow.pipelines.erasure import mark
 from changeflow.pipelines.load import parse
 from changeflow.pipelines.spec import Pipeline
 from changeflow.settings import Settings
@@ -24,8 +27,9 @@ from changeflow.streams.dlq import (
     read_topic,
     replayed_topic_name,
 )
-from changeflow.streams.dlq_redact import redact
-from changeflow.worker import DLQ_CONFIG
+from changeflow.streams.dlq_redact import redact, redact_suppressed
+from changeflow.streams.erasure import Entry
+from changeflow.worker import DLQ_CONFIG, SUPPRESSION_CONFIG
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +48,14 @@ sources:
 entities:
   products: {{source: postgres, table: public.products}}
   stock: {{source: postgres, table: public.stock, key: [region, sku]}}
+  orders: {{source: postgres, table: public.orders}}
   users: {{source: mongodb, collection: users}}
+erasure:
+  subjects:
+    user:
+      entity: users
+      refers:
+        orders: {{column: user_id, action: anonymise}}
 """, f"{name}.yml")
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
     futures = admin.create_topics([NewTopic(pipeline.dlq_topic, 1, 1, config=DLQ_CONFIG)])
@@ -191,3 +202,34 @@ def test_a_dead_letter_parked_while_it_runs_is_kept_and_counted_late(
     assert result.low_watermark == 2
     assert [(m.offset(), m.value()) for m in read_topic(settings, pipeline.dlq_topic)] == [
         (2, b"{c"), (3, b"{d"), (4, b"{b")]
+
+
+def test_the_erasures_redaction_removes_dead_letters_of_rows_on_the_suppression_list(
+    scratch: tuple[Settings, Pipeline],
+) -> None:
+    settings, pipeline = scratch
+    ns = pipeline.namespace
+    orders, users = f"{ns}pg.public.orders", f"{ns}mg.people.users"
+    secret = erasure_key(settings)
+    entries = [Entry(mark(secret, "users", "user-5"), "erase", 1_795_000_000_000, "r1"),
+               Entry(mark(secret, "orders", "9"), "anonymise", 1_795_000_000_000, "r1")]
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    admin.create_topics([NewTopic(pipeline.suppression_topic, 1, 1, config=SUPPRESSION_CONFIG)])[
+        pipeline.suppression_topic].result(30)
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "acks": "all"})
+    for entry in entries:
+        producer.produce(pipeline.suppression_topic, key=entry.mark.encode(), value=orjson.dumps(entry.to_json()))
+    assert producer.flush(30) == 0
+    park(settings, pipeline.dlq_topic, [
+        (b'{"id": "\\"user-5\\""}', b"{u5", origin(users, 1)),
+        (b'{"id": 9}', b"{o9", origin(orders, 2)),
+        (b'{"id": "\\"user-6\\""}', b"{u6", origin(users, 3)),
+        (b"orders:10", b"avro", quarantined(f"{ns}.orders", 4, "redis", "orders", "10")),
+        (b"orders:9", b"avro", quarantined(f"{ns}.orders", 5, "redis", "orders", "9")),
+    ])
+    said: list[str] = []
+    result = redact_suppressed(settings, pipeline, said.append)
+    assert result is not None
+    assert (result.kept, result.removed, result.unreadable, result.low_watermark) == (2, 3, 0, 5)
+    assert [m.value() for m in read_topic(settings, pipeline.dlq_topic)] == [b"{u6", b"avro"]
+    assert [e.id for e in read_dead_letters(settings, pipeline)] == [f"{users}:0:3", f"{ns}.orders:0:4"]
