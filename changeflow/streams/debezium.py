@@ -9,7 +9,7 @@ datetimes.
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any, TypeVar, cast
@@ -495,6 +495,22 @@ def _decode(raw_value: bytes, topic: str, partition: int, offset: int, raw_key: 
         key_columns=tuple(key_columns),
         types=out_types,
     )
+
+
+def message_key_text(raw_key: bytes | None, key_columns: Sequence[str] | None = None) -> str:
+    """The canonical key text a change with this message key gets (``_decode``: the key columns' values, typed
+    by the key's schema when it carries one), without its value: what the DLQ redaction reads from a dead
+    letter whose value may be anything. ``key_columns``: the entity's declared key, which must then be
+    columns of the message key (else the key is only in the row image: DecodeError)."""
+    key_row = message_key(raw_key)
+    if key_row is None:
+        raise DecodeError("no message key")
+    columns = tuple(key_columns) if key_columns else tuple(key_row)
+    missing = [c for c in columns if key_row.get(c) is None]
+    if missing:
+        raise DecodeError(f"key column {missing[0]!r} not in the message key")
+    key_fields = _fields(message_key_schema(raw_key) or {})
+    return key_text([convert_value(key_row[c], key_fields.get(c, {})) for c in columns])
 
 
 def message_key_schema(raw_key: bytes | None) -> Mapping[str, Any] | None:

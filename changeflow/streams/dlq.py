@@ -60,6 +60,9 @@ KEY = "changeflow.key"
 VERSION = "changeflow.version"
 REPLAY_OF = "changeflow.replay_of"
 REPLAYED_AT = "changeflow.replayed_at"
+# The id a dead letter had before a redaction re-wrote it (``streams.dlq_redact``): it wins over the one its
+# position or origin would give, so ``dlq list``/``dlq replay`` ids and the replay log still name it.
+DLQ_ID = "changeflow.dlq_id"
 
 PREVIEW_BYTES = 60
 
@@ -189,7 +192,8 @@ def entry_from_message(
     dlq_offset: int,
 ) -> DeadLetterEntry:
     """A DLQ message → entry. One without a readable origin is kept (listed) under its DLQ position,
-    so nothing parked is ever hidden, but it cannot be replayed: there is nowhere to send it back."""
+    so nothing parked is ever hidden, but it cannot be replayed: there is nowhere to send it back.
+    A ``changeflow.dlq_id`` header (a dead letter a redaction re-wrote) names it instead."""
     h = _header_map(headers)
     source_topic: str | None = None
     raw_topic = h.get(SOURCE_TOPIC)
@@ -205,14 +209,16 @@ def entry_from_message(
         "store": _text_header(h, STORE), "entity": _text_header(h, ENTITY), "record_key": _text_header(h, KEY),
         "version": _int_header(h, VERSION),
     }
+    kept_id = _text_header(h, DLQ_ID)
     if source_topic is None or partition is None or offset is None:
         return DeadLetterEntry(
-            id=dead_letter_id(dlq_topic, dlq_partition, dlq_offset), source_topic=None, partition=None, offset=None,
+            id=kept_id or dead_letter_id(dlq_topic, dlq_partition, dlq_offset), source_topic=None, partition=None,
+            offset=None,
             error=error, dead_at_ms=timestamp_ms, key=key, value=value,
             dlq_partition=dlq_partition, dlq_offset=dlq_offset, **quarantine,
         )
     return DeadLetterEntry(
-        id=dead_letter_id(source_topic, partition, offset), source_topic=source_topic, partition=partition,
+        id=kept_id or dead_letter_id(source_topic, partition, offset), source_topic=source_topic, partition=partition,
         offset=offset, error=error, dead_at_ms=timestamp_ms, key=key, value=value,
         dlq_partition=dlq_partition, dlq_offset=dlq_offset, **quarantine,
     )
@@ -410,20 +416,28 @@ def _reader(settings: Settings) -> Any:
 
 def read_topic(settings: Settings, topic: str, timeout: float = 30.0) -> list[Any]:
     """Every message of ``topic`` from its beginning up to its end as of now (a missing topic is empty)."""
+    return read_to_end(settings, topic, timeout)[1]
+
+
+def read_to_end(settings: Settings, topic: str, timeout: float = 30.0) -> tuple[dict[int, int], list[Any]]:
+    """The high watermark of each partition of ``topic`` (noted first), and every message below it, in
+    partition and offset order (a missing topic: nothing)."""
 
     consumer = _reader(settings)
     try:
         metadata = consumer.list_topics(topic, timeout=timeout)
         info = metadata.topics.get(topic)
         if info is None or info.error is not None or not info.partitions:
-            return []
+            return {}, []
+        highs: dict[int, int] = {}
         ends: dict[int, int] = {}
         for p in info.partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout, cached=False)
+            highs[p] = high
             if high > low:
                 ends[p] = high
         if not ends:
-            return []
+            return highs, []
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
         messages: list[Any] = []
         remaining = dict(ends)
@@ -444,7 +458,8 @@ def read_topic(settings: Settings, topic: str, timeout: float = 30.0) -> list[An
                 position = consumer.position([TopicPartition(topic, p)])[0].offset
                 if position >= remaining[p]:
                     del remaining[p]
-        return messages
+        messages.sort(key=lambda m: (m.partition(), m.offset()))
+        return highs, messages
     finally:
         consumer.close()
 

@@ -287,6 +287,12 @@ def _id_from_key(raw_key: bytes | None) -> Any:
     return _parse(key["id"], "message key id")
 
 
+def message_key_text(raw_key: bytes | None) -> str:
+    """The canonical key text of the document a message key names (``key_string`` of its ``_id``): what the
+    DLQ redaction reads from a dead letter whose value may be anything."""
+    return key_string(_id_from_key(raw_key))
+
+
 _NO_ID = object()
 
 
