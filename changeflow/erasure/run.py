@@ -44,6 +44,7 @@ from changeflow.reports import home
 from changeflow.schemas.book import schema_book
 from changeflow.sinks import base
 from changeflow.streams.canonical import to_avro
+from changeflow.streams.dlq_redact import RedactionError, redact_suppressed
 from changeflow.streams.erasure import Entry
 from changeflow.streams.keys import key_parts
 from changeflow.streams.records import ChangeRecord
@@ -91,14 +92,23 @@ def tracker(settings: Settings, pipeline: Pipeline) -> Tracker:
 
 
 # --- 1. the source --------------------------------------------------------------------------------------
-def _key_columns(settings: Settings, pipeline: Pipeline, spec: EntitySpec) -> tuple[str, ...]:
+PRIMARY_KEY = """
+SELECT a.attname FROM pg_index i
+JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+WHERE i.indrelid = %s::regclass AND i.indisprimary
+ORDER BY array_position(i.indkey::int2[], a.attnum)
+"""
+
+
+def _key_columns(conn: psycopg.Connection[Any], spec: EntitySpec) -> tuple[str, ...]:
+    """The entity's key columns: declared, else the table's primary key (the Debezium message key)."""
     if spec.key_columns:
         return spec.key_columns
-    book = schema_book(settings, pipeline, writer=False)
-    sv = book.latest.get(spec.name)
-    if sv is None:
-        raise ErasureError(f"{spec.name} has no schema version yet (nothing of it was ever captured)")
-    return sv.key_columns
+    regclass = sql.Identifier(spec.source_schema, spec.source_table).as_string(conn)
+    columns = tuple(str(r[0]) for r in conn.execute(PRIMARY_KEY, (regclass,)).fetchall())
+    if not columns:
+        raise ErasureError(f"{spec.qualified_table} has no primary key and {spec.name} declares no `key`")
+    return columns
 
 
 def source_holdings(settings: Settings, pipeline: Pipeline, subject: SubjectSpec, subject_id: str
@@ -120,7 +130,7 @@ def source_holdings(settings: Settings, pipeline: Pipeline, subject: SubjectSpec
         table = sql.Identifier(e.source_schema, e.source_table)
         with psycopg.connect(pipeline.source_dsn(settings), connect_timeout=10) as conn:
             if column is None:
-                columns = _key_columns(settings, pipeline, e)
+                columns = _key_columns(conn, e)
                 parts = key_parts(subject_id, len(columns))
                 cond = sql.SQL(" AND ").join(sql.SQL("{}::text = %s").format(sql.Identifier(c)) for c in columns)
                 n = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE {}").format(table, cond), parts).fetchone()
@@ -476,12 +486,37 @@ def _forget_and_verify(settings: Settings, pipeline: Pipeline, track: Tracker, r
     if producer.flush(30):
         raise ErasureError("the Kafka tombstones were not delivered")
     changed += _topic_projections(settings, pipeline, request, subject, now)
+    changed = [p for p in changed if p.name != f"topic/{pipeline.dlq_topic}"]
+    changed.append(_redact_dead_letters(settings, pipeline, now, say))
     for p in changed:
         request = request.with_projection(p)
     track.save(request, changed)
     for p in changed:
         say(f"  {p.name}: {p.state}" + (f" (purged by {p.purge_due:%Y-%m-%d %H:%M} UTC)" if p.purge_due else ""))
     return request
+
+
+# Kafka deletes a segment below the log start offset at its next retention check
+# (log.retention.check.interval.ms, 5 minutes by default): then the dead letters are physically gone.
+RETENTION_CHECK_S = 300.0
+
+
+def _redact_dead_letters(settings: Settings, pipeline: Pipeline, now: datetime, say: Say) -> Projection:
+    """The dead-letter topic rewritten without the erased rows' dead letters (``streams.dlq_redact``), read
+    back before it counts as erased."""
+    name = f"topic/{pipeline.dlq_topic}"
+    try:
+        done = redact_suppressed(settings, pipeline, say)
+    except RedactionError as exc:
+        return Projection(name, "topic", "pending", f"redaction not verified: {exc}")
+    if done is None or not done.removed:
+        return Projection(name, "topic", "purged", "no dead letter of the erased rows")
+    if done.late:
+        return Projection(name, "topic", "pending", f"{done.removed} dead letters removed, {done.late} arrived "
+                                                    "meanwhile: run the erasure again")
+    return Projection(name, "topic", "erased", f"{done.removed} dead letters removed ({done.kept} others kept, "
+                                               "re-written in order); the old segments go at Kafka's next "
+                                               "retention check", now + timedelta(seconds=RETENTION_CHECK_S))
 
 
 def _topic_projections(settings: Settings, pipeline: Pipeline, request: Request, subject: SubjectSpec,
@@ -503,8 +538,7 @@ def _topic_projections(settings: Settings, pipeline: Pipeline, request: Request,
             how = f"keyed otherwise: retention removes the person's records after {retention / 86400:.1f} days"
         else:
             due = None
-            how = ("kept for ever (retention -1): the suppression list keeps every replay from it out of the stores "
-                   "and views; the records themselves stay until the topic is deleted (README \"Erasure\")")
+            how = "kept for ever (retention -1): the suppression list keeps every replay from it out of the stores"
         out.append(Projection(f"topic/{topic}", "topic", "erased", how, due))
     return out
 
