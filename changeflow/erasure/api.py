@@ -5,12 +5,18 @@ refuses whole when it cannot fully check it."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
+import psycopg
+from confluent_kafka import KafkaException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from changeflow.erasure import run
+from changeflow.reports import home
+
+log = logging.getLogger("changeflow.erasure")
 
 if TYPE_CHECKING:
     from changeflow.pipelines.spec import Pipeline
@@ -32,6 +38,8 @@ class Call(BaseModel):
 
 
 def handler(settings: Settings, pipeline: Pipeline) -> Handler:
+    unavailable = (*home.errors(), KafkaException, psycopg.Error, TimeoutError)
+
     def handle(body: Any) -> tuple[int, dict[str, Any]]:
         try:
             call = Call.model_validate(body)
@@ -53,5 +61,8 @@ def handler(settings: Settings, pipeline: Pipeline) -> Handler:
             return 200, {"requests": [run.as_json(r) for r in run.status(settings, pipeline, call.request)]}
         except run.ErasureError as exc:
             return 409, {"error": str(exc)}
+        except unavailable as exc:  # the request stays open: the same call again resumes it
+            log.warning("event=erasure_unavailable action=%s error=%s", call.action, type(exc).__name__)
+            return 503, {"error": f"{type(exc).__name__}: {str(exc)[:500]}; the request stays open, call again"}
 
     return handle

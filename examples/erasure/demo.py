@@ -18,6 +18,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import orjson
@@ -29,11 +30,11 @@ from changeflow.pipelines.load import load
 from changeflow.settings import Settings
 from changeflow.sinks import base
 
-PIPELINE = "examples/commerce/pipeline.yml"
+PIPELINE = Path(__file__).resolve().parents[1] / "commerce" / "pipeline.yml"
 
 
 def _changeflow(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "changeflow", "--pipeline", PIPELINE, *args], text=True,
+    return subprocess.run([sys.executable, "-m", "changeflow", "--pipeline", str(PIPELINE), *args], text=True,
                           capture_output=True, check=False)
 
 
@@ -58,9 +59,10 @@ def main() -> None:
     with psycopg.connect(pipeline.source_dsn(settings)) as conn:
         row = conn.execute("SELECT user_id, count(*) FROM orders GROUP BY user_id ORDER BY 2 DESC, 1 LIMIT 1"
                            ).fetchone()
-    if row is None:
-        sys.exit("no orders: run `changeflow demo` first")
-    user, orders = str(row[0]), int(row[1])
+        if row is None:
+            sys.exit("no orders: run `changeflow demo` first")
+        user, orders = str(row[0]), int(row[1])
+        order_ids = [str(r[0]) for r in conn.execute("SELECT id FROM orders WHERE user_id = %s", (user,))]
     users = pipeline.entity("users")
     print(f"erasure: {user} has {orders} orders; the user service deletes them (a MongoDB delete on "
           f"{users.raw_topic})")
@@ -85,11 +87,17 @@ def main() -> None:
             held = store.traces(users, [user]) if users.stored_in(name) else 0
             if held:
                 found.append(f"{name} still holds {held} traces of the user")
+            spec = pipeline.entity("orders")
+            kept = store.fetch(spec, order_ids) if spec.stored_in(name) else {}
+            linked = [k for k, v in kept.items() if v.row.get("user_id") is not None]
+            if spec.stored_in(name) and (len(kept) != len(order_ids) or linked):
+                found.append(f"{name} holds {len(kept)} of the {len(order_ids)} orders, {len(linked)} still linked")
         finally:
             store.close()
     if found:
         sys.exit("erasure incomplete: " + "; ".join(found))
-    print("read back: no store holds the user; their orders stay, with user_id cleared")
+    print(f"read back: no store holds the user; their {len(order_ids)} orders stay in every store, with user_id "
+          "cleared")
 
     url = f"http://{settings.worker_web_host}:{settings.worker_web_port}/changeflow/erasure/"
     body = {"action": "confirm", "request": request["request"], "projection": "billing"}

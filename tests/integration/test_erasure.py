@@ -332,7 +332,9 @@ def test_a_person_is_erased_everywhere_and_stays_erased(erasure: Erasure) -> Non
     for store in STORES:
         [outcome] = replay_into_store(e.settings, pipeline, store, [old])
         assert (outcome.outcome, outcome.key) == ("suppressed", "(erased)")
-    # 2. A late message, older than the request, with a version above anything ever written.
+    # 2. A late message, older than the request, with a version above anything ever written: what a search write
+    #    arriving after `index.gc_deletes` is (the engine no longer remembers the delete; nothing in a store
+    #    would refuse it). Only the suppression list stops it.
     late = ChangeRecord("postgres", "users", "1", "u", 10**15, int(time.time() * 1000) - 3_600_000, None,
                         {"id": 1, "name": "Ann late", "email": "ann@example.com", "city": "New York"},
                         key_columns=("id",), types=book.latest["users"].columns)
@@ -355,6 +357,18 @@ def test_a_person_is_erased_everywhere_and_stays_erased(erasure: Erasure) -> Non
     eventually(lambda: all(str(e.rows(s, "orders", ["4"])["4"]["total"]) == "7.77" for s in STORES),
                timeout=60, what="order 4's new total")
     assert all(e.rows(s, "orders", ["4"])["4"]["user_id"] is None for s in STORES)
+    assert ann_is_gone(e)
+    # 3b. A repair: Redis loses order 2, `reconcile --repair` re-reads it from the source (still linked there),
+    #     and it lands anonymised. A rebuild of the search index (a new index behind the alias, filled by a
+    #     snapshot of the source) brings no link back either.
+    redis.Redis.from_url(redis_url(e.settings)).delete(row_key(pipeline.entities["orders"], "2"))
+    repaired = changeflow(e.file, "reconcile", "--entity", "orders", "--store", "redis", "--repair",
+                          "--timeout", "120", "--format", "json")
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+    eventually(lambda: e.rows("redis", "orders", ["2"]), timeout=60, what="order 2 repaired")
+    rebuilt = changeflow(e.file, "rebuild", "search", "--entity", "orders", "--timeout", "180")
+    assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
+    assert ann_is_gone(e)
     # 4. reconcile finds no drift (the erased rows are compared as the stream writes them), and records none.
     clean = changeflow(e.file, "reconcile", "--full", "--format", "json")
     report = json.loads(clean.stdout)
