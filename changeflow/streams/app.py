@@ -38,7 +38,7 @@ from changeflow.streams.derived import events as derived_events
 from changeflow.streams.derived import headers as event_headers
 from changeflow.streams.erasure import Suppressor
 from changeflow.streams.mongodb import decode_mongodb
-from changeflow.streams.records import ChangeRecord, DeadLetter, Skip, outcome
+from changeflow.streams.records import ChangeRecord, DeadLetter, Skip, outcome, without_values
 from changeflow.streams.suppression import SuppressionFeed
 
 if TYPE_CHECKING:
@@ -296,7 +296,7 @@ def create_app(settings: Settings, pipeline: Pipeline, decode_group: str | None 
         elif isinstance(result, DeadLetter):
             log.warning(
                 "event=dead_letter topic=%s partition=%s offset=%s reason=%r",
-                result.topic, result.partition, result.offset, result.reason,
+                result.topic, result.partition, result.offset, without_values(result.reason),
             )
             produce(dlq_topic, result.raw_key, result.raw_value, list(dead_letter_headers(result).items()))
 

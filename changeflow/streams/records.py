@@ -7,6 +7,7 @@ deliberately not forwarded: heartbeats, tombstones).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -77,6 +78,16 @@ def outcome(result: Decoded) -> str:
 
 
 REASON_LIMIT = 300
+
+
+_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'" + r'|"(?:[^"\\]|\\.)*"')
+
+
+def without_values(reason: str) -> str:
+    """A reason as a log line may carry it: every quoted part (a decoder quotes the value it refused) replaced by
+    '…'. Logs carry keys and reasons, never row values; the dead letter's headers keep the whole reason, beside
+    the record itself."""
+    return _QUOTED.sub("'…'", reason)
 
 
 def bounded(reason: str, limit: int = REASON_LIMIT) -> str:

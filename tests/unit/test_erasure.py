@@ -13,7 +13,7 @@ from changeflow.pipelines.check import check
 from changeflow.pipelines.erasure import mark, subjects
 from changeflow.pipelines.load import PipelineError, parse
 from changeflow.streams.erasure import Entry, Suppressor, anonymised
-from changeflow.streams.records import ChangeRecord
+from changeflow.streams.records import ChangeRecord, without_values
 
 KEY = b"k" * 32
 AT = 1_000_000
@@ -259,3 +259,13 @@ def test_anonymised_leaves_a_row_without_the_columns_alone() -> None:
     r = ChangeRecord("postgres", "orders", "a", "u", 1, 1, {"id": "a"}, {"id": "a", "account_no": 7})
     out = anonymised(r, ref)
     assert out.before == {"id": "a"} and out.after == {"id": "a", "account_no": None}
+
+
+@pytest.mark.parametrize(("reason", "logged"), [
+    ("price value 'abc@example.com' is not a number", "price value '…' is not a number"),
+    ("Decimal bytes are not base64: b'\\x00ann'", "Decimal bytes are not base64: b'…'"),
+    ('ZonedTimestamp without an offset: "2020-01-01 \\"Ann\\""', "ZonedTimestamp without an offset: '…'"),
+    ("no op field", "no op field"),
+])
+def test_a_dead_letters_reason_is_logged_without_the_values_it_quotes(reason: str, logged: str) -> None:
+    assert without_values(reason) == logged
