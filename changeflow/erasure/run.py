@@ -36,17 +36,19 @@ import psycopg
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
 from psycopg import sql
+from psycopg.rows import dict_row
 
 from changeflow.deploy.secrets import erasure_key
 from changeflow.erasure.tracking import Projection, Request, Tracker
 from changeflow.pipelines.erasure import SubjectSpec, mark, subjects
 from changeflow.reports import home
+from changeflow.reports.reconcile.normalise import debezium_typed
 from changeflow.schemas.book import schema_book
 from changeflow.sinks import base
 from changeflow.streams.canonical import to_avro
 from changeflow.streams.dlq_redact import RedactionError, redact_suppressed
 from changeflow.streams.erasure import Entry
-from changeflow.streams.keys import key_parts
+from changeflow.streams.keys import key_parts, key_text
 from changeflow.streams.records import ChangeRecord
 from changeflow.streams.suppression import SETTLE_S
 from changeflow.waiting import WaitTimeout, wait_until
@@ -152,14 +154,33 @@ def source_position(settings: Settings, pipeline: Pipeline) -> str:
 
 
 # --- 2. finding the rows ------------------------------------------------------------------------------
-def plan(stores: dict[str, base.Store], pipeline: Pipeline, subject: SubjectSpec, subject_id: str) -> Plan:
-    """The subject's row and every row referring to it, as found in the stores (a row any store holds)."""
+def _source_keys(settings: Settings, pipeline: Pipeline, spec: EntitySpec, column: str, values: list[str]
+                 ) -> set[str]:
+    """Keys of the source's rows whose ``column`` is one of ``values`` (a PostgreSQL entity; none otherwise): a
+    referring row a service keeps at its source is found even when no store holds its link any more."""
+    if spec.source != "postgres" or not values:
+        return set()
+    with psycopg.connect(pipeline.source_dsn(settings), connect_timeout=10) as conn:
+        columns = _key_columns(conn, spec)
+        rows = conn.cursor(row_factory=dict_row).execute(
+            sql.SQL("SELECT {} FROM {} WHERE {}::text = ANY(%s)").format(
+                sql.SQL(", ").join(sql.Identifier(c) for c in columns),
+                sql.Identifier(spec.source_schema, spec.source_table), sql.Identifier(column)), (values,)).fetchall()
+    return {key_text([debezium_typed(r)[c] for c in columns]) for r in rows}
+
+
+def plan(stores: dict[str, base.Store], pipeline: Pipeline, subject: SubjectSpec, subject_id: str,
+         settings: Settings | None = None) -> Plan:
+    """The subject's row and every row referring to it, as found in the stores (a row any store holds, in its
+    history too) and at a PostgreSQL source that keeps them."""
     erase: dict[str, set[str]] = {subject.entity: {subject_id}}
     anonymise: dict[str, set[str]] = {}
     for ref in subject.references:
         parents = sorted(erase.get(ref.parent, set()) | anonymise.get(ref.parent, set()))
         found: set[str] = set()
         spec = pipeline.entities[ref.entity]
+        if settings is not None:
+            found |= _source_keys(settings, pipeline, spec, ref.column, parents)
         for store in stores.values():
             if parents and spec.stored_in(store.name):
                 found |= set(store.keys_where(spec, ref.column, parents))
@@ -224,7 +245,7 @@ def erase(settings: Settings, pipeline: Pipeline, subject_name: str, subject_id:
             say(f"request {request.id}: resuming the open request for this {subject.name}")
         request = _check_source(settings, pipeline, track, request, subject, subject_id, wait_source_s,
                                 source_deleted, say)
-        found = plan(stores, pipeline, subject, subject_id)
+        found = plan(stores, pipeline, subject, subject_id, settings)
         say("found: " + ", ".join(f"{e} {len(found.keys(e))}" for e in subject.entities))
         _suppress(settings, pipeline, request, found, key)
         say(f"suppression list updated; waiting {SETTLE_S:g}s for every writer to read it")

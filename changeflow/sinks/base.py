@@ -206,8 +206,9 @@ class Store(Protocol):
 
     # --- erasure (changeflow.erasure; README "Erasure") -------------------------------------------------
     def keys_where(self, spec: EntitySpec, column: str, values: Sequence[str]) -> list[str]:
-        """Keys of the live rows whose source column ``column``, as text (``str(value)``), is one of ``values``:
-        how an erasure finds the rows that refer to a person (``orders.user_id``)."""
+        """Keys of the rows whose source column ``column``, as text (``str(value)``), is one of ``values`` (live
+        rows; a store that keeps history looks there too): how an erasure finds the rows that refer to a person
+        (``orders.user_id``), a row whose link was already cut included."""
 
     def forget(self, spec: EntitySpec, keys: list[str], keep: Mapping[str, int] | None = None) -> list[str]:
         """Remove every trace the store holds of ``keys``: live rows, tombstones and the versions remembered

@@ -770,10 +770,18 @@ class ClickHouseStore:
         if not values or not self._known(spec) or stored not in self._tables.get(spec.name, {}):
             return []
         found: set[str] = set()
+        # Every version the table and the changelog still hold, not only the live one: a row whose link was
+        # cut at the source, or by an erasure that stopped half-way, still has its history to remove.
         for chunk in self._chunks(sorted(set(values))):
+            listed = ", ".join(format_query_value(v) for v in chunk)
             found.update(str(k) for (k,) in self.client.query(
-                f"SELECT DISTINCT _key FROM {self.table(spec)} FINAL WHERE _is_deleted = 0 "
-                f"AND toString({q(stored)}) IN ({', '.join(format_query_value(v) for v in chunk)})"
+                f"SELECT DISTINCT _key FROM {self.table(spec)} WHERE toString({q(stored)}) IN ({listed})"
+            ).result_rows)
+            image = "trim(BOTH '\"' FROM JSONExtractRaw({}, {}))"
+            found.update(str(k) for (k,) in self.client.query(
+                f"SELECT DISTINCT key FROM {q(self.database)}.changelog WHERE entity = {format_query_value(spec.name)} "
+                f"AND ({image.format('after', format_query_value(column))} IN ({listed}) "
+                f"OR {image.format('before', format_query_value(column))} IN ({listed}))"
             ).result_rows)
         return sorted(found)
 
