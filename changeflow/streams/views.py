@@ -352,13 +352,13 @@ class ViewStage:
 
     def _apply(self, state: RocksState, book: schemas.SchemaBook, messages: list[Any]) -> int:
         n = 0
+        suppressor = self.suppression.current() if self.suppression is not None else None
         for msg in messages:
             if msg.error() is not None:
                 if msg.error().code() != KafkaError._PARTITION_EOF:
                     log.warning("event=view_consume_error error=%s", msg.error())
                 continue
             record = self._decode(book, msg) if msg.value() is not None else None
-            suppressor = self.suppression.current() if self.suppression is not None else None
             if record is not None and suppressor is not None:
                 record = suppressor.apply(record)
             if record is not None:
