@@ -165,6 +165,7 @@ def _topic_times(settings: Settings, topic: str, since_ms: int, ids: set[int], k
         consumer.assign(live)
         remaining = {tp.partition for tp in live}
         deadline = time.monotonic() + 60
+        # A loop, not wait_until: each message read is timed here, and the read ends at each partition's end.
         while remaining and time.monotonic() < deadline:
             for msg in consumer.consume(5000, 0.5):
                 if msg.error() is not None:

@@ -14,6 +14,7 @@ view adds.
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import shutil
 import tempfile
@@ -26,6 +27,7 @@ from changeflow.pipelines.views import View, resolve
 from changeflow.streams.join import ViewEngine, tk
 from changeflow.streams.records import ChangeRecord
 from changeflow.streams.viewstate import Prefixed, RocksState
+from changeflow.waiting import WaitTimeout, wait_until
 
 BATCH = 2000
 FANOUT_STEP = 1000
@@ -170,14 +172,18 @@ def run_views_live(settings: Any, pipeline: Any, backlog: int = 20_000, rate: in
 
     def wait(expected: set[str]) -> dict[str, dict[str, float]]:
         seen: dict[str, dict[str, float]] = {"orders": {}, "ny_orders": {}}
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(len(s) < len(expected) for s in seen.values()):
+
+        def all_seen() -> bool:
             for table in seen:
                 pending = sorted(expected - set(seen[table]))[:2000]
                 now = time.time()
                 for i in _visible(stores, pipeline.entity(table), pending):
                     seen[table].setdefault(i, now)
-            time.sleep(0.05)
+            return all(len(s) >= len(expected) for s in seen.values())
+
+        if expected:
+            with contextlib.suppress(WaitTimeout):  # what was seen in time is the figure
+                wait_until(all_seen, timeout, what="the orders in the entity and the view", interval=0.05)
         return seen
 
     try:

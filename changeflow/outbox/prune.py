@@ -21,6 +21,7 @@ their rows (the seed's ``outbox_messages``).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ import psycopg
 from psycopg import sql
 
 from changeflow.pipelines.outbox import OutboxSpec
+from changeflow.waiting import WaitTimeout, wait_until
 
 
 class PruneError(RuntimeError):
@@ -66,11 +68,15 @@ def prune(conn: psycopg.Connection, spec: OutboxSpec, slot: str, *, wait_s: floa
         watermark = str(row[0])
         ids = [r[0] for r in conn.execute(sql.SQL("SELECT {} FROM {} LIMIT %s").format(id_column, table),
                                           (limit,)).fetchall()]
-    confirmed, reached = _confirmed(conn, slot, watermark)
-    deadline = time.monotonic() + wait_s
-    while ids and not reached and time.monotonic() < deadline:
-        sleep(0.5)
+    confirmed, reached = None, False
+
+    def captured() -> bool:  # also checks once with no candidates: the slot must exist
+        nonlocal confirmed, reached
         confirmed, reached = _confirmed(conn, slot, watermark)
+        return reached or not ids
+
+    with contextlib.suppress(WaitTimeout):  # not captured in time: nothing is deleted, the result says so
+        wait_until(captured, wait_s, what=f"replication slot {slot} past {watermark}", sleep=sleep)
     deleted = 0
     if ids and reached and not dry_run:
         with conn.transaction():

@@ -29,12 +29,10 @@ from datetime import UTC, datetime, time
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, cast
 
-import clickhouse_connect
-from clickhouse_connect.driver.binding import format_query_value, quote_identifier
-from clickhouse_connect.driver.exceptions import DatabaseError, DataError, OperationalError, ProgrammingError
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings
 
+from changeflow.lazy import lazy_import
 from changeflow.pipelines.model import ON_REJECT_DOC, OnReject, Strict
 from changeflow.pipelines.outbox import event_log_table
 from changeflow.pipelines.outbox import specs as outbox_specs
@@ -57,7 +55,20 @@ from changeflow.sinks.base import (
 from changeflow.streams.records import ChangeRecord
 
 if TYPE_CHECKING:
+    import clickhouse_connect
+    from clickhouse_connect.driver import binding
+    from clickhouse_connect.driver import exceptions as driver_errors
+
     from changeflow.settings import Settings
+else:  # the client library is imported on first use, since loading a pipeline imports this module. Measured on the
+    # 2-core dev box (a demo running), median of 7 cold runs, before and after back to back, twice: import +
+    # `load(examples/commerce/pipeline.yml)` took 455 / 442 ms of CPU (497 / 445 ms wall) with clickhouse_connect
+    # imported here, of which clickhouse_connect ~97 ms (python -X importtime, cumulative); lazy, 371 / 376 ms of
+    # CPU (384 / 390 ms wall) and clickhouse_connect not imported. The driver's exception classes are read as
+    # `driver_errors.X` in each except clause and isinstance, which Python evaluates only when an exception reaches it.
+    clickhouse_connect = lazy_import("clickhouse_connect")
+    binding = lazy_import("clickhouse_connect.driver.binding")
+    driver_errors = lazy_import("clickhouse_connect.driver.exceptions")
 
 log = logging.getLogger("changeflow.sinks")
 
@@ -235,10 +246,11 @@ def _reason(exc: BaseException) -> str:
 def row_rejection(exc: Exception) -> str | None:
     """The reason when an insert failed because of the rows it carried (then the batch is bisected), or None
     when the server itself failed (unreachable, authentication, a missing table, "not now")."""
-    if isinstance(exc, OperationalError) or is_retriable(exc):
+    if isinstance(exc, driver_errors.OperationalError) or is_retriable(exc):
         return None
     code = error_code(exc)
-    if (isinstance(exc, VALUE_ERRORS) and not isinstance(exc, DatabaseError)) or isinstance(exc, DataError) \
+    if (isinstance(exc, VALUE_ERRORS) and not isinstance(exc, driver_errors.DatabaseError)) \
+            or isinstance(exc, driver_errors.DataError) \
             or refuses_every_row(exc):
         return _reason(exc)  # the client could not encode a value, or the rows carry a column the table lacks
     if code is not None and code in ROW_CODES:
@@ -251,7 +263,7 @@ def row_rejection(exc: Exception) -> str | None:
 def refuses_every_row(exc: Exception) -> bool:
     """An insert the client refuses before sending any row (a column the table does not have): every row of
     the insert is refused for the same reason, so bisecting would only repeat it."""
-    return isinstance(exc, ProgrammingError) and "Unrecognized column" in str(exc)
+    return isinstance(exc, driver_errors.ProgrammingError) and "Unrecognized column" in str(exc)
 
 
 def is_retriable(exc: Exception) -> bool:
@@ -276,7 +288,7 @@ def client_for(settings: Settings, own: ClickHouseSettings | None = None) -> Any
 
 
 def q(name: str) -> str:
-    return quote_identifier(name)
+    return binding.quote_identifier(name)
 
 
 def qualified(spec: EntitySpec) -> str:
@@ -451,13 +463,13 @@ class ClickHouseStore:
         if self._client is None:
             try:
                 self._client = client_for(self.settings, self.own)
-            except (OperationalError, OSError) as exc:
+            except (driver_errors.OperationalError, OSError) as exc:
                 raise RetriableSinkError(f"clickhouse unavailable: {exc}") from exc
         return self._client
 
     def _classify(self, exc: Exception, what: str) -> Exception:
         """Connection trouble and "not now" server codes are retried on a new client; anything else is fatal."""
-        if isinstance(exc, OperationalError) or is_retriable(exc):
+        if isinstance(exc, driver_errors.OperationalError) or is_retriable(exc):
             self._client = None
             return RetriableSinkError(f"clickhouse: {exc}")
         return FatalSinkError(f"clickhouse rejected {what}: {exc}")
@@ -482,7 +494,7 @@ class ClickHouseStore:
                 spec = self.pipeline.entities.get(entity)
                 if spec is not None and config(spec) is not None:
                     self._ensure_table(spec, sv.columns, sv.key_columns)
-        except OperationalError as exc:
+        except driver_errors.OperationalError as exc:
             raise RetriableSinkError(f"clickhouse: {exc}") from exc
 
     def _existing_columns(self, spec: EntitySpec) -> dict[str, str]:
@@ -529,7 +541,7 @@ class ClickHouseStore:
     def visible_count(self, spec: EntitySpec) -> int:
         try:
             return int(self.client.command(f"SELECT uniqExact(_key) FROM {qualified(spec)}"))
-        except DatabaseError:  # the table is created with the entity's first batch
+        except driver_errors.DatabaseError:  # the table is created with the entity's first batch
             return 0
 
     def snapshot_reads_since(self, entity: str, since: datetime) -> int:
@@ -549,7 +561,7 @@ class ClickHouseStore:
         """Run one report module's ``CREATE OR REPLACE VIEW`` in this store. Raises the server's error."""
         try:
             self.client.command(statement)
-        except OperationalError as exc:
+        except driver_errors.OperationalError as exc:
             self._client = None
             raise RetriableSinkError(f"clickhouse: {exc}") from exc
 
@@ -562,7 +574,7 @@ class ClickHouseStore:
             return {}
         try:
             return {k: v.row for k, v in self.fetch(spec, keys).items()}
-        except OperationalError as exc:
+        except driver_errors.OperationalError as exc:
             self._client = None
             raise RetriableSinkError(f"clickhouse: {exc}") from exc
 
@@ -574,7 +586,7 @@ class ClickHouseStore:
             for r in records:
                 if r.schema is not None and not all(n in self._types.get(r.entity, {}) for n in r.schema.columns):
                     self._ensure_table(self.pipeline.entities[r.entity], r.schema.columns, r.schema.key_columns)
-        except (OperationalError, DatabaseError) as exc:
+        except (driver_errors.OperationalError, driver_errors.DatabaseError) as exc:
             raise self._classify(exc, "a schema change") from exc
         now = datetime.now(UTC)
         by_entity: dict[str, list[ChangeRecord]] = {}
@@ -606,7 +618,7 @@ class ClickHouseStore:
                 raise self._refused(f"clickhouse {self.database}.changelog: {why}", records, now) from exc
             # Every record of the batch is handled (written, or quarantined by the runner): the marker moves.
             self._mark_applied(records, now)
-        except (OperationalError, DatabaseError) as exc:
+        except (driver_errors.OperationalError, driver_errors.DatabaseError) as exc:
             raise self._classify(exc, "the batch") from exc
         return [refused[id(r)] for r in records if id(r) in refused]
 
@@ -726,7 +738,7 @@ class ClickHouseStore:
     def _key_cond(self, keys: list[str], column: str = "_key") -> str:
         """``col IN (...)`` with quoted literals: a long bound array is too long for a URL parameter."""
 
-        return f"{q(column)} IN ({', '.join(format_query_value(k) for k in keys)})"
+        return f"{q(column)} IN ({', '.join(binding.format_query_value(k) for k in keys)})"
 
     def fetch(self, spec: EntitySpec, keys: list[str]) -> dict[str, Versioned]:
         out: dict[str, Versioned] = {}
@@ -773,15 +785,16 @@ class ClickHouseStore:
         # Every version the table and the changelog still hold, not only the live one: a row whose link was
         # cut at the source, or by an erasure that stopped half-way, still has its history to remove.
         for chunk in self._chunks(sorted(set(values))):
-            listed = ", ".join(format_query_value(v) for v in chunk)
+            listed = ", ".join(binding.format_query_value(v) for v in chunk)
             found.update(str(k) for (k,) in self.client.query(
                 f"SELECT DISTINCT _key FROM {self.table(spec)} WHERE toString({q(stored)}) IN ({listed})"
             ).result_rows)
             image = "trim(BOTH '\"' FROM JSONExtractRaw({}, {}))"
             found.update(str(k) for (k,) in self.client.query(
-                f"SELECT DISTINCT key FROM {q(self.database)}.changelog WHERE entity = {format_query_value(spec.name)} "
-                f"AND ({image.format('after', format_query_value(column))} IN ({listed}) "
-                f"OR {image.format('before', format_query_value(column))} IN ({listed}))"
+                f"SELECT DISTINCT key FROM {q(self.database)}.changelog "
+                f"WHERE entity = {binding.format_query_value(spec.name)} "
+                f"AND ({image.format('after', binding.format_query_value(column))} IN ({listed}) "
+                f"OR {image.format('before', binding.format_query_value(column))} IN ({listed}))"
             ).result_rows)
         return sorted(found)
 
@@ -800,7 +813,7 @@ class ClickHouseStore:
             yield self._key_cond(chunk, key)
         kept = [k for k in keys if k in keep]
         for i in range(0, len(kept), 200):
-            yield " OR ".join(f"({q(key)} = {format_query_value(k)} AND {q(version)} < {int(keep[k])})"
+            yield " OR ".join(f"({q(key)} = {binding.format_query_value(k)} AND {q(version)} < {int(keep[k])})"
                               for k in kept[i : i + 200])
 
     def _erasure_targets(self, spec: EntitySpec) -> list[tuple[str, str, str, str, str]]:
@@ -810,7 +823,7 @@ class ClickHouseStore:
         out: list[tuple[str, str, str, str, str]] = []
         if self._known(spec):
             out.append((".".join(table_of(spec)), self.table(spec), "1", "_key", "_version"))
-        entity = format_query_value(spec.name)
+        entity = binding.format_query_value(spec.name)
         if self._has_table(self.database, "changelog"):
             out.append((f"{self.database}.changelog", f"{q(self.database)}.changelog", f"entity = {entity}", "key",
                         "version"))

@@ -55,8 +55,7 @@ if TYPE_CHECKING:
 else:  # the client library is imported on first use, since loading a pipeline imports this module; measured
     # (python -X importtime, `load(examples/commerce/pipeline.yml)`, median of 7 cold runs on the 2-core dev box):
     # 620 ms with redis, httpx and psycopg imported at the tops of the store modules and pipelines.catalog, 373 ms
-    # with them lazy (clickhouse_connect, ~95 ms, is still imported by the ClickHouse store: its exception classes
-    # are named bare in its except clauses)
+    # with them lazy (clickhouse_connect, ~95 ms, is lazy too: measured in sinks/clickhouse.py)
     psycopg = lazy_import("psycopg")
     sql = lazy_import("psycopg.sql")
     conninfo = lazy_import("psycopg.conninfo")

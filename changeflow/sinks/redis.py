@@ -15,7 +15,6 @@ whole batch as before: retried, or fatal.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import quote
@@ -31,6 +30,7 @@ from changeflow.schemas import json
 from changeflow.settings import env_config
 from changeflow.sinks.base import FatalSinkError, Rejected, RetriableSinkError, Versioned
 from changeflow.streams.records import ChangeRecord
+from changeflow.waiting import WaitTimeout, wait_until
 
 if TYPE_CHECKING:
     import redis
@@ -39,8 +39,7 @@ if TYPE_CHECKING:
 else:  # the client library is imported on first use, since loading a pipeline imports this module; measured
     # (python -X importtime, `load(examples/commerce/pipeline.yml)`, median of 7 cold runs on the 2-core dev box):
     # 620 ms with redis, httpx and psycopg imported at the tops of the store modules and pipelines.catalog, 373 ms
-    # with them lazy (clickhouse_connect, ~95 ms, is still imported by the ClickHouse store: its exception classes
-    # are named bare in its except clauses)
+    # with them lazy (clickhouse_connect, ~95 ms, is lazy too: measured in sinks/clickhouse.py)
     redis = lazy_import("redis")
 
 BATCH = 1000
@@ -384,14 +383,17 @@ class RedisStore:
             return ("redis: append-only file off: the data was in memory (gone) and in RDB snapshots, which the "
                     "next save rewrites without it", None)
         self.client.bgrewriteaof()
-        deadline = time.monotonic() + EXPUNGE_WAIT_S
-        while time.monotonic() < deadline:
+
+        def rewritten() -> bool:
             persistence = cast("dict[str, Any]", self.client.info("persistence"))
-            if not int(persistence.get("aof_rewrite_in_progress", 0)) \
-                    and not int(persistence.get("aof_rewrite_scheduled", 0)):
-                return "redis: append-only file rewritten (BGREWRITEAOF)", None
-            time.sleep(0.2)
-        return (f"redis: BGREWRITEAOF started, still running after {EXPUNGE_WAIT_S:.0f} s", EXPUNGE_WAIT_S)
+            return not int(persistence.get("aof_rewrite_in_progress", 0)) \
+                and not int(persistence.get("aof_rewrite_scheduled", 0))
+
+        try:
+            wait_until(rewritten, EXPUNGE_WAIT_S, what="redis BGREWRITEAOF", interval=0.2)
+        except WaitTimeout:
+            return (f"redis: BGREWRITEAOF started, still running after {EXPUNGE_WAIT_S:.0f} s", EXPUNGE_WAIT_S)
+        return "redis: append-only file rewritten (BGREWRITEAOF)", None
 
     def applied_through(self) -> dict[str, int]:
         # The client is made without decode_responses, so hash fields come back as bytes.

@@ -442,6 +442,7 @@ def read_to_end(settings: Settings, topic: str, timeout: float = 30.0) -> tuple[
         messages: list[Any] = []
         remaining = dict(ends)
         deadline = time.monotonic() + timeout
+        # A loop, not wait_until: each batch consumed is kept here, and the wait ends at each partition's end.
         while remaining:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"reading {topic}: still {remaining} offsets to go after {timeout}s")

@@ -81,6 +81,7 @@ class SuppressionFeed:
         positions = {tp.partition: tp.offset for tp in self._consumer.position(self._partitions)}
         pending = {p for p, end in ends.items() if max(positions.get(p, 0), 0) < end}
         deadline = time.monotonic() + 30
+        # A loop, not wait_until: each message read is applied here, and the wait ends at the topic's end.
         while pending:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the suppression topic {self.topic} could not be read to its end in 30 s")

@@ -40,6 +40,7 @@ from changeflow.streams.join import ViewEngine, tk
 from changeflow.streams.records import ChangeRecord
 from changeflow.streams.suppression import SuppressionFeed
 from changeflow.streams.viewstate import Prefixed, RocksState
+from changeflow.waiting import wait_until
 
 if TYPE_CHECKING:
     from changeflow.settings import Settings
@@ -119,12 +120,15 @@ class ViewStage:
             if high <= 0:
                 return None
             reader.assign([TopicPartition(tp.topic, 0, high - 1)])
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
+
+            def last() -> tuple[int, str] | None:
                 msg = reader.poll(0.5)
                 if msg is not None and msg.error() is None:
                     return int(msg.offset() or 0), str(orjson.loads(msg.value() or b"{}").get("owner", ""))
-            raise RuntimeError(f"the lease topic {tp.topic} could not be read")
+                return None
+
+            return wait_until(last, 10, what=f"the last record of {tp.topic}", interval=0,  # poll() waits
+                              error=lambda _: RuntimeError(f"the lease topic {tp.topic} could not be read"))
         finally:
             reader.close()
 
