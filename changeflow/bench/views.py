@@ -19,11 +19,17 @@ import resource
 import shutil
 import tempfile
 import time
+import uuid as uuid_mod
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import psycopg
+
+from changeflow.bench.common import percentile
+from changeflow.deploy.workload import feed_users
 from changeflow.pipelines.views import View, resolve
+from changeflow.sinks.base import create, used_by
 from changeflow.streams.join import ViewEngine, tk
 from changeflow.streams.records import ChangeRecord
 from changeflow.streams.viewstate import Prefixed, RocksState
@@ -145,14 +151,6 @@ def run_views_live(settings: Any, pipeline: Any, backlog: int = 20_000, rate: in
     orders table and in the view, in every store that holds each (the stores' ``visible`` hook). Throughput:
     orders over the time until the last is visible, view over entity. Freshness: commit to visibility in every
     store, per order (a 50 ms poll interval of over-estimate each)."""
-    import uuid as uuid_mod
-
-    import psycopg
-
-    from changeflow.bench.common import percentile
-    from changeflow.deploy.workload import feed_users
-    from changeflow.sinks.base import create, used_by
-
     users = pipeline.entity("users")
     fed = feed_users(settings.kafka_bootstrap, users.raw_topic)
     ny = [u for u, d in fed.users.items() if d["profile"]["address"]["city"] == "New York"]

@@ -15,7 +15,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from changeflow import context
+from changeflow.pipelines.load import PipelineError
 from changeflow.pipelines.spec import Pipeline
+from changeflow.sinks.base import names as store_names
 
 EXIT_USAGE = 2
 err = Console(stderr=True, soft_wrap=True)
@@ -37,9 +39,6 @@ def usage(message: str) -> NoReturn:
 
 def pipeline() -> Pipeline:
     """The pipeline of this invocation; a file that does not load ends the command with its one-line error."""
-    # Imported here, not at the top: start-up cost (changeflow/commands/__init__.py).
-    from changeflow.pipelines.load import PipelineError
-
     try:
         return context.pipeline()
     except PipelineError as exc:
@@ -47,10 +46,7 @@ def pipeline() -> Pipeline:
 
 
 def registered_stores() -> list[str]:
-    # Imported here, not at the top: start-up cost (changeflow/commands/__init__.py).
-    from changeflow.sinks.base import names
-
-    return names()
+    return store_names()
 
 
 def _choices(names: Iterable[str]) -> str:

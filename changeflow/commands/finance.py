@@ -13,6 +13,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from changeflow.reports import home
+from changeflow.reports.finance import GRACE_SECONDS, finance, to_csv, to_json
 from changeflow.settings import Settings
 
 if TYPE_CHECKING:
@@ -51,10 +53,6 @@ def report_finance(
 
     Exits 1 when there are exceptions, 2 when ClickHouse cannot answer.
     """
-    # Imported here, not at the top: start-up cost (changeflow/commands/__init__.py).
-    from changeflow.reports import home
-    from changeflow.reports.finance import finance, to_csv, to_json
-
     if start and end and start > end:
         raise _fail(f"--from {start.date()} is after --to {end.date()}")
     settings = Settings()
@@ -86,9 +84,6 @@ def _money(value: Decimal | None) -> str:
 
 
 def _print_tables(report: FinanceReport) -> None:
-    # Imported here, not at the top: start-up cost (changeflow/commands/__init__.py).
-    from changeflow.reports.finance import GRACE_SECONDS
-
     daily = Table(title="finance per UTC day")
     for col in ("day", "orders", "orders amount", "captured", "captured amount", "refunds", "refunded", "net"):
         daily.add_column(col, justify="left" if col == "day" else "right")

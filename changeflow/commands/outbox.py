@@ -10,10 +10,16 @@ import sys
 from typing import Annotated
 
 import typer
+from confluent_kafka import KafkaException
 from rich.console import Console
 
 from changeflow import context
 from changeflow.commands import args
+from changeflow.outbox.eventlog import load, table_name
+from changeflow.outbox.events import BadEvent, Event, as_dict, idle_stop, line
+from changeflow.outbox.events import tail as run_tail
+from changeflow.pipelines.outbox import specs
+from changeflow.reports import home
 
 events_app = typer.Typer(help="Outbox events: read them as they arrive.", no_args_is_help=True)
 outbox_app = typer.Typer(help="Outbox tables: housekeeping.", no_args_is_help=True)
@@ -31,10 +37,6 @@ def tail(
 ) -> None:
     """Print outbox events (topic, position, id, aggregate, type, payload; a dead letter's reason), committing
     nothing: tailing never moves any consumer's position."""
-    from changeflow.outbox.events import BadEvent, Event, as_dict, line
-    from changeflow.outbox.events import tail as run_tail
-    from changeflow.pipelines.outbox import specs
-
     pipeline = args.pipeline()
     topics = list(topic or [])
     if not topics:
@@ -49,8 +51,6 @@ def tail(
             print(json.dumps({"bad": str(item)}) if as_json else f"not an event: {item}", flush=True)
         else:
             print(json.dumps(as_dict(item), default=str) if as_json else line(item), flush=True)
-
-    from confluent_kafka import KafkaException
 
     with contextlib.suppress(KeyboardInterrupt):
         try:
@@ -69,11 +69,11 @@ def prune(
 ) -> None:
     """Delete outbox rows Debezium has captured (committed at or below the slot's confirmed flush LSN), never
     one it has not; exit 1 when the slot did not confirm within --wait (nothing deleted then)."""
+    # Kept here for start-up cost (changeflow/commands/__init__.py): psycopg ~140 ms, outbox.prune ~75 ms.
     import psycopg
 
     from changeflow.outbox.prune import PruneError
     from changeflow.outbox.prune import prune as run_prune
-    from changeflow.pipelines.outbox import specs
 
     pipeline = args.pipeline()
     outboxes = [o for o in specs(pipeline) if name is None or o.name == name]
@@ -112,11 +112,6 @@ def eventlog(
 ) -> None:
     """Load outbox events into ClickHouse (`<database>.outbox_<name>`, one row per event id), committing each
     batch's offsets after its insert; outboxes with `event_log: true`, one after the other."""
-    from changeflow.outbox.eventlog import load, table_name
-    from changeflow.outbox.events import idle_stop
-    from changeflow.pipelines.outbox import specs
-    from changeflow.reports import home
-
     pipeline = args.pipeline()
     chosen = [o for o in specs(pipeline) if o.config.event_log and (name is None or o.name == name)]
     if not chosen:

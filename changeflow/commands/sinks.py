@@ -6,10 +6,13 @@ import sys
 from typing import Annotated
 
 import typer
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
 from rich.console import Console
 
 from changeflow import context
 from changeflow.commands import args
+from changeflow.deploy.worker import WorkerService
 
 app = typer.Typer(help="Operate the sinks (each is its own consumer group).", no_args_is_help=True)
 # Piped output (CI logs, scripts) must not be cut at 80 columns.
@@ -18,9 +21,6 @@ console = Console(width=None if sys.stdout.isatty() else 200)
 
 def active_groups(groups: list[str]) -> dict[str, list[str]]:
     """group → its members (client id @ host), for the groups that have any."""
-    # Imported here, not at the top: start-up cost (changeflow/commands/__init__.py).
-    from confluent_kafka.admin import AdminClient
-
     # log_level 3: librdkafka's informational lines ("Purging 1 unserved events") are not the user's business.
     admin = AdminClient({"bootstrap.servers": context.settings().kafka_bootstrap, "log_level": 3})
     active: dict[str, list[str]] = {}
@@ -42,10 +42,8 @@ def reset(
     sink is checked first and none is reset while any of them has a running consumer.
 
     Exit codes: 0 reset; 1 a worker still consumes (nothing reset) or Kafka failed; 2 usage."""
-    # Imported here, not at the top: start-up cost (changeflow/commands/__init__.py).
-    from confluent_kafka import KafkaException
+    # Kept here for start-up cost (changeflow/commands/__init__.py): changeflow.sinks.offsets ~125 ms.
 
-    from changeflow.deploy.worker import WorkerService
     from changeflow.sinks.offsets import GroupActiveError, reset_to_earliest
 
     args.store(sink, "sink", allow_all=True)

@@ -33,8 +33,10 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from changeflow import context
 from changeflow.metrics import stores
 from changeflow.reports import home
+from changeflow.sinks import base as sink_base
 
 if TYPE_CHECKING:
     from changeflow.pipelines.spec import Pipeline
@@ -369,10 +371,6 @@ def watch(
     ] = None,
 ) -> None:
     """Live view: events/s, freshness and the newest changes per entity and sink."""
-    # Imported here, not at the top: start-up cost (changeflow/commands/__init__.py).
-    from changeflow import context
-    from changeflow.sinks import base as sink_base
-
     watcher = Watcher(context.settings(), context.pipeline(), changes, sink_base.used_by(context.pipeline()), url)
     console = Console(width=None if sys.stdout.isatty() else 200)
     try:

@@ -4,13 +4,16 @@ with their payments and refunds, and a few finance exceptions planted on purpose
 from __future__ import annotations
 
 import random
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+import orjson
 import psycopg
+from confluent_kafka import Producer
 from psycopg.types.json import Jsonb
 
 CATEGORIES = ("books", "garden", "kitchen", "toys", "tools", "music")
@@ -160,11 +163,6 @@ def feed_users(bootstrap: str, topic: str, users: int = 50, seed: int = 11) -> U
     York (an update with its full document and its updateDescription). The native stack has no MongoDB server;
     these are the records the connector writes (schemaless JsonConverter, Debezium 3.5's envelope), which the
     decode stage reads like any other. Under docker-compose the connector itself writes them."""
-    import time
-
-    import orjson
-    from confluent_kafka import Producer
-
     rng = random.Random(seed)
     seconds = int(time.time())
     docs: dict[str, dict[str, Any]] = {}

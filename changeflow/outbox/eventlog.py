@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from confluent_kafka import Consumer
+
 from changeflow.outbox.events import BadEvent, Event, from_message, next_message, stopping
 from changeflow.pipelines.outbox import OutboxSpec, event_log_table
 
@@ -62,8 +64,6 @@ def load(client: Any, bootstrap: str, database: str, spec: OutboxSpec, group: st
          stop: Callable[[int], bool], batch: int = 500, poll_s: float = 0.5) -> int:
     """Insert every event of the outbox's topics into its table until ``stop(rows so far)``; the rows inserted.
     A message that is no event is logged and passed over."""
-    from confluent_kafka import Consumer
-
     for statement in ddl(database, spec):
         client.command(statement)
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,

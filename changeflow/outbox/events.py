@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
+
+from confluent_kafka import Consumer, KafkaException
 
 from changeflow.pipelines.outbox import ERROR_HEADER
 
@@ -134,10 +137,6 @@ def tail(bootstrap: str, topics: Sequence[str], *, from_beginning: bool, limit: 
          emit: Callable[[Event | BadEvent], None]) -> int:
     """Read ``topics`` (names, or ``^regex`` patterns) without committing anything, handing each event (or
     BadEvent) to ``emit``, until ``limit`` were read or nothing came for ``idle_s``; the number read."""
-    import time
-
-    from confluent_kafka import Consumer
-
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"changeflow-tail-{uuid.uuid4().hex}",
                          "enable.auto.commit": False, "auto.offset.reset": "earliest" if from_beginning else "latest",
                          "topic.metadata.refresh.interval.ms": 2000, "log_level": 3})
@@ -162,8 +161,6 @@ def tail(bootstrap: str, topics: Sequence[str], *, from_beginning: bool, limit: 
 
 def next_message(consumer: Any, poll_s: float) -> Any:
     """The next message of a confluent_kafka consumer, None for none (or a passing error); a fatal error raises."""
-    from confluent_kafka import KafkaException
-
     message = consumer.poll(poll_s)
     if message is None:
         return None
@@ -178,8 +175,6 @@ def next_message(consumer: Any, poll_s: float) -> Any:
 def idle_stop(idle_s: float | None) -> Callable[[int], bool]:
     """A ``stop`` for a loop reporting its progress as a count: true once the count has not moved for
     ``idle_s`` seconds (never, for None)."""
-    import time
-
     seen = {"n": -1, "at": time.monotonic()}
 
     def stop(progress: int) -> bool:
@@ -194,8 +189,6 @@ def stopping(consumer: Any, stop: Callable[[Any], bool], progress: Any, started:
              grace_s: float = 30.0) -> bool:
     """``stop(progress)``, consulted only once the consumer has its partitions (or ``grace_s`` after ``started``): a
     group's first join takes seconds (the broker's initial rebalance delay), which an idle stop must not count."""
-    import time
-
     if not consumer.assignment() and time.monotonic() - started < grace_s:
         return False
     return stop(progress)

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import psycopg
+from confluent_kafka import Consumer
 from psycopg import sql
 
 from changeflow.outbox.events import BadEvent, Event, from_message, next_message, stopping
@@ -82,8 +83,6 @@ def consume(bootstrap: str, group: str, topics: Sequence[str], conn: psycopg.Con
     """Apply every event of ``topics`` through ``inbox`` until ``stop(counts)`` is true, committing each
     message's offset after its transaction. A message that is no event (BadEvent) is counted, handed to
     ``on_bad`` (default: logged) and passed over; a handler's exception stops the loop uncommitted."""
-    from confluent_kafka import Consumer
-
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
                          "auto.offset.reset": offset_reset})
     counts = Counts()

@@ -17,6 +17,7 @@ An entity with a hook may add any field, so names it could add are not judged.
 
 from __future__ import annotations
 
+import ast
 import difflib
 from collections.abc import Callable
 
@@ -105,8 +106,6 @@ def _event_rule(at: str, declared: DerivedEvent, known: set[str], dropped: list[
                 hooked: bool) -> list[Problem]:
     """A derived event's `when` (an expression over `old` and `new`), its carried `fields`, and the
     before-image that reading `old` needs."""
-    import ast
-
     out: list[Problem] = []
     reads_old = bool(declared.when_changed)
     if declared.when is not None:

@@ -18,7 +18,9 @@ through restarts, SIGKILLs and rebalances.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
+import signal
 import socket
 import threading
 import time
@@ -378,8 +380,6 @@ class ViewStage:
 
 
 def _process_main(settings: Settings, pipeline: Pipeline, loglevel: str, parent: int) -> None:
-    import signal
-
     die_with_parent()
     if os.getppid() != parent:
         return
@@ -396,8 +396,6 @@ class ViewProcess:
 
     def __init__(self, settings: Settings, pipeline: Pipeline, loglevel: str,
                  on_exit: Callable[[int | None], None]) -> None:
-        import multiprocessing
-
         self._proc = multiprocessing.get_context("spawn").Process(
             target=_process_main, args=(settings, pipeline, loglevel, os.getpid()), name="views", daemon=False)
         self._on_exit = on_exit
