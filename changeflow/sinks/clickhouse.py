@@ -556,6 +556,8 @@ class ClickHouseStore:
     # The store users query reports in: report modules create their views here (reports.objects), through
     # this one method, once the store has set up its tables.
     reports_queried_here = True
+    # The changelog keeps every image: keys_where finds a row by what it once held too (sinks.base.Store).
+    keeps_history = True
 
     def create_report_view(self, statement: str) -> None:
         """Run one report module's ``CREATE OR REPLACE VIEW`` in this store. Raises the server's error."""

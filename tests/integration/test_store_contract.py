@@ -263,9 +263,11 @@ def test_erasure_finds_the_rows_of_a_person_and_forgets_every_trace_of_them(
     spec = pipeline.entity("things")
     erasure_rows(store, sv)
     assert held(store, pipeline) == {"1": ("p1", 110), "3": ("p2", 100), "4": ("anon", 130)}
-    # Live rows only, by a column that is not the key, compared as text (an integer column too).
-    assert store.keys_where(spec, "name", ["p1"]) == ["1"]
-    assert store.keys_where(spec, "name", ["p1", "anon", "nobody"]) == ["1", "4"]
+    # By a column that is not the key, compared as text (an integer column too): live rows, and in a store that
+    # keeps history (keeps_history) what a row once held too (key 2 before its delete, key 4 before anonymised).
+    history = getattr(store, "keeps_history", False)
+    assert store.keys_where(spec, "name", ["p1"]) == (["1", "2", "4"] if history else ["1"])
+    assert store.keys_where(spec, "name", ["p1", "anon", "nobody"]) == (["1", "2", "4"] if history else ["1", "4"])
     assert store.keys_where(spec, "small", ["2", "3"]) == ["1", "3"]
     assert store.keys_where(spec, "name", []) == []
     # The deleted key leaves a trace: a tombstone row, a remembered version. Search's memory of a delete is the
