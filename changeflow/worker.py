@@ -13,6 +13,7 @@ a crash loop (``EXIT_CRASH_LOOP``). Faust's own data directory is kept under the
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import errno
 import hmac
 import logging
@@ -93,6 +94,9 @@ def ensure_topics(settings: Settings, pipeline: Pipeline) -> None:
     keep_dlq(admin, pipeline.dlq_topic, created=pipeline.dlq_topic not in existing)
     for topic in pipeline.canonical_topics():
         keep_dlq(admin, topic, created=topic not in existing, config=CANONICAL_CONFIG)
+    if pipeline.file.erasure.subjects:  # one the broker created (delete retention) would lose entries in a week
+        keep_dlq(admin, pipeline.suppression_topic, created=pipeline.suppression_topic not in existing,
+                 config=SUPPRESSION_CONFIG)
     missing = [NewTopic(n, num_partitions=p, replication_factor=1, config=configs.get(n, {}))
                for n, p in wanted.items() if n not in existing]
     if not missing:
@@ -135,6 +139,9 @@ def erasure_view(settings: Settings, handle: ErasureHandler) -> type:
     (``Authorization: Bearer <token>``); without it, 401 and nothing changes. Fails closed: a body it cannot
     read whole as one JSON object is refused before anything runs."""
     expected = f"Bearer {erasure_token(settings)}".encode()
+    # Erasures run one at a time, on a thread of their own: never on the loop's default pool, which the decode
+    # stage's deliveries use, and never two requests for one person at once.
+    erasures = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="erasure")
 
     class ErasureEndpoint(View):
         async def post(self, request: Any) -> Any:
@@ -154,7 +161,11 @@ def erasure_view(settings: Settings, handle: ErasureHandler) -> type:
             if not isinstance(body, dict):
                 return self.json({"error": "the body is not a JSON object"}, status=400)
             loop = asyncio.get_running_loop()
-            status, out = await loop.run_in_executor(None, handle, body)
+            try:
+                status, out = await loop.run_in_executor(erasures, handle, body)
+            except Exception as exc:  # the type only: a message may quote the id the caller sent
+                log.error("event=erasure_failed error=%s", type(exc).__name__)
+                return self.json({"error": f"{type(exc).__name__}; the request stays open, call again"}, status=500)
             return self.json(out, status=status)
 
     return ErasureEndpoint

@@ -56,6 +56,8 @@ def erase(
         "--source-deleted", help="The source cannot be read from here (MongoDB): its owner has deleted the person; "
                                  "recorded in the request.")] = False,
     timeout: Annotated[float, typer.Option(help="How long to wait for the stores and views to apply it.")] = 120.0,
+    force: Annotated[bool, typer.Option("--force", help="Erase even though no store holds or held this id (a "
+                                                        "copy only other services hold).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="The request as JSON.")] = False,
 ) -> None:
     """Erase a person from every store, entity, view and topic of the pipeline, and track it to confirmation.
@@ -66,7 +68,7 @@ def erase(
     say = (lambda _line: None) if as_json else (lambda line: console.print(escape(line), highlight=False))
     try:
         request = run.erase(settings, pipeline, subject, subject_id, wait_source_s=wait_source,
-                            source_deleted=source_deleted, apply_timeout_s=timeout, say=say)
+                            source_deleted=source_deleted, apply_timeout_s=timeout, force=force, say=say)
     except _failures() as exc:
         _fail(exc)
         return

@@ -51,6 +51,7 @@ from changeflow.streams.erasure import Entry
 from changeflow.streams.keys import key_parts, key_text
 from changeflow.streams.records import ChangeRecord
 from changeflow.streams.suppression import SETTLE_S
+from changeflow.streams.suppression import ensure_topic as ensure_suppression_topic
 from changeflow.waiting import WaitTimeout, wait_until
 
 if TYPE_CHECKING:
@@ -197,6 +198,9 @@ def projections(pipeline: Pipeline, subject: SubjectSpec, stores: list[str]) -> 
         out.append(Projection(f"topic/{spec.canonical_topic}", "topic"))
         if spec.source != "view":
             out.append(Projection(f"topic/{spec.raw_topic}", "topic"))
+    # The derived events of the entities (`events:`), keyed like the canonical topic; judged from now on.
+    out += [Projection(f"topic/{topic}", "topic") for topic, (spec, _name) in pipeline.event_topics().items()
+            if spec.name in subject.entities]
     out.append(Projection(f"topic/{pipeline.dlq_topic}", "topic"))
     out += [Projection(f"external/{name}", "external", detail=desc) for name, desc in subject.external.items()]
     return out
@@ -213,24 +217,49 @@ def _retention_s(settings: Settings, topics: list[str]) -> dict[str, tuple[str, 
         except Exception:  # a topic not created yet holds nothing
             continue
         retention = float(cfg.get("retention.ms") or -1)
+        # At the latest: the active segment is never compacted (it rolls after segment.ms), a record is kept
+        # min.compaction.lag.ms, and the tombstone itself delete.retention.ms.
         out[resource.name] = (str(cfg.get("cleanup.policy", "delete")), None if retention < 0 else retention / 1000,
-                              float(cfg.get("min.compaction.lag.ms") or 0) / 1000
-                              + float(cfg.get("delete.retention.ms") or 0) / 1000)
+                              sum(float(cfg.get(k) or 0) for k in ("segment.ms", "min.compaction.lag.ms",
+                                                                   "delete.retention.ms")) / 1000)
     return out
 
 
 # --- the request ----------------------------------------------------------------------------------------
+def canonical_id(settings: Settings, pipeline: Pipeline, subject: SubjectSpec, subject_id: str) -> str:
+    """The id as the stream writes the subject's key (``streams.keys``): ``042`` of an integer key is ``42``, an
+    upper-case UUID is lower-case. A mark of any other spelling would match no record."""
+    sv = schema_book(settings, pipeline, writer=False).latest.get(subject.entity)
+    if sv is None:
+        return subject_id
+    try:
+        image = key_image(sv.columns, sv.key_columns, subject_id)
+    except ValueError as exc:
+        raise ErasureError(f"{subject_id!r} is not a key of {subject.entity} ({', '.join(sv.key_columns)}): {exc}"
+                           ) from None
+    for column in sv.key_columns:
+        if getattr(sv.columns.get(column), "kind", "") == "uuid" and isinstance(image[column], str):
+            image[column] = image[column].lower()
+    return key_text([image[c] for c in sv.key_columns])
+
+
 def erase(settings: Settings, pipeline: Pipeline, subject_name: str, subject_id: str, *,
           wait_source_s: float = 0.0, source_deleted: bool = False, apply_timeout_s: float = 120.0,
-          say: Say = lambda _line: None) -> Request:
+          force: bool = False, say: Say = lambda _line: None) -> Request:
     """Erase one person (module docstring); returns the request as tracked. Raises ErasureError."""
     subject = subject_of(pipeline, subject_name)
+    subject_id = canonical_id(settings, pipeline, subject, subject_id)
     key = erasure_key(settings)
     subject_mark = mark(key, subject.entity, subject_id)
     track = tracker(settings, pipeline)
     stores = {name: base.create(name, settings, pipeline) for name in base.used_by(pipeline)}
     try:
         request = track.open_for(subject_mark)
+        if request is None and not force and not _ever_held(stores, pipeline, subject, subject_id) \
+                and not source_holdings(settings, pipeline, subject, subject_id)[0]:
+            raise ErasureError(f"no store holds or held {subject.entity} {subject_id!r} (its row, a tombstone or "
+                               "its history): check the id (the key as the source writes it); --force erases "
+                               "it anyway, to cover a copy only other services hold")
         if request is None:
             now = datetime.now(UTC)
             request = Request(uuid.uuid4().hex[:16], subject.name, subject_mark,
@@ -243,6 +272,7 @@ def erase(settings: Settings, pipeline: Pipeline, subject_name: str, subject_id:
                 f"{len(request.projections)} projections")
         else:
             say(f"request {request.id}: resuming the open request for this {subject.name}")
+            _announce(settings, pipeline, request, subject, subject_id)  # again: keyed by request, harmless twice
         request = _check_source(settings, pipeline, track, request, subject, subject_id, wait_source_s,
                                 source_deleted, say)
         found = plan(stores, pipeline, subject, subject_id, settings)
@@ -253,6 +283,9 @@ def erase(settings: Settings, pipeline: Pipeline, subject_name: str, subject_id:
         versions = _publish_changes(settings, pipeline, stores, subject, found)
         _wait_applied(pipeline, stores, subject, found, versions, apply_timeout_s, say)
         request = _forget_and_verify(settings, pipeline, track, request, stores, subject, found, versions, say)
+        # Sealed: the entries move to now, past the erasure's own deletes, so that a replay of the canonical
+        # topics (where they stay until compaction) leaves no tombstone, no trace of the key, behind.
+        _suppress(settings, pipeline, request, found, key)
         request = _close_if_complete(track, request)
         return request
     finally:
@@ -311,9 +344,19 @@ def _check_source(settings: Settings, pipeline: Pipeline, track: Tracker, reques
     return request.with_projection(projection)
 
 
+def _ever_held(stores: dict[str, base.Store], pipeline: Pipeline, subject: SubjectSpec, subject_id: str) -> bool:
+    """Whether any store holds a trace of the person's row: the row, a tombstone, a remembered version, history."""
+    spec = pipeline.entities[subject.entity]
+    return any(spec.stored_in(s.name) and s.traces(spec, [subject_id]) for s in stores.values())
+
+
 def _suppress(settings: Settings, pipeline: Pipeline, request: Request, found: Plan, key: bytes) -> None:
-    entries = [Entry(mark(key, e, k), "erase", request.at_ms, request.id) for e, ks in found.erase.items() for k in ks]
-    entries += [Entry(mark(key, e, k), "anonymise", request.at_ms, request.id)
+    """The entries, stamped now: the source was confirmed empty of the person just before, so a record written
+    until now is theirs; one written later is new data (someone registering again under the same id)."""
+    ensure_suppression_topic(settings, pipeline)
+    at_ms = int(time.time() * 1000)
+    entries = [Entry(mark(key, e, k), "erase", at_ms, request.id) for e, ks in found.erase.items() for k in ks]
+    entries += [Entry(mark(key, e, k), "anonymise", at_ms, request.id)
                 for e, ks in found.anonymise.items() for k in ks]
     producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "acks": "all", "enable.idempotence": True})
     for entry in entries:
@@ -407,9 +450,11 @@ def _wait_applied(pipeline: Pipeline, stores: dict[str, base.Store], subject: Su
                 if not keys:
                     continue
                 held = store.fetch(spec, keys)
+                cleared = ref.cleared if (ref := subject.reference(entity)) is not None else ()
                 late = [k for k in keys if (k in found.erase.get(entity, set()) and k in held)
                         or (k in found.anonymise.get(entity, set())
-                            and (held.get(k) is None or (held[k].version or 0) < versions[(entity, k)]))]
+                            and (held.get(k) is None or (held[k].version or 0) < versions[(entity, k)]
+                                 or any(held[k].row.get(c) is not None for c in cleared)))]
                 if late:
                     lagging.append(f"{store.name}/{entity}: {len(late)}")
         for view in subject.views:
@@ -508,7 +553,7 @@ def _forget_and_verify(settings: Settings, pipeline: Pipeline, track: Tracker, r
         raise ErasureError("the Kafka tombstones were not delivered")
     changed += _topic_projections(settings, pipeline, request, subject, now)
     changed = [p for p in changed if p.name != f"topic/{pipeline.dlq_topic}"]
-    changed.append(_redact_dead_letters(settings, pipeline, now, say))
+    changed.append(_redact_dead_letters(settings, pipeline, request, now, say))
     for p in changed:
         request = request.with_projection(p)
     track.save(request, changed)
@@ -522,12 +567,13 @@ def _forget_and_verify(settings: Settings, pipeline: Pipeline, track: Tracker, r
 RETENTION_CHECK_S = 300.0
 
 
-def _redact_dead_letters(settings: Settings, pipeline: Pipeline, now: datetime, say: Say) -> Projection:
+def _redact_dead_letters(settings: Settings, pipeline: Pipeline, request: Request, now: datetime, say: Say
+                         ) -> Projection:
     """The dead-letter topic rewritten without the erased rows' dead letters (``streams.dlq_redact``), read
     back before it counts as erased."""
     name = f"topic/{pipeline.dlq_topic}"
     try:
-        done = redact_suppressed(settings, pipeline, say)
+        done = redact_suppressed(settings, pipeline, say, request=request.id)
     except RedactionError as exc:
         return Projection(name, "topic", "pending", f"redaction not verified: {exc}")
     if done is None or not done.removed:
@@ -552,8 +598,8 @@ def _topic_projections(settings: Settings, pipeline: Pipeline, request: Request,
         policy, retention, lag = configs.get(topic, ("delete", None, 0.0))
         if "compact" in policy:
             due: datetime | None = now + timedelta(seconds=lag)
-            how = (f"compacted: the tombstone or cleared row is the key's last record; compaction after "
-                   f"{lag / 86400:.1f} days")
+            how = (f"compacted: the tombstone or cleared row is the key's last record; compacted within "
+                   f"{lag / 86400:.1f} days (segment roll, compaction lag, tombstone retention)")
         elif retention is not None:
             due = now + timedelta(seconds=retention)
             how = f"keyed otherwise: retention removes the person's records after {retention / 86400:.1f} days"
@@ -574,8 +620,9 @@ def _close_if_complete(track: Tracker, request: Request) -> Request:
 
 # --- status and confirmation ------------------------------------------------------------------------------
 def advance(settings: Settings, pipeline: Pipeline, request: Request) -> Request:
-    """Move projections whose purge time has passed to ``purged`` (a store's read back once more first), and
-    close the request once every projection is confirmed."""
+    """Move projections whose purge time has passed to ``purged`` (by the time the store or the topic gave: a
+    request keeps marks, not keys, so nothing can be read back by key afterwards), and close the request once
+    every projection is confirmed."""
     track = tracker(settings, pipeline)
     now = datetime.now(UTC)
     changed: list[Projection] = []

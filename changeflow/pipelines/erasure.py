@@ -51,6 +51,9 @@ class SubjectSpec:
     references: tuple[ReferenceSpec, ...]  # a parent's reference comes before its children's
     external: dict[str, str] = field(default_factory=dict)  # name -> description
     views: tuple[str, ...] = ()  # views reading the subject's entity or a referring one
+    # Per view with a row per root row (not an aggregate): its root entity and the fields that hold the person
+    # (read from the subject's entity, or a cleared column of an anonymised reference).
+    view_fields: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
 
     @property
     def entities(self) -> tuple[str, ...]:
@@ -87,8 +90,22 @@ def subjects(pipeline: Pipeline) -> dict[str, SubjectSpec]:
                      for entity, r in _ordered(subject))
         touched = {subject.entity, *(r.entity for r in refs)}
         views = tuple(v for v, d in pipeline.views.items() if d.entities & touched)
+        by_entity = {r.entity: r for r in refs}
+        view_fields: dict[str, tuple[str, tuple[str, ...]]] = {}
+        for v in views:
+            d = pipeline.views[v]
+            if d.aggregated:
+                continue
+            personal = []
+            for f in d.fields:
+                entity = d.entity_of(f.alias)
+                ref = by_entity.get(entity)
+                if entity == subject.entity or (ref is not None and ref.action == "anonymise"
+                                                and f.column in ref.cleared):
+                    personal.append(f.name)
+            view_fields[v] = (d.root, tuple(personal))
         out[name] = SubjectSpec(name, subject.entity, refs, {n: e.description for n, e in subject.external.items()},
-                                views)
+                                views, view_fields)
     return out
 
 
@@ -98,6 +115,14 @@ def check(pipeline: Pipeline, catalog: Catalog | None = None) -> list[tuple[str,
     section: ErasureSection = pipeline.file.erasure
     captured = {s.name: s for s in pipeline.captured()}
     claimed: dict[str, str] = {}
+    referred: dict[str, str] = {}
+    for name, subject in section.subjects.items():
+        for entity in subject.refers:
+            if entity in referred and referred[entity] != name:
+                out.append((f"erasure.subjects.{name}.refers.{entity}",
+                            f"{entity!r} is already under subject {referred[entity]!r}'s `refers`: an entity refers to "
+                            "one subject (its anonymisation is that subject's); merge the two subjects' references"))
+            referred.setdefault(entity, name)
     for name, subject in section.subjects.items():
         at = f"erasure.subjects.{name}"
         if subject.entity not in captured:

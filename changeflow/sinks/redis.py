@@ -376,24 +376,48 @@ class RedisStore:
         return done
 
     def expunge(self, spec: EntitySpec) -> tuple[str, float | None]:
-        """``BGREWRITEAOF`` when the append-only file is on (it still holds the commands that wrote the rows),
-        waited for; else there is nothing on disk to rewrite but the RDB snapshots."""
+        """Rewrite what is on disk without the forgotten keys, waited for: the append-only file
+        (``BGREWRITEAOF``: it still holds the commands that wrote the rows) and the RDB snapshot (``BGSAVE``:
+        the last one holds them until the next save), each where the server keeps one."""
+        done: list[str] = []
         persistence = cast("dict[str, Any]", self.client.info("persistence"))
-        if not int(persistence.get("aof_enabled", 0)):
-            return ("redis: append-only file off: the data was in memory (gone) and in RDB snapshots, which the "
-                    "next save rewrites without it", None)
-        self.client.bgrewriteaof()
+        if int(persistence.get("aof_enabled", 0)):
+            self.client.bgrewriteaof()
 
-        def rewritten() -> bool:
-            persistence = cast("dict[str, Any]", self.client.info("persistence"))
-            return not int(persistence.get("aof_rewrite_in_progress", 0)) \
-                and not int(persistence.get("aof_rewrite_scheduled", 0))
+            def rewritten() -> bool:
+                now = cast("dict[str, Any]", self.client.info("persistence"))
+                return not int(now.get("aof_rewrite_in_progress", 0)) and not int(now.get("aof_rewrite_scheduled", 0))
 
+            try:
+                wait_until(rewritten, EXPUNGE_WAIT_S, what="redis BGREWRITEAOF", interval=0.2)
+            except WaitTimeout:
+                return (f"redis: BGREWRITEAOF started, still running after {EXPUNGE_WAIT_S:.0f} s", EXPUNGE_WAIT_S)
+            done.append("append-only file rewritten (BGREWRITEAOF)")
         try:
-            wait_until(rewritten, EXPUNGE_WAIT_S, what="redis BGREWRITEAOF", interval=0.2)
-        except WaitTimeout:
-            return (f"redis: BGREWRITEAOF started, still running after {EXPUNGE_WAIT_S:.0f} s", EXPUNGE_WAIT_S)
-        return "redis: append-only file rewritten (BGREWRITEAOF)", None
+            snapshots = bool(cast("dict[str, Any]", self.client.config_get("save")).get("save"))
+        except redis.ResponseError:  # CONFIG disabled (a managed server): its snapshots are the provider's
+            snapshots = False
+            done.append("CONFIG is not allowed here: the server's own RDB snapshots are not checked")
+        if snapshots:
+            before = int(cast("dict[str, Any]", self.client.info("persistence")).get("rdb_last_save_time", 0))
+            try:
+                self.client.bgsave()
+            except redis.ResponseError as exc:  # one already running: it may have started before the forget
+                done.append(f"BGSAVE refused ({type(exc).__name__}), retried at the next expunge")
+                return "redis: " + "; ".join(done), 60.0
+
+            def saved() -> bool:
+                now = cast("dict[str, Any]", self.client.info("persistence"))
+                return not int(now.get("rdb_bgsave_in_progress", 0)) and int(now.get("rdb_last_save_time", 0)) >= before
+
+            try:
+                wait_until(saved, EXPUNGE_WAIT_S, what="redis BGSAVE", interval=0.2)
+            except WaitTimeout:
+                return "redis: " + "; ".join([*done, "BGSAVE still running"]), EXPUNGE_WAIT_S
+            done.append("RDB snapshot rewritten (BGSAVE)")
+        if not done:
+            done.append("no append-only file and no RDB snapshots: the data was in memory only, and is gone")
+        return "redis: " + "; ".join(done), None
 
     def applied_through(self) -> dict[str, int]:
         # The client is made without decode_responses, so hash fields come back as bytes.

@@ -36,7 +36,7 @@ from changeflow.schemas.book import schema_book
 from changeflow.sinks import base
 from changeflow.sinks.base import FatalSinkError, RefusedBatch, Rejected, RetriableSinkError, Store, fill_partials
 from changeflow.sinks.reread import send_signals
-from changeflow.streams.canonical import record_from_bytes
+from changeflow.streams.canonical import record_from_bytes, to_avro
 from changeflow.streams.records import ChangeRecord
 from changeflow.streams.suppression import SuppressionFeed
 
@@ -270,11 +270,23 @@ class SinkRunner:
         # The erased rows (README "Erasure"): consulted before every batch; None when nothing can be erased.
         self.suppression = SuppressionFeed.for_pipeline(settings, pipeline)
         self.suppressed = 0
+        self._judged: dict[tuple[str, int, int], ChangeRecord] = {}
 
     def _suppressed(self, record: ChangeRecord) -> None:
         # Never the key: it is an erased person's.
         self.suppressed += 1
         log.info("sink=%s event=suppressed entity=%s", self.sink.name, record.entity)
+
+    def _judge(self, records: Sequence[ChangeRecord]) -> list[ChangeRecord]:
+        """The records as the suppression list leaves them (README "Erasure"); the origins of those it changed
+        are noted, so a quarantined one is parked as judged, never with the bytes it arrived with."""
+        if self.suppression is None:
+            return list(records)
+        suppressor = self.suppression.current()
+        judged = suppressor.apply_all(records, dropped=self._suppressed)
+        kept = {id(r) for r in records}
+        self._judged = {r.origin: r for r in judged if id(r) not in kept and r.origin is not None}
+        return judged
 
     def _write_with_retry(self, records: Sequence[ChangeRecord]) -> list[Rejected]:
         def before_sleep(state: object) -> None:
@@ -298,7 +310,10 @@ class SinkRunner:
             if self.stop.is_set() and attempt.retry_state.attempt_number > 1:
                 raise InterruptedError("stopping while the store is down; batch left uncommitted")
             with attempt:
-                writable, held_back = complete_partials(self.sink, self.pipeline, records, self.reread)
+                # Judged again on every attempt: an erasure that happened while the store was down must not be
+                # overtaken by a batch judged before it (streams.suppression's settle time does not cover that).
+                judged = self._judge(records)
+                writable, held_back = complete_partials(self.sink, self.pipeline, judged, self.reread)
                 rejected = held_back + write_bisecting(self.sink, writable)
         self.last_error = None
         self.failing_since = None
@@ -340,7 +355,10 @@ class SinkRunner:
                 "sink=%s event=quarantined entity=%s key=%r version=%s topic=%s partition=%s offset=%s reason=%r",
                 name, r.entity, r.key, r.version, msg.topic(), msg.partition(), msg.offset(), rej.reason[:500],
             )
-            self.dlq.produce(self.pipeline.dlq_topic, key=msg.key(), value=msg.value(),
+            # A record the suppression list changed (anonymised) is parked as judged: the dead-letter topic is
+            # kept for ever, and the bytes it arrived with carry what the erasure removed.
+            value = to_avro(self.book, rej.record) if r.origin in self._judged else msg.value()
+            self.dlq.produce(self.pipeline.dlq_topic, key=msg.key(), value=value,
                              headers=quarantine_headers(name, rej),
                              on_delivery=lambda err, _m: errors.append(str(err)) if err else None)
             self.dlq.poll(0)
@@ -431,8 +449,6 @@ class SinkRunner:
                         self._to_dlq(msg, f"undecodable canonical record: {type(exc).__name__}: {str(exc)[:300]}")
                         metrics.count_dead_letter(self.sink.name)
                 metrics.observe_consumed(self.sink.name, records)
-                if self.suppression is not None:
-                    records = self.suppression.current().apply_all(records, dropped=self._suppressed)
                 started = time.perf_counter()
                 try:
                     rejected = self._write_with_retry(records)

@@ -270,15 +270,14 @@ def create_app(settings: Settings, pipeline: Pipeline, decode_group: str | None 
                 log.warning("event=unmapped_table table=%s topic=%s partition=%s offset=%s hint=%r", table, topic,
                             partition, offset, "add it to the pipeline's entities to capture it; counted in "
                             "/metrics as changeflow_unmapped_changes_total")
-        original = result
-        if isinstance(result, ChangeRecord):
-            if result.is_delete and result.before is not None and result.key_columns:
-                # A delete travels with its key only (README "Erasure"): a compacted topic keeps the last
-                # record of a key, and that must not be a deleted person's whole row.
-                result = replace(result, before={k: v for k, v in result.before.items() if k in result.key_columns})
-            if suppressor is not None and suppressor.judges(result.entity):
-                kept = suppressor.apply(result)
-                result = kept if kept is not None else Skip("an erased row (README \"Erasure\")")
+        if isinstance(result, ChangeRecord) and suppressor is not None and suppressor.judges(result.entity):
+            kept = suppressor.apply(result)
+            result = kept if kept is not None else Skip("an erased row (README \"Erasure\")")
+        judged = result  # what the derived events are computed from: judged, with its whole before image
+        if isinstance(result, ChangeRecord) and result.is_delete and result.before is not None and result.key_columns:
+            # A delete travels with its key only (README "Erasure"): a compacted topic keeps the last record of a
+            # key, and that must not be a deleted person's whole row.
+            result = replace(result, before={k: v for k, v in result.before.items() if k in result.key_columns})
         if isinstance(result, ChangeRecord):
             try:
                 encoded = to_avro(book, result)
@@ -290,8 +289,8 @@ def create_app(settings: Settings, pipeline: Pipeline, decode_group: str | None 
             key = result.kafka_key.encode()
             produce(canonical_names[result.entity], key, encoded)
             declared = declared_events.get(result.entity)
-            if declared and isinstance(original, ChangeRecord):
-                for event_topic, payload in derived_events(original, declared):
+            if declared and isinstance(judged, ChangeRecord):
+                for event_topic, payload in derived_events(judged, declared):
                     produce(event_topic, key, orjson.dumps(payload), event_headers(payload, result.entity))
         elif isinstance(result, DeadLetter):
             log.warning(

@@ -115,11 +115,14 @@ def row_of(key: bytes | None, headers: Headers, topics: Mapping[str, Origin]) ->
         return None
 
 
-def doomed_by(suppressor: Suppressor) -> Doomed:
-    """``doomed`` for :func:`redact` from the suppression list: the row has an entry (erased or anonymised)."""
+def doomed_by(suppressor: Suppressor, request: str | None = None) -> Doomed:
+    """``doomed`` for :func:`redact` from the suppression list: the row has an entry (erased or anonymised), made
+    by ``request`` when one is named: a later erasure never removes the dead letters of a row an earlier one
+    erased, whose owner may have registered again since (their new dead letters are theirs to keep)."""
 
     def doomed(entity: str, key: str) -> bool:
-        return bool(suppressor.entries) and suppressor.entries.get(mark(suppressor.key, entity, key)) is not None
+        entry = suppressor.entries.get(mark(suppressor.key, entity, key)) if suppressor.entries else None
+        return entry is not None and (request is None or entry.request == request)
 
     return doomed
 
@@ -220,7 +223,7 @@ def redact(settings: Settings, pipeline: Pipeline, doomed: Doomed, say: Say = la
 
 
 def redact_suppressed(settings: Settings, pipeline: Pipeline, say: Say = lambda _line: None,
-                      timeout: float = 30.0) -> Redaction | None:
+                      timeout: float = 30.0, request: str | None = None) -> Redaction | None:
     """What the erasure calls once the suppression list holds its rows: the suppression topic read to its end,
     then :func:`redact` with :func:`doomed_by` it. None for a pipeline that declares no erasure subject."""
     feed = SuppressionFeed.for_pipeline(settings, pipeline)
@@ -228,7 +231,7 @@ def redact_suppressed(settings: Settings, pipeline: Pipeline, say: Say = lambda 
         return None
     try:
         feed.refresh(force=True)
-        return redact(settings, pipeline, doomed_by(feed.suppressor), say, timeout)
+        return redact(settings, pipeline, doomed_by(feed.suppressor, request), say, timeout)
     finally:
         feed.close()
 

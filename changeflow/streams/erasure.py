@@ -78,12 +78,15 @@ class Suppressor:
         # entity -> the reference that entity is (its own anonymisation), and the references it carries
         self._own: dict[str, ReferenceSpec | None] = {}
         self._links: dict[str, list[ReferenceSpec]] = {}
+        # view -> (its root entity, the fields holding the person): a view's row is judged by its root row.
+        self._views: dict[str, tuple[str, tuple[str, ...]]] = {}
         for subject in subjects:
             self._own.setdefault(subject.entity, None)
             for ref in subject.references:
                 self._own[ref.entity] = ref
                 self._links.setdefault(ref.entity, []).append(ref)
                 self._own.setdefault(ref.parent, None)
+            self._views.update(subject.view_fields)
 
     def add(self, entries: Iterable[Entry]) -> None:
         for entry in entries:
@@ -105,13 +108,19 @@ class Suppressor:
 
     def judges(self, entity: str) -> bool:
         """Whether records of ``entity`` can ever be suppressed (for the caller to skip the rest cheaply)."""
-        return bool(self.entries) and entity in self._own
+        return bool(self.entries) and (entity in self._own or entity in self._views)
 
     def apply(self, record: ChangeRecord) -> ChangeRecord | None:
         """The record to write (maybe anonymised), or None: dropped, it would bring an erased row back."""
-        if record.is_delete or not self.judges(record.entity):
+        if not self.judges(record.entity):
             return record
+        if record.entity in self._views:
+            return self._view_record(record)
         own = self.entries.get(self.mark(record.entity, record.key))
+        if record.is_delete:
+            # A delete only removes, but a replayed one of an erased row would leave a tombstone or a
+            # remembered version behind (a trace of the key): the erasure's own delete is newer and passes.
+            return None if own is not None and own.action == "erase" and record.ts_ms <= own.at_ms else record
         ref = self._own.get(record.entity)
         # A referring row found by the erasure was the person's for good (an order the source keeps, still
         # linked, stays anonymised whatever it changes later); the person's own row may register again.
@@ -131,6 +140,23 @@ class Suppressor:
                 return None
             record = anonymised(record, ref)
         return record
+
+    def _view_record(self, record: ChangeRecord) -> ChangeRecord | None:
+        """A view's row as published before the erasure (a replay of the view's topic, a store added later): its
+        root row erased, it goes; anonymised, the fields holding the person are cleared."""
+        root, personal = self._views[record.entity]
+        own = self.entries.get(self.mark(root, record.key))
+        if own is None or record.ts_ms > own.at_ms:
+            return record
+        if own.action == "erase":
+            return None
+        if record.is_delete:
+            return record
+
+        def clean(image: dict[str, Any] | None) -> dict[str, Any] | None:
+            return None if image is None else {**image, **{f: None for f in personal if f in image}}
+
+        return replace(record, before=clean(record.before), after=clean(record.after))
 
     def apply_all(self, records: Sequence[ChangeRecord],
                   dropped: Callable[[ChangeRecord], None] | None = None) -> list[ChangeRecord]:

@@ -15,6 +15,14 @@ from typing import TYPE_CHECKING
 
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka.admin import (
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    NewTopic,
+    ResourceType,
+)
 
 from changeflow.deploy.secrets import erasure_key
 from changeflow.pipelines.erasure import subjects
@@ -31,6 +39,30 @@ REFRESH_S = 0.5
 SETTLE_S = 3 * REFRESH_S + 1.0
 # The suppression topic's configuration: compacted (an entry is kept for good), one partition (one order).
 TOPIC_CONFIG = {"cleanup.policy": "compact"}
+
+
+def ensure_topic(settings: Settings, pipeline: Pipeline) -> None:
+    """The suppression topic exists and is compacted: created so, or an existing one (made by the broker's
+    automatic creation, with its delete retention) switched to compaction, which keeps every entry for good."""
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    topic = pipeline.suppression_topic
+    if topic not in admin.list_topics(timeout=15).topics:
+        for future in admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1,
+                                                    config=TOPIC_CONFIG)], operation_timeout=15).values():
+            try:
+                future.result()
+            except Exception as exc:  # a concurrent creator: checked below like any existing topic
+                if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                    raise
+    resource = ConfigResource(ResourceType.TOPIC, topic)
+    config = next(iter(admin.describe_configs([resource]).values())).result(timeout=15)
+    policy = config.get("cleanup.policy")
+    if policy is None or policy.value != "compact":
+        alter = ConfigResource(ResourceType.TOPIC, topic, incremental_configs=[
+            ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET) for k, v in TOPIC_CONFIG.items()])
+        for future in admin.incremental_alter_configs([alter]).values():
+            future.result(timeout=15)
+        log.warning("event=suppression_topic_compacted topic=%s was=%s", topic, policy.value if policy else None)
 
 
 class SuppressionFeed:

@@ -306,6 +306,7 @@ def make_runner(pipeline: Pipeline, store: str) -> runner_mod.SinkRunner:
     r = runner_mod.SinkRunner.__new__(runner_mod.SinkRunner)
     r.sink = type("Fake", (), {"name": store})()  # type: ignore[assignment]
     r.pipeline, r.dlq, r.quarantined = pipeline, FakeProducer(), 0  # type: ignore[assignment]
+    r._judged = {}  # nothing the suppression list changed
     return r
 
 
