@@ -392,6 +392,9 @@ def test_search_forget_removes_the_document_from_every_index_behind_the_alias(
                   json={"id": int(key), "name": name}, timeout=30).raise_for_status()
 
     def in_index(index: str) -> dict[str, str]:
+        # A write is searchable after the index's next refresh (every 100 ms): refreshed here, so the test
+        # reads what the index holds, not what its last refresh happened to catch.
+        httpx.post(f"{base}/{index}/_refresh", timeout=30).raise_for_status()
         found = httpx.post(f"{base}/{index}/_search", json={"size": 100}, timeout=30).json()["hits"]["hits"]
         return {h["_id"]: h["_source"]["name"] for h in found}
 
