@@ -110,6 +110,19 @@ class Suppressor:
         """Whether records of ``entity`` can ever be suppressed (for the caller to skip the rest cheaply)."""
         return bool(self.entries) and (entity in self._own or entity in self._views)
 
+    def read_now(self, entity: str, key: str) -> frozenset[str] | None:
+        """How a row read at the source now stands, as ``apply`` would write it: None, dropped (a referring row
+        the erasure deleted); else the columns it has set to null (empty: whole). A row read now is newer than
+        every entry, so only a referring row's own mark counts: a link to an erased parent written later is new
+        data, and the subject's own row, if it exists, registered again."""
+        if not self.entries or entity not in self._own:
+            return frozenset()
+        ref = self._own[entity]
+        own = self.entries.get(self.mark(entity, key)) if ref is not None else None
+        if own is None or ref is None:
+            return frozenset()
+        return None if own.action == "erase" else frozenset(ref.cleared)
+
     def apply(self, record: ChangeRecord) -> ChangeRecord | None:
         """The record to write (maybe anonymised), or None: dropped, it would bring an erased row back."""
         if not self.judges(record.entity):

@@ -13,6 +13,7 @@ from changeflow.pipelines.catalog import Catalog, Column, Table
 from changeflow.pipelines.check import check
 from changeflow.pipelines.erasure import mark, subjects
 from changeflow.pipelines.load import PipelineError, parse
+from changeflow.reports.reconcile.views import erased_fields
 from changeflow.streams.erasure import Entry, Suppressor, anonymised
 from changeflow.streams.records import ChangeRecord, without_values
 
@@ -317,3 +318,62 @@ def test_an_entity_referring_to_two_subjects_is_refused() -> None:
     assert "erasure.subjects.courier.refers.orders: 'orders' is already under subject 'customer''s `refers`: an " \
            "entity refers to one subject (its anonymisation is that subject's); merge the two subjects' references" \
            in problems(text)
+
+
+def test_a_row_read_at_the_source_now_stands_as_the_stream_writes_it() -> None:
+    """Reconcile reads the source now: only a referring row's own mark counts (the person's row, if there, has
+    registered again; a link written after the request is new data)."""
+    s = suppressor(ERASED, ORDER_A, PAYMENT)
+    assert s.read_now("accounts", "7") == frozenset()
+    assert s.read_now("orders", "a") == frozenset({"account_no", "ship_to"})
+    assert s.read_now("orders", "b") == frozenset()
+    assert s.read_now("payments", "p") is None
+    assert s.read_now("shipments", "a") == frozenset()
+    assert suppressor().read_now("payments", "p") == frozenset()
+    # The same answer apply gives a record read now.
+    now = AT + 10
+    assert s.apply(rec("payments", "p", {"id": "p", "order_id": "a"}, now)) is None
+    order = s.apply(rec("orders", "a", {"id": "a", "account_no": 7, "ship_to": "5th", "total": 3}, now))
+    assert order is not None and order.after == {"id": "a", "account_no": None, "ship_to": None, "total": 3}
+
+
+CHAINED = GOOD.replace("erasure:", """views:
+  payment_view:
+    from: payments
+    join:
+      order: {entity: orders, on: order_id}
+      buyer: {entity: accounts, from: order, on: account_no}
+    fields: {card: card, total: order.total, ship_to: order.ship_to, email: buyer.email}
+erasure:""")
+
+
+@pytest.mark.parametrize(("entries", "keys", "expected"), [
+    # Nothing erased: the row as SQL joined it.
+    ((), {"": ["q"], "order": ["b"], "buyer": [8]},
+     {"card": "4111", "total": 3, "ship_to": "5th", "email": "x@y"}),
+    # The order anonymised: its ship_to cleared, and its link to the buyer cut (the buyer's fields too).
+    ((ORDER_A,), {"": ["q"], "order": ["a"], "buyer": [7]},
+     {"card": "4111", "total": 3, "ship_to": None, "email": None}),
+    # The payment, the root, deleted by the erasure: no row.
+    ((PAYMENT,), {"": ["p"], "order": ["a"], "buyer": [7]}, None),
+    # The person erased, a new account row of theirs at the source: registered again, it joins.
+    ((ERASED,), {"": ["q"], "order": ["b"], "buyer": [7]},
+     {"card": "4111", "total": 3, "ship_to": "5th", "email": "x@y"}),
+    # An erased order looked up: no match, nor anything chained from it.
+    ((Entry(mark(KEY, "orders", "a"), "erase", AT, "r1"),), {"": ["q"], "order": ["a"], "buyer": [7]},
+     {"card": "4111", "total": None, "ship_to": None, "email": None}),
+])
+def test_a_view_computed_at_the_source_takes_each_row_it_reads_as_the_stream_does(
+        entries: tuple[Entry, ...], keys: dict[str, list[object]], expected: dict[str, object] | None) -> None:
+    pipeline = parse(CHAINED, "shop.yml")
+    s = Suppressor(subjects(pipeline).values(), KEY, {e.mark: e for e in entries})
+    joined = {"card": "4111", "total": 3, "ship_to": "5th", "email": "x@y"}
+    assert erased_fields(pipeline.views["payment_view"], joined, keys, s.read_now) == expected
+
+
+def test_a_lookup_that_sql_found_no_row_for_stays_empty() -> None:
+    pipeline = parse(CHAINED, "shop.yml")
+    s = suppressor(ORDER_A)
+    joined = {"card": "4111", "total": None, "ship_to": None, "email": None}
+    assert erased_fields(pipeline.views["payment_view"], joined, {"": ["q"], "order": [None], "buyer": [None]},
+                         s.read_now) == joined

@@ -164,7 +164,12 @@ class Source:
     # --- reading --------------------------------------------------------------------------------------
     def _view(self, spec: EntitySpec) -> dict[str, Row]:
         """A view computed at the source now (reports.reconcile.views), as comparable rows."""
-        rows = view_rows(self.dsn, self.pipeline, self.pipeline.views[spec.name], self.key_columns)
+        view = self.pipeline.views[spec.name]
+        suppressor = self.suppressor()
+        judged = suppressor is not None and any(suppressor.judges(e) for e in view.entities)
+        # As the stream computes it: each row it reads judged by the erasures (an anonymised order's link cut).
+        rows = view_rows(self.dsn, self.pipeline, view, self.key_columns,
+                         suppressor.read_now if judged and suppressor is not None else None)
         types = self.types(spec)
         return {k: comparable_row(r, types) for k, r in rows.items()}
 

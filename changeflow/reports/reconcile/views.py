@@ -43,9 +43,15 @@ def unsupported(pipeline: Pipeline, view: ViewDef) -> str | None:
     return None
 
 
+# How a row read at the source now stands after erasures (``Suppressor.read_now``): None, dropped; else the
+# columns the stream sets to null in it (empty: whole). Given the entity and the row's key text.
+RowStanding = Callable[[str, str], "frozenset[str] | None"]
+
+
 def view_query(pipeline: Pipeline, view: ViewDef, key_columns: Callable[[EntitySpec], tuple[str, ...]],
-               root_keys: tuple[str, ...]) -> sql.Composed:
-    """SELECT the root's key columns and every field, the lookups LEFT JOINed on the looked-up keys."""
+               root_keys: tuple[str, ...], lookup_keys: bool = False) -> sql.Composed:
+    """SELECT the root's key columns and every field, the lookups LEFT JOINed on the looked-up keys; with
+    ``lookup_keys``, each looked-up row's key columns too (``a{i}_{j}``, lookup i's key column j)."""
     alias_sql = {"": "t0", **{lk.alias: f"t{i + 1}" for i, lk in enumerate(view.lookups)}}
 
     def table(alias: str) -> sql.Composable:
@@ -59,6 +65,11 @@ def view_query(pipeline: Pipeline, view: ViewDef, key_columns: Callable[[EntityS
         column = sql.Identifier(alias_sql[f.alias], f.column)
         expr = (sql.SQL("{} #>> {}").format(column, sql.Literal(list(f.nested))) if f.nested else column)
         selected.append(sql.SQL("{} AS {}").format(expr, sql.Identifier(f"f_{i}")))
+    if lookup_keys:
+        for i, lk in enumerate(view.lookups):
+            selected.extend(sql.SQL("{} AS {}").format(sql.Identifier(alias_sql[lk.alias], rk),
+                                                       sql.Identifier(f"a{i}_{j}"))
+                            for j, rk in enumerate(key_columns(pipeline.entities[lk.entity])))
     joins = []
     for lk in view.lookups:
         right_keys = key_columns(pipeline.entities[lk.entity])
@@ -70,10 +81,13 @@ def view_query(pipeline: Pipeline, view: ViewDef, key_columns: Callable[[EntityS
 
 
 def view_rows(dsn: str, pipeline: Pipeline, view: ViewDef, key_columns: Callable[[EntitySpec], tuple[str, ...]],
-              ) -> dict[str, Row]:
-    """key text → the view's row, as the stream publishes it (before the stores' normalisation)."""
+              standing: RowStanding | None = None) -> dict[str, Row]:
+    """key text → the view's row, as the stream publishes it (before the stores' normalisation). With
+    ``standing``, each row the view reads is taken as the stream takes it after an erasure (``erased_fields``)."""
     root_keys = key_columns(pipeline.entities[view.root])
-    query = view_query(pipeline, view, key_columns, root_keys)
+    judged = standing is not None
+    query = view_query(pipeline, view, key_columns, root_keys, lookup_keys=judged)
+    lookup_widths = [len(key_columns(pipeline.entities[lk.entity])) for lk in view.lookups]
     predicate = compile_expression(view.filter) if view.filter else None
     rows: dict[str, Row] = {}
     groups: dict[str, dict[str, Any]] = {}
@@ -87,6 +101,14 @@ def view_rows(dsn: str, pipeline: Pipeline, view: ViewDef, key_columns: Callable
         for raw in cur:
             typed = debezium_typed(raw)
             out = {f.name: typed[f"f_{i}"] for i, f in enumerate(view.fields)}
+            if standing is not None:
+                keys_of = {"": [typed[f"k_{i}"] for i in range(len(root_keys))],
+                           **{lk.alias: [typed[f"a{i}_{j}"] for j in range(width)]
+                              for i, (lk, width) in enumerate(zip(view.lookups, lookup_widths, strict=True))}}
+                judged_out = erased_fields(view, out, keys_of, standing)
+                if judged_out is None:
+                    continue
+                out = judged_out
             if predicate is not None:
                 try:
                     if predicate.evaluate(out) is not True:
@@ -107,6 +129,33 @@ def view_rows(dsn: str, pipeline: Pipeline, view: ViewDef, key_columns: Callable
     if not view.aggregated:
         return rows
     return {k: _finish(g, view) for k, g in groups.items()}
+
+
+def erased_fields(view: ViewDef, out: Row, keys_of: dict[str, list[Any]], standing: RowStanding) -> Row | None:
+    """The view's row as the stream computes it from rows an erasure has judged: None when the root row is
+    dropped; a looked-up row dropped, or its link cut by an anonymised row on its left, is no match (its fields
+    null, and the lookups chained from it too); an anonymised row's cleared columns read null. Values that SQL
+    joined are only ever removed here, never invented."""
+    cleared: dict[str, frozenset[str]] = {}
+    absent: set[str] = set()
+    root = standing(view.root, key_text(keys_of[""]))
+    if root is None:
+        return None
+    cleared[""] = root
+    for lk in view.lookups:
+        keys = keys_of[lk.alias]
+        if lk.left in absent or cleared[lk.left] & set(lk.on) or any(k is None for k in keys):
+            absent.add(lk.alias)
+            continue
+        found = standing(lk.entity, key_text(keys))
+        if found is None:
+            absent.add(lk.alias)
+        else:
+            cleared[lk.alias] = found
+    if not absent and not any(cleared.values()):
+        return out
+    return {f.name: None if f.alias in absent or f.column in cleared.get(f.alias, frozenset()) else out[f.name]
+            for f in view.fields}
 
 
 def _accumulate(g: dict[str, Any], view: ViewDef, out: Row) -> None:
