@@ -32,6 +32,7 @@ from changeflow.sinks.base import Store, create, names, registry
 from changeflow.sinks.redis import row_key
 from changeflow.sinks.runner import complete_partials, write_bisecting
 from changeflow.sinks.search import index_name
+from changeflow.streams.keys import key_text
 from changeflow.streams.records import ChangeRecord
 from tests.integration.conftest import eventually, redis_url, search_url
 
@@ -299,6 +300,66 @@ def test_erasure_finds_the_rows_of_a_person_and_forgets_every_trace_of_them(
 
     what, seconds = store.expunge(spec)
     assert what.startswith(store.name) and (seconds is None or seconds >= 0), (what, seconds)
+
+
+# A composite key of text columns, neither named `id`, with quotes, backslashes and the key text's own
+# separators in its values; a personal column of the same kind.
+HOSTILE_COLUMNS = {"tenant": "string", "handle": "string", "email": "string", "n": "int64"}
+HOSTILE_EMAIL = "o'brien\\x\"y@example.com"
+HOSTILE_KEYS = [("t'1", 'a\\b"c'), ("t'1", "plain"), ('t"2", "x', 'a\\b"c'), ("t'1", "a\\b\"c ")]
+
+
+@pytest.fixture
+def hostile(live_stack: Settings, request: pytest.FixtureRequest) -> Iterator[tuple[Store, Pipeline, SchemaVersion]]:
+    name = f"contract_{uuid.uuid4().hex[:8]}"
+    opt_in = {n: {"database": f"{name}_read"} for n in names() if getattr(registry()[n], "opt_in", False)}
+    text = yaml.safe_dump({"name": name, "sources": {"postgres": {"database": "contract"}},
+                           "entities": {"people": {"table": "public.people", "stores": opt_in}}})
+    pipeline = parse(text, "contract.yml")
+    sv = make_version("people", 1, {n: parse_type(t) for n, t in HOSTILE_COLUMNS.items()}, ("tenant", "handle"))
+    store = create(request.param, live_stack, pipeline)
+    try:
+        store.setup({"people": sv})
+        yield store, pipeline, sv
+    finally:
+        try:
+            store.purge()
+        finally:
+            store.close()
+            with psycopg.connect(live_stack.pg_dsn, autocommit=True) as conn:
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(f"{name}_read")))
+
+
+@pytest.mark.parametrize("hostile", STORES, indirect=True)
+def test_erasure_finds_and_forgets_rows_of_a_composite_key_with_quotes_and_backslashes(
+        hostile: tuple[Store, Pipeline, SchemaVersion]) -> None:
+    """Values from data reach each store's query only as values: a key text or an email holding quotes,
+    backslashes and the separators of a composite key's text is found exactly, and nothing else is."""
+    store, pipeline, sv = hostile
+    spec = pipeline.entity("people")
+
+    def person(i: int, version: int, email: str, op: str = "c") -> ChangeRecord:
+        tenant, handle = HOSTILE_KEYS[i]
+        image = {"tenant": tenant, "handle": handle, "email": email, "n": i}
+        return ChangeRecord("postgres", "people", key_text([tenant, handle]), op, version,  # type: ignore[arg-type]
+                            1_700_000_000_000, image if op == "d" else None, None if op == "d" else image,
+                            key_columns=("tenant", "handle"), schema=sv)
+
+    keys = [key_text(list(k)) for k in HOSTILE_KEYS]
+    assert not store.write_batch([person(0, 100, HOSTILE_EMAIL), person(1, 100, "bob@example.com"),
+                                  person(2, 100, HOSTILE_EMAIL), person(3, 100, HOSTILE_EMAIL[:-1])])
+    assert not store.write_batch([person(2, 110, HOSTILE_EMAIL, op="d")])
+    history = getattr(store, "keeps_history", False)
+    found = store.keys_where(spec, "email", [HOSTILE_EMAIL])
+    assert found == sorted([keys[0], keys[2]] if history else [keys[0]]), found
+    assert store.keys_where(spec, "handle", ['a\\b"c']) == sorted([keys[0], keys[2]] if history else [keys[0]])
+    assert store.keys_where(spec, "email", ["o'brien"]) == []
+    assert store.traces(spec, [keys[0], keys[2]]) >= 1
+    assert store.forget(spec, [keys[0], keys[2]])
+    assert store.traces(spec, [keys[0], keys[2]]) == 0
+    live = {k: r["email"] for k, r, _v in store.scan(spec)}
+    assert live == {keys[1]: "bob@example.com", keys[3]: HOSTILE_EMAIL[:-1]}
+    assert store.traces(spec, [keys[1], keys[3]]) >= 2
 
 
 @pytest.mark.parametrize("contract", STORES, indirect=True)
