@@ -197,9 +197,13 @@ def apply(conn: psycopg.Connection, pipeline: Pipeline) -> list[str]:
         if cur.execute("SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = %s", (o.role,)).fetchone() is None:
             raise PrepareError(f"role {o.role!r} does not exist; create it: CREATE ROLE {o.role} WITH LOGIN "
                                "REPLICATION PASSWORD '...' (the password the connector's reference resolves to)")
+        existed = {table: cur.execute("SELECT to_regclass(%s) IS NOT NULL",
+                                      (sql.Identifier(*table).as_string(conn),)).fetchone() == (True,)
+                   for table in (o.signal, o.heartbeat)}
         for statement in grants_and_tables(o):
             cur.execute(statement)
-        done.append(f"signal table {'.'.join(o.signal)}, heartbeat table {'.'.join(o.heartbeat)}: present")
+        done += [f"{what} table {'.'.join(table)}: {'present' if existed[table] else 'created'}"
+                 for what, table in (("signal", o.signal), ("heartbeat", o.heartbeat))]
         done.append(f"role {o.role}: SELECT on {len(o.tables)} table(s), writes on the signal and heartbeat tables")
         for spec in o.outboxes:
             limit = spec.config.max_payload_bytes

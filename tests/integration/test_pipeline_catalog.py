@@ -113,7 +113,12 @@ def test_init_check_and_prepare_on_a_new_pipeline(odd_schema: tuple[str, str, Se
     with psycopg.connect(settings.pg_dsn) as conn:
         done = prepare.apply(conn, pipeline)
         assert done[-1] == f"publication {name}_pub: created for 4 table(s), publishing partitions through their root"
-        assert prepare.apply(conn, pipeline)[-1] == f"publication {name}_pub: unchanged"
+        assert done[:2] == [f"signal table public.{name}_signal: created",
+                            f"heartbeat table public.{name}_heartbeat: created"]
+        again = prepare.apply(conn, pipeline)
+        assert again[:2] == [f"signal table public.{name}_signal: present",
+                             f"heartbeat table public.{name}_heartbeat: present"]
+        assert again[-1] == f"publication {name}_pub: unchanged"
         published = conn.execute("SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s",
                                  (f"{name}_pub",)).fetchall()
         assert sorted(published) == sorted([(schema, "Order Lines"), (schema, "customers"),
@@ -127,9 +132,9 @@ def test_init_check_and_prepare_on_a_new_pipeline(odd_schema: tuple[str, str, Se
 
 
 def test_apply_and_delete_a_second_pipeline_beside_commerce(odd_schema: tuple[str, str, Settings],
-                                                           tmp_path: Path) -> None:
+                                                           pipeline: Settings, tmp_path: Path) -> None:
     """init → connectors apply (prepare, validate, RUNNING, own slot) → connectors delete (slot and
-    publication gone); the commerce connector and slot are untouched."""
+    publication gone); the commerce connector and slot (running: the ``pipeline`` fixture) are untouched."""
     from confluent_kafka.admin import AdminClient
 
     from changeflow.commands import connectors as connector_commands
