@@ -166,10 +166,10 @@ class Source:
         """A view computed at the source now (reports.reconcile.views), as comparable rows."""
         view = self.pipeline.views[spec.name]
         suppressor = self.suppressor()
-        judged = suppressor is not None and any(suppressor.judges(e) for e in view.entities)
         # As the stream computes it: each row it reads judged by the erasures (an anonymised order's link cut).
-        rows = view_rows(self.dsn, self.pipeline, view, self.key_columns,
-                         suppressor.read_now if judged and suppressor is not None else None)
+        standing = (suppressor.read_now if suppressor is not None and any(suppressor.judges(e) for e in view.entities)
+                    else None)
+        rows = view_rows(self.dsn, self.pipeline, view, self.key_columns, standing)
         types = self.types(spec)
         return {k: comparable_row(r, types) for k, r in rows.items()}
 

@@ -85,8 +85,7 @@ def view_rows(dsn: str, pipeline: Pipeline, view: ViewDef, key_columns: Callable
     """key text → the view's row, as the stream publishes it (before the stores' normalisation). With
     ``standing``, each row the view reads is taken as the stream takes it after an erasure (``erased_fields``)."""
     root_keys = key_columns(pipeline.entities[view.root])
-    judged = standing is not None
-    query = view_query(pipeline, view, key_columns, root_keys, lookup_keys=judged)
+    query = view_query(pipeline, view, key_columns, root_keys, lookup_keys=standing is not None)
     lookup_widths = [len(key_columns(pipeline.entities[lk.entity])) for lk in view.lookups]
     predicate = compile_expression(view.filter) if view.filter else None
     rows: dict[str, Row] = {}
