@@ -266,7 +266,10 @@ def delete(
 def pipeline_topics(pipeline: Pipeline) -> list[str]:
     """Every topic the pipeline's connectors and worker write (raw, canonical, DLQ, schemas, derived events)."""
     topics = {*pipeline.raw_topics(), *pipeline.canonical_topics(), pipeline.dlq_topic, pipeline.schema_topic,
-              *pipeline.event_topics(), pipeline.notifications_topic}
+              *pipeline.event_topics(), pipeline.notifications_topic,
+              # The views' lease: its record of the last owner is what tells a view stage that the state on its
+              # disk is current; gone, the next owner rebuilds the views from the canonical topics.
+              pipeline.views_lease_topic}
     # Outboxes: the table's own topic and the DLQ (the routed topics are found by prefix: `_purge_derived`).
     topics |= {t for o in specs(pipeline) for t in (o.raw_topic, o.dlq_topic)}
     if pipeline.file.sources.postgres is not None:
@@ -303,16 +306,23 @@ def _purge_derived(pipeline: Pipeline) -> None:
             store.close()
     admin = AdminClient({"bootstrap.servers": context.settings().kafka_bootstrap, "log_level": 3})
     existing = set(admin.list_topics(timeout=15).topics)
-    prefixes = tuple(f"{o.topic_prefix}." for o in specs(pipeline))
+    # Routed outbox topics, and the topics Faust makes under its app id (its assignor's leader topic).
+    prefixes = (*(f"{o.topic_prefix}." for o in specs(pipeline)), f"{pipeline.worker_app_id}-")
     topics = [t for t in pipeline_topics(pipeline) if t in existing]
-    topics += sorted(t for t in existing if prefixes and t.startswith(prefixes) and t not in topics)
+    topics += sorted(t for t in existing if t.startswith(prefixes) and t not in topics)
     if topics:
         _await_deletions("topic", admin.delete_topics(topics, operation_timeout=30), failures)
-    groups = [pipeline.decode_group, *(pipeline.sink_group(n) for n in names()),
+    groups = [pipeline.decode_group, *(pipeline.sink_group(n) for n in names()), pipeline.worker_app_id,
+              pipeline.views_group, pipeline.views_input_group,
               *(f"{pipeline.namespace}-outbox-eventlog-{o.name}" for o in specs(pipeline))]
     known = {g.group_id for g in admin.list_consumer_groups(request_timeout=15).result().valid}
     wanted = [g for g in groups if g in known]
     if wanted:
         _await_deletions("consumer group", admin.delete_consumer_groups(wanted, request_timeout=15), failures)
+    if pipeline.file.erasure.subjects:
+        # Not derived data: what keeps an erased person out of a new snapshot (an order the source keeps, still
+        # linked, stays anonymised) and the record of each request.
+        console.print(f"kept: {pipeline.suppression_topic} and {pipeline.erasure_topic} (erasure), so an erased "
+                      "person does not come back with the next snapshot", highlight=False)
     if failures:
         raise fail("purge incomplete: " + "; ".join(failures))

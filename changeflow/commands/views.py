@@ -35,7 +35,7 @@ def drop(
         known = ", ".join(pipeline.views) or "none"
         args.usage(f"unknown view {name!r}; this pipeline's views: {known}")
     settings = context.settings()
-    groups = [pipeline.decode_group, f"{pipeline.namespace}-views", *(pipeline.sink_group(n) for n in names())]
+    groups = [pipeline.decode_group, pipeline.views_group, *(pipeline.sink_group(n) for n in names())]
     busy = active_groups(groups)
     if busy:
         err.print(f"[bold red]error:[/] a worker of pipeline {escape(pipeline.name)} is running "

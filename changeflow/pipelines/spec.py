@@ -72,6 +72,11 @@ class StackDefaults(Protocol):
     def pg_port(self) -> int: ...
 
 
+def worker_app_id(decode_group: str) -> str:
+    """The Faust app id of a worker whose decode stage reads in ``decode_group`` (``Pipeline.worker_app_id``)."""
+    return f"{decode_group}-worker"
+
+
 @dataclass(frozen=True)
 class Pipeline:
     file: PipelineFile
@@ -105,6 +110,22 @@ class Pipeline:
 
     def sink_group(self, store: str) -> str:
         return f"{self.namespace}-sink-{store}"
+
+    @property
+    def views_group(self) -> str:
+        """The group whose one member holds the views' lease (``views_lease_topic``)."""
+        return f"{self.namespace}-views"
+
+    @property
+    def views_input_group(self) -> str:
+        """The view stage's consumer of the canonical topics (its positions live in its own state)."""
+        return f"{self.namespace}-views-input"
+
+    @property
+    def worker_app_id(self) -> str:
+        """The worker's Faust app id: Faust's own consumer group, and the prefix of the topics Faust makes
+        (``<id>-__assignor-__leader``). Another name than ``decode_group``, so Faust never joins that group."""
+        return worker_app_id(self.decode_group)
 
     @property
     def notifications_topic(self) -> str:

@@ -28,7 +28,7 @@ import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
 
 from changeflow import metrics, schemas
-from changeflow.pipelines.spec import Pipeline
+from changeflow.pipelines.spec import Pipeline, worker_app_id
 from changeflow.pipelines.transform import Transformer, compile_pipeline
 from changeflow.runtime import tune_gc
 from changeflow.schemas.book import schema_book
@@ -189,7 +189,7 @@ def create_app(settings: Settings, pipeline: Pipeline, decode_group: str | None 
     never joins that group."""
     decode_group = decode_group or pipeline.decode_group
     app = faust.App(
-        f"{decode_group}-worker",
+        worker_app_id(decode_group),
         broker=f"kafka://{settings.kafka_bootstrap}",
         key_serializer="raw",
         value_serializer="raw",

@@ -105,7 +105,7 @@ class ViewStage:
                 log.info("event=views_lease_lost pipeline=%s", self.pipeline.name)
 
         consumer = Consumer({"bootstrap.servers": self.settings.kafka_bootstrap,
-                             "group.id": f"{self.pipeline.namespace}-views", "enable.auto.commit": False,
+                             "group.id": self.pipeline.views_group, "enable.auto.commit": False,
                              "session.timeout.ms": 10000, "heartbeat.interval.ms": 2000,
                              "auto.offset.reset": "latest"})
         consumer.subscribe([self.pipeline.views_lease_topic], on_assign=assigned, on_revoke=revoked,
@@ -306,7 +306,7 @@ class ViewStage:
                              "enable.idempotence": True, "linger.ms": 5, "compression.type": "lz4"})
         lease = self._lease_consumer()
         consumer = Consumer({"bootstrap.servers": self.settings.kafka_bootstrap,
-                             "group.id": f"{self.pipeline.namespace}-views-input", "enable.auto.commit": False,
+                             "group.id": self.pipeline.views_input_group, "enable.auto.commit": False,
                              "enable.partition.eof": False})
         try:
             while not self.stop.is_set():

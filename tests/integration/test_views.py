@@ -304,3 +304,24 @@ def test_views_follow_every_order_of_arrival_into_every_store(views: Views) -> N
     assert v.redis_rows("big_orders") == {} and v.search_rows("big_orders") == {}
     assert v.clickhouse_rows("big_orders") == {}
     assert v.redis_rows("ny_orders") == {k: {c: _json(x) for c, x in r.items()} for k, r in expected_ny(v).items()}
+
+    # connectors delete --purge, then apply again: the pipeline's topics and groups go, the views' lease and
+    # Faust's own with them, so the view stage (its state still on disk) rebuilds the views from the new
+    # snapshot instead of trusting that state, and every store holds them again.
+    v.file.write_text(PIPELINE.format(name=v.name, database=v.database))
+    purged = changeflow(v.file, "connectors", "delete", "--yes", "--purge")
+    assert purged.returncode == 0, purged.stdout + purged.stderr
+    for line in (f"kafka: topic {v.name}.views.lease deleted",
+                 f"kafka: topic {v.name}-worker-__assignor-__leader deleted",
+                 f"kafka: consumer group {v.name}-views deleted",
+                 f"kafka: consumer group {v.name}-views-input deleted",
+                 f"kafka: consumer group {v.name}-worker deleted"):
+        assert line in purged.stdout, (line, purged.stdout)
+    assert v.redis_rows("ny_orders") == {} and v.clickhouse_rows("order_stats") == {}
+    applied = changeflow(v.file, "connectors", "apply", "--timeout", "150")
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    log = v.tmp / f"worker-{PORTS[1]}.log"
+    before = len(log.read_text())
+    v.start_worker(PORTS[1])
+    eventually(lambda: in_every_store(v) and expected_ny(v), timeout=180, what="the views after a purge")
+    assert "views_state_reset" in log.read_text()[before:]
