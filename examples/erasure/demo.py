@@ -4,7 +4,7 @@ topic of the commerce pipeline, and the request tracked until every projection h
 It runs after `changeflow demo`, against its stack and running worker:
 
 1. picks the user with the most orders;
-2. the user service deletes them: a MongoDB delete, written to the raw topic as Debezium's MongoDB connector
+2. the user service deletes the user: a MongoDB delete, written to the raw topic as Debezium's MongoDB connector
    writes it (the native stack has no MongoDB server, so the request is told so with ``--source-deleted``);
 3. ``changeflow erase user <id>``: the user's row goes from Redis, search and ClickHouse, their orders stay
    for finance with the link to them cut, the "orders of users in New York" view drops theirs;
@@ -64,7 +64,7 @@ def main() -> None:
         user, orders = str(row[0]), int(row[1])
         order_ids = [str(r[0]) for r in conn.execute("SELECT id FROM orders WHERE user_id = %s", (user,))]
     users = pipeline.entity("users")
-    print(f"erasure: {user} has {orders} orders; the user service deletes them (a MongoDB delete on "
+    print(f"erasure: {user} has {orders} orders; the user service deletes the user (a MongoDB delete on "
           f"{users.raw_topic})")
     _delete_at_the_source(settings, users.raw_topic, user)
     time.sleep(2)
