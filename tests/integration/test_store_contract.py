@@ -41,20 +41,19 @@ pytestmark = pytest.mark.integration
 COLUMNS = {"id": "int64", "name": "string", "small": "int16", "price": "decimal(10,2)", "tags": "array<string>"}
 
 
-@pytest.fixture
-def contract(live_stack: Settings, request: pytest.FixtureRequest) -> Iterator[tuple[Store, Pipeline, SchemaVersion]]:
-    store_name: str = request.param
-    tag = uuid.uuid4().hex[:8]
-    name = f"contract_{tag}"
+def store_with(live_stack: Settings, store_name: str, entity: str, columns: dict[str, str],
+               key: tuple[str, ...]) -> Iterator[tuple[Store, Pipeline, SchemaVersion]]:
+    """A throwaway pipeline of one entity in one store, set up for the entity's columns; purged afterwards."""
+    name = f"contract_{uuid.uuid4().hex[:8]}"
     # Opt-in stores (sinks.base.used_by) need the entity to name them; the others take it by default.
     opt_in = {n: {"database": f"{name}_read"} for n in names() if getattr(registry()[n], "opt_in", False)}
     text = yaml.safe_dump({"name": name, "sources": {"postgres": {"database": "contract"}},
-                           "entities": {"things": {"table": "public.things", "stores": opt_in}}})
+                           "entities": {entity: {"table": f"public.{entity}", "stores": opt_in}}})
     pipeline = parse(text, "contract.yml")
-    sv = make_version("things", 1, {n: parse_type(t) for n, t in COLUMNS.items()}, ("id",))
+    sv = make_version(entity, 1, {n: parse_type(t) for n, t in columns.items()}, key)
     store = create(store_name, live_stack, pipeline)
     try:
-        store.setup({"things": sv})
+        store.setup({entity: sv})
         yield store, pipeline, sv
     finally:
         try:
@@ -64,6 +63,10 @@ def contract(live_stack: Settings, request: pytest.FixtureRequest) -> Iterator[t
             with psycopg.connect(live_stack.pg_dsn, autocommit=True) as conn:
                 conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(f"{name}_read")))
 
+
+@pytest.fixture
+def contract(live_stack: Settings, request: pytest.FixtureRequest) -> Iterator[tuple[Store, Pipeline, SchemaVersion]]:
+    yield from store_with(live_stack, request.param, "things", COLUMNS, ("id",))
 
 def record(sv: SchemaVersion, key: int, version: int, after: dict[str, Any] | None, *, op: str = "u",
            partial: bool = False) -> ChangeRecord:
@@ -311,23 +314,7 @@ HOSTILE_KEYS = [("t'1", 'a\\b"c'), ("t'1", "plain"), ('t"2", "x', 'a\\b"c'), ("t
 
 @pytest.fixture
 def hostile(live_stack: Settings, request: pytest.FixtureRequest) -> Iterator[tuple[Store, Pipeline, SchemaVersion]]:
-    name = f"contract_{uuid.uuid4().hex[:8]}"
-    opt_in = {n: {"database": f"{name}_read"} for n in names() if getattr(registry()[n], "opt_in", False)}
-    text = yaml.safe_dump({"name": name, "sources": {"postgres": {"database": "contract"}},
-                           "entities": {"people": {"table": "public.people", "stores": opt_in}}})
-    pipeline = parse(text, "contract.yml")
-    sv = make_version("people", 1, {n: parse_type(t) for n, t in HOSTILE_COLUMNS.items()}, ("tenant", "handle"))
-    store = create(request.param, live_stack, pipeline)
-    try:
-        store.setup({"people": sv})
-        yield store, pipeline, sv
-    finally:
-        try:
-            store.purge()
-        finally:
-            store.close()
-            with psycopg.connect(live_stack.pg_dsn, autocommit=True) as conn:
-                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(f"{name}_read")))
+    yield from store_with(live_stack, request.param, "people", HOSTILE_COLUMNS, ("tenant", "handle"))
 
 
 @pytest.mark.parametrize("hostile", STORES, indirect=True)
